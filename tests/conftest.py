@@ -1,0 +1,50 @@
+"""Shared fixtures: synthetic idx files for fast tests, a real Fashion-MNIST subset for learning tests."""
+import gzip
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import data as data_lib  # noqa: E402
+
+
+def write_idx(path: Path, tensor: torch.Tensor, magic: int, compress: bool | None = None):
+    """Write a uint8 tensor as an idx file; gzipped when the name ends in .gz."""
+    payload = struct.pack(">I", magic) + struct.pack(f">{tensor.dim()}I", *tensor.shape)
+    payload += tensor.to(torch.uint8).numpy().tobytes()
+    compress = path.suffix == ".gz" if compress is None else compress
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+
+
+def make_idx_dir(directory: Path, n_train=64, n_test=32, gz=True, seed=0) -> Path:
+    """A directory holding MNIST's four idx files with random images and labels."""
+    g = torch.Generator().manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    ext = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("test", n_test)):
+        image_stem, label_stem = data_lib.SPLIT_FILES[split]
+        write_idx(directory / (image_stem + ext), torch.randint(0, 256, (n, 28, 28), generator=g), data_lib.IMAGE_MAGIC)
+        write_idx(directory / (label_stem + ext), torch.randint(0, 10, (n,), generator=g), data_lib.LABEL_MAGIC)
+    return directory
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    return make_idx_dir(tmp_path / "idx")
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    """The full real Fashion-MNIST (Debian's dataset-fashion-mnist, or torchvision's download)."""
+    return data_lib.load_dataset("fashion-mnist", data_dir=Path(__file__).resolve().parents[1] / "data")
+
+
+@pytest.fixture(scope="session")
+def fashion_small(fashion):
+    """5,000 training and 2,000 test images of real Fashion-MNIST."""
+    return data_lib.Dataset(fashion.name, fashion.train_images[:5000], fashion.train_labels[:5000],
+                            fashion.test_images[:2000], fashion.test_labels[:2000], fashion.classes)

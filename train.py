@@ -1,0 +1,232 @@
+"""The training loop, without Ray: build a run from a config, train an epoch, evaluate, checkpoint.
+
+`python train.py --norm bn` trains one variant and prints a line per epoch; the Ray Tune
+trainable (trainable.py) wraps the same `TrainingRun`.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import data as data_lib
+from model import Net, NetConfig, count_parameters
+
+# The single source of truth for a trial's settings; every entry point starts from a copy.
+DEFAULTS = {
+    "dataset": "fashion-mnist",
+    "data_dir": "data",
+    "norm": "bn",
+    "groups": 4,  # GroupNorm groups
+    "l1": 0.0,  # lambda of the L1 penalty lambda * sum(|w|) over conv/linear weights; 0 = off
+    "epochs": 20,
+    "batch_size": 128,
+    "lr": 0.1,  # OneCycle peak learning rate for SGD, batch 128
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "label_smoothing": 0.1,
+    "seed": 0,
+    "threads": 0,  # torch CPU threads; 0 = torch's default
+    "val_size": 0,  # >0: hold out this many training images and evaluate on them, not on test
+}
+# Keys that must match for a checkpoint to continue a run: they shape the model or its trajectory.
+RUN_KEYS = ("dataset", "norm", "groups", "l1", "epochs", "batch_size", "lr", "momentum",
+            "weight_decay", "label_smoothing", "seed", "val_size")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot continue this run; the message is one line."""
+
+
+def choose_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def net_config(config: dict) -> NetConfig:
+    return NetConfig(norm=config["norm"], groups=config["groups"])
+
+
+def l1_penalty(model: nn.Module) -> torch.Tensor:
+    """sum(|w|) over conv and linear weights (not biases, not norm affines)."""
+    return sum(m.weight.abs().sum() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch_size, mean, std,
+                augment: dict, l1: float = 0.0, label_smoothing: float = 0.0) -> dict:
+    """One pass over (images, labels) in a fresh seeded order, stepping the scheduler per batch."""
+    model.train()
+    total_loss = torch.zeros((), device=images.device)
+    correct = torch.zeros((), dtype=torch.long, device=images.device)
+    start = time.perf_counter()
+    for x, y in data_lib.batches(images, labels, batch_size, generator):
+        x = data_lib.augment(data_lib.to_input(x, mean, std), generator, **augment)
+        logits = model(x.contiguous(memory_format=torch.channels_last))
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        objective = loss + l1 * l1_penalty(model) if l1 > 0 else loss
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    seconds = time.perf_counter() - start
+    n = len(labels)
+    return {"train_loss": total_loss.item() / n, "train_acc": correct.item() / n,
+            "epoch_seconds": seconds, "images_per_s": n / seconds}
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, *, mean, std, batch_size=1000) -> dict:
+    """Loss, accuracy and per-sample predictions and confidences (max softmax) over a split."""
+    model.eval()
+    total_loss, preds, confidence = 0.0, [], []
+    for x, y in data_lib.batches(images, labels, batch_size):
+        logits = model(data_lib.to_input(x, mean, std).contiguous(memory_format=torch.channels_last))
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        prob, pred = logits.softmax(1).max(1)
+        preds.append(pred)
+        confidence.append(prob)
+    preds = torch.cat(preds)
+    return {"loss": total_loss / len(labels), "acc": (preds == labels).float().mean().item(),
+            "preds": preds.cpu(), "confidence": torch.cat(confidence).cpu()}
+
+
+class TrainingRun:
+    """Everything one trial owns: data on its device, model, optimizer, schedule, RNG, epoch."""
+
+    def __init__(self, config: dict, dataset: data_lib.Dataset, device=None):
+        self.config = {**DEFAULTS, **config}
+        config = self.config
+        self.device = device or choose_device()
+        if self.device.type == "cpu" and config["threads"]:
+            torch.set_num_threads(config["threads"])
+        train_x, train_y = dataset.train_images, dataset.train_labels
+        if config["val_size"]:
+            train_x, train_y, eval_x, eval_y = data_lib.validation_split(
+                train_x, train_y, config["val_size"], seed=12345)  # fixed: same split for every trial
+        else:
+            eval_x, eval_y = dataset.test_images, dataset.test_labels
+        self.mean, self.std = data_lib.image_stats(train_x)
+        self.augment = dataset.augment
+        self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
+        self.eval_x, self.eval_y = eval_x.to(self.device), eval_y.to(self.device)
+
+        torch.manual_seed(config["seed"])
+        self.generator = torch.Generator().manual_seed(config["seed"])
+        self.model = Net(net_config(config)).to(self.device, memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                         nesterov=True, weight_decay=config["weight_decay"])
+        steps_per_epoch = -(-len(self.train_y) // config["batch_size"])
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=config["lr"], epochs=config["epochs"], steps_per_epoch=steps_per_epoch)
+        self.epoch = 0  # epochs completed
+        self.parameters = count_parameters(self.model)
+
+    def run_epoch(self) -> dict:
+        """Train one epoch and evaluate; returns the metrics Tune reports (plus predictions)."""
+        lr = self.scheduler.get_last_lr()[0]
+        metrics = train_epoch(self.model, self.optimizer, self.scheduler, self.train_x, self.train_y,
+                              generator=self.generator, batch_size=self.config["batch_size"],
+                              mean=self.mean, std=self.std, augment=self.augment,
+                              l1=self.config["l1"], label_smoothing=self.config["label_smoothing"])
+        result = evaluate(self.model, self.eval_x, self.eval_y, mean=self.mean, std=self.std)
+        self.epoch += 1
+        return {**metrics, "test_loss": result["loss"], "test_acc": result["acc"], "lr": lr,
+                "epoch": self.epoch, "threads": torch.get_num_threads()}
+
+    def save(self, path):
+        torch.save({
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "config": self.config,
+            "net_config": net_config(self.config).to_dict(),
+        }, path)
+
+    def load(self, path):
+        """Continue from a checkpoint written by `save` with the same run settings."""
+        state = load_checkpoint(path)
+        mismatched = {k: (state["config"].get(k), self.config[k]) for k in RUN_KEYS
+                      if state["config"].get(k) != self.config[k]}
+        if mismatched:
+            diff = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in mismatched.items())
+            raise CheckpointError(f"checkpoint {path} is from another config ({diff}); "
+                                  f"start a new experiment name or use the checkpoint's settings")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch = state["epoch"]
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint's dict, loaded safely (weights_only) onto the CPU, with a one-line error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} not found") from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}); "
+                              f"it is corrupt or not a normsweep checkpoint") from None
+
+
+def model_from_checkpoint(path) -> Net:
+    """Rebuild the net from a checkpoint's saved config and load its weights (CPU, eval mode)."""
+    state = load_checkpoint(path)
+    config = dict(state["net_config"])
+    config["widths"] = tuple(config["widths"])
+    model = Net(NetConfig(**config))
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train one normsweep variant without Ray.")
+    parser.add_argument("--dataset", default=DEFAULTS["dataset"],
+                        help="mnist, fashion-mnist, or a directory of MNIST-format idx files")
+    parser.add_argument("--data-dir", default=DEFAULTS["data_dir"], help="where downloads go")
+    parser.add_argument("--norm", default=DEFAULTS["norm"], help="bn, gn, ln or none")
+    parser.add_argument("--groups", type=int, default=DEFAULTS["groups"], help="GroupNorm groups")
+    parser.add_argument("--l1", type=float, default=DEFAULTS["l1"], help="L1 penalty lambda (0 = off)")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs to train")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="images per step")
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="OneCycle peak learning rate")
+    parser.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"], help="SGD weight decay")
+    parser.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"],
+                        help="cross-entropy label smoothing")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seeds init, order and augmentation")
+    parser.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="CPU threads (0 = all)")
+    parser.add_argument("--val-size", type=int, default=DEFAULTS["val_size"],
+                        help="hold out this many training images and evaluate on them instead of test")
+    parser.add_argument("--train-size", type=int, default=0, help="use only the first N training images (0 = all)")
+    args = parser.parse_args(argv)
+    config = {k: v for k, v in vars(args).items() if k in DEFAULTS}
+    try:
+        dataset = data_lib.load_dataset(args.dataset, args.data_dir)
+        if args.train_size:
+            dataset.train_images = dataset.train_images[:args.train_size]
+            dataset.train_labels = dataset.train_labels[:args.train_size]
+        run = TrainingRun(config, dataset)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    split = "val" if args.val_size else "test"
+    print(f"{args.norm} l1={args.l1}: {run.parameters} parameters on {run.device}, "
+          f"{len(run.train_y)} train / {len(run.eval_y)} {split} images", flush=True)
+    best = (0.0, 0)
+    for _ in range(run.config["epochs"]):
+        m = run.run_epoch()
+        best = max(best, (m["test_acc"], m["epoch"]))
+        print(f"epoch {m['epoch']:2d}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
+              f"{split} loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}  lr {m['lr']:.4f}  "
+              f"{m['images_per_s']:.0f} img/s", flush=True)
+    print(f"best {split} acc {best[0]:.4f} at epoch {best[1]}")
+
+
+if __name__ == "__main__":
+    main()
