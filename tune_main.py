@@ -1,0 +1,237 @@
+"""normsweep's CLI: train every norm variant concurrently as a Ray Tune grid search.
+
+Builds the grid (variants x L1 lambdas x seeds), sizes each trial's CPUs/GPUs from the cluster,
+runs or resumes the Tuner, and prints a summary table of the finished experiment.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import data as data_lib
+import train
+import trainable
+from model import NORMS, Net, count_parameters
+
+DEFAULT_L1 = 1e-5  # lambda for "+l1" variants: L1 penalty lambda * sum(|w|)
+DEFAULT_STORAGE = "results"  # relative to the working directory, made absolute
+LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was started with (for --resume)
+SMOKE = {"train": 1000, "test": 500, "epochs": 2}
+
+
+class UsageError(ValueError):
+    """Bad command-line input; printed as one line."""
+
+
+def parse_variants(spec: str, lambdas) -> list:
+    """'bn,gn,ln,bn+l1' -> one dict per trial variant; each '+l1' variant once per lambda."""
+    variants = []
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        norm, plus, suffix = token.partition("+")
+        if norm not in NORMS or (plus and suffix != "l1"):
+            raise UsageError(f"bad variant {token!r}; the grammar is NORM[+l1] with NORM one of {', '.join(NORMS)}")
+        if plus:
+            variants += [{"name": token, "norm": norm, "l1": lam} for lam in lambdas]
+        else:
+            variants.append({"name": token, "norm": norm, "l1": 0.0})
+    if not variants:
+        raise UsageError("no variants given; e.g. --variants bn,gn,ln,bn+l1")
+    return variants
+
+
+def param_space(args) -> dict:
+    """The Tune search space: base config, grid over variant dicts and seeds."""
+    from ray import tune
+
+    if any(lam <= 0 for lam in args.l1):
+        raise UsageError(f"--l1 lambdas must be > 0, got {args.l1}")
+    config = {k: v for k, v in train.DEFAULTS.items() if k not in ("norm", "l1", "threads", "seed")}
+    config.update(dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()), epochs=args.epochs,
+                  batch_size=args.batch_size, lr=args.lr, groups=args.groups)
+    config["variant"] = tune.grid_search(parse_variants(args.variants, args.l1))
+    config["seed"] = tune.grid_search(list(range(args.seeds)))
+    return config
+
+
+def trial_resources(cluster: dict, n_trials: int, args) -> dict:
+    """CPUs and GPUs per trial so that every trial runs at once where it fits.
+
+    GPUs: fractional shares when trials outnumber GPUs. CPU-only: all trials share the cores
+    (fractional CPUs), each torch process on one thread; on the 2-core machine this was the
+    fastest layout measured (benchmarks/concurrency.py).
+    """
+    cpus, gpus = cluster.get("CPU", 1), cluster.get("GPU", 0)
+    concurrent = min(n_trials, args.max_concurrent or n_trials)
+    gpus_per_trial = args.gpus_per_trial
+    if gpus_per_trial is None:
+        gpus_per_trial = 0 if not gpus else (min(1, gpus / concurrent) if concurrent > gpus
+                                            else math.floor(gpus / concurrent))
+    cpus_per_trial = args.cpus_per_trial or max(cpus / concurrent, 0.01)
+    return {"cpu": round(cpus_per_trial, 4), "gpu": gpus_per_trial}
+
+
+def check_writable(path: Path):
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".normsweep_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write results to {path} ({e.strerror}); pass a writable --storage-path") from None
+
+
+def load_data(dataset: str, data_dir: str, smoke_test: bool) -> data_lib.Dataset:
+    loaded = data_lib.load_dataset(dataset, data_dir)
+    if smoke_test:
+        loaded = data_lib.Dataset(loaded.name, loaded.train_images[:SMOKE["train"]],
+                                  loaded.train_labels[:SMOKE["train"]], loaded.test_images[:SMOKE["test"]],
+                                  loaded.test_labels[:SMOKE["test"]], loaded.classes)
+    return loaded
+
+
+def latest_experiment(storage: Path) -> str:
+    launched = sorted(storage.glob(f"*/{LAUNCH_FILE}"), key=lambda p: p.stat().st_mtime)
+    if not launched:
+        raise UsageError(f"--resume: no normsweep experiment under {storage}; pass --storage-path and --name")
+    return launched[-1].parent.name
+
+
+def trial_name(trial) -> str:
+    variant, seed = trial.config["variant"], trial.config["seed"]
+    l1 = f"_l1={variant['l1']:g}" if variant["l1"] else ""
+    return f"{variant['norm']}{l1}_seed{seed}_{trial.trial_id}"
+
+
+def run(args) -> int:
+    import ray
+    from ray import tune
+
+    storage = Path(args.storage_path).expanduser().resolve()
+    check_writable(storage)
+    if args.resume:
+        args.name = args.name or latest_experiment(storage)
+        launch_file = storage / args.name / LAUNCH_FILE
+        if not launch_file.is_file():
+            raise UsageError(f"--resume: {storage / args.name} is not a normsweep experiment (no {LAUNCH_FILE})")
+        launch = json.loads(launch_file.read_text())
+        for key in ("dataset", "data_dir", "smoke_test", "variants", "l1", "seeds", "epochs"):
+            setattr(args, key, launch[key])  # the experiment's own settings, not today's flags
+    args.name = args.name or f"normsweep_{Path(args.dataset).name}_{time.strftime('%Y%m%d-%H%M%S')}"
+    experiment = storage / args.name
+
+    space = param_space(args)  # validates variants and lambdas before anything starts
+    n_trials = len(space["variant"]["grid_search"]) * args.seeds
+    dataset = load_data(args.dataset, args.data_dir, args.smoke_test)
+
+    ray.init(address=args.address or "local", include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    try:
+        resources = trial_resources(ray.cluster_resources(), n_trials, args)
+        print(f"normsweep: {n_trials} trials on {dict(ray.cluster_resources())}; per trial {resources}; "
+              f"experiment {experiment}", flush=True)
+        fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset), resources)
+        if args.resume:
+            tuner = tune.Tuner.restore(str(experiment), trainable=fn, resume_errored=True)
+        else:
+            if experiment.exists():
+                raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
+            tuner = tune.Tuner(
+                fn,
+                param_space=space,
+                tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None,
+                                            trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+                run_config=tune.RunConfig(
+                    name=args.name, storage_path=str(storage),
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=1, checkpoint_score_attribute=trainable.BEST_METRIC,
+                        checkpoint_score_order=trainable.BEST_MODE),  # the best; Tune always keeps the latest too
+                    failure_config=tune.FailureConfig(max_failures=3),
+                    verbose=1),
+            )
+            experiment.mkdir(parents=True, exist_ok=True)
+            (experiment / LAUNCH_FILE).write_text(json.dumps(vars(args), indent=1))
+        results = tuner.fit()
+    finally:
+        ray.shutdown()
+    print(summary_table(results, args.groups))
+    print(f"experiment: {experiment}")
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"error: trial {Path(r.path).name} failed: {_last_line(r.error)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _last_line(error) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
+
+
+def summary_table(results, groups: int) -> str:
+    rows = []
+    for r in results:
+        variant, seed = r.config["variant"], r.config["seed"]
+        df = r.metrics_dataframe
+        if df is None or df.empty:
+            rows.append((variant["name"], variant["l1"], seed, "-", "-", "-", "-", "-"))
+            continue
+        best = df.loc[df[trainable.BEST_METRIC].idxmax()]
+        params = count_parameters(Net(train.net_config({"norm": variant["norm"], "groups": groups})))
+        rows.append((variant["name"], variant["l1"], seed, f"{100 * best['test_acc']:.2f}", int(best["epoch"]),
+                     f"{df['test_loss'].iloc[-1]:.4f}", params, f"{df['epoch_seconds'].sum():.0f}"))
+    header = ("variant", "lambda", "seed", "best test acc %", "epoch", "final test loss", "params", "seconds")
+    table = [header] + [tuple(str(c) for c in row) for row in sorted(rows, key=lambda r: (r[0], r[1], r[2]))]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    d = train.DEFAULTS
+    parser.add_argument("--dataset", default=d["dataset"],
+                        help="mnist, fashion-mnist, or a directory of MNIST-format idx files (default: %(default)s)")
+    parser.add_argument("--data-dir", default=d["data_dir"], help="where downloads go (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=d["epochs"], help="epochs per trial (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=d["lr"], help="OneCycle peak learning rate (default: %(default)s)")
+    parser.add_argument("--groups", type=int, default=d["groups"], help="GroupNorm groups (default: %(default)s)")
+    parser.add_argument("--variants", default="bn,gn,ln,bn+l1",
+                        help="comma-separated NORM[+l1], NORM in bn, gn, ln, none (default: %(default)s)")
+    parser.add_argument("--l1", type=float, nargs="+", default=[DEFAULT_L1],
+                        help="L1 lambdas; every +l1 variant runs once per lambda (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per variant, 0..N-1 (default: %(default)s)")
+    parser.add_argument("--cpus-per-trial", type=float, default=None,
+                        help="CPUs per trial (default: the cluster's CPUs shared by all trials at once)")
+    parser.add_argument("--gpus-per-trial", type=float, default=None,
+                        help="GPUs per trial (default: the cluster's GPUs shared, fractional when trials outnumber GPUs)")
+    parser.add_argument("--max-concurrent", type=int, default=0, help="cap on trials running at once (default: no cap)")
+    parser.add_argument("--storage-path", default=DEFAULT_STORAGE,
+                        help="results root, made absolute; must be shared storage on a multi-node cluster (default: ./results)")
+    parser.add_argument("--name", default=None, help="experiment name (default: normsweep_<dataset>_<time>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish an interrupted experiment (--name, default: the latest under --storage-path)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join, e.g. 'auto' after `ray start --head` (default: a local Ray for this run)")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help=f"{SMOKE['train']} training images, {SMOKE['epochs']} epochs: check an install in a minute")
+    args = parser.parse_args(argv)
+    if args.smoke_test:
+        args.epochs = SMOKE["epochs"]
+    if args.seeds < 1 or args.epochs < 1:
+        parser.error("--seeds and --epochs must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:  # UsageError, DataError, CheckpointError, model ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
