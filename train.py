@@ -210,8 +210,7 @@ def main(argv=None):
     try:
         dataset = data_lib.load_dataset(args.dataset, args.data_dir)
         if args.train_size:
-            dataset.train_images = dataset.train_images[:args.train_size]
-            dataset.train_labels = dataset.train_labels[:args.train_size]
+            dataset = dataset.subset(args.train_size, len(dataset.test_labels))
         run = TrainingRun(config, dataset)
     except ValueError as e:
         raise SystemExit(f"error: {e}")

@@ -83,12 +83,12 @@ def check_writable(path: Path):
         raise UsageError(f"cannot write results to {path} ({e.strerror}); pass a writable --storage-path") from None
 
 
-def load_data(dataset: str, data_dir: str, smoke_test: bool) -> data_lib.Dataset:
-    loaded = data_lib.load_dataset(dataset, data_dir)
-    if smoke_test:
-        loaded = data_lib.Dataset(loaded.name, loaded.train_images[:SMOKE["train"]],
-                                  loaded.train_labels[:SMOKE["train"]], loaded.test_images[:SMOKE["test"]],
-                                  loaded.test_labels[:SMOKE["test"]], loaded.classes)
+def load_data(args) -> data_lib.Dataset:
+    loaded = data_lib.load_dataset(args.dataset, args.data_dir)
+    if args.smoke_test:
+        return loaded.subset(SMOKE["train"], SMOKE["test"])
+    if args.train_size:
+        return loaded.subset(args.train_size, len(loaded.test_labels))
     return loaded
 
 
@@ -101,8 +101,8 @@ def latest_experiment(storage: Path) -> str:
 
 def trial_name(trial) -> str:
     variant, seed = trial.config["variant"], trial.config["seed"]
-    l1 = f"_l1={variant['l1']:g}" if variant["l1"] else ""
-    return f"{variant['norm']}{l1}_seed{seed}_{trial.trial_id}"
+    l1 = f"-{variant['l1']:g}" if variant["l1"] else ""
+    return f"{variant['name']}{l1}_seed{seed}_{trial.trial_id}"
 
 
 def run(args) -> int:
@@ -117,14 +117,14 @@ def run(args) -> int:
         if not launch_file.is_file():
             raise UsageError(f"--resume: {storage / args.name} is not a normsweep experiment (no {LAUNCH_FILE})")
         launch = json.loads(launch_file.read_text())
-        for key in ("dataset", "data_dir", "smoke_test", "variants", "l1", "seeds", "epochs"):
+        for key in ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs"):
             setattr(args, key, launch[key])  # the experiment's own settings, not today's flags
     args.name = args.name or f"normsweep_{Path(args.dataset).name}_{time.strftime('%Y%m%d-%H%M%S')}"
     experiment = storage / args.name
 
     space = param_space(args)  # validates variants and lambdas before anything starts
     n_trials = len(space["variant"]["grid_search"]) * args.seeds
-    dataset = load_data(args.dataset, args.data_dir, args.smoke_test)
+    dataset = load_data(args)
 
     ray.init(address=args.address or "local", include_dashboard=False,
              log_to_driver=False, configure_logging=False)
@@ -180,7 +180,7 @@ def summary_table(results, groups: int) -> str:
         best = df.loc[df[trainable.BEST_METRIC].idxmax()]
         params = count_parameters(Net(train.net_config({"norm": variant["norm"], "groups": groups})))
         rows.append((variant["name"], variant["l1"], seed, f"{100 * best['test_acc']:.2f}", int(best["epoch"]),
-                     f"{df['test_loss'].iloc[-1]:.4f}", params, f"{df['epoch_seconds'].sum():.0f}"))
+                     f"{df['test_loss'].iloc[-1]:.4f}", params, f"{df['time_total_s'].iloc[-1]:.0f}"))
     header = ("variant", "lambda", "seed", "best test acc %", "epoch", "final test loss", "params", "seconds")
     table = [header] + [tuple(str(c) for c in row) for row in sorted(rows, key=lambda r: (r[0], r[1], r[2]))]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -193,7 +193,10 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default=d["dataset"],
                         help="mnist, fashion-mnist, or a directory of MNIST-format idx files (default: %(default)s)")
     parser.add_argument("--data-dir", default=d["data_dir"], help="where downloads go (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=d["epochs"], help="epochs per trial (default: %(default)s)")
+    parser.add_argument("--train-size", type=int, default=0,
+                        help="train on the first N training images only (default: all)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"epochs per trial (default: {d['epochs']}, or {SMOKE['epochs']} with --smoke-test)")
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=d["lr"], help="OneCycle peak learning rate (default: %(default)s)")
     parser.add_argument("--groups", type=int, default=d["groups"], help="GroupNorm groups (default: %(default)s)")
@@ -215,10 +218,10 @@ def parse_args(argv=None):
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join, e.g. 'auto' after `ray start --head` (default: a local Ray for this run)")
     parser.add_argument("--smoke-test", action="store_true",
-                        help=f"{SMOKE['train']} training images, {SMOKE['epochs']} epochs: check an install in a minute")
+                        help=f"{SMOKE['train']} training and {SMOKE['test']} test images: check an install in a minute")
     args = parser.parse_args(argv)
-    if args.smoke_test:
-        args.epochs = SMOKE["epochs"]
+    if args.epochs is None:
+        args.epochs = SMOKE["epochs"] if args.smoke_test else d["epochs"]
     if args.seeds < 1 or args.epochs < 1:
         parser.error("--seeds and --epochs must be at least 1")
     return args

@@ -46,5 +46,4 @@ def fashion():
 @pytest.fixture(scope="session")
 def fashion_small(fashion):
     """5,000 training and 2,000 test images of real Fashion-MNIST."""
-    return data_lib.Dataset(fashion.name, fashion.train_images[:5000], fashion.train_labels[:5000],
-                            fashion.test_images[:2000], fashion.test_labels[:2000], fashion.classes)
+    return fashion.subset(5000, 2000)

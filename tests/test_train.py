@@ -19,8 +19,7 @@ def test_one_epoch_on_real_data_learns(fashion_small):
 
 
 def _small(fashion_small, n=1000):
-    return data_lib.Dataset(fashion_small.name, fashion_small.train_images[:n], fashion_small.train_labels[:n],
-                            fashion_small.test_images[:500], fashion_small.test_labels[:500], fashion_small.classes)
+    return fashion_small.subset(n, 500)
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn"])

@@ -1,0 +1,125 @@
+"""The Ray Tune layer end to end: a real sweep, grid expansion, kill-and-resume, resources."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+from ray.tune import ExperimentAnalysis, ResultGrid
+from ray.tune.search.variant_generator import generate_variants
+
+import trainable
+import tune_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_grid(path) -> ResultGrid:
+    return ResultGrid(ExperimentAnalysis(str(path)))
+
+
+def reported_epochs(trial_dir: Path) -> list:
+    result = trial_dir / "result.json"
+    return [json.loads(line)["epoch"] for line in result.read_text().splitlines()] if result.exists() else []
+
+
+@pytest.fixture(scope="module")
+def smoke_experiment(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("results")
+    code = tune_main.main(["--smoke-test", "--storage-path", str(storage), "--name", "e2e", "--cpus-per-trial", "2"])
+    assert code == 0
+    return storage / "e2e"
+
+
+def test_end_to_end_sweep_on_real_subset(smoke_experiment):
+    grid = load_grid(smoke_experiment)
+    assert len(grid) == 4 and not grid.errors
+    assert sorted(r.config["variant"]["name"] for r in grid) == ["bn", "bn+l1", "gn", "ln"]
+    for result in grid:
+        df = result.metrics_dataframe
+        assert df["epoch"].tolist() == [1, 2]
+        assert set(trainable.METRICS) <= set(df.columns)
+        assert (df["threads"] == 2).all()  # the trial's CPUs
+        best = result.get_best_checkpoint(trainable.BEST_METRIC, trainable.BEST_MODE)
+        model = trainable.model_from_result_checkpoint(best)
+        assert model.config.norm == result.config["variant"]["norm"]
+        assert len(list(Path(result.path).glob("checkpoint_*"))) <= 2  # best and latest only
+
+
+def test_launch_settings_are_saved(smoke_experiment):
+    launch = json.loads((smoke_experiment / tune_main.LAUNCH_FILE).read_text())
+    assert launch["dataset"] == "fashion-mnist" and launch["smoke_test"] is True
+
+
+def test_grid_expands_variants_lambdas_and_seeds():
+    args = tune_main.parse_args(["--seeds", "2", "--l1", "1e-5", "1e-4"])
+    space = tune_main.param_space(args)
+    trials = [spec for _, spec in generate_variants(space)]
+    combos = sorted((t["variant"]["name"], t["variant"]["l1"], t["seed"]) for t in trials)
+    expected = sorted([(n, 0.0, s) for n in ("bn", "gn", "ln") for s in (0, 1)]
+                      + [("bn+l1", lam, s) for lam in (1e-5, 1e-4) for s in (0, 1)])
+    assert combos == expected  # (3 plain + 1 variant x 2 lambdas) x 2 seeds = 10 trials
+    assert all(t["epochs"] == 20 and t["dataset"] == "fashion-mnist" for t in trials)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("bn,xn", "bad variant 'xn'; the grammar is NORM\\[\\+l1\\]"),
+    ("gn+l2", "bad variant 'gn\\+l2'"),
+    (",", "no variants given"),
+])
+def test_bad_variants_are_refused(spec, message):
+    with pytest.raises(tune_main.UsageError, match=message):
+        tune_main.parse_variants(spec, [1e-5])
+
+
+def _resources(cpu, gpu=0, n=4, **flags):
+    args = Namespace(max_concurrent=flags.get("max_concurrent", 0), cpus_per_trial=flags.get("cpus"),
+                     gpus_per_trial=flags.get("gpus"))
+    return tune_main.trial_resources({"CPU": cpu, "GPU": gpu}, n, args)
+
+
+def test_default_resources_run_trials_at_once():
+    assert _resources(2) == {"cpu": 0.5, "gpu": 0}  # 4 trials share 2 cores
+    assert _resources(16, gpu=1) == {"cpu": 4.0, "gpu": 0.25}  # fractional GPU
+    assert _resources(32, gpu=8) == {"cpu": 8.0, "gpu": 2}  # whole GPUs when they outnumber trials
+    assert _resources(2, max_concurrent=2) == {"cpu": 1.0, "gpu": 0}
+    assert _resources(2, cpus=2, gpus=0.5) == {"cpu": 2, "gpu": 0.5}
+
+
+def test_unwritable_storage_path_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert tune_main.main(["--smoke-test", "--storage-path", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write results to") and "\n" not in err
+
+
+def test_resume_without_experiment_is_one_line(tmp_path, capsys):
+    assert tune_main.main(["--resume", "--storage-path", str(tmp_path)]) == 2
+    assert "no normsweep experiment under" in capsys.readouterr().err
+
+
+def test_killed_driver_resumes_every_trial_once(tmp_path):
+    storage, name, epochs = tmp_path / "results", "killed", 4
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn",
+               "--epochs", str(epochs), "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((storage / name).glob("*/checkpoint_000000")):
+        assert driver.poll() is None, "the driver ended before the first report"
+        time.sleep(0.1)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = {p.name: reported_epochs(p) for p in (storage / name).iterdir() if p.is_dir()}
+    assert any(len(e) < epochs for e in before.values()), f"killed too late to test resume: {before}"
+
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name]) == 0
+    grid = load_grid(storage / name)
+    assert len(grid) == 2 and not grid.errors
+    for result in grid:
+        assert reported_epochs(Path(result.path)) == list(range(1, epochs + 1))
+        assert (result.metrics_dataframe["threads"] == 1).all()
