@@ -146,6 +146,7 @@ class TrainingRun:
             "torch_rng": torch.get_rng_state(),
             "config": self.config,
             "net_config": net_config(self.config).to_dict(),
+            "input_stats": {"mean": self.mean, "std": self.std},  # normalisation the net was trained with
         }, path)
 
     def load(self, path):
@@ -176,14 +177,17 @@ def load_checkpoint(path) -> dict:
                               f"it is corrupt or not a normsweep checkpoint") from None
 
 
-def model_from_checkpoint(path) -> Net:
-    """Rebuild the net from a checkpoint's saved config and load its weights (CPU, eval mode)."""
+def model_from_checkpoint(path):
+    """Rebuild the net from a checkpoint's saved config (CPU, eval mode).
+
+    Returns (model, state): state holds the run's config and the input normalisation stats.
+    """
     state = load_checkpoint(path)
     config = dict(state["net_config"])
     config["widths"] = tuple(config["widths"])
     model = Net(NetConfig(**config))
     model.load_state_dict(state["model"])
-    return model.eval()
+    return model.eval(), state
 
 
 def main(argv=None):

@@ -6,7 +6,6 @@ restores the trial, then per epoch report the fixed metric set with a checkpoint
 import tempfile
 from pathlib import Path
 
-import torch
 from ray import tune
 
 import train
@@ -42,7 +41,7 @@ def train_variant(config: dict, dataset):
                         checkpoint=tune.Checkpoint.from_directory(directory))
 
 
-def model_from_result_checkpoint(checkpoint: tune.Checkpoint) -> torch.nn.Module:
-    """Rebuild the net saved in a Tune checkpoint (CPU, eval mode)."""
+def model_from_result_checkpoint(checkpoint: tune.Checkpoint):
+    """(model, state) from a Tune checkpoint: the net in eval mode on the CPU, and its saved state."""
     with checkpoint.as_directory() as directory:
         return train.model_from_checkpoint(Path(directory) / CHECKPOINT_FILE)

@@ -14,12 +14,15 @@ from pathlib import Path
 import data as data_lib
 import train
 import trainable
-from model import NORMS, Net, count_parameters
+from model import NORMS, build_model, count_parameters
 
 DEFAULT_L1 = 1e-5  # lambda for "+l1" variants: L1 penalty lambda * sum(|w|)
 DEFAULT_STORAGE = "results"  # relative to the working directory, made absolute
 LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was started with (for --resume)
 SMOKE = {"train": 1000, "test": 500, "epochs": 2}
+# What --resume takes from the launch file; resources, address and paths come from today's flags.
+LAUNCH_KEYS = ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs",
+               "batch_size", "lr", "groups")
 
 
 class UsageError(ValueError):
@@ -51,7 +54,10 @@ def param_space(args) -> dict:
     config = {k: v for k, v in train.DEFAULTS.items() if k not in ("norm", "l1", "threads", "seed")}
     config.update(dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()), epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, groups=args.groups)
-    config["variant"] = tune.grid_search(parse_variants(args.variants, args.l1))
+    variants = parse_variants(args.variants, args.l1)
+    for variant in variants:  # a bad norm or group count fails here, before Ray starts
+        build_model(variant["norm"], groups=args.groups)
+    config["variant"] = tune.grid_search(variants)
     config["seed"] = tune.grid_search(list(range(args.seeds)))
     return config
 
@@ -117,10 +123,12 @@ def run(args) -> int:
         if not launch_file.is_file():
             raise UsageError(f"--resume: {storage / args.name} is not a normsweep experiment (no {LAUNCH_FILE})")
         launch = json.loads(launch_file.read_text())
-        for key in ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs"):
+        for key in LAUNCH_KEYS:
             setattr(args, key, launch[key])  # the experiment's own settings, not today's flags
     args.name = args.name or f"normsweep_{Path(args.dataset).name}_{time.strftime('%Y%m%d-%H%M%S')}"
     experiment = storage / args.name
+    if experiment.exists() and not args.resume:
+        raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
 
     space = param_space(args)  # validates variants and lambdas before anything starts
     n_trials = len(space["variant"]["grid_search"]) * args.seeds
@@ -136,8 +144,6 @@ def run(args) -> int:
         if args.resume:
             tuner = tune.Tuner.restore(str(experiment), trainable=fn, resume_errored=True)
         else:
-            if experiment.exists():
-                raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
             tuner = tune.Tuner(
                 fn,
                 param_space=space,
@@ -178,7 +184,7 @@ def summary_table(results, groups: int) -> str:
             rows.append((variant["name"], variant["l1"], seed, "-", "-", "-", "-", "-"))
             continue
         best = df.loc[df[trainable.BEST_METRIC].idxmax()]
-        params = count_parameters(Net(train.net_config({"norm": variant["norm"], "groups": groups})))
+        params = count_parameters(build_model(variant["norm"], groups=groups))
         rows.append((variant["name"], variant["l1"], seed, f"{100 * best['test_acc']:.2f}", int(best["epoch"]),
                      f"{df['test_loss'].iloc[-1]:.4f}", params, f"{df['time_total_s'].iloc[-1]:.0f}"))
     header = ("variant", "lambda", "seed", "best test acc %", "epoch", "final test loss", "params", "seconds")

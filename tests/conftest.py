@@ -38,6 +38,17 @@ def idx_dir(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def smoke_experiment(tmp_path_factory):
+    """A real 4-variant x 2-epoch sweep on a Fashion-MNIST subset (tune_main.py --smoke-test)."""
+    import tune_main
+
+    storage = tmp_path_factory.mktemp("results")
+    code = tune_main.main(["--smoke-test", "--storage-path", str(storage), "--name", "e2e", "--cpus-per-trial", "2"])
+    assert code == 0
+    return storage / "e2e"
+
+
+@pytest.fixture(scope="session")
 def fashion():
     """The full real Fashion-MNIST (Debian's dataset-fashion-mnist, or torchvision's download)."""
     return data_lib.load_dataset("fashion-mnist", data_dir=Path(__file__).resolve().parents[1] / "data")

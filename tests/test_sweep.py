@@ -27,14 +27,6 @@ def reported_epochs(trial_dir: Path) -> list:
     return [json.loads(line)["epoch"] for line in result.read_text().splitlines()] if result.exists() else []
 
 
-@pytest.fixture(scope="module")
-def smoke_experiment(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("results")
-    code = tune_main.main(["--smoke-test", "--storage-path", str(storage), "--name", "e2e", "--cpus-per-trial", "2"])
-    assert code == 0
-    return storage / "e2e"
-
-
 def test_end_to_end_sweep_on_real_subset(smoke_experiment):
     grid = load_grid(smoke_experiment)
     assert len(grid) == 4 and not grid.errors
@@ -45,7 +37,7 @@ def test_end_to_end_sweep_on_real_subset(smoke_experiment):
         assert set(trainable.METRICS) <= set(df.columns)
         assert (df["threads"] == 2).all()  # the trial's CPUs
         best = result.get_best_checkpoint(trainable.BEST_METRIC, trainable.BEST_MODE)
-        model = trainable.model_from_result_checkpoint(best)
+        model, _ = trainable.model_from_result_checkpoint(best)
         assert model.config.norm == result.config["variant"]["norm"]
         assert len(list(Path(result.path).glob("checkpoint_*"))) <= 2  # best and latest only
 

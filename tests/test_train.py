@@ -63,8 +63,9 @@ def test_model_rebuilds_from_checkpoint(fashion_small, tmp_path):
     run = train.TrainingRun({"norm": "ln", "epochs": 1, "threads": 1}, _small(fashion_small, 300))
     run.run_epoch()
     run.save(tmp_path / "state.pt")
-    model = train.model_from_checkpoint(tmp_path / "state.pt")
+    model, state = train.model_from_checkpoint(tmp_path / "state.pt")
     assert isinstance(model, Net) and model.config.norm == "ln"
+    assert state["input_stats"] == {"mean": run.mean, "std": run.std} and state["epoch"] == 1
     x = torch.randn(4, 1, 28, 28)
     run.model.eval()
     assert torch.allclose(model(x), run.model(x), atol=1e-5)

@@ -1,0 +1,285 @@
+"""Analysis of a finished (or partial) normsweep experiment. Reads results; never trains.
+
+Loads a Ray Tune experiment directory into a ResultGrid and a tidy DataFrame, draws the curves,
+each variant's misclassified test images, a figure of what each norm pools, and a summary table
+with a seed-noise test. `python analysis.py RESULTS_DIR --out DIR` writes all of it as PNGs and
+a markdown summary; analysis.ipynb calls the same functions.
+"""
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+import data as data_lib
+import train
+import trainable
+from model import build_model, count_parameters
+
+CURVES = {  # metric -> (axis label, higher is better)
+    "test_loss": ("test loss (cross-entropy, nats)", False),
+    "test_acc": ("test accuracy (%)", True),
+    "train_loss": ("train loss (cross-entropy + label smoothing, nats)", False),
+    "train_acc": ("train accuracy on augmented batches (%)", True),
+}
+NOISE_ALPHA = 0.05  # Welch's t-test level for "beyond the seed noise"
+
+
+class AnalysisError(ValueError):
+    """An experiment that cannot be analysed; the message is one line."""
+
+
+def load_experiment(path):
+    """(ResultGrid, DataFrame) of an experiment; one DataFrame row per trial and epoch."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir() or not list(path.glob("experiment_state-*.json")):
+        raise AnalysisError(f"{path} is not a Ray Tune experiment directory (no experiment_state-*.json); "
+                            f"pass results/<name> as printed by tune_main.py")
+    grid = ResultGrid(ExperimentAnalysis(str(path)))
+    frames = []
+    for result in grid:
+        df = result.metrics_dataframe
+        if df is None or df.empty:
+            continue
+        config = result.config
+        variant = config["variant"]
+        frame = df[list(trainable.METRICS)].copy()
+        frame.insert(0, "trial", Path(result.path).name)
+        frame.insert(1, "variant", variant_label(variant))
+        frame.insert(2, "norm", variant["norm"])
+        frame.insert(3, "l1", variant["l1"])
+        frame.insert(4, "seed", config["seed"])
+        for key in ("dataset", "epochs", "batch_size", "lr", "groups", "weight_decay", "label_smoothing"):
+            frame[key] = config.get(key)
+        frames.append(frame)
+    if not frames:
+        raise AnalysisError(f"{path} holds no reported epochs yet; wait for the first epoch or check the trials' errors")
+    return grid, pd.concat(frames, ignore_index=True)
+
+
+def variant_label(variant: dict) -> str:
+    return f"{variant['name']} (λ={variant['l1']:g})" if variant["l1"] else variant["name"]
+
+
+def _title(df, what: str) -> str:
+    seeds = df.groupby("variant")["seed"].nunique().max()
+    return (f"{what}: {Path(str(df['dataset'].iloc[0])).name}, {int(df['epochs'].max())} epochs, "
+            f"{seeds} seed{'s' if seeds > 1 else ''} per variant")
+
+
+def best_per_trial(df, metric="test_acc") -> pd.DataFrame:
+    """One row per trial at its best epoch by `metric` (max)."""
+    return df.loc[df.groupby("trial")[metric].idxmax()].reset_index(drop=True)
+
+
+def plot_curves(df, metric: str):
+    """One metric against epoch, all variants on one axes; mean and +-1 std band over seeds."""
+    label, higher_better = CURVES[metric]
+    scale = 100 if metric.endswith("acc") else 1
+    fig, ax = plt.subplots(figsize=(8, 5))
+    late = []  # values over the second half of training, for zooming the accuracy axis
+    for i, (variant, group) in enumerate(sorted(df.groupby("variant"), key=lambda kv: kv[0])):
+        by_epoch = group.groupby("epoch")[metric].agg(["mean", "std", "count"]) * [scale, scale, 1]
+        epochs, mean, std = by_epoch.index.to_numpy(), by_epoch["mean"].to_numpy(), by_epoch["std"].fillna(0).to_numpy()
+        best_at = int(np.argmax(mean) if higher_better else np.argmin(mean))
+        per_seed_best = (group.groupby("trial")[metric].max() if higher_better
+                         else group.groupby("trial")[metric].min()) * scale
+        spread = f" ± {per_seed_best.std():.2f}" if len(per_seed_best) > 1 else ""
+        fmt = ".2f" if scale == 100 else ".4f"
+        color = f"C{i}"
+        ax.plot(epochs, mean, color=color, label=f"{variant}: best {per_seed_best.mean():{fmt}}{spread} "
+                                                    f"(mean-curve best at epoch {epochs[best_at]})")
+        if by_epoch["count"].max() > 1:
+            ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        ax.plot(epochs[best_at], mean[best_at], marker="*", markersize=12, color=color, markeredgecolor="k")
+        late.extend((mean - std)[len(mean) // 2:]), late.extend((mean + std)[len(mean) // 2:])
+    if higher_better and late and df["epoch"].max() >= 4:
+        low, high = min(late), max(late)
+        pad = max(0.1 * (high - low), 0.05 * scale / 100)
+        ax.set_ylim(low - pad, high + pad)  # zoom: variants often sit within a point of each other
+        label += " (zoomed to the second half of training)"
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(label)
+    seeds = df.groupby("variant")["seed"].nunique().max()
+    band = "; band = ±1 std over seeds" if seeds > 1 else ""
+    ax.set_title(_title(df, metric.replace("_", " ")) + band, fontsize=10)
+    ax.legend(fontsize=8, title="variant: best (★ = best epoch of the mean curve)", title_fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def misclassified(grid, df, variant: str, n: int = 10, dataset=None):
+    """The first n misclassified test images of `variant`'s best checkpoint (best trial by test_acc).
+
+    Returns a dict with the images (uint8), true and predicted labels, confidences (max softmax),
+    the test indices, the model's accuracy on the split, and the class names.
+    """
+    best = best_per_trial(df)
+    trial = best[best["variant"] == variant].sort_values("test_acc").iloc[-1]["trial"]
+    result = next(r for r in grid if Path(r.path).name == trial)
+    checkpoint = result.get_best_checkpoint(trainable.BEST_METRIC, trainable.BEST_MODE)
+    if checkpoint is None:
+        raise AnalysisError(f"trial {trial} has no checkpoint; re-run or resume the experiment")
+    model, state = trainable.model_from_result_checkpoint(checkpoint)
+    config = state["config"]
+    if dataset is None:
+        dataset = data_lib.load_dataset(config["dataset"], config["data_dir"])
+    out = train.evaluate(model, dataset.test_images, dataset.test_labels, **state["input_stats"])
+    wrong = torch.nonzero(out["preds"] != dataset.test_labels).flatten()[:n]
+    return {"variant": variant, "trial": trial, "epoch": state["epoch"], "acc": out["acc"],
+            "indices": wrong, "images": dataset.test_images[wrong], "true": dataset.test_labels[wrong],
+            "pred": out["preds"][wrong], "confidence": out["confidence"][wrong], "classes": dataset.classes}
+
+
+def plot_misclassified(sample: dict):
+    """A 2x5 grid: each tile shows the true label, the predicted label and the confidence."""
+    fig, axes = plt.subplots(2, 5, figsize=(11, 5.2))
+    classes = sample["classes"]
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= len(sample["indices"]):
+            continue
+        ax.imshow(sample["images"][k], cmap="gray_r")
+        ax.set_title(f"true: {classes[sample['true'][k]]}\npred: {classes[sample['pred'][k]]} "
+                     f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
+    fig.suptitle(f"{sample['variant']}: test accuracy {100 * sample['acc']:.2f}% "
+                 f"(best checkpoint, epoch {sample['epoch']}); misclassified test images", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def summary(df) -> pd.DataFrame:
+    """Per variant: best test accuracy mean and std over seeds, best epochs, parameters."""
+    best = best_per_trial(df)
+    rows = []
+    for variant, group in best.groupby("variant"):
+        norm, groups = group["norm"].iloc[0], int(group["groups"].iloc[0])
+        rows.append({"variant": variant, "seeds": len(group),
+                     "best test acc mean (%)": 100 * group["test_acc"].mean(),
+                     "std (%)": 100 * group["test_acc"].std() if len(group) > 1 else float("nan"),
+                     "best epochs": ", ".join(str(int(e)) for e in group["epoch"]),
+                     "parameters": count_parameters(build_model(norm, groups=groups))})
+    return pd.DataFrame(rows).sort_values("best test acc mean (%)", ascending=False).reset_index(drop=True)
+
+
+def pairwise_tests(df) -> pd.DataFrame:
+    """Welch's t-test on the per-seed best test accuracies for every pair of variants."""
+    best = best_per_trial(df)
+    accs = {v: 100 * g["test_acc"].to_numpy() for v, g in best.groupby("variant")}
+    rows = []
+    for a, b in itertools.combinations(sorted(accs, key=lambda v: -accs[v].mean()), 2):
+        diff = accs[a].mean() - accs[b].mean()
+        if min(len(accs[a]), len(accs[b])) < 2:
+            p, verdict = float("nan"), "needs 2+ seeds"
+        else:
+            p = stats.ttest_ind(accs[a], accs[b], equal_var=False).pvalue
+            verdict = "beyond seed noise" if p < NOISE_ALPHA else "within seed noise"
+        rows.append({"comparison": f"{a} − {b}", "difference (points)": diff, "Welch p": p, "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def plot_norm_pooling(n=4, c=8, groups=4):
+    """Which (sample, channel) cells share one mean and variance under BN, LN and GN.
+
+    Each cell stands for all H x W positions of one sample's channel; one colour = one set of
+    statistics (all the cells of a colour, and every pixel in them, are pooled together).
+    """
+    layouts = {
+        "BatchNorm: per channel,\npooled over N, H, W": np.tile(np.arange(c), (n, 1)),
+        "LayerNorm: per sample,\npooled over C, H, W": np.tile(np.arange(n)[:, None], (1, c)),
+        f"GroupNorm ({groups} groups): per sample and\nchannel group, pooled over C/G, H, W":
+            np.arange(n)[:, None] * groups + np.arange(c)[None, :] // (c // groups),
+    }
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, (title, ids) in zip(axes, layouts.items()):
+        ax.imshow(ids % 20, cmap="tab20", vmin=0, vmax=19, aspect="auto")
+        ax.set_xticks(range(c), [f"c{j}" for j in range(c)], fontsize=8)
+        ax.set_yticks(range(n), [f"n{i}" for i in range(n)], fontsize=8)
+        ax.set_xlabel("channel C (each cell spans all H×W pixels)")
+        ax.set_ylabel("sample N in the batch")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(np.arange(-0.5, c), minor=True)
+        ax.set_yticks(np.arange(-0.5, n), minor=True)
+        ax.grid(which="minor", color="white", linewidth=1.5)
+        ax.tick_params(which="minor", length=0)
+    fig.suptitle("What each normalisation pools for one mean and variance (a batch of shape N, C, H×W); "
+                 "one colour = one set of statistics", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    def cell(v):
+        return f"{v:.2f}" if isinstance(v, float) and not np.isnan(v) else ("-" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def write_report(experiment, out_dir) -> list:
+    """Every figure as PNG plus summary.md into out_dir; returns the written paths."""
+    grid, df = load_experiment(experiment)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AnalysisError(f"cannot write the report to {out} ({e.strerror}); pass a writable --out") from None
+    written = []
+
+    def save(fig, name):
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+
+    for metric in CURVES:
+        save(plot_curves(df, metric), f"{metric}.png")
+    config = df.iloc[0]
+    dataset = data_lib.load_dataset(str(config["dataset"]), grid[0].config["data_dir"])
+    grids = []
+    for variant in sorted(df["variant"].unique()):
+        sample = misclassified(grid, df, variant, dataset=dataset)
+        name = "misclassified_" + "".join(ch if ch.isalnum() else "_" for ch in variant).strip("_") + ".png"
+        save(plot_misclassified(sample), name)
+        grids.append((variant, name))
+    save(plot_norm_pooling(), "norm_pooling.png")
+    table, tests = summary(df), pairwise_tests(df)
+    text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: `{Path(experiment).resolve()}`", "",
+            "Best test accuracy per trial (the epoch with the highest test accuracy), then mean and "
+            "sample std over seeds.", "", _markdown(table), "",
+            f"Pairwise differences, Welch's t-test on per-seed best accuracies (two-sided, "
+            f"{NOISE_ALPHA:g} level):", "", _markdown(tests), "",
+            "![test loss](test_loss.png)", "![test accuracy](test_acc.png)",
+            "![train loss](train_loss.png)", "![train accuracy](train_acc.png)", ""]
+    text += [f"![{variant} misclassified]({name})" for variant, name in grids]
+    text += ["", "![what each norm pools](norm_pooling.png)", ""]
+    (out / "summary.md").write_text("\n".join(text))
+    written.append(out / "summary.md")
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Write the figures and a markdown summary of a normsweep experiment.")
+    parser.add_argument("experiment", help="the experiment directory, results/<name>, as printed by tune_main.py")
+    parser.add_argument("--out", default=None, help="output directory (default: <experiment>/report)")
+    args = parser.parse_args(argv)
+    matplotlib.use("Agg")  # files only; the notebook keeps its inline backend
+    try:
+        written = write_report(args.experiment, args.out or Path(args.experiment) / "report")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The analysis reads an experiment: report files, misclassified grids, notebook, README's numbers."""
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import torch
+from nbclient import NotebookClient
+from torch import nn
+
+import analysis
+import data as data_lib
+import trainable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def loaded(smoke_experiment):
+    return analysis.load_experiment(smoke_experiment)
+
+
+def test_tidy_frame_has_one_row_per_trial_and_epoch(loaded):
+    grid, df = loaded
+    assert len(grid) == 4 and len(df) == 8
+    assert sorted(df["variant"].unique()) == ["bn", "bn+l1 (λ=1e-05)", "gn", "ln"]
+    assert set(trainable.METRICS) | {"trial", "norm", "l1", "seed", "dataset", "epochs"} <= set(df.columns)
+    assert df.groupby("trial")["epoch"].apply(list).tolist() == [[1, 2]] * 4
+
+
+def test_cli_report_writes_every_file(smoke_experiment, tmp_path):
+    out = tmp_path / "report"
+    assert analysis.main([str(smoke_experiment), "--out", str(out)]) == 0
+    expected = {"test_loss.png", "test_acc.png", "train_loss.png", "train_acc.png", "norm_pooling.png",
+                "summary.md", "misclassified_bn.png", "misclassified_gn.png", "misclassified_ln.png",
+                "misclassified_bn_l1____1e_05.png"}
+    assert {p.name for p in out.iterdir()} == expected
+    summary = (out / "summary.md").read_text()
+    assert "Welch" in summary and "| bn |" in summary and "![test accuracy](test_acc.png)" in summary
+
+
+def test_not_an_experiment_is_one_line(tmp_path, capsys):
+    assert analysis.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a Ray Tune experiment directory" in err and "\n" not in err
+
+
+def test_misclassified_tiles_are_the_models_own_mistakes(loaded, fashion):
+    grid, df = loaded
+    for variant in df["variant"].unique():
+        sample = analysis.misclassified(grid, df, variant, dataset=fashion)
+        assert len(sample["indices"]) == 10
+        assert torch.equal(sample["images"], fashion.test_images[sample["indices"]])
+        assert torch.equal(sample["true"], fashion.test_labels[sample["indices"]])
+        # the model's predictions, recomputed here from its best checkpoint
+        result = next(r for r in grid if Path(r.path).name == sample["trial"])
+        model, state = trainable.model_from_result_checkpoint(
+            result.get_best_checkpoint(trainable.BEST_METRIC, trainable.BEST_MODE))
+        with torch.no_grad():
+            logits = model(data_lib.to_input(sample["images"], **state["input_stats"]))
+        assert torch.equal(logits.argmax(1), sample["pred"])
+        assert (sample["pred"] != sample["true"]).all()
+        assert torch.allclose(logits.softmax(1).max(1).values, sample["confidence"], atol=1e-5)
+        fig = analysis.plot_misclassified(sample)
+        titles = [ax.get_title() for ax in fig.axes]
+        for title, true, pred in zip(titles, sample["true"], sample["pred"]):
+            assert title.startswith(f"true: {fashion.classes[true]}\npred: {fashion.classes[pred]} (")
+        assert variant in fig._suptitle.get_text()
+
+
+def test_summary_and_noise_tests(loaded):
+    _, df = loaded
+    table = analysis.summary(df)
+    assert len(table) == 4 and (table["parameters"] < 20_000).all()
+    assert analysis.pairwise_tests(df)["verdict"].eq("needs 2+ seeds").all()  # one seed: no noise estimate
+    shifted = df.assign(seed=1, trial=df["trial"] + "_copy", test_acc=df["test_acc"] + 0.001)
+    tests = analysis.pairwise_tests(pd.concat([df, shifted]))
+    assert tests["Welch p"].notna().all() and len(tests) == 6
+
+
+def test_notebook_runs_headless(smoke_experiment, tmp_path):
+    notebook = nbformat.read(ROOT / "analysis.ipynb", as_version=4)
+    os.environ["NORMSWEEP_EXPERIMENT"] = str(smoke_experiment)
+    try:
+        NotebookClient(notebook, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT)}}).execute()
+    finally:
+        del os.environ["NORMSWEEP_EXPERIMENT"]
+    images = sum(1 for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+                 if "image/png" in out.get("data", {}))
+    assert images >= 4 + 4 + 1  # four curves, four misclassified grids, the pooling figure
+    errors = [out for cell in notebook.cells if cell.cell_type == "code"
+              for out in cell.get("outputs", []) if out.get("output_type") == "error"]
+    assert not errors
+
+
+def _readme_example():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- worked-example -->(.*?)<!-- /worked-example -->", text, re.S).group(1)
+    rows = {}
+    for line in block.strip().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        numbers = [[float(v) for v in cell.split(",")] for cell in cells[2:]]
+        rows[cells[0]] = dict(zip(("means", "variances", "normalised", "parameters"), numbers))
+    return rows
+
+
+def test_readme_worked_example_matches_torch():
+    x = torch.arange(32.0).reshape(2, 4, 2, 2)
+    layers = {"bn": nn.BatchNorm2d(4).train(), "ln": nn.GroupNorm(1, 4), "gn": nn.GroupNorm(2, 4)}
+    pooled = {"bn": x.transpose(0, 1).reshape(4, -1), "ln": x.reshape(2, -1), "gn": x.reshape(4, -1)}
+    readme = _readme_example()
+    assert set(readme) == set(layers)
+    for norm, layer in layers.items():
+        row = readme[norm]
+        assert torch.allclose(pooled[norm].mean(1), torch.tensor(row["means"]))
+        assert torch.allclose(pooled[norm].var(1, unbiased=False), torch.tensor(row["variances"]))
+        assert torch.allclose(layer(x)[0, 0].flatten(), torch.tensor(row["normalised"]), atol=1e-3)
+        assert sum(p.numel() for p in layer.parameters()) == row["parameters"][0]
+    # and the layer norm our `ln` stands for: same output as nn.LayerNorm over (C, H, W)
+    assert torch.allclose(layers["ln"](x), nn.LayerNorm([4, 2, 2])(x), atol=1e-5)
+    assert sum(p.numel() for p in nn.LayerNorm([4, 2, 2]).parameters()) == 32
