@@ -133,7 +133,8 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None):
     config = state["config"]
     if dataset is None:
         dataset = data_lib.load_dataset(config["dataset"], config["data_dir"])
-    out = train.evaluate(model, dataset.test_images, dataset.test_labels, **state["input_stats"])
+    out = train.evaluate(model, dataset.test_images, dataset.test_labels, **state["input_stats"],
+                         flip=train.uses_test_flip(config, dataset.augment))  # as the trial evaluated
     wrong = torch.nonzero(out["preds"] != dataset.test_labels).flatten()[:n]
     return {"variant": variant, "trial": trial, "epoch": state["epoch"], "acc": out["acc"],
             "indices": wrong, "images": dataset.test_images[wrong], "true": dataset.test_labels[wrong],
@@ -166,6 +167,9 @@ def summary(df) -> pd.DataFrame:
         rows.append({"variant": variant, "seeds": len(group),
                      "best test acc mean (%)": 100 * group["test_acc"].mean(),
                      "std (%)": 100 * group["test_acc"].std() if len(group) > 1 else float("nan"),
+                     # the same epochs scored on the unflipped images alone (no test-time flip)
+                     "one-view acc mean (%)": 100 * group["test_acc_single"].mean()
+                     if "test_acc_single" in group else float("nan"),
                      "best epochs": ", ".join(str(int(e)) for e in group["epoch"]),
                      "parameters": count_parameters(build_model(norm, groups=groups))})
     return pd.DataFrame(rows).sort_values("best test acc mean (%)", ascending=False).reset_index(drop=True)
@@ -254,7 +258,8 @@ def write_report(experiment, out_dir) -> list:
     table, tests = summary(df), pairwise_tests(df)
     text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: `{Path(experiment).resolve()}`", "",
             "Best test accuracy per trial (the epoch with the highest test accuracy), then mean and "
-            "sample std over seeds.", "", _markdown(table), "",
+            "sample std over seeds. Test accuracy averages each image's and its mirror's prediction "
+            "on flip-trained datasets; the one-view column scores the same epochs without the mirror.", "", _markdown(table), "",
             f"Pairwise differences, Welch's t-test on per-seed best accuracies (two-sided, "
             f"{NOISE_ALPHA:g} level):", "", _markdown(tests), "",
             "![test loss](test_loss.png)", "![test accuracy](test_acc.png)",

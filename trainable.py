@@ -11,8 +11,8 @@ from ray import tune
 import train
 
 # Every epoch reports exactly these keys (mode "max" for accuracies, "min" for losses).
-METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch", "epoch_seconds",
-           "images_per_s", "threads")
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single", "lr", "epoch",
+           "epoch_seconds", "images_per_s", "threads")
 BEST_METRIC, BEST_MODE = "test_acc", "max"
 CHECKPOINT_FILE = "state.pt"
 

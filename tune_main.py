@@ -181,13 +181,14 @@ def summary_table(results, groups: int) -> str:
         variant, seed = r.config["variant"], r.config["seed"]
         df = r.metrics_dataframe
         if df is None or df.empty:
-            rows.append((variant["name"], variant["l1"], seed, "-", "-", "-", "-", "-"))
+            rows.append((variant["name"], variant["l1"], seed, "-", "-", "-", "-", "-", "-"))
             continue
         best = df.loc[df[trainable.BEST_METRIC].idxmax()]
         params = count_parameters(build_model(variant["norm"], groups=groups))
-        rows.append((variant["name"], variant["l1"], seed, f"{100 * best['test_acc']:.2f}", int(best["epoch"]),
+        rows.append((variant["name"], variant["l1"], seed, f"{100 * best['test_acc']:.2f}",
+                     f"{100 * best['test_acc_single']:.2f}", int(best["epoch"]),
                      f"{df['test_loss'].iloc[-1]:.4f}", params, f"{df['time_total_s'].iloc[-1]:.0f}"))
-    header = ("variant", "lambda", "seed", "best test acc %", "epoch", "final test loss", "params", "seconds")
+    header = ("variant", "lambda", "seed", "best test acc %", "one view %", "epoch", "final test loss", "params", "seconds")
     table = [header] + [tuple(str(c) for c in row) for row in sorted(rows, key=lambda r: (r[0], r[1], r[2]))]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table)
