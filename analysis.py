@@ -7,6 +7,7 @@ a markdown summary; analysis.ipynb calls the same functions.
 """
 import argparse
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -251,7 +252,7 @@ def write_report(experiment, out_dir) -> list:
     grids = []
     for variant in sorted(df["variant"].unique()):
         sample = misclassified(grid, df, variant, dataset=dataset)
-        name = "misclassified_" + "".join(ch if ch.isalnum() else "_" for ch in variant).strip("_") + ".png"
+        name = "misclassified_" + re.sub(r"[^A-Za-z0-9]+", "_", variant).strip("_") + ".png"  # ASCII file names
         save(plot_misclassified(sample), name)
         grids.append((variant, name))
     save(plot_norm_pooling(), "norm_pooling.png")

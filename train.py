@@ -234,6 +234,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="CPU threads (0 = all)")
     parser.add_argument("--val-size", type=int, default=DEFAULTS["val_size"],
                         help="hold out this many training images and evaluate on them instead of test")
+    parser.add_argument("--no-test-flip", dest="test_flip", action="store_false",
+                        help="score test images in one view only (default: also the mirror, on flip-trained datasets)")
     parser.add_argument("--train-size", type=int, default=0, help="use only the first N training images (0 = all)")
     args = parser.parse_args(argv)
     config = {k: v for k, v in vars(args).items() if k in DEFAULTS}

@@ -22,7 +22,7 @@ LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was star
 SMOKE = {"train": 1000, "test": 500, "epochs": 2}
 # What --resume takes from the launch file; resources, address and paths come from today's flags.
 LAUNCH_KEYS = ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs",
-               "batch_size", "lr", "groups")
+               "batch_size", "lr", "groups", "test_flip")
 
 
 class UsageError(ValueError):
@@ -53,7 +53,7 @@ def param_space(args) -> dict:
         raise UsageError(f"--l1 lambdas must be > 0, got {args.l1}")
     config = {k: v for k, v in train.DEFAULTS.items() if k not in ("norm", "l1", "threads", "seed")}
     config.update(dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()), epochs=args.epochs,
-                  batch_size=args.batch_size, lr=args.lr, groups=args.groups)
+                  batch_size=args.batch_size, lr=args.lr, groups=args.groups, test_flip=args.test_flip)
     variants = parse_variants(args.variants, args.l1)
     for variant in variants:  # a bad norm or group count fails here, before Ray starts
         build_model(variant["norm"], groups=args.groups)
@@ -124,7 +124,7 @@ def run(args) -> int:
             raise UsageError(f"--resume: {storage / args.name} is not a normsweep experiment (no {LAUNCH_FILE})")
         launch = json.loads(launch_file.read_text())
         for key in LAUNCH_KEYS:
-            setattr(args, key, launch[key])  # the experiment's own settings, not today's flags
+            setattr(args, key, launch.get(key, getattr(args, key)))  # the experiment's own settings, not today's flags
     args.name = args.name or f"normsweep_{Path(args.dataset).name}_{time.strftime('%Y%m%d-%H%M%S')}"
     experiment = storage / args.name
     if experiment.exists() and not args.resume:
@@ -207,6 +207,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=d["lr"], help="OneCycle peak learning rate (default: %(default)s)")
     parser.add_argument("--groups", type=int, default=d["groups"], help="GroupNorm groups (default: %(default)s)")
+    parser.add_argument("--no-test-flip", dest="test_flip", action="store_false",
+                        help="score test images in one view only (default: also the mirror, on flip-trained datasets)")
     parser.add_argument("--variants", default="bn,gn,ln,bn+l1",
                         help="comma-separated NORM[+l1], NORM in bn, gn, ln, none (default: %(default)s)")
     parser.add_argument("--l1", type=float, nargs="+", default=[DEFAULT_L1],

@@ -35,7 +35,7 @@ def test_cli_report_writes_every_file(smoke_experiment, tmp_path):
     assert analysis.main([str(smoke_experiment), "--out", str(out)]) == 0
     expected = {"test_loss.png", "test_acc.png", "train_loss.png", "train_acc.png", "norm_pooling.png",
                 "summary.md", "misclassified_bn.png", "misclassified_gn.png", "misclassified_ln.png",
-                "misclassified_bn_l1____1e_05.png"}
+                "misclassified_bn_l1_1e_05.png"}
     assert {p.name for p in out.iterdir()} == expected
     summary = (out / "summary.md").read_text()
     assert "Welch" in summary and "| bn |" in summary and "![test accuracy](test_acc.png)" in summary

@@ -55,7 +55,8 @@ def test_grid_expands_variants_lambdas_and_seeds():
     expected = sorted([(n, 0.0, s) for n in ("bn", "gn", "ln") for s in (0, 1)]
                       + [("bn+l1", lam, s) for lam in (1e-5, 1e-4) for s in (0, 1)])
     assert combos == expected  # (3 plain + 1 variant x 2 lambdas) x 2 seeds = 10 trials
-    assert all(t["epochs"] == 20 and t["dataset"] == "fashion-mnist" for t in trials)
+    assert all(t["epochs"] == 20 and t["dataset"] == "fashion-mnist" and t["test_flip"] for t in trials)
+    assert tune_main.param_space(tune_main.parse_args(["--no-test-flip"]))["test_flip"] is False
 
 
 @pytest.mark.parametrize("spec, message", [
