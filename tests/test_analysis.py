@@ -12,6 +12,7 @@ from torch import nn
 
 import analysis
 import data as data_lib
+import train
 import trainable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,11 +59,13 @@ def test_misclassified_tiles_are_the_models_own_mistakes(loaded, fashion):
         result = next(r for r in grid if Path(r.path).name == sample["trial"])
         model, state = trainable.model_from_result_checkpoint(
             result.get_best_checkpoint(trainable.BEST_METRIC, trainable.BEST_MODE))
+        assert train.uses_test_flip(state["config"], fashion.augment)  # scored as image + mirror
         with torch.no_grad():
-            logits = model(data_lib.to_input(sample["images"], **state["input_stats"]))
-        assert torch.equal(logits.argmax(1), sample["pred"])
+            x = data_lib.to_input(sample["images"], **state["input_stats"])
+            probs = (model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2
+        assert torch.equal(probs.argmax(1), sample["pred"])
         assert (sample["pred"] != sample["true"]).all()
-        assert torch.allclose(logits.softmax(1).max(1).values, sample["confidence"], atol=1e-5)
+        assert torch.allclose(probs.max(1).values, sample["confidence"], atol=1e-5)
         fig = analysis.plot_misclassified(sample)
         titles = [ax.get_title() for ax in fig.axes]
         for title, true, pred in zip(titles, sample["true"], sample["pred"]):
