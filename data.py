@@ -86,6 +86,26 @@ def read_idx(path, magic: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
 
 
+def write_idx(path, tensor: torch.Tensor, magic: int, compress: bool | None = None):
+    """Write a tensor as a uint8 idx file; gzipped when the name ends in .gz (the inverse of read_idx)."""
+    path = Path(path)
+    payload = struct.pack(">I", magic) + struct.pack(f">{tensor.dim()}I", *tensor.shape)
+    payload += tensor.to(torch.uint8).numpy().tobytes()
+    compress = path.suffix == ".gz" if compress is None else compress
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+
+
+def write_directory(directory, train_images, train_labels, test_images, test_labels) -> Path:
+    """A directory of MNIST's four gzipped idx files that `load_dataset(directory)` reads back."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
+        image_stem, label_stem = SPLIT_FILES[split]
+        write_idx(directory / (image_stem + ".gz"), images, IMAGE_MAGIC)
+        write_idx(directory / (label_stem + ".gz"), labels, LABEL_MAGIC)
+    return directory
+
+
 def read_split(directory, split: str):
     """Images (N, 28, 28) uint8 and labels (N,) int64 of one split, validated."""
     image_stem, label_stem = SPLIT_FILES[split]

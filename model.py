@@ -23,6 +23,8 @@ class NetConfig:
     num_classes: int = 10
     in_channels: int = 1
     dropout: float = 0.0
+    # Block order: "norm-relu" (conv -> norm -> ReLU) or "relu-norm" (conv -> ReLU -> norm).
+    order: str = "norm-relu"
 
     def to_dict(self):
         return asdict(self)
@@ -78,11 +80,10 @@ class Net(nn.Module):
             if width == "M":
                 layers.append(nn.MaxPool2d(2))
                 continue
-            layers += [
-                nn.Conv2d(channels, width, 3, padding=1, bias=False),
-                make_norm(config.norm, width, config.groups),
-                nn.ReLU(inplace=True),
-            ]
+            norm_act = [make_norm(config.norm, width, config.groups), nn.ReLU(inplace=True)]
+            if config.order == "relu-norm":
+                norm_act.reverse()
+            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), *norm_act]
             channels = width
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(config.dropout)

@@ -22,8 +22,8 @@ DEFAULTS = {
     "groups": 4,  # GroupNorm groups
     "l1": 0.0,  # lambda of the L1 penalty lambda * sum(|w|) over conv/linear weights; 0 = off
     "epochs": 20,
-    "batch_size": 128,
-    "lr": 0.05,  # OneCycle peak learning rate for SGD, batch 128
+    "batch_size": 0,  # images per step; 0 = auto, derived from the training-set size (batch_size_for)
+    "lr": 0.05,  # OneCycle peak learning rate for SGD, at any batch size
     "momentum": 0.9,
     "weight_decay": 5e-4,  # on conv/linear weights only; norm affines and biases are not decayed
     "label_smoothing": 0.1,
@@ -33,10 +33,26 @@ DEFAULTS = {
     # Evaluate each image and its mirror (mean of the two softmaxes) on datasets trained with flips.
     # test_acc_single reports the plain one-view accuracy alongside.
     "test_flip": True,
+    "order": "norm-relu",  # block order, model.NetConfig.order
 }
 # Keys that must match for a checkpoint to continue a run: they shape the model or its trajectory.
 RUN_KEYS = ("dataset", "norm", "groups", "l1", "epochs", "batch_size", "lr", "momentum",
             "weight_decay", "label_smoothing", "seed", "val_size")
+
+
+# The auto batch size: the largest batch, up to MAX_BATCH, that still gives MIN_STEPS_PER_EPOCH
+# optimizer steps per epoch, and never below MIN_BATCH (BatchNorm's batch statistics get noisy).
+# On 60,000 images that is 128 (469 steps); on 4,000 images 32 (125 steps). With a fixed batch of
+# 128, small training sets get too few steps for GroupNorm and LayerNorm, which start slowly, to
+# converge in 20 epochs (docs/validation.md, "small training sets").
+MAX_BATCH, MIN_BATCH, MIN_STEPS_PER_EPOCH = 128, 16, 125
+
+
+def batch_size_for(n_train: int, batch_size: int = 0) -> int:
+    """`batch_size` if set (> 0), else the auto batch size for n_train training images."""
+    if batch_size > 0:
+        return batch_size
+    return max(MIN_BATCH, min(MAX_BATCH, n_train // MIN_STEPS_PER_EPOCH))
 
 
 class CheckpointError(ValueError):
@@ -48,7 +64,7 @@ def choose_device() -> torch.device:
 
 
 def net_config(config: dict) -> NetConfig:
-    return NetConfig(norm=config["norm"], groups=config["groups"])
+    return NetConfig(norm=config["norm"], groups=config["groups"], order=config.get("order", "norm-relu"))
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
@@ -62,8 +78,11 @@ def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch
     model.train()
     total_loss = torch.zeros((), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
+    seen = 0
     start = time.perf_counter()
     for x, y in data_lib.batches(images, labels, batch_size, generator):
+        if len(y) < 2:  # a last batch of one image: BatchNorm cannot take batch statistics of it
+            continue
         x = data_lib.augment(data_lib.to_input(x, mean, std), generator, **augment)
         logits = model(x.contiguous(memory_format=torch.channels_last))
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
@@ -74,10 +93,10 @@ def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch
         scheduler.step()
         total_loss += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
     seconds = time.perf_counter() - start
-    n = len(labels)
-    return {"train_loss": total_loss.item() / n, "train_acc": correct.item() / n,
-            "epoch_seconds": seconds, "images_per_s": n / seconds}
+    return {"train_loss": total_loss.item() / seen, "train_acc": correct.item() / seen,
+            "epoch_seconds": seconds, "images_per_s": seen / seconds}
 
 
 def uses_test_flip(config: dict, augment: dict) -> bool:
@@ -132,6 +151,7 @@ class TrainingRun:
                 train_x, train_y, config["val_size"], seed=12345)  # fixed: same split for every trial
         else:
             eval_x, eval_y = dataset.test_images, dataset.test_labels
+        config["batch_size"] = batch_size_for(len(train_y), config["batch_size"])
         self.mean, self.std = data_lib.image_stats(train_x)
         self.augment = dataset.augment
         self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
@@ -216,6 +236,11 @@ def model_from_checkpoint(path):
     return model.eval(), state
 
 
+def batch_size_arg(text: str) -> int:
+    """argparse type of --batch-size: 'auto' (0) or a whole number of images."""
+    return 0 if text == "auto" else int(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train one normsweep variant without Ray.")
     parser.add_argument("--dataset", default=DEFAULTS["dataset"],
@@ -225,7 +250,8 @@ def main(argv=None):
     parser.add_argument("--groups", type=int, default=DEFAULTS["groups"], help="GroupNorm groups")
     parser.add_argument("--l1", type=float, default=DEFAULTS["l1"], help="L1 penalty lambda (0 = off)")
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs to train")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="images per step")
+    parser.add_argument("--batch-size", type=batch_size_arg, default=DEFAULTS["batch_size"],
+                        help="images per step, or 'auto' (default): 128, fewer on small training sets")
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="OneCycle peak learning rate")
     parser.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"], help="SGD weight decay")
     parser.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"],
@@ -236,6 +262,7 @@ def main(argv=None):
                         help="hold out this many training images and evaluate on them instead of test")
     parser.add_argument("--no-test-flip", dest="test_flip", action="store_false",
                         help="score test images in one view only (default: also the mirror, on flip-trained datasets)")
+    parser.add_argument("--order", default=DEFAULTS["order"], choices=("norm-relu", "relu-norm"), help="block order")
     parser.add_argument("--train-size", type=int, default=0, help="use only the first N training images (0 = all)")
     args = parser.parse_args(argv)
     config = {k: v for k, v in vars(args).items() if k in DEFAULTS}

@@ -133,6 +133,7 @@ def run(args) -> int:
     space = param_space(args)  # validates variants and lambdas before anything starts
     n_trials = len(space["variant"]["grid_search"]) * args.seeds
     dataset = load_data(args)
+    space["batch_size"] = train.batch_size_for(len(dataset.train_labels), args.batch_size)  # resolve "auto"
 
     ray.init(address=args.address or "local", include_dashboard=False,
              log_to_driver=False, configure_logging=False)
@@ -204,7 +205,9 @@ def parse_args(argv=None):
                         help="train on the first N training images only (default: all)")
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"epochs per trial (default: {d['epochs']}, or {SMOKE['epochs']} with --smoke-test)")
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per step (default: %(default)s)")
+    parser.add_argument("--batch-size", type=train.batch_size_arg, default=d["batch_size"],
+                        help="images per step, or 'auto' (default): 128, fewer on small training sets so that "
+                             f"an epoch has at least {train.MIN_STEPS_PER_EPOCH} steps")
     parser.add_argument("--lr", type=float, default=d["lr"], help="OneCycle peak learning rate (default: %(default)s)")
     parser.add_argument("--groups", type=int, default=d["groups"], help="GroupNorm groups (default: %(default)s)")
     parser.add_argument("--no-test-flip", dest="test_flip", action="store_false",

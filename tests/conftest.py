@@ -1,6 +1,4 @@
 """Shared fixtures: synthetic idx files for fast tests, a real Fashion-MNIST subset for learning tests."""
-import gzip
-import struct
 import sys
 from pathlib import Path
 
@@ -10,14 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data as data_lib  # noqa: E402
-
-
-def write_idx(path: Path, tensor: torch.Tensor, magic: int, compress: bool | None = None):
-    """Write a uint8 tensor as an idx file; gzipped when the name ends in .gz."""
-    payload = struct.pack(">I", magic) + struct.pack(f">{tensor.dim()}I", *tensor.shape)
-    payload += tensor.to(torch.uint8).numpy().tobytes()
-    compress = path.suffix == ".gz" if compress is None else compress
-    path.write_bytes(gzip.compress(payload) if compress else payload)
+from data import write_idx  # noqa: E402,F401  (tests import it from here)
 
 
 def make_idx_dir(directory: Path, n_train=64, n_test=32, gz=True, seed=0) -> Path:
