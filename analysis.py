@@ -30,6 +30,9 @@ CURVES = {  # metric -> (axis label, higher is better)
     "train_acc": ("train accuracy on augmented batches (%)", True),
 }
 NOISE_ALPHA = 0.05  # Welch's t-test level for "beyond the seed noise"
+# "May not have converged" (see convergence()): accuracies in percentage points.
+RISE_EPOCHS, RISE_POINTS = 2, 1.0
+TRAIN_GAP_POINTS = 5.0
 
 
 class AnalysisError(ValueError):
@@ -45,6 +48,14 @@ def load_experiment(path):
         raise AnalysisError(f"{path} is not a Ray Tune experiment directory (no experiment_state-*.json); "
                             f"pass results/<name> as printed by tune_main.py")
     grid = ResultGrid(ExperimentAnalysis(str(path)))
+    df = results_frame(grid)
+    if df.empty:
+        raise AnalysisError(f"{path} holds no reported epochs yet; wait for the first epoch or check the trials' errors")
+    return grid, df
+
+
+def results_frame(grid) -> pd.DataFrame:
+    """One row per trial and reported epoch of a ResultGrid (trials with no epoch yet are left out)."""
     frames = []
     for result in grid:
         df = result.metrics_dataframe
@@ -61,9 +72,7 @@ def load_experiment(path):
         for key in ("dataset", "epochs", "batch_size", "lr", "groups", "weight_decay", "label_smoothing"):
             frame[key] = config.get(key)
         frames.append(frame)
-    if not frames:
-        raise AnalysisError(f"{path} holds no reported epochs yet; wait for the first epoch or check the trials' errors")
-    return grid, pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def variant_label(variant: dict) -> str:
@@ -159,27 +168,85 @@ def plot_misclassified(sample: dict):
     return fig
 
 
-def summary(df) -> pd.DataFrame:
-    """Per variant: best test accuracy mean and std over seeds, best epochs, parameters."""
-    best = best_per_trial(df)
+def final_per_trial(df) -> pd.DataFrame:
+    """One row per trial at its last reported epoch: the headline, which chooses nothing on the test split."""
+    return df.loc[df.groupby("trial")["epoch"].idxmax()].reset_index(drop=True)
+
+
+def trial_table(df) -> pd.DataFrame:
+    """Per trial: final-epoch accuracy one view and flip-averaged, and the best epoch's (by test_acc)."""
+    final, best = final_per_trial(df).set_index("trial"), best_per_trial(df).set_index("trial")
+    train_seconds = df.groupby("trial")["epoch_seconds"].sum()
+    rows = [{"variant": row.variant, "seed": int(row.seed), "epochs": int(row.epoch),
+             "final one-view acc (%)": 100 * row.test_acc_single, "final acc (%)": 100 * row.test_acc,
+             "best acc (%)": 100 * best.loc[trial, "test_acc"], "best epoch": int(best.loc[trial, "epoch"]),
+             "final train acc (%)": 100 * row.train_acc, "train s": round(train_seconds[trial])}
+            for trial, row in final.iterrows()]
+    return pd.DataFrame(rows).sort_values(["variant", "seed"]).reset_index(drop=True)
+
+
+def convergence(df) -> pd.DataFrame:
+    """Per variant, on the mean over its seeds: may it not have converged, and why.
+
+    Flagged when the one-view test accuracy peaks at the last epoch and gained at least RISE_POINTS
+    over the last RISE_EPOCHS epochs (a schedule that anneals to zero flattens a converged curve),
+    when its final train accuracy is TRAIN_GAP_POINTS or more below the best variant's (it has not
+    fitted the data the others fitted), or when a trial has not reached its planned epochs.
+    """
     rows = []
-    for variant, group in best.groupby("variant"):
+    train_final = {v: 100 * g["train_acc"].mean() for v, g in final_per_trial(df).groupby("variant")}
+    best_train = max(train_final.values())
+    leader = max(train_final, key=train_final.get)
+    for variant, group in df.groupby("variant"):
+        curve = 100 * group.groupby("epoch")["test_acc_single"].mean()  # index: epochs every seed reached
+        last, planned = int(curve.index.max()), int(group["epochs"].max())
+        rise = curve.iloc[-1] - curve.iloc[max(0, len(curve) - 1 - RISE_EPOCHS)]
+        reasons = []
+        if group.groupby("trial")["epoch"].max().min() < planned:
+            reasons.append(f"only {int(group.groupby('trial')['epoch'].max().min())} of {planned} epochs in")
+        if int(curve.idxmax()) == last and (len(curve) == 1 or rise >= RISE_POINTS):
+            reasons.append(f"test accuracy still rising: best at the last epoch ({last}), "
+                           f"+{rise:.2f} points over the last {min(RISE_EPOCHS, len(curve) - 1)} epochs")
+        gap = best_train - train_final[variant]
+        if gap >= TRAIN_GAP_POINTS:
+            reasons.append(f"final train accuracy {train_final[variant]:.1f}%, {gap:.1f} points below {leader}'s")
+        rows.append({"variant": variant, "converged": not reasons, "rise (points)": rise,
+                     "train gap (points)": gap, "why": "; ".join(reasons)})
+    return pd.DataFrame(rows)
+
+
+def convergence_warnings(df) -> list:
+    """One line per variant that may not have converged; empty when every variant has."""
+    return [f"warning: {row.variant} may not have converged; the comparison is not settled ({row.why})"
+            for row in convergence(df).itertuples() if not row.converged]
+
+
+def summary(df) -> pd.DataFrame:
+    """Per variant: final-epoch one-view accuracy (the headline) with its std over seeds, then the
+    flip-averaged final and best-epoch accuracies, best epochs, parameters and convergence."""
+    final, best = final_per_trial(df), best_per_trial(df)
+    converged = convergence(df).set_index("variant")["converged"]
+    rows = []
+    for variant, group in final.groupby("variant"):
         norm, groups = group["norm"].iloc[0], int(group["groups"].iloc[0])
+        best_group = best[best["variant"] == variant].sort_values("seed")
         rows.append({"variant": variant, "seeds": len(group),
-                     "best test acc mean (%)": 100 * group["test_acc"].mean(),
-                     "std (%)": 100 * group["test_acc"].std() if len(group) > 1 else float("nan"),
-                     # the same epochs scored on the unflipped images alone (no test-time flip)
-                     "one-view acc mean (%)": 100 * group["test_acc_single"].mean()
-                     if "test_acc_single" in group else float("nan"),
-                     "best epochs": ", ".join(str(int(e)) for e in group["epoch"]),
-                     "parameters": count_parameters(build_model(norm, groups=groups))})
-    return pd.DataFrame(rows).sort_values("best test acc mean (%)", ascending=False).reset_index(drop=True)
+                     "final one-view acc mean (%)": 100 * group["test_acc_single"].mean(),
+                     "std (%)": 100 * group["test_acc_single"].std() if len(group) > 1 else float("nan"),
+                     # each test image and its mirror (on flip-trained datasets; else the same as one view)
+                     "final acc mean (%)": 100 * group["test_acc"].mean(),
+                     "best acc mean (%)": 100 * best_group["test_acc"].mean(),
+                     "best epochs": ", ".join(str(int(e)) for e in best_group["epoch"]),
+                     "parameters": count_parameters(build_model(norm, groups=groups)),
+                     "converged": "yes" if converged[variant] else "MAY NOT (see warnings)"})
+    return (pd.DataFrame(rows).sort_values("final one-view acc mean (%)", ascending=False)
+            .reset_index(drop=True))
 
 
 def pairwise_tests(df) -> pd.DataFrame:
-    """Welch's t-test on the per-seed best test accuracies for every pair of variants."""
-    best = best_per_trial(df)
-    accs = {v: 100 * g["test_acc"].to_numpy() for v, g in best.groupby("variant")}
+    """Welch's t-test on the per-seed final-epoch one-view accuracies for every pair of variants."""
+    final = final_per_trial(df)
+    accs = {v: 100 * g["test_acc_single"].to_numpy() for v, g in final.groupby("variant")}
     rows = []
     for a, b in itertools.combinations(sorted(accs, key=lambda v: -accs[v].mean()), 2):
         diff = accs[a].mean() - accs[b].mean()
@@ -256,12 +323,15 @@ def write_report(experiment, out_dir) -> list:
         save(plot_misclassified(sample), name)
         grids.append((variant, name))
     save(plot_norm_pooling(), "norm_pooling.png")
-    table, tests = summary(df), pairwise_tests(df)
-    text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: `{Path(experiment).resolve()}`", "",
-            "Best test accuracy per trial (the epoch with the highest test accuracy), then mean and "
-            "sample std over seeds. Test accuracy averages each image's and its mirror's prediction "
-            "on flip-trained datasets; the one-view column scores the same epochs without the mirror.", "", _markdown(table), "",
-            f"Pairwise differences, Welch's t-test on per-seed best accuracies (two-sided, "
+    table, tests, warnings = summary(df), pairwise_tests(df), convergence_warnings(df)
+    text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: `{Path(experiment).name}`", "",
+            "Headline: test accuracy at the final epoch on one view of each image (no choice made on the "
+            "test split), mean and sample std over seeds. Beside it, the final epoch scored with the "
+            "test-time flip (each image and its mirror, on flip-trained datasets) and the best epoch's "
+            "flip-averaged accuracy (an epoch chosen on the test split: optimistic).", "",
+            _markdown(table), "", *(warnings or ["Every variant converged by the checks in `analysis.convergence`."]), "",
+            "Per trial:", "", _markdown(trial_table(df)), "",
+            f"Pairwise differences, Welch's t-test on per-seed final one-view accuracies (two-sided, "
             f"{NOISE_ALPHA:g} level):", "", _markdown(tests), "",
             "![test loss](test_loss.png)", "![test accuracy](test_acc.png)",
             "![train loss](train_loss.png)", "![train accuracy](train_acc.png)", ""]

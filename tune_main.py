@@ -14,7 +14,7 @@ from pathlib import Path
 import data as data_lib
 import train
 import trainable
-from model import NORMS, build_model, count_parameters
+from model import NORMS, build_model
 
 DEFAULT_L1 = 1e-5  # lambda for "+l1" variants: L1 penalty lambda * sum(|w|)
 DEFAULT_STORAGE = "results"  # relative to the working directory, made absolute
@@ -163,7 +163,7 @@ def run(args) -> int:
         results = tuner.fit()
     finally:
         ray.shutdown()
-    print(summary_table(results, args.groups))
+    print(summary_table(results))
     print(f"experiment: {experiment}")
     failed = [r for r in results if r.error]
     for r in failed:
@@ -176,23 +176,30 @@ def _last_line(error) -> str:
     return text[-1] if text else type(error).__name__
 
 
-def summary_table(results, groups: int) -> str:
-    rows = []
-    for r in results:
-        variant, seed = r.config["variant"], r.config["seed"]
-        df = r.metrics_dataframe
-        if df is None or df.empty:
-            rows.append((variant["name"], variant["l1"], seed, "-", "-", "-", "-", "-", "-"))
-            continue
-        best = df.loc[df[trainable.BEST_METRIC].idxmax()]
-        params = count_parameters(build_model(variant["norm"], groups=groups))
-        rows.append((variant["name"], variant["l1"], seed, f"{100 * best['test_acc']:.2f}",
-                     f"{100 * best['test_acc_single']:.2f}", int(best["epoch"]),
-                     f"{df['test_loss'].iloc[-1]:.4f}", params, f"{df['time_total_s'].iloc[-1]:.0f}"))
-    header = ("variant", "lambda", "seed", "best test acc %", "one view %", "epoch", "final test loss", "params", "seconds")
-    table = [header] + [tuple(str(c) for c in row) for row in sorted(rows, key=lambda r: (r[0], r[1], r[2]))]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table)
+def summary_table(results) -> str:
+    """Per trial final-epoch and best-epoch accuracies, the mean over seeds, and convergence warnings."""
+    import analysis
+
+    df = analysis.results_frame(results)
+    reported = set(df["trial"]) if not df.empty else set()
+    pending = [Path(r.path).name for r in results if Path(r.path).name not in reported]
+    lines = []
+    if not df.empty:
+        lines.append(_text_table(analysis.trial_table(df)))
+        means = analysis.summary(df)
+        if means["seeds"].max() > 1:
+            lines += ["", "mean over seeds:", _text_table(means[["variant", "seeds", "final one-view acc mean (%)",
+                                                                 "std (%)", "final acc mean (%)", "best acc mean (%)"]])]
+        lines += analysis.convergence_warnings(df)
+    lines += [f"{name}: no epoch reported" for name in pending]
+    return "\n".join(lines)
+
+
+def _text_table(table) -> str:
+    cells = [list(table.columns)] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row]
+                                     for row in table.itertuples(index=False)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
 def parse_args(argv=None):

@@ -78,7 +78,7 @@ def test_summary_and_noise_tests(loaded):
     table = analysis.summary(df)
     assert len(table) == 4 and (table["parameters"] < 20_000).all()
     assert analysis.pairwise_tests(df)["verdict"].eq("needs 2+ seeds").all()  # one seed: no noise estimate
-    shifted = df.assign(seed=1, trial=df["trial"] + "_copy", test_acc=df["test_acc"] + 0.001)
+    shifted = df.assign(seed=1, trial=df["trial"] + "_copy", test_acc_single=df["test_acc_single"] + 0.001)
     tests = analysis.pairwise_tests(pd.concat([df, shifted]))
     assert tests["Welch p"].notna().all() and len(tests) == 6
 

@@ -1,0 +1,69 @@
+"""The convergence warning: it fires on a run stopped too early and stays quiet on a converged one.
+
+Both runs are real training on real Fashion-MNIST (train.TrainingRun, no Ray), read by the same
+analysis functions the report and the CLI's final table use.
+"""
+import pandas as pd
+import torch
+
+import analysis
+import data as data_lib
+import train
+
+NORMS = ("bn", "gn", "ln")
+
+
+def train_frame(dataset, epochs: int) -> pd.DataFrame:
+    """The analysis's tidy frame (one row per trial and epoch) for bn, gn and ln trained on `dataset`."""
+    rows = []
+    for norm in NORMS:
+        run = train.TrainingRun({"norm": norm, "epochs": epochs, "threads": 1}, dataset)
+        for _ in range(epochs):
+            rows.append({**run.run_epoch(), "trial": norm, "variant": norm, "norm": norm, "seed": 0,
+                         "epochs": epochs, "groups": run.config["groups"]})
+    return pd.DataFrame(rows)
+
+
+def test_fires_on_a_run_stopped_too_early(fashion):
+    # 2,000 images of all ten classes, 3 epochs: every variant's accuracy is still climbing.
+    df = train_frame(fashion.subset(2000, 2000), epochs=3)
+    table = analysis.convergence(df)
+    assert not table["converged"].any(), table.to_string()
+    warnings = analysis.convergence_warnings(df)
+    assert len(warnings) == len(NORMS)
+    for norm, line in zip(sorted(NORMS), warnings):
+        assert line.startswith(f"warning: {norm} may not have converged; the comparison is not settled (")
+        assert "still rising" in line and "\n" not in line
+    assert (analysis.summary(df)["converged"] != "yes").all()
+
+
+def test_quiet_on_a_converged_run(fashion):
+    # Trousers against bags: an easy real task that every norm fits in a few epochs.
+    def two_classes(images, labels, n):
+        keep = torch.nonzero((labels == 1) | (labels == 8)).flatten()[:n]
+        return images[keep], labels[keep]
+
+    easy = data_lib.Dataset(fashion.name, *two_classes(fashion.train_images, fashion.train_labels, 1000),
+                            *two_classes(fashion.test_images, fashion.test_labels, 1000), fashion.classes)
+    df = train_frame(easy, epochs=5)
+    table = analysis.convergence(df)
+    assert table["converged"].all(), table.to_string()
+    assert analysis.convergence_warnings(df) == []
+    final = analysis.final_per_trial(df)
+    assert (final["test_acc_single"] > 0.97).all()  # it really did converge
+
+
+def test_train_gap_alone_flags_a_variant():
+    # A flat test curve (no rise) but train accuracy far below the best variant's: under-fitted.
+    epochs = [1, 2, 3, 4]
+    rows = [{"trial": v, "variant": v, "seed": 0, "epoch": e, "epochs": 4, "test_acc_single": 0.8,
+             "train_acc": train_acc} for v, train_acc in (("bn", 0.95), ("ln", 0.85)) for e in epochs]
+    table = analysis.convergence(pd.DataFrame(rows)).set_index("variant")
+    assert table.loc["bn", "converged"] and not table.loc["ln", "converged"]
+    assert "10.0 points below bn's" in table.loc["ln", "why"]
+
+
+def test_unfinished_trial_is_flagged():
+    rows = [{"trial": "bn", "variant": "bn", "seed": 0, "epoch": e, "epochs": 4, "test_acc_single": 0.8,
+             "train_acc": 0.9} for e in (1, 2)]
+    assert "only 2 of 4 epochs in" in analysis.convergence(pd.DataFrame(rows)).iloc[0]["why"]
