@@ -36,7 +36,7 @@ DEFAULTS = {
     "order": "norm-relu",  # block order, model.NetConfig.order
 }
 # Keys that must match for a checkpoint to continue a run: they shape the model or its trajectory.
-RUN_KEYS = ("dataset", "norm", "groups", "l1", "epochs", "batch_size", "lr", "momentum",
+RUN_KEYS = ("dataset", "norm", "groups", "order", "l1", "epochs", "batch_size", "lr", "momentum",
             "weight_decay", "label_smoothing", "seed", "val_size")
 
 

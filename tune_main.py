@@ -5,7 +5,6 @@ runs or resumes the Tuner, and prints a summary table of the finished experiment
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -65,7 +64,8 @@ def param_space(args) -> dict:
 def trial_resources(cluster: dict, n_trials: int, args) -> dict:
     """CPUs and GPUs per trial so that every trial runs at once where it fits.
 
-    GPUs: fractional shares when trials outnumber GPUs. CPU-only: all trials share the cores
+    GPUs: a trial uses one device, so at most one GPU each, and a fractional share when trials
+    outnumber GPUs (4 trials on 2 GPUs: 0.5 each, all at once). CPU-only: all trials share the cores
     (fractional CPUs), each torch process on one thread; on the 2-core machine this was the
     fastest layout measured (benchmarks/concurrency.py).
     """
@@ -73,8 +73,7 @@ def trial_resources(cluster: dict, n_trials: int, args) -> dict:
     concurrent = min(n_trials, args.max_concurrent or n_trials)
     gpus_per_trial = args.gpus_per_trial
     if gpus_per_trial is None:
-        gpus_per_trial = 0 if not gpus else (min(1, gpus / concurrent) if concurrent > gpus
-                                            else math.floor(gpus / concurrent))
+        gpus_per_trial = min(1, gpus / concurrent) if gpus else 0
     cpus_per_trial = args.cpus_per_trial or max(cpus / concurrent, 0.01)
     return {"cpu": round(cpus_per_trial, 4), "gpu": gpus_per_trial}
 

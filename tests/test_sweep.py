@@ -78,7 +78,7 @@ def _resources(cpu, gpu=0, n=4, **flags):
 def test_default_resources_run_trials_at_once():
     assert _resources(2) == {"cpu": 0.5, "gpu": 0}  # 4 trials share 2 cores
     assert _resources(16, gpu=1) == {"cpu": 4.0, "gpu": 0.25}  # fractional GPU
-    assert _resources(32, gpu=8) == {"cpu": 8.0, "gpu": 2}  # whole GPUs when they outnumber trials
+    assert _resources(32, gpu=8) == {"cpu": 8.0, "gpu": 1}  # one device per trial, never 2: a trial uses one
     assert _resources(2, max_concurrent=2) == {"cpu": 1.0, "gpu": 0}
     assert _resources(2, cpus=2, gpus=0.5) == {"cpu": 2, "gpu": 0.5}
 
@@ -116,3 +116,33 @@ def test_killed_driver_resumes_every_trial_once(tmp_path):
     for result in grid:
         assert reported_epochs(Path(result.path)) == list(range(1, epochs + 1))
         assert (result.metrics_dataframe["threads"] == 1).all()
+
+
+@pytest.mark.parametrize("gpus, share", [(2, 0.5), (8, 1)])
+def test_logical_gpus_are_shared_and_all_trials_run_at_once(gpus, share, tmp_path):
+    """Ray's logical GPUs (no real device): 4 trials get `share` GPU each and all run at the same time."""
+    import ray
+    from ray import tune
+
+    def trainable(config):
+        started = tmp_path / "started"
+        (started / str(config["i"])).touch()
+        deadline = time.time() + 120
+        while len(list(started.iterdir())) < 4 and time.time() < deadline:  # wait for the others
+            time.sleep(0.1)
+        tune.report({"together": len(list(started.iterdir())) == 4, "gpu_ids": len(ray.get_gpu_ids())})
+
+    (tmp_path / "started").mkdir()
+    ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    try:
+        args = Namespace(max_concurrent=0, cpus_per_trial=None, gpus_per_trial=None)
+        resources = tune_main.trial_resources(ray.cluster_resources(), 4, args)
+        assert resources == {"cpu": 0.5, "gpu": share}
+        results = tune.Tuner(tune.with_resources(trainable, resources),
+                             param_space={"i": tune.grid_search(list(range(4)))},
+                             run_config=tune.RunConfig(storage_path=str(tmp_path / "results"), verbose=0)).fit()
+    finally:
+        ray.shutdown()
+    assert not results.errors
+    assert all(r.metrics["together"] for r in results)  # none waited for another to finish
+    assert all(r.metrics["gpu_ids"] == 1 for r in results)  # each sees one device
