@@ -199,7 +199,9 @@ def to_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 def batches(images, labels, batch_size: int, generator: torch.Generator | None = None):
     """Yield (images, labels) batches, in a fresh random order when a generator is given."""
     n = len(labels)
-    order = torch.randperm(n, generator=generator).to(images.device) if generator is not None else None
+    # Drawn on the generator's device (the batch's device in training): no host round trip per epoch.
+    order = (torch.randperm(n, generator=generator, device=generator.device).to(images.device)
+             if generator is not None else None)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
         yield images[idx], labels[idx]
@@ -208,16 +210,20 @@ def batches(images, labels, batch_size: int, generator: torch.Generator | None =
 def augment(x: torch.Tensor, generator: torch.Generator, degrees: float, shift: int, flip: bool):
     """Random rotation (+-degrees), translation (+-shift pixels) and optional horizontal flip.
 
-    One affine grid per sample, applied with a single grid_sample on the batch's device; the
-    random parameters are drawn on the CPU from `generator` so runs are reproducible on any device.
+    One affine grid per sample, applied with a single grid_sample on the batch's device. The random
+    parameters are drawn from `generator` on its own device: a generator on the batch's device keeps
+    the step free of host-to-device copies, and a seeded one keeps runs reproducible per device type
+    (a CUDA generator's stream differs from the CPU's).
     x: (B, 1, H, W) float.
     """
     batch, _, height, width = x.shape
-    angle = (torch.rand(batch, generator=generator) * 2 - 1) * math.radians(degrees)
+    device = generator.device
+    angle = (torch.rand(batch, generator=generator, device=device) * 2 - 1) * math.radians(degrees)
     # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size.
-    tx = (torch.randint(-shift, shift + 1, (batch,), generator=generator) * 2 / width)
-    ty = (torch.randint(-shift, shift + 1, (batch,), generator=generator) * 2 / height)
-    sign = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(batch)
+    tx = (torch.randint(-shift, shift + 1, (batch,), generator=generator, device=device) * 2 / width)
+    ty = (torch.randint(-shift, shift + 1, (batch,), generator=generator, device=device) * 2 / height)
+    sign = (torch.where(torch.rand(batch, generator=generator, device=device) < 0.5, -1.0, 1.0) if flip
+            else torch.ones(batch, device=device))
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack([torch.stack([cos * sign, -sin, tx], 1),
                          torch.stack([sin * sign, cos, ty], 1)], 1)  # (B, 2, 3)

@@ -112,21 +112,25 @@ def evaluate(model, images, labels, *, mean, std, flip=False, batch_size=1000) -
     accuracy of the unflipped view alone.
     """
     model.eval()
-    total_loss, single_correct, preds, confidence = 0.0, 0, [], []
+    # Sums stay on the device; the one host sync is at the end, not one per batch.
+    total_loss = torch.zeros((), device=images.device)
+    single_correct = torch.zeros((), dtype=torch.long, device=images.device)
+    preds, confidence = [], []
     for x, y in data_lib.batches(images, labels, batch_size):
         x = data_lib.to_input(x, mean, std).contiguous(memory_format=torch.channels_last)
         logits = model(x)
         probs = logits.softmax(1)
-        single_correct += (logits.argmax(1) == y).sum().item()
+        single_correct += (logits.argmax(1) == y).sum()
         if flip:
             probs = (probs + model(x.flip(3)).softmax(1)) / 2
-        total_loss += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").item()
+        total_loss += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
         prob, pred = probs.max(1)
         preds.append(pred)
         confidence.append(prob)
     preds = torch.cat(preds)
-    return {"loss": total_loss / len(labels), "acc": (preds == labels).float().mean().item(),
-            "acc_single": single_correct / len(labels), "preds": preds.cpu(), "confidence": torch.cat(confidence).cpu()}
+    n = len(labels)
+    return {"loss": total_loss.item() / n, "acc": (preds == labels).sum().item() / n,
+            "acc_single": single_correct.item() / n, "preds": preds.cpu(), "confidence": torch.cat(confidence).cpu()}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:
@@ -158,7 +162,8 @@ class TrainingRun:
         self.eval_x, self.eval_y = eval_x.to(self.device), eval_y.to(self.device)
 
         torch.manual_seed(config["seed"])
-        self.generator = torch.Generator().manual_seed(config["seed"])
+        # On the trial's device: shuffling and augmentation draw there, with no per-step host copies.
+        self.generator = torch.Generator(device=self.device).manual_seed(config["seed"])
         self.model = Net(net_config(config)).to(self.device, memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(param_groups(self.model, config["weight_decay"]), lr=config["lr"],
                                          momentum=config["momentum"], nesterov=True)

@@ -110,3 +110,35 @@ def test_weight_decay_skips_norm_affines_and_biases():
     decayed, free = train.param_groups(build_model("bn"), 5e-4)
     assert decayed["weight_decay"] == 5e-4 and all(p.ndim == 4 or p.ndim == 2 for p in decayed["params"])
     assert free["weight_decay"] == 0.0 and all(p.ndim == 1 for p in free["params"]) and free["params"]
+
+
+def _count_item_calls(monkeypatch) -> list:
+    calls = []
+    original = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append(1) or original(self))
+    return calls
+
+
+def test_evaluation_and_training_sync_with_the_host_once_not_per_batch(fashion_small, monkeypatch):
+    """On a GPU every .item() stalls the device; the loops must not call it per batch."""
+    run = train.TrainingRun({"epochs": 1, "threads": 1, "batch_size": 100}, fashion_small.subset(1000, 1000))
+    calls = _count_item_calls(monkeypatch)
+    for batch_size in (100, 500):  # 10 and 2 batches: the same number of host syncs
+        calls.clear()
+        train.evaluate(run.model, run.eval_x, run.eval_y, mean=run.mean, std=run.std, flip=True, batch_size=batch_size)
+        assert len(calls) == 3  # loss, accuracy, one-view accuracy, once each
+    calls.clear()
+    run.run_epoch()  # 10 training steps, then evaluation
+    assert len(calls) == 2 + 3
+
+
+def test_random_draws_come_from_the_runs_generator_on_its_device(fashion_small):
+    """Shuffling and augmentation use the trial's generator (made on the trial's device), nothing global."""
+    run = train.TrainingRun({"epochs": 1, "threads": 1}, fashion_small.subset(500, 100))
+    assert run.generator.device == run.device
+    x = data_lib.to_input(run.train_x[:64], run.mean, run.std)
+    state = run.generator.get_state()
+    first = data_lib.augment(x, run.generator, degrees=7.0, shift=2, flip=True)
+    torch.manual_seed(123)  # the global RNG plays no part
+    run.generator.set_state(state)
+    assert torch.equal(first, data_lib.augment(x, run.generator, degrees=7.0, shift=2, flip=True))
