@@ -30,6 +30,29 @@ class NetConfig:
         return asdict(self)
 
 
+class _Float32Norm:
+    """Mixin: the norm computes in float32 even under autocast.
+
+    Under bf16 autocast the convolutions run in bf16, but a norm's statistics are the numerically
+    delicate part (and GroupNorm's bf16 CPU kernel is the slow path), so they stay in float32.
+    Outside autocast this is the plain layer, with the same parameters and state_dict keys.
+    """
+
+    def forward(self, x):
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+class BatchNorm2d(_Float32Norm, nn.BatchNorm2d):
+    pass
+
+
+class GroupNorm(_Float32Norm, nn.GroupNorm):
+    pass
+
+
 def make_norm(norm: str, channels: int, groups: int) -> nn.Module:
     """The single name -> layer map.
 
@@ -39,15 +62,15 @@ def make_norm(norm: str, channels: int, groups: int) -> nn.Module:
     and tying the net to one input size.
     """
     if norm == "bn":
-        return nn.BatchNorm2d(channels)
+        return BatchNorm2d(channels)
     if norm == "gn":
         if groups < 1 or channels % groups:
             raise ValueError(
                 f"groups={groups} does not divide {channels} channels; "
                 f"use a group count that divides every width (valid here: {_divisors(channels)})")
-        return nn.GroupNorm(groups, channels)
+        return GroupNorm(groups, channels)
     if norm == "ln":
-        return nn.GroupNorm(1, channels)
+        return GroupNorm(1, channels)
     if norm == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")

@@ -34,10 +34,15 @@ DEFAULTS = {
     # test_acc_single reports the plain one-view accuracy alongside.
     "test_flip": True,
     "order": "norm-relu",  # block order, model.NetConfig.order
+    # "bf16": convolutions and the head under bf16 autocast, norms in float32 (model._Float32Norm);
+    # "fp32": everything in float32; "auto": bf16 on CUDA, fp32 on the CPU (where every reported
+    # result was measured).
+    "precision": "auto",
 }
+PRECISIONS = ("auto", "fp32", "bf16")
 # Keys that must match for a checkpoint to continue a run: they shape the model or its trajectory.
 RUN_KEYS = ("dataset", "norm", "groups", "order", "l1", "epochs", "batch_size", "lr", "momentum",
-            "weight_decay", "label_smoothing", "seed", "val_size")
+            "weight_decay", "label_smoothing", "seed", "val_size", "precision")
 
 
 # The auto batch size: the largest batch, up to MAX_BATCH, that still gives MIN_STEPS_PER_EPOCH
@@ -63,6 +68,14 @@ def choose_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def uses_bf16(config: dict, device: torch.device) -> bool:
+    """Whether a run computes under bf16 autocast: `precision` bf16, or auto on a CUDA device."""
+    precision = config.get("precision", "auto")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def net_config(config: dict) -> NetConfig:
     return NetConfig(norm=config["norm"], groups=config["groups"], order=config.get("order", "norm-relu"))
 
@@ -73,7 +86,7 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
 
 
 def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch_size, mean, std,
-                augment: dict, l1: float = 0.0, label_smoothing: float = 0.0) -> dict:
+                augment: dict, l1: float = 0.0, label_smoothing: float = 0.0, bf16: bool = False) -> dict:
     """One pass over (images, labels) in a fresh seeded order, stepping the scheduler per batch."""
     model.train()
     total_loss = torch.zeros((), device=images.device)
@@ -84,7 +97,8 @@ def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch
         if len(y) < 2:  # a last batch of one image: BatchNorm cannot take batch statistics of it
             continue
         x = data_lib.augment(data_lib.to_input(x, mean, std), generator, **augment)
-        logits = model(x.contiguous(memory_format=torch.channels_last))
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         objective = loss + l1 * l1_penalty(model) if l1 > 0 else loss
         optimizer.zero_grad(set_to_none=True)
@@ -105,7 +119,7 @@ def uses_test_flip(config: dict, augment: dict) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, *, mean, std, flip=False, batch_size=1000) -> dict:
+def evaluate(model, images, labels, *, mean, std, flip=False, batch_size=1000, bf16=False) -> dict:
     """Loss, accuracy and per-sample predictions and confidences (max softmax) over a split.
 
     flip: average the softmax of each image and its horizontal mirror. "acc_single" is always the
@@ -118,11 +132,12 @@ def evaluate(model, images, labels, *, mean, std, flip=False, batch_size=1000) -
     preds, confidence = [], []
     for x, y in data_lib.batches(images, labels, batch_size):
         x = data_lib.to_input(x, mean, std).contiguous(memory_format=torch.channels_last)
-        logits = model(x)
-        probs = logits.softmax(1)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x).float()
+            probs = logits.softmax(1)
+            if flip:
+                probs = (probs + model(x.flip(3)).float().softmax(1)) / 2
         single_correct += (logits.argmax(1) == y).sum()
-        if flip:
-            probs = (probs + model(x.flip(3)).softmax(1)) / 2
         total_loss += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
         prob, pred = probs.max(1)
         preds.append(pred)
@@ -158,6 +173,7 @@ class TrainingRun:
         config["batch_size"] = batch_size_for(len(train_y), config["batch_size"])
         self.mean, self.std = data_lib.image_stats(train_x)
         self.augment = dataset.augment
+        self.bf16 = uses_bf16(config, self.device)
         self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
         self.eval_x, self.eval_y = eval_x.to(self.device), eval_y.to(self.device)
 
@@ -179,9 +195,9 @@ class TrainingRun:
         metrics = train_epoch(self.model, self.optimizer, self.scheduler, self.train_x, self.train_y,
                               generator=self.generator, batch_size=self.config["batch_size"],
                               mean=self.mean, std=self.std, augment=self.augment,
-                              l1=self.config["l1"], label_smoothing=self.config["label_smoothing"])
+                              l1=self.config["l1"], label_smoothing=self.config["label_smoothing"], bf16=self.bf16)
         result = evaluate(self.model, self.eval_x, self.eval_y, mean=self.mean, std=self.std,
-                          flip=uses_test_flip(self.config, self.augment))
+                          flip=uses_test_flip(self.config, self.augment), bf16=self.bf16)
         self.epoch += 1
         return {**metrics, "test_loss": result["loss"], "test_acc": result["acc"],
                 "test_acc_single": result["acc_single"], "lr": lr,
@@ -203,8 +219,9 @@ class TrainingRun:
     def load(self, path):
         """Continue from a checkpoint written by `save` with the same run settings."""
         state = load_checkpoint(path)
-        mismatched = {k: (state["config"].get(k), self.config[k]) for k in RUN_KEYS
-                      if state["config"].get(k) != self.config[k]}
+        # A key that an older checkpoint lacks had its default then: compare with today's default.
+        saved = {k: state["config"].get(k, DEFAULTS.get(k)) for k in RUN_KEYS}
+        mismatched = {k: (saved[k], self.config[k]) for k in RUN_KEYS if saved[k] != self.config[k]}
         if mismatched:
             diff = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in mismatched.items())
             raise CheckpointError(f"checkpoint {path} is from another config ({diff}); "
@@ -268,6 +285,8 @@ def main(argv=None):
     parser.add_argument("--no-test-flip", dest="test_flip", action="store_false",
                         help="score test images in one view only (default: also the mirror, on flip-trained datasets)")
     parser.add_argument("--order", default=DEFAULTS["order"], choices=("norm-relu", "relu-norm"), help="block order")
+    parser.add_argument("--precision", default=DEFAULTS["precision"], choices=PRECISIONS,
+                        help="bf16 autocast with norms in float32, or fp32; auto = bf16 on CUDA only (default)")
     parser.add_argument("--train-size", type=int, default=0, help="use only the first N training images (0 = all)")
     args = parser.parse_args(argv)
     config = {k: v for k, v in vars(args).items() if k in DEFAULTS}

@@ -142,3 +142,30 @@ def test_random_draws_come_from_the_runs_generator_on_its_device(fashion_small):
     torch.manual_seed(123)  # the global RNG plays no part
     run.generator.set_state(state)
     assert torch.equal(first, data_lib.augment(x, run.generator, degrees=7.0, shift=2, flip=True))
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
+def test_bf16_autocast_runs_convs_in_bf16_norms_in_float32_and_learns(fashion_small, norm):
+    run = train.TrainingRun({"norm": norm, "epochs": 2, "threads": 1, "precision": "bf16"}, fashion_small.subset(2000, 1000))
+    dtypes = {}
+
+    def record(module, inputs, output):
+        dtypes.setdefault("conv" if isinstance(module, torch.nn.Conv2d) else "norm", set()).add(output.dtype)
+
+    for module in run.model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+            module.register_forward_hook(record)
+    run.run_epoch()
+    metrics = run.run_epoch()
+    assert dtypes == {"conv": {torch.bfloat16}, "norm": {torch.float32}}
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())  # master weights stay fp32
+    # Measured, seeds 0-1, 2 epochs: fp32 0.56-0.75 and bf16 0.58-0.76 over the three norms; chance is 0.10.
+    assert metrics["test_acc_single"] > 0.50
+
+
+def test_precision_auto_is_bf16_on_cuda_only():
+    assert not train.uses_bf16({"precision": "auto"}, torch.device("cpu"))
+    assert train.uses_bf16({"precision": "auto"}, torch.device("cuda"))
+    assert not train.uses_bf16({"precision": "fp32"}, torch.device("cuda"))
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; use one of auto, fp32, bf16"):
+        train.uses_bf16({"precision": "fp16"}, torch.device("cpu"))
