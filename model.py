@@ -23,8 +23,10 @@ class NetConfig:
     num_classes: int = 10
     in_channels: int = 1
     dropout: float = 0.0
-    # Block order: "norm-relu" (conv -> norm -> ReLU) or "relu-norm" (conv -> ReLU -> norm).
-    order: str = "norm-relu"
+    # Block order: "relu-norm" (conv -> ReLU -> norm) or "norm-relu" (conv -> norm -> ReLU). Normalising
+    # after the ReLU let GroupNorm and LayerNorm fit small training sets as well as BatchNorm does
+    # (docs/validation.md); every variant gets the same order.
+    order: str = "relu-norm"
 
     def to_dict(self):
         return asdict(self)
@@ -81,10 +83,12 @@ def _divisors(n: int) -> str:
 
 
 class Net(nn.Module):
-    """conv3x3 -> norm -> ReLU blocks, max-pools between stages, global average pool, linear head.
+    """conv3x3 -> ReLU -> norm blocks (config.order), max-pools between stages, global average pool,
+    linear head.
 
-    Convs have no bias: a following norm would cancel it, and keeping it off in every variant
-    (the "none" control too) keeps the variants identical except for the norm layers.
+    Convs have no bias: each conv after the first reads a norm's output, whose shift (beta) does a
+    bias's work, and keeping it off in every variant (the "none" control too) keeps the variants
+    identical except for the norm layers.
     """
 
     def __init__(self, config: NetConfig = NetConfig()):

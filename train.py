@@ -33,7 +33,7 @@ DEFAULTS = {
     # Evaluate each image and its mirror (mean of the two softmaxes) on datasets trained with flips.
     # test_acc_single reports the plain one-view accuracy alongside.
     "test_flip": True,
-    "order": "norm-relu",  # block order, model.NetConfig.order
+    "order": "relu-norm",  # block order, model.NetConfig.order
     # "bf16": convolutions and the head under bf16 autocast, norms in float32 (model._Float32Norm);
     # "fp32": everything in float32; "auto": bf16 on CUDA, fp32 on the CPU (where every reported
     # result was measured).
@@ -60,6 +60,11 @@ def batch_size_for(n_train: int, batch_size: int = 0) -> int:
     return max(MIN_BATCH, min(MAX_BATCH, n_train // MIN_STEPS_PER_EPOCH))
 
 
+# What checkpoints written before a key existed ran with, so that older experiments resume and
+# rebuild as they trained: the net was conv -> norm -> ReLU, and nothing ran under autocast.
+BEFORE_KEY = {"order": "norm-relu", "precision": "fp32"}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot continue this run; the message is one line."""
 
@@ -77,7 +82,7 @@ def uses_bf16(config: dict, device: torch.device) -> bool:
 
 
 def net_config(config: dict) -> NetConfig:
-    return NetConfig(norm=config["norm"], groups=config["groups"], order=config.get("order", "norm-relu"))
+    return NetConfig(norm=config["norm"], groups=config["groups"], order=config["order"])
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
@@ -219,8 +224,7 @@ class TrainingRun:
     def load(self, path):
         """Continue from a checkpoint written by `save` with the same run settings."""
         state = load_checkpoint(path)
-        # A key that an older checkpoint lacks had its default then: compare with today's default.
-        saved = {k: state["config"].get(k, DEFAULTS.get(k)) for k in RUN_KEYS}
+        saved = {k: state["config"].get(k, BEFORE_KEY.get(k)) for k in RUN_KEYS}
         mismatched = {k: (saved[k], self.config[k]) for k in RUN_KEYS if saved[k] != self.config[k]}
         if mismatched:
             diff = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in mismatched.items())
@@ -251,7 +255,7 @@ def model_from_checkpoint(path):
     Returns (model, state): state holds the run's config and the input normalisation stats.
     """
     state = load_checkpoint(path)
-    config = dict(state["net_config"])
+    config = {"order": BEFORE_KEY["order"], **state["net_config"]}
     config["widths"] = tuple(config["widths"])
     model = Net(NetConfig(**config))
     model.load_state_dict(state["model"])
@@ -284,7 +288,8 @@ def main(argv=None):
                         help="hold out this many training images and evaluate on them instead of test")
     parser.add_argument("--no-test-flip", dest="test_flip", action="store_false",
                         help="score test images in one view only (default: also the mirror, on flip-trained datasets)")
-    parser.add_argument("--order", default=DEFAULTS["order"], choices=("norm-relu", "relu-norm"), help="block order")
+    parser.add_argument("--order", default=DEFAULTS["order"], choices=("relu-norm", "norm-relu"),
+                        help="block order: conv -> ReLU -> norm (default) or conv -> norm -> ReLU")
     parser.add_argument("--precision", default=DEFAULTS["precision"], choices=PRECISIONS,
                         help="bf16 autocast with norms in float32, or fp32; auto = bf16 on CUDA only (default)")
     parser.add_argument("--train-size", type=int, default=0, help="use only the first N training images (0 = all)")
