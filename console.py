@@ -5,6 +5,7 @@
 epoch/epochs, test accuracy, images/s and an estimate of the sweep's time left.
 """
 import logging
+import os
 import time
 import warnings
 
@@ -15,6 +16,8 @@ import trainable
 
 def quiet_ray():
     """Ray's own log lines and warnings (snapshot timing, deprecations) are for --verbose only."""
+    # Tune's newer console output prints a configuration box and paths even at verbose=0.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     for name in ("ray", "ray.tune", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
