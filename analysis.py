@@ -126,6 +126,15 @@ def progress(grid, df) -> pd.DataFrame:
         trial = df[df["trial"] == Path(result.path).name] if result.path else df.iloc[:0]
         row["epochs in"].append(int(trial["epoch"].max()) if len(trial) else 0)
         row["diverged"] += bool(len(trial) and trial["diverged"].iloc[0])
+    # trials Tune never started are missing from the grid; the launch settings list them
+    launch_file = Path(grid.experiment_path) / tune_main.LAUNCH_FILE
+    launch = json.loads(launch_file.read_text()) if launch_file.is_file() else {}
+    if launch.get("variants"):
+        for variant in tune_main.parse_variants(launch["variants"], launch.get("l1") or [tune_main.DEFAULT_L1]):
+            row = rows.setdefault(variant_label(variant), {"variant": variant_label(variant), "trials": 0,
+                                                           "epochs in": [], "planned epochs": launch["epochs"],
+                                                           "diverged": 0})
+            row["epochs in"] += [0] * (launch.get("seeds", 1) - row["trials"])
     table = pd.DataFrame(rows.values())
     table["complete"] = [all(e >= p for e in es) or d > 0 for es, p, d in
                          zip(table["epochs in"], table["planned epochs"], table["diverged"])]
