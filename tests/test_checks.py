@@ -1,12 +1,15 @@
 """Bad input is refused up front: one line, exit 2, no Ray, no data loading, no directories."""
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
 import checks
 import train
 import tune_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # (flags, what the one-line message must say); each was accepted, or failed late inside Ray, before.
 REFUSED = [
@@ -72,6 +75,25 @@ def test_train_py_shares_the_checks_and_the_exit_status(flags, message, capsys, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert message in err, err
+
+
+def _readme_rows():
+    text = (ROOT / "README.md").read_text()
+    table = text.split("### Bad input and the message it gets", 1)[1]
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        flags, message = (re.fullmatch(r"`([^`]+)`", c) for c in cells[:2]) if len(cells) >= 2 else (None, None)
+        if flags and message and message.group(1).startswith("error: ") and "<" not in message.group(1):
+            yield flags.group(1), message.group(1)
+
+
+def test_readme_bad_input_table_is_what_users_see(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    rows = list(_readme_rows())
+    assert len(rows) >= 12
+    for flags, message in rows:
+        assert _exit_code(tune_main.main, flags.split() + ["--storage-path", str(tmp_path / "r")]) == 2, flags
+        assert capsys.readouterr().err.strip() == message, flags
 
 
 def test_auto_and_sensible_values_pass():
