@@ -23,7 +23,8 @@ DEFAULT_L1 = 1e-5  # lambda for "+l1" variants: L1 penalty lambda * sum(|w|)
 DEFAULT_STORAGE = "results"  # relative to the working directory, made absolute
 LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was started with (for --resume)
 SMOKE = {"train": 1000, "test": 500, "epochs": 2}
-# What --resume takes from the launch file; resources, address and paths come from today's flags.
+# What --resume takes from the launch file (address and paths come from today's flags; resources,
+# like these, stay as launched: restored trials keep theirs, and --resume says what it ignores).
 LAUNCH_KEYS = ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs",
                "batch_size", "lr", "groups", "test_flip")
 RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial", "max_concurrent")  # a restored experiment keeps its own
