@@ -93,7 +93,7 @@ def test_misclassified_grid_is_scored_as_the_table_scored(loaded):
     axes = fig.axes
     for upper, lower in zip(axes[:5], axes[5:]):  # a lower tile's title clears the image above it
         gap = upper.get_window_extent(renderer).y0 - lower.title.get_window_extent(renderer).y1
-        assert gap >= 8, gap
+        assert gap >= 16, gap  # pixels at 100 dpi; was 12, the titles all but touched the images above
 
 
 def test_report_of_a_smoke_experiment_is_quick_and_names_no_machine_path(smoke_experiment, tmp_path):
