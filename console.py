@@ -39,8 +39,8 @@ def duration(seconds: float) -> str:
 class Progress(tune.Callback):
     """One line per reported epoch; the time left is the epochs still to run over this session's rate."""
 
-    def __init__(self, epochs: int):
-        self.epochs = epochs
+    def __init__(self, epochs: int, n_trials: int):
+        self.epochs, self.n_trials = epochs, n_trials
         self.start, self.baseline = None, None
 
     def setup(self, **info):  # every run, also after Tuner.restore (which unpickles this object)
@@ -55,7 +55,9 @@ class Progress(tune.Callback):
         epochs_done = sum(done.values())
         if self.baseline is None:  # epochs finished before this session (a resume) don't count toward the rate
             self.baseline, self.start = epochs_done - 1, self.start or time.monotonic()
-        left = sum(self.epochs - e for tid, e in done.items() if tid not in stopped)
+        # Tune creates trials lazily under --max-concurrent: the ones not yet created are still to run
+        left = (sum(self.epochs - e for tid, e in done.items() if tid not in stopped)
+                + self.epochs * max(0, self.n_trials - len(trials)))
         rate = (epochs_done - self.baseline) / max(time.monotonic() - self.start, 1e-9)
         health = result.get(trainable.HEALTH_KEY, "ok")
         status = "" if health == "ok" else f"  STOPPED, {health}"

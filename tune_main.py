@@ -23,11 +23,10 @@ DEFAULT_L1 = 1e-5  # lambda for "+l1" variants: L1 penalty lambda * sum(|w|)
 DEFAULT_STORAGE = "results"  # relative to the working directory, made absolute
 LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was started with (for --resume)
 SMOKE = {"train": 1000, "test": 500, "epochs": 2}
-# What --resume takes from the launch file (address and paths come from today's flags; resources,
-# like these, stay as launched: restored trials keep theirs, and --resume says what it ignores).
+# What --resume takes from the launch file; resources, address and paths come from today's flags.
 LAUNCH_KEYS = ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs",
                "batch_size", "lr", "groups", "test_flip")
-RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial", "max_concurrent")  # a restored experiment keeps its own
+RESTORED_KEYS = ("max_concurrent",)  # Tune restores its TuneConfig from the experiment, not from today's flags
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's status for Ctrl-C
 
 
@@ -108,12 +107,12 @@ def load_launch(storage: Path, args) -> dict:
 def resume_notes(args, launch: dict) -> str:
     """What --resume reuses from the launch and which of today's flags it ignores."""
     defaults = vars(parse_args(["--smoke-test"] if args.smoke_test else []))
-    ignored = [f"--{k.replace('_', '-')} {_flag_text(getattr(args, k))}" for k in LAUNCH_KEYS + RESOURCE_KEYS
+    ignored = [f"--{k.replace('_', '-')} {_flag_text(getattr(args, k))}" for k in LAUNCH_KEYS + RESTORED_KEYS
                if getattr(args, k) not in (defaults.get(k), launch.get(k, getattr(args, k)))]
     reused = (f"dataset {Path(str(launch.get('dataset'))).name}, variants {launch.get('variants')}, "
               f"{launch.get('seeds')} seed(s), {launch.get('epochs')} epochs"
               + (", smoke-test data" if launch.get("smoke_test") else ""))
-    text = f"resume: reusing the launch settings ({reused}) and its resources"
+    text = f"resume: reusing the launch settings ({reused}); CPUs and GPUs per trial from today's flags"
     if ignored:
         text += f"; ignoring today's {', '.join(ignored)} (a resumed experiment keeps what it was launched with)"
     return text
@@ -188,8 +187,7 @@ def run(args) -> int:
     made_here = False
     try:
         resources = trial_resources(ray.cluster_resources(), n_trials, args)
-        if not args.resume:  # a restored experiment keeps the resources it was launched with
-            checks.check_resources(resources, ray.cluster_resources())
+        checks.check_resources(resources, ray.cluster_resources())
         print(f"normsweep: {n_trials} trials on {_cluster_text(ray.cluster_resources())}; per trial {resources}; "
               f"experiment {experiment}", flush=True)
         fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset), resources)
@@ -207,7 +205,7 @@ def run(args) -> int:
                         num_to_keep=1, checkpoint_score_attribute=trainable.BEST_METRIC,
                         checkpoint_score_order=trainable.BEST_MODE),  # the best; Tune always keeps the latest too
                     failure_config=tune.FailureConfig(max_failures=3),
-                    callbacks=[console.Progress(args.epochs)],
+                    callbacks=[console.Progress(args.epochs, n_trials)],
                     verbose=2 if args.verbose else 0),
             )
             experiment.mkdir(parents=True, exist_ok=True)
@@ -223,7 +221,8 @@ def run(args) -> int:
             raise
     finally:
         ray.shutdown()
-    unfinished = n_trials if results is None else sum(not r.error and not finished(r, args.epochs) for r in results)
+    # counted against the grid: under --max-concurrent Tune has not yet created the pending trials
+    unfinished = n_trials - (0 if results is None else sum(bool(r.error) or finished(r, args.epochs) for r in results))
     if unfinished:  # Tune stops on Ctrl-C (SIGINT) and saves the experiment's state
         if results is not None:
             print(summary_table(results, args.groups))

@@ -61,7 +61,7 @@ def test_ctrl_c_saves_state_prints_the_resume_command_and_exits_130(tmp_path, ca
     assert tune_main.main(resume[2:] + ["--epochs", "5"]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"resume: reusing the launch settings \(dataset fashion-mnist, variants bn,gn,ln, 1 seed\(s\), "
-                     r"3 epochs, smoke-test data\) and its resources; ignoring today's --epochs 5 .*; "
+                     r"3 epochs, smoke-test data\); CPUs and GPUs per trial from today's flags; ignoring today's --epochs 5 .*; "
                      r"[123] of 3 trials left to run", printed), printed
     grid = load_grid(storage / name)
     assert len(grid) == 3 and not grid.errors
