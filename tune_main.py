@@ -174,7 +174,7 @@ def run(args) -> int:
         raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
 
     space = param_space(args)
-    n_trials = len(space["variant"]["grid_search"]) * args.seeds
+    n_trials = math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v)
     if notes:
         print(f"{notes}; {trials_left(experiment, n_trials, args.epochs)} of {n_trials} trials left to run", flush=True)
     dataset = load_data(args)

@@ -33,7 +33,7 @@ class Payload:
 def test_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path):
     live = tmp_path / "live"
     torch.save({"model": Payload(live)}, tmp_path / "live.pt")
-    torch.load(tmp_path / "live.pt", weights_only=False)  # the payload is real: an unsafe load runs it
+    torch.load(tmp_path / "live.pt", weights_only=False)["model"].close()  # the payload is real: an unsafe load runs it
     assert live.exists()
 
     marker = tmp_path / "pwned"
