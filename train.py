@@ -3,6 +3,7 @@
 `python train.py --norm bn` trains one variant and prints a line per epoch; the Ray Tune
 trainable (trainable.py) wraps the same `TrainingRun`.
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -239,7 +240,12 @@ def model_from_checkpoint(path):
 
 def batch_size_arg(text: str) -> int:
     """argparse type of --batch-size: 'auto' (0) or a whole number of images."""
-    return 0 if text == "auto" else int(text)
+    if text == "auto":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of images, got {text!r}") from None
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,7 @@ REFUSED = [
     (["--groups", "3"], "groups=3 does not divide"),
     (["--variants", "bn,xn"], "bad variant 'xn'"),
     (["--smoke-test", "--train-size", "100"], "--train-size has no effect with --smoke-test"),
-    (["--batch-size", "x"], "invalid batch_size_arg value"),  # argparse's own errors are one line too
+    (["--batch-size", "x"], "argument --batch-size: expected 'auto' or a whole number of images, got 'x'"),  # argparse's own errors are one line too
 ]
 
 

@@ -123,3 +123,31 @@ def test_repository_holds_no_machine_paths_duplicates_or_ignored_files():
             digests.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append(name)
     assert not [names for names in digests.values() if len(names) > 1]
     assert "/work/" not in (ROOT / "docs/results/summary.md").read_text()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_ray_internals_are_hidden_unless_verbose(verbose, tmp_path, monkeypatch):
+    """Up to ray.init: the default quiets Ray's loggers and keeps workers' output off the console."""
+    import ray
+
+    import console
+    import tune_main
+    from conftest import make_idx_dir
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(console, "quiet_ray", lambda: calls.append("quiet"))
+    monkeypatch.setattr(ray, "init", init)
+    flags = ["--dataset", str(make_idx_dir(tmp_path / "idx")), "--variants", "bn", "--epochs", "1",
+             "--storage-path", str(tmp_path / "results")] + (["--verbose"] if verbose else [])
+    with pytest.raises(Stop):
+        tune_main.main(flags)
+    assert ("quiet" in calls) is not verbose
+    assert calls[-1]["log_to_driver"] is verbose
