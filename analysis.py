@@ -7,12 +7,15 @@ a markdown summary; analysis.ipynb calls the same functions.
 """
 import argparse
 import itertools
+import json
+import os
 import re
 import sys
 from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 import torch
@@ -21,6 +24,7 @@ from scipy import stats
 import data as data_lib
 import train
 import trainable
+import tune_main
 from model import build_model, count_parameters
 
 CURVES = {  # metric -> (axis label, higher is better)
@@ -33,14 +37,29 @@ NOISE_ALPHA = 0.05  # Welch's t-test level for "beyond the seed noise"
 # "May not have converged" (see convergence()): accuracies in percentage points.
 RISE_EPOCHS, RISE_POINTS = 2, 1.0
 TRAIN_GAP_POINTS = 5.0
+LINESTYLES = ("-", "--", "-.", ":")  # with markers, so a curve lying on another stays visible
+MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 class AnalysisError(ValueError):
     """An experiment that cannot be analysed; the message is one line."""
 
 
+def latest_experiment(root="results") -> str:
+    """The newest experiment under root (what the notebook opens by default), or a one-line error."""
+    states = list(Path(root).glob("*/experiment_state-*.json"))
+    if not states:
+        raise AnalysisError(f"no experiment under {Path(root).resolve()}; run `python tune_main.py --smoke-test` "
+                            f"first, or set NORMSWEEP_EXPERIMENT to an experiment directory")
+    return str(max(states, key=os.path.getmtime).parent)
+
+
 def load_experiment(path):
-    """(ResultGrid, DataFrame) of an experiment; one DataFrame row per trial and epoch."""
+    """(ResultGrid, DataFrame) of an experiment; one DataFrame row per trial and epoch.
+
+    Columns beyond the metrics: `health` ("ok" or why the trial stopped), `diverged` (per trial),
+    `planned_epochs` and the trial's settings. Trials that never reported are absent (see `progress`).
+    """
     from ray.tune import ExperimentAnalysis, ResultGrid
 
     path = Path(path).expanduser().resolve()
@@ -64,6 +83,9 @@ def results_frame(grid) -> pd.DataFrame:
         config = result.config
         variant = config["variant"]
         frame = df[list(trainable.METRICS)].copy()
+        # results from before the health key have none: they ran to the end or failed loudly
+        frame["health"] = df[trainable.HEALTH_KEY].fillna("ok") if trainable.HEALTH_KEY in df else "ok"
+        frame["diverged"] = (frame["health"] != "ok").any()
         frame.insert(0, "trial", Path(result.path).name)
         frame.insert(1, "variant", variant_label(variant))
         frame.insert(2, "norm", variant["norm"])
@@ -71,6 +93,7 @@ def results_frame(grid) -> pd.DataFrame:
         frame.insert(4, "seed", config["seed"])
         for key in ("dataset", "epochs", "batch_size", "lr", "groups", "weight_decay", "label_smoothing"):
             frame[key] = config.get(key)
+        frame["planned_epochs"] = config.get("epochs")
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -81,13 +104,68 @@ def variant_label(variant: dict) -> str:
 
 def _title(df, what: str) -> str:
     seeds = df.groupby("variant")["seed"].nunique().max()
-    return (f"{what}: {Path(str(df['dataset'].iloc[0])).name}, {int(df['epochs'].max())} epochs, "
+    planned, reached = int(df["planned_epochs"].max()), int(df["epoch"].max())
+    epochs = f"{planned} epochs" if reached >= planned else f"partial: {reached} of {planned} epochs in"
+    return (f"{what}: {Path(str(df['dataset'].iloc[0])).name}, {epochs}, "
             f"{seeds} seed{'s' if seeds > 1 else ''} per variant")
 
 
+def healthy(df) -> pd.DataFrame:
+    """The rows of trials that did not diverge (a diverged trial's curves end in nan)."""
+    return df[~df["diverged"]] if "diverged" in df else df
+
+
 def best_per_trial(df, metric="test_acc") -> pd.DataFrame:
-    """One row per trial at its best epoch by `metric` (max)."""
-    return df.loc[df.groupby("trial")[metric].idxmax()].reset_index(drop=True)
+    """One row per healthy trial at its best epoch; ties go to the latest epoch, as in the CLI's table
+    and in the checkpoint Tune keeps (trainable.best_epoch)."""
+    assert metric == trainable.BEST_METRIC, "the tie rule is defined for the checkpoint metric"
+    rows = [trainable.best_epoch(group) for _, group in healthy(df).groupby("trial")]
+    return pd.DataFrame([r for r in rows if r is not None]).reset_index(drop=True)
+
+
+def progress(grid, df) -> pd.DataFrame:
+    """Per variant: trials planned and reporting, epochs in (fewest, most) against the planned epochs,
+    and trials that diverged. An experiment is partial when any trial has fewer epochs than planned."""
+    rows = {}
+    for result in grid:
+        variant = variant_label(result.config["variant"])
+        row = rows.setdefault(variant, {"variant": variant, "trials": 0, "epochs in": [],
+                                        "planned epochs": result.config.get("epochs"), "diverged": 0})
+        row["trials"] += 1
+        trial = df[df["trial"] == Path(result.path).name] if result.path else df.iloc[:0]
+        row["epochs in"].append(int(trial["epoch"].max()) if len(trial) else 0)
+        row["diverged"] += bool(len(trial) and trial["diverged"].iloc[0])
+    # trials Tune never started are missing from the grid; the launch settings list them
+    launch_file = Path(grid.experiment_path) / tune_main.LAUNCH_FILE
+    launch = json.loads(launch_file.read_text()) if launch_file.is_file() else {}
+    if launch.get("variants"):
+        for variant in tune_main.parse_variants(launch["variants"], launch.get("l1") or [tune_main.DEFAULT_L1]):
+            row = rows.setdefault(variant_label(variant), {"variant": variant_label(variant), "trials": 0,
+                                                           "epochs in": [], "planned epochs": launch["epochs"],
+                                                           "diverged": 0})
+            row["epochs in"] += [0] * (launch.get("seeds", 1) - row["trials"])
+    table = pd.DataFrame(rows.values())
+    table["complete"] = [all(e >= p for e in es) or d > 0 for es, p, d in
+                         zip(table["epochs in"], table["planned epochs"], table["diverged"])]
+    table["epochs in"] = [f"{min(es)}" if min(es) == max(es) else f"{min(es)}-{max(es)}" for es in table["epochs in"]]
+    return table.sort_values("variant").reset_index(drop=True)
+
+
+def progress_note(table: pd.DataFrame) -> str:
+    """'' for a complete experiment, else one sentence saying it is partial, per variant."""
+    if table["complete"].all():
+        return ""
+    parts = [f"{row['variant']} {row['epochs in']} of {row['planned epochs']}" for _, row in table.iterrows()]
+    return ("Partial experiment: these figures and tables cover only the epochs reported so far "
+            f"(epochs in, per variant: {'; '.join(parts)}). Resume it with tune_main.py --resume.")
+
+
+def diverged_note(df) -> str:
+    trials = df[df["diverged"]].groupby("trial")["health"].last() if "diverged" in df else {}
+    if not len(trials):
+        return ""
+    return ("Diverged trials, left out of the figures and tables: "
+            + "; ".join(f"{trial} ({health})" for trial, health in trials.items()) + ".")
 
 
 def plot_curves(df, metric: str):
@@ -96,7 +174,12 @@ def plot_curves(df, metric: str):
     scale = 100 if metric.endswith("acc") else 1
     fig, ax = plt.subplots(figsize=(8, 5))
     late = []  # values over the second half of training, for zooming the accuracy axis
-    for i, (variant, group) in enumerate(sorted(df.groupby("variant"), key=lambda kv: kv[0])):
+    all_variants = sorted(df["variant"].unique())
+    for variant in sorted(set(all_variants) - set(healthy(df)["variant"])):  # marked, not drawn as nan
+        ax.plot([], [], color="grey", linestyle="none", marker="x", label=f"{variant}: diverged (not plotted)")
+    everything, df = df, healthy(df)
+    for variant, group in sorted(df.groupby("variant"), key=lambda kv: kv[0]):
+        i = all_variants.index(variant)
         by_epoch = group.groupby("epoch")[metric].agg(["mean", "std", "count"]) * [scale, scale, 1]
         epochs, mean, std = by_epoch.index.to_numpy(), by_epoch["mean"].to_numpy(), by_epoch["std"].fillna(0).to_numpy()
         best_at = int(np.argmax(mean) if higher_better else np.argmin(mean))
@@ -105,8 +188,10 @@ def plot_curves(df, metric: str):
         spread = f" ± {per_seed_best.std():.2f}" if len(per_seed_best) > 1 else ""
         fmt = ".2f" if scale == 100 else ".4f"
         color = f"C{i}"
-        ax.plot(epochs, mean, color=color, label=f"{variant}: best {per_seed_best.mean():{fmt}}{spread} "
-                                                    f"(mean-curve best at epoch {epochs[best_at]})")
+        ax.plot(epochs, mean, color=color, linestyle=LINESTYLES[i % len(LINESTYLES)],
+                marker=MARKERS[i % len(MARKERS)], markersize=4, markevery=max(1, len(epochs) // 10),
+                label=f"{variant}: best {per_seed_best.mean():{fmt}}{spread} "
+                      f"(mean-curve best at epoch {epochs[best_at]})")
         if by_epoch["count"].max() > 1:
             ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
         ax.plot(epochs[best_at], mean[best_at], marker="*", markersize=12, color=color, markeredgecolor="k")
@@ -116,11 +201,12 @@ def plot_curves(df, metric: str):
         pad = max(0.1 * (high - low), 0.05 * scale / 100)
         ax.set_ylim(low - pad, high + pad)  # zoom: variants often sit within a point of each other
         label += " (zoomed to the second half of training)"
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers, even on 2-epoch runs
     ax.set_xlabel("epoch")
     ax.set_ylabel(label)
-    seeds = df.groupby("variant")["seed"].nunique().max()
+    seeds = everything.groupby("variant")["seed"].nunique().max()
     band = "; band = ±1 std over seeds" if seeds > 1 else ""
-    ax.set_title(_title(df, metric.replace("_", " ")) + band, fontsize=10)
+    ax.set_title(_title(everything, metric.replace("_", " ")) + band, fontsize=10)
     ax.legend(fontsize=8, title="variant: best (★ = best epoch of the mean curve)", title_fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -134,15 +220,17 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None):
     the test indices, the model's accuracy on the split, and the class names.
     """
     best = best_per_trial(df)
-    trial = best[best["variant"] == variant].sort_values("test_acc").iloc[-1]["trial"]
+    row = best[best["variant"] == variant].sort_values("test_acc", kind="stable").iloc[-1]
+    trial = row["trial"]
     result = next(r for r in grid if Path(r.path).name == trial)
-    checkpoint = result.get_best_checkpoint(trainable.BEST_METRIC, trainable.BEST_MODE)
-    if checkpoint is None:
-        raise AnalysisError(f"trial {trial} has no checkpoint; re-run or resume the experiment")
-    model, state = trainable.model_from_result_checkpoint(checkpoint)
+    # the checkpoint of the epoch the table names (Tune keeps it: the best, ties to the latest)
+    kept = [c for c, metrics in (result.best_checkpoints or []) if metrics.get("epoch") == row["epoch"]]
+    if not kept:
+        raise AnalysisError(f"trial {trial} has no checkpoint of its best epoch {int(row['epoch'])}; "
+                            f"re-run or resume the experiment")
+    model, state = trainable.model_from_result_checkpoint(kept[-1])
     config = state["config"]
-    if dataset is None:
-        dataset = data_lib.load_dataset(config["dataset"], config["data_dir"])
+    dataset = evaluation_split(Path(result.path).parent, config, dataset)
     out = train.evaluate(model, dataset.test_images, dataset.test_labels, **state["input_stats"],
                          flip=train.uses_test_flip(config, dataset.augment))  # as the trial evaluated
     wrong = torch.nonzero(out["preds"] != dataset.test_labels).flatten()[:n]
@@ -151,25 +239,39 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None):
             "pred": out["preds"][wrong], "confidence": out["confidence"][wrong], "classes": dataset.classes}
 
 
+def evaluation_split(experiment: Path, config: dict, dataset=None):
+    """The dataset as the experiment's trials saw it: a --smoke-test experiment scored its trials on
+    the first tune_main.SMOKE["test"] test images, so its grids must too."""
+    if dataset is None:
+        dataset = data_lib.load_dataset(config["dataset"], config["data_dir"])
+    launch_file = Path(experiment) / tune_main.LAUNCH_FILE
+    launch = json.loads(launch_file.read_text()) if launch_file.is_file() else {}
+    if launch.get("smoke_test"):
+        return dataset.subset(tune_main.SMOKE["train"], tune_main.SMOKE["test"])
+    return dataset
+
+
 def plot_misclassified(sample: dict):
     """A 2x5 grid: each tile shows the true label, the predicted label and the confidence."""
-    fig, axes = plt.subplots(2, 5, figsize=(11, 5.2))
+    fig, axes = plt.subplots(2, 5, figsize=(11, 5.8))
     classes = sample["classes"]
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= len(sample["indices"]):
             continue
-        ax.imshow(sample["images"][k], cmap="gray_r")
+        ax.imshow(sample["images"][k].numpy(), cmap="gray_r")  # numpy: matplotlib warns on tensors
         ax.set_title(f"true: {classes[sample['true'][k]]}\npred: {classes[sample['pred'][k]]} "
                      f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
     fig.suptitle(f"{sample['variant']}: test accuracy {100 * sample['acc']:.2f}% "
                  f"(best checkpoint, epoch {sample['epoch']}); misclassified test images", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=2.0)  # room between a tile's two-line title and the row above
     return fig
 
 
 def final_per_trial(df) -> pd.DataFrame:
-    """One row per trial at its last reported epoch: the headline, which chooses nothing on the test split."""
+    """One row per healthy trial at its last reported epoch: the headline, which chooses nothing on the
+    test split."""
+    df = healthy(df)
     return df.loc[df.groupby("trial")["epoch"].idxmax()].reset_index(drop=True)
 
 
@@ -193,7 +295,9 @@ def convergence(df) -> pd.DataFrame:
     when its final train accuracy is TRAIN_GAP_POINTS or more below the best variant's (it has not
     fitted the data the others fitted), or when a trial has not reached its planned epochs.
     """
-    rows = []
+    rows, df = [], healthy(df)
+    if df.empty:
+        return pd.DataFrame(columns=["variant", "converged", "rise (points)", "train gap (points)", "why"])
     train_final = {v: 100 * g["train_acc"].mean() for v, g in final_per_trial(df).groupby("variant")}
     best_train = max(train_final.values())
     leader = max(train_final, key=train_final.get)
@@ -315,16 +419,18 @@ def write_report(experiment, out_dir) -> list:
     for metric in CURVES:
         save(plot_curves(df, metric), f"{metric}.png")
     config = df.iloc[0]
-    dataset = data_lib.load_dataset(str(config["dataset"]), grid[0].config["data_dir"])
+    dataset = data_lib.load_dataset(str(config["dataset"]), grid[0].config["data_dir"])  # read once
     grids = []
-    for variant in sorted(df["variant"].unique()):
+    for variant in sorted(healthy(df)["variant"].unique()):
         sample = misclassified(grid, df, variant, dataset=dataset)
         name = "misclassified_" + re.sub(r"[^A-Za-z0-9]+", "_", variant).strip("_") + ".png"  # ASCII file names
         save(plot_misclassified(sample), name)
         grids.append((variant, name))
     save(plot_norm_pooling(), "norm_pooling.png")
     table, tests, warnings = summary(df), pairwise_tests(df), convergence_warnings(df)
-    text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: `{Path(experiment).name}`", "",
+    notes = [note for note in (progress_note(progress(grid, df)), diverged_note(df)) if note]
+    text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: `{_shown_path(experiment)}`", "",
+            *[line for note in notes for line in (f"**{note}**", "")],
             "Headline: test accuracy at the final epoch on one view of each image (no choice made on the "
             "test split), mean and sample std over seeds. Beside it, the final epoch scored with the "
             "test-time flip (each image and its mirror, on flip-trained datasets) and the best epoch's "
@@ -340,6 +446,12 @@ def write_report(experiment, out_dir) -> list:
     (out / "summary.md").write_text("\n".join(text))
     written.append(out / "summary.md")
     return written
+
+
+def _shown_path(experiment) -> str:
+    """Relative to the working directory when inside it; else the experiment's name (no machine paths)."""
+    path = Path(experiment).resolve()
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else path.name
 
 
 def main(argv=None) -> int:

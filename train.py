@@ -4,6 +4,7 @@
 trainable (trainable.py) wraps the same `TrainingRun`.
 """
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import checks
 import data as data_lib
 from model import Net, NetConfig, count_parameters
 
@@ -264,11 +266,16 @@ def model_from_checkpoint(path):
 
 def batch_size_arg(text: str) -> int:
     """argparse type of --batch-size: 'auto' (0) or a whole number of images."""
-    return 0 if text == "auto" else int(text)
+    if text == "auto":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of images, got {text!r}") from None
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train one normsweep variant without Ray.")
+def main(argv=None) -> int:
+    parser = checks.ArgumentParser(description="Train one normsweep variant without Ray.")
     parser.add_argument("--dataset", default=DEFAULTS["dataset"],
                         help="mnist, fashion-mnist, or a directory of MNIST-format idx files")
     parser.add_argument("--data-dir", default=DEFAULTS["data_dir"], help="where downloads go")
@@ -296,12 +303,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     config = {k: v for k, v in vars(args).items() if k in DEFAULTS}
     try:
+        checks.check_settings(vars(args))  # the same checks, wording and exit status as tune_main.py
         dataset = data_lib.load_dataset(args.dataset, args.data_dir)
         if args.train_size:
             dataset = dataset.subset(args.train_size, len(dataset.test_labels))
         run = TrainingRun(config, dataset)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    except ValueError as e:  # UsageError, DataError, model ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return checks.USAGE_EXIT
     split = "val" if args.val_size else "test"
     print(f"{args.norm} l1={args.l1}: {run.parameters} parameters on {run.device}, "
           f"{len(run.train_y)} train / {len(run.eval_y)} {split} images", flush=True)
@@ -313,7 +322,8 @@ def main(argv=None):
               f"{split} loss {m['test_loss']:.4f} acc {m['test_acc']:.4f} (one view {m['test_acc_single']:.4f})  lr {m['lr']:.4f}  "
               f"{m['images_per_s']:.0f} img/s", flush=True)
     print(f"best {split} acc {best[0]:.4f} at epoch {best[1]}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,6 +3,7 @@
 Build the run from the trial's config, resume from `tune.get_checkpoint()` when Tune retries or
 restores the trial, then per epoch report the fixed metric set with a checkpoint.
 """
+import math
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import train
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single", "lr", "epoch",
            "epoch_seconds", "images_per_s", "threads")
 BEST_METRIC, BEST_MODE = "test_acc", "max"
+# Reported every epoch beside METRICS: "ok", or why the trial stopped early ("diverged: ...").
+# Results written before this key existed lack it; readers treat a missing value as "ok".
+HEALTH_KEY = "health"
 CHECKPOINT_FILE = "state.pt"
 
 
@@ -35,10 +39,38 @@ def train_variant(config: dict, dataset):
             run.load(Path(directory) / CHECKPOINT_FILE)
     while run.epoch < run.config["epochs"]:
         metrics = run.run_epoch()
+        health = divergence(metrics, run.config)
+        report = {**{k: metrics[k] for k in METRICS}, HEALTH_KEY: health}
+        if health != "ok":  # stop this trial; no checkpoint of a net full of nan; the others go on
+            tune.report(report)
+            return
         with tempfile.TemporaryDirectory() as directory:
             run.save(Path(directory) / CHECKPOINT_FILE)
-            tune.report({k: metrics[k] for k in METRICS},
-                        checkpoint=tune.Checkpoint.from_directory(directory))
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def divergence(metrics: dict, config: dict) -> str:
+    """"ok", or one line saying which loss stopped being finite (checked once per epoch, not per step)."""
+    bad = [f"{k.replace('_', ' ')} {metrics[k]}" for k in ("train_loss", "test_loss") if not math.isfinite(metrics[k])]
+    if not bad:
+        return "ok"
+    return f"diverged: {', '.join(bad)} at epoch {metrics['epoch']} (lr {config['lr']:g}); lower --lr"
+
+
+def best_epoch(df):
+    """The row of a trial's epochs DataFrame with the best test_acc; ties go to the latest epoch.
+
+    Tune's checkpoint manager ranks an equal score reported later above the earlier one, so
+    this is the epoch of the trial's kept best checkpoint, and the table and the analysis agree.
+    """
+    scores = df[BEST_METRIC].to_numpy()
+    health = df[HEALTH_KEY].fillna("ok").to_numpy() if HEALTH_KEY in df else ["ok"] * len(df)
+    # a diverged epoch has no checkpoint, so it cannot be the best one
+    finite = [i for i, v in enumerate(scores) if math.isfinite(v) and health[i] == "ok"]
+    if not finite:
+        return None
+    best = max(finite, key=lambda i: (scores[i], i))
+    return df.iloc[best]
 
 
 def model_from_result_checkpoint(checkpoint: tune.Checkpoint):

@@ -3,17 +3,20 @@
 Builds the grid (variants x L1 lambdas x seeds), sizes each trial's CPUs/GPUs from the cluster,
 runs or resumes the Tuner, and prints a summary table of the finished experiment.
 """
-import argparse
 import json
 import os
+import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
 
+import checks
 import data as data_lib
 import train
 import trainable
-from model import NORMS, build_model
+from checks import UsageError, parse_variants  # noqa: F401  (part of this module's interface)
+from model import build_model
 
 DEFAULT_L1 = 1e-5  # lambda for "+l1" variants: L1 penalty lambda * sum(|w|)
 DEFAULT_STORAGE = "results"  # relative to the working directory, made absolute
@@ -22,40 +25,18 @@ SMOKE = {"train": 1000, "test": 500, "epochs": 2}
 # What --resume takes from the launch file; resources, address and paths come from today's flags.
 LAUNCH_KEYS = ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs",
                "batch_size", "lr", "groups", "test_flip")
-
-
-class UsageError(ValueError):
-    """Bad command-line input; printed as one line."""
-
-
-def parse_variants(spec: str, lambdas) -> list:
-    """'bn,gn,ln,bn+l1' -> one dict per trial variant; each '+l1' variant once per lambda."""
-    variants = []
-    for token in (t.strip() for t in spec.split(",") if t.strip()):
-        norm, plus, suffix = token.partition("+")
-        if norm not in NORMS or (plus and suffix != "l1"):
-            raise UsageError(f"bad variant {token!r}; the grammar is NORM[+l1] with NORM one of {', '.join(NORMS)}")
-        if plus:
-            variants += [{"name": token, "norm": norm, "l1": lam} for lam in lambdas]
-        else:
-            variants.append({"name": token, "norm": norm, "l1": 0.0})
-    if not variants:
-        raise UsageError("no variants given; e.g. --variants bn,gn,ln,bn+l1")
-    return variants
+RESTORED_KEYS = ("max_concurrent",)  # Tune restores its TuneConfig from the experiment, not from today's flags
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's status for Ctrl-C
 
 
 def param_space(args) -> dict:
-    """The Tune search space: base config, grid over variant dicts and seeds."""
+    """The Tune search space: base config, grid over variant dicts and seeds (args already checked)."""
     from ray import tune
 
-    if any(lam <= 0 for lam in args.l1):
-        raise UsageError(f"--l1 lambdas must be > 0, got {args.l1}")
     config = {k: v for k, v in train.DEFAULTS.items() if k not in ("norm", "l1", "threads", "seed")}
     config.update(dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()), epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, groups=args.groups, test_flip=args.test_flip)
-    variants = parse_variants(args.variants, args.l1)
-    for variant in variants:  # a bad norm or group count fails here, before Ray starts
-        build_model(variant["norm"], groups=args.groups)
+    variants = parse_variants(args.variants, args.l1 or [DEFAULT_L1])
     config["variant"] = tune.grid_search(variants)
     config["seed"] = tune.grid_search(list(range(args.seeds)))
     return config
@@ -79,13 +60,13 @@ def trial_resources(cluster: dict, n_trials: int, args) -> dict:
 
 
 def check_writable(path: Path):
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".normsweep_write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write results to {path} ({e.strerror}); pass a writable --storage-path") from None
+    """Without making anything: a refused launch must leave no directory behind."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write results to {path} ({existing} is not a writable directory); "
+                         f"pass a writable --storage-path")
 
 
 def load_data(args) -> data_lib.Dataset:
@@ -97,11 +78,73 @@ def load_data(args) -> data_lib.Dataset:
     return loaded
 
 
+def started(experiment: Path) -> bool:
+    """Launched by normsweep and started by Tune (a launch killed before Tune saved state is not)."""
+    return (experiment / LAUNCH_FILE).is_file() and any(experiment.glob("experiment_state-*.json"))
+
+
 def latest_experiment(storage: Path) -> str:
-    launched = sorted(storage.glob(f"*/{LAUNCH_FILE}"), key=lambda p: p.stat().st_mtime)
+    launched = sorted((p.parent for p in storage.glob(f"*/{LAUNCH_FILE}") if started(p.parent)),
+                      key=lambda p: (p / LAUNCH_FILE).stat().st_mtime)
     if not launched:
         raise UsageError(f"--resume: no normsweep experiment under {storage}; pass --storage-path and --name")
-    return launched[-1].parent.name
+    return launched[-1].name
+
+
+def load_launch(storage: Path, args) -> dict:
+    """The launch settings of the experiment --resume names (default: the latest)."""
+    args.name = args.name or latest_experiment(storage)
+    experiment = storage / args.name
+    if not (experiment / LAUNCH_FILE).is_file():
+        raise UsageError(f"--resume: {experiment} is not a normsweep experiment (no {LAUNCH_FILE})")
+    if not started(experiment):
+        raise UsageError(f"--resume: {experiment} was launched but Tune never saved its state; "
+                         f"nothing to resume, start it again (delete the directory or pick a new --name)")
+    return json.loads((experiment / LAUNCH_FILE).read_text())
+
+
+def resume_notes(args, launch: dict) -> str:
+    """What --resume reuses from the launch and which of today's flags it ignores."""
+    defaults = vars(parse_args(["--smoke-test"] if args.smoke_test else []))
+    ignored = [f"--{k.replace('_', '-')} {_flag_text(getattr(args, k))}" for k in LAUNCH_KEYS + RESTORED_KEYS
+               if getattr(args, k) not in (defaults.get(k), launch.get(k, getattr(args, k)))]
+    reused = (f"dataset {Path(str(launch.get('dataset'))).name}, variants {launch.get('variants')}, "
+              f"{launch.get('seeds')} seed(s), {launch.get('epochs')} epochs"
+              + (", smoke-test data" if launch.get("smoke_test") else ""))
+    text = f"resume: reusing the launch settings ({reused}); CPUs and GPUs per trial from today's flags"
+    if ignored:
+        text += f"; ignoring today's {', '.join(ignored)} (a resumed experiment keeps what it was launched with)"
+    return text
+
+
+def _flag_text(value) -> str:
+    return " ".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)
+
+
+def finished(result, epochs: int) -> bool:
+    """A trial that ran all its epochs or stopped on its own (diverged)."""
+    metrics = result.metrics or {}
+    return metrics.get("epoch", 0) >= epochs or metrics.get(trainable.HEALTH_KEY, "ok") != "ok"
+
+
+def trials_left(experiment: Path, n_trials: int, epochs: int) -> int:
+    """Trials of a stopped experiment still to run, from the trial directories' result.json."""
+    done = 0
+    for result_file in experiment.glob("*/result.json"):
+        lines = result_file.read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+        done += last.get("epoch", 0) >= epochs or last.get(trainable.HEALTH_KEY, "ok") != "ok"
+    return n_trials - done
+
+
+def resume_command(storage: Path, args) -> str:
+    script = Path(__file__).resolve()
+    script = os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
+    python = os.path.relpath(sys.executable) if Path(sys.executable).is_relative_to(Path.cwd()) else sys.executable
+    command = [python, script, "--resume", "--storage-path", str(storage), "--name", args.name]
+    if args.address:
+        command += ["--address", args.address]
+    return shlex.join(command)
 
 
 def trial_name(trial) -> str:
@@ -114,14 +157,14 @@ def run(args) -> int:
     import ray
     from ray import tune
 
+    import console
+
     storage = Path(args.storage_path).expanduser().resolve()
     check_writable(storage)
+    notes = None
     if args.resume:
-        args.name = args.name or latest_experiment(storage)
-        launch_file = storage / args.name / LAUNCH_FILE
-        if not launch_file.is_file():
-            raise UsageError(f"--resume: {storage / args.name} is not a normsweep experiment (no {LAUNCH_FILE})")
-        launch = json.loads(launch_file.read_text())
+        launch = load_launch(storage, args)
+        notes = resume_notes(args, launch)
         for key in LAUNCH_KEYS:
             setattr(args, key, launch.get(key, getattr(args, key)))  # the experiment's own settings, not today's flags
     args.name = args.name or f"normsweep_{Path(args.dataset).name}_{time.strftime('%Y%m%d-%H%M%S')}"
@@ -129,16 +172,22 @@ def run(args) -> int:
     if experiment.exists() and not args.resume:
         raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
 
-    space = param_space(args)  # validates variants and lambdas before anything starts
-    n_trials = len(space["variant"]["grid_search"]) * args.seeds
+    space = param_space(args)
+    n_trials = math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v)
+    if notes:
+        print(f"{notes}; {trials_left(experiment, n_trials, args.epochs)} of {n_trials} trials left to run", flush=True)
     dataset = load_data(args)
     space["batch_size"] = train.batch_size_for(len(dataset.train_labels), args.batch_size)  # resolve "auto"
 
-    ray.init(address=args.address or "local", include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    if not args.verbose:
+        console.quiet_ray()
+    ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=args.verbose,
+             configure_logging=args.verbose)
+    made_here = False
     try:
         resources = trial_resources(ray.cluster_resources(), n_trials, args)
-        print(f"normsweep: {n_trials} trials on {dict(ray.cluster_resources())}; per trial {resources}; "
+        checks.check_resources(resources, ray.cluster_resources())
+        print(f"normsweep: {n_trials} trials on {_cluster_text(ray.cluster_resources())}; per trial {resources}; "
               f"experiment {experiment}", flush=True)
         fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset), resources)
         if args.resume:
@@ -155,19 +204,44 @@ def run(args) -> int:
                         num_to_keep=1, checkpoint_score_attribute=trainable.BEST_METRIC,
                         checkpoint_score_order=trainable.BEST_MODE),  # the best; Tune always keeps the latest too
                     failure_config=tune.FailureConfig(max_failures=3),
-                    verbose=1),
+                    callbacks=[console.Progress(args.epochs, n_trials)],
+                    verbose=2 if args.verbose else 0),
             )
             experiment.mkdir(parents=True, exist_ok=True)
+            made_here = True
             (experiment / LAUNCH_FILE).write_text(json.dumps(vars(args), indent=1))
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except KeyboardInterrupt:  # a second Ctrl-C: Tune's own handler took the first
+            results = None
+        except BaseException:
+            if made_here and not started(experiment):  # nothing a --resume could use
+                shutil.rmtree(experiment, ignore_errors=True)
+            raise
     finally:
         ray.shutdown()
+    # counted against the grid: under --max-concurrent Tune has not yet created the pending trials
+    unfinished = n_trials - (0 if results is None else sum(bool(r.error) or finished(r, args.epochs) for r in results))
+    if unfinished:  # Tune stops on Ctrl-C (SIGINT) and saves the experiment's state
+        if results is not None:
+            print(summary_table(results))
+        print(f"interrupted: {unfinished} of {n_trials} trials unfinished; state saved in {experiment}\n"
+              f"resume with: {resume_command(storage, args)}", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT
     print(summary_table(results))
     print(f"experiment: {experiment}")
     failed = [r for r in results if r.error]
     for r in failed:
         print(f"error: trial {Path(r.path).name} failed: {_last_line(r.error)}", file=sys.stderr)
-    return 1 if failed else 0
+    diverged = [r for r in results if (r.metrics or {}).get(trainable.HEALTH_KEY, "ok") != "ok"]
+    for r in diverged:
+        print(f"error: trial {Path(r.path).name} stopped, {r.metrics[trainable.HEALTH_KEY]}", file=sys.stderr)
+    return 1 if failed or diverged else 0
+
+
+def _cluster_text(cluster: dict) -> str:
+    gpus = f", {cluster['GPU']:g} GPUs" if cluster.get("GPU") else ""
+    return f"{cluster.get('CPU', 0):g} CPUs{gpus}"
 
 
 def _last_line(error) -> str:
@@ -190,6 +264,7 @@ def summary_table(results) -> str:
             lines += ["", "mean over seeds:", _text_table(means[["variant", "seeds", "final one-view acc mean (%)",
                                                                  "std (%)", "final acc mean (%)", "best acc mean (%)"]])]
         lines += analysis.convergence_warnings(df)
+        lines += [note for note in [analysis.diverged_note(df)] if note]
     lines += [f"{name}: no epoch reported" for name in pending]
     return "\n".join(lines)
 
@@ -202,7 +277,7 @@ def _text_table(table) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = checks.ArgumentParser(description=__doc__.splitlines()[0])
     d = train.DEFAULTS
     parser.add_argument("--dataset", default=d["dataset"],
                         help="mnist, fashion-mnist, or a directory of MNIST-format idx files (default: %(default)s)")
@@ -220,8 +295,8 @@ def parse_args(argv=None):
                         help="score test images in one view only (default: also the mirror, on flip-trained datasets)")
     parser.add_argument("--variants", default="bn,gn,ln,bn+l1",
                         help="comma-separated NORM[+l1], NORM in bn, gn, ln, none (default: %(default)s)")
-    parser.add_argument("--l1", type=float, nargs="+", default=[DEFAULT_L1],
-                        help="L1 lambdas; every +l1 variant runs once per lambda (default: %(default)s)")
+    parser.add_argument("--l1", type=float, nargs="+", default=None,
+                        help=f"L1 lambdas; every +l1 variant runs once per lambda (default: {DEFAULT_L1:g})")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per variant, 0..N-1 (default: %(default)s)")
     parser.add_argument("--cpus-per-trial", type=float, default=None,
                         help="CPUs per trial (default: the cluster's CPUs shared by all trials at once)")
@@ -237,17 +312,18 @@ def parse_args(argv=None):
                         help="Ray cluster to join, e.g. 'auto' after `ray start --head` (default: a local Ray for this run)")
     parser.add_argument("--smoke-test", action="store_true",
                         help=f"{SMOKE['train']} training and {SMOKE['test']} test images: check an install in a minute")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own output and logs (default: one line per trial report)")
     args = parser.parse_args(argv)
     if args.epochs is None:
         args.epochs = SMOKE["epochs"] if args.smoke_test else d["epochs"]
-    if args.seeds < 1 or args.epochs < 1:
-        parser.error("--seeds and --epochs must be at least 1")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        checks.check_settings(vars(args))  # before Ray, data or directories
         return run(args)
     except ValueError as e:  # UsageError, DataError, CheckpointError, model ValueErrors
         print(f"error: {e}", file=sys.stderr)

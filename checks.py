@@ -1,0 +1,122 @@
+"""Input checks shared by every entry point (tune_main.py, train.py).
+
+`check_settings` refuses bad command-line settings in one line before anything expensive starts:
+no Ray, no data loading, no directories. `check_resources` is the one check that needs a running
+Ray (what the cluster has). Both raise UsageError; the CLIs print it as `error: ...` and exit 2.
+"""
+import argparse
+import math
+import sys
+
+from model import NORMS, build_model
+
+USAGE_EXIT = 2  # argparse's exit status for bad usage; every refusal uses it
+
+
+class UsageError(ValueError):
+    """Bad command-line input; printed as one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (argparse's own print the usage block first)."""
+
+    def error(self, message):
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
+
+
+def parse_variants(spec: str, lambdas) -> list:
+    """'bn,gn,ln,bn+l1' -> one dict per trial variant; each '+l1' variant once per lambda."""
+    variants, names = [], []
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        norm, plus, suffix = token.partition("+")
+        if norm not in NORMS or (plus and suffix != "l1"):
+            raise UsageError(f"bad variant {token!r}; the grammar is NORM[+l1] with NORM one of {', '.join(NORMS)}")
+        if token in names:  # a repeat would run as extra trials that look like extra seeds
+            raise UsageError(f"--variants lists {token!r} twice; list each variant once (use --seeds for repeats)")
+        names.append(token)
+        if plus:
+            variants += [{"name": token, "norm": norm, "l1": lam} for lam in lambdas]
+        else:
+            variants.append({"name": token, "norm": norm, "l1": 0.0})
+    if not variants:
+        raise UsageError("no variants given; e.g. --variants bn,gn,ln,bn+l1")
+    return variants
+
+
+def _at_least(settings, key, low, what):
+    value = settings.get(key)
+    if value is not None and not value >= low:
+        raise UsageError(f"--{key.replace('_', '-')} must be {what}, got {value:g}")
+
+
+def check_settings(settings: dict) -> None:
+    """Refuse bad settings (argparse names, e.g. vars(args)); keys an entry point lacks are skipped.
+
+    Conventions: 0 means "auto/all/none" for batch_size, train_size, val_size, threads and
+    max_concurrent; None means "the default" for cpus_per_trial and gpus_per_trial.
+    """
+    _at_least(settings, "epochs", 1, "at least 1")
+    _at_least(settings, "seeds", 1, "at least 1 (seeds 0..N-1)")
+    _at_least(settings, "seed", 0, "0 or more")
+    batch = settings.get("batch_size")
+    if batch is not None and batch != 0 and batch < 2:
+        raise UsageError(f"--batch-size must be 'auto' or at least 2 images (BatchNorm needs 2+ images "
+                         f"per batch), got {batch}")
+    train_size = settings.get("train_size")
+    if train_size is not None and (train_size < 0 or train_size == 1):
+        raise UsageError(f"--train-size must be 0 (all images) or at least 2 images, got {train_size}")
+    if train_size and settings.get("smoke_test"):
+        raise UsageError("--train-size has no effect with --smoke-test (which trains on its own subset); drop one")
+    _at_least(settings, "val_size", 0, "0 (evaluate on test) or more images")
+    lr = settings.get("lr")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise UsageError(f"--lr must be a positive number (the OneCycle peak learning rate), got {lr:g}")
+    _at_least(settings, "weight_decay", 0, "0 or more")
+    smoothing = settings.get("label_smoothing")
+    if smoothing is not None and not 0 <= smoothing < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {smoothing:g}")
+    _at_least(settings, "threads", 0, "0 (torch's default) or more")
+    _at_least(settings, "max_concurrent", 0, "0 (no cap) or more")
+    cpus, gpus = settings.get("cpus_per_trial"), settings.get("gpus_per_trial")
+    if cpus is not None and not cpus > 0:
+        raise UsageError(f"--cpus-per-trial must be more than 0 (fractions share a core), got {cpus:g}")
+    if gpus is not None and not gpus >= 0:
+        raise UsageError(f"--gpus-per-trial must be 0 or more, got {gpus:g}")
+
+    l1 = settings.get("l1")
+    if isinstance(l1, (int, float)):  # train.py: one lambda, 0 = off
+        if not (l1 >= 0 and math.isfinite(l1)):
+            raise UsageError(f"--l1 must be 0 (off) or a positive lambda, got {l1:g}")
+    elif l1 is not None:  # tune_main.py: lambdas for the +l1 variants
+        bad = [lam for lam in l1 if not (lam > 0 and math.isfinite(lam))]
+        if bad:
+            raise UsageError(f"--l1 lambdas must be > 0, got {', '.join(f'{lam:g}' for lam in bad)}")
+        if len(set(l1)) != len(l1):
+            raise UsageError(f"--l1 lists a lambda twice ({' '.join(f'{lam:g}' for lam in l1)}); list each once")
+    norms = [settings["norm"]] if "norm" in settings else []
+    if settings.get("variants") is not None:
+        variants = parse_variants(settings["variants"], l1 or [1.0])
+        if l1 and not any(v["l1"] for v in variants):  # l1 is None unless --l1 was given
+            raise UsageError(f"--l1 {' '.join(f'{lam:g}' for lam in l1)} given but no variant uses it; "
+                             f"add a +l1 variant, e.g. --variants {settings['variants']},bn+l1")
+        norms = sorted({v["norm"] for v in variants})
+    for norm in norms:  # an unknown norm or a group count that does not divide the widths
+        try:
+            build_model(norm, groups=settings.get("groups", 4))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+
+def check_resources(per_trial: dict, cluster: dict) -> None:
+    """Refuse per-trial resources the Ray cluster can never give (its trials would stay PENDING)."""
+    have_cpus, have_gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    if per_trial["gpu"] > 0 and not have_gpus:
+        raise UsageError(f"--gpus-per-trial {per_trial['gpu']:g}: the Ray cluster has no GPUs "
+                         f"({have_cpus:g} CPUs only); drop the flag or join a cluster with GPUs (--address)")
+    if per_trial["gpu"] > have_gpus:
+        raise UsageError(f"--gpus-per-trial {per_trial['gpu']:g}: the Ray cluster has {have_gpus:g} GPUs; "
+                         f"ask for at most that")
+    if per_trial["cpu"] > have_cpus:
+        raise UsageError(f"--cpus-per-trial {per_trial['cpu']:g}: the Ray cluster has {have_cpus:g} CPUs; "
+                         f"ask for at most that (fractions share a core)")

@@ -1,0 +1,70 @@
+"""What the driver prints while a sweep runs: one readable line per trial report, not Ray's internals.
+
+`quiet_ray()` keeps Ray's loggers and warnings out of the default output (`--verbose` skips it);
+`Progress` is a Tune callback that prints, per reported epoch, the trial's variant, seed,
+epoch/epochs, test accuracy, images/s and an estimate of the sweep's time left.
+"""
+import logging
+import os
+import time
+import warnings
+
+from ray import tune
+
+import trainable
+
+
+def quiet_ray():
+    """Ray's own log lines and warnings (snapshot timing, deprecations) are for --verbose only."""
+    # Tune's newer console output prints a configuration box and paths even at verbose=0.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+
+
+def trial_label(config: dict) -> str:
+    variant = config["variant"]
+    l1 = f" λ={variant['l1']:g}" if variant["l1"] else ""
+    return f"{variant['name']}{l1} seed {config['seed']}"
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress(tune.Callback):
+    """One line per reported epoch; the time left is the epochs still to run over this session's rate."""
+
+    def __init__(self, epochs: int, n_trials: int):
+        self.epochs, self.n_trials = epochs, n_trials
+        self.start, self.baseline = None, None
+
+    def setup(self, **info):  # every run, also after Tuner.restore (which unpickles this object)
+        self.start, self.baseline = time.monotonic(), None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        done = {t.trial_id: t.last_result.get("epoch", 0) for t in trials}
+        done[trial.trial_id] = result.get("epoch", 0)
+        stopped = {t.trial_id for t in trials if t.status == "TERMINATED"}
+        if result.get(trainable.HEALTH_KEY, "ok") != "ok":
+            stopped.add(trial.trial_id)
+        epochs_done = sum(done.values())
+        if self.baseline is None:  # epochs finished before this session (a resume) don't count toward the rate
+            self.baseline, self.start = epochs_done - 1, self.start or time.monotonic()
+        # Tune creates trials lazily under --max-concurrent: the ones not yet created are still to run
+        left = (sum(self.epochs - e for tid, e in done.items() if tid not in stopped)
+                + self.epochs * max(0, self.n_trials - len(trials)))
+        rate = (epochs_done - self.baseline) / max(time.monotonic() - self.start, 1e-9)
+        health = result.get(trainable.HEALTH_KEY, "ok")
+        status = "" if health == "ok" else f"  STOPPED, {health}"
+        print(f"{trial_label(trial.config):<22} epoch {result['epoch']}/{self.epochs}  "
+              f"test acc {100 * result['test_acc']:5.2f}%  {result['images_per_s']:,.0f} img/s  "
+              f"| sweep {epochs_done}/{epochs_done + left} epochs, ~{duration(left / rate)} left{status}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"{trial_label(trial.config):<22} failed; Tune retries it from its last checkpoint "
+              f"(up to the retry limit)", flush=True)

@@ -1,0 +1,128 @@
+"""Bad input is refused up front: one line, exit 2, no Ray, no data loading, no directories."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+import checks
+import train
+import tune_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (flags, what the one-line message must say); each was accepted, or failed late inside Ray, before.
+REFUSED = [
+    (["--batch-size", "0", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "-5"], "--batch-size must be 'auto' or at least 2 images"),
+    (["--batch-size", "1"], "BatchNorm needs 2+ images per batch"),
+    (["--max-concurrent", "-1"], "--max-concurrent must be 0 (no cap) or more"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial must be more than 0"),
+    (["--cpus-per-trial", "-1"], "--cpus-per-trial must be more than 0"),
+    (["--gpus-per-trial", "-1"], "--gpus-per-trial must be 0 or more"),
+    (["--train-size", "-5"], "--train-size must be 0 (all images) or at least 2 images"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--lr", "-0.1"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--l1", "0"], "--l1 lambdas must be > 0"),
+    (["--variants", "bn,gn", "--l1", "1e-5", "1e-4"], "given but no variant uses it; add a +l1 variant"),
+    (["--variants", "bn,gn,bn"], "lists 'bn' twice"),
+    (["--l1", "1e-5", "1e-5"], "--l1 lists a lambda twice"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--epochs", "-1"], "--epochs must be at least 1"),
+    (["--groups", "3"], "groups=3 does not divide"),
+    (["--variants", "bn,xn"], "bad variant 'xn'"),
+    (["--smoke-test", "--train-size", "100"], "--train-size has no effect with --smoke-test"),
+    (["--batch-size", "x"], "argument --batch-size: expected 'auto' or a whole number of images, got 'x'"),  # argparse's own errors are one line too
+]
+
+
+def _exit_code(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+@pytest.mark.parametrize("flags, message", REFUSED, ids=[" ".join(f) for f, _ in REFUSED])
+def test_tune_main_refuses_before_anything_starts(flags, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tune_main.data_lib, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the checks"))
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing Ray raises ImportError: it must not be reached
+    storage = tmp_path / "results"
+    assert _exit_code(tune_main.main, flags + ["--storage-path", str(storage)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert message in err, err
+    assert not storage.exists()  # no directory made for a refused launch
+
+
+TRAIN_REFUSED = [
+    (["--batch-size", "0", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "1"], "BatchNorm needs 2+ images per batch"),
+    (["--batch-size", "-5"], "--batch-size must be 'auto' or at least 2 images"),
+    (["--l1", "-1"], "--l1 must be 0 (off) or a positive lambda"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--train-size", "-5"], "--train-size must be 0"),
+    (["--norm", "xn"], "unknown norm 'xn'"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("flags, message", TRAIN_REFUSED, ids=[" ".join(f) for f, _ in TRAIN_REFUSED])
+def test_train_py_shares_the_checks_and_the_exit_status(flags, message, capsys, monkeypatch):
+    monkeypatch.setattr(train.data_lib, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the checks"))
+    assert train.main(flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert message in err, err
+
+
+def _readme_rows():
+    text = (ROOT / "README.md").read_text()
+    table = text.split("### Bad input and the message it gets", 1)[1]
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        flags, message = (re.fullmatch(r"`([^`]+)`", c) for c in cells[:2]) if len(cells) >= 2 else (None, None)
+        if flags and message and message.group(1).startswith("error: ") and "<" not in message.group(1):
+            yield flags.group(1), message.group(1)
+
+
+def test_readme_bad_input_table_is_what_users_see(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    rows = list(_readme_rows())
+    assert len(rows) >= 12
+    for flags, message in rows:
+        assert _exit_code(tune_main.main, flags.split() + ["--storage-path", str(tmp_path / "r")]) == 2, flags
+        assert capsys.readouterr().err.strip() == message, flags
+
+
+def test_auto_and_sensible_values_pass():
+    checks.check_settings(vars(tune_main.parse_args([])))
+    checks.check_settings(vars(tune_main.parse_args(["--batch-size", "auto", "--train-size", "2", "--batch-size", "2",
+                                                      "--variants", "bn,bn+l1", "--l1", "1e-5", "1e-4",
+                                                      "--cpus-per-trial", "0.25", "--gpus-per-trial", "0"])))
+    assert tune_main.parse_args(["--batch-size", "auto"]).batch_size == 0
+
+
+@pytest.mark.parametrize("per_trial, cluster, message", [
+    ({"cpu": 0.5, "gpu": 1}, {"CPU": 2}, "the Ray cluster has no GPUs"),
+    ({"cpu": 1, "gpu": 2}, {"CPU": 8, "GPU": 1}, "the Ray cluster has 1 GPUs"),
+    ({"cpu": 4, "gpu": 0}, {"CPU": 2}, "the Ray cluster has 2 CPUs"),
+])
+def test_resources_the_cluster_cannot_give_are_refused(per_trial, cluster, message):
+    with pytest.raises(checks.UsageError, match=message):
+        checks.check_resources(per_trial, cluster)
+    checks.check_resources({"cpu": 0.5, "gpu": 0.25}, {"CPU": 2, "GPU": 1})
+
+
+def test_half_made_experiment_is_not_the_latest(tmp_path, capsys):
+    """A launch that died before Tune saved state is skipped by a bare --resume, and named plainly."""
+    good, half = tmp_path / "good", tmp_path / "half"
+    for experiment in (good, half):
+        experiment.mkdir()
+        (experiment / tune_main.LAUNCH_FILE).write_text("{}")
+    (good / "experiment_state-2025.json").write_text("{}")
+    assert tune_main.latest_experiment(tmp_path) == "good"
+    assert tune_main.main(["--resume", "--storage-path", str(tmp_path), "--name", "half"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was launched but Tune never saved its state" in err and "\n" not in err

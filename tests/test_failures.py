@@ -1,0 +1,145 @@
+"""Interruptions and failures through real sweeps: Ctrl-C, a diverging trial, --resume, a refused
+GPU request, many more trials than cores. Each test runs Ray on the 2-core machine."""
+import json
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from ray import tune
+from ray.tune import ExperimentAnalysis, ResultGrid
+
+import analysis
+import trainable
+import tune_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_grid(path) -> ResultGrid:
+    return ResultGrid(ExperimentAnalysis(str(path)))
+
+
+def reported(trial_dir: Path) -> list:
+    result = trial_dir / "result.json"
+    return [json.loads(line) for line in result.read_text().splitlines()] if result.exists() else []
+
+
+def test_ctrl_c_saves_state_prints_the_resume_command_and_exits_130(tmp_path, capsys):
+    storage, name = tmp_path / "results", "interrupted"
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn,ln",
+               "--epochs", "3", "--max-concurrent", "1", "--cpus-per-trial", "1",
+               "--storage-path", str(storage), "--name", name]
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((storage / name).glob("*/checkpoint_000000")):
+        assert driver.poll() is None, f"the driver ended before the first report: {driver.communicate()}"
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGINT)  # what Ctrl-C sends; the other trials are still PENDING
+    out, err = driver.communicate(timeout=180)
+    assert driver.returncode == tune_main.INTERRUPTED_EXIT, (out, err)
+    assert "Traceback" not in out + err and "TypeError" not in out + err
+    lines = err.strip().splitlines()
+    assert re.fullmatch(rf"interrupted: [123] of 3 trials unfinished; state saved in {re.escape(str(storage / name))}",
+                        lines[-2]), err
+    assert lines[-1].startswith("resume with: ") and f"--resume --storage-path {storage} --name {name}" in lines[-1]
+
+    # the analysis of the partial experiment says it is partial, per variant
+    grid, df = analysis.load_experiment(storage / name)
+    note = analysis.progress_note(analysis.progress(grid, df))
+    assert note.startswith("Partial experiment") and re.search(r"\bln [0-2] of 3", note), note
+    assert "partial:" in analysis.plot_curves(df, "test_acc").axes[0].get_title()
+
+    # the printed command finishes it, saying what it reuses, what it ignores and what is left
+    resume = shlex.split(lines[-1].removeprefix("resume with: "))
+    assert resume[1].endswith("tune_main.py")
+    assert tune_main.main(resume[2:] + ["--epochs", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"resume: reusing the launch settings \(dataset fashion-mnist, variants bn,gn,ln, 1 seed\(s\), "
+                     r"3 epochs, smoke-test data\); CPUs and GPUs per trial from today's flags; ignoring today's --epochs 5 .*; "
+                     r"[123] of 3 trials left to run", printed), printed
+    grid = load_grid(storage / name)
+    assert len(grid) == 3 and not grid.errors
+    for result in grid:
+        assert [r["epoch"] for r in reported(Path(result.path))] == [1, 2, 3]
+    assert "Partial" not in analysis.progress_note(analysis.progress(*analysis.load_experiment(storage / name)))
+
+
+def test_diverging_trial_stops_is_named_and_the_others_finish(tmp_path, capfd, monkeypatch):
+    """One grid, two learning rates: the lr-1000 trial diverges, the lr-0.05 one runs its epochs."""
+    space = tune_main.param_space
+
+    def two_learning_rates(args):
+        config = space(args)
+        config["lr"] = tune.grid_search([0.05, 1000.0])
+        return config
+
+    monkeypatch.setattr(tune_main, "param_space", two_learning_rates)
+    storage = tmp_path / "results"
+    code = tune_main.main(["--smoke-test", "--variants", "gn", "--cpus-per-trial", "1", "--lr", "0.05",
+                           "--storage-path", str(storage), "--name", "diverge"])
+    out, err = capfd.readouterr()
+    assert code == 1
+    grid = load_grid(storage / "diverge")
+    by_lr = {r.config["lr"]: r for r in grid}
+    healthy, diverged = reported(Path(by_lr[0.05].path)), reported(Path(by_lr[1000.0].path))
+    assert [r["epoch"] for r in healthy] == [1, 2] and {r[trainable.HEALTH_KEY] for r in healthy} == {"ok"}
+    assert len(diverged) == 1 and diverged[0][trainable.HEALTH_KEY].startswith("diverged: train loss nan")
+    name = Path(by_lr[1000.0].path).name
+    assert f"error: trial {name} stopped, diverged: train loss nan" in err
+    assert "lower --lr" in err
+
+    # the console: one line per report, no Ray boxes or warnings
+    assert re.search(r"^gn seed 0 +epoch 2/2  test acc +\d+\.\d\d%  [\d,]+ img/s  \| sweep \d+/\d+ epochs, ~\S+ left$",
+                     out, re.M), out
+    assert "STOPPED, diverged" in out
+    console = (out + err).strip().splitlines()
+    assert len(console) <= 12, "\n".join(console)
+    for noise in ("snapshotting", "Configuration for experiment", "╭", "View detailed results", "WARNING"):
+        assert noise not in out + err
+
+    # the analysis marks the diverged trial and draws no nan
+    _, df = analysis.load_experiment(storage / "diverge")
+    assert df.groupby("trial")["diverged"].first().sum() == 1
+    assert len(analysis.best_per_trial(df)) == 1
+    for metric in ("test_loss", "test_acc"):
+        legend = [t.get_text() for t in analysis.plot_curves(df, metric).axes[0].get_legend().get_texts()]
+        assert not any("nan" in text for text in legend), legend
+    assert "diverged" in analysis.diverged_note(df)
+
+
+def test_gpus_the_cluster_lacks_are_refused_after_ray_starts(tmp_path, capsys):
+    storage = tmp_path / "results"
+    code = tune_main.main(["--smoke-test", "--gpus-per-trial", "1000", "--storage-path", str(storage)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and re.fullmatch(r"error: --gpus-per-trial 1000: the Ray cluster has (no|\d+) GPUs.*", err), err
+    assert not storage.exists()  # no half-made experiment for a later --resume to trip on
+
+
+def test_soak_more_trials_than_cores(tmp_path):
+    """16 trials on 2 cores, 4 at a time (1/2 CPU each; each Ray worker holds ~0.5 GB, so not all 16
+    at once on a small machine): every one finishes, every epoch reported exactly once."""
+    storage = tmp_path / "results"
+    assert tune_main.main(["--smoke-test", "--variants", "bn,gn,ln,none", "--seeds", "4", "--epochs", "1",
+                           "--max-concurrent", "4", "--storage-path", str(storage), "--name", "soak"]) == 0
+    grid = load_grid(storage / "soak")
+    assert len(grid) == 16 and not grid.errors
+    assert sorted((r.config["variant"]["name"], r.config["seed"]) for r in grid) == sorted(
+        (v, s) for v in ("bn", "gn", "ln", "none") for s in range(4))
+    for result in grid:
+        assert [r["epoch"] for r in reported(Path(result.path))] == [1]
+
+
+def test_best_epoch_ties_go_to_the_latest_epoch():
+    """Tune keeps the later of two equal-score checkpoints; the table and the analysis pick that epoch too."""
+    df = pd.DataFrame({"epoch": [1, 2, 3], "test_acc": [0.5, 0.7, 0.7], trainable.HEALTH_KEY: ["ok"] * 3})
+    assert trainable.best_epoch(df)["epoch"] == 3
+    diverged = df.assign(**{trainable.HEALTH_KEY: ["ok", "ok", "diverged: x"]})
+    assert trainable.best_epoch(diverged)["epoch"] == 2  # a diverged epoch has no checkpoint
+    frame = df.assign(trial="t", variant="bn", diverged=False)
+    assert analysis.best_per_trial(frame)["epoch"].tolist() == [3]
