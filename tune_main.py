@@ -4,6 +4,7 @@ Builds the grid (variants x L1 lambdas x seeds), sizes each trial's CPUs/GPUs fr
 runs or resumes the Tuner, and prints a summary table of the finished experiment.
 """
 import json
+import math
 import os
 import shlex
 import shutil
