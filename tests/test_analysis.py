@@ -125,3 +125,15 @@ def test_readme_worked_example_matches_torch():
     # and the layer norm our `ln` stands for: same output as nn.LayerNorm over (C, H, W)
     assert torch.allclose(layers["ln"](x), nn.LayerNorm([4, 2, 2])(x), atol=1e-5)
     assert sum(p.numel() for p in nn.LayerNorm([4, 2, 2]).parameters()) == 32
+
+
+def test_readme_tensorboard_instruction_reads_the_experiment(smoke_experiment):
+    """The README's `tensorboard --logdir results/<name>`: tensorboard (installed by requirements.txt)
+    finds every trial's epochs in the experiment directory."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    assert "tensorboard --logdir results/<name>" in (ROOT / "README.md").read_text()
+    runs = EventMultiplexer().AddRunsFromDirectory(str(smoke_experiment))
+    runs.Reload()
+    scalars = {run: runs.Scalars(run, "ray/tune/test_acc") for run in runs.Runs()}
+    assert len(scalars) == 4 and all(len(points) == 2 for points in scalars.values())
