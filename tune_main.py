@@ -25,7 +25,7 @@ LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was star
 SMOKE = {"train": 1000, "test": 500, "epochs": 2}
 # What --resume takes from the launch file; resources, address and paths come from today's flags.
 LAUNCH_KEYS = ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs",
-               "batch_size", "lr", "groups", "test_flip")
+               "batch_size", "lr", "groups", "test_flip", "precision")
 RESTORED_KEYS = ("max_concurrent",)  # Tune restores its TuneConfig from the experiment, not from today's flags
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's status for Ctrl-C
 
@@ -36,7 +36,8 @@ def param_space(args) -> dict:
 
     config = {k: v for k, v in train.DEFAULTS.items() if k not in ("norm", "l1", "threads", "seed")}
     config.update(dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()), epochs=args.epochs,
-                  batch_size=args.batch_size, lr=args.lr, groups=args.groups, test_flip=args.test_flip)
+                  batch_size=args.batch_size, lr=args.lr, groups=args.groups, test_flip=args.test_flip,
+                  precision=args.precision)
     variants = parse_variants(args.variants, args.l1 or [DEFAULT_L1])
     config["variant"] = tune.grid_search(variants)
     config["seed"] = tune.grid_search(list(range(args.seeds)))
@@ -292,6 +293,9 @@ def parse_args(argv=None):
                              f"an epoch has at least {train.MIN_STEPS_PER_EPOCH} steps")
     parser.add_argument("--lr", type=float, default=d["lr"], help="OneCycle peak learning rate (default: %(default)s)")
     parser.add_argument("--groups", type=int, default=d["groups"], help="GroupNorm groups (default: %(default)s)")
+    parser.add_argument("--precision", default=d["precision"], choices=train.PRECISIONS,
+                        help="bf16: convolutions under bf16 autocast, norms in float32; fp32; auto (default): "
+                             "bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--no-test-flip", dest="test_flip", action="store_false",
                         help="score test images in one view only (default: also the mirror, on flip-trained datasets)")
     parser.add_argument("--variants", default="bn,gn,ln,bn+l1",

@@ -57,6 +57,8 @@ def test_grid_expands_variants_lambdas_and_seeds():
     assert combos == expected  # (3 plain + 1 variant x 2 lambdas) x 2 seeds = 10 trials
     assert all(t["epochs"] == 20 and t["dataset"] == "fashion-mnist" and t["test_flip"] for t in trials)
     assert tune_main.param_space(tune_main.parse_args(["--no-test-flip"]))["test_flip"] is False
+    assert all(t["precision"] == "auto" for t in trials)
+    assert tune_main.param_space(tune_main.parse_args(["--precision", "bf16"]))["precision"] == "bf16"
 
 
 @pytest.mark.parametrize("spec, message", [
