@@ -34,7 +34,7 @@ def test_tidy_frame_has_one_row_per_trial_and_epoch(loaded):
 def test_cli_report_writes_every_file(smoke_experiment, tmp_path):
     out = tmp_path / "report"
     assert analysis.main([str(smoke_experiment), "--out", str(out)]) == 0
-    expected = {"test_loss.png", "test_acc.png", "train_loss.png", "train_acc.png", "norm_pooling.png",
+    expected = {"test_loss.png", "test_acc.png", "train_loss.png", "train_acc.png",
                 "summary.md", "misclassified_bn.png", "misclassified_gn.png", "misclassified_ln.png",
                 "misclassified_bn_l1_1e_05.png"}
     assert {p.name for p in out.iterdir()} == expected
