@@ -5,8 +5,8 @@
     after another, each evaluated on the test split every epoch, fp32.
 (b) normsweep: `tune_main.py` with the same variants and epochs (Ray's start included).
 Prints wall seconds, training images per second, the ratio (a) / (b), the net's FLOPs per image
-(forward + backward, torch's FLOP counter) and each path's fraction of this machine's measured
-fp32 and bf16 matrix-product rates.
+(forward + backward, torch's FLOP counter), each path's fraction of this machine's measured fp32
+and bf16 matrix-product rates, and the sweep's peak memory over all its processes.
 
     .venv/bin/python benchmarks/typical_vs_normsweep.py [--epochs 2] [--train-size 0 (all)]
 """
@@ -85,16 +85,39 @@ def typical_loop(dataset, epochs: int, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
-def normsweep(epochs: int, train_size: int) -> float:
-    """(b): the CLI as a user runs it, in a subprocess (Ray's start and shutdown included)."""
+def normsweep(epochs: int, train_size: int) -> tuple:
+    """(b): the CLI as a user runs it, in a subprocess (Ray's start and shutdown included).
+
+    Returns (wall seconds, peak memory in bytes): the proportional set size (shared pages split
+    between the processes sharing them) summed over the driver and every process it started,
+    Ray's workers included, sampled every 0.5 s.
+    """
+    import psutil
+
     with tempfile.TemporaryDirectory() as storage:
         command = [sys.executable, str(ROOT / "tune_main.py"), "--dataset", "fashion-mnist", "--epochs", str(epochs),
                    "--storage-path", storage, "--name", "bench", "--no-test-flip"]
         if train_size:
             command += ["--train-size", str(train_size)]
         start = time.perf_counter()
-        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        return time.perf_counter() - start
+        driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+        peak = 0
+        while driver.poll() is None:
+            total = 0
+            try:
+                tree = [psutil.Process(driver.pid)] + psutil.Process(driver.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                break
+            for process in tree:
+                try:
+                    total += process.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            peak = max(peak, total)
+            time.sleep(0.5)
+        if driver.wait():
+            raise SystemExit(f"tune_main.py failed with exit status {driver.returncode}")
+        return time.perf_counter() - start, peak
 
 
 def flops_per_image(batch: int = 128) -> tuple:
@@ -136,14 +159,16 @@ def main():
     print(f"net: {train_flops / 1e6:.1f} MFLOP per training image (forward + backward), "
           f"{eval_flops / 1e6:.1f} per test image; {len(VARIANTS)} variants x {args.epochs} epochs x "
           f"{n_train} train + {n_test} test images, batch {batch}", flush=True)
-    seconds = {"(a) typical loop": typical_loop(dataset, args.epochs, batch),
-               "(b) normsweep": normsweep(args.epochs, args.train_size)}
+    sweep_seconds, sweep_memory = normsweep(args.epochs, args.train_size)
+    seconds = {"(a) typical loop": typical_loop(dataset, args.epochs, batch), "(b) normsweep": sweep_seconds}
     print(f"\n{'path':18s} {'wall s':>8s} {'train img/s':>12s} {'GFLOP/s':>8s} {'of fp32':>8s} {'of bf16':>8s}")
     for label, s in seconds.items():
         rate = work / s
         print(f"{label:18s} {s:8.1f} {len(VARIANTS) * args.epochs * n_train / s:12.0f} {rate / 1e9:8.1f} "
               f"{rate / rates['fp32']:8.1%} {rate / rates['bf16']:8.1%}")
     print(f"speed-up of normsweep over the typical loop: {seconds['(a) typical loop'] / seconds['(b) normsweep']:.2f}x")
+    print(f"normsweep's peak memory, all its processes (PSS): {sweep_memory / 2**30:.2f} GiB; the dataset as "
+          f"uint8 tensors is {(dataset.train_images.numel() + dataset.test_images.numel()) / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":
