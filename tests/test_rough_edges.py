@@ -151,3 +151,15 @@ def test_ray_internals_are_hidden_unless_verbose(verbose, tmp_path, monkeypatch)
         tune_main.main(flags)
     assert ("quiet" in calls) is not verbose
     assert calls[-1]["log_to_driver"] is verbose
+
+
+def test_readme_leads_with_the_smoke_test_and_says_what_a_new_user_needs():
+    text = (ROOT / "README.md").read_text()
+    first_block = text.split("```bash", 1)[1].split("```", 1)[0]
+    readme = " ".join(text.split())  # prose wraps anywhere
+    commands = [line for line in first_block.splitlines() if "tune_main.py" in line]
+    assert "--smoke-test" in commands[0] and "--dataset fashion-mnist" in commands[1]  # a minute before 80
+    assert "Python 3.11" in readme and "several GB" in readme  # the CUDA wheels
+    assert "`ray stop`" in readme  # how to stop a `ray start` cluster
+    assert "measures nothing" in readme  # what a smoke test's accuracies mean
+    assert "\"Typical solution\" is the" in readme  # what the comparisons compare against
