@@ -59,7 +59,7 @@ def load_experiment(path):
     """(ResultGrid, DataFrame) of an experiment; one DataFrame row per trial and epoch.
 
     Columns beyond the metrics: `health` ("ok" or why the trial stopped), `diverged` (per trial),
-    `planned_epochs` and the trial's settings. Trials that never reported are absent (see `progress`).
+    `epochs` (planned) among the trial's settings. Trials that never reported are absent (see `progress`).
     """
     from ray.tune import ExperimentAnalysis, ResultGrid
 
@@ -94,7 +94,6 @@ def results_frame(grid) -> pd.DataFrame:
         frame.insert(4, "seed", config["seed"])
         for key in ("dataset", "epochs", "batch_size", "lr", "groups", "weight_decay", "label_smoothing"):
             frame[key] = config.get(key)
-        frame["planned_epochs"] = config.get("epochs")
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -105,7 +104,7 @@ def variant_label(variant: dict) -> str:
 
 def _title(df, what: str) -> str:
     seeds = df.groupby("variant")["seed"].nunique().max()
-    planned, reached = int(df["planned_epochs"].max()), int(df["epoch"].max())
+    planned, reached = int(df["epochs"].max()), int(df["epoch"].max())  # "epochs": the planned count
     epochs = f"{planned} epochs" if reached >= planned else f"partial: {reached} of {planned} epochs in"
     return (f"{what}: {Path(str(df['dataset'].iloc[0])).name}, {epochs}, "
             f"{seeds} seed{'s' if seeds > 1 else ''} per variant")

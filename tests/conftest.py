@@ -8,7 +8,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data as data_lib  # noqa: E402
-from data import write_idx  # noqa: E402,F401  (tests import it from here)
 
 
 def make_idx_dir(directory: Path, n_train=64, n_test=32, gz=True, seed=0) -> Path:
@@ -18,8 +17,8 @@ def make_idx_dir(directory: Path, n_train=64, n_test=32, gz=True, seed=0) -> Pat
     ext = ".gz" if gz else ""
     for split, n in (("train", n_train), ("test", n_test)):
         image_stem, label_stem = data_lib.SPLIT_FILES[split]
-        write_idx(directory / (image_stem + ext), torch.randint(0, 256, (n, 28, 28), generator=g), data_lib.IMAGE_MAGIC)
-        write_idx(directory / (label_stem + ext), torch.randint(0, 10, (n,), generator=g), data_lib.LABEL_MAGIC)
+        data_lib.write_idx(directory / (image_stem + ext), torch.randint(0, 256, (n, 28, 28), generator=g), data_lib.IMAGE_MAGIC)
+        data_lib.write_idx(directory / (label_stem + ext), torch.randint(0, 10, (n,), generator=g), data_lib.LABEL_MAGIC)
     return directory
 
 

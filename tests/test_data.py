@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import data as data_lib
-from conftest import make_idx_dir, write_idx
+from conftest import make_idx_dir
+from data import write_idx
 
 
 @pytest.mark.parametrize("gz", [True, False])
