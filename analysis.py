@@ -83,23 +83,32 @@ def results_frame(grid) -> pd.DataFrame:
             continue
         config = result.config
         variant = config["variant"]
-        frame = df[list(trainable.METRICS)].copy()
+        frame = df.reindex(columns=list(trainable.METRICS))  # metrics added later are nan in older results
         # results from before the health key have none: they ran to the end or failed loudly
         frame["health"] = df[trainable.HEALTH_KEY].fillna("ok") if trainable.HEALTH_KEY in df else "ok"
         frame["diverged"] = (frame["health"] != "ok").any()
         frame.insert(0, "trial", Path(result.path).name)
-        frame.insert(1, "variant", variant_label(variant))
+        frame.insert(1, "variant", trial_label(config))
+        frame["variant name"] = variant_label(variant)  # without the batch size of a batch-size study
         frame.insert(2, "norm", variant["norm"])
         frame.insert(3, "l1", variant["l1"])
         frame.insert(4, "seed", config["seed"])
-        for key in ("dataset", "epochs", "batch_size", "lr", "groups", "weight_decay", "label_smoothing"):
+        for key in ("dataset", "epochs", "batch_size", "groups", "weight_decay", "label_smoothing"):
             frame[key] = config.get(key)
+        frame["peak lr"] = train.peak_lr(config)  # the "lr" column is the metric: each epoch's starting lr
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def variant_label(variant: dict) -> str:
     return f"{variant['name']} (λ={variant['l1']:g})" if variant["l1"] else variant["name"]
+
+
+def trial_label(config: dict) -> str:
+    """The variant, and in a batch-size study (lr_reference_batch set) its batch size: trials that differ
+    in anything but the seed never share a label, so every table and curve keeps them apart."""
+    label = variant_label(config["variant"])
+    return f"{label}, batch {config['batch_size']}" if config.get("lr_reference_batch") else label
 
 
 def _title(df, what: str) -> str:
@@ -128,7 +137,7 @@ def progress(grid, df) -> pd.DataFrame:
     and trials that diverged. An experiment is partial when any trial has fewer epochs than planned."""
     rows = {}
     for result in grid:
-        variant = variant_label(result.config["variant"])
+        variant = trial_label(result.config)
         row = rows.setdefault(variant, {"variant": variant, "trials": 0, "epochs in": [],
                                         "planned epochs": result.config.get("epochs"), "diverged": 0})
         row["trials"] += 1
@@ -139,10 +148,12 @@ def progress(grid, df) -> pd.DataFrame:
     launch_file = Path(grid.experiment_path) / tune_main.LAUNCH_FILE
     launch = json.loads(launch_file.read_text()) if launch_file.is_file() else {}
     if launch.get("variants"):
-        for variant in tune_main.parse_variants(launch["variants"], launch.get("l1") or [tune_main.DEFAULT_L1]):
-            row = rows.setdefault(variant_label(variant), {"variant": variant_label(variant), "trials": 0,
-                                                           "epochs in": [], "planned epochs": launch["epochs"],
-                                                           "diverged": 0})
+        variants = tune_main.parse_variants(launch["variants"], launch.get("l1") or [tune_main.DEFAULT_L1])
+        batches = launch.get("batch_sizes") or [None]
+        for variant, batch in itertools.product(variants, batches):
+            label = trial_label({"variant": variant, "batch_size": batch, "lr_reference_batch": batch})
+            row = rows.setdefault(label, {"variant": label, "trials": 0, "epochs in": [],
+                                          "planned epochs": launch["epochs"], "diverged": 0})
             row["epochs in"] += [0] * (launch.get("seeds", 1) - row["trials"])
     table = pd.DataFrame(rows.values())
     table["complete"] = [all(e >= p for e in es) or d > 0 for es, p, d in
@@ -363,6 +374,78 @@ def pairwise_tests(df) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def is_batch_study(df) -> bool:
+    return df["batch_size"].nunique() > 1
+
+
+def batch_size_study(df) -> pd.DataFrame:
+    """Per variant and batch size: final-epoch one-view test error (%), mean and std over seeds, beside
+    the same with precise BatchNorm statistics (train.precise_bn; nan for nets without BatchNorm)."""
+    converged = convergence(df).set_index("variant")["converged"]
+    rows = []
+    for (name, batch), group in final_per_trial(df).groupby(["variant name", "batch_size"]):
+        error, precise = 100 * (1 - group["test_acc_single"]), 100 * (1 - group["test_acc_precise_bn"])
+        rows.append({"variant": name, "batch size": int(batch), "seeds": len(group),
+                     "error (%)": error.mean(), "std": error.std() if len(group) > 1 else float("nan"),
+                     "precise-BN error (%)": precise.mean(), "precise-BN std": precise.std() if len(group) > 1 else float("nan"),
+                     "peak lr": group["peak lr"].iloc[0],
+                     "converged": bool(converged[group["variant"].iloc[0]])})
+    return pd.DataFrame(rows).sort_values(["variant", "batch size"]).reset_index(drop=True)
+
+
+def batch_size_table(study: pd.DataFrame) -> pd.DataFrame:
+    """The study laid out like Table 2 of Wu & He (2018): one row per normalisation (and BatchNorm with
+    precise statistics), one column per batch size from large to small, "mean ± std" test error (%);
+    then the difference to BatchNorm. A "*" marks a cell whose variant may not have converged."""
+    def cell(mean, std, converged=True):
+        spread = f" ± {std:.2f}" if np.isfinite(std) else ""
+        return f"{mean:.2f}{spread}" + ("" if converged else " *")
+
+    batches = sorted(study["batch size"].unique(), reverse=True)
+    rows = []
+    for name, group in study.groupby("variant", sort=True):
+        by_batch = group.set_index("batch size")
+        rows.append({"": f"{name} error (%)", **{str(b): cell(by_batch.loc[b, "error (%)"], by_batch.loc[b, "std"],
+                                                               by_batch.loc[b, "converged"])
+                                                  for b in batches if b in by_batch.index}})
+        if by_batch["precise-BN error (%)"].notna().any():
+            rows.append({"": f"{name}, precise BN statistics",
+                         **{str(b): cell(by_batch.loc[b, "precise-BN error (%)"], by_batch.loc[b, "precise-BN std"])
+                            for b in batches if b in by_batch.index}})
+    means = study.pivot(index="variant", columns="batch size", values="error (%)")
+    if "bn" in means.index:
+        for name in (n for n in means.index if n != "bn"):
+            rows.append({"": f"{name} − bn (points)",
+                         **{str(b): f"{means.loc[name, b] - means.loc['bn', b]:+.2f}" for b in batches
+                            if np.isfinite(means.loc[name, b] - means.loc["bn", b])}})
+    return pd.DataFrame(rows).fillna("")
+
+
+def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
+    """Final-epoch one-view test error against batch size (log scale), one line per normalisation,
+    mean ± std over seeds; dashed: BatchNorm with precise statistics."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, group) in enumerate(study.groupby("variant", sort=True)):
+        color = f"C{i}"
+        ax.errorbar(group["batch size"], group["error (%)"], yerr=group["std"].fillna(0), color=color,
+                    marker=MARKERS[i % len(MARKERS)], capsize=3, label=name)
+        if group["precise-BN error (%)"].notna().any():
+            ax.errorbar(group["batch size"], group["precise-BN error (%)"], yerr=group["precise-BN std"].fillna(0),
+                        color=color, linestyle="--", marker=MARKERS[i % len(MARKERS)], markerfacecolor="none",
+                        capsize=3, label=f"{name}, precise BN statistics")
+    batches = sorted(study["batch size"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size (images per step; peak lr scaled linearly with it)")
+    ax.set_ylabel("test error at the final epoch, one view (%)")
+    ax.set_title(title + "; mean ± std over seeds", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_norm_pooling(n=4, c=8, groups=4):
     """Which (sample, channel) cells share one mean and variance under BN, LN and GN.
 
@@ -426,10 +509,21 @@ def write_report(experiment, out_dir) -> list:
         name = "misclassified_" + re.sub(r"[^A-Za-z0-9]+", "_", variant).strip("_") + ".png"  # ASCII file names
         save(plot_misclassified(sample), name)
         grids.append((variant, name))
+    study_text = []
+    if is_batch_study(df):
+        study = batch_size_study(df)
+        save(plot_batch_sizes(study, _title(df, "batch-size study")), "batch_size.png")
+        study_text = ["## Batch size", "", "Final-epoch test error on one view (%), mean ± std over seeds, laid out "
+                      "like Table 2 of Wu & He (2018); \"precise BN statistics\" recomputes BatchNorm's running "
+                      "statistics on batches of 500 training images after training (`train.precise_bn`). "
+                      "\"*\": may not have converged.", "", _markdown(batch_size_table(study)), "",
+                      "![test error against batch size](batch_size.png)", "", "Per variant and batch size:", "",
+                      _markdown(study), ""]
     table, tests, warnings = summary(df), pairwise_tests(df), convergence_warnings(df)
     notes = [note for note in (progress_note(progress(grid, df)), diverged_note(df)) if note]
     text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: `{_shown_path(experiment)}`", "",
             *[line for note in notes for line in (f"**{note}**", "")],
+            *study_text,
             "Headline: test accuracy at the final epoch on one view of each image (no choice made on the "
             "test split), mean and sample std over seeds. Beside it, the final epoch scored with the "
             "test-time flip (each image and its mirror, on flip-trained datasets) and the best epoch's "

@@ -59,10 +59,16 @@ def check_settings(settings: dict) -> None:
     _at_least(settings, "epochs", 1, "at least 1")
     _at_least(settings, "seeds", 1, "at least 1 (seeds 0..N-1)")
     _at_least(settings, "seed", 0, "0 or more")
-    batch = settings.get("batch_size")
-    if batch is not None and batch != 0 and batch < 2:
-        raise UsageError(f"--batch-size must be 'auto' or at least 2 images (BatchNorm needs 2+ images "
-                         f"per batch), got {batch}")
+    batch, batch_sizes = settings.get("batch_size"), settings.get("batch_sizes")
+    if batch is not None and batch < 0:
+        raise UsageError(f"--batch-size must be 'auto' or a number of images, got {batch}")
+    if batch_sizes is not None:
+        if batch:
+            raise UsageError(f"--batch-size {batch} and --batch-sizes both given; drop --batch-size "
+                             f"(--batch-sizes runs every listed size)")
+        if not batch_sizes or min(batch_sizes) < 1 or len(set(batch_sizes)) != len(batch_sizes):
+            raise UsageError(f"--batch-sizes must list distinct whole numbers of images, 1 or more, "
+                             f"e.g. 2,4,8,16,32; got {','.join(map(str, batch_sizes)) or 'nothing'}")
     train_size = settings.get("train_size")
     if train_size is not None and (train_size < 0 or train_size == 1):
         raise UsageError(f"--train-size must be 0 (all images) or at least 2 images, got {train_size}")
@@ -101,6 +107,11 @@ def check_settings(settings: dict) -> None:
             raise UsageError(f"--l1 {' '.join(f'{lam:g}' for lam in l1)} given but no variant uses it; "
                              f"add a +l1 variant, e.g. --variants {settings['variants']},bn+l1")
         norms = sorted({v["norm"] for v in variants})
+    smallest = min(batch_sizes or [batch or 2])
+    if smallest < 2 and "bn" in norms:  # training-mode BN takes its statistics over the batch
+        flag = "--batch-sizes" if batch_sizes else "--batch-size"
+        raise UsageError(f"{flag}: a batch of 1 image gives BatchNorm no batch statistics; use 2 or more, "
+                         f"or drop the bn variants (gn and ln train on single images)")
     for norm in norms:  # an unknown norm or a group count that does not divide the widths
         try:
             build_model(norm, groups=settings.get("groups", 4))

@@ -26,7 +26,8 @@ def quiet_ray():
 def trial_label(config: dict) -> str:
     variant = config["variant"]
     l1 = f" λ={variant['l1']:g}" if variant["l1"] else ""
-    return f"{variant['name']}{l1} seed {config['seed']}"
+    batch = f" batch {config['batch_size']}" if config.get("lr_reference_batch") else ""  # a batch-size study
+    return f"{variant['name']}{l1}{batch} seed {config['seed']}"
 
 
 def duration(seconds: float) -> str:

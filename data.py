@@ -9,6 +9,7 @@ import gzip
 import math
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,20 @@ class Dataset:
     @property
     def augment(self) -> dict:
         return AUGMENT.get(self.name, AUGMENT["mnist"])
+
+    def __reduce__(self):
+        # As numpy arrays, which pickle protocol 5 hands over as out-of-band buffers: through Ray's
+        # object store every trial on a node then reads the one shared copy (zero-copy) instead of
+        # unpickling its own (torch tensors would be copied). Trials never write into these tensors.
+        arrays = [t.numpy() for t in (self.train_images, self.train_labels, self.test_images, self.test_labels)]
+        return _from_arrays, (self.name, *arrays, self.classes)
+
+
+def _from_arrays(name, train_images, train_labels, test_images, test_labels, classes) -> Dataset:
+    with warnings.catch_warnings():  # read-only shared memory: torch warns that it cannot be written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensors = [torch.from_numpy(a) for a in (train_images, train_labels, test_images, test_labels)]
+    return Dataset(name, *tensors, classes)
 
 
 def read_idx(path, magic: int) -> torch.Tensor:

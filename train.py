@@ -4,8 +4,10 @@
 trainable (trainable.py) wraps the same `TrainingRun`.
 """
 import argparse
+import math
 import sys
 import time
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -25,7 +27,10 @@ DEFAULTS = {
     "l1": 0.0,  # lambda of the L1 penalty lambda * sum(|w|) over conv/linear weights; 0 = off
     "epochs": 20,
     "batch_size": 0,  # images per step; 0 = auto, derived from the training-set size (batch_size_for)
-    "lr": 0.05,  # OneCycle peak learning rate for SGD, at any batch size
+    "lr": 0.05,  # OneCycle peak learning rate for SGD, at any batch size (unless lr_reference_batch)
+    # >0: `lr` is the peak at this batch size and a run with batch B uses lr * B / lr_reference_batch
+    # (the linear scaling rule, Goyal et al. 2017). tune_main.py --batch-sizes sets it to the auto batch.
+    "lr_reference_batch": 0,
     "momentum": 0.9,
     "weight_decay": 5e-4,  # on conv/linear weights only; norm affines and biases are not decayed
     "label_smoothing": 0.1,
@@ -43,8 +48,8 @@ DEFAULTS = {
 }
 PRECISIONS = ("auto", "fp32", "bf16")
 # Keys that must match for a checkpoint to continue a run: they shape the model or its trajectory.
-RUN_KEYS = ("dataset", "norm", "groups", "order", "l1", "epochs", "batch_size", "lr", "momentum",
-            "weight_decay", "label_smoothing", "seed", "val_size", "precision")
+RUN_KEYS = ("dataset", "norm", "groups", "order", "l1", "epochs", "batch_size", "lr", "lr_reference_batch",
+            "momentum", "weight_decay", "label_smoothing", "seed", "val_size", "precision")
 
 
 # The auto batch size: the largest batch, up to MAX_BATCH, that still gives MIN_STEPS_PER_EPOCH
@@ -64,11 +69,27 @@ def batch_size_for(n_train: int, batch_size: int = 0) -> int:
 
 # What checkpoints written before a key existed ran with, so that older experiments resume and
 # rebuild as they trained: the net was conv -> norm -> ReLU, and nothing ran under autocast.
-BEFORE_KEY = {"order": "norm-relu", "precision": "fp32"}
+BEFORE_KEY = {"order": "norm-relu", "precision": "fp32", "lr_reference_batch": 0}
+# Precise BN (Wu & He 2018, section 6): after training, BatchNorm's running statistics recomputed as the
+# plain average over batches of this many training images (un-augmented, in train mode, weights frozen),
+# from at most PRECISE_BN_IMAGES of them.
+PRECISE_BN_BATCH, PRECISE_BN_IMAGES = 500, 10_000
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot continue this run; the message is one line."""
+
+
+def peak_lr(config: dict) -> float:
+    """The OneCycle peak learning rate of a run: `lr`, scaled linearly with the batch size when
+    `lr_reference_batch` is set (a batch of 8 against a reference of 32 gets a quarter of `lr`)."""
+    if config.get("lr_reference_batch", 0) > 0:
+        return config["lr"] * config["batch_size"] / config["lr_reference_batch"]
+    return config["lr"]
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def choose_device() -> torch.device:
@@ -96,12 +117,13 @@ def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch
                 augment: dict, l1: float = 0.0, label_smoothing: float = 0.0, bf16: bool = False) -> dict:
     """One pass over (images, labels) in a fresh seeded order, stepping the scheduler per batch."""
     model.train()
+    skip_single = has_batchnorm(model)
     total_loss = torch.zeros((), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     seen = 0
     start = time.perf_counter()
     for x, y in data_lib.batches(images, labels, batch_size, generator):
-        if len(y) < 2:  # a last batch of one image: BatchNorm cannot take batch statistics of it
+        if len(y) < 2 and skip_single:  # a last batch of one image: BatchNorm has no batch statistics of it
             continue
         x = data_lib.augment(data_lib.to_input(x, mean, std), generator, **augment)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -155,6 +177,30 @@ def evaluate(model, images, labels, *, mean, std, flip=False, batch_size=1000, b
             "acc_single": single_correct.item() / n, "preds": preds.cpu(), "confidence": torch.cat(confidence).cpu()}
 
 
+@torch.no_grad()
+def precise_bn(model: nn.Module, images, *, mean, std, batch_size=PRECISE_BN_BATCH, bf16=False) -> nn.Module:
+    """A copy of `model` whose BatchNorm running statistics are recomputed on large batches of `images`.
+
+    Training leaves BN's running mean and variance as an exponential average over training batches;
+    with tiny batches those are noisy. Here they become the plain average over batches of
+    `batch_size` images (momentum None), so evaluating the copy separates the damage in the weights
+    from the damage in the statistics. The model itself is left as it was.
+    """
+    copy = deepcopy(model)
+    norms = [m for m in copy.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches below
+    copy.train()
+    for x, _ in data_lib.batches(images, images.new_zeros(len(images)), batch_size):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            copy(data_lib.to_input(x, mean, std).contiguous(memory_format=torch.channels_last))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    return copy.eval()
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list:
     """Weight decay on conv/linear weights; none on 1-d tensors (norm affines, biases)."""
     params = list(model.parameters())
@@ -188,11 +234,15 @@ class TrainingRun:
         # On the trial's device: shuffling and augmentation draw there, with no per-step host copies.
         self.generator = torch.Generator(device=self.device).manual_seed(config["seed"])
         self.model = Net(net_config(config)).to(self.device, memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(param_groups(self.model, config["weight_decay"]), lr=config["lr"],
+        if config["batch_size"] < 2 and has_batchnorm(self.model):
+            raise ValueError(f"batch size {config['batch_size']} with BatchNorm: training-mode BN needs 2+ images "
+                             f"per batch for its statistics; use a batch size of 2 or more, or gn/ln")
+        self.peak_lr = peak_lr(config)
+        self.optimizer = torch.optim.SGD(param_groups(self.model, config["weight_decay"]), lr=self.peak_lr,
                                          momentum=config["momentum"], nesterov=True)
         steps_per_epoch = -(-len(self.train_y) // config["batch_size"])
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=config["lr"], epochs=config["epochs"], steps_per_epoch=steps_per_epoch)
+            self.optimizer, max_lr=self.peak_lr, epochs=config["epochs"], steps_per_epoch=steps_per_epoch)
         self.epoch = 0  # epochs completed
         self.parameters = count_parameters(self.model)
 
@@ -207,8 +257,18 @@ class TrainingRun:
                           flip=uses_test_flip(self.config, self.augment), bf16=self.bf16)
         self.epoch += 1
         return {**metrics, "test_loss": result["loss"], "test_acc": result["acc"],
-                "test_acc_single": result["acc_single"], "lr": lr,
+                "test_acc_single": result["acc_single"], "test_acc_precise_bn": self.precise_bn_acc(), "lr": lr,
                 "epoch": self.epoch, "threads": torch.get_num_threads()}
+
+    def precise_bn_acc(self) -> float:
+        """One-view accuracy with precise BN statistics (see `precise_bn`), after the final epoch of a net
+        with BatchNorm; nan otherwise (GN and LN have no running statistics)."""
+        if self.epoch < self.config["epochs"] or not has_batchnorm(self.model):
+            return math.nan
+        stride = max(1, len(self.train_x) // PRECISE_BN_IMAGES)  # spread over the whole training split
+        model = precise_bn(self.model, self.train_x[::stride][:PRECISE_BN_IMAGES], mean=self.mean, std=self.std,
+                           bf16=self.bf16)
+        return evaluate(model, self.eval_x, self.eval_y, mean=self.mean, std=self.std, bf16=self.bf16)["acc_single"]
 
     def save(self, path):
         torch.save({

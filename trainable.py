@@ -12,8 +12,10 @@ from ray import tune
 import train
 
 # Every epoch reports exactly these keys (mode "max" for accuracies, "min" for losses).
-METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single", "lr", "epoch",
-           "epoch_seconds", "images_per_s", "threads")
+# test_acc_precise_bn: one view, BatchNorm statistics recomputed on large batches (train.precise_bn);
+# a number after the final epoch of a net with BatchNorm, nan otherwise.
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single", "test_acc_precise_bn", "lr",
+           "epoch", "epoch_seconds", "images_per_s", "threads")
 BEST_METRIC, BEST_MODE = "test_acc", "max"
 # Reported every epoch beside METRICS: "ok", or why the trial stopped early ("diverged: ...").
 # Results written before this key existed lack it; readers treat a missing value as "ok".

@@ -3,6 +3,7 @@
 Builds the grid (variants x L1 lambdas x seeds), sizes each trial's CPUs/GPUs from the cluster,
 runs or resumes the Tuner, and prints a summary table of the finished experiment.
 """
+import argparse
 import json
 import math
 import os
@@ -25,7 +26,7 @@ LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was star
 SMOKE = {"train": 1000, "test": 500, "epochs": 2}
 # What --resume takes from the launch file; resources, address and paths come from today's flags.
 LAUNCH_KEYS = ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs",
-               "batch_size", "lr", "groups", "test_flip", "precision")
+               "batch_size", "batch_sizes", "lr", "groups", "test_flip", "precision")
 RESTORED_KEYS = ("max_concurrent",)  # Tune restores its TuneConfig from the experiment, not from today's flags
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's status for Ctrl-C
 
@@ -40,6 +41,8 @@ def param_space(args) -> dict:
                   precision=args.precision)
     variants = parse_variants(args.variants, args.l1 or [DEFAULT_L1])
     config["variant"] = tune.grid_search(variants)
+    if getattr(args, "batch_sizes", None):  # the batch-size study: lr scaled by train.peak_lr
+        config["batch_size"] = tune.grid_search(sorted(args.batch_sizes))
     config["seed"] = tune.grid_search(list(range(args.seeds)))
     return config
 
@@ -152,7 +155,8 @@ def resume_command(storage: Path, args) -> str:
 def trial_name(trial) -> str:
     variant, seed = trial.config["variant"], trial.config["seed"]
     l1 = f"-{variant['l1']:g}" if variant["l1"] else ""
-    return f"{variant['name']}{l1}_seed{seed}_{trial.trial_id}"
+    batch = f"_batch{trial.config['batch_size']}" if trial.config.get("lr_reference_batch") else ""
+    return f"{variant['name']}{l1}{batch}_seed{seed}_{trial.trial_id}"
 
 
 def run(args) -> int:
@@ -179,7 +183,11 @@ def run(args) -> int:
     if notes:
         print(f"{notes}; {trials_left(experiment, n_trials, args.epochs)} of {n_trials} trials left to run", flush=True)
     dataset = load_data(args)
-    space["batch_size"] = train.batch_size_for(len(dataset.train_labels), args.batch_size)  # resolve "auto"
+    auto_batch = train.batch_size_for(len(dataset.train_labels))
+    if args.batch_sizes:  # --lr holds at the auto batch, the recipe's; other sizes scale from it
+        space["lr_reference_batch"] = auto_batch
+    else:
+        space["batch_size"] = args.batch_size or auto_batch  # resolve "auto"
 
     if not args.verbose:
         console.quiet_ray()
@@ -278,6 +286,15 @@ def _text_table(table) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
+def batch_sizes_arg(text: str) -> list:
+    """argparse type of --batch-sizes: '2,4,8' -> [2, 4, 8] (checked by checks.check_settings)."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers of images, e.g. 2,4,8, "
+                                         f"got {text!r}") from None
+
+
 def parse_args(argv=None):
     parser = checks.ArgumentParser(description=__doc__.splitlines()[0])
     d = train.DEFAULTS
@@ -291,6 +308,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=train.batch_size_arg, default=d["batch_size"],
                         help="images per step, or 'auto' (default): 128, fewer on small training sets so that "
                              f"an epoch has at least {train.MIN_STEPS_PER_EPOCH} steps")
+    parser.add_argument("--batch-sizes", type=batch_sizes_arg, default=None,
+                        help="the batch-size study: run every variant at each of these batch sizes, e.g. "
+                             "2,4,8,16,32, for the same epochs, with the peak lr scaled linearly from --lr at "
+                             "the auto batch (README, 'Batch size')")
     parser.add_argument("--lr", type=float, default=d["lr"], help="OneCycle peak learning rate (default: %(default)s)")
     parser.add_argument("--groups", type=int, default=d["groups"], help="GroupNorm groups (default: %(default)s)")
     parser.add_argument("--precision", default=d["precision"], choices=train.PRECISIONS,

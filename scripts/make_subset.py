@@ -2,6 +2,7 @@
 
   python scripts/make_subset.py fashion DIR --per-class 400 --seed 0          # 4,000 train images, full test split
   python scripts/make_subset.py fashion DIR --per-class 400 --seed 1 --val     # test split = 10k held-out *training* images
+  python scripts/make_subset.py fashion DIR --per-class 400 --test-per-class 200  # and 2,000 test images
   python scripts/make_subset.py digits DIR                                    # scikit-learn's 8x8 digits at 28x28
 
 Training images are drawn per class with numpy's default_rng(seed), `choice` without replacement
@@ -36,6 +37,9 @@ def fashion(args):
     if args.val:
         train_x, train_y, test_x, test_y = data_lib.validation_split(train_x, train_y, VAL_SIZE, seed=VAL_SEED)
     idx = per_class(train_y, args.per_class, args.seed)
+    if args.test_per_class:  # a smaller test split, drawn the same way (cheaper evaluation every epoch)
+        test_idx = per_class(test_y, args.test_per_class, args.seed)
+        test_x, test_y = test_x[test_idx], test_y[test_idx]
     return train_x[idx], train_y[idx], test_x, test_y
 
 
@@ -63,6 +67,8 @@ def main(argv=None):
                         help="training images per class (fashion: required; digits: default 2/3 of the rarest class)")
     parser.add_argument("--seed", type=int, default=0, help="numpy default_rng seed of the draw")
     parser.add_argument("--val", action="store_true", help="fashion: test split = held-out training images")
+    parser.add_argument("--test-per-class", type=int, default=0,
+                        help="fashion: keep only this many test images per class (default: the whole test split)")
     args = parser.parse_args(argv)
     if args.source == "fashion" and args.per_class < 1:
         parser.error("fashion needs --per-class N (N >= 1)")

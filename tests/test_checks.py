@@ -14,8 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # (flags, what the one-line message must say); each was accepted, or failed late inside Ray, before.
 REFUSED = [
     (["--batch-size", "0", "--epochs", "0"], "--epochs must be at least 1"),
-    (["--batch-size", "-5"], "--batch-size must be 'auto' or at least 2 images"),
-    (["--batch-size", "1"], "BatchNorm needs 2+ images per batch"),
+    (["--batch-size", "-5"], "--batch-size must be 'auto' or a number of images"),
+    (["--batch-size", "1"], "a batch of 1 image gives BatchNorm no batch statistics"),
+    (["--variants", "gn,bn+l1", "--batch-sizes", "1,2"], "--batch-sizes: a batch of 1 image gives BatchNorm no"),
+    (["--batch-sizes", "2,0"], "--batch-sizes must list distinct whole numbers of images, 1 or more"),
+    (["--batch-sizes", "4,2,4"], "--batch-sizes must list distinct whole numbers"),
+    (["--batch-sizes", "2,x"], "argument --batch-sizes: expected comma-separated whole numbers of images"),
+    (["--batch-size", "8", "--batch-sizes", "2,4"], "--batch-size 8 and --batch-sizes both given"),
     (["--max-concurrent", "-1"], "--max-concurrent must be 0 (no cap) or more"),
     (["--cpus-per-trial", "0"], "--cpus-per-trial must be more than 0"),
     (["--cpus-per-trial", "-1"], "--cpus-per-trial must be more than 0"),
@@ -58,8 +63,8 @@ def test_tune_main_refuses_before_anything_starts(flags, message, tmp_path, caps
 
 TRAIN_REFUSED = [
     (["--batch-size", "0", "--epochs", "0"], "--epochs must be at least 1"),
-    (["--batch-size", "1"], "BatchNorm needs 2+ images per batch"),
-    (["--batch-size", "-5"], "--batch-size must be 'auto' or at least 2 images"),
+    (["--batch-size", "1"], "a batch of 1 image gives BatchNorm no batch statistics"),
+    (["--batch-size", "-5"], "--batch-size must be 'auto' or a number of images"),
     (["--l1", "-1"], "--l1 must be 0 (off) or a positive lambda"),
     (["--lr", "0"], "--lr must be a positive number"),
     (["--train-size", "-5"], "--train-size must be 0"),
@@ -102,6 +107,9 @@ def test_auto_and_sensible_values_pass():
                                                       "--variants", "bn,bn+l1", "--l1", "1e-5", "1e-4",
                                                       "--cpus-per-trial", "0.25", "--gpus-per-trial", "0"])))
     assert tune_main.parse_args(["--batch-size", "auto"]).batch_size == 0
+    # GroupNorm and LayerNorm normalise each image on its own: a batch of 1 is theirs to take
+    checks.check_settings(vars(tune_main.parse_args(["--variants", "gn,ln", "--batch-sizes", "1,2,4"])))
+    checks.check_settings({"norm": "ln", "batch_size": 1})  # train.py's keys
 
 
 @pytest.mark.parametrize("per_trial, cluster, message", [

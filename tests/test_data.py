@@ -120,3 +120,29 @@ def test_training_stats_normalise_to_zero_mean_unit_std(fashion_small):
     x = data_lib.to_input(fashion_small.train_images, mean, std)
     assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-3
     assert fashion_small.classes[9] == "Ankle boot"
+
+
+def test_dataset_pickles_out_of_band_and_trials_never_write_into_it(tmp_path):
+    """Through Ray's object store (pickle protocol 5 with buffers) the images travel as shared buffers,
+    not inside each trial's payload, and training reads them without writing."""
+    import pickle
+
+    import train
+
+    dataset = data_lib.load_dataset(str(make_idx_dir(tmp_path / "idx", n_train=64, n_test=32)))
+    buffers = []
+    payload = pickle.dumps(dataset, protocol=5, buffer_callback=buffers.append)
+    assert len(payload) < 2000 and sum(b.raw().nbytes for b in buffers) >= 64 * 784  # images out of band
+    frozen = [bytes(b.raw()) for b in buffers]
+    shared = pickle.loads(payload, buffers=[b.raw() for b in buffers])
+    assert shared.train_images.data_ptr() in {_address(b) for b in buffers}  # the buffer itself, not a copy
+    run = train.TrainingRun({"norm": "bn", "epochs": 1, "threads": 1}, shared)
+    run.run_epoch()
+    assert [bytes(b.raw()) for b in buffers] == frozen  # nothing written into the shared copy
+    assert torch.equal(shared.train_images, dataset.train_images)
+
+
+def _address(buffer) -> int:
+    import numpy as np
+
+    return np.frombuffer(buffer.raw(), dtype=np.uint8).ctypes.data

@@ -1,0 +1,92 @@
+"""The batch-size study: grid expansion, the lr scaling rule, batch size 1, precise BN, the analysis."""
+import math
+
+import pytest
+import torch
+from ray.tune.search.variant_generator import generate_variants
+
+import analysis
+import train
+import tune_main
+from conftest import make_idx_dir
+
+
+def test_batch_size_grid_expands_variants_batches_and_seeds():
+    args = tune_main.parse_args(["--variants", "bn,gn", "--batch-sizes", "8,2,4", "--seeds", "2"])
+    trials = [spec for _, spec in generate_variants(tune_main.param_space(args))]
+    combos = sorted((t["variant"]["name"], t["batch_size"], t["seed"]) for t in trials)
+    assert combos == sorted((n, b, s) for n in ("bn", "gn") for b in (2, 4, 8) for s in (0, 1))
+    assert all(t["lr"] == train.DEFAULTS["lr"] for t in trials)  # the flag's lr; each run scales it
+    # without the flag there is no batch axis
+    assert "grid_search" not in str(tune_main.param_space(tune_main.parse_args([]))["batch_size"])
+
+
+def test_linear_scaling_rule():
+    config = {"lr": 0.05, "batch_size": 8, "lr_reference_batch": 32}
+    assert train.peak_lr(config) == pytest.approx(0.0125)
+    assert train.peak_lr({**config, "batch_size": 64}) == pytest.approx(0.1)
+    assert train.peak_lr({**config, "lr_reference_batch": 0}) == 0.05  # no study: lr at any batch
+
+
+def test_batch_of_one_is_refused_for_batchnorm_and_trains_groupnorm(tmp_path):
+    dataset = train.data_lib.load_dataset(str(make_idx_dir(tmp_path / "idx", n_train=9, n_test=4)))
+    with pytest.raises(ValueError, match="batch size 1 with BatchNorm: .* use a batch size of 2 or more, or gn/ln"):
+        train.TrainingRun({"norm": "bn", "batch_size": 1, "epochs": 1, "threads": 1}, dataset)
+    run = train.TrainingRun({"norm": "gn", "batch_size": 1, "epochs": 1, "threads": 1}, dataset)
+    metrics = run.run_epoch()
+    assert math.isfinite(metrics["train_loss"]) and metrics["images_per_s"] > 0
+    assert math.isnan(metrics["test_acc_precise_bn"])  # no BatchNorm, no running statistics
+    # BatchNorm at batch 2 on 9 images: the last batch of one is skipped, not a crash inside torch
+    run = train.TrainingRun({"norm": "bn", "batch_size": 2, "epochs": 1, "threads": 1}, dataset)
+    assert math.isfinite(run.run_epoch()["train_loss"])
+
+
+def test_precise_bn_recomputes_the_statistics_on_a_copy():
+    torch.manual_seed(0)
+    model = train.Net(train.NetConfig(norm="bn"))
+    images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    first_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []  # the first BN's inputs; deepcopy carries the hook over, so these are the copy's
+    first_bn.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    precise = train.precise_bn(model, images, mean=100.0, std=80.0, batch_size=20)  # two batches of 20
+    copy_bn = next(m for m in precise.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    # the plain average of the two batches' statistics, not an exponential average
+    assert len(seen) == 2
+    want_mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen]).mean(0)
+    want_var = torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x in seen]).mean(0)
+    torch.testing.assert_close(copy_bn.running_mean, want_mean)
+    torch.testing.assert_close(copy_bn.running_var, want_var)
+    assert copy_bn.momentum == first_bn.momentum == 0.1 and not precise.training
+    for key, value in model.state_dict().items():  # the trained model is untouched
+        assert torch.equal(value, before[key]), key
+
+
+def test_batch_size_study_sweep_and_report(tmp_path, capsys):
+    """A real (tiny) study through tune_main.py: names, the scaled lr, precise BN, the figure and Table 2."""
+    data = make_idx_dir(tmp_path / "idx", n_train=64, n_test=32)
+    storage = tmp_path / "results"
+    code = tune_main.main(["--dataset", str(data), "--variants", "bn,gn", "--batch-sizes", "4,8", "--epochs", "1",
+                           "--storage-path", str(storage), "--name", "study", "--cpus-per-trial", "0.5"])
+    assert code == 0, capsys.readouterr().err
+    assert "bn, batch 4" in capsys.readouterr().out  # the CLI's table keeps the batch sizes apart
+    grid, df = analysis.load_experiment(storage / "study")
+    assert sorted(df["variant"]) == ["bn, batch 4", "bn, batch 8", "gn, batch 4", "gn, batch 8"]
+    assert all("_batch" in trial for trial in df["trial"])
+    auto = train.batch_size_for(64)  # 16: the reference batch, where --lr holds
+    assert all(result.config["lr"] == train.DEFAULTS["lr"] for result in grid)  # the flag's, unscaled
+    for _, row in df.iterrows():
+        assert row["peak lr"] == pytest.approx(train.DEFAULTS["lr"] * row["batch_size"] / auto)
+        assert row["lr"] == pytest.approx(row["peak lr"] / 25)  # OneCycle starts at max_lr / 25 (div_factor)
+        assert math.isfinite(row["test_acc_precise_bn"]) == (row["norm"] == "bn")
+
+    study = analysis.batch_size_study(df)
+    assert list(zip(study["variant"], study["batch size"])) == [("bn", 4), ("bn", 8), ("gn", 4), ("gn", 8)]
+    table = analysis.batch_size_table(study)
+    assert list(table.columns) == ["", "8", "4"]  # large to small, as in the paper
+    assert list(table[""]) == ["bn error (%)", "bn, precise BN statistics", "gn error (%)", "gn − bn (points)"]
+    assert analysis.progress_note(analysis.progress(grid, df)) == ""
+
+    written = analysis.write_report(storage / "study", tmp_path / "report")
+    assert tmp_path / "report" / "batch_size.png" in written
+    assert "## Batch size" in (tmp_path / "report" / "summary.md").read_text()
