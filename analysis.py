@@ -388,7 +388,7 @@ def batch_size_study(df) -> pd.DataFrame:
         rows.append({"variant": name, "batch size": int(batch), "seeds": len(group),
                      "error (%)": error.mean(), "std": error.std() if len(group) > 1 else float("nan"),
                      "precise-BN error (%)": precise.mean(), "precise-BN std": precise.std() if len(group) > 1 else float("nan"),
-                     "peak lr": group["peak lr"].iloc[0],
+                     "peak lr": f"{group['peak lr'].iloc[0]:g}",
                      "converged": bool(converged[group["variant"].iloc[0]])})
     return pd.DataFrame(rows).sort_values(["variant", "batch size"]).reset_index(drop=True)
 
@@ -398,6 +398,8 @@ def batch_size_table(study: pd.DataFrame) -> pd.DataFrame:
     precise statistics), one column per batch size from large to small, "mean ± std" test error (%);
     then the difference to BatchNorm. A "*" marks a cell whose variant may not have converged."""
     def cell(mean, std, converged=True):
+        if not np.isfinite(mean):  # e.g. precise BN of a trial that has not reached its final epoch
+            return "-"
         spread = f" ± {std:.2f}" if np.isfinite(std) else ""
         return f"{mean:.2f}{spread}" + ("" if converged else " *")
 
