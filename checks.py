@@ -107,7 +107,7 @@ def check_settings(settings: dict) -> None:
             raise UsageError(f"--l1 {' '.join(f'{lam:g}' for lam in l1)} given but no variant uses it; "
                              f"add a +l1 variant, e.g. --variants {settings['variants']},bn+l1")
         norms = sorted({v["norm"] for v in variants})
-    smallest = min(batch_sizes or [batch or 2])
+    smallest = min(batch_sizes or [batch or 2])  # batch 0 is auto: at least MIN_BATCH
     if smallest < 2 and "bn" in norms:  # training-mode BN takes its statistics over the batch
         flag = "--batch-sizes" if batch_sizes else "--batch-size"
         raise UsageError(f"{flag}: a batch of 1 image gives BatchNorm no batch statistics; use 2 or more, "

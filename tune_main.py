@@ -41,7 +41,7 @@ def param_space(args) -> dict:
                   precision=args.precision)
     variants = parse_variants(args.variants, args.l1 or [DEFAULT_L1])
     config["variant"] = tune.grid_search(variants)
-    if getattr(args, "batch_sizes", None):  # the batch-size study: lr scaled by train.peak_lr
+    if args.batch_sizes:  # the batch-size study: lr scaled by train.peak_lr
         config["batch_size"] = tune.grid_search(sorted(args.batch_sizes))
     config["seed"] = tune.grid_search(list(range(args.seeds)))
     return config
@@ -183,11 +183,10 @@ def run(args) -> int:
     if notes:
         print(f"{notes}; {trials_left(experiment, n_trials, args.epochs)} of {n_trials} trials left to run", flush=True)
     dataset = load_data(args)
-    auto_batch = train.batch_size_for(len(dataset.train_labels))
     if args.batch_sizes:  # --lr holds at the auto batch, the recipe's; other sizes scale from it
-        space["lr_reference_batch"] = auto_batch
+        space["lr_reference_batch"] = train.batch_size_for(len(dataset.train_labels))
     else:
-        space["batch_size"] = args.batch_size or auto_batch  # resolve "auto"
+        space["batch_size"] = train.batch_size_for(len(dataset.train_labels), args.batch_size)  # resolve "auto"
 
     if not args.verbose:
         console.quiet_ray()
