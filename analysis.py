@@ -151,7 +151,7 @@ def progress(grid, df) -> pd.DataFrame:
         variants = tune_main.parse_variants(launch["variants"], launch.get("l1") or [tune_main.DEFAULT_L1])
         batches = launch.get("batch_sizes") or [None]
         for variant, batch in itertools.product(variants, batches):
-            label = trial_label({"variant": variant, "batch_size": batch, "lr_reference_batch": batch})
+            label = trial_label({"variant": variant, "batch_size": batch, "lr_reference_batch": batch})  # any >0 marks a study
             row = rows.setdefault(label, {"variant": label, "trials": 0, "epochs in": [],
                                           "planned epochs": launch["epochs"], "diverged": 0})
             row["epochs in"] += [0] * (launch.get("seeds", 1) - row["trials"])
