@@ -301,8 +301,10 @@ def trial_table(df) -> pd.DataFrame:
 def convergence(df) -> pd.DataFrame:
     """Per variant, on the mean over its seeds: may it not have converged, and why.
 
-    Flagged when the one-view test accuracy peaks at the last epoch and gained at least RISE_POINTS
-    over the last RISE_EPOCHS epochs (a schedule that anneals to zero flattens a converged curve),
+    Flagged when the one-view test accuracy peaks at the last epoch at least RISE_POINTS above the best
+    it reached before the last RISE_EPOCHS epochs (a schedule that anneals to zero flattens a
+    converged curve; measuring from the earlier best, not from one epoch, keeps a dip in the middle of
+    training followed by its recovery from reading as a rise),
     when its final train accuracy is TRAIN_GAP_POINTS or more below the best variant's (it has not
     fitted the data the others fitted), or when a trial has not reached its planned epochs.
     """
@@ -315,13 +317,13 @@ def convergence(df) -> pd.DataFrame:
     for variant, group in df.groupby("variant"):
         curve = 100 * group.groupby("epoch")["test_acc_single"].mean()  # index: epochs every seed reached
         last, planned = int(curve.index.max()), int(group["epochs"].max())
-        rise = curve.iloc[-1] - curve.iloc[max(0, len(curve) - 1 - RISE_EPOCHS)]
+        rise = curve.iloc[-1] - curve.iloc[:max(1, len(curve) - RISE_EPOCHS)].max()
         reasons = []
         if group.groupby("trial")["epoch"].max().min() < planned:
             reasons.append(f"only {int(group.groupby('trial')['epoch'].max().min())} of {planned} epochs in")
         if int(curve.idxmax()) == last and (len(curve) == 1 or rise >= RISE_POINTS):
             reasons.append(f"test accuracy still rising: best at the last epoch ({last}), "
-                           f"+{rise:.2f} points over the last {min(RISE_EPOCHS, len(curve) - 1)} epochs")
+                           f"+{rise:.2f} points over the best before the last {min(RISE_EPOCHS, len(curve) - 1)} epochs")
         gap = best_train - train_final[variant]
         if gap >= TRAIN_GAP_POINTS:
             reasons.append(f"final train accuracy {train_final[variant]:.1f}%, {gap:.1f} points below {leader}'s")

@@ -4,6 +4,7 @@ Both runs are real training on real Fashion-MNIST (train.TrainingRun, no Ray), r
 analysis functions the report and the CLI's final table use.
 """
 import pandas as pd
+import pytest
 import torch
 
 import analysis
@@ -67,3 +68,16 @@ def test_unfinished_trial_is_flagged():
     rows = [{"trial": "bn", "variant": "bn", "seed": 0, "epoch": e, "epochs": 4, "test_acc_single": 0.8,
              "train_acc": 0.9} for e in (1, 2)]
     assert "only 2 of 4 epochs in" in analysis.convergence(pd.DataFrame(rows)).iloc[0]["why"]
+
+
+def test_a_dip_and_its_recovery_is_not_a_rise():
+    # ln's curve on trousers against bags on one machine: a dip at epoch 3 while the learning rate is high,
+    # back to where it was by epoch 4. Climbing to a new high is what the rule flags, not recovering.
+    curves = {"ln": (0.987, 0.991, 0.974, 0.992, 0.993), "gn": (0.90, 0.92, 0.93, 0.945, 0.96)}
+    rows = [{"trial": v, "variant": v, "seed": 0, "epoch": e, "epochs": 5, "test_acc_single": acc, "train_acc": 0.99}
+            for v, curve in curves.items() for e, acc in enumerate(curve, start=1)]
+    table = analysis.convergence(pd.DataFrame(rows)).set_index("variant")
+    assert table.loc["ln", "converged"], table.loc["ln", "why"]
+    assert table.loc["ln", "rise (points)"] == pytest.approx(0.2)  # 99.3 against the earlier best, 99.1
+    assert not table.loc["gn", "converged"]  # 96.0 against 93.0 before the last 2 epochs: still rising
+    assert "+3.00 points over the best before the last 2 epochs" in table.loc["gn", "why"]

@@ -128,8 +128,8 @@ def test_evaluation_and_training_sync_with_the_host_once_not_per_batch(fashion_s
         train.evaluate(run.model, run.eval_x, run.eval_y, mean=run.mean, std=run.std, flip=True, batch_size=batch_size)
         assert len(calls) == 3  # loss, accuracy, one-view accuracy, once each
     calls.clear()
-    run.run_epoch()  # 10 training steps, then evaluation
-    assert len(calls) == 2 + 3
+    run.run_epoch()  # 10 training steps, then evaluation, then (final epoch, BN) the precise-BN evaluation
+    assert len(calls) == 2 + 3 + 3
 
 
 def test_random_draws_come_from_the_runs_generator_on_its_device(fashion_small):
