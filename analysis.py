@@ -108,7 +108,7 @@ def trial_label(config: dict) -> str:
     """The variant, and in a batch-size study (lr_reference_batch set) its batch size: trials that differ
     in anything but the seed never share a label, so every table and curve keeps them apart."""
     label = variant_label(config["variant"])
-    return f"{label}, batch {config['batch_size']}" if config.get("lr_reference_batch") else label
+    return f"{label}, batch {config['batch_size']}" if train.in_batch_study(config) else label
 
 
 def _title(df, what: str) -> str:

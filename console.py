@@ -11,6 +11,7 @@ import warnings
 
 from ray import tune
 
+import train
 import trainable
 
 
@@ -26,7 +27,7 @@ def quiet_ray():
 def trial_label(config: dict) -> str:
     variant = config["variant"]
     l1 = f" λ={variant['l1']:g}" if variant["l1"] else ""
-    batch = f" batch {config['batch_size']}" if config.get("lr_reference_batch") else ""  # a batch-size study
+    batch = f" batch {config['batch_size']}" if train.in_batch_study(config) else ""
     return f"{variant['name']}{l1}{batch} seed {config['seed']}"
 
 

@@ -80,10 +80,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot continue this run; the message is one line."""
 
 
+def in_batch_study(config: dict) -> bool:
+    """A trial of a batch-size study (tune_main.py --batch-sizes): its lr scales with its batch size."""
+    return (config.get("lr_reference_batch") or 0) > 0
+
+
 def peak_lr(config: dict) -> float:
-    """The OneCycle peak learning rate of a run: `lr`, scaled linearly with the batch size when
-    `lr_reference_batch` is set (a batch of 8 against a reference of 32 gets a quarter of `lr`)."""
-    if config.get("lr_reference_batch", 0) > 0:
+    """The OneCycle peak learning rate of a run: `lr`, scaled linearly with the batch size in a
+    batch-size study (a batch of 8 against a reference of 32 gets a quarter of `lr`)."""
+    if in_batch_study(config):
         return config["lr"] * config["batch_size"] / config["lr_reference_batch"]
     return config["lr"]
 

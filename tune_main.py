@@ -155,7 +155,7 @@ def resume_command(storage: Path, args) -> str:
 def trial_name(trial) -> str:
     variant, seed = trial.config["variant"], trial.config["seed"]
     l1 = f"-{variant['l1']:g}" if variant["l1"] else ""
-    batch = f"_batch{trial.config['batch_size']}" if trial.config.get("lr_reference_batch") else ""
+    batch = f"_batch{trial.config['batch_size']}" if train.in_batch_study(trial.config) else ""
     return f"{variant['name']}{l1}{batch}_seed{seed}_{trial.trial_id}"
 
 
