@@ -93,8 +93,13 @@ def peak_lr(config: dict) -> float:
     return config["lr"]
 
 
+def batchnorms(model: nn.Module) -> list:
+    """The model's BatchNorm layers (the layers with running statistics)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return bool(batchnorms(model))
 
 
 def choose_device() -> torch.device:
@@ -192,7 +197,7 @@ def precise_bn(model: nn.Module, images, *, mean, std, batch_size=PRECISE_BN_BAT
     from the damage in the statistics. The model itself is left as it was.
     """
     copy = deepcopy(model)
-    norms = [m for m in copy.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorms(copy)
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
