@@ -45,8 +45,13 @@ DEFAULTS = {
     # "fp32": everything in float32; "auto": bf16 on CUDA, fp32 on the CPU (where every reported
     # result was measured).
     "precision": "auto",
+    # torch.compile the net for training and evaluation: "on", "off", or "auto" = on CUDA only. On this
+    # CPU it measured 0.80-1.07x eager in fp32 and cost 15-35 s of compiling per trial (BENCHMARKS.md);
+    # on a GPU it fuses the small norm and activation kernels. Checkpoints are the same either way.
+    "compile": "auto",
 }
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_CHOICES = ("auto", "on", "off")
 # Keys that must match for a checkpoint to continue a run: they shape the model or its trajectory.
 RUN_KEYS = ("dataset", "norm", "groups", "order", "l1", "epochs", "batch_size", "lr", "lr_reference_batch",
             "momentum", "weight_decay", "label_smoothing", "seed", "val_size", "precision")
@@ -74,6 +79,11 @@ BEFORE_KEY = {"order": "norm-relu", "precision": "fp32", "lr_reference_batch": 0
 # plain average over batches of this many training images (un-augmented, in train mode, weights frozen),
 # from at most PRECISE_BN_IMAGES of them.
 PRECISE_BN_BATCH, PRECISE_BN_IMAGES = 500, 10_000
+
+
+# Activations and conv weights in channels-last (NHWC) layout: oneDNN's convolutions are faster in it,
+# 1.25-1.5x per training step on the CPU here (benchmarks/levers.py, BENCHMARKS.md).
+MEMORY_FORMAT = torch.channels_last
 
 
 class CheckpointError(ValueError):
@@ -114,6 +124,14 @@ def uses_bf16(config: dict, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
+def uses_compile(config: dict, device: torch.device) -> bool:
+    """Whether a run trains and evaluates a torch.compile'd net: `compile` on, or auto on a CUDA device."""
+    choice = config.get("compile", "auto")
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"unknown compile setting {choice!r}; use one of {', '.join(COMPILE_CHOICES)}")
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
+
+
 def net_config(config: dict) -> NetConfig:
     return NetConfig(norm=config["norm"], groups=config["groups"], order=config["order"])
 
@@ -137,7 +155,7 @@ def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch
             continue
         x = data_lib.augment(data_lib.to_input(x, mean, std), generator, **augment)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+            logits = model(x.contiguous(memory_format=MEMORY_FORMAT)).float()
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         objective = loss + l1 * l1_penalty(model) if l1 > 0 else loss
         optimizer.zero_grad(set_to_none=True)
@@ -170,7 +188,7 @@ def evaluate(model, images, labels, *, mean, std, flip=False, batch_size=1000, b
     single_correct = torch.zeros((), dtype=torch.long, device=images.device)
     preds, confidence = [], []
     for x, y in data_lib.batches(images, labels, batch_size):
-        x = data_lib.to_input(x, mean, std).contiguous(memory_format=torch.channels_last)
+        x = data_lib.to_input(x, mean, std).contiguous(memory_format=MEMORY_FORMAT)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x).float()
             probs = logits.softmax(1)
@@ -205,7 +223,7 @@ def precise_bn(model: nn.Module, images, *, mean, std, batch_size=PRECISE_BN_BAT
     copy.train()
     for x, _ in data_lib.batches(images, images.new_zeros(len(images)), batch_size):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            copy(data_lib.to_input(x, mean, std).contiguous(memory_format=torch.channels_last))
+            copy(data_lib.to_input(x, mean, std).contiguous(memory_format=MEMORY_FORMAT))
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     return copy.eval()
@@ -243,7 +261,9 @@ class TrainingRun:
         torch.manual_seed(config["seed"])
         # On the trial's device: shuffling and augmentation draw there, with no per-step host copies.
         self.generator = torch.Generator(device=self.device).manual_seed(config["seed"])
-        self.model = Net(net_config(config)).to(self.device, memory_format=torch.channels_last)
+        self.model = Net(net_config(config)).to(self.device, memory_format=MEMORY_FORMAT)
+        # What the steps call: the model itself, or its compiled wrapper (same parameters and state).
+        self.net = torch.compile(self.model) if uses_compile(config, self.device) else self.model
         if config["batch_size"] < 2 and has_batchnorm(self.model):
             raise ValueError(f"batch size {config['batch_size']} with BatchNorm: training-mode BN needs 2+ images "
                              f"per batch for its statistics; use a batch size of 2 or more, or gn/ln")
@@ -259,11 +279,11 @@ class TrainingRun:
     def run_epoch(self) -> dict:
         """Train one epoch and evaluate; returns the metrics Tune reports (plus predictions)."""
         lr = self.scheduler.get_last_lr()[0]
-        metrics = train_epoch(self.model, self.optimizer, self.scheduler, self.train_x, self.train_y,
+        metrics = train_epoch(self.net, self.optimizer, self.scheduler, self.train_x, self.train_y,
                               generator=self.generator, batch_size=self.config["batch_size"],
                               mean=self.mean, std=self.std, augment=self.augment,
                               l1=self.config["l1"], label_smoothing=self.config["label_smoothing"], bf16=self.bf16)
-        result = evaluate(self.model, self.eval_x, self.eval_y, mean=self.mean, std=self.std,
+        result = evaluate(self.net, self.eval_x, self.eval_y, mean=self.mean, std=self.std,
                           flip=uses_test_flip(self.config, self.augment), bf16=self.bf16)
         self.epoch += 1
         return {**metrics, "test_loss": result["loss"], "test_acc": result["acc"],
@@ -369,6 +389,8 @@ def main(argv=None) -> int:
                         help="block order: conv -> ReLU -> norm (default) or conv -> norm -> ReLU")
     parser.add_argument("--precision", default=DEFAULTS["precision"], choices=PRECISIONS,
                         help="bf16 autocast with norms in float32, or fp32; auto = bf16 on CUDA only (default)")
+    parser.add_argument("--compile", default=DEFAULTS["compile"], choices=COMPILE_CHOICES,
+                        help="torch.compile the net; auto = on CUDA only (default)")
     parser.add_argument("--train-size", type=int, default=0, help="use only the first N training images (0 = all)")
     args = parser.parse_args(argv)
     config = {k: v for k, v in vars(args).items() if k in DEFAULTS}

@@ -26,7 +26,8 @@ LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was star
 SMOKE = {"train": 1000, "test": 500, "epochs": 2}
 # What --resume takes from the launch file; resources, address and paths come from today's flags.
 LAUNCH_KEYS = ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs",
-               "batch_size", "batch_sizes", "lr", "groups", "test_flip", "precision")
+               "batch_size", "batch_sizes", "lr", "groups", "test_flip", "precision",
+               "compile")
 RESTORED_KEYS = ("max_concurrent",)  # Tune restores its TuneConfig from the experiment, not from today's flags
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's status for Ctrl-C
 
@@ -38,7 +39,7 @@ def param_space(args) -> dict:
     config = {k: v for k, v in train.DEFAULTS.items() if k not in ("norm", "l1", "threads", "seed")}
     config.update(dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()), epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, groups=args.groups, test_flip=args.test_flip,
-                  precision=args.precision)
+                  precision=args.precision, compile=args.compile)
     variants = parse_variants(args.variants, args.l1 or [DEFAULT_L1])
     config["variant"] = tune.grid_search(variants)
     if args.batch_sizes:  # the batch-size study: lr scaled by train.peak_lr
@@ -316,6 +317,9 @@ def parse_args(argv=None):
     parser.add_argument("--precision", default=d["precision"], choices=train.PRECISIONS,
                         help="bf16: convolutions under bf16 autocast, norms in float32; fp32; auto (default): "
                              "bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--compile", default=d["compile"], choices=train.COMPILE_CHOICES,
+                        help="torch.compile the net: on, off, auto (default): on CUDA only (on this project's CPU "
+                             "it did not pay back its compile time)")
     parser.add_argument("--no-test-flip", dest="test_flip", action="store_false",
                         help="score test images in one view only (default: also the mirror, on flip-trained datasets)")
     parser.add_argument("--variants", default="bn,gn,ln,bn+l1",

@@ -5,7 +5,8 @@ so this measures one thread too (--threads to change it). For every norm (bn, gn
 normsweep's own net with the real training step (`train.train_epoch`: augmentation, the default
 batch, nesterov SGD, OneCycle) on a Fashion-MNIST subset under each lever:
 
-- fp32: the current CPU default (channels_last, eager)
+- fp32: the current CPU default (channels-last activations, eager)
+- fp32 NCHW: the same in torch's default contiguous layout (what channels-last buys)
 - bf16: convolutions and the head under bf16 autocast, norms in float32 (--precision bf16)
 - fp32 compiled / bf16 compiled: the same under torch.compile; the first (compiling) epoch's
   extra seconds are printed, since a sweep has to earn them back
@@ -27,8 +28,9 @@ import data as data_lib  # noqa: E402
 import train  # noqa: E402
 
 
-def images_per_s(norm: str, dataset, *, batch_size: int, bf16: bool, compiled: bool, repeats: int) -> tuple:
+def images_per_s(norm: str, dataset, *, batch_size: int, bf16: bool, compiled: bool, layout, repeats: int) -> tuple:
     """(best training images/s over `repeats` timed epochs, seconds of the first epoch)."""
+    train.MEMORY_FORMAT = layout
     run = train.TrainingRun({"norm": norm, "precision": "bf16" if bf16 else "fp32", "epochs": repeats + 1,
                              "batch_size": batch_size}, dataset)
     model = torch.compile(run.model) if compiled else run.model
@@ -52,16 +54,19 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dataset = data_lib.load_dataset("fashion-mnist").subset(args.train_size, 1000)
-    levers = [("fp32", False, False), ("bf16", True, False)]
+    channels_last = train.MEMORY_FORMAT
+    levers = [("fp32", False, False, channels_last), ("fp32 NCHW", False, False, torch.contiguous_format),
+              ("bf16", True, False, channels_last)]
     if args.compile:
-        levers += [("fp32 compiled", False, True), ("bf16 compiled", True, True)]
+        levers += [("fp32 compiled", False, True, channels_last), ("bf16 compiled", True, True, channels_last)]
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.train_size} Fashion-MNIST training images, "
           f"batch {args.batch_size}; best of {args.repeats} epochs after one warm-up", flush=True)
     print(f"{'norm':5s} {'lever':14s} {'img/s':>7s} {'ratio':>6s} {'1st epoch s':>12s}")
     for norm in args.norms.split(","):
         base = None
-        for label, bf16, compiled in levers:
-            rate, first = images_per_s(norm, dataset, batch_size=args.batch_size, bf16=bf16, compiled=compiled, repeats=args.repeats)
+        for label, bf16, compiled, layout in levers:
+            rate, first = images_per_s(norm, dataset, batch_size=args.batch_size, bf16=bf16, compiled=compiled,
+                                       layout=layout, repeats=args.repeats)
             base = base or rate
             print(f"{norm:5s} {label:14s} {rate:7.0f} {rate / base:6.2f} {first:12.1f}", flush=True)
 

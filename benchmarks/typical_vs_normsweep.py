@@ -3,12 +3,13 @@
 (a) The typical loop: a torch Dataset that hands out PIL images, per-sample torchvision transforms
     (random flip, ToTensor, Normalize) in a DataLoader with 2 workers, the variants trained one
     after another, each evaluated on the test split every epoch, fp32.
-(b) normsweep: `tune_main.py` with the same variants and epochs (Ray's start included).
+(b) normsweep: `tune_main.py` with the same variants and epochs (Ray's start included), fp32.
+(c) with --bf16: the same sweep with --precision bf16.
 Prints wall seconds, training images per second, the ratio (a) / (b), the net's FLOPs per image
 (forward + backward, torch's FLOP counter), each path's fraction of this machine's measured fp32
 and bf16 matrix-product rates, and the sweep's peak memory over all its processes.
 
-    .venv/bin/python benchmarks/typical_vs_normsweep.py [--epochs 2] [--train-size 0 (all)]
+    .venv/bin/python benchmarks/typical_vs_normsweep.py [--epochs 2] [--train-size 0 (all)] [--bf16]
 """
 import argparse
 import os
@@ -85,18 +86,18 @@ def typical_loop(dataset, epochs: int, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
-def normsweep(epochs: int, train_size: int) -> tuple:
+def normsweep(epochs: int, train_size: int, precision: str) -> tuple:
     """(b): the CLI as a user runs it, in a subprocess (Ray's start and shutdown included).
 
-    Returns (wall seconds, peak memory in bytes): the proportional set size (shared pages split
-    between the processes sharing them) summed over the driver and every process it started,
-    Ray's workers included, sampled every 0.5 s.
+    Returns (wall seconds, peak memory in bytes, where the time went): memory is the proportional set
+    size (shared pages split between the processes sharing them) summed over the driver and every
+    process it started, Ray's workers included, sampled every 0.5 s.
     """
     import psutil
 
     with tempfile.TemporaryDirectory() as storage:
         command = [sys.executable, str(ROOT / "tune_main.py"), "--dataset", "fashion-mnist", "--epochs", str(epochs),
-                   "--storage-path", storage, "--name", "bench", "--no-test-flip"]
+                   "--storage-path", storage, "--name", "bench", "--no-test-flip", "--precision", precision]
         if train_size:
             command += ["--train-size", str(train_size)]
         start = time.perf_counter()
@@ -117,7 +118,19 @@ def normsweep(epochs: int, train_size: int) -> tuple:
             time.sleep(0.5)
         if driver.wait():
             raise SystemExit(f"tune_main.py failed with exit status {driver.returncode}")
-        return time.perf_counter() - start, peak
+        return time.perf_counter() - start, peak, time_split(Path(storage) / "bench")
+
+
+def time_split(experiment: Path) -> dict:
+    """Per trial, mean seconds: training steps, the rest of its epochs (evaluation, precise BN,
+    checkpoint, report), and the trial's whole life, from its progress.csv files."""
+    import pandas as pd
+
+    trials = [pd.read_csv(f) for f in experiment.glob("*/progress.csv")]
+    training = sum(t["epoch_seconds"].sum() for t in trials) / len(trials)
+    epochs = sum(t["time_this_iter_s"].sum() for t in trials) / len(trials)
+    return {"training": training, "evaluation and reporting": epochs - training, "longest trial": max(
+        t["time_total_s"].iloc[-1] for t in trials)}
 
 
 def flops_per_image(batch: int = 128) -> tuple:
@@ -145,6 +158,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2, help="epochs per variant, both paths")
     parser.add_argument("--train-size", type=int, default=0, help="first N training images (0 = all 60,000)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also run (c): normsweep with --precision bf16 (convolutions in bf16, norms in fp32)")
     args = parser.parse_args()
     dataset = data_lib.load_dataset("fashion-mnist")
     if args.train_size:
@@ -159,16 +174,23 @@ def main():
     print(f"net: {train_flops / 1e6:.1f} MFLOP per training image (forward + backward), "
           f"{eval_flops / 1e6:.1f} per test image; {len(VARIANTS)} variants x {args.epochs} epochs x "
           f"{n_train} train + {n_test} test images, batch {batch}", flush=True)
-    sweep_seconds, sweep_memory = normsweep(args.epochs, args.train_size)
-    seconds = {"(a) typical loop": typical_loop(dataset, args.epochs, batch), "(b) normsweep": sweep_seconds}
+    sweeps = {"(b) normsweep": normsweep(args.epochs, args.train_size, "fp32")}
+    if args.bf16:
+        sweeps["(c) normsweep bf16"] = normsweep(args.epochs, args.train_size, "bf16")
+    seconds = {"(a) typical loop": typical_loop(dataset, args.epochs, batch),
+               **{label: sweep[0] for label, sweep in sweeps.items()}}
     print(f"\n{'path':18s} {'wall s':>8s} {'train img/s':>12s} {'GFLOP/s':>8s} {'of fp32':>8s} {'of bf16':>8s}")
     for label, s in seconds.items():
         rate = work / s
         print(f"{label:18s} {s:8.1f} {len(VARIANTS) * args.epochs * n_train / s:12.0f} {rate / 1e9:8.1f} "
               f"{rate / rates['fp32']:8.1%} {rate / rates['bf16']:8.1%}")
-    print(f"speed-up of normsweep over the typical loop: {seconds['(a) typical loop'] / seconds['(b) normsweep']:.2f}x")
-    print(f"normsweep's peak memory, all its processes (PSS): {sweep_memory / 2**30:.2f} GiB; the dataset as "
-          f"uint8 tensors is {(dataset.train_images.numel() + dataset.test_images.numel()) / 2**20:.0f} MiB")
+    for label, (wall, memory, split) in sweeps.items():
+        print(f"\n{label}: {seconds['(a) typical loop'] / wall:.2f}x the typical loop's speed; peak memory, all its "
+              f"processes (PSS): {memory / 2**30:.2f} GiB")
+        print(f"  of its {wall:.0f} s wall, per trial: " + ", ".join(f"{k} {v:.0f} s" for k, v in split.items())
+              + f"; Ray's start, scheduling and shutdown and the final table: {wall - split['longest trial']:.0f} s")
+    print(f"the dataset as uint8 tensors is "
+          f"{(dataset.train_images.numel() + dataset.test_images.numel()) / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ def test_grid_expands_variants_lambdas_and_seeds():
     assert tune_main.param_space(tune_main.parse_args(["--no-test-flip"]))["test_flip"] is False
     assert all(t["precision"] == "auto" for t in trials)
     assert tune_main.param_space(tune_main.parse_args(["--precision", "bf16"]))["precision"] == "bf16"
+    assert all(t["compile"] == "auto" for t in trials)
+    assert tune_main.param_space(tune_main.parse_args(["--compile", "on"]))["compile"] == "on"
 
 
 @pytest.mark.parametrize("spec, message", [
