@@ -4,6 +4,7 @@
 trainable (trainable.py) wraps the same `TrainingRun`.
 """
 import argparse
+import importlib.util
 import math
 import sys
 import time
@@ -45,7 +46,7 @@ DEFAULTS = {
     # "fp32": everything in float32; "auto": bf16 on CUDA, fp32 on the CPU (where every reported
     # result was measured).
     "precision": "auto",
-    # torch.compile the net for training and evaluation: "on", "off", or "auto" = on CUDA only. On this
+    # torch.compile the net for training and evaluation: "on", "off", or "auto" = on CUDA (with Triton). On this
     # CPU it measured 0.80-1.07x eager in fp32 and cost 15-35 s of compiling per trial (BENCHMARKS.md);
     # on a GPU it fuses the small norm and activation kernels. Checkpoints are the same either way.
     "compile": "auto",
@@ -125,11 +126,16 @@ def uses_bf16(config: dict, device: torch.device) -> bool:
 
 
 def uses_compile(config: dict, device: torch.device) -> bool:
-    """Whether a run trains and evaluates a torch.compile'd net: `compile` on, or auto on a CUDA device."""
+    """Whether a run trains and evaluates a torch.compile'd net: `compile` on, or auto on a CUDA device
+    where Triton (the compiler torch.compile generates CUDA kernels with) is installed."""
     choice = config.get("compile", "auto")
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"unknown compile setting {choice!r}; use one of {', '.join(COMPILE_CHOICES)}")
-    return choice == "on" or (choice == "auto" and device.type == "cuda")
+    return choice == "on" or (choice == "auto" and device.type == "cuda" and has_triton())
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def net_config(config: dict) -> NetConfig:

@@ -192,9 +192,12 @@ def test_compiled_net_trains_and_evaluates_as_the_eager_one(fashion_small, monke
         assert torch.allclose(compiled_state[key].float(), value.float(), rtol=1e-4, atol=1e-5), key
 
 
-def test_compile_auto_is_on_cuda_only():
+def test_compile_auto_is_on_cuda_with_triton_only(monkeypatch):
     assert not train.uses_compile({"compile": "auto"}, torch.device("cpu"))
+    monkeypatch.setattr(train, "has_triton", lambda: True)
     assert train.uses_compile({"compile": "auto"}, torch.device("cuda"))
+    monkeypatch.setattr(train, "has_triton", lambda: False)  # e.g. Windows: eager rather than a failed compile
+    assert not train.uses_compile({"compile": "auto"}, torch.device("cuda"))
     assert train.uses_compile({"compile": "on"}, torch.device("cpu"))
     assert not train.uses_compile({"compile": "off"}, torch.device("cuda"))
     with pytest.raises(ValueError, match="unknown compile setting 'yes'; use one of auto, on, off"):
