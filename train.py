@@ -46,9 +46,10 @@ DEFAULTS = {
     # "fp32": everything in float32; "auto": bf16 on CUDA, fp32 on the CPU (where every reported
     # result was measured).
     "precision": "auto",
-    # torch.compile the net for training and evaluation: "on", "off", or "auto" = on CUDA (with Triton). On this
-    # CPU it measured 0.80-1.07x eager in fp32 and cost 15-35 s of compiling per trial (BENCHMARKS.md);
-    # on a GPU it fuses the small norm and activation kernels. Checkpoints are the same either way.
+    # torch.compile the net for training and evaluation: "on", "off", or "auto" = on CUDA (with Triton).
+    # On this CPU it measured 0.80-1.07x eager in fp32 and cost 15-35 s of compiling per trial
+    # (BENCHMARKS.md); on a GPU it fuses the small norm and activation kernels. Checkpoints are the
+    # same either way.
     "compile": "auto",
 }
 PRECISIONS = ("auto", "fp32", "bf16")
