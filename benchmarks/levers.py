@@ -11,9 +11,11 @@ batch, nesterov SGD, OneCycle) on a Fashion-MNIST subset under each lever:
 - fp32 compiled / bf16 compiled: the same under torch.compile; the first (compiling) epoch's
   extra seconds are printed, since a sweep has to earn them back
 
-An epoch of warm-up, then the best of --repeats timed epochs. Ratios are against fp32 eager.
+An epoch of warm-up, then --repeats timed epochs per lever, taken in turns (lever A, B, C, A, B,
+C, ...) so that the machine's slow spells fall on every lever; the best of each lever's epochs is
+printed. Ratios are against fp32 eager.
 
-    .venv/bin/python benchmarks/levers.py [--train-size 6400] [--repeats 2] [--compile]
+    .venv/bin/python benchmarks/levers.py [--train-size 6400] [--repeats 3] [--compile]
 """
 import argparse
 import sys
@@ -28,24 +30,28 @@ import data as data_lib  # noqa: E402
 import train  # noqa: E402
 
 
-def images_per_s(norm: str, dataset, *, batch_size: int, bf16: bool, compiled: bool, layout, repeats: int) -> tuple:
-    """(best training images/s over `repeats` timed epochs, seconds of the first epoch)."""
+def start_run(norm: str, dataset, *, batch_size: int, bf16: bool, compiled: bool, layout, epochs: int) -> dict:
+    """A run under one lever, its first (warm-up, compiling) epoch done: {"epoch": ..., "first_s": ...}."""
     train.MEMORY_FORMAT = layout
-    run = train.TrainingRun({"norm": norm, "precision": "bf16" if bf16 else "fp32", "epochs": repeats + 1,
+    run = train.TrainingRun({"norm": norm, "precision": "bf16" if bf16 else "fp32", "epochs": epochs,
                              "batch_size": batch_size}, dataset)
     model = torch.compile(run.model) if compiled else run.model
     args = dict(generator=run.generator, batch_size=run.config["batch_size"], mean=run.mean, std=run.std,
                 augment=run.augment, label_smoothing=run.config["label_smoothing"], bf16=bf16)
-    first = train.train_epoch(model, run.optimizer, run.scheduler, run.train_x, run.train_y, **args)
-    best = max(train.train_epoch(model, run.optimizer, run.scheduler, run.train_x, run.train_y, **args)["images_per_s"]
-               for _ in range(repeats))
-    return best, first["epoch_seconds"]
+
+    def epoch() -> float:
+        train.MEMORY_FORMAT = layout
+        return train.train_epoch(model, run.optimizer, run.scheduler, run.train_x, run.train_y, **args)["images_per_s"]
+
+    start = time.perf_counter()
+    epoch()
+    return {"epoch": epoch, "first_s": time.perf_counter() - start}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-size", type=int, default=6400, help="training images per epoch")
-    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per measurement (best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per lever, taken in turns (the best is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (a default CPU trial has 1)")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
     parser.add_argument("--batch-size", type=int, default=train.batch_size_for(60_000),
@@ -60,15 +66,21 @@ def main():
     if args.compile:
         levers += [("fp32 compiled", False, True, channels_last), ("bf16 compiled", True, True, channels_last)]
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.train_size} Fashion-MNIST training images, "
-          f"batch {args.batch_size}; best of {args.repeats} epochs after one warm-up", flush=True)
+          f"batch {args.batch_size}; best of {args.repeats} epochs per lever, in turns, after one warm-up", flush=True)
     print(f"{'norm':5s} {'lever':14s} {'img/s':>7s} {'ratio':>6s} {'1st epoch s':>12s}")
     for norm in args.norms.split(","):
-        base = None
-        for label, bf16, compiled, layout in levers:
-            rate, first = images_per_s(norm, dataset, batch_size=args.batch_size, bf16=bf16, compiled=compiled,
-                                       layout=layout, repeats=args.repeats)
-            base = base or rate
-            print(f"{norm:5s} {label:14s} {rate:7.0f} {rate / base:6.2f} {first:12.1f}", flush=True)
+        runs = {label: start_run(norm, dataset, batch_size=args.batch_size, bf16=bf16, compiled=compiled,
+                                 layout=layout, epochs=args.repeats + 1)
+                for label, bf16, compiled, layout in levers}
+        # Round-robin over the levers, so that a slow spell of a shared machine hits every lever alike.
+        rates = {label: [] for label in runs}
+        for _ in range(args.repeats):
+            for label, run in runs.items():
+                rates[label].append(run["epoch"]())
+        base = max(rates["fp32"])
+        for label, run in runs.items():
+            print(f"{norm:5s} {label:14s} {max(rates[label]):7.0f} {max(rates[label]) / base:6.2f} "
+                  f"{run['first_s']:12.1f}", flush=True)
 
 
 if __name__ == "__main__":
