@@ -57,6 +57,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=train.batch_size_for(60_000),
                         help="images per step (default: the auto batch of the full training split)")
     parser.add_argument("--norms", default="bn,gn,ln")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where one fp32 epoch of the first norm spends its time, by torch op")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dataset = data_lib.load_dataset("fashion-mnist").subset(args.train_size, 1000)
@@ -81,6 +83,21 @@ def main():
         for label, run in runs.items():
             print(f"{norm:5s} {label:14s} {max(rates[label]):7.0f} {max(rates[label]) / base:6.2f} "
                   f"{run['first_s']:12.1f}", flush=True)
+    if args.profile:
+        profile(args.norms.split(",")[0], dataset, args.batch_size)
+
+
+def profile(norm: str, dataset, batch_size: int):
+    """torch.profiler's table of the ops one fp32 (default) training epoch spends its time in."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    run = start_run(norm, dataset, batch_size=batch_size, bf16=False, compiled=False,
+                    layout=train.MEMORY_FORMAT, epochs=2)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
+        run["epoch"]()
+    print(f"\n{norm}, fp32, one epoch, by self CPU time:")
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 if __name__ == "__main__":
