@@ -47,7 +47,7 @@ DEFAULTS = {
     # result was measured).
     "precision": "auto",
     # torch.compile the net for training and evaluation: "on", "off", or "auto" = on CUDA (with Triton).
-    # On this CPU it measured 0.80-1.07x eager in fp32 and cost 15-35 s of compiling per trial
+    # On this CPU it measured 0.79-0.99x eager in fp32 and cost 14-35 s of compiling per trial
     # (BENCHMARKS.md); on a GPU it fuses the small norm and activation kernels. Checkpoints are the
     # same either way.
     "compile": "auto",
@@ -84,7 +84,7 @@ PRECISE_BN_BATCH, PRECISE_BN_IMAGES = 500, 10_000
 
 
 # Activations and conv weights in channels-last (NHWC) layout: oneDNN's convolutions are faster in it,
-# 1.25-1.5x per training step on the CPU here (benchmarks/levers.py, BENCHMARKS.md).
+# 1.23-1.41x per training step on the CPU here (benchmarks/levers.py, BENCHMARKS.md).
 MEMORY_FORMAT = torch.channels_last
 
 
