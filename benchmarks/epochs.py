@@ -54,13 +54,10 @@ def main():
         experiment = Path(args.storage_path).resolve() / f"{args.prefix}{epochs}"
         walls[epochs] = run_sweep(experiment, epochs, args)
         _, df = analysis.load_experiment(experiment)
-        final = analysis.final_per_trial(df)
-        seconds = df.groupby("trial")["epoch_seconds"].sum()
-        for variant, group in final.groupby("variant"):
-            acc = 100 * group["test_acc_single"]
+        for variant, trials in analysis.trial_table(df).groupby("variant"):
+            acc = trials["final one-view acc (%)"]
             spread = f" ± {acc.std():.2f}" if len(acc) > 1 else ""
-            rows.setdefault(variant, {})[epochs] = (f"{acc.mean():.2f}{spread} "
-                                                    f"({seconds[group['trial']].mean():.0f} s)")
+            rows.setdefault(variant, {})[epochs] = f"{acc.mean():.2f}{spread} ({trials['train s'].mean():.0f} s)"
         flagged[epochs] = [row.variant for row in analysis.convergence(df).itertuples() if not row.converged]
         print(f"{epochs} epochs: sweep wall {walls[epochs]:.0f} s", flush=True)
     print(f"\nfinal-epoch one-view test accuracy (%), mean{' ± std' if args.seeds > 1 else ''} over {args.seeds} "

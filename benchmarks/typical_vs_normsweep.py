@@ -122,8 +122,8 @@ def normsweep(epochs: int, train_size: int, precision: str) -> tuple:
 
 
 def time_split(experiment: Path) -> dict:
-    """Per trial, mean seconds: training steps, the rest of its epochs (evaluation, precise BN,
-    checkpoint, report), and the trial's whole life, from its progress.csv files."""
+    """Seconds from the trials' progress.csv files: the mean per trial of its training steps and of the
+    rest of its epochs (evaluation, precise BN, checkpoint, report), and the longest trial's whole life."""
     import pandas as pd
 
     trials = [pd.read_csv(f) for f in experiment.glob("*/progress.csv")]
