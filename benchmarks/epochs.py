@@ -33,7 +33,7 @@ def run_sweep(experiment: Path, epochs: int, args) -> float:
                "--storage-path", str(experiment.parent), "--name", experiment.name]
     print("$", " ".join(command[1:]), flush=True)
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, cwd=ROOT, check=True)  # its console shows the sweep's progress, epoch by epoch
     seconds = time.perf_counter() - start
     wall_file.write_text(json.dumps({"seconds": seconds, "command": command[1:]}))
     return seconds
