@@ -286,16 +286,20 @@ class TrainingRun:
     def run_epoch(self) -> dict:
         """Train one epoch and evaluate; returns the metrics Tune reports (plus predictions)."""
         lr = self.scheduler.get_last_lr()[0]
-        metrics = train_epoch(self.net, self.optimizer, self.scheduler, self.train_x, self.train_y,
-                              generator=self.generator, batch_size=self.config["batch_size"],
-                              mean=self.mean, std=self.std, augment=self.augment,
-                              l1=self.config["l1"], label_smoothing=self.config["label_smoothing"], bf16=self.bf16)
+        metrics = self.train_one_epoch()
         result = evaluate(self.net, self.eval_x, self.eval_y, mean=self.mean, std=self.std,
                           flip=uses_test_flip(self.config, self.augment), bf16=self.bf16)
         self.epoch += 1
         return {**metrics, "test_loss": result["loss"], "test_acc": result["acc"],
                 "test_acc_single": result["acc_single"], "test_acc_precise_bn": self.precise_bn_acc(), "lr": lr,
                 "epoch": self.epoch, "threads": torch.get_num_threads()}
+
+    def train_one_epoch(self) -> dict:
+        """The training half of an epoch (no evaluation, epoch count unchanged): train_epoch's metrics."""
+        return train_epoch(self.net, self.optimizer, self.scheduler, self.train_x, self.train_y,
+                           generator=self.generator, batch_size=self.config["batch_size"],
+                           mean=self.mean, std=self.std, augment=self.augment,
+                           l1=self.config["l1"], label_smoothing=self.config["label_smoothing"], bf16=self.bf16)
 
     def precise_bn_acc(self) -> float:
         """One-view accuracy with precise BN statistics (see `precise_bn`), after the final epoch of a net

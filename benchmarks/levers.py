@@ -33,15 +33,12 @@ import train  # noqa: E402
 def start_run(norm: str, dataset, *, batch_size: int, bf16: bool, compiled: bool, layout, epochs: int) -> dict:
     """A run under one lever, its first (warm-up, compiling) epoch done: {"epoch": ..., "first_s": ...}."""
     train.MEMORY_FORMAT = layout
-    run = train.TrainingRun({"norm": norm, "precision": "bf16" if bf16 else "fp32", "epochs": epochs,
-                             "batch_size": batch_size}, dataset)
-    model = torch.compile(run.model) if compiled else run.model
-    args = dict(generator=run.generator, batch_size=run.config["batch_size"], mean=run.mean, std=run.std,
-                augment=run.augment, label_smoothing=run.config["label_smoothing"], bf16=bf16)
+    run = train.TrainingRun({"norm": norm, "precision": "bf16" if bf16 else "fp32", "compile": "on" if compiled else "off",
+                             "epochs": epochs, "batch_size": batch_size}, dataset)
 
     def epoch() -> float:
-        train.MEMORY_FORMAT = layout
-        return train.train_epoch(model, run.optimizer, run.scheduler, run.train_x, run.train_y, **args)["images_per_s"]
+        train.MEMORY_FORMAT = layout  # the levers take turns, and the layout is module state
+        return run.train_one_epoch()["images_per_s"]
 
     start = time.perf_counter()
     epoch()

@@ -129,8 +129,8 @@ def time_split(experiment: Path) -> dict:
     trials = [pd.read_csv(f) for f in experiment.glob("*/progress.csv")]
     training = sum(t["epoch_seconds"].sum() for t in trials) / len(trials)
     epochs = sum(t["time_this_iter_s"].sum() for t in trials) / len(trials)
-    return {"training": training, "evaluation and reporting": epochs - training, "longest trial": max(
-        t["time_total_s"].iloc[-1] for t in trials)}
+    longest = max(t["time_total_s"].iloc[-1] for t in trials)
+    return {"training": training, "evaluation and reporting": epochs - training, "longest trial": longest}
 
 
 def flops_per_image(batch: int = 128) -> tuple:
