@@ -51,18 +51,29 @@ def param_space(args) -> dict:
 def trial_resources(cluster: dict, n_trials: int, args) -> dict:
     """CPUs and GPUs per trial so that every trial runs at once where it fits.
 
-    GPUs: a trial uses one device, so at most one GPU each, and a fractional share when trials
-    outnumber GPUs (4 trials on 2 GPUs: 0.5 each, all at once). CPU-only: all trials share the cores
-    (fractional CPUs), each torch process on one thread; on the 2-core machine this was the
-    fastest layout measured (benchmarks/concurrency.py).
+    GPUs: a trial uses one device, so at most one GPU each, and a share of 1/k of a GPU when trials
+    outnumber GPUs, k = ceil(trials at once / GPUs). Ray places a fractional share on one GPU, so a
+    share that does not divide 1 strands the remainder: 3 GPUs and 4 trials at 0.75 each run only 3
+    at once, at 1/2 each all 4 (see `gpu_share`). CPU-only: all trials share the cores (fractional
+    CPUs), each torch process on one thread; on the 2-core machine this was the fastest layout
+    measured (benchmarks/concurrency.py).
     """
     cpus, gpus = cluster.get("CPU", 1), cluster.get("GPU", 0)
     concurrent = min(n_trials, args.max_concurrent or n_trials)
     gpus_per_trial = args.gpus_per_trial
     if gpus_per_trial is None:
-        gpus_per_trial = min(1, gpus / concurrent) if gpus else 0
+        gpus_per_trial = gpu_share(gpus, concurrent)
     cpus_per_trial = args.cpus_per_trial or max(cpus / concurrent, 0.01)
     return {"cpu": round(cpus_per_trial, 4), "gpu": gpus_per_trial}
+
+
+def gpu_share(gpus: float, concurrent: int) -> float:
+    """GPUs per trial so that `concurrent` trials fit on `gpus` whole GPUs at once: 1 / ceil(concurrent / gpus),
+    at most 1; 0 without GPUs. Rounded down to Ray's resource precision (1e-4), so k shares fit on a GPU."""
+    if gpus < 1 or concurrent < 1:
+        return 0 if gpus < 1 else 1
+    per_gpu = math.ceil(concurrent / math.floor(gpus))  # trials that must share one GPU
+    return 1 if per_gpu == 1 else math.floor(10_000 / per_gpu) / 10_000
 
 
 def check_writable(path: Path):

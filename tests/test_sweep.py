@@ -1,5 +1,6 @@
 """The Ray Tune layer end to end: a real sweep, grid expansion, kill-and-resume, resources."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -87,6 +88,18 @@ def test_default_resources_run_trials_at_once():
     assert _resources(2, cpus=2, gpus=0.5) == {"cpu": 2, "gpu": 0.5}
 
 
+@pytest.mark.parametrize("gpus, trials, share", [
+    (1, 4, 0.25), (2, 4, 0.5), (3, 4, 0.5), (4, 4, 1), (6, 4, 1),  # 3 GPUs: 0.75 each would run 3 at once
+    (4, 6, 0.5), (5, 12, 0.3333), (3, 7, 0.3333), (2, 3, 0.5), (8, 1, 1), (0, 4, 0),
+])
+def test_gpu_shares_pack_every_trial_at_once(gpus, trials, share):
+    """Ray puts a fractional share on one GPU: the trials that fit at once are floor(1/share) per GPU."""
+    got = _resources(16, gpu=gpus, n=trials)["gpu"]
+    assert got == share
+    if gpus:
+        assert gpus * math.floor(1 / got + 1e-9) >= trials  # every trial has a place at once
+
+
 def test_unwritable_storage_path_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -122,7 +135,7 @@ def test_killed_driver_resumes_every_trial_once(tmp_path):
         assert (result.metrics_dataframe["threads"] == 1).all()
 
 
-@pytest.mark.parametrize("gpus, share", [(2, 0.5), (8, 1)])
+@pytest.mark.parametrize("gpus, share", [(2, 0.5), (3, 0.5), (8, 1)])
 def test_logical_gpus_are_shared_and_all_trials_run_at_once(gpus, share, tmp_path):
     """Ray's logical GPUs (no real device): 4 trials get `share` GPU each and all run at the same time."""
     import ray
