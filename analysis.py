@@ -7,9 +7,8 @@ test, and a figure of what each norm pools (the notebook's; the report leaves th
 summary; analysis.ipynb calls the same functions.
 """
 import argparse
+import io
 import itertools
-import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -23,9 +22,9 @@ import torch
 from scipy import stats
 
 import data as data_lib
+import experiments
 import train
 import trainable
-import tune_main
 from model import build_model, count_parameters
 
 CURVES = {  # metric -> (axis label, higher is better)
@@ -42,36 +41,42 @@ LINESTYLES = ("-", "--", "-.", ":")  # with markers, so a curve lying on another
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
-class AnalysisError(ValueError):
+class AnalysisError(experiments.ExperimentError):
     """An experiment that cannot be analysed; the message is one line."""
 
 
 def latest_experiment(root="results") -> str:
-    """The newest experiment under root (what the notebook opens by default), or a one-line error."""
-    states = list(Path(root).glob("*/experiment_state-*.json"))
-    if not states:
-        raise AnalysisError(f"no experiment under {Path(root).resolve()}; run `python tune_main.py --smoke-test` "
-                            f"first, or set NORMSWEEP_EXPERIMENT to an experiment directory")
-    return str(max(states, key=os.path.getmtime).parent)
+    """The newest experiment under root, a local directory or a storage URI (what the notebook opens by
+    default), or a one-line experiments.ExperimentError."""
+    return experiments.latest(experiments.resolve(root))
 
 
 def load_experiment(path):
-    """(ResultGrid, DataFrame) of an experiment; one DataFrame row per trial and epoch.
+    """(ResultGrid, DataFrame) of an experiment, a local directory or a URI (`s3://bucket/results/name`);
+    one DataFrame row per trial and epoch.
 
     Columns beyond the metrics: `health` ("ok" or why the trial stopped), `diverged` (per trial),
     `epochs` (planned) among the trial's settings. Trials that never reported are absent (see `progress`).
+    Raises AnalysisError (one line) for a location that holds no Tune experiment or no epoch yet.
     """
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    path = Path(path).expanduser().resolve()
-    if not path.is_dir() or not list(path.glob("experiment_state-*.json")):
-        raise AnalysisError(f"{path} is not a Ray Tune experiment directory (no experiment_state-*.json); "
-                            f"pass results/<name> as printed by tune_main.py")
-    grid = ResultGrid(ExperimentAnalysis(str(path)))
+    location = experiments.resolve(path)
+    if not experiments.is_experiment(location):
+        raise AnalysisError(f"{location} is not a Ray Tune experiment directory (no experiment_state-*.json); "
+                            f"pass results/<name> (or the storage URI and name) as printed by tune_main.py")
+    fs, fs_path = experiments.filesystem(location)
+    grid = ResultGrid(ExperimentAnalysis(fs_path, storage_filesystem=fs))
     df = results_frame(grid)
     if df.empty:
-        raise AnalysisError(f"{path} holds no reported epochs yet; wait for the first epoch or check the trials' errors")
+        raise AnalysisError(f"{location} holds no reported epochs yet; wait for the first epoch or check the trials' errors")
     return grid, df
+
+
+def experiment_location(grid) -> str:
+    """Where a ResultGrid's experiment lives, as a local path or URI that the experiments module reads."""
+    fs = next((r.filesystem for r in grid if r.filesystem is not None), None)
+    return grid.experiment_path if fs is None else experiments.location_of(fs, grid.experiment_path)
 
 
 def results_frame(grid) -> pd.DataFrame:
@@ -145,10 +150,9 @@ def progress(grid, df) -> pd.DataFrame:
         row["epochs in"].append(int(trial["epoch"].max()) if len(trial) else 0)
         row["diverged"] += bool(len(trial) and trial["diverged"].iloc[0])
     # trials Tune never started are missing from the grid; the launch settings list them
-    launch_file = Path(grid.experiment_path) / tune_main.LAUNCH_FILE
-    launch = json.loads(launch_file.read_text()) if launch_file.is_file() else {}
+    launch = experiments.read_launch(experiment_location(grid))
     if launch.get("variants"):
-        variants = tune_main.parse_variants(launch["variants"], launch.get("l1") or [tune_main.DEFAULT_L1])
+        variants = experiments.launch_variants(launch)
         batches = launch.get("batch_sizes") or [None]
         for variant, batch in itertools.product(variants, batches):
             label = trial_label({"variant": variant, "batch_size": batch, "lr_reference_batch": batch})  # any >0 marks a study
@@ -241,7 +245,7 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None):
                             f"re-run or resume the experiment")
     model, state = trainable.model_from_result_checkpoint(kept[-1])
     config = state["config"]
-    dataset = evaluation_split(Path(result.path).parent, config, dataset)
+    dataset = evaluation_split(experiment_location(grid), config, dataset)
     out = train.evaluate(model, dataset.test_images, dataset.test_labels, **state["input_stats"],
                          flip=train.uses_test_flip(config, dataset.augment))  # as the trial evaluated
     wrong = torch.nonzero(out["preds"] != dataset.test_labels).flatten()[:n]
@@ -250,15 +254,13 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None):
             "pred": out["preds"][wrong], "confidence": out["confidence"][wrong], "classes": dataset.classes}
 
 
-def evaluation_split(experiment: Path, config: dict, dataset=None):
+def evaluation_split(experiment: str, config: dict, dataset=None):
     """The dataset as the experiment's trials saw it: a --smoke-test experiment scored its trials on
-    the first tune_main.SMOKE["test"] test images, so its grids must too."""
+    the first experiments.SMOKE["test"] test images, so its grids must too."""
     if dataset is None:
         dataset = data_lib.load_dataset(config["dataset"], config["data_dir"])
-    launch_file = Path(experiment) / tune_main.LAUNCH_FILE
-    launch = json.loads(launch_file.read_text()) if launch_file.is_file() else {}
-    if launch.get("smoke_test"):
-        return dataset.subset(tune_main.SMOKE["train"], tune_main.SMOKE["test"])
+    if experiments.read_launch(experiment).get("smoke_test"):
+        return dataset.subset(experiments.SMOKE["train"], experiments.SMOKE["test"])
     return dataset
 
 
@@ -489,19 +491,28 @@ def _markdown(table: pd.DataFrame) -> str:
 
 
 def write_report(experiment, out_dir) -> list:
-    """Every figure as PNG plus summary.md into out_dir; returns the written paths."""
+    """Every figure as PNG plus summary.md into out_dir, a local directory or a storage URI; returns
+    the written paths (Path objects for a local out_dir, URIs otherwise)."""
     grid, df = load_experiment(experiment)
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AnalysisError(f"cannot write the report to {out} ({e.strerror}); pass a writable --out") from None
-    written = []
+    if experiments.is_uri(out_dir):
+        out, written = experiments.resolve(out_dir), []
+    else:
+        out, written = Path(out_dir), []
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AnalysisError(f"cannot write the report to {out} ({e.strerror}); pass a writable --out") from None
+
+    def put(name, data: bytes):
+        target = experiments.join(out, name) if isinstance(out, str) else out / name
+        experiments.write_bytes(str(target), data)
+        written.append(target)
 
     def save(fig, name):
-        fig.savefig(out / name, dpi=110)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
         plt.close(fig)
-        written.append(out / name)
+        put(name, buffer.getvalue())
 
     for metric in CURVES:
         save(plot_curves(df, metric), f"{metric}.png")
@@ -525,7 +536,7 @@ def write_report(experiment, out_dir) -> list:
                       _markdown(study), ""]
     table, tests, warnings = summary(df), pairwise_tests(df), convergence_warnings(df)
     notes = [note for note in (progress_note(progress(grid, df)), diverged_note(df)) if note]
-    text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: `{_shown_path(experiment)}`", "",
+    text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: `{experiments.shown(experiment)}`", "",
             *[line for note in notes for line in (f"**{note}**", "")],
             *study_text,
             "Headline: test accuracy at the final epoch on one view of each image (no choice made on the "
@@ -540,25 +551,19 @@ def write_report(experiment, out_dir) -> list:
             "![train loss](train_loss.png)", "![train accuracy](train_acc.png)", ""]
     text += [f"![{variant} misclassified]({name})" for variant, name in grids]
     text += [""]
-    (out / "summary.md").write_text("\n".join(text))
-    written.append(out / "summary.md")
+    put("summary.md", "\n".join(text).encode())
     return written
-
-
-def _shown_path(experiment) -> str:
-    """Relative to the working directory when inside it; else the experiment's name (no machine paths)."""
-    path = Path(experiment).resolve()
-    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else path.name
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Write the figures and a markdown summary of a normsweep experiment.")
-    parser.add_argument("experiment", help="the experiment directory, results/<name>, as printed by tune_main.py")
-    parser.add_argument("--out", default=None, help="output directory (default: <experiment>/report)")
+    parser.add_argument("experiment", help="the experiment, results/<name> or a storage URI such as "
+                                           "s3://bucket/results/<name>, as printed by tune_main.py")
+    parser.add_argument("--out", default=None, help="output directory or URI (default: <experiment>/report)")
     args = parser.parse_args(argv)
     matplotlib.use("Agg")  # files only; the notebook keeps its inline backend
     try:
-        written = write_report(args.experiment, args.out or Path(args.experiment) / "report")
+        written = write_report(args.experiment, args.out or experiments.join(experiments.resolve(args.experiment), "report"))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,26 +4,22 @@ Builds the grid (variants x L1 lambdas x seeds), sizes each trial's CPUs/GPUs fr
 runs or resumes the Tuner, and prints a summary table of the finished experiment.
 """
 import argparse
-import json
 import math
 import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import checks
 import data as data_lib
+import experiments
 import train
 import trainable
 from checks import UsageError, parse_variants  # noqa: F401  (part of this module's interface)
-from model import build_model
+from experiments import DEFAULT_L1, SMOKE
 
-DEFAULT_L1 = 1e-5  # lambda for "+l1" variants: L1 penalty lambda * sum(|w|)
 DEFAULT_STORAGE = "results"  # relative to the working directory, made absolute
-LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was started with (for --resume)
-SMOKE = {"train": 1000, "test": 500, "epochs": 2}
 # What --resume takes from the launch file; resources, address and paths come from today's flags.
 LAUNCH_KEYS = ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs",
                "batch_size", "batch_sizes", "lr", "groups", "test_flip", "precision",
@@ -76,16 +72,6 @@ def gpu_share(gpus: float, concurrent: int) -> float:
     return 1 if per_gpu == 1 else math.floor(10_000 / per_gpu) / 10_000
 
 
-def check_writable(path: Path):
-    """Without making anything: a refused launch must leave no directory behind."""
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write results to {path} ({existing} is not a writable directory); "
-                         f"pass a writable --storage-path")
-
-
 def load_data(args) -> data_lib.Dataset:
     loaded = data_lib.load_dataset(args.dataset, args.data_dir)
     if args.smoke_test:
@@ -95,29 +81,16 @@ def load_data(args) -> data_lib.Dataset:
     return loaded
 
 
-def started(experiment: Path) -> bool:
-    """Launched by normsweep and started by Tune (a launch killed before Tune saved state is not)."""
-    return (experiment / LAUNCH_FILE).is_file() and any(experiment.glob("experiment_state-*.json"))
-
-
-def latest_experiment(storage: Path) -> str:
-    launched = sorted((p.parent for p in storage.glob(f"*/{LAUNCH_FILE}") if started(p.parent)),
-                      key=lambda p: (p / LAUNCH_FILE).stat().st_mtime)
-    if not launched:
-        raise UsageError(f"--resume: no normsweep experiment under {storage}; pass --storage-path and --name")
-    return launched[-1].name
-
-
-def load_launch(storage: Path, args) -> dict:
+def load_launch(storage: str, args) -> dict:
     """The launch settings of the experiment --resume names (default: the latest)."""
-    args.name = args.name or latest_experiment(storage)
-    experiment = storage / args.name
-    if not (experiment / LAUNCH_FILE).is_file():
-        raise UsageError(f"--resume: {experiment} is not a normsweep experiment (no {LAUNCH_FILE})")
-    if not started(experiment):
+    args.name = args.name or experiments.latest_started(storage)
+    experiment = experiments.join(storage, args.name)
+    if not experiments.exists(experiments.join(experiment, experiments.LAUNCH_FILE)):
+        raise UsageError(f"--resume: {experiment} is not a normsweep experiment (no {experiments.LAUNCH_FILE})")
+    if not experiments.started(experiment):
         raise UsageError(f"--resume: {experiment} was launched but Tune never saved its state; "
                          f"nothing to resume, start it again (delete the directory or pick a new --name)")
-    return json.loads((experiment / LAUNCH_FILE).read_text())
+    return experiments.read_launch(experiment)
 
 
 def resume_notes(args, launch: dict) -> str:
@@ -144,21 +117,18 @@ def finished(result, epochs: int) -> bool:
     return metrics.get("epoch", 0) >= epochs or metrics.get(trainable.HEALTH_KEY, "ok") != "ok"
 
 
-def trials_left(experiment: Path, n_trials: int, epochs: int) -> int:
+def trials_left(experiment: str, n_trials: int, epochs: int) -> int:
     """Trials of a stopped experiment still to run, from the trial directories' result.json."""
-    done = 0
-    for result_file in experiment.glob("*/result.json"):
-        lines = result_file.read_text().splitlines()
-        last = json.loads(lines[-1]) if lines else {}
-        done += last.get("epoch", 0) >= epochs or last.get(trainable.HEALTH_KEY, "ok") != "ok"
+    done = sum(last.get("epoch", 0) >= epochs or last.get(trainable.HEALTH_KEY, "ok") != "ok"
+               for last in experiments.last_results(experiment).values())
     return n_trials - done
 
 
-def resume_command(storage: Path, args) -> str:
+def resume_command(storage: str, args) -> str:
     script = Path(__file__).resolve()
     script = os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
     python = os.path.relpath(sys.executable) if Path(sys.executable).is_relative_to(Path.cwd()) else sys.executable
-    command = [python, script, "--resume", "--storage-path", str(storage), "--name", args.name]
+    command = [python, script, "--resume", "--storage-path", storage, "--name", args.name]
     if args.address:
         command += ["--address", args.address]
     return shlex.join(command)
@@ -177,8 +147,8 @@ def run(args) -> int:
 
     import console
 
-    storage = Path(args.storage_path).expanduser().resolve()
-    check_writable(storage)
+    storage = experiments.resolve(args.storage_path)
+    experiments.check_storage(storage)
     notes = None
     if args.resume:
         launch = load_launch(storage, args)
@@ -186,8 +156,8 @@ def run(args) -> int:
         for key in LAUNCH_KEYS:
             setattr(args, key, launch.get(key, getattr(args, key)))  # the experiment's own settings, not today's flags
     args.name = args.name or f"normsweep_{Path(args.dataset).name}_{time.strftime('%Y%m%d-%H%M%S')}"
-    experiment = storage / args.name
-    if experiment.exists() and not args.resume:
+    experiment = experiments.join(storage, args.name)
+    if not args.resume and experiments.exists(experiment):
         raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
 
     space = param_space(args)
@@ -212,7 +182,7 @@ def run(args) -> int:
               f"experiment {experiment}", flush=True)
         fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset), resources)
         if args.resume:
-            tuner = tune.Tuner.restore(str(experiment), trainable=fn, resume_errored=True)
+            tuner = tune.Tuner.restore(experiment, trainable=fn, resume_errored=True)
         else:
             tuner = tune.Tuner(
                 fn,
@@ -220,7 +190,7 @@ def run(args) -> int:
                 tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None,
                                             trial_name_creator=trial_name, trial_dirname_creator=trial_name),
                 run_config=tune.RunConfig(
-                    name=args.name, storage_path=str(storage),
+                    name=args.name, storage_path=storage,
                     checkpoint_config=tune.CheckpointConfig(
                         num_to_keep=1, checkpoint_score_attribute=trainable.BEST_METRIC,
                         checkpoint_score_order=trainable.BEST_MODE),  # the best; Tune always keeps the latest too
@@ -228,16 +198,15 @@ def run(args) -> int:
                     callbacks=[console.Progress(args.epochs, n_trials)],
                     verbose=2 if args.verbose else 0),
             )
-            experiment.mkdir(parents=True, exist_ok=True)
             made_here = True
-            (experiment / LAUNCH_FILE).write_text(json.dumps(vars(args), indent=1))
+            experiments.write_launch(experiment, vars(args))
         try:
             results = tuner.fit()
         except KeyboardInterrupt:  # a second Ctrl-C: Tune's own handler took the first
             results = None
         except BaseException:
-            if made_here and not started(experiment):  # nothing a --resume could use
-                shutil.rmtree(experiment, ignore_errors=True)
+            if made_here and not experiments.started(experiment):  # nothing a --resume could use
+                experiments.delete(experiment)
             raise
     finally:
         ray.shutdown()

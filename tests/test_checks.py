@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import checks
+import experiments
 import train
 import tune_main
 
@@ -128,9 +129,9 @@ def test_half_made_experiment_is_not_the_latest(tmp_path, capsys):
     good, half = tmp_path / "good", tmp_path / "half"
     for experiment in (good, half):
         experiment.mkdir()
-        (experiment / tune_main.LAUNCH_FILE).write_text("{}")
+        (experiment / experiments.LAUNCH_FILE).write_text("{}")
     (good / "experiment_state-2025.json").write_text("{}")
-    assert tune_main.latest_experiment(tmp_path) == "good"
+    assert experiments.latest_started(str(tmp_path)) == "good"
     assert tune_main.main(["--resume", "--storage-path", str(tmp_path), "--name", "half"]) == 2
     err = capsys.readouterr().err.strip()
     assert "was launched but Tune never saved its state" in err and "\n" not in err

@@ -13,6 +13,7 @@ import torch
 from ray import tune
 
 import analysis
+import experiments
 import train
 import trainable
 
@@ -50,7 +51,7 @@ def test_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path):
 
 
 def test_notebook_without_results_says_so_in_one_sentence(tmp_path):
-    with pytest.raises(analysis.AnalysisError, match="no experiment under .*; run `python tune_main.py --smoke-test` first"):
+    with pytest.raises(experiments.ExperimentError, match="no experiment under .*; run `python tune_main.py --smoke-test` first"):
         analysis.latest_experiment(tmp_path / "results")
     notebook = nbformat.read(ROOT / "analysis.ipynb", as_version=4)
     first = next(cell for cell in notebook.cells if cell.cell_type == "code").source

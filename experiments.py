@@ -1,0 +1,268 @@
+"""The results contract: where normsweep experiments live and what a reader may rely on in them.
+
+An experiment is `<storage path>/<name>/`, Ray Tune's experiment directory plus normsweep's launch
+file. The storage path is a local directory or any URI `pyarrow.fs` resolves (`s3://bucket/prefix`,
+`gs://...`, `file:///...`); S3 takes its endpoint and credentials the way every S3 client does
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, an instance role).
+Every read and write of an experiment by the CLI, the analysis and the notebook goes through here;
+Ray Tune writes its own files to the same place (`tune.RunConfig(storage_path=...)`).
+
+Layout (README, "The results directory"):
+    <name>/normsweep_launch.json              the CLI settings of the launch (LAUNCH_FILE)
+    <name>/experiment_state-*.json            Tune's state: an experiment Tune started has one
+    <name>/<trial>/result.json                one JSON line per reported epoch
+    <name>/<trial>/checkpoint_NNNNNN/state.pt the best and the latest checkpoint
+
+No Ray here: the analysis reads experiments without starting Ray.
+"""
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+import checks
+
+LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was started with (for --resume)
+STATE_PREFIX, STATE_SUFFIX = "experiment_state-", ".json"  # Tune's experiment state files
+RESULT_FILE = "result.json"
+SMOKE = {"train": 1000, "test": 500, "epochs": 2}  # --smoke-test: the subset and epochs it trains on
+DEFAULT_L1 = 1e-5  # lambda for "+l1" variants: L1 penalty lambda * sum(|w|)
+
+
+class ExperimentError(ValueError):
+    """Storage or an experiment that cannot be read or written; the message is one line."""
+
+
+def is_uri(location: str) -> bool:
+    return "://" in str(location)
+
+
+def resolve(location) -> str:
+    """A storage path or experiment as Ray Tune and every reader take it: a URI as given, a local
+    path with `~` expanded and made absolute (so it means the same from any working directory)."""
+    location = str(location)
+    return location if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
+def join(location: str, *names: str) -> str:
+    """location/name/... for a local path or a URI (a URI's query string, e.g. `?region=...`, stays last)."""
+    base, sep, query = str(location).partition("?")
+    return "/".join([base.rstrip("/"), *names]) + sep + query
+
+
+def name_of(location: str) -> str:
+    """The last component: an experiment's name, or a trial directory's name."""
+    return str(location).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+# URI -> its file system, resolved once per process (resolving S3 credentials is not free), and the one
+# a Ray Tune ResultGrid was read with (location_of), so that both name the same store.
+_FILESYSTEMS = {}
+_SCHEMES = {"s3": "s3", "gcs": "gs"}  # pyarrow's type_name -> URI scheme
+
+
+def filesystem(location: str):
+    """(pyarrow FileSystem, path on it) of a local path or URI; a one-line ExperimentError if unresolvable."""
+    location = resolve(location)
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), location
+    base = location.partition("?")[0]
+    for known, fs in _FILESYSTEMS.items():  # a URI below one already resolved: the same store
+        if base == known or base.startswith(known.rstrip("/") + "/"):
+            return fs, base.split("://", 1)[1].rstrip("/")
+    try:
+        fs, path = pafs.FileSystem.from_uri(location)
+    except (pa.ArrowException, OSError, ValueError) as e:  # unknown scheme, bad URI, no credentials
+        raise ExperimentError(f"cannot open storage {location} ({_reason(e)}); check the URI, and for s3:// "
+                              f"the endpoint and credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)") from None
+    _FILESYSTEMS[f"{base.split('://', 1)[0]}://{path.split('/', 1)[0]}"] = fs  # the bucket
+    return fs, path
+
+
+def location_of(fs, path: str) -> str:
+    """The location string of `path` on `fs` (a Ray Tune result's filesystem and path): the local path,
+    or a URI that `filesystem` maps back to this very fs."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    scheme = _SCHEMES.get(fs.type_name, fs.type_name)
+    root = f"{scheme}://{path.split('/', 1)[0]}"
+    _FILESYSTEMS.setdefault(root, fs)
+    return f"{scheme}://{path}"
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _info(location: str):
+    fs, path = filesystem(location)
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:  # an unreachable endpoint, refused credentials, a missing bucket
+        raise ExperimentError(f"cannot reach {location} ({_reason(e)}); check the storage path, the network "
+                              f"and for s3:// the endpoint and credentials") from None
+
+
+def exists(location: str) -> bool:
+    return _info(location).type != pafs.FileType.NotFound
+
+
+def is_dir(location: str) -> bool:
+    return _info(location).type == pafs.FileType.Directory
+
+
+def read_text(location: str) -> str:
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.readall().decode()
+    except FileNotFoundError:
+        raise ExperimentError(f"{location} not found") from None
+    except OSError as e:
+        raise ExperimentError(f"cannot read {location} ({_reason(e)})") from None
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    fs, path = filesystem(location)
+    try:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    except OSError as e:
+        raise ExperimentError(f"cannot write {location} ({_reason(e)}); check the storage path is writable") from None
+
+
+def _children(location: str) -> list:
+    """FileInfo of the entries directly under location (none if it does not exist)."""
+    fs, path = filesystem(location)
+    try:
+        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise ExperimentError(f"cannot list {location} ({_reason(e)}); check the storage path and its credentials") from None
+
+
+def check_storage(storage: str) -> None:
+    """Refuse a storage path that cannot hold experiments, without making anything (a refused launch
+    leaves no directory behind): a local path must lead to a writable directory; a URI must be reachable."""
+    if is_uri(storage):
+        fs, path = filesystem(storage)
+        bucket = path.split("/", 1)[0]
+        if fs.type_name in ("s3", "gcs") and _info(storage.split("://", 1)[0] + "://" + bucket).type == pafs.FileType.NotFound:
+            raise ExperimentError(f"storage path {storage}: bucket {bucket!r} does not exist (or these credentials "
+                                  f"cannot see it); create it or pass another --storage-path")
+        if _info(storage).type == pafs.FileType.File:
+            raise ExperimentError(f"storage path {storage} is a file; pass a directory prefix as --storage-path")
+        return
+    path = Path(storage)
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise checks.UsageError(f"cannot write results to {path} ({existing} is not a writable directory); "
+                                f"pass a writable --storage-path")
+
+
+def state_files(experiment: str) -> list:
+    """Tune's experiment_state-*.json files of an experiment (none: Tune never saved its state)."""
+    return [info for info in _children(experiment)
+            if info.is_file and info.base_name.startswith(STATE_PREFIX) and info.base_name.endswith(STATE_SUFFIX)]
+
+
+def is_experiment(location: str) -> bool:
+    """A Ray Tune experiment directory (Tune saved its state there)."""
+    return bool(state_files(location))
+
+
+def started(experiment: str) -> bool:
+    """Launched by normsweep and started by Tune (a launch killed before Tune saved state is not)."""
+    return exists(join(experiment, LAUNCH_FILE)) and is_experiment(experiment)
+
+
+def read_launch(experiment: str) -> dict:
+    """The launch settings saved in an experiment; {} for an experiment without them."""
+    launch_file = join(experiment, LAUNCH_FILE)
+    if not exists(launch_file):
+        return {}
+    try:
+        return json.loads(read_text(launch_file))
+    except json.JSONDecodeError as e:
+        raise ExperimentError(f"{launch_file} is damaged ({e.msg} at line {e.lineno}); "
+                              f"restore it or start a new experiment") from None
+
+
+def write_launch(experiment: str, settings: dict) -> None:
+    write_bytes(join(experiment, LAUNCH_FILE), json.dumps(settings, indent=1).encode())
+
+
+def _newest(locations_and_mtimes) -> str:
+    return max(locations_and_mtimes, key=lambda pair: pair[1])[0]
+
+
+def latest_started(storage: str) -> str:
+    """The name of the newest experiment under storage that normsweep launched and Tune started
+    (newest by its launch file), for a bare --resume; a one-line UsageError if there is none."""
+    launched = []
+    for entry in _children(storage):
+        if entry.type != pafs.FileType.Directory:
+            continue
+        experiment = join(storage, entry.base_name)
+        launch = _info(join(experiment, LAUNCH_FILE))
+        if launch.type == pafs.FileType.File and is_experiment(experiment):
+            launched.append((entry.base_name, launch.mtime_ns or 0))
+    if not launched:
+        raise checks.UsageError(f"--resume: no normsweep experiment under {storage}; pass --storage-path and --name")
+    return _newest(launched)
+
+
+def latest(storage: str) -> str:
+    """The newest experiment under storage by Tune's state file (what the notebook opens by default);
+    a one-line ExperimentError if there is none."""
+    found = []
+    for entry in _children(storage):
+        if entry.type == pafs.FileType.Directory:
+            experiment = join(storage, entry.base_name)
+            found += [(experiment, info.mtime_ns or 0) for info in state_files(experiment)]
+    if not found:
+        raise ExperimentError(f"no experiment under {storage}; run `python tune_main.py --smoke-test` first, "
+                              f"or set NORMSWEEP_EXPERIMENT to an experiment directory")
+    return _newest(found)
+
+
+def last_results(experiment: str) -> dict:
+    """Per trial directory name, its last reported result (the last line of result.json; {} if none yet)."""
+    last = {}
+    for entry in _children(experiment):
+        if entry.type != pafs.FileType.Directory:
+            continue
+        result_file = join(experiment, entry.base_name, RESULT_FILE)
+        if exists(result_file):
+            lines = read_text(result_file).splitlines()
+            last[entry.base_name] = json.loads(lines[-1]) if lines else {}
+    return last
+
+
+def delete(location: str) -> None:
+    """Remove a directory tree (a launch that Tune never started); quiet if it is already gone."""
+    fs, path = filesystem(location)
+    try:
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def launch_variants(launch: dict) -> list:
+    """The variant dicts a launch's settings expand to (checks.parse_variants), for readers that list
+    the trials Tune has not created yet."""
+    return checks.parse_variants(launch["variants"], launch.get("l1") or [DEFAULT_L1])
+
+
+def shown(location: str) -> str:
+    """How a report names an experiment: a URI as it is; a local path relative to the working
+    directory when inside it, else its name (no machine paths in a report)."""
+    if is_uri(location):
+        return location
+    path = Path(location).resolve()
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else path.name

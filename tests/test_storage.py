@@ -1,0 +1,146 @@
+"""Experiments on cloud storage: a smoke sweep to a real S3-compatible server (moto's server mode on
+localhost), interrupted, resumed and analysed from the URI; the results contract's paths and errors."""
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+import analysis
+import experiments
+import tune_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """An S3 endpoint on localhost; yields the environment every S3 client (boto3, pyarrow) reads."""
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, "moto_server did not start"
+            time.sleep(0.2)
+    yield env
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch, request):
+    """A fresh bucket, with the S3 environment set in this process (and so in the Ray it starts)."""
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=name)
+    return name, client
+
+
+def _keys(client, bucket: str, prefix: str = "") -> list:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def test_sweep_on_s3_is_interrupted_resumed_and_analysed_from_the_uri(bucket, tmp_path, capsys):
+    name, client = bucket
+    storage = f"s3://{name}/results"
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "3",
+               "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", storage, "--name", "remote"]
+    driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any("/checkpoint_000000/" in k for k in _keys(client, name, "results/remote/")):
+        assert driver.poll() is None, f"the driver ended before the first checkpoint: {driver.communicate()}"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=180)
+    assert driver.returncode == tune_main.INTERRUPTED_EXIT, (out, err)
+    lines = err.strip().splitlines()
+    assert lines[-2].endswith(f"state saved in {storage}/remote"), err
+    resume = shlex.split(lines[-1].removeprefix("resume with: "))
+    assert resume[resume.index("--storage-path") + 1] == storage
+
+    # nothing was written to the working directory: the URI is not a local path
+    assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
+    keys = _keys(client, name)
+    assert f"results/remote/{experiments.LAUNCH_FILE}" in keys
+    assert any(re.fullmatch(r"results/remote/experiment_state-.*\.json", k) for k in keys)
+
+    assert experiments.latest_started(storage) == "remote"
+    assert tune_main.main(resume[2:]) == 0  # the printed command, from this process
+    assert re.search(r"[12] of 2 trials left to run", capsys.readouterr().out)
+    location = f"{storage}/remote"
+    last = experiments.last_results(location)
+    assert len(last) == 2 and all(result["epoch"] == 3 for result in last.values())
+    for trial in last:  # every epoch reported exactly once across the interruption
+        lines = experiments.read_text(f"{location}/{trial}/result.json").splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+    grid, df = analysis.load_experiment(location)
+    assert sorted(df["variant"].unique()) == ["bn", "gn"] and df.groupby("trial")["epoch"].max().tolist() == [3, 3]
+    assert analysis.progress(grid, df)["complete"].all()
+    assert analysis.latest_experiment(storage) == location  # what the notebook opens by default
+    sample = analysis.misclassified(grid, df, "gn", n=4)  # the best checkpoint, read back from S3
+    assert len(sample["indices"]) == 4 and len(sample["images"]) == 4
+    out_dir = tmp_path / "report"
+    assert analysis.main([location, "--out", str(out_dir)]) == 0
+    summary = (out_dir / "summary.md").read_text()
+    assert f"Experiment: `{location}`" in summary and "| gn |" in summary
+    assert analysis.main([location]) == 0  # the default: the report beside the experiment, on S3
+    assert f"results/remote/report/summary.md" in _keys(client, name, "results/remote/report/")
+
+
+def test_bad_storage_uris_are_one_line_before_ray(bucket, capsys, monkeypatch):
+    name, _ = bucket
+    monkeypatch.setattr(tune_main.data_lib, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
+    for storage, message in [
+        (f"s3://{name}-missing/results", "bucket '.*-missing' does not exist"),
+        ("nosuchscheme://x/results", "cannot open storage nosuchscheme://x/results"),
+    ]:
+        assert tune_main.main(["--smoke-test", "--storage-path", storage]) == 2
+        err = capsys.readouterr().err.strip()
+        assert re.fullmatch(f"error: .*{message}.*", err), err
+    with pytest.raises(analysis.AnalysisError, match="is not a Ray Tune experiment"):
+        analysis.load_experiment(f"s3://{name}/results/none")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    with pytest.raises(experiments.ExperimentError, match="cannot reach s3://unreachable-endpoint"):
+        experiments.check_storage("s3://unreachable-endpoint/results")
+
+
+def test_locations_join_and_name_local_paths_and_uris(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert experiments.resolve("results") == str(tmp_path / "results")
+    assert experiments.resolve("s3://b/results") == "s3://b/results"
+    assert experiments.join("s3://b/results/", "x", "result.json") == "s3://b/results/x/result.json"
+    assert experiments.join("s3://b/r?region=eu-west-1", "x") == "s3://b/r/x?region=eu-west-1"
+    assert experiments.name_of("s3://b/results/exp?region=eu-west-1") == "exp"
+    assert experiments.shown(str(tmp_path / "results" / "exp")) == os.path.join("results", "exp")
+    assert experiments.shown("/elsewhere/exp") == "exp" and experiments.shown("s3://b/r/exp") == "s3://b/r/exp"
+    experiments.write_bytes(experiments.join(str(tmp_path), "a", "b.txt"), b"x")
+    assert experiments.read_text(str(tmp_path / "a" / "b.txt")) == "x"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / experiments.LAUNCH_FILE).write_text('{"dataset": ')
+    with pytest.raises(experiments.ExperimentError, match="normsweep_launch.json is damaged"):
+        experiments.read_launch(str(tmp_path / "bad"))
