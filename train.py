@@ -43,8 +43,9 @@ DEFAULTS = {
     "test_flip": True,
     "order": "relu-norm",  # block order, model.NetConfig.order
     # "bf16": convolutions and the head under bf16 autocast, norms in float32 (model._Float32Norm);
-    # "fp32": everything in float32; "auto": bf16 on CUDA, fp32 on the CPU (where every reported
-    # result was measured).
+    # "fp32": everything in float32; "auto": bf16 on a CUDA GPU with native bf16 (compute capability
+    # 8.0+), fp32 elsewhere: on older GPUs and on the CPU (where every reported result was measured).
+    # See resolve_precision.
     "precision": "auto",
     # torch.compile the net for training and evaluation: "on", "off", or "auto" = on CUDA (with Triton).
     # On this CPU it measured 0.79-0.99x eager in fp32 and cost 14-35 s of compiling per trial
@@ -92,6 +93,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot continue this run; the message is one line."""
 
 
+class PrecisionError(ValueError):
+    """A precision the run's device cannot compute natively; the message is one line."""
+
+
 def in_batch_study(config: dict) -> bool:
     """A trial of a batch-size study (tune_main.py --batch-sizes): its lr scales with its batch size."""
     return (config.get("lr_reference_batch") or 0) > 0
@@ -118,12 +123,74 @@ def choose_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def uses_bf16(config: dict, device: torch.device) -> bool:
-    """Whether a run computes under bf16 autocast: `precision` bf16, or auto on a CUDA device."""
+# bf16 tensor cores arrived with Ampere (A100 is sm_80). Older GPUs (T4 sm_75, V100 sm_70) emulate bf16
+# slowly or refuse some kernels; torch.cuda.is_bf16_supported() says True on them unless asked
+# including_emulation=False, so the capability is read directly.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA GPU of compute capability 8.0 or newer, or any
+    non-CUDA device (the CPU's bf16 autocast always runs; whether it pays there is in BENCHMARKS.md).
+
+    Reads torch.cuda.get_device_capability(device) for a CUDA device (no index: the current one).
+    """
+    return device.type != "cuda" or tuple(torch.cuda.get_device_capability(device)) >= BF16_MIN_CAPABILITY
+
+
+def resolve_precision(config: dict, device: torch.device) -> str:
+    """"bf16" or "fp32": what a run on `device` computes in, from config["precision"].
+
+    auto: bf16 on a CUDA GPU with native bf16 (compute capability 8.0+, `native_bf16`), fp32 on older GPUs
+    and on the CPU. (fp16 with a gradient scaler, the usual choice on a T4 or V100, is not offered: it
+    has not been measured.) An explicit bf16 is kept on the CPU and on Ampere or newer, and refused on an
+    older GPU rather than silently run in fp32, so a run never reports a precision it was not asked for.
+
+    Raises ValueError on an unknown precision, PrecisionError (a ValueError) on bf16 without native support.
+    """
     precision = config.get("precision", "auto")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if precision == "fp32":
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
+    if not native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise PrecisionError(f"--precision bf16 on {device} (compute capability {major}.{minor}): this GPU has no "
+                             f"native bf16 (needs {BF16_MIN_CAPABILITY[0]}.{BF16_MIN_CAPABILITY[1]}+, Ampere or "
+                             f"newer); use --precision auto or fp32")
+    return "bf16"
+
+
+def uses_bf16(config: dict, device: torch.device) -> bool:
+    """Whether a run computes under bf16 autocast (resolve_precision is "bf16"); raises as it does."""
+    return resolve_precision(config, device) == "bf16"
+
+
+def describe_device(device: torch.device) -> str:
+    """The device as a trial reports it: "cpu", or e.g. "cuda:0 NVIDIA H200 (sm_90)"."""
+    if device.type != "cuda":
+        return str(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"cuda:{index} {torch.cuda.get_device_name(index)} (sm_{major}{minor})"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until `device` has finished its queued work: CUDA kernels run asynchronously, so a clock read
+    without this times their launch, not their work. Nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The most memory this process's tensors have held on `device` since the last reset
+    (torch.cuda.max_memory_allocated, MiB; the CUDA context and the allocator's cache are not counted);
+    nan on the CPU, which has no such counter."""
+    if device.type != "cuda":
+        return math.nan
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def uses_compile(config: dict, device: torch.device) -> bool:
@@ -150,12 +217,17 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
 
 def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch_size, mean, std,
                 augment: dict, l1: float = 0.0, label_smoothing: float = 0.0, bf16: bool = False) -> dict:
-    """One pass over (images, labels) in a fresh seeded order, stepping the scheduler per batch."""
+    """One pass over (images, labels) in a fresh seeded order, stepping the scheduler per batch.
+
+    Returns train_loss (mean cross-entropy, nats, without the L1 term), train_acc (0-1, on the augmented
+    batches), epoch_seconds (wall seconds of the pass, device work included) and images_per_s.
+    """
     model.train()
     skip_single = has_batchnorm(model)
     total_loss = torch.zeros((), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     seen = 0
+    synchronize(images.device)  # work queued before this epoch is not this epoch's
     start = time.perf_counter()
     for x, y in data_lib.batches(images, labels, batch_size, generator):
         if len(y) < 2 and skip_single:  # a last batch of one image: BatchNorm has no batch statistics of it
@@ -172,6 +244,7 @@ def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch
         total_loss += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
+    synchronize(images.device)  # on CUDA the loop above only queued the kernels
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss.item() / seen, "train_acc": correct.item() / seen,
             "epoch_seconds": seconds, "images_per_s": seen / seconds}
@@ -252,6 +325,10 @@ class TrainingRun:
         self.device = device or choose_device()
         if self.device.type == "cpu" and config["threads"]:
             torch.set_num_threads(config["threads"])
+        self.precision = resolve_precision(config, self.device)  # before any data moves: a refusal is instant
+        self.bf16 = self.precision == "bf16"
+        if self.device.type == "cuda":  # peak_memory_mib counts from here: this run's data, model and steps
+            torch.cuda.reset_peak_memory_stats(self.device)
         train_x, train_y = dataset.train_images, dataset.train_labels
         if config["val_size"]:
             train_x, train_y, eval_x, eval_y = data_lib.validation_split(
@@ -261,7 +338,6 @@ class TrainingRun:
         config["batch_size"] = batch_size_for(len(train_y), config["batch_size"])
         self.mean, self.std = data_lib.image_stats(train_x)
         self.augment = dataset.augment
-        self.bf16 = uses_bf16(config, self.device)
         self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
         self.eval_x, self.eval_y = eval_x.to(self.device), eval_y.to(self.device)
 
@@ -284,7 +360,10 @@ class TrainingRun:
         self.parameters = count_parameters(self.model)
 
     def run_epoch(self) -> dict:
-        """Train one epoch and evaluate; returns the metrics Tune reports (plus predictions)."""
+        """Train one epoch and evaluate; returns the metrics Tune reports (trainable.METRICS).
+
+        peak_device_memory_mib: the run's peak device memory so far (`peak_memory_mib`; nan on the CPU).
+        """
         lr = self.scheduler.get_last_lr()[0]
         metrics = self.train_one_epoch()
         result = evaluate(self.net, self.eval_x, self.eval_y, mean=self.mean, std=self.std,
@@ -292,7 +371,8 @@ class TrainingRun:
         self.epoch += 1
         return {**metrics, "test_loss": result["loss"], "test_acc": result["acc"],
                 "test_acc_single": result["acc_single"], "test_acc_precise_bn": self.precise_bn_acc(), "lr": lr,
-                "epoch": self.epoch, "threads": torch.get_num_threads()}
+                "epoch": self.epoch, "threads": torch.get_num_threads(),
+                "peak_device_memory_mib": peak_memory_mib(self.device)}
 
     def train_one_epoch(self) -> dict:
         """The training half of an epoch (no evaluation, epoch count unchanged): train_epoch's metrics."""
@@ -399,7 +479,8 @@ def main(argv=None) -> int:
     parser.add_argument("--order", default=DEFAULTS["order"], choices=("relu-norm", "norm-relu"),
                         help="block order: conv -> ReLU -> norm (default) or conv -> norm -> ReLU")
     parser.add_argument("--precision", default=DEFAULTS["precision"], choices=PRECISIONS,
-                        help="bf16 autocast with norms in float32, or fp32; auto = bf16 on CUDA only (default)")
+                        help="bf16 autocast with norms in float32, or fp32; auto = bf16 on GPUs with native bf16 "
+                             "(compute capability 8.0+), fp32 elsewhere (default)")
     parser.add_argument("--compile", default=DEFAULTS["compile"], choices=COMPILE_CHOICES,
                         help="torch.compile the net; auto = on CUDA only (default)")
     parser.add_argument("--train-size", type=int, default=0, help="use only the first N training images (0 = all)")
@@ -415,8 +496,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return checks.USAGE_EXIT
     split = "val" if args.val_size else "test"
-    print(f"{args.norm} l1={args.l1}: {run.parameters} parameters on {run.device}, "
-          f"{len(run.train_y)} train / {len(run.eval_y)} {split} images", flush=True)
+    print(f"{args.norm} l1={args.l1}: {run.parameters} parameters on {describe_device(run.device)}, "
+          f"{run.precision}, {len(run.train_y)} train / {len(run.eval_y)} {split} images", flush=True)
     best = (0.0, 0)
     for _ in range(run.config["epochs"]):
         m = run.run_epoch()

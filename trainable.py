@@ -14,12 +14,17 @@ import train
 # Every epoch reports exactly these keys (mode "max" for accuracies, "min" for losses).
 # test_acc_precise_bn: one view, BatchNorm statistics recomputed on large batches (train.precise_bn);
 # a number after the final epoch of a net with BatchNorm, nan otherwise.
+# peak_device_memory_mib: the trial's peak GPU memory so far, MiB (train.peak_memory_mib); nan on the CPU.
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single", "test_acc_precise_bn", "lr",
-           "epoch", "epoch_seconds", "images_per_s", "threads")
+           "epoch", "epoch_seconds", "images_per_s", "threads", "peak_device_memory_mib")
 BEST_METRIC, BEST_MODE = "test_acc", "max"
 # Reported every epoch beside METRICS: "ok", or why the trial stopped early ("diverged: ...").
 # Results written before this key existed lack it; readers treat a missing value as "ok".
 HEALTH_KEY = "health"
+# Also beside METRICS, strings: what the trial computed in ("bf16" or "fp32", train.resolve_precision, with
+# "auto" resolved) and on (train.describe_device: "cpu", "cuda:0 NVIDIA H200 (sm_90)").
+# Results written before these keys existed lack them.
+PRECISION_KEY, DEVICE_KEY = "precision", "device"
 CHECKPOINT_FILE = "state.pt"
 
 
@@ -42,13 +47,20 @@ def train_variant(config: dict, dataset):
     while run.epoch < run.config["epochs"]:
         metrics = run.run_epoch()
         health = divergence(metrics, run.config)
-        report = {**{k: metrics[k] for k in METRICS}, HEALTH_KEY: health}
+        report = epoch_report(run, metrics, health)
         if health != "ok":  # stop this trial; no checkpoint of a net full of nan; the others go on
             tune.report(report)
             return
         with tempfile.TemporaryDirectory() as directory:
             run.save(Path(directory) / CHECKPOINT_FILE)
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def epoch_report(run: train.TrainingRun, metrics: dict, health: str = "ok") -> dict:
+    """What a trial reports for an epoch: METRICS (numbers) from run_epoch's `metrics`, HEALTH_KEY, and the
+    run's resolved PRECISION_KEY and DEVICE_KEY (strings)."""
+    return {**{k: metrics[k] for k in METRICS}, HEALTH_KEY: health,
+            PRECISION_KEY: run.precision, DEVICE_KEY: train.describe_device(run.device)}
 
 
 def divergence(metrics: dict, config: dict) -> str:

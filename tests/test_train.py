@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -16,6 +18,17 @@ def test_one_epoch_on_real_data_learns(fashion_small):
     assert set(metrics) >= {"train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single", "lr", "epoch",
                             "epoch_seconds", "images_per_s", "threads"}
     assert metrics["epoch"] == 2 and metrics["threads"] == 2
+
+
+def test_an_epochs_report_says_what_it_ran_in_and_on(fashion_small):
+    import trainable
+
+    run = train.TrainingRun({"norm": "gn", "epochs": 1, "threads": 1}, fashion_small.subset(200, 100))
+    report = trainable.epoch_report(run, run.run_epoch())
+    assert set(report) == set(trainable.METRICS) | {trainable.HEALTH_KEY, trainable.PRECISION_KEY, trainable.DEVICE_KEY}
+    assert report[trainable.PRECISION_KEY] == "fp32" and report[trainable.DEVICE_KEY] == "cpu"  # auto on the CPU
+    assert math.isnan(report["peak_device_memory_mib"])  # no device memory counter on the CPU
+    assert all(isinstance(report[k], (int, float)) for k in trainable.METRICS)
 
 
 def _small(fashion_small, n=1000):
@@ -163,12 +176,53 @@ def test_bf16_autocast_runs_convs_in_bf16_norms_in_float32_and_learns(fashion_sm
     assert metrics["test_acc_single"] > 0.50
 
 
-def test_precision_auto_is_bf16_on_cuda_only():
-    assert not train.uses_bf16({"precision": "auto"}, torch.device("cpu"))
-    assert train.uses_bf16({"precision": "auto"}, torch.device("cuda"))
-    assert not train.uses_bf16({"precision": "fp32"}, torch.device("cuda"))
+def test_precision_auto_is_bf16_on_gpus_with_native_bf16_only(monkeypatch):
+    cuda = torch.device("cuda")
+    assert train.resolve_precision({"precision": "auto"}, torch.device("cpu")) == "fp32"
+    assert train.resolve_precision({"precision": "bf16"}, torch.device("cpu")) == "bf16"
+    capability = {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["now"])
+    for now, auto in (((7, 5), "fp32"), ((7, 0), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")):  # T4, V100, A100, H100
+        capability["now"] = now
+        assert train.resolve_precision({"precision": "auto"}, cuda) == auto, now
+        assert train.uses_bf16({"precision": "auto"}, cuda) == (auto == "bf16")
+        assert train.resolve_precision({"precision": "fp32"}, cuda) == "fp32"
+    capability["now"] = (8, 0)
+    assert train.resolve_precision({"precision": "bf16"}, cuda) == "bf16"
+    capability["now"] = (7, 5)
+    with pytest.raises(train.PrecisionError, match=r"^--precision bf16 on cuda \(compute capability 7.5\): this GPU "
+                                                   r"has no native bf16 .*; use --precision auto or fp32$"):
+        train.resolve_precision({"precision": "bf16"}, cuda)
     with pytest.raises(ValueError, match="unknown precision 'fp16'; use one of auto, fp32, bf16"):
         train.uses_bf16({"precision": "fp16"}, torch.device("cpu"))
+
+
+def test_train_cli_refuses_bf16_on_a_gpu_without_it_in_one_line(idx_dir, monkeypatch, capsys):
+    monkeypatch.setattr(train, "choose_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
+    assert train.main(["--dataset", str(idx_dir), "--precision", "bf16", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --precision bf16 on cuda (compute capability 7.5)") and err.count("\n") == 1
+
+
+def test_epoch_clock_waits_for_the_device(fashion_small, monkeypatch):
+    """CUDA queues kernels and returns: the epoch's clock is read only after the device has synchronised,
+    at its start and at its end; on the CPU nothing is synchronised."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    train.synchronize(torch.device("cuda"))
+    train.synchronize(torch.device("cpu"))
+    assert synced == [torch.device("cuda")]
+
+    run = train.TrainingRun({"epochs": 1, "threads": 1, "batch_size": 100}, fashion_small.subset(300, 100))
+    events = []
+    synchronize, clock = train.synchronize, train.time.perf_counter
+    monkeypatch.setattr(train, "synchronize", lambda device: events.append(("sync", device)) or synchronize(device))
+    monkeypatch.setattr(train.time, "perf_counter", lambda: events.append(("clock",)) or clock())
+    synced.clear()
+    run.train_one_epoch()
+    assert events == [("sync", run.device), ("clock",), ("sync", run.device), ("clock",)]
+    assert synced == []  # a CPU run: torch.cuda.synchronize is never called
 
 
 def test_compiled_net_trains_and_evaluates_as_the_eager_one(fashion_small, monkeypatch):
