@@ -19,9 +19,21 @@ def quiet_ray():
     """Ray's own log lines and warnings (snapshot timing, deprecations) are for --verbose only."""
     # Tune's newer console output prints a configuration box and paths even at verbose=0.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # A failed trial's traceback, logged by Tune at ERROR on every failure: the CLI sums failures up at the end.
+    os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"
+    # Errors the raylets push to the driver (a worker that died, with its traceback), printed to stdout by a
+    # thread of ray.init regardless of log_to_driver; the switch is the one Ray's debugger uses.
+    import ray._private.worker
+    ray._private.worker._worker_logs_enabled = False
     for name in ("ray", "ray.tune", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("ray.tune.tune").addFilter(_not_incomplete_trials)  # once: the same function each call
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+
+
+def _not_incomplete_trials(record) -> bool:
+    """Tune's closing "Trials did not complete: [...]": the CLI names the failed trials and why."""
+    return not record.getMessage().startswith("Trials did not complete")
 
 
 def trial_label(config: dict) -> str:
@@ -67,6 +79,8 @@ class Progress(tune.Callback):
               f"test acc {100 * result['test_acc']:5.2f}%  {result['images_per_s']:,.0f} img/s  "
               f"| sweep {epochs_done}/{epochs_done + left} epochs, ~{duration(left / rate)} left{status}", flush=True)
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"{trial_label(trial.config):<22} failed; Tune retries it from its last checkpoint "
-              f"(up to the retry limit)", flush=True)
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        print(f"{trial_label(trial.config):<22} failed; Tune retries it from its last checkpoint", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):  # no retries left: the cause is printed at the end
+        print(f"{trial_label(trial.config):<22} failed", flush=True)

@@ -1,0 +1,264 @@
+"""A two-node Ray cluster on one machine, with token authentication on, as a cloud cluster is.
+
+The head (`ray start --head --num-cpus 0`) runs nothing; the worker node runs in a private mount
+namespace (`unshare -m`, as root) where the repository and the dataset directory are hidden under
+empty directories, so it has only the virtual environment: Python and the requirements. A smoke
+sweep joined by the head's explicit address must finish there with the code shipped by Ray's runtime
+environment; without shipping, or without the token, it must fail in one line.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist, used when present
+RAY = Path(sys.executable).with_name("ray")
+AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
+
+
+def clean_env(home: Path, **extra) -> dict:
+    """This machine's environment with its own HOME (where ~/.ray/auth_token lives) and no Ray auth settings."""
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_VARIABLES}
+    return {**env, "HOME": str(home), **extra}
+
+
+def namespaces_refused(scratch: Path):
+    """Why a private mount namespace with bind mounts cannot be made here, or None."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return "needs root and unshare(1) to hide the repository from the worker node"
+    (scratch / "a").mkdir()
+    (scratch / "b").mkdir()
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "mount", "--bind",
+                            str(scratch / "a"), str(scratch / "b")], capture_output=True, text=True)
+    return f"unshare -m / mount --bind refused: {probe.stderr.strip()}" if probe.returncode else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(log: Path, text: str, process, seconds=120):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if text in log.read_text():
+            return
+        assert process.poll() is None, f"{process.args[:3]} ended:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+    raise AssertionError(f"no {text!r} in {log} after {seconds} s:\n{log.read_text()[-3000:]}")
+
+
+def worker_node_script(root: Path, token: str, port: int) -> str:
+    """Bash for the worker node's namespace: hide the repository and the dataset, keep the venv, join."""
+    empty, venv_mount = root / "empty", root / "venv"
+    venv = Path(sys.prefix)
+    steps = []
+    if venv.is_relative_to(ROOT):  # keep the venv inside the hidden repository: bind it out and back
+        venv_mount.mkdir()
+        steps += [f"mount --bind {venv} {venv_mount}", f"mount --bind {empty} {ROOT}",
+                  f"mkdir -p {venv}", f"mount --bind {venv_mount} {venv}"]
+    else:
+        steps.append(f"mount --bind {empty} {ROOT}")
+    if DATASET_DIR.is_dir():
+        steps.append(f"mount --bind {empty} {DATASET_DIR}")
+    steps += [f"test ! -e {ROOT / 'tune_main.py'}", f"test ! -e {DATASET_DIR / 'train-images-idx3-ubyte.gz'}",
+              f"test -x {sys.executable}",
+              # a worker node joins with an explicit address: token mode must be asked for, the token given
+              f"exec env RAY_AUTH_MODE=token RAY_AUTH_TOKEN={token} {RAY} start --address 127.0.0.1:{port} "
+              f"--num-cpus 2 --disable-usage-stats --block"]
+    return " && ".join(steps)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """(address, HOME holding the token) of a running head with 0 CPUs and a 2-CPU worker node that
+    sees neither the repository nor the dataset."""
+    root = Path(tempfile.mkdtemp(prefix="normsweep-cluster-"))  # short: Ray's socket paths live under it
+    refused = namespaces_refused(root)
+    if refused:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(refused)
+    home, worker_home = root / "home", root / "worker-home"
+    for directory in (home, worker_home, root / "empty"):
+        directory.mkdir()
+    # `ray start --head` turns token authentication on when the head has a token; make one, as a user does
+    subprocess.run([str(RAY), "get-auth-token", "--generate"], env=clean_env(home), check=True, capture_output=True)
+    token = (home / ".ray" / "auth_token").read_text().strip()
+    port = free_port()
+    processes = []
+    try:
+        head_log = root / "head.log"
+        with head_log.open("w") as log:
+            processes.append(subprocess.Popen(
+                [str(RAY), "start", "--head", "--num-cpus", "0", "--port", str(port), "--temp-dir", str(root / "ray"),
+                 "--include-dashboard=false", "--disable-usage-stats", "--block"],
+                env=clean_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        wait_for(head_log, "Ray runtime started", processes[-1])
+        assert "Token authentication is enabled" in head_log.read_text()
+
+        worker_log = root / "worker.log"
+        with worker_log.open("w") as log:
+            processes.append(subprocess.Popen(
+                ["unshare", "-m", "--propagation", "private", "bash", "-c", worker_node_script(root, token, port)],
+                env=clean_env(worker_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        wait_for(worker_log, "Ray runtime started", processes[-1])
+        yield SimpleNamespace(address=f"127.0.0.1:{port}", home=home, root=root)
+    finally:
+        for process in reversed(processes):  # only the `ray start --block` processes started here
+            process.send_signal(signal.SIGTERM)  # they drain, then stop the node's Ray processes
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)  # its own session: the node's processes only
+                process.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def sweep(nodes, *flags, env=None, timeout=300):
+    """tune_main.py --smoke-test joined to the cluster by its explicit address, from the repository."""
+    command = [sys.executable, "tune_main.py", "--smoke-test", "--address", nodes.address,
+               "--storage-path", str(nodes.root / "results"), *flags]
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=ROOT, env=env or clean_env(nodes.home), capture_output=True, text=True,
+                          timeout=timeout)
+    return done, time.monotonic() - started
+
+
+def test_a_node_without_the_repository_runs_the_sweep_with_the_code_shipped(two_nodes):
+    done, _ = sweep(two_nodes, "--name", "shipped")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # the head has no CPUs: every trial ran on the worker node, which has neither the code nor the data
+    assert "normsweep: 4 trials on 2 CPUs; per trial {'cpu': 0.5, 'gpu': 0}" in done.stdout
+    trial_dirs = [p for p in (two_nodes.root / "results" / "shipped").iterdir() if (p / "result.json").is_file()]
+    assert len(trial_dirs) == 4
+    for trial_dir in trial_dirs:
+        assert len((trial_dir / "result.json").read_text().splitlines()) == 2  # both epochs reported
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_without_the_code_shipped_the_sweep_fails_fast_in_one_line(two_nodes):
+    done, seconds = sweep(two_nodes, "--name", "unshipped", "--no-ship-code")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: 4 trials failed: normsweep's code is not on the worker node (ModuleNotFoundError: No module named "
+        "'trainable'); drop --no-ship-code, or install normsweep on every node"], done.stderr
+    assert "Traceback" not in done.stdout
+    # no 3 retries each: after the first import failure no trial is retried
+    failures = [(p / "error.txt").read_text().count("Failure # ")
+                for p in (two_nodes.root / "results" / "unshipped").iterdir() if (p / "error.txt").is_file()]
+    assert len(failures) == 4 and max(failures) <= 2 and sum(failures) <= 5, failures
+    print(f"failed in {seconds:.0f} s, failures per trial {failures}")
+
+
+@pytest.mark.parametrize("token, message", [
+    (None, "requires an authentication token and none was found here; copy the output of `ray get-auth-token` "
+           "on the head node into ~/.ray/auth_token here, or set RAY_AUTH_TOKEN to it"),
+    ("not-the-token", "refused the authentication token from RAY_AUTH_TOKEN; replace it with the output of "
+                      "`ray get-auth-token` on the head node"),
+])
+def test_a_missing_or_wrong_token_gets_one_line(two_nodes, tmp_path, token, message):
+    env = clean_env(tmp_path, **({"RAY_AUTH_TOKEN": token} if token else {}))  # a HOME without ~/.ray/auth_token
+    done, seconds = sweep(two_nodes, env=env, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: the Ray cluster at {two_nodes.address} {message}"]
+    assert not (two_nodes.root / "results").exists() or not any(
+        p.name.startswith("normsweep_") for p in (two_nodes.root / "results").iterdir())
+    print(f"refused in {seconds:.0f} s")
+
+
+def test_nothing_listening_gets_one_line(tmp_path):
+    port = free_port()  # closed again: nothing listens there
+    done = subprocess.run([sys.executable, "tune_main.py", "--smoke-test", "--address", f"127.0.0.1:{port}",
+                           "--storage-path", str(tmp_path / "results")], cwd=ROOT, env=clean_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: cannot reach a Ray cluster at 127.0.0.1:{port} (Connection refused); start one there with "
+        f"`ray start --head`, or pass the address it printed"]
+
+
+def test_the_shipped_package_is_the_code_without_results_data_docs_or_environments(tmp_path):
+    """What Ray zips from the runtime environment, with Ray's own packaging and default excludes."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import create_package
+    import zipfile
+
+    storage = ROOT / "results"
+    env = cluster.runtime_env([storage, ROOT / "data", "fashion-mnist", "s3://bucket/results"])
+    assert env["working_dir"] == str(ROOT)
+    package = tmp_path / "package.zip"
+    create_package(env["working_dir"], package, include_parent_dir=False, include_gitignore=False,  # ours alone
+                   excludes=ray_constants.get_runtime_env_default_excludes() + env["excludes"])
+    names = zipfile.ZipFile(package).namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert {"tune_main.py", "trainable.py", "train.py", "model.py", "data.py", "cluster.py", "requirements.txt"} <= tops
+    assert not tops & {"results", "data", "docs", ".git", ".venv", "__pycache__", ".pytest_cache"}, tops
+    assert not [name for name in names if name.endswith(".pyc")]
+    assert package.stat().st_size < 5 * 2**20  # Ray's limit is 512 MiB; the code is a few hundred KB
+
+
+def test_an_outside_storage_path_and_uris_are_not_excluded(tmp_path):
+    env = cluster.runtime_env([tmp_path, "s3://bucket/x", "mnist"])
+    assert not [e for e in env["excludes"] if "bucket" in e or "mnist" in e or str(tmp_path) in e]
+
+
+def fake_result(name: str, error) -> SimpleNamespace:
+    return SimpleNamespace(path=f"/results/e/{name}", error=error)
+
+
+IMPORT_FAILURE = ("The actor died unexpectedly before finishing this task.\n"
+                  "RuntimeError: The actor with name ImplicitFunc failed to import on the worker. This may be because "
+                  "needed library dependencies are not installed in the worker environment:\n\nTraceback (most recent "
+                  "call last):\n  File \"function_manager.py\", line 696, in _load_actor_class_from_gcs\n"
+                  "ModuleNotFoundError: No module named 'trainable'\n")
+
+
+def test_failures_are_grouped_by_cause_one_line_each():
+    failed = [fake_result(f"{v}_seed0_1", RuntimeError(IMPORT_FAILURE)) for v in ("bn", "gn", "ln")]
+    assert cluster.failure_lines(failed, ship_code=False) == [
+        "3 trials failed: normsweep's code is not on the worker node (ModuleNotFoundError: No module named "
+        "'trainable'); drop --no-ship-code, or install normsweep on every node"]
+    torch_missing = RuntimeError(IMPORT_FAILURE.replace("'trainable'", "'torch'"))
+    lines = cluster.failure_lines(failed[:2] + [fake_result("ln_seed0_1", torch_missing)])
+    assert lines == [
+        "2 trials failed (bn_seed0_1, gn_seed0_1): a worker node could not import normsweep's code although it was "
+        "shipped (ModuleNotFoundError: No module named 'trainable'); --verbose shows Ray's output",
+        "trial ln_seed0_1 failed: a worker node lacks a package normsweep needs (ModuleNotFoundError: No module "
+        "named 'torch'); install requirements.txt there, in the Python that `ray start` runs"]
+    # any other error: its last line, as before
+    assert cluster.failure_lines([fake_result("bn_seed0_1", ValueError("first\nlast"))]) == [
+        "trial bn_seed0_1 failed: last"]
+
+
+def test_no_retries_after_an_unretryable_failure(tmp_path):
+    def trial(name, text=""):
+        error_file = tmp_path / f"{name}.txt"
+        error_file.write_text(f"Failure # 1 (occurred at now)\n{text}\n")
+        return SimpleNamespace(error_file=str(error_file), max_failures=cluster.MAX_FAILURES)
+
+    trials = [trial("died", "The actor died unexpectedly: worker killed (OOM)"), trial("a"), trial("b")]
+    stop = cluster.StopRetrying()
+    stop.setup()
+    stop.on_trial_recover(0, trials, trials[0])  # a worker that died: retrying may help
+    assert [t.max_failures for t in trials] == [cluster.MAX_FAILURES] * 3
+    trials.append(trial("import", IMPORT_FAILURE))
+    stop.on_trial_recover(1, trials, trials[-1])
+    assert [t.max_failures for t in trials] == [0] * 4
+    trials.append(trial("created later"))
+    stop.on_step_begin(2, trials)
+    assert trials[-1].max_failures == 0
+    stop.setup()  # a --resume: retries as configured again, for trials restored with 0
+    stop.on_step_begin(0, trials)
+    assert [t.max_failures for t in trials] == [cluster.MAX_FAILURES] * 5
