@@ -145,6 +145,7 @@ def run(args) -> int:
     import ray
     from ray import tune
 
+    import cluster
     import console
 
     storage = experiments.resolve(args.storage_path)
@@ -172,8 +173,8 @@ def run(args) -> int:
 
     if not args.verbose:
         console.quiet_ray()
-    ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=args.verbose,
-             configure_logging=args.verbose)
+    cluster.connect(args.address, ship_code=args.ship_code, verbose=args.verbose,
+                    not_shipped=[storage, args.data_dir, args.dataset])
     made_here = False
     try:
         resources = trial_resources(ray.cluster_resources(), n_trials, args)
@@ -194,8 +195,8 @@ def run(args) -> int:
                     checkpoint_config=tune.CheckpointConfig(
                         num_to_keep=1, checkpoint_score_attribute=trainable.BEST_METRIC,
                         checkpoint_score_order=trainable.BEST_MODE),  # the best; Tune always keeps the latest too
-                    failure_config=tune.FailureConfig(max_failures=3),
-                    callbacks=[console.Progress(args.epochs, n_trials)],
+                    failure_config=tune.FailureConfig(max_failures=cluster.MAX_FAILURES),
+                    callbacks=[console.Progress(args.epochs, n_trials), cluster.StopRetrying()],
                     verbose=2 if args.verbose else 0),
             )
             made_here = True
@@ -221,8 +222,8 @@ def run(args) -> int:
     print(summary_table(results))
     print(f"experiment: {experiment}")
     failed = [r for r in results if r.error]
-    for r in failed:
-        print(f"error: trial {Path(r.path).name} failed: {_last_line(r.error)}", file=sys.stderr)
+    for line in cluster.failure_lines(failed, ship_code=args.ship_code):
+        print(f"error: {line}", file=sys.stderr)
     diverged = [r for r in results if (r.metrics or {}).get(trainable.HEALTH_KEY, "ok") != "ok"]
     for r in diverged:
         print(f"error: trial {Path(r.path).name} stopped, {r.metrics[trainable.HEALTH_KEY]}", file=sys.stderr)
@@ -232,11 +233,6 @@ def run(args) -> int:
 def _cluster_text(cluster: dict) -> str:
     gpus = f", {cluster['GPU']:g} GPUs" if cluster.get("GPU") else ""
     return f"{cluster.get('CPU', 0):g} CPUs{gpus}"
-
-
-def _last_line(error) -> str:
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__
 
 
 def summary_table(results) -> str:
@@ -296,7 +292,7 @@ def parse_args(argv=None):
     parser.add_argument("--groups", type=int, default=d["groups"], help="GroupNorm groups (default: %(default)s)")
     parser.add_argument("--precision", default=d["precision"], choices=train.PRECISIONS,
                         help="bf16: convolutions under bf16 autocast, norms in float32; fp32; auto (default): "
-                             "bf16 on CUDA, fp32 on CPU")
+                             "bf16 on GPUs with native bf16 (compute capability 8.0+, Ampere or newer), else fp32")
     parser.add_argument("--compile", default=d["compile"], choices=train.COMPILE_CHOICES,
                         help="torch.compile the net: on, off, auto (default): on CUDA only (on this project's CPU "
                              "it did not pay back its compile time)")
@@ -310,15 +306,23 @@ def parse_args(argv=None):
     parser.add_argument("--cpus-per-trial", type=float, default=None,
                         help="CPUs per trial (default: the cluster's CPUs shared by all trials at once)")
     parser.add_argument("--gpus-per-trial", type=float, default=None,
-                        help="GPUs per trial (default: the cluster's GPUs shared, fractional when trials outnumber GPUs)")
+                        help="GPUs per trial (default: 1, or 1/k of a GPU when trials outnumber GPUs, "
+                             "k = ceil(trials / GPUs), so that every trial runs at once)")
     parser.add_argument("--max-concurrent", type=int, default=0, help="cap on trials running at once (default: no cap)")
     parser.add_argument("--storage-path", default=DEFAULT_STORAGE,
-                        help="results root, made absolute; must be shared storage on a multi-node cluster (default: ./results)")
+                        help="results root: a local directory (made absolute) or a URI such as s3://bucket/prefix; "
+                             "on a multi-node cluster, storage every node can write (default: ./results)")
     parser.add_argument("--name", default=None, help="experiment name (default: normsweep_<dataset>_<time>)")
     parser.add_argument("--resume", action="store_true",
                         help="finish an interrupted experiment (--name, default: the latest under --storage-path)")
     parser.add_argument("--address", default=None,
-                        help="Ray cluster to join, e.g. 'auto' after `ray start --head` (default: a local Ray for this run)")
+                        help="Ray cluster to join: 'auto' for one started on this machine with `ray start --head`, "
+                             "else the head's host:port; sends the token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
+                             "(default: a private local Ray for this run)")
+    parser.add_argument("--no-ship-code", dest="ship_code", action="store_false",
+                        help="with --address: don't ship this directory's code to the cluster's nodes (Ray's "
+                             "runtime environment), for clusters with normsweep installed on every node; "
+                             "a local run ships nothing")
     parser.add_argument("--smoke-test", action="store_true",
                         help=f"{SMOKE['train']} training and {SMOKE['test']} test images: check an install in a minute")
     parser.add_argument("--verbose", action="store_true",
