@@ -74,6 +74,8 @@ def check_settings(settings: dict) -> None:
         raise UsageError(f"--train-size must be 0 (all images) or at least 2 images, got {train_size}")
     if train_size and settings.get("smoke_test"):
         raise UsageError("--train-size has no effect with --smoke-test (which trains on its own subset); drop one")
+    if settings.get("ship_code") is False and not settings.get("address"):
+        raise UsageError("--no-ship-code has no effect without --address (a local Ray ships nothing); drop it")
     _at_least(settings, "val_size", 0, "0 (evaluate on test) or more images")
     lr = settings.get("lr")
     if lr is not None and not (lr > 0 and math.isfinite(lr)):

@@ -29,8 +29,11 @@ GET_TOKEN = "copy the output of `ray get-auth-token` on the head node"
 # A trial failure that fails every retry the same way: the trial's code or a package missing on a node
 # (Ray: "The actor with name ImplicitFunc failed to import on the worker ... ModuleNotFoundError: ..."),
 # or a runtime environment that cannot be set up there.
+# normsweep's own errors raised in a trial say what to change (bf16 asked of a GPU without it, a checkpoint
+# of another config, unreadable data): a retry meets them again.
 UNRETRYABLE = re.compile(r"failed to import on the worker|^(ModuleNotFoundError|ImportError): "
-                         r"|Failed to set up runtime environment", re.M)
+                         r"|Failed to set up runtime environment"
+                         r"|^(?:\w+\.)*(?:PrecisionError|CheckpointError|DataError): ", re.M)
 
 
 class ClusterError(ValueError):

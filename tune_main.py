@@ -44,7 +44,7 @@ def param_space(args) -> dict:
     return config
 
 
-def trial_resources(cluster: dict, n_trials: int, args) -> dict:
+def trial_resources(available: dict, n_trials: int, args) -> dict:
     """CPUs and GPUs per trial so that every trial runs at once where it fits.
 
     GPUs: a trial uses one device, so at most one GPU each, and a share of 1/k of a GPU when trials
@@ -54,7 +54,7 @@ def trial_resources(cluster: dict, n_trials: int, args) -> dict:
     CPUs), each torch process on one thread; on the 2-core machine this was the fastest layout
     measured (benchmarks/concurrency.py).
     """
-    cpus, gpus = cluster.get("CPU", 1), cluster.get("GPU", 0)
+    cpus, gpus = available.get("CPU", 1), available.get("GPU", 0)
     concurrent = min(n_trials, args.max_concurrent or n_trials)
     gpus_per_trial = args.gpus_per_trial
     if gpus_per_trial is None:
@@ -131,6 +131,8 @@ def resume_command(storage: str, args) -> str:
     command = [python, script, "--resume", "--storage-path", storage, "--name", args.name]
     if args.address:
         command += ["--address", args.address]
+    if not args.ship_code:
+        command.append("--no-ship-code")
     return shlex.join(command)
 
 
@@ -165,18 +167,19 @@ def run(args) -> int:
     n_trials = math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v)
     if notes:
         print(f"{notes}; {trials_left(experiment, n_trials, args.epochs)} of {n_trials} trials left to run", flush=True)
-    dataset = load_data(args)
-    if args.batch_sizes:  # --lr holds at the auto batch, the recipe's; other sizes scale from it
-        space["lr_reference_batch"] = train.batch_size_for(len(dataset.train_labels))
-    else:
-        space["batch_size"] = train.batch_size_for(len(dataset.train_labels), args.batch_size)  # resolve "auto"
 
     if not args.verbose:
         console.quiet_ray()
+    # Before the data: a cluster that cannot be joined (a refused token) is said in seconds.
     cluster.connect(args.address, ship_code=args.ship_code, verbose=args.verbose,
                     not_shipped=[storage, args.data_dir, args.dataset])
     made_here = False
     try:
+        dataset = load_data(args)
+        if args.batch_sizes:  # --lr holds at the auto batch, the recipe's; other sizes scale from it
+            space["lr_reference_batch"] = train.batch_size_for(len(dataset.train_labels))
+        else:
+            space["batch_size"] = train.batch_size_for(len(dataset.train_labels), args.batch_size)  # resolve "auto"
         resources = trial_resources(ray.cluster_resources(), n_trials, args)
         checks.check_resources(resources, ray.cluster_resources())
         print(f"normsweep: {n_trials} trials on {_cluster_text(ray.cluster_resources())}; per trial {resources}; "
@@ -230,9 +233,9 @@ def run(args) -> int:
     return 1 if failed or diverged else 0
 
 
-def _cluster_text(cluster: dict) -> str:
-    gpus = f", {cluster['GPU']:g} GPUs" if cluster.get("GPU") else ""
-    return f"{cluster.get('CPU', 0):g} CPUs{gpus}"
+def _cluster_text(available: dict) -> str:
+    gpus = f", {available['GPU']:g} GPUs" if available.get("GPU") else ""
+    return f"{available.get('CPU', 0):g} CPUs{gpus}"
 
 
 def summary_table(results) -> str:

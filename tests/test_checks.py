@@ -39,6 +39,7 @@ REFUSED = [
     (["--groups", "3"], "groups=3 does not divide"),
     (["--variants", "bn,xn"], "bad variant 'xn'"),
     (["--smoke-test", "--train-size", "100"], "--train-size has no effect with --smoke-test"),
+    (["--no-ship-code"], "--no-ship-code has no effect without --address"),
     (["--batch-size", "x"], "argument --batch-size: expected 'auto' or a whole number of images, got 'x'"),  # argparse's own errors are one line too
 ]
 

@@ -262,3 +262,15 @@ def test_no_retries_after_an_unretryable_failure(tmp_path):
     stop.setup()  # a --resume: retries as configured again, for trials restored with 0
     stop.on_step_begin(0, trials)
     assert [t.max_failures for t in trials] == [cluster.MAX_FAILURES] * 5
+
+
+@pytest.mark.parametrize("text, fixable_by_retry", [
+    (IMPORT_FAILURE, False),
+    ("ray::ImplicitFunc.train()\n  File \"train.py\", line 160\ntrain.PrecisionError: --precision bf16 on cuda:0 "
+     "(compute capability 7.5): this GPU has no native bf16", False),
+    ("ray::ImplicitFunc.train()\ntrain.CheckpointError: checkpoint state.pt is from another config (lr: 0.1 vs 0.05)", False),
+    ("The actor died unexpectedly: worker killed (OOM)", True),
+    ("ray::ImplicitFunc.train()\nValueError: something a bug raised", True),  # a bug: Tune's retries as usual
+])
+def test_which_failures_a_retry_cannot_fix(text, fixable_by_retry):
+    assert cluster.unretryable(text) is not fixable_by_retry

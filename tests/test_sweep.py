@@ -13,6 +13,7 @@ import pytest
 from ray.tune import ExperimentAnalysis, ResultGrid
 from ray.tune.search.variant_generator import generate_variants
 
+import experiments
 import trainable
 import tune_main
 
@@ -44,7 +45,7 @@ def test_end_to_end_sweep_on_real_subset(smoke_experiment):
 
 
 def test_launch_settings_are_saved(smoke_experiment):
-    launch = json.loads((smoke_experiment / tune_main.LAUNCH_FILE).read_text())
+    launch = experiments.read_launch(str(smoke_experiment))
     assert launch["dataset"] == "fashion-mnist" and launch["smoke_test"] is True
 
 
