@@ -9,6 +9,8 @@ Training images are drawn per class with numpy's default_rng(seed), `choice` wit
 within each class, classes 0..9 in turn, indices sorted. With --val the 10,000-image validation
 split of `train.py --val-size 10000` (data.validation_split, seed 12345) becomes the test split and
 the subset is drawn from the other 50,000 images, so defaults are chosen without the test split.
+Each directory gets a dataset.json beside its idx files (data.DECLARATION): the class names and the
+augmentation of the data it was drawn from, so that a subset of Fashion-MNIST is labelled as clothes.
 """
 import argparse
 import sys
@@ -74,7 +76,15 @@ def main(argv=None):
         parser.error("fashion needs --per-class N (N >= 1)")
     train_x, train_y, test_x, test_y = (fashion if args.source == "fashion" else digits)(args)
     data_lib.write_directory(args.out, train_x, train_y, test_x, test_y)
-    print(f"{args.out}: {len(train_y)} train / {len(test_y)} test images")
+    # What the subset is, beside its idx files: class names and augmentation of the data it came from.
+    note = (f"{len(train_y)} train / {len(test_y)} test images made by scripts/make_subset.py "
+            f"{' '.join(argv if argv is not None else sys.argv[1:])}")
+    if args.source == "fashion":
+        data_lib.write_declaration(args.out, note, source="fashion-mnist")
+    else:  # scikit-learn's digits are not MNIST, but digits all the same: named and augmented as MNIST's
+        data_lib.write_declaration(args.out, note, classes=data_lib.DIGIT_CLASSES, augment=data_lib.AUGMENT["mnist"])
+    print(f"{args.out}: {len(train_y)} train / {len(test_y)} test images, {data_lib.DECLARATION} "
+          f"({'Fashion-MNIST' if args.source == 'fashion' else 'digit'} class names)")
 
 
 if __name__ == "__main__":

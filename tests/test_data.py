@@ -1,4 +1,7 @@
 import gzip
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +9,8 @@ import torch
 import data as data_lib
 from conftest import make_idx_dir
 from data import write_idx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -73,15 +78,175 @@ def test_missing_file_and_unknown_name(idx_dir, tmp_path):
         data_lib.load_dataset("cifar")
 
 
-def test_offline_download_error_names_offline_options(tmp_path, monkeypatch):
-    import torchvision.datasets
+def _tree(root: Path) -> list:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
-    def refuse(*args, **kwargs):
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
-    monkeypatch.setattr(torchvision.datasets, "MNIST", refuse)
-    with pytest.raises(data_lib.DataError, match="could not download mnist .* dataset-fashion-mnist") as info:
-        data_lib.load_dataset("mnist", data_dir=tmp_path)
-    assert "\n" not in str(info.value)
+
+def _offline(monkeypatch):
+    """No network, as torchvision meets it: every urlopen fails to resolve the host."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh data dir", "data dir with other files"])
+def test_offline_mnist_says_why_and_leaves_nothing_behind(tmp_path, monkeypatch, existing):
+    _offline(monkeypatch)
+    data_dir = tmp_path / "data"
+    if existing:
+        (data_dir / "FashionMNIST" / "raw").mkdir(parents=True)
+        (data_dir / "notes.txt").write_text("mine")
+    before = _tree(tmp_path)
+    with pytest.raises(data_lib.DataError) as info:
+        data_lib.load_dataset("mnist", data_dir=data_dir)
+    message = str(info.value)
+    assert message.startswith(f"could not download mnist into {data_dir} (no network: urlopen error [Errno -2] "
+                              f"Name or service not known); pass --dataset DIR, a directory holding its four idx files")
+    assert "--dataset mnist --data-dir DIR" in message and "dataset-fashion-mnist" not in message
+    assert "\n" not in message
+    assert _tree(tmp_path) == before  # no MNIST/raw, no lock file, no data dir
+
+
+def test_a_download_cut_off_midway_removes_its_partial_file(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def cut_off(url, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"\x1f\x8b" + b"\0" * 100)  # the first bytes of a gzip, then the line drops
+        raise ConnectionResetError(104, "Connection reset by peer")
+    monkeypatch.setattr(tv_utils, "_get_redirect_url", lambda url, max_hops=3: url)
+    monkeypatch.setattr(tv_utils, "_urlretrieve", cut_off)
+    monkeypatch.setattr(data_lib, "DEBIAN_FASHION_DIR", tmp_path / "no-debian-package")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(data_lib.DataError, match=r"could not download fashion-mnist .*\(no network: .*Connection "
+                                                 r"reset by peer\).* or install Debian's dataset-fashion-mnist"):
+        data_lib.load_dataset("fashion-mnist", data_dir=tmp_path / "data")
+    assert _tree(tmp_path) == ["data"]
+
+
+@pytest.mark.parametrize("known, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_a_torchvision_download_root_as_dataset_says_how_to_read_it(tmp_path, monkeypatch, known, folder):
+    monkeypatch.setattr(data_lib, "DEBIAN_FASHION_DIR", tmp_path / "no-debian-package")
+    make_idx_dir(tmp_path / "tvroot" / folder / "raw", n_train=20, n_test=10)
+    for given in (tmp_path / "tvroot", tmp_path / "tvroot" / folder):  # the root, or its dataset folder
+        _expect_one_line(given, rf"^{given}: no idx files here, but torchvision's download of {known} is in "
+                                rf"{tmp_path / 'tvroot' / folder / 'raw'}; --dataset {known} "
+                                rf"--data-dir {tmp_path / 'tvroot'} reads it$")
+    dataset = data_lib.load_dataset(known, data_dir=tmp_path / "tvroot")  # which reads it, without downloading
+    assert len(dataset.train_labels) == 20 and dataset.classes == data_lib.CLASSES[known]
+    # and its raw folder, given as a directory, is that dataset by location
+    assert data_lib.load_dataset(str(tmp_path / "tvroot" / folder / "raw"), tmp_path / "tvroot").augment == \
+        data_lib.AUGMENT[known]
+
+
+def _train_only(directory: Path) -> Path:
+    make_idx_dir(directory, n_train=48, n_test=8)
+    for stem in data_lib.SPLIT_FILES["test"]:
+        (directory / (stem + ".gz")).unlink()
+    return directory
+
+
+@pytest.mark.parametrize("extra", [[], ["--train-size", "40"]], ids=["all", "train-size"])
+def test_train_only_directory_trains_with_val_size(tmp_path, capsys, extra):
+    import train
+
+    directory = _train_only(tmp_path / "train-only")
+    code = train.main(["--dataset", str(directory), "--val-size", "16", "--epochs", "1", "--threads", "1", *extra])
+    assert code == 0, capsys.readouterr().err
+    assert f"{32 if not extra else 24} train / 16 val images" in capsys.readouterr().out
+
+
+def test_train_only_directory_without_val_size_says_what_to_do(tmp_path, capsys):
+    import train
+
+    directory = _train_only(tmp_path / "train-only")
+    assert train.main(["--dataset", str(directory), "--epochs", "1"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {directory}: no test split (t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]); add the "
+        f"test files, or evaluate on held-out training images with train.py --val-size N (which reads no test split)\n")
+    # read without its test split, the dataset refuses to hand out the one it does not have
+    dataset = data_lib.load_dataset(str(directory), test_split=False)
+    with pytest.raises(data_lib.DataError, match=r"no test split .* \(train.py --val-size N\)$"):
+        dataset.test_images
+    with pytest.raises(data_lib.DataError, match="no test split"):
+        dataset.subset(8).test_labels  # nor does its subset
+
+
+FASHION_FLIP = {"degrees": 0.0, "shift": 0, "flip": True}
+
+
+@pytest.fixture
+def synthetic_fashion(tmp_path, monkeypatch):
+    """A tiny synthetic stand-in for Debian's Fashion-MNIST package, at the package's place."""
+    directory = make_idx_dir(tmp_path / "debian-fashion", n_train=200, n_test=50)
+    monkeypatch.setattr(data_lib, "DEBIAN_FASHION_DIR", directory)
+    return directory
+
+
+@pytest.mark.parametrize("flags", [[], ["--val"]], ids=["subset", "val subset"])
+def test_a_fashion_subset_is_labelled_as_clothes(tmp_path, synthetic_fashion, monkeypatch, flags):
+    import make_subset
+
+    monkeypatch.setattr(make_subset, "VAL_SIZE", 50)
+    out = tmp_path / "fmnist4k"
+    make_subset.main(["fashion", str(out), "--per-class", "2", *flags])
+    dataset = data_lib.load_dataset(str(out))
+    assert dataset.classes == data_lib.FASHION_CLASSES and dataset.augment == FASHION_FLIP
+    assert len(dataset.train_labels) == 20
+    assert pickle_round_trip(dataset.subset(10)).augment == FASHION_FLIP  # as trials receive it
+
+
+def pickle_round_trip(dataset):
+    import pickle
+
+    return pickle.loads(pickle.dumps(dataset, protocol=5))
+
+
+def test_debian_fashion_dir_given_as_a_directory_is_fashion(synthetic_fashion):
+    dataset = data_lib.load_dataset(str(synthetic_fashion))
+    assert dataset.classes == data_lib.FASHION_CLASSES and dataset.augment == FASHION_FLIP
+
+
+@pytest.mark.parametrize("dirname", ["fashion-mnist", "mnist", "clothes"])
+def test_a_directory_name_decides_nothing(tmp_path, dirname):
+    undeclared = data_lib.load_dataset(str(make_idx_dir(tmp_path / "a" / dirname)))
+    assert undeclared.classes == tuple("0123456789") and undeclared.augment == data_lib.AUGMENT["mnist"]
+    declared = make_idx_dir(tmp_path / "b" / dirname)
+    data_lib.write_declaration(declared, "test", source="fashion-mnist")
+    dataset = data_lib.load_dataset(str(declared))
+    assert dataset.classes == data_lib.FASHION_CLASSES and dataset.augment == FASHION_FLIP
+
+
+def test_declaration_explicit_fields_win_over_the_source(idx_dir):
+    names = [f"kind {i}" for i in range(10)]
+    (idx_dir / "dataset.json").write_text(json.dumps(
+        {"source": "fashion-mnist", "classes": names, "augment": {"degrees": 5, "shift": 1, "flip": False}}))
+    dataset = data_lib.load_dataset(str(idx_dir))
+    assert dataset.classes == tuple(names) and dataset.augment == {"degrees": 5.0, "shift": 1, "flip": False}
+    (idx_dir / "dataset.json").write_text(json.dumps({"classes": names}))  # classes only: no flips
+    assert data_lib.load_dataset(str(idx_dir)).augment == data_lib.AUGMENT["mnist"]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"source": "fashion-mnist",}', r"not valid JSON \(Expecting property name enclosed in double quotes, line 1"),
+    ('["fashion-mnist"]', "expected a JSON object with source, classes, augment, note, got list"),
+    ('{"source": "cifar10"}', r"source 'cifar10' is not a known dataset \(mnist, fashion-mnist\)"),
+    ('{"clases": []}', r"unknown key 'clases' \(a declaration has source, classes, augment, note\)"),
+    ('{"classes": ["a", "b"]}', "classes must be a list of 10 distinct non-empty names"),
+    ('{"classes": ["a", "a", "b", "c", "d", "e", "f", "g", "h", "i"]}', "classes must be a list of 10 distinct"),
+    ('{"augment": {"flip": true}}', "augment must be an object with exactly degrees, shift and flip"),
+    ('{"augment": {"degrees": 0, "shift": 0, "flip": "yes"}}', 'augment flip must be true or false, got "yes"'),
+    ('{"augment": {"degrees": -3, "shift": 0, "flip": false}}', "augment degrees must be a number from 0 to 180, got -3"),
+    ('{"augment": {"degrees": 0, "shift": 1.5, "flip": false}}', "augment shift must be a whole number of pixels"),
+])
+def test_a_malformed_declaration_gets_one_line_naming_the_file(idx_dir, text, problem):
+    path = idx_dir / "dataset.json"
+    path.write_text(text)
+    message = _expect_one_line(idx_dir, problem)
+    assert message.startswith(f"{path}: ")
 
 
 def test_batches_are_a_seeded_permutation():
