@@ -13,7 +13,12 @@ from model import NORMS, build_model
 USAGE_EXIT = 2  # argparse's exit status for bad usage; every refusal uses it
 
 
-class UsageError(ValueError):
+class NormsweepError(ValueError):
+    """What a user can fix (input, data, storage, a cluster): every entry point prints it as one line,
+    `error: ...`, exit 2. Anything else is a bug and keeps its traceback."""
+
+
+class UsageError(NormsweepError):
     """Bad command-line input; printed as one line."""
 
 
@@ -74,6 +79,7 @@ def check_settings(settings: dict) -> None:
         raise UsageError(f"--train-size must be 0 (all images) or at least 2 images, got {train_size}")
     if train_size and settings.get("smoke_test"):
         raise UsageError("--train-size has no effect with --smoke-test (which trains on its own subset); drop one")
+    check_name(settings.get("name"))
     if settings.get("ship_code") is False and not settings.get("address"):
         raise UsageError("--no-ship-code has no effect without --address (a local Ray ships nothing); drop it")
     _at_least(settings, "val_size", 0, "0 (evaluate on test) or more images")
@@ -119,6 +125,23 @@ def check_settings(settings: dict) -> None:
             build_model(norm, groups=settings.get("groups", 4))
         except ValueError as e:
             raise UsageError(str(e)) from None
+
+
+NAME_MAX_BYTES = 255  # the longest file name ext4, XFS, APFS, NTFS and S3 key components all hold
+
+
+def check_name(name) -> None:
+    """Refuse an experiment name (--name) that cannot be one directory under the storage path."""
+    if name is None:
+        return
+    encoded = name.encode("utf-8", "surrogateescape")
+    shown = name if len(name) <= 40 else f"{name[:40]}... ({len(encoded)} bytes)"
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise UsageError(f"--name must be one directory name, without '/' or '\\' and not '.' or '..', "
+                         f"got {shown!r}; e.g. --name fmnist_3seeds")
+    if len(encoded) > NAME_MAX_BYTES:
+        raise UsageError(f"--name is longer than a file system allows ({len(encoded)} bytes, at most "
+                         f"{NAME_MAX_BYTES}): {shown!r}; pass a shorter name")
 
 
 def check_resources(per_trial: dict, cluster: dict) -> None:

@@ -18,6 +18,8 @@ import ray
 from ray import tune
 from ray.exceptions import AuthenticationError, RayTaskError, RuntimeEnvSetupError
 
+import checks
+
 ROOT = Path(__file__).resolve().parent  # the working directory shipped to the nodes
 MAX_FAILURES = 3  # Tune's retries of a trial whose worker died, each from the trial's latest checkpoint
 # Never shipped (gitignore patterns, relative to ROOT): results, data, docs, git and tooling caches. Virtual
@@ -36,21 +38,24 @@ UNRETRYABLE = re.compile(r"failed to import on the worker|^(ModuleNotFoundError|
                          r"|^(?:\w+\.)*(?:PrecisionError|CheckpointError|DataError): ", re.M)
 
 
-class ClusterError(ValueError):
+class ClusterError(checks.NormsweepError):
     """Ray cannot be joined at the given address; printed as one line."""
 
 
 def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=()) -> None:
     """ray.init for this run: a private local Ray without `address`, else the cluster there.
 
-    A local Ray runs its workers on this machine, where they import the code from this directory,
-    so nothing is shipped. Joining a cluster ships ROOT (`runtime_env`, leaving out `not_shipped`:
+    A local Ray runs its workers on this machine, where they import the code from this directory
+    (on their PYTHONPATH, whatever the driver's working directory), so nothing is shipped. Joining a cluster ships ROOT (`runtime_env`, leaving out `not_shipped`:
     paths that may lie inside it, such as the storage path) unless `ship_code` is off, for nodes
     where normsweep is installed already.
     """
     options = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
     if not address or address == "local":
-        ray.init(address="local", **options)
+        # Ray puts the driver's script directory and working directory on its workers' paths; a driver
+        # that imported normsweep from elsewhere (a notebook, the tests) needs ROOT there too.
+        paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}, **options)
         return
     if ship_code:
         options["runtime_env"] = runtime_env(not_shipped)

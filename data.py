@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import checks
+
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATASETS = ("mnist", "fashion-mnist")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -47,7 +49,7 @@ UNDECLARED = {"classes": DIGIT_CLASSES, "augment": AUGMENT["mnist"]}
 TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # torchvision's root/<folder>/raw
 
 
-class DataError(ValueError):
+class DataError(checks.NormsweepError):
     """Bad or missing data; the message is one line that says what to do."""
 
 

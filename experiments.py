@@ -27,11 +27,14 @@ import checks
 LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was started with (for --resume)
 STATE_PREFIX, STATE_SUFFIX = "experiment_state-", ".json"  # Tune's experiment state files
 RESULT_FILE = "result.json"
+# Each epoch's result holds this key: "ok", or why the trial stopped early ("diverged: ..."). Results
+# written before it existed lack it; readers treat a missing value as "ok".
+HEALTH_KEY = "health"
 SMOKE = {"train": 1000, "test": 500, "epochs": 2}  # --smoke-test: the subset and epochs it trains on
 DEFAULT_L1 = 1e-5  # lambda for "+l1" variants: L1 penalty lambda * sum(|w|)
 
 
-class ExperimentError(ValueError):
+class ExperimentError(checks.NormsweepError):
     """Storage or an experiment that cannot be read or written; the message is one line."""
 
 
@@ -197,24 +200,73 @@ def write_launch(experiment: str, settings: dict) -> None:
     write_bytes(join(experiment, LAUNCH_FILE), json.dumps(settings, indent=1).encode())
 
 
+def claim(experiment: str, settings: dict) -> bool:
+    """Make the experiment's directory and write its launch settings, unless it exists; False if it does.
+
+    On a local file system the claim is atomic (one mkdir), so two launches given the same --name
+    cannot both run into one directory. Object stores have no atomic create: there the check and the
+    write are two requests, and two launches within that moment could both pass.
+    """
+    if is_uri(experiment):
+        if exists(experiment):
+            return False
+    else:
+        path = Path(experiment)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.mkdir()
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise ExperimentError(f"cannot make {path} ({e.strerror}); pass a writable --storage-path") from None
+    write_launch(experiment, settings)
+    return True
+
+
+def n_trials(launch: dict) -> int:
+    """How many trials a launch's settings make: variants (each +l1 once per lambda) x batch sizes x seeds."""
+    return len(launch_variants(launch)) * len(launch.get("batch_sizes") or [None]) * launch.get("seeds", 1)
+
+
+def trial_finished(last: dict, epochs: int) -> bool:
+    """A trial's last result says it ran all its epochs or stopped on its own (diverged)."""
+    return last.get("epoch", 0) >= epochs or last.get(HEALTH_KEY, "ok") != "ok"
+
+
+def trials_left(experiment: str, launch: dict) -> int:
+    """Trials of an experiment still to run (none started counts too), from the trials' result.json."""
+    done = sum(trial_finished(last, launch["epochs"]) for last in last_results(experiment).values())
+    return max(0, n_trials(launch) - done)
+
+
 def _newest(locations_and_mtimes) -> str:
     return max(locations_and_mtimes, key=lambda pair: pair[1])[0]
 
 
 def latest_started(storage: str) -> str:
-    """The name of the newest experiment under storage that normsweep launched and Tune started
-    (newest by its launch file), for a bare --resume; a one-line UsageError if there is none."""
-    launched = []
+    """The name of the newest unfinished experiment under storage that normsweep launched and Tune
+    started (newest by its launch file), for a bare --resume; a one-line UsageError if there is none.
+    An experiment whose launch file is damaged cannot be resumed and is passed over."""
+    launched, finished = [], []
     for entry in _children(storage):
         if entry.type != pafs.FileType.Directory:
             continue
         experiment = join(storage, entry.base_name)
-        launch = _info(join(experiment, LAUNCH_FILE))
-        if launch.type == pafs.FileType.File and is_experiment(experiment):
-            launched.append((entry.base_name, launch.mtime_ns or 0))
-    if not launched:
-        raise checks.UsageError(f"--resume: no normsweep experiment under {storage}; pass --storage-path and --name")
-    return _newest(launched)
+        launch_info = _info(join(experiment, LAUNCH_FILE))
+        if launch_info.type != pafs.FileType.File or not is_experiment(experiment):
+            continue
+        try:
+            launch = read_launch(experiment)
+            left = trials_left(experiment, launch)
+        except (ExperimentError, checks.UsageError, KeyError, json.JSONDecodeError):
+            continue
+        (launched if left else finished).append((entry.base_name, launch_info.mtime_ns or 0))
+    if launched:
+        return _newest(launched)
+    if finished:
+        raise checks.UsageError(f"--resume: every experiment under {storage} has finished (the latest is "
+                                f"{_newest(finished)}); pass --name to print one's table again")
+    raise checks.UsageError(f"--resume: no normsweep experiment under {storage}; pass --storage-path and --name")
 
 
 def latest(storage: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ray import tune
 
+import experiments
 import train
 
 # Every epoch reports exactly these keys (mode "max" for accuracies, "min" for losses).
@@ -18,9 +19,9 @@ import train
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single", "test_acc_precise_bn", "lr",
            "epoch", "epoch_seconds", "images_per_s", "threads", "peak_device_memory_mib")
 BEST_METRIC, BEST_MODE = "test_acc", "max"
-# Reported every epoch beside METRICS: "ok", or why the trial stopped early ("diverged: ...").
-# Results written before this key existed lack it; readers treat a missing value as "ok".
-HEALTH_KEY = "health"
+# Reported every epoch beside METRICS: "ok", or why the trial stopped early ("diverged: ..."); part of
+# the results contract (experiments.HEALTH_KEY).
+HEALTH_KEY = experiments.HEALTH_KEY
 # Also beside METRICS, strings: what the trial computed in ("bf16" or "fp32", train.resolve_precision, with
 # "auto" resolved) and on (train.describe_device: "cpu", "cuda:0 NVIDIA H200 (sm_90)").
 # Results written before these keys existed lack them.

@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ LAUNCH_KEYS = ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l
                "batch_size", "batch_sizes", "lr", "groups", "test_flip", "precision",
                "compile")
 RESTORED_KEYS = ("max_concurrent",)  # Tune restores its TuneConfig from the experiment, not from today's flags
-INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's status for Ctrl-C
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's status for Ctrl-C; 143 (128 + SIGTERM) after a SIGTERM
 
 
 def param_space(args) -> dict:
@@ -81,6 +82,47 @@ def load_data(args) -> data_lib.Dataset:
     return loaded
 
 
+def interrupt_on_sigterm() -> dict:
+    """Treat SIGTERM (what `timeout`, `docker stop`, `scancel` and preemption send) as Ctrl-C: Tune's
+    SIGINT handler saves the experiment's state and stops the trials. Returns a dict that holds
+    {"signal": SIGTERM} once one came, for the exit status (128 + the signal)."""
+    received = {}
+
+    def handler(signum, frame):
+        received["signal"] = signum
+        on_sigint = signal.getsignal(signal.SIGINT)  # Tune's while it runs, else Python's KeyboardInterrupt
+        if callable(on_sigint):
+            on_sigint(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    return received
+
+
+def absolute_paths(args) -> None:
+    """A dataset directory and --data-dir made absolute before they are saved with the launch, so that
+    --resume and the analysis find them from any working directory."""
+    args.data_dir = str(Path(args.data_dir).expanduser().resolve())
+    if args.dataset not in data_lib.DATASETS:  # a directory, not a dataset's name
+        args.dataset = str(Path(args.dataset).expanduser().resolve())
+
+
+def claim_experiment(storage: str, args, default_name: bool) -> str:
+    """Claim the experiment's directory for this launch and save its settings there; returns its location.
+
+    A default name (time-stamped to the second) that another launch took gets a suffix, -2, -3, ...;
+    a name the user gave that exists is refused: --resume finishes it.
+    """
+    base = args.name
+    for attempt in range(1, 100 if default_name else 2):
+        args.name = base if attempt == 1 else f"{base}-{attempt}"
+        experiment = experiments.join(storage, args.name)
+        if experiments.claim(experiment, vars(args)):
+            return experiment
+    raise UsageError(f"experiment {experiments.join(storage, base)} exists; pass --resume to finish it or a new --name")
+
+
 def load_launch(storage: str, args) -> dict:
     """The launch settings of the experiment --resume names (default: the latest)."""
     args.name = args.name or experiments.latest_started(storage)
@@ -109,19 +151,6 @@ def resume_notes(args, launch: dict) -> str:
 
 def _flag_text(value) -> str:
     return " ".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)
-
-
-def finished(result, epochs: int) -> bool:
-    """A trial that ran all its epochs or stopped on its own (diverged)."""
-    metrics = result.metrics or {}
-    return metrics.get("epoch", 0) >= epochs or metrics.get(trainable.HEALTH_KEY, "ok") != "ok"
-
-
-def trials_left(experiment: str, n_trials: int, epochs: int) -> int:
-    """Trials of a stopped experiment still to run, from the trial directories' result.json."""
-    done = sum(last.get("epoch", 0) >= epochs or last.get(trainable.HEALTH_KEY, "ok") != "ok"
-               for last in experiments.last_results(experiment).values())
-    return n_trials - done
 
 
 def resume_command(storage: str, args) -> str:
@@ -158,15 +187,18 @@ def run(args) -> int:
         notes = resume_notes(args, launch)
         for key in LAUNCH_KEYS:
             setattr(args, key, launch.get(key, getattr(args, key)))  # the experiment's own settings, not today's flags
+    else:
+        absolute_paths(args)
+    default_name = args.name is None
     args.name = args.name or f"normsweep_{Path(args.dataset).name}_{time.strftime('%Y%m%d-%H%M%S')}"
     experiment = experiments.join(storage, args.name)
-    if not args.resume and experiments.exists(experiment):
+    if not args.resume and not default_name and experiments.exists(experiment):  # claimed for good below
         raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
 
     space = param_space(args)
     n_trials = math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v)
     if notes:
-        print(f"{notes}; {trials_left(experiment, n_trials, args.epochs)} of {n_trials} trials left to run", flush=True)
+        print(f"{notes}; {experiments.trials_left(experiment, launch)} of {n_trials} trials left to run", flush=True)
 
     if not args.verbose:
         console.quiet_ray()
@@ -174,6 +206,7 @@ def run(args) -> int:
     cluster.connect(args.address, ship_code=args.ship_code, verbose=args.verbose,
                     not_shipped=[storage, args.data_dir, args.dataset])
     made_here = False
+    stop_signal = interrupt_on_sigterm()
     try:
         dataset = load_data(args)
         if args.batch_sizes:  # --lr holds at the auto batch, the recipe's; other sizes scale from it
@@ -182,6 +215,9 @@ def run(args) -> int:
             space["batch_size"] = train.batch_size_for(len(dataset.train_labels), args.batch_size)  # resolve "auto"
         resources = trial_resources(ray.cluster_resources(), n_trials, args)
         checks.check_resources(resources, ray.cluster_resources())
+        if not args.resume:
+            experiment = claim_experiment(storage, args, default_name)
+            made_here = True
         print(f"normsweep: {n_trials} trials on {_cluster_text(ray.cluster_resources())}; per trial {resources}; "
               f"experiment {experiment}", flush=True)
         fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset), resources)
@@ -202,26 +238,25 @@ def run(args) -> int:
                     callbacks=[console.Progress(args.epochs, n_trials), cluster.StopRetrying()],
                     verbose=2 if args.verbose else 0),
             )
-            made_here = True
-            experiments.write_launch(experiment, vars(args))
         try:
             results = tuner.fit()
         except KeyboardInterrupt:  # a second Ctrl-C: Tune's own handler took the first
             results = None
-        except BaseException:
-            if made_here and not experiments.started(experiment):  # nothing a --resume could use
-                experiments.delete(experiment)
-            raise
+    except BaseException:
+        if made_here and not experiments.started(experiment):  # nothing a --resume could use
+            experiments.delete(experiment)
+        raise
     finally:
         ray.shutdown()
     # counted against the grid: under --max-concurrent Tune has not yet created the pending trials
-    unfinished = n_trials - (0 if results is None else sum(bool(r.error) or finished(r, args.epochs) for r in results))
+    unfinished = n_trials - (0 if results is None else sum(bool(r.error) or experiments.trial_finished(r.metrics or {}, args.epochs)
+                                                                for r in results))
     if unfinished:  # Tune stops on Ctrl-C (SIGINT) and saves the experiment's state
         if results is not None:
             print(summary_table(results))
         print(f"interrupted: {unfinished} of {n_trials} trials unfinished; state saved in {experiment}\n"
               f"resume with: {resume_command(storage, args)}", file=sys.stderr, flush=True)
-        return INTERRUPTED_EXIT
+        return 128 + stop_signal.get("signal", signal.SIGINT)
     print(summary_table(results))
     print(f"experiment: {experiment}")
     failed = [r for r in results if r.error]
@@ -247,7 +282,7 @@ def summary_table(results) -> str:
     pending = [Path(r.path).name for r in results if Path(r.path).name not in reported]
     lines = []
     if not df.empty:
-        lines.append(_text_table(analysis.trial_table(df)))
+        lines += [_text_table(table) for table in [analysis.trial_table(df)] if len(table)]  # none: every trial diverged
         means = analysis.summary(df)
         if means["seeds"].max() > 1:
             lines += ["", "mean over seeds:", _text_table(means[["variant", "seeds", "final one-view acc mean (%)",
@@ -341,9 +376,12 @@ def main(argv=None) -> int:
     try:
         checks.check_settings(vars(args))  # before Ray, data or directories
         return run(args)
-    except ValueError as e:  # UsageError, DataError, CheckpointError, model ValueErrors
+    except checks.NormsweepError as e:  # UsageError, DataError, ExperimentError, ClusterError, ...
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return checks.USAGE_EXIT
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before Tune started: nothing to save
+        print("interrupted before the sweep started; nothing was saved", file=sys.stderr)
+        return INTERRUPTED_EXIT
 
 
 if __name__ == "__main__":

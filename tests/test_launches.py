@@ -1,0 +1,138 @@
+"""Launching and finding experiments: names claimed once, paths saved absolute, the bare --resume's
+choice, SIGTERM treated as Ctrl-C, and bugs that keep their traceback."""
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+import analysis
+import experiments
+import train
+import tune_main
+from conftest import make_idx_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_an_experiment_name_is_claimed_once(tmp_path):
+    storage = str(tmp_path / "results")
+    experiment = experiments.join(storage, "same")
+    assert experiments.claim(experiment, {"variants": "gn"}) is True
+    assert experiments.claim(experiment, {"variants": "bn"}) is False  # the second launch of the same --name
+    assert experiments.read_launch(experiment) == {"variants": "gn"}  # the first launch's settings stay
+
+    # default names are stamped to the second: a second launch in that second gets a suffix
+    args = Namespace(name="normsweep_fmnist_20261129-120000", variants="gn")
+    first = tune_main.claim_experiment(storage, args, default_name=True)
+    second = tune_main.claim_experiment(storage, Namespace(**{**vars(args), "name": args.name}), default_name=True)
+    assert experiments.name_of(first) == "normsweep_fmnist_20261129-120000"
+    assert experiments.name_of(second) == "normsweep_fmnist_20261129-120000-2"
+    with pytest.raises(tune_main.UsageError, match="exists; pass --resume to finish it or a new --name"):
+        tune_main.claim_experiment(storage, Namespace(name="same"), default_name=False)
+
+
+def _fake_experiment(storage: Path, name: str, epochs_done: list, epochs=3, health=None, age=0):
+    """A launched and started experiment whose trials reported `epochs_done` epochs each."""
+    experiment = storage / name
+    experiment.mkdir(parents=True)
+    launch = {"variants": "bn,gn", "seeds": 1, "epochs": epochs, "l1": None, "batch_sizes": None}
+    (experiment / experiments.LAUNCH_FILE).write_text(json.dumps(launch))
+    (experiment / "experiment_state-2026.json").write_text("{}")
+    for k, done in enumerate(epochs_done):
+        trial = experiment / f"trial{k}"
+        trial.mkdir()
+        lines = [{"epoch": e, "health": health if health and e == done else "ok"} for e in range(1, done + 1)]
+        (trial / "result.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    stamp = time.time() - age
+    os.utime(experiment / experiments.LAUNCH_FILE, (stamp, stamp))
+
+
+def test_a_bare_resume_picks_the_latest_unfinished_experiment(tmp_path, capsys):
+    storage = tmp_path / "results"
+    _fake_experiment(storage, "older", [1, 0], age=100)  # interrupted: gn never reported
+    _fake_experiment(storage, "newer", [3, 3], age=10)  # finished
+    _fake_experiment(storage, "diverged", [3, 2], health="diverged: train loss nan", age=1)  # finished too
+    assert experiments.latest_started(str(storage)) == "older"
+    assert experiments.trials_left(str(storage / "older"), experiments.read_launch(str(storage / "older"))) == 2
+
+    _fake_experiment(tmp_path / "done", "only", [3, 3])
+    assert tune_main.main(["--resume", "--storage-path", str(tmp_path / "done")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --resume: every experiment under {tmp_path / 'done'} has finished (the latest is only); "
+                   f"pass --name to print one's table again")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("x" * 300, r"--name is longer than a file system allows \(300 bytes, at most 255\)"),
+    ("runs/first", "--name must be one directory name, without '/'"),
+    ("..", "--name must be one directory name"),
+])
+def test_names_that_cannot_be_a_directory_are_refused_before_ray(name, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing Ray raises ImportError: it must not be reached
+    assert tune_main.main(["--smoke-test", "--name", name, "--storage-path", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(f"error: {message}.*", err) and "\n" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_relative_dataset_directory_is_read_back_from_anywhere(tmp_path, monkeypatch):
+    """The launch saves the directory absolute: the analysis and --resume work from another directory."""
+    launch_dir, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    make_idx_dir(launch_dir / "data" / "tiny", n_train=64, n_test=32)
+    elsewhere.mkdir()
+    monkeypatch.chdir(launch_dir)
+    assert tune_main.main(["--dataset", "data/tiny", "--data-dir", "downloads", "--variants", "gn", "--epochs", "1",
+                           "--cpus-per-trial", "1", "--storage-path", "results", "--name", "rel"]) == 0
+    launch = experiments.read_launch(str(launch_dir / "results" / "rel"))
+    assert launch["dataset"] == str(launch_dir / "data" / "tiny")
+    assert launch["data_dir"] == str(launch_dir / "downloads")
+    monkeypatch.chdir(elsewhere)
+    grid, df = analysis.load_experiment(launch_dir / "results" / "rel")
+    assert len(analysis.misclassified(grid, df, "gn", n=3)["indices"]) == 3  # re-reads the dataset directory
+    assert tune_main.main(["--resume", "--storage-path", str(launch_dir / "results"), "--name", "rel"]) == 0
+
+
+def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path):
+    storage, name = tmp_path / "results", "terminated"
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
+               "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600  # generous: the wait ends on the event, not the clock
+    while time.time() < deadline and not list((storage / name).glob("*/checkpoint_000000")):
+        assert driver.poll() is None, f"the driver ended before the first report: {driver.communicate()}"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGTERM)  # what timeout(1), docker stop, scancel and preemption send
+    out, err = driver.communicate(timeout=600)
+    assert driver.returncode == 143, (out, err)
+    assert "Traceback" not in out + err and "SIGTERM received" not in err and "*** " not in err, err
+    lines = err.strip().splitlines()
+    assert re.fullmatch(r"interrupted: [12] of 2 trials unfinished; state saved in .*", lines[-2]), err
+    resume = shlex.split(lines[-1].removeprefix("resume with: "))
+    assert tune_main.main(resume[2:]) == 0  # the saved state finishes the sweep
+    assert experiments.trials_left(str(storage / name), experiments.read_launch(str(storage / name))) == 0
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, capsys):
+    """Only normsweep's own errors become one line and exit 2; any other ValueError is a bug."""
+    def bug(*args, **kwargs):
+        raise ValueError("a bug deep inside pandas")
+
+    monkeypatch.setattr(tune_main, "run", bug)
+    with pytest.raises(ValueError, match="a bug deep inside pandas"):
+        tune_main.main(["--smoke-test", "--storage-path", str(tmp_path)])
+    monkeypatch.setattr(analysis, "write_report", bug)
+    with pytest.raises(ValueError, match="a bug deep inside pandas"):
+        analysis.main([str(tmp_path)])
+    monkeypatch.setattr(train, "TrainingRun", bug)
+    monkeypatch.setattr(train.data_lib, "load_dataset", lambda *a, **k: None)
+    with pytest.raises(ValueError, match="a bug deep inside pandas"):
+        train.main(["--epochs", "1"])
+    assert "error:" not in capsys.readouterr().err
