@@ -458,22 +458,30 @@ def batch_size_arg(text: str) -> int:
 def main(argv=None) -> int:
     parser = checks.ArgumentParser(description="Train one normsweep variant without Ray.")
     parser.add_argument("--dataset", default=DEFAULTS["dataset"],
-                        help="mnist, fashion-mnist, or a directory of MNIST-format idx files")
-    parser.add_argument("--data-dir", default=DEFAULTS["data_dir"], help="where downloads go")
-    parser.add_argument("--norm", default=DEFAULTS["norm"], help="bn, gn, ln or none")
-    parser.add_argument("--groups", type=int, default=DEFAULTS["groups"], help="GroupNorm groups")
-    parser.add_argument("--l1", type=float, default=DEFAULTS["l1"], help="L1 penalty lambda (0 = off)")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs to train")
+                        help="mnist, fashion-mnist, or a directory of MNIST-format idx files (default: %(default)s)")
+    parser.add_argument("--data-dir", default=DEFAULTS["data_dir"], help="where downloads go (default: %(default)s)")
+    parser.add_argument("--norm", default=DEFAULTS["norm"], help="bn, gn, ln or none (default: %(default)s)")
+    parser.add_argument("--groups", type=int, default=DEFAULTS["groups"],
+                        help="GroupNorm groups (default: %(default)s)")
+    parser.add_argument("--l1", type=float, default=DEFAULTS["l1"],
+                        help="L1 penalty lambda (default: %(default)s = off)")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs to train (default: %(default)s)")
     parser.add_argument("--batch-size", type=batch_size_arg, default=DEFAULTS["batch_size"],
                         help="images per step, or 'auto' (default): 128, fewer on small training sets")
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="OneCycle peak learning rate")
-    parser.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"], help="SGD weight decay")
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"],
+                        help="OneCycle peak learning rate (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"],
+                        help="SGD weight decay (default: %(default)s)")
     parser.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"],
-                        help="cross-entropy label smoothing")
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seeds init, order and augmentation")
-    parser.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="CPU threads (0 = all)")
+                        help="cross-entropy label smoothing (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+                        help="seeds init, order and augmentation (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=DEFAULTS["threads"],
+                        help="CPU threads; a seed's numbers differ between thread counts "
+                             "(default: %(default)s = torch's own count)")
     parser.add_argument("--val-size", type=int, default=DEFAULTS["val_size"],
-                        help="hold out this many training images and evaluate on them instead of test")
+                        help="hold out this many training images and evaluate on them instead of test "
+                             "(default: %(default)s = none)")
     parser.add_argument("--no-test-flip", dest="test_flip", action="store_false",
                         help="score test images in one view only (default: also the mirror, on flip-trained datasets)")
     parser.add_argument("--order", default=DEFAULTS["order"], choices=("relu-norm", "norm-relu"),
@@ -483,7 +491,8 @@ def main(argv=None) -> int:
                              "(compute capability 8.0+), fp32 elsewhere (default)")
     parser.add_argument("--compile", default=DEFAULTS["compile"], choices=COMPILE_CHOICES,
                         help="torch.compile the net; auto = on CUDA only (default)")
-    parser.add_argument("--train-size", type=int, default=0, help="use only the first N training images (0 = all)")
+    parser.add_argument("--train-size", type=int, default=0,
+                        help="use only the first N training images (default: %(default)s = all)")
     args = parser.parse_args(argv)
     config = {k: v for k, v in vars(args).items() if k in DEFAULTS}
     try:
@@ -502,10 +511,12 @@ def main(argv=None) -> int:
     for _ in range(run.config["epochs"]):
         m = run.run_epoch()
         best = max(best, (m["test_acc"], m["epoch"]))
-        print(f"epoch {m['epoch']:2d}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
-              f"{split} loss {m['test_loss']:.4f} acc {m['test_acc']:.4f} (one view {m['test_acc_single']:.4f})  lr {m['lr']:.4f}  "
-              f"{m['images_per_s']:.0f} img/s", flush=True)
-    print(f"best {split} acc {best[0]:.4f} at epoch {best[1]}")
+        # accuracies in percent, as tune_main.py and the analysis print them; the thread count because
+        # a seed's numbers depend on it (README: what reproduces where)
+        print(f"epoch {m['epoch']:2d}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2%}  "
+              f"{split} loss {m['test_loss']:.4f} acc {m['test_acc']:.2%} (one view {m['test_acc_single']:.2%})  "
+              f"lr {m['lr']:.4f}  {m['images_per_s']:,.0f} img/s  threads {m['threads']}", flush=True)
+    print(f"best {split} acc {best[0]:.2%} at epoch {best[1]}")
     return 0
 
 
