@@ -19,6 +19,7 @@ from ray import tune
 from ray.exceptions import AuthenticationError, RayTaskError, RuntimeEnvSetupError
 
 import checks
+import experiments
 
 ROOT = Path(__file__).resolve().parent  # the working directory shipped to the nodes
 MAX_FAILURES = 3  # Tune's retries of a trial whose worker died, each from the trial's latest checkpoint
@@ -35,7 +36,8 @@ GET_TOKEN = "copy the output of `ray get-auth-token` on the head node"
 # of another config, unreadable data): a retry meets them again.
 UNRETRYABLE = re.compile(r"failed to import on the worker|^(ModuleNotFoundError|ImportError): "
                          r"|Failed to set up runtime environment"
-                         r"|^(?:\w+\.)*(?:PrecisionError|CheckpointError|DataError): ", re.M)
+                         r"|^(?:\w+\.)*(?:PrecisionError|CheckpointError|DataError): "
+                         r"|" + experiments.FULL_STORAGE.pattern, re.M)
 
 
 class ClusterError(checks.NormsweepError):
@@ -55,7 +57,7 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
         # Ray puts the driver's script directory and working directory on its workers' paths; a driver
         # that imported normsweep from elsewhere (a notebook, the tests) needs ROOT there too.
         paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}, **options)
+        _start_local(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}, **options)
         return
     if ship_code:
         options["runtime_env"] = runtime_env(not_shipped)
@@ -71,6 +73,25 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
                                f"list large files in a .rayignore there, or install normsweep on every node "
                                f"and pass --no-ship-code") from None
         raise
+
+
+LOCAL_START_TRIES = 3
+
+
+def _start_local(**options) -> None:
+    """ray.init of a private local Ray, tried again when its raylet misses Ray's fixed 30 s to register
+    (it does on a machine whose cores are all busy)."""
+    for attempt in range(1, LOCAL_START_TRIES + 1):
+        try:
+            ray.init(address="local", **options)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this one
+            if "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+    raise ClusterError(f"Ray could not start on this machine: its raylet did not register within Ray's 30 s, "
+                       f"{LOCAL_START_TRIES} times (are all cores busy?); try again when the machine is less "
+                       f"loaded, or pass --verbose to see Ray's logs")
 
 
 def runtime_env(not_shipped=()) -> dict:
@@ -236,6 +257,10 @@ def failure_cause(error, ship_code: bool = True) -> str:
                     f"normsweep on every node")
         return (f"a worker node lacks a package normsweep needs ({missing[0]}); install requirements.txt there, "
                 f"in the Python that `ray start` runs")
+    full = experiments.FULL_STORAGE.search(text)
+    if full:
+        return (f"the storage path is full ({full[0]}); free space there or pass another --storage-path, "
+                f"then --resume")
     if "failed to import on the worker" in text:
         return (f"a worker node could not load normsweep's trainable ({_last_line(text)}); give every node "
                 f"the driver's Python and requirements.txt")

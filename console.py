@@ -28,12 +28,26 @@ def quiet_ray():
     for name in ("ray", "ray.tune", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("ray.tune.tune").addFilter(_not_incomplete_trials)  # once: the same function each call
+    logging.getLogger("ray.tune.execution.experiment_state").addFilter(_state_save_failures)
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
 
 
 def _not_incomplete_trials(record) -> bool:
     """Tune's closing "Trials did not complete: [...]": the CLI names the failed trials and why."""
     return not record.getMessage().startswith("Trials did not complete")
+
+
+# Why Tune could not save the experiment's state to storage this run (its traceback is not printed;
+# the CLI says it in one line at the end): the last line of the exception, or None.
+STATE_SAVE_FAILURE = {"error": None}
+
+
+def _state_save_failures(record) -> bool:
+    if not record.getMessage().startswith("Saving experiment state to storage"):
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    STATE_SAVE_FAILURE["error"] = str(error).strip().splitlines()[-1] if error else record.getMessage()
+    return False
 
 
 def trial_label(config: dict) -> str:

@@ -17,6 +17,8 @@ No Ray here: the analysis reads experiments without starting Ray.
 """
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,6 +34,10 @@ RESULT_FILE = "result.json"
 HEALTH_KEY = "health"
 SMOKE = {"train": 1000, "test": 500, "epochs": 2}  # --smoke-test: the subset and epochs it trains on
 DEFAULT_L1 = 1e-5  # lambda for "+l1" variants: L1 penalty lambda * sum(|w|)
+
+
+# What an operating system or object store says when storage ran out (ENOSPC, EDQUOT, S3 quota).
+FULL_STORAGE = re.compile(r"No space left on device|Disk quota exceeded|\[Errno 28\]|\[Errno 122\]|QuotaExceeded")
 
 
 class ExperimentError(checks.NormsweepError):
@@ -283,17 +289,74 @@ def latest(storage: str) -> str:
     return _newest(found)
 
 
-def last_results(experiment: str) -> dict:
-    """Per trial directory name, its last reported result (the last line of result.json; {} if none yet)."""
-    last = {}
+def _results(experiment: str):
+    """(trial directory name, result.json location, its text) per trial that has a result.json."""
     for entry in _children(experiment):
-        if entry.type != pafs.FileType.Directory:
-            continue
-        result_file = join(experiment, entry.base_name, RESULT_FILE)
-        if exists(result_file):
-            lines = read_text(result_file).splitlines()
-            last[entry.base_name] = json.loads(lines[-1]) if lines else {}
+        if entry.type == pafs.FileType.Directory:
+            result_file = join(experiment, entry.base_name, RESULT_FILE)
+            if exists(result_file):
+                yield entry.base_name, result_file, read_text(result_file)
+
+
+def last_results(experiment: str) -> dict:
+    """Per trial directory name, its last reported result (the last line of result.json; {} if none yet).
+    A last line cut off mid-write is not a result: the one before it is the last (see `damage`)."""
+    last = {}
+    for name, _, text in _results(experiment):
+        parsed = [_json_or_none(line) for line in text.splitlines() if line.strip()]
+        complete = [p for p in parsed if isinstance(p, dict)]
+        last[name] = complete[-1] if complete else {}
     return last
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def damage(experiment: str):
+    """A one-line description of the first damaged file of an experiment (Tune's newest state file,
+    the launch file, a trial's result.json with a line that is not JSON: a write cut off, typically
+    by a full disk), or None when every one of them reads."""
+    states = sorted(state_files(experiment), key=lambda info: info.base_name)
+    checked = [join(experiment, states[-1].base_name)] if states else []
+    if exists(join(experiment, LAUNCH_FILE)):
+        checked.append(join(experiment, LAUNCH_FILE))
+    for location in checked:
+        try:
+            json.loads(read_text(location))
+        except json.JSONDecodeError as e:
+            return f"{location} is cut off or corrupt ({e.msg} at character {e.pos} of {len(e.doc)})"
+    for _, result_file, text in _results(experiment):
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip() and not isinstance(_json_or_none(line), dict):
+                return f"{result_file} line {number} is cut off or corrupt"
+    return None
+
+
+def nearly_full(storage: str) -> bool:
+    """A local storage path with under 1 MiB free (an object store's quota cannot be asked this way)."""
+    if is_uri(storage):
+        return False
+    path = Path(storage)
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free < 2**20
+
+
+def check_intact(experiment: str, what: str) -> None:
+    """Refuse, in one line, to `what` (resume, analyse) an experiment with a damaged file."""
+    damaged = damage(experiment)
+    if not damaged:
+        return
+    remedy = {"resume": "Tune cannot restore it: start the sweep again under a new --name (the trials' "
+                        "checkpoints stay in their directories)",
+              "analyse": "delete a result.json's cut-off last line (that epoch is lost), or analyse another "
+                         "experiment"}[what]
+    raise ExperimentError(f"cannot {what} {experiment}: {damaged}; it was probably written while the storage "
+                          f"was full. {remedy}")
 
 
 def delete(location: str) -> None:

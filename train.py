@@ -89,11 +89,11 @@ PRECISE_BN_BATCH, PRECISE_BN_IMAGES = 500, 10_000
 MEMORY_FORMAT = torch.channels_last
 
 
-class CheckpointError(ValueError):
+class CheckpointError(checks.NormsweepError):
     """A checkpoint that cannot continue this run; the message is one line."""
 
 
-class PrecisionError(ValueError):
+class PrecisionError(checks.NormsweepError):
     """A precision the run's device cannot compute natively; the message is one line."""
 
 
@@ -497,11 +497,11 @@ def main(argv=None) -> int:
     config = {k: v for k, v in vars(args).items() if k in DEFAULTS}
     try:
         checks.check_settings(vars(args))  # the same checks, wording and exit status as tune_main.py
-        dataset = data_lib.load_dataset(args.dataset, args.data_dir)
+        dataset = data_lib.load_dataset(args.dataset, args.data_dir, test_split=not args.val_size)
         if args.train_size:
-            dataset = dataset.subset(args.train_size, len(dataset.test_labels))
+            dataset = dataset.subset(args.train_size)
         run = TrainingRun(config, dataset)
-    except ValueError as e:  # UsageError, DataError, model ValueErrors
+    except checks.NormsweepError as e:  # UsageError, DataError, CheckpointError, PrecisionError
         print(f"error: {e}", file=sys.stderr)
         return checks.USAGE_EXIT
     split = "val" if args.val_size else "test"

@@ -100,6 +100,18 @@ def interrupt_on_sigterm() -> dict:
     return received
 
 
+def warn_on_thread_change(experiment: str, resources: dict, epochs: int) -> None:
+    """A seed's numbers depend on torch's thread count (README, what reproduces): say so when a resume
+    gives the unfinished trials another count than they started with."""
+    threads = max(1, int(resources["cpu"]))  # as trainable.train_variant sets it
+    before = sorted({last["threads"] for last in experiments.last_results(experiment).values()
+                     if "threads" in last and not experiments.trial_finished(last, epochs)})
+    if before and before != [threads]:
+        print(f"warning: the unfinished trials ran with {'/'.join(map(str, before))} torch thread(s) and resume "
+              f"with {threads}; their later epochs will differ from an uninterrupted run "
+              f"(pass --cpus-per-trial {before[0]} to keep them)", file=sys.stderr, flush=True)
+
+
 def absolute_paths(args) -> None:
     """A dataset directory and --data-dir made absolute before they are saved with the launch, so that
     --resume and the analysis find them from any working directory."""
@@ -132,6 +144,7 @@ def load_launch(storage: str, args) -> dict:
     if not experiments.started(experiment):
         raise UsageError(f"--resume: {experiment} was launched but Tune never saved its state; "
                          f"nothing to resume, start it again (delete the directory or pick a new --name)")
+    experiments.check_intact(experiment, "resume")
     return experiments.read_launch(experiment)
 
 
@@ -215,7 +228,9 @@ def run(args) -> int:
             space["batch_size"] = train.batch_size_for(len(dataset.train_labels), args.batch_size)  # resolve "auto"
         resources = trial_resources(ray.cluster_resources(), n_trials, args)
         checks.check_resources(resources, ray.cluster_resources())
-        if not args.resume:
+        if args.resume:
+            warn_on_thread_change(experiment, resources, args.epochs)
+        else:
             experiment = claim_experiment(storage, args, default_name)
             made_here = True
         print(f"normsweep: {n_trials} trials on {_cluster_text(ray.cluster_resources())}; per trial {resources}; "
@@ -242,6 +257,11 @@ def run(args) -> int:
             results = tuner.fit()
         except KeyboardInterrupt:  # a second Ctrl-C: Tune's own handler took the first
             results = None
+        except Exception as e:  # Tune reading back files it could not write: say why, not where it broke
+            if experiments.nearly_full(storage) or experiments.FULL_STORAGE.search(repr(e)):
+                raise experiments.ExperimentError(f"the storage path {storage} is full; free space there, then "
+                                                  f"resume with: {resume_command(storage, args)}") from None
+            raise
     except BaseException:
         if made_here and not experiments.started(experiment):  # nothing a --resume could use
             experiments.delete(experiment)
@@ -259,6 +279,9 @@ def run(args) -> int:
         return 128 + stop_signal.get("signal", signal.SIGINT)
     print(summary_table(results))
     print(f"experiment: {experiment}")
+    if console.STATE_SAVE_FAILURE["error"]:
+        print(f"error: Tune could not save the experiment's state to {storage} "
+              f"({console.STATE_SAVE_FAILURE['error']}); a --resume may not find every epoch", file=sys.stderr)
     failed = [r for r in results if r.error]
     for line in cluster.failure_lines(failed, ship_code=args.ship_code):
         print(f"error: {line}", file=sys.stderr)

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def test_a_relative_dataset_directory_is_read_back_from_anywhere(tmp_path, monke
     assert tune_main.main(["--resume", "--storage-path", str(launch_dir / "results"), "--name", "rel"]) == 0
 
 
-def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path):
+def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys):
     storage, name = tmp_path / "results", "terminated"
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
                "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
@@ -116,7 +117,9 @@ def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path):
     lines = err.strip().splitlines()
     assert re.fullmatch(r"interrupted: [12] of 2 trials unfinished; state saved in .*", lines[-2]), err
     resume = shlex.split(lines[-1].removeprefix("resume with: "))
-    assert tune_main.main(resume[2:]) == 0  # the saved state finishes the sweep
+    assert tune_main.main(resume[2:] + ["--cpus-per-trial", "2"]) == 0  # the saved state finishes the sweep
+    # a seed's numbers depend on the thread count: resuming with another one says so
+    assert ("warning: the unfinished trials ran with 1 torch thread(s) and resume with 2" in capsys.readouterr().err)
     assert experiments.trials_left(str(storage / name), experiments.read_launch(str(storage / name))) == 0
 
 
@@ -136,3 +139,59 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, capsys):
     with pytest.raises(ValueError, match="a bug deep inside pandas"):
         train.main(["--epochs", "1"])
     assert "error:" not in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 300 KB file system (as root), too small for one epoch's checkpoints; skipped where mounting is refused."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed(small_tmpfs):
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--storage-path", str(small_tmpfs),
+               "--name", "full"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode in (1, 2), done.stdout + done.stderr
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 1 and "is full" in errors[0], done.stderr
+    assert str(small_tmpfs) in errors[0] or "storage path is full" in errors[0]
+    assert "Traceback" not in done.stdout + done.stderr
+    failures = [(p / "error.txt").read_text().count("Failure # ") for p in (small_tmpfs / "full").iterdir()
+                if (p / "error.txt").is_file() and (p / "error.txt").stat().st_size]
+    assert sum(failures) <= 5, failures  # not 4 trials x 4 tries: a full disk is not retried
+
+    subprocess.run(["mount", "-o", "remount,size=100m", str(small_tmpfs)], check=True)  # space freed
+    resumed = subprocess.run(command[:2] + ["--resume", "--storage-path", str(small_tmpfs), "--name", "full"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # what Tune managed to write decides: the experiment resumes, or its damage is named in one line
+    if resumed.returncode:
+        assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr
+        assert "is cut off or corrupt" in resumed.stderr, resumed.stderr
+    else:
+        assert experiments.trials_left(str(small_tmpfs / "full"), experiments.read_launch(str(small_tmpfs / "full"))) == 0
+
+
+def test_a_damaged_experiment_is_named_in_one_line_by_resume_and_analysis(smoke_experiment, tmp_path, capsys):
+    copy = tmp_path / "results" / "damaged"
+    shutil.copytree(smoke_experiment, copy)
+    result_file = next(copy.glob("gn_*/result.json"))
+    result_file.write_text(result_file.read_text()[:-40])  # the last epoch's line cut off mid-write
+    assert experiments.last_results(str(copy))[result_file.parent.name]["epoch"] == 1  # the last complete one
+    with pytest.raises(experiments.ExperimentError, match=rf"cannot analyse .*: {re.escape(str(result_file))} line 2 is "
+                                                     rf"cut off or corrupt"):
+        analysis.load_experiment(copy)
+    state = max(copy.glob("experiment_state-*.json"))
+    state.write_bytes(state.read_bytes()[:4096])  # what a full disk left of Tune's state
+    assert tune_main.main(["--resume", "--storage-path", str(copy.parent), "--name", "damaged"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"error: cannot resume .*damaged: {re.escape(str(state))} is cut off or corrupt \(.*\); "
+                        rf"it was probably written while the storage was full\..*", err) and "\n" not in err, err
+    assert analysis.main([str(copy)]) == 2
+    assert "is cut off or corrupt" in capsys.readouterr().err
