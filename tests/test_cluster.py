@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 import cluster
+from conftest import HANG_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist, used when present
@@ -50,7 +51,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(log: Path, text: str, process, seconds=120):
+def wait_for(log: Path, text: str, process, seconds=HANG_SECONDS):
     deadline = time.time() + seconds
     while time.time() < deadline:
         if text in log.read_text():
@@ -126,7 +127,7 @@ def two_nodes():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def sweep(nodes, *flags, env=None, timeout=300):
+def sweep(nodes, *flags, env=None, timeout=HANG_SECONDS):
     """tune_main.py --smoke-test joined to the cluster by its explicit address, from the repository."""
     command = [sys.executable, "tune_main.py", "--smoke-test", "--address", nodes.address,
                "--storage-path", str(nodes.root / "results"), *flags]
@@ -170,7 +171,7 @@ def test_without_the_code_shipped_the_sweep_fails_fast_in_one_line(two_nodes):
 ])
 def test_a_missing_or_wrong_token_gets_one_line(two_nodes, tmp_path, token, message):
     env = clean_env(tmp_path, **({"RAY_AUTH_TOKEN": token} if token else {}))  # a HOME without ~/.ray/auth_token
-    done, seconds = sweep(two_nodes, env=env, timeout=120)
+    done, seconds = sweep(two_nodes, env=env)
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.strip().splitlines() == [f"error: the Ray cluster at {two_nodes.address} {message}"]
     assert not (two_nodes.root / "results").exists() or not any(
@@ -182,7 +183,7 @@ def test_nothing_listening_gets_one_line(tmp_path):
     port = free_port()  # closed again: nothing listens there
     done = subprocess.run([sys.executable, "tune_main.py", "--smoke-test", "--address", f"127.0.0.1:{port}",
                            "--storage-path", str(tmp_path / "results")], cwd=ROOT, env=clean_env(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_SECONDS)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: cannot reach a Ray cluster at 127.0.0.1:{port} (Connection refused); start one there with "

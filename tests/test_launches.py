@@ -18,7 +18,7 @@ import analysis
 import experiments
 import train
 import tune_main
-from conftest import make_idx_dir
+from conftest import HANG_SECONDS, launch_until, make_idx_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,13 +105,10 @@ def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys):
     storage, name = tmp_path / "results", "terminated"
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
                "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
-    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600  # generous: the wait ends on the event, not the clock
-    while time.time() < deadline and not list((storage / name).glob("*/checkpoint_000000")):
-        assert driver.poll() is None, f"the driver ended before the first report: {driver.communicate()}"
-        time.sleep(0.2)
+    driver = launch_until(command, lambda: list((storage / name).glob("*/checkpoint_000000")), "the first checkpoint",
+                          cwd=ROOT)
     driver.send_signal(signal.SIGTERM)  # what timeout(1), docker stop, scancel and preemption send
-    out, err = driver.communicate(timeout=600)
+    out, err = driver.communicate(timeout=HANG_SECONDS)
     assert driver.returncode == 143, (out, err)
     assert "Traceback" not in out + err and "SIGTERM received" not in err and "*** " not in err, err
     lines = err.strip().splitlines()
@@ -157,7 +154,7 @@ def small_tmpfs(tmp_path):
 def test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed(small_tmpfs):
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--storage-path", str(small_tmpfs),
                "--name", "full"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert done.returncode in (1, 2), done.stdout + done.stderr
     errors = done.stderr.strip().splitlines()
     assert len(errors) == 1 and "is full" in errors[0], done.stderr
@@ -169,7 +166,7 @@ def test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed(small
 
     subprocess.run(["mount", "-o", "remount,size=100m", str(small_tmpfs)], check=True)  # space freed
     resumed = subprocess.run(command[:2] + ["--resume", "--storage-path", str(small_tmpfs), "--name", "full"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=900)
+                             cwd=ROOT, capture_output=True, text=True, timeout=HANG_SECONDS)
     # what Tune managed to write decides: the experiment resumes, or its damage is named in one line
     if resumed.returncode:
         assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -17,6 +16,7 @@ import pytest
 import analysis
 import experiments
 import tune_main
+from conftest import HANG_SECONDS, launch_until, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,14 +35,14 @@ def s3_server():
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    deadline = time.time() + 60
-    while True:
+    def listening():
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return True
         except OSError:
-            assert server.poll() is None and time.time() < deadline, "moto_server did not start"
-            time.sleep(0.2)
+            return False
+
+    wait_for(listening, server, "moto_server listening")
     yield env
     server.terminate()
     server.wait(timeout=30)
@@ -69,13 +69,10 @@ def test_sweep_on_s3_is_interrupted_resumed_and_analysed_from_the_uri(bucket, tm
     storage = f"s3://{name}/results"
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "3",
                "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", storage, "--name", "remote"]
-    driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not any("/checkpoint_000000/" in k for k in _keys(client, name, "results/remote/")):
-        assert driver.poll() is None, f"the driver ended before the first checkpoint: {driver.communicate()}"
-        time.sleep(0.5)
+    driver = launch_until(command, lambda: any("/checkpoint_000000/" in k for k in _keys(client, name, "results/remote/")),
+                          "the first checkpoint on S3", cwd=tmp_path)
     driver.send_signal(signal.SIGINT)
-    out, err = driver.communicate(timeout=180)
+    out, err = driver.communicate(timeout=HANG_SECONDS)
     assert driver.returncode == tune_main.INTERRUPTED_EXIT, (out, err)
     lines = err.strip().splitlines()
     assert lines[-2].endswith(f"state saved in {storage}/remote"), err
@@ -109,7 +106,7 @@ def test_sweep_on_s3_is_interrupted_resumed_and_analysed_from_the_uri(bucket, tm
     summary = (out_dir / "summary.md").read_text()
     assert f"Experiment: `{location}`" in summary and "| gn |" in summary
     assert analysis.main([location]) == 0  # the default: the report beside the experiment, on S3
-    assert f"results/remote/report/summary.md" in _keys(client, name, "results/remote/report/")
+    assert "results/remote/report/summary.md" in _keys(client, name, "results/remote/report/")
 
 
 def test_bad_storage_uris_are_one_line_before_ray(bucket, capsys, monkeypatch):

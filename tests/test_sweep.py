@@ -3,7 +3,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from argparse import Namespace
@@ -16,6 +15,7 @@ from ray.tune.search.variant_generator import generate_variants
 import experiments
 import trainable
 import tune_main
+from conftest import launch_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,11 +118,8 @@ def test_killed_driver_resumes_every_trial_once(tmp_path):
     storage, name, epochs = tmp_path / "results", "killed", 4
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn",
                "--epochs", str(epochs), "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
-    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((storage / name).glob("*/checkpoint_000000")):
-        assert driver.poll() is None, "the driver ended before the first report"
-        time.sleep(0.1)
+    driver = launch_until(command, lambda: list((storage / name).glob("*/checkpoint_000000")), "the first checkpoint",
+                          cwd=ROOT)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     before = {p.name: reported_epochs(p) for p in (storage / name).iterdir() if p.is_dir()}
@@ -145,7 +142,7 @@ def test_logical_gpus_are_shared_and_all_trials_run_at_once(gpus, share, tmp_pat
     def trainable(config):
         started = tmp_path / "started"
         (started / str(config["i"])).touch()
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # a trial left waiting by the scheduler fails the test after this
         while len(list(started.iterdir())) < 4 and time.time() < deadline:  # wait for the others
             time.sleep(0.1)
         tune.report({"together": len(list(started.iterdir())) == 4, "gpu_ids": len(ray.get_gpu_ids())})
