@@ -65,6 +65,7 @@ def load_experiment(path):
     if not experiments.is_experiment(location):
         raise AnalysisError(f"{location} is not a Ray Tune experiment directory (no experiment_state-*.json); "
                             f"pass results/<name> (or the storage URI and name) as printed by tune_main.py")
+    experiments.check_intact(location, "analyse")
     fs, fs_path = experiments.filesystem(location)
     grid = ResultGrid(ExperimentAnalysis(fs_path, storage_filesystem=fs))
     df = results_frame(grid)
@@ -80,11 +81,15 @@ def experiment_location(grid) -> str:
 
 
 def results_frame(grid) -> pd.DataFrame:
-    """One row per trial and reported epoch of a ResultGrid (trials with no epoch yet are left out)."""
+    """One row per trial and reported epoch of a ResultGrid (trials with no epoch yet are left out).
+
+    `data` says what the trials trained and were scored on when the launch took a subset (--smoke-test,
+    --train-size); "" for the whole dataset or an experiment without launch settings.
+    """
     frames = []
     for result in grid:
         df = result.metrics_dataframe
-        if df is None or df.empty:
+        if df is None or df.empty or not result.config:  # a trial that has not reported yet
             continue
         config = result.config
         variant = config["variant"]
@@ -102,7 +107,31 @@ def results_frame(grid) -> pd.DataFrame:
             frame[key] = config.get(key)
         frame["peak lr"] = train.peak_lr(config)  # the "lr" column is the metric: each epoch's starting lr
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True)
+    df["data"] = data_subset(experiments.read_launch(experiment_location(grid)))
+    return df
+
+
+def data_subset(launch: dict) -> str:
+    """What part of the dataset a launch trained and scored on, in words; "" for all of it."""
+    if launch.get("smoke_test"):
+        return f"smoke-test subset: {experiments.SMOKE['train']:,} train / {experiments.SMOKE['test']:,} test images"
+    if launch.get("train_size"):
+        return f"--train-size subset: {launch['train_size']:,} train images, every test image"
+    return ""
+
+
+def trial_configs(grid) -> dict:
+    """Per trial path, its config, also for trials that have not reported yet: a Result's config comes
+    from its last report (None before the first), so theirs is read from Tune's experiment state."""
+    analysis = getattr(grid, "_experiment_analysis", None)  # a ResultGrid; other iterables of Results lack it
+    configs = {trial.path: trial.config for trial in getattr(analysis, "trials", None) or []}
+    for result in grid:
+        if result.config:
+            configs[result.path] = result.config
+    return configs
 
 
 def variant_label(variant: dict) -> str:
@@ -116,12 +145,16 @@ def trial_label(config: dict) -> str:
     return f"{label}, batch {config['batch_size']}" if train.in_batch_study(config) else label
 
 
-def _title(df, what: str) -> str:
+def _title(df, what: str, wrap: bool = False) -> str:
+    """'what: dataset (subset), N epochs, K seeds per variant'; wrap: the subset on a line of its own
+    (figure titles)."""
     seeds = df.groupby("variant")["seed"].nunique().max()
     planned, reached = int(df["epochs"].max()), int(df["epoch"].max())  # "epochs": the planned count
-    epochs = f"{planned} epochs" if reached >= planned else f"partial: {reached} of {planned} epochs in"
+    epochs = _count(planned, "epoch") if reached >= planned else f"partial: {reached} of {planned} epochs in"
+    subset = str(df["data"].iloc[0]) if "data" in df else ""
+    subset = (f"\n({subset})" if wrap else f" ({subset})") if subset else ""
     return (f"{what}: {Path(str(df['dataset'].iloc[0])).name}, {epochs}, "
-            f"{seeds} seed{'s' if seeds > 1 else ''} per variant")
+            f"{_count(seeds, 'seed')} per variant{subset}")
 
 
 def healthy(df) -> pd.DataFrame:
@@ -139,29 +172,38 @@ def best_per_trial(df, metric="test_acc") -> pd.DataFrame:
 
 def progress(grid, df) -> pd.DataFrame:
     """Per variant: trials planned and reporting, epochs in (fewest, most) against the planned epochs,
-    and trials that diverged. An experiment is partial when any trial has fewer epochs than planned."""
-    rows = {}
+    and trials that diverged. Complete when every trial ran its planned epochs or diverged; trials that
+    have reported nothing yet (or that Tune has not created) count with 0 epochs in."""
+    rows, configs = {}, trial_configs(grid)
+
+    def row_of(label, planned):
+        return rows.setdefault(label, {"variant": label, "trials": 0, "epochs in": [], "planned epochs": planned,
+                                       "diverged": 0, "done": []})
+
     for result in grid:
-        variant = trial_label(result.config)
-        row = rows.setdefault(variant, {"variant": variant, "trials": 0, "epochs in": [],
-                                        "planned epochs": result.config.get("epochs"), "diverged": 0})
+        config = configs.get(result.path)
+        if not config:  # not in Tune's state either: counted below from the launch settings
+            continue
+        row = row_of(trial_label(config), config.get("epochs"))
         row["trials"] += 1
-        trial = df[df["trial"] == Path(result.path).name] if result.path else df.iloc[:0]
-        row["epochs in"].append(int(trial["epoch"].max()) if len(trial) else 0)
-        row["diverged"] += bool(len(trial) and trial["diverged"].iloc[0])
-    # trials Tune never started are missing from the grid; the launch settings list them
+        trial = df[df["trial"] == Path(result.path).name] if len(df) and result.path else df.iloc[:0]
+        epochs_in, diverged = (int(trial["epoch"].max()), bool(trial["diverged"].iloc[0])) if len(trial) else (0, False)
+        row["epochs in"].append(epochs_in)
+        row["diverged"] += diverged
+        row["done"].append(diverged or epochs_in >= (row["planned epochs"] or 0))
+    # trials Tune never created are missing from the grid; the launch settings list them
     launch = experiments.read_launch(experiment_location(grid))
     if launch.get("variants"):
         variants = experiments.launch_variants(launch)
         batches = launch.get("batch_sizes") or [None]
         for variant, batch in itertools.product(variants, batches):
             label = trial_label({"variant": variant, "batch_size": batch, "lr_reference_batch": batch})  # any >0 marks a study
-            row = rows.setdefault(label, {"variant": label, "trials": 0, "epochs in": [],
-                                          "planned epochs": launch["epochs"], "diverged": 0})
-            row["epochs in"] += [0] * (launch.get("seeds", 1) - row["trials"])
+            row = row_of(label, launch["epochs"])
+            missing = max(0, launch.get("seeds", 1) - row["trials"])
+            row["epochs in"] += [0] * missing
+            row["done"] += [False] * missing
     table = pd.DataFrame(rows.values())
-    table["complete"] = [all(e >= p for e in es) or d > 0 for es, p, d in
-                         zip(table["epochs in"], table["planned epochs"], table["diverged"])]
+    table["complete"] = table.pop("done").map(all)
     table["epochs in"] = [f"{min(es)}" if min(es) == max(es) else f"{min(es)}-{max(es)}" for es in table["epochs in"]]
     return table.sort_values("variant").reset_index(drop=True)
 
@@ -176,17 +218,32 @@ def progress_note(table: pd.DataFrame) -> str:
 
 
 def diverged_note(df) -> str:
+    """'' when no trial diverged, else one sentence naming each diverged trial and why it stopped."""
     trials = df[df["diverged"]].groupby("trial")["health"].last() if "diverged" in df else {}
     if not len(trials):
         return ""
-    return ("Diverged trials, left out of the figures and tables: "
-            + "; ".join(f"{trial} ({health})" for trial, health in trials.items()) + ".")
+    named = "; ".join(f"{trial} ({health})" for trial, health in trials.items())
+    if len(trials) == df["trial"].nunique():
+        return (f"Every trial diverged ({_count(len(trials), 'trial')}), so there is no accuracy to report or "
+                f"compare: {named}.")
+    return f"Diverged trials, left out of the figures and tables: {named}."
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def plot_curves(df, metric: str):
     """One metric against epoch, all variants on one axes; mean and +-1 std band over seeds."""
     label, higher_better = CURVES[metric]
     scale = 100 if metric.endswith("acc") else 1
+    # test_acc averages each image and its mirror on flip-trained data; the headline is test_acc_single
+    # at the final epoch, so the test_acc legend gives both, each named
+    flipped = metric == "test_acc" and not np.allclose(df["test_acc"], df["test_acc_single"], equal_nan=True)
+    headline = metric == "test_acc"
+    if headline:
+        label = f"test accuracy, {'flip-averaged' if flipped else 'one view'} (%)"
     fig, ax = plt.subplots(figsize=(8, 5))
     late = []  # values over the second half of training, for zooming the accuracy axis
     all_variants = sorted(df["variant"].unique())
@@ -203,10 +260,14 @@ def plot_curves(df, metric: str):
         spread = f" ± {per_seed_best.std():.2f}" if len(per_seed_best) > 1 else ""
         fmt = ".2f" if scale == 100 else ".4f"
         color = f"C{i}"
+        text = f"{variant}: best {per_seed_best.mean():{fmt}}{spread} (mean-curve best at epoch {epochs[best_at]})"
+        if headline:
+            final = 100 * group.loc[group.groupby("trial")["epoch"].idxmax(), "test_acc_single"]
+            final_spread = f" ± {final.std():.2f}" if len(final) > 1 else ""
+            text = (f"{variant}: final one view {final.mean():.2f}{final_spread}; "
+                    f"best {'flip-averaged' if flipped else 'one view'} {per_seed_best.mean():.2f}{spread}")
         ax.plot(epochs, mean, color=color, linestyle=LINESTYLES[i % len(LINESTYLES)],
-                marker=MARKERS[i % len(MARKERS)], markersize=4, markevery=max(1, len(epochs) // 10),
-                label=f"{variant}: best {per_seed_best.mean():{fmt}}{spread} "
-                      f"(mean-curve best at epoch {epochs[best_at]})")
+                marker=MARKERS[i % len(MARKERS)], markersize=4, markevery=max(1, len(epochs) // 10), label=text)
         if by_epoch["count"].max() > 1:
             ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
         ax.plot(epochs[best_at], mean[best_at], marker="*", markersize=12, color=color, markeredgecolor="k")
@@ -221,8 +282,11 @@ def plot_curves(df, metric: str):
     ax.set_ylabel(label)
     seeds = everything.groupby("variant")["seed"].nunique().max()
     band = "; band = ±1 std over seeds" if seeds > 1 else ""
-    ax.set_title(_title(everything, metric.replace("_", " ")) + band, fontsize=10)
-    ax.legend(fontsize=8, title="variant: best (★ = best epoch of the mean curve)", title_fontsize=8)
+    head, _, subset = _title(everything, metric.replace("_", " "), wrap=True).partition("\n")
+    ax.set_title(head + band + (f"\n{subset}" if subset else ""), fontsize=10)
+    legend = ("variant: final epoch, one view (the summary's headline); each seed's best epoch, as plotted"
+              if headline else "variant: each seed's best epoch")
+    ax.legend(fontsize=8, title=f"{legend}, mean over seeds\n(★ = best epoch of the mean curve)", title_fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -232,24 +296,34 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None):
     """The first n misclassified test images of `variant`'s best checkpoint (best trial by test_acc).
 
     Returns a dict with the images (uint8), true and predicted labels, confidences (max softmax),
-    the test indices, the model's accuracy on the split, and the class names.
+    the test indices, the model's accuracy on the split (flip-averaged where `flip`, as the trial's
+    test_acc), its seed and epoch, and the class names. A one-line AnalysisError for a variant with no
+    healthy trial, or whose best epoch's checkpoint is missing.
     """
     best = best_per_trial(df)
-    row = best[best["variant"] == variant].sort_values("test_acc", kind="stable").iloc[-1]
+    candidates = best[best["variant"] == variant] if len(best) else best
+    if not len(candidates):
+        raise AnalysisError(f"{variant} has no trial with a healthy epoch (every trial of it diverged or has not "
+                            f"reported yet), so no checkpoint to show")
+    row = candidates.sort_values("test_acc", kind="stable").iloc[-1]
     trial = row["trial"]
     result = next(r for r in grid if Path(r.path).name == trial)
     # the checkpoint of the epoch the table names (Tune keeps it: the best, ties to the latest)
     kept = [c for c, metrics in (result.best_checkpoints or []) if metrics.get("epoch") == row["epoch"]]
-    if not kept:
-        raise AnalysisError(f"trial {trial} has no checkpoint of its best epoch {int(row['epoch'])}; "
-                            f"re-run or resume the experiment")
+    if not kept or not experiments.exists(experiments.join(experiments.location_of(kept[-1].filesystem, kept[-1].path),
+                                                           trainable.CHECKPOINT_FILE)):
+        raise AnalysisError(f"trial {trial} has no checkpoint of its best epoch {int(row['epoch'])} "
+                            f"(not saved yet, or not copied with the results); resume the experiment or copy its "
+                            f"checkpoint_* directories too")
     model, state = trainable.model_from_result_checkpoint(kept[-1])
     config = state["config"]
     dataset = evaluation_split(experiment_location(grid), config, dataset)
+    flip = train.uses_test_flip(config, dataset.augment)
     out = train.evaluate(model, dataset.test_images, dataset.test_labels, **state["input_stats"],
-                         flip=train.uses_test_flip(config, dataset.augment))  # as the trial evaluated
+                         flip=flip)  # as the trial evaluated its test_acc
     wrong = torch.nonzero(out["preds"] != dataset.test_labels).flatten()[:n]
-    return {"variant": variant, "trial": trial, "epoch": state["epoch"], "acc": out["acc"],
+    return {"variant": variant, "trial": trial, "seed": config.get("seed"), "epoch": state["epoch"],
+            "acc": out["acc"], "flip": flip,
             "indices": wrong, "images": dataset.test_images[wrong], "true": dataset.test_labels[wrong],
             "pred": out["preds"][wrong], "confidence": out["confidence"][wrong], "classes": dataset.classes}
 
@@ -275,8 +349,12 @@ def plot_misclassified(sample: dict):
         ax.imshow(sample["images"][k].numpy(), cmap="gray_r")  # numpy: matplotlib warns on tensors
         ax.set_title(f"true: {classes[sample['true'][k]]}\npred: {classes[sample['pred'][k]]} "
                      f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
-    fig.suptitle(f"{sample['variant']}: test accuracy {100 * sample['acc']:.2f}% "
-                 f"(best checkpoint, epoch {sample['epoch']}); misclassified test images", fontsize=11)
+    seed = f", seed {sample['seed']}" if sample.get("seed") is not None else ""
+    view = "flip-averaged" if sample.get("flip") else "one view"
+    fig.suptitle(f"{sample['variant']}: misclassified test images of the best checkpoint "
+                 f"(epoch {sample['epoch']}{seed})\n"
+                 f"its test accuracy {100 * sample['acc']:.2f}%, {view}, at that best epoch "
+                 f"(the summary's headline is the final epoch, one view)", fontsize=10)
     fig.tight_layout(h_pad=2.0)  # room between a tile's two-line title and the row above
     return fig
 
@@ -288,16 +366,25 @@ def final_per_trial(df) -> pd.DataFrame:
     return df.loc[df.groupby("trial")["epoch"].idxmax()].reset_index(drop=True)
 
 
+TRIAL_COLUMNS = ["variant", "seed", "epochs", "final one-view acc (%)", "final acc (%)", "best acc (%)",
+                 "best epoch", "final train acc (%)", "train s"]
+SUMMARY_COLUMNS = ["variant", "seeds", "final one-view acc mean (%)", "std (%)", "final acc mean (%)",
+                   "best acc mean (%)", "best epochs", "parameters", "converged"]
+
+
 def trial_table(df) -> pd.DataFrame:
     """Per trial: final-epoch accuracy one view and flip-averaged, and the best epoch's (by test_acc)."""
-    final, best = final_per_trial(df).set_index("trial"), best_per_trial(df).set_index("trial")
+    final, best = final_per_trial(df).set_index("trial"), best_per_trial(df)
+    if final.empty:  # every trial diverged (diverged_note says so)
+        return pd.DataFrame(columns=TRIAL_COLUMNS)
+    best = best.set_index("trial")
     train_seconds = df.groupby("trial")["epoch_seconds"].sum()
     rows = [{"variant": row.variant, "seed": int(row.seed), "epochs": int(row.epoch),
              "final one-view acc (%)": 100 * row.test_acc_single, "final acc (%)": 100 * row.test_acc,
              "best acc (%)": 100 * best.loc[trial, "test_acc"], "best epoch": int(best.loc[trial, "epoch"]),
              "final train acc (%)": 100 * row.train_acc, "train s": round(train_seconds[trial])}
             for trial, row in final.iterrows()]
-    return pd.DataFrame(rows).sort_values(["variant", "seed"]).reset_index(drop=True)
+    return pd.DataFrame(rows, columns=TRIAL_COLUMNS).sort_values(["variant", "seed"]).reset_index(drop=True)
 
 
 def convergence(df) -> pd.DataFrame:
@@ -306,9 +393,10 @@ def convergence(df) -> pd.DataFrame:
     Flagged when the one-view test accuracy peaks at the last epoch at least RISE_POINTS above the best
     it reached before the last RISE_EPOCHS epochs (a schedule that anneals to zero flattens a
     converged curve; measuring from the earlier best, not from one epoch, keeps a dip in the middle of
-    training followed by its recovery from reading as a rise),
-    when its final train accuracy is TRAIN_GAP_POINTS or more below the best variant's (it has not
-    fitted the data the others fitted), or when a trial has not reached its planned epochs.
+    training followed by its recovery from reading as a rise; with RISE_EPOCHS epochs or fewer the rise
+    cannot be judged, which is flagged and said), when its final train accuracy is TRAIN_GAP_POINTS or
+    more below the best variant's (it has not fitted the data the others fitted), or when a trial has
+    not reached its planned epochs.
     """
     rows, df = [], healthy(df)
     if df.empty:
@@ -319,13 +407,21 @@ def convergence(df) -> pd.DataFrame:
     for variant, group in df.groupby("variant"):
         curve = 100 * group.groupby("epoch")["test_acc_single"].mean()  # index: epochs every seed reached
         last, planned = int(curve.index.max()), int(group["epochs"].max())
-        rise = curve.iloc[-1] - curve.iloc[:max(1, len(curve) - RISE_EPOCHS)].max()
+        # no epoch before the last RISE_EPOCHS: 2 epochs compare neighbours, 1 compares nothing
+        judged = len(curve) > RISE_EPOCHS
+        rise = curve.iloc[-1] - curve.iloc[:max(1, len(curve) - RISE_EPOCHS)].max() if len(curve) > 1 else float("nan")
         reasons = []
         if group.groupby("trial")["epoch"].max().min() < planned:
             reasons.append(f"only {int(group.groupby('trial')['epoch'].max().min())} of {planned} epochs in")
-        if int(curve.idxmax()) == last and (len(curve) == 1 or rise >= RISE_POINTS):
+        if not judged:
+            moved = (f"; it moved {rise:+.2f} points from epoch {int(curve.index[0])} to {last}"
+                     if len(curve) > 1 else "")
+            reasons.append(f"{_count(len(curve), 'epoch')} reported: too few to judge whether test accuracy has "
+                           f"stopped rising (that takes {RISE_EPOCHS + 1} or more{moved}); only the train-accuracy gap "
+                           f"between variants is checked")
+        elif int(curve.idxmax()) == last and rise >= RISE_POINTS:
             reasons.append(f"test accuracy still rising: best at the last epoch ({last}), "
-                           f"+{rise:.2f} points over the best before the last {min(RISE_EPOCHS, len(curve) - 1)} epochs")
+                           f"+{rise:.2f} points over the best before the last {RISE_EPOCHS} epochs")
         gap = best_train - train_final[variant]
         if gap >= TRAIN_GAP_POINTS:
             reasons.append(f"final train accuracy {train_final[variant]:.1f}%, {gap:.1f} points below {leader}'s")
@@ -358,7 +454,7 @@ def summary(df) -> pd.DataFrame:
                      "best epochs": ", ".join(str(int(e)) for e in best_group["epoch"]),
                      "parameters": count_parameters(build_model(norm, groups=groups)),
                      "converged": "yes" if converged[variant] else "MAY NOT (see warnings)"})
-    return (pd.DataFrame(rows).sort_values("final one-view acc mean (%)", ascending=False)
+    return (pd.DataFrame(rows, columns=SUMMARY_COLUMNS).sort_values("final one-view acc mean (%)", ascending=False)
             .reset_index(drop=True))
 
 
@@ -375,7 +471,7 @@ def pairwise_tests(df) -> pd.DataFrame:
             p = stats.ttest_ind(accs[a], accs[b], equal_var=False).pvalue
             verdict = "beyond seed noise" if p < NOISE_ALPHA else "within seed noise"
         rows.append({"comparison": f"{a} − {b}", "difference (points)": diff, "Welch p": p, "verdict": verdict})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["comparison", "difference (points)", "Welch p", "verdict"])
 
 
 def is_batch_study(df) -> bool:
@@ -394,7 +490,9 @@ def batch_size_study(df) -> pd.DataFrame:
                      "precise-BN error (%)": precise.mean(), "precise-BN std": precise.std() if len(group) > 1 else float("nan"),
                      "peak lr": f"{group['peak lr'].iloc[0]:g}",
                      "converged": bool(converged[group["variant"].iloc[0]])})
-    return pd.DataFrame(rows).sort_values(["variant", "batch size"]).reset_index(drop=True)
+    columns = ["variant", "batch size", "seeds", "error (%)", "std", "precise-BN error (%)", "precise-BN std",
+               "peak lr", "converged"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["variant", "batch size"]).reset_index(drop=True)
 
 
 def batch_size_table(study: pd.DataFrame) -> pd.DataFrame:
@@ -490,6 +588,25 @@ def _markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def experiment_line(experiment) -> str:
+    """How summary.md names the experiment, and what the name is relative to (experiments.shown)."""
+    shown = experiments.shown(experiment)
+    if experiments.is_uri(shown):
+        return f"`{shown}`"
+    if Path(experiments.resolve(experiment)).is_relative_to(Path.cwd()):
+        return f"`{shown}` (relative to the directory the analysis ran in)"
+    return f"`{shown}` (its name; it lies outside the directory the analysis ran in)"
+
+
+def experiment_dataset(grid) -> data_lib.Dataset:
+    """The whole dataset an experiment's trials were drawn from, read once (`misclassified` takes the
+    trials' own subset of it); from any trial's config, reported or not."""
+    config = next((c for c in trial_configs(grid).values() if c), None)
+    if config is None:
+        raise AnalysisError("no trial of this experiment has a config yet; wait for the first trial to start")
+    return data_lib.load_dataset(config["dataset"], config["data_dir"])
+
+
 def write_report(experiment, out_dir) -> list:
     """Every figure as PNG plus summary.md into out_dir, a local directory or a storage URI; returns
     the written paths (Path objects for a local out_dir, URIs otherwise)."""
@@ -514,20 +631,29 @@ def write_report(experiment, out_dir) -> list:
         plt.close(fig)
         put(name, buffer.getvalue())
 
+    heading = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", ""]
+    notes = [note for note in (progress_note(progress(grid, df)), diverged_note(df)) if note]
+    notes = [line for note in notes for line in (f"**{note}**", "")]
+    if healthy(df).empty:  # every trial diverged: no curve, table or checkpoint to show
+        put("summary.md", "\n".join(heading + notes).encode())
+        return written
     for metric in CURVES:
         save(plot_curves(df, metric), f"{metric}.png")
-    config = df.iloc[0]
-    dataset = data_lib.load_dataset(str(config["dataset"]), grid[0].config["data_dir"])  # read once
-    grids = []
+    dataset = experiment_dataset(grid)  # read once for every grid
+    grids, missing = [], []
     for variant in sorted(healthy(df)["variant"].unique()):
-        sample = misclassified(grid, df, variant, dataset=dataset)
+        try:
+            sample = misclassified(grid, df, variant, dataset=dataset)
+        except AnalysisError as e:  # e.g. a best epoch whose checkpoint was not copied with the results
+            missing.append(f"No misclassified images for {variant}: {e}.")
+            continue
         name = "misclassified_" + re.sub(r"[^A-Za-z0-9]+", "_", variant).strip("_") + ".png"  # ASCII file names
         save(plot_misclassified(sample), name)
         grids.append((variant, name))
     study_text = []
     if is_batch_study(df):
         study = batch_size_study(df)
-        save(plot_batch_sizes(study, _title(df, "batch-size study")), "batch_size.png")
+        save(plot_batch_sizes(study, _title(df, "batch-size study", wrap=True)), "batch_size.png")
         study_text = ["## Batch size", "", "Final-epoch test error on one view (%), mean ± std over seeds, laid out "
                       "like Table 2 of Wu & He (2018); \"precise BN statistics\" recomputes BatchNorm's running "
                       "statistics on batches of 500 training images after training (`train.precise_bn`). "
@@ -535,9 +661,10 @@ def write_report(experiment, out_dir) -> list:
                       "![test error against batch size](batch_size.png)", "", "Per variant and batch size:", "",
                       _markdown(study), ""]
     table, tests, warnings = summary(df), pairwise_tests(df), convergence_warnings(df)
-    notes = [note for note in (progress_note(progress(grid, df)), diverged_note(df)) if note]
-    text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: `{experiments.shown(experiment)}`", "",
-            *[line for note in notes for line in (f"**{note}**", "")],
+    compared = ([f"Pairwise differences, Welch's t-test on per-seed final one-view accuracies (two-sided, "
+                 f"{NOISE_ALPHA:g} level):", "", _markdown(tests)] if len(tests) else
+                ["Pairwise differences: only one variant has results, so there is nothing to compare."])
+    text = [*heading, *notes,
             *study_text,
             "Headline: test accuracy at the final epoch on one view of each image (no choice made on the "
             "test split), mean and sample std over seeds. Beside it, the final epoch scored with the "
@@ -545,11 +672,15 @@ def write_report(experiment, out_dir) -> list:
             "flip-averaged accuracy (an epoch chosen on the test split: optimistic).", "",
             _markdown(table), "", *(warnings or ["Every variant converged by the checks in `analysis.convergence`."]), "",
             "Per trial:", "", _markdown(trial_table(df)), "",
-            f"Pairwise differences, Welch's t-test on per-seed final one-view accuracies (two-sided, "
-            f"{NOISE_ALPHA:g} level):", "", _markdown(tests), "",
+            *compared, "",
+            "The test-accuracy figure plots the flip-averaged accuracy per epoch (one view where the data was not "
+            "trained with flips); its legend gives each variant's final one-view accuracy (the headline above) "
+            "and its best epoch's. Each misclassified grid is of the best trial's best checkpoint, titled with "
+            "that checkpoint's accuracy.", "",
             "![test loss](test_loss.png)", "![test accuracy](test_acc.png)",
             "![train loss](train_loss.png)", "![train accuracy](train_acc.png)", ""]
     text += [f"![{variant} misclassified]({name})" for variant, name in grids]
+    text += [line for note in missing for line in ("", note)]
     text += [""]
     put("summary.md", "\n".join(text).encode())
     return written

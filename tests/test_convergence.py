@@ -81,3 +81,28 @@ def test_a_dip_and_its_recovery_is_not_a_rise():
     assert table.loc["ln", "rise (points)"] == pytest.approx(0.2)  # 99.3 against the earlier best, 99.1
     assert not table.loc["gn", "converged"]  # 96.0 against 93.0 before the last 2 epochs: still rising
     assert "+3.00 points over the best before the last 2 epochs" in table.loc["gn", "why"]
+
+
+def curve_frame(curve, planned=None):
+    return pd.DataFrame([{"trial": "bn", "variant": "bn", "seed": 0, "epoch": e, "epochs": planned or len(curve),
+                          "test_acc_single": acc, "train_acc": 0.9} for e, acc in enumerate(curve, start=1)])
+
+
+def test_one_epoch_says_it_cannot_judge_the_rise():
+    # a 1-epoch run: there is no earlier epoch to compare with, so no "+0.00 points over ... the last 0 epochs"
+    why = analysis.convergence(curve_frame([0.8])).iloc[0]["why"]
+    assert why == ("1 epoch reported: too few to judge whether test accuracy has stopped rising (that takes 3 or "
+                   "more); only the train-accuracy gap between variants is checked")
+    # interrupted after 1 of 3 epochs: both said
+    line, = analysis.convergence_warnings(curve_frame([0.8], planned=3))
+    assert "(only 1 of 3 epochs in; 1 epoch reported: too few to judge" in line and "+0.00" not in line
+
+
+def test_two_epochs_say_what_moved_and_what_cannot_be_judged():
+    # 2 epochs compare neighbours only: a dip and its recovery cannot be told from a rise; flagged, and said
+    for curve, moved in (([0.80, 0.85], "+5.00"), ([0.85, 0.849], "-0.10")):
+        row = analysis.convergence(curve_frame(curve)).iloc[0]
+        assert not row["converged"]
+        assert row["why"] == ("2 epochs reported: too few to judge whether test accuracy has stopped rising (that "
+                              f"takes 3 or more; it moved {moved} points from epoch 1 to 2); only the "
+                              "train-accuracy gap between variants is checked")

@@ -1,0 +1,166 @@
+"""Reports of experiments that are not a clean finished sweep: a trial that has reported nothing yet,
+checkpoints that were not copied, every trial diverged; and what a report says about its data and numbers.
+
+Two real sweeps (Ray on the 2-core machine): one interrupted while a trial has no report, one whose
+only trial diverges. The rest reuses the session's smoke experiment.
+"""
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+import pytest
+
+import analysis
+import tune_main
+
+matplotlib.use("Agg")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pending_experiment(tmp_path_factory):
+    """Interrupted (SIGINT) once the batch-500 trial's first epoch is in, while its batch-2 twin (500 steps
+    an epoch against 2) is still in its first epoch: a trial Tune created that has reported nothing."""
+    storage, name = tmp_path_factory.mktemp("results"), "pending"
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "gn", "--batch-sizes", "2,500",
+               "--epochs", "2", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def reported():  # result.json is written by the driver once it has taken the report in
+        return any(f.read_text().strip() for f in (storage / name).glob("*batch500*/result.json"))
+
+    hang = time.monotonic() + 1800  # a hang guard only: a loaded machine is slow, not wrong
+    while not reported():
+        assert driver.poll() is None, f"the driver ended before the first report: {driver.communicate()}"
+        if time.monotonic() > hang:
+            driver.kill()
+            pytest.fail(f"no report in 30 minutes: {driver.communicate()}")
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=1800)  # a hang guard
+    assert driver.returncode == tune_main.INTERRUPTED_EXIT, (out, err)
+    assert "Traceback" not in out + err, err
+    return storage / name
+
+
+@pytest.mark.slow  # a real sweep (Ray)
+def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experiment, tmp_path):
+    grid, df = analysis.load_experiment(pending_experiment)
+    silent = [r for r in grid if r.config is None]
+    assert len(grid) == 2 and len(silent) == 1, "the batch-2 trial must not have reported for this test"
+    assert analysis.trial_configs(grid)[silent[0].path]["batch_size"] == 2  # from Tune's state
+
+    table = analysis.progress(grid, df).set_index("variant")
+    assert table.loc["gn, batch 2", "epochs in"] == "0" and not table.loc["gn, batch 2", "complete"]
+    assert table.loc["gn, batch 500", "epochs in"] == "1"
+
+    assert analysis.main([str(pending_experiment), "--out", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "**Partial experiment" in summary and "gn, batch 2 0 of 2; gn, batch 500 1 of 2" in summary
+    assert (tmp_path / "misclassified_gn_batch_500.png").exists()
+    # one variant with results: said, not an empty table
+    assert "only one variant has results, so there is nothing to compare" in summary and "|  |" not in summary
+
+    console = tune_main.summary_table(grid)
+    assert re.search(r"^gn_batch2_seed0_\w+: no epoch reported$", console, re.M), console
+
+
+@pytest.mark.slow  # a real sweep (Ray)
+def test_results_copied_without_checkpoints_still_report(pending_experiment, tmp_path):
+    copy = tmp_path / "copied"
+    shutil.copytree(pending_experiment, copy, ignore=shutil.ignore_patterns("checkpoint_*", "report"))
+    grid, df = analysis.load_experiment(copy)
+    with pytest.raises(analysis.AnalysisError, match=r"has no checkpoint of its best epoch 1 \(not saved yet, "
+                                                     r"or not copied with the results\)"):
+        analysis.misclassified(grid, df, "gn, batch 500")
+    assert analysis.main([str(copy), "--out", str(tmp_path / "report")]) == 0
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "No misclassified images for gn, batch 500: trial gn_batch500_seed0_" in summary
+    assert "![test accuracy](test_acc.png)" in summary
+
+
+@pytest.mark.slow  # a real sweep (Ray)
+def test_every_trial_diverged(tmp_path, capfd):
+    storage = tmp_path / "results"
+    code = tune_main.main(["--smoke-test", "--variants", "none", "--epochs", "1", "--lr", "1000", "--cpus-per-trial", "2",
+                           "--storage-path", str(storage), "--name", "diverged"])
+    out, err = capfd.readouterr()
+    assert code == 1, (out, err)
+    assert "Traceback" not in out + err and "KeyError" not in out + err, err
+    trial = next(p.name for p in (storage / "diverged").iterdir() if p.name.startswith("none_seed0_"))
+    assert f"error: trial {trial} stopped, diverged: " in err
+    assert f"Every trial diverged (1 trial), so there is no accuracy to report or compare: {trial} (diverged: " in out
+    assert "final one-view acc" not in out  # no empty table
+
+    assert analysis.main([str(storage / "diverged"), "--out", str(tmp_path / "report")]) == 0
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "1 epoch, 1 seed per variant" in summary
+    assert f"**Every trial diverged (1 trial), so there is no accuracy to report or compare: {trial} (diverged: " in summary
+    assert [p.name for p in (tmp_path / "report").iterdir()] == ["summary.md"]
+
+
+def all_diverged(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(diverged=True, health="diverged: train loss nan at epoch 2 (lr 1000); lower --lr")
+
+
+def test_every_trial_of_a_multi_trial_experiment_diverged(smoke_experiment, tmp_path, monkeypatch):
+    grid, df = analysis.load_experiment(smoke_experiment)
+    df = all_diverged(df)
+    assert analysis.trial_table(df).empty and analysis.summary(df).empty and analysis.pairwise_tests(df).empty
+    assert analysis.convergence_warnings(df) == []
+    assert analysis.diverged_note(df).startswith("Every trial diverged (4 trials), so there is no accuracy")
+    with pytest.raises(analysis.AnalysisError, match="^gn has no trial with a healthy epoch"):
+        analysis.misclassified(grid, df, "gn")
+    legend = [t.get_text() for t in analysis.plot_curves(df, "test_acc").axes[0].get_legend().get_texts()]
+    assert legend == [f"{v}: diverged (not plotted)" for v in sorted(df["variant"].unique())]
+
+    frame = analysis.results_frame
+    monkeypatch.setattr(analysis, "results_frame", lambda g: all_diverged(frame(g)))
+    assert analysis.main([str(smoke_experiment), "--out", str(tmp_path)]) == 0
+    assert "**Every trial diverged (4 trials)" in (tmp_path / "summary.md").read_text()
+    assert "Every trial diverged (4 trials)" in tune_main.summary_table(grid)
+
+
+def test_report_says_what_data_and_which_accuracy(smoke_experiment, tmp_path, monkeypatch):
+    """The smoke test's subset in the summary and figures, plurals, the path and what it is relative to,
+    and which accuracy each figure shows beside the headline's."""
+    monkeypatch.chdir(smoke_experiment.parent.parent)
+    relative = f"{smoke_experiment.parent.name}/{smoke_experiment.name}"
+    assert analysis.main([relative, "--out", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("# normsweep summary: fashion-mnist, 2 epochs, 1 seed per variant "
+                              "(smoke-test subset: 1,000 train / 500 test images)\n")
+    assert f"Experiment: `{relative}` (relative to the directory the analysis ran in)" in summary
+
+    grid, df = analysis.load_experiment(smoke_experiment)
+    fig = analysis.plot_curves(df, "test_acc")
+    assert "smoke-test subset: 1,000 train / 500 test images" in fig.axes[0].get_title()
+    assert fig.axes[0].get_ylabel() == "test accuracy, flip-averaged (%)"
+    headline = analysis.summary(df).set_index("variant")["final one-view acc mean (%)"]
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    for variant, text in zip(sorted(headline.index), legend):
+        assert text.startswith(f"{variant}: final one view {headline[variant]:.2f}; best flip-averaged "), text
+    assert "the summary's headline" in fig.axes[0].get_legend().get_title().get_text()
+
+    sample = analysis.misclassified(grid, df, "bn")
+    title = analysis.plot_misclassified(sample)._suptitle.get_text()
+    assert f"its test accuracy {100 * sample['acc']:.2f}%, flip-averaged, at that best epoch" in title
+    assert "the summary's headline is the final epoch, one view" in title
+
+
+def test_subset_and_plurals_of_other_launches(smoke_experiment, tmp_path, monkeypatch):
+    assert analysis.data_subset({"train_size": 1000}) == "--train-size subset: 1,000 train images, every test image"
+    assert analysis.data_subset({"train_size": 0}) == ""
+    _, df = analysis.load_experiment(smoke_experiment)
+    one = df[df["epoch"] == 1].assign(epochs=1, data="")
+    assert analysis._title(one, "t") == "t: fashion-mnist, 1 epoch, 1 seed per variant"
+    # an experiment outside the working directory is named, and said to be
+    monkeypatch.chdir(tmp_path)
+    assert analysis.experiment_line(str(smoke_experiment)) == (
+        f"`{smoke_experiment.name}` (its name; it lies outside the directory the analysis ran in)")
