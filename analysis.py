@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+import checks
 import data as data_lib
 import experiments
 import train
@@ -695,9 +696,9 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")  # files only; the notebook keeps its inline backend
     try:
         written = write_report(args.experiment, args.out or experiments.join(experiments.resolve(args.experiment), "report"))
-    except ValueError as e:
+    except checks.NormsweepError as e:  # AnalysisError, ExperimentError, DataError, CheckpointError
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return checks.USAGE_EXIT
     print("\n".join(str(p) for p in written))
     return 0
 
