@@ -233,7 +233,7 @@ def run(args) -> int:
         else:
             experiment = claim_experiment(storage, args, default_name)
             made_here = True
-        print(f"normsweep: {n_trials} trials on {_cluster_text(ray.cluster_resources())}; per trial {resources}; "
+        print(f"normsweep: {n_trials} trial{'s' if n_trials != 1 else ''} on {_cluster_text(ray.cluster_resources())}; per trial {resources}; "
               f"experiment {experiment}", flush=True)
         fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset), resources)
         if args.resume:
