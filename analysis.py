@@ -341,7 +341,7 @@ def evaluation_split(experiment: str, config: dict, dataset=None):
 
 def plot_misclassified(sample: dict):
     """A 2x5 grid: each tile shows the true label, the predicted label and the confidence."""
-    fig, axes = plt.subplots(2, 5, figsize=(11, 5.8))
+    fig, axes = plt.subplots(2, 5, figsize=(11, 6.4))  # room for a two-line suptitle and two-line tile titles
     classes = sample["classes"]
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
