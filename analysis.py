@@ -60,13 +60,13 @@ def load_experiment(path):
     `epochs` (planned) among the trial's settings. Trials that never reported are absent (see `progress`).
     Raises AnalysisError (one line) for a location that holds no Tune experiment or no epoch yet.
     """
-    from ray.tune import ExperimentAnalysis, ResultGrid
-
     location = experiments.resolve(path)
     if not experiments.is_experiment(location):
         raise AnalysisError(f"{location} is not a Ray Tune experiment directory (no experiment_state-*.json); "
                             f"pass results/<name> (or the storage URI and name) as printed by tune_main.py")
     experiments.check_intact(location, "analyse")
+    from ray.tune import ExperimentAnalysis, ResultGrid  # after the checks: a bad path is refused without Ray
+
     fs, fs_path = experiments.filesystem(location)
     grid = ResultGrid(ExperimentAnalysis(fs_path, storage_filesystem=fs))
     df = results_frame(grid)

@@ -64,7 +64,9 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
     _use_token_if_available()
     _check_joinable(address, verbose)
     try:
-        ray.init(address=address, **options)
+        # quiet: Ray's C++ client logs each refused attempt to file descriptor 2 (the one line below says why)
+        with contextlib.nullcontext() if verbose else _native_stderr_silenced():
+            ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, AuthenticationError) as e:
         raise ClusterError(_connection_failure(address, e)) from None
     except ValueError as e:
@@ -199,7 +201,8 @@ def _connection_failure(address: str, error: BaseException) -> str:
         seen.add(id(error))
         chain.append(error)
         error = error.__cause__ or error.__context__
-    if any(isinstance(e, AuthenticationError) for e in chain):
+    if any(isinstance(e, AuthenticationError) or "AuthenticationError" in str(e) or "InvalidAuthToken" in str(e)
+           for e in chain):
         return _auth_failure(address)
     return f"cannot join the Ray cluster at {address}: {_last_line(chain[-1])}; --verbose shows Ray's output"
 

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,7 +53,13 @@ def resolve(location) -> str:
     """A storage path or experiment as Ray Tune and every reader take it: a URI as given, a local
     path with `~` expanded and made absolute (so it means the same from any working directory)."""
     location = str(location)
-    return location if is_uri(location) else str(Path(location).expanduser().resolve())
+    if is_uri(location):
+        return location
+    typo = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/+(?!/)(.*)", location)
+    if typo and typo[1].lower() in ("s3", "gs", "gcs", "hdfs", "file", "abfs", "az"):  # s3:/bucket: one slash short
+        raise ExperimentError(f"{location!r} looks like a URI with a slash missing; did you mean "
+                              f"{typo[1]}://{typo[2]}?")
+    return str(Path(location).expanduser().resolve())
 
 
 def join(location: str, *names: str) -> str:
@@ -106,13 +113,44 @@ def _reason(error: Exception) -> str:
     return text[0] if text else type(error).__name__
 
 
+REFUSED_CREDENTIALS = re.compile(r"ACCESS_DENIED|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|Forbidden|"
+                                 r"\b403\b|PERMISSION_DENIED")
+PROBE_SECONDS = 60  # the first request to a store; some clients retry an unreachable endpoint for many minutes
+
+
 def _info(location: str):
     fs, path = filesystem(location)
     try:
         return fs.get_file_info(path)
     except OSError as e:  # an unreachable endpoint, refused credentials, a missing bucket
+        if REFUSED_CREDENTIALS.search(str(e)):
+            raise ExperimentError(f"{location}: the store refused these credentials ({_reason(e)}); check "
+                                  f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE (for gs://, Google's "
+                                  f"application default credentials) and the bucket's permissions") from None
         raise ExperimentError(f"cannot reach {location} ({_reason(e)}); check the storage path, the network "
                               f"and for s3:// the endpoint and credentials") from None
+
+
+def _probe(location: str):
+    """_info, given up after PROBE_SECONDS with a one-line ExperimentError (the request runs on, in a daemon
+    thread, and ends with the process)."""
+    outcome = {}
+
+    def ask():
+        try:
+            outcome["info"] = _info(location)
+        except ExperimentError as e:
+            outcome["error"] = e
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    asker.join(PROBE_SECONDS)
+    if asker.is_alive():
+        raise ExperimentError(f"no answer from {location} within {PROBE_SECONDS} s; check the network and the "
+                              f"endpoint (AWS_ENDPOINT_URL for S3-compatible stores)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["info"]
 
 
 def exists(location: str) -> bool:
@@ -159,7 +197,7 @@ def check_storage(storage: str) -> None:
     if is_uri(storage):
         fs, path = filesystem(storage)
         bucket = path.split("/", 1)[0]
-        if fs.type_name in ("s3", "gcs") and _info(storage.split("://", 1)[0] + "://" + bucket).type == pafs.FileType.NotFound:
+        if fs.type_name in ("s3", "gcs") and _probe(storage.split("://", 1)[0] + "://" + bucket).type == pafs.FileType.NotFound:
             raise ExperimentError(f"storage path {storage}: bucket {bucket!r} does not exist (or these credentials "
                                   f"cannot see it); create it or pass another --storage-path")
         if _info(storage).type == pafs.FileType.File:

@@ -186,12 +186,6 @@ def trial_name(trial) -> str:
 
 
 def run(args) -> int:
-    import ray
-    from ray import tune
-
-    import cluster
-    import console
-
     storage = experiments.resolve(args.storage_path)
     experiments.check_storage(storage)
     notes = None
@@ -207,6 +201,12 @@ def run(args) -> int:
     experiment = experiments.join(storage, args.name)
     if not args.resume and not default_name and experiments.exists(experiment):  # claimed for good below
         raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
+
+    import ray  # after the checks of names and storage, which need no Ray
+    from ray import tune
+
+    import cluster
+    import console
 
     space = param_space(args)
     n_trials = math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v)
