@@ -130,7 +130,7 @@ def test_half_made_experiment_is_not_the_latest(tmp_path, capsys):
     good, half = tmp_path / "good", tmp_path / "half"
     for experiment in (good, half):
         experiment.mkdir()
-        (experiment / experiments.LAUNCH_FILE).write_text("{}")
+        (experiment / experiments.LAUNCH_FILE).write_text('{"variants": "bn", "seeds": 1, "epochs": 2}')
     (good / "experiment_state-2025.json").write_text("{}")
     assert experiments.latest_started(str(tmp_path)) == "good"
     assert tune_main.main(["--resume", "--storage-path", str(tmp_path), "--name", "half"]) == 2
