@@ -17,6 +17,7 @@ No Ray here: the analysis reads experiments without starting Ray.
 """
 import json
 import os
+import pickletools
 import re
 import shutil
 import threading
@@ -354,10 +355,33 @@ def _json_or_none(text: str):
         return None
 
 
+SEARCH_STATE_PREFIX = "basic-variant-state-"  # Tune's grid-search state, the newest one restored
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.readall()
+    except OSError as e:
+        raise ExperimentError(f"cannot read {location} ({_reason(e)})") from None
+
+
+def _pickle_problem(data: bytes):
+    """Why `data` is not a whole pickle, read opcode by opcode without running any of it; None if it is."""
+    try:
+        last = None
+        for last, _, _ in pickletools.genops(data):
+            pass
+    except Exception as e:  # pickletools raises ValueError and others on truncated or garbled data
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'}"
+    return None if last is not None and last.name == "STOP" else "no end marker"
+
+
 def damage(experiment: str):
     """A one-line description of the first damaged file of an experiment (Tune's newest state file,
-    the launch file, a trial's result.json with a line that is not JSON: a write cut off, typically
-    by a full disk), or None when every one of them reads."""
+    the launch file, Tune's pickled tuner and search state, a trial's result.json with a line that is
+    not JSON: a write cut off, typically by a full disk), or None when every one of them reads."""
     states = sorted(state_files(experiment), key=lambda info: info.base_name)
     checked = [join(experiment, states[-1].base_name)] if states else []
     if exists(join(experiment, LAUNCH_FILE)):
@@ -367,6 +391,14 @@ def damage(experiment: str):
             json.loads(read_text(location))
         except json.JSONDecodeError as e:
             return f"{location} is cut off or corrupt ({e.msg} at character {e.pos} of {len(e.doc)})"
+    # Tune's pickled state: tuner.pkl and its search state (basic-variant-state-*.json is a pickle too)
+    pickles = [info.base_name for info in _children(experiment) if info.is_file and info.base_name.endswith(".pkl")]
+    searches = sorted(info.base_name for info in _children(experiment)
+                      if info.is_file and info.base_name.startswith(SEARCH_STATE_PREFIX))
+    for name in pickles + searches[-1:]:
+        problem = _pickle_problem(read_bytes(join(experiment, name)))
+        if problem:
+            return f"{join(experiment, name)} is cut off or corrupt ({problem})"
     for _, result_file, text in _results(experiment):
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip() and not isinstance(_json_or_none(line), dict):

@@ -18,11 +18,6 @@ import data as data_lib  # noqa: E402
 # a step of seconds takes minutes). Speed is measured in benchmarks/, not asserted here.
 HANG_SECONDS = 1800
 
-# Ray gives a starting node 30 s to register (a constant in ray/_private/node.py, no setting), which a
-# busy machine can miss before normsweep runs a line of its own; such a launch is tried again.
-RAY_START_TIMEOUT = "The current node timed out during startup"
-RAY_START_TRIES = 3
-
 # Tests that start Ray or run a sweep (half a minute to minutes each), by file and name; tests that
 # use a fixture in SLOW_FIXTURES are slow too. `pytest -m "not slow"` leaves them out (pytest.ini).
 SLOW_FIXTURES = {"smoke_experiment", "two_nodes", "bucket"}
@@ -36,6 +31,9 @@ SLOW_TESTS = {
     "test_batch_size.py": {"test_batch_size_study_sweep_and_report"},
     "test_cluster.py": {"test_no_retries_after_an_unretryable_failure"},
     "test_gpu.py": {"test_tiny_run_prints_a_row_per_variant_with_sane_numbers"},
+    "test_launches.py": {"test_a_relative_dataset_directory_is_read_back_from_anywhere",
+                         "test_sigterm_saves_state_like_ctrl_c_and_exits_143",
+                         "test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed"},
 }
 
 
@@ -64,26 +62,11 @@ def wait_for(condition, process: subprocess.Popen, what: str):
 
 
 def launch_until(command, condition, what: str, **popen) -> subprocess.Popen:
-    """Start `command` and wait_for(condition); a launch that died of RAY_START_TIMEOUT is started again."""
-    for attempt in range(1, RAY_START_TRIES + 1):
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   **popen)
-        try:
-            wait_for(condition, process, what)
-            return process
-        except AssertionError as e:
-            if RAY_START_TIMEOUT not in str(e) or attempt == RAY_START_TRIES:
-                raise
-
-
-def ray_start_retried(call):
-    """call() again when it raised RAY_START_TIMEOUT from ray.init (see there), up to RAY_START_TRIES."""
-    for attempt in range(1, RAY_START_TRIES + 1):
-        try:
-            return call()
-        except Exception as e:
-            if RAY_START_TIMEOUT not in str(e) or attempt == RAY_START_TRIES:
-                raise
+    """Start `command` and wait_for(condition). (Ray's own 30 s node-startup limit, which a busy machine
+    can miss, is retried by cluster.connect itself.)"""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    wait_for(condition, process, what)
+    return process
 
 
 def make_idx_dir(directory: Path, n_train=64, n_test=32, gz=True, seed=0) -> Path:
@@ -108,13 +91,10 @@ def smoke_experiment(tmp_path_factory):
     """A real 4-variant x 2-epoch sweep on a Fashion-MNIST subset (tune_main.py --smoke-test)."""
     import tune_main
 
-    def launch():
-        storage = tmp_path_factory.mktemp("results")
-        code = tune_main.main(["--smoke-test", "--storage-path", str(storage), "--name", "e2e", "--cpus-per-trial", "2"])
-        assert code == 0
-        return storage / "e2e"
-
-    return ray_start_retried(launch)
+    storage = tmp_path_factory.mktemp("results")
+    code = tune_main.main(["--smoke-test", "--storage-path", str(storage), "--name", "e2e", "--cpus-per-trial", "2"])
+    assert code == 0
+    return storage / "e2e"
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
 from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
 
 import analysis
 import trainable
 import tune_main
-from conftest import HANG_SECONDS, launch_until, ray_start_retried
+from conftest import HANG_SECONDS, launch_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +54,7 @@ def test_ctrl_c_saves_state_prints_the_resume_command_and_exits_130(tmp_path, ca
     # the printed command finishes it, saying what it reuses, what it ignores and what is left
     resume = shlex.split(lines[-1].removeprefix("resume with: "))
     assert resume[1].endswith("tune_main.py")
-    assert ray_start_retried(lambda: tune_main.main(resume[2:] + ["--epochs", "5"])) == 0
+    assert tune_main.main(resume[2:] + ["--epochs", "5"]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"resume: reusing the launch settings \(dataset fashion-mnist, variants bn,gn,ln, 1 seed\(s\), "
                      r"3 epochs, smoke-test data\); CPUs and GPUs per trial from today's flags; ignoring today's --epochs 5 .*; "
@@ -78,8 +77,8 @@ def test_diverging_trial_stops_is_named_and_the_others_finish(tmp_path, capfd, m
 
     monkeypatch.setattr(tune_main, "param_space", two_learning_rates)
     storage = tmp_path / "results"
-    code = ray_start_retried(lambda: tune_main.main(["--smoke-test", "--variants", "gn", "--cpus-per-trial", "1",
-                                                     "--lr", "0.05", "--storage-path", str(storage), "--name", "diverge"]))
+    code = tune_main.main(["--smoke-test", "--variants", "gn", "--cpus-per-trial", "1",
+                           "--lr", "0.05", "--storage-path", str(storage), "--name", "diverge"])
     out, err = capfd.readouterr()
     assert code == 1
     grid = load_grid(storage / "diverge")
@@ -115,8 +114,7 @@ def test_diverging_trial_stops_is_named_and_the_others_finish(tmp_path, capfd, m
 
 def test_gpus_the_cluster_lacks_are_refused_after_ray_starts(tmp_path, capsys):
     storage = tmp_path / "results"
-    code = ray_start_retried(lambda: tune_main.main(["--smoke-test", "--gpus-per-trial", "1000",
-                                                     "--storage-path", str(storage)]))
+    code = tune_main.main(["--smoke-test", "--gpus-per-trial", "1000", "--storage-path", str(storage)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and re.fullmatch(r"error: --gpus-per-trial 1000: the Ray cluster has (no|\d+) GPUs.*", err), err
     assert not storage.exists()  # no half-made experiment for a later --resume to trip on
@@ -126,9 +124,9 @@ def test_soak_more_trials_than_cores(tmp_path):
     """16 trials on 2 cores, 4 at a time (1/2 CPU each; each Ray worker holds ~0.5 GB, so not all 16
     at once on a small machine): every one finishes, every epoch reported exactly once."""
     storage = tmp_path / "results"
-    assert ray_start_retried(lambda: tune_main.main([
+    assert tune_main.main([
         "--smoke-test", "--variants", "bn,gn,ln,none", "--seeds", "4", "--epochs", "1", "--max-concurrent", "4",
-        "--storage-path", str(storage), "--name", "soak"])) == 0
+        "--storage-path", str(storage), "--name", "soak"]) == 0
     grid = load_grid(storage / "soak")
     assert len(grid) == 16 and not grid.errors
     assert sorted((r.config["variant"]["name"], r.config["seed"]) for r in grid) == sorted(
