@@ -162,15 +162,19 @@ def is_dir(location: str) -> bool:
     return _info(location).type == pafs.FileType.Directory
 
 
-def read_text(location: str) -> str:
+def read_bytes(location: str) -> bytes:
     fs, path = filesystem(location)
     try:
         with fs.open_input_stream(path) as f:
-            return f.readall().decode()
+            return f.readall()
     except FileNotFoundError:
         raise ExperimentError(f"{location} not found") from None
     except OSError as e:
         raise ExperimentError(f"cannot read {location} ({_reason(e)})") from None
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode()
 
 
 def write_bytes(location: str, data: bytes) -> None:
@@ -356,15 +360,6 @@ def _json_or_none(text: str):
 
 
 SEARCH_STATE_PREFIX = "basic-variant-state-"  # Tune's grid-search state, the newest one restored
-
-
-def read_bytes(location: str) -> bytes:
-    fs, path = filesystem(location)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.readall()
-    except OSError as e:
-        raise ExperimentError(f"cannot read {location} ({_reason(e)})") from None
 
 
 def _pickle_problem(data: bytes):
