@@ -8,7 +8,6 @@ summary; analysis.ipynb calls the same functions.
 """
 import argparse
 import io
-import itertools
 import re
 import sys
 from pathlib import Path
@@ -19,13 +18,15 @@ from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 import checks
+import comparisons
 import data as data_lib
 import experiments
 import train
 import trainable
+import tuning
+from comparisons import convergence, convergence_warnings, final_per_trial, healthy  # noqa: F401 (the notebook's)
 from model import build_model, count_parameters
 
 CURVES = {  # metric -> (axis label, higher is better)
@@ -34,10 +35,6 @@ CURVES = {  # metric -> (axis label, higher is better)
     "train_loss": ("train loss (cross-entropy + label smoothing, nats)", False),
     "train_acc": ("train accuracy on augmented batches (%)", True),
 }
-NOISE_ALPHA = 0.05  # Welch's t-test level for "beyond the seed noise"
-# "May not have converged" (see convergence()): accuracies in percentage points.
-RISE_EPOCHS, RISE_POINTS = 2, 1.0
-TRAIN_GAP_POINTS = 5.0
 LINESTYLES = ("-", "--", "-.", ":")  # with markers, so a curve lying on another stays visible
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
@@ -93,7 +90,7 @@ def results_frame(grid) -> pd.DataFrame:
         if df is None or df.empty or not result.config:  # a trial that has not reported yet
             continue
         config = result.config
-        variant = config["variant"]
+        variant, flat = config["variant"], trainable.trial_config(config, threads=0)
         frame = df.reindex(columns=list(trainable.METRICS))  # metrics added later are nan in older results
         # results from before the health key have none: they ran to the end or failed loudly
         frame["health"] = df[trainable.HEALTH_KEY].fillna("ok") if trainable.HEALTH_KEY in df else "ok"
@@ -104,10 +101,16 @@ def results_frame(grid) -> pd.DataFrame:
         frame.insert(2, "norm", variant["norm"])
         frame.insert(3, "l1", variant["l1"])
         frame.insert(4, "seed", config["seed"])
-        for key in ("dataset", "epochs", "batch_size", "groups", "weight_decay", "label_smoothing"):
-            frame[key] = config.get(key)
-        frame["peak lr"] = train.peak_lr(config)  # the "lr" column is the metric: each epoch's starting lr
+        for key in ("dataset", "epochs", "batch_size", "groups", "weight_decay", "label_smoothing", "val_size"):
+            frame[key] = flat.get(key)
+        frame["peak lr"] = train.peak_lr(flat)  # the "lr" column is the metric: each epoch's starting lr
+        frame["arm"] = variant.get("arm", "")  # a tuned comparison's final stage: tuned or recipe
+        frame["evidence"] = variant.get("evidence", "")  # what the arm's configuration was chosen on
         frames.append(frame)
+        if variant.get("recipe_too"):  # its tuned configuration is the recipe's: one trial counts in both arms
+            frames.append(frame.assign(trial=frame["trial"] + "~recipe", arm=tuning.RECIPE, variant=trial_label(
+                {**config, "variant": {**variant, "arm": tuning.RECIPE}}),
+                evidence="the shared recipe, which tuning also chose (the tuned trial, counted in both arms)"))
     if not frames:
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True)
@@ -136,14 +139,11 @@ def trial_configs(grid) -> dict:
 
 
 def variant_label(variant: dict) -> str:
+    """The variant alone: its name, and an L1 lambda in brackets."""
     return f"{variant['name']} (λ={variant['l1']:g})" if variant["l1"] else variant["name"]
 
 
-def trial_label(config: dict) -> str:
-    """The variant, and in a batch-size study (lr_reference_batch set) its batch size: trials that differ
-    in anything but the seed never share a label, so every table and curve keeps them apart."""
-    label = variant_label(config["variant"])
-    return f"{label}, batch {config['batch_size']}" if train.in_batch_study(config) else label
+trial_label = experiments.variant_label  # the variant and whatever else of the config is not the seed
 
 
 def _title(df, what: str, wrap: bool = False) -> str:
@@ -156,11 +156,6 @@ def _title(df, what: str, wrap: bool = False) -> str:
     subset = (f"\n({subset})" if wrap else f" ({subset})") if subset else ""
     return (f"{what}: {Path(str(df['dataset'].iloc[0])).name}, {epochs}, "
             f"{_count(seeds, 'seed')} per variant{subset}")
-
-
-def healthy(df) -> pd.DataFrame:
-    """The rows of trials that did not diverge (a diverged trial's curves end in nan)."""
-    return df[~df["diverged"]] if "diverged" in df else df
 
 
 def best_per_trial(df, metric="test_acc") -> pd.DataFrame:
@@ -195,12 +190,9 @@ def progress(grid, df) -> pd.DataFrame:
     # trials Tune never created are missing from the grid; the launch settings list them
     launch = experiments.read_launch(experiment_location(grid))
     if launch.get("variants"):
-        variants = experiments.launch_variants(launch)
-        batches = launch.get("batch_sizes") or [None]
-        for variant, batch in itertools.product(variants, batches):
-            label = trial_label({"variant": variant, "batch_size": batch, "lr_reference_batch": batch})  # any >0 marks a study
-            row = row_of(label, launch["epochs"])
-            missing = max(0, launch.get("seeds", 1) - row["trials"])
+        for config in experiments.launch_configs(launch):
+            row = row_of(trial_label(config), launch["epochs"])
+            missing = max(0, experiments.launch_seeds(launch) - row["trials"])
             row["epochs in"] += [0] * missing
             row["done"] += [False] * missing
     table = pd.DataFrame(rows.values())
@@ -360,13 +352,6 @@ def plot_misclassified(sample: dict):
     return fig
 
 
-def final_per_trial(df) -> pd.DataFrame:
-    """One row per healthy trial at its last reported epoch: the headline, which chooses nothing on the
-    test split."""
-    df = healthy(df)
-    return df.loc[df.groupby("trial")["epoch"].idxmax()].reset_index(drop=True)
-
-
 TRIAL_COLUMNS = ["variant", "seed", "epochs", "final one-view acc (%)", "final acc (%)", "best acc (%)",
                  "best epoch", "final train acc (%)", "train s"]
 SUMMARY_COLUMNS = ["variant", "seeds", "final one-view acc mean (%)", "std (%)", "final acc mean (%)",
@@ -386,55 +371,6 @@ def trial_table(df) -> pd.DataFrame:
              "final train acc (%)": 100 * row.train_acc, "train s": round(train_seconds[trial])}
             for trial, row in final.iterrows()]
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS).sort_values(["variant", "seed"]).reset_index(drop=True)
-
-
-def convergence(df) -> pd.DataFrame:
-    """Per variant, on the mean over its seeds: may it not have converged, and why.
-
-    Flagged when the one-view test accuracy peaks at the last epoch at least RISE_POINTS above the best
-    it reached before the last RISE_EPOCHS epochs (a schedule that anneals to zero flattens a
-    converged curve; measuring from the earlier best, not from one epoch, keeps a dip in the middle of
-    training followed by its recovery from reading as a rise; with RISE_EPOCHS epochs or fewer the rise
-    cannot be judged, which is flagged and said), when its final train accuracy is TRAIN_GAP_POINTS or
-    more below the best variant's (it has not fitted the data the others fitted), or when a trial has
-    not reached its planned epochs.
-    """
-    rows, df = [], healthy(df)
-    if df.empty:
-        return pd.DataFrame(columns=["variant", "converged", "rise (points)", "train gap (points)", "why"])
-    train_final = {v: 100 * g["train_acc"].mean() for v, g in final_per_trial(df).groupby("variant")}
-    best_train = max(train_final.values())
-    leader = max(train_final, key=train_final.get)
-    for variant, group in df.groupby("variant"):
-        curve = 100 * group.groupby("epoch")["test_acc_single"].mean()  # index: epochs every seed reached
-        last, planned = int(curve.index.max()), int(group["epochs"].max())
-        # no epoch before the last RISE_EPOCHS: 2 epochs compare neighbours, 1 compares nothing
-        judged = len(curve) > RISE_EPOCHS
-        rise = curve.iloc[-1] - curve.iloc[:max(1, len(curve) - RISE_EPOCHS)].max() if len(curve) > 1 else float("nan")
-        reasons = []
-        if group.groupby("trial")["epoch"].max().min() < planned:
-            reasons.append(f"only {int(group.groupby('trial')['epoch'].max().min())} of {planned} epochs in")
-        if not judged:
-            moved = (f"; it moved {rise:+.2f} points from epoch {int(curve.index[0])} to {last}"
-                     if len(curve) > 1 else "")
-            reasons.append(f"{_count(len(curve), 'epoch')} reported: too few to judge whether test accuracy has "
-                           f"stopped rising (that takes {RISE_EPOCHS + 1} or more{moved}); only the train-accuracy gap "
-                           f"between variants is checked")
-        elif int(curve.idxmax()) == last and rise >= RISE_POINTS:
-            reasons.append(f"test accuracy still rising: best at the last epoch ({last}), "
-                           f"+{rise:.2f} points over the best before the last {RISE_EPOCHS} epochs")
-        gap = best_train - train_final[variant]
-        if gap >= TRAIN_GAP_POINTS:
-            reasons.append(f"final train accuracy {train_final[variant]:.1f}%, {gap:.1f} points below {leader}'s")
-        rows.append({"variant": variant, "converged": not reasons, "rise (points)": rise,
-                     "train gap (points)": gap, "why": "; ".join(reasons)})
-    return pd.DataFrame(rows)
-
-
-def convergence_warnings(df) -> list:
-    """One line per variant that may not have converged; empty when every variant has."""
-    return [f"warning: {row.variant} may not have converged; the comparison is not settled ({row.why})"
-            for row in convergence(df).itertuples() if not row.converged]
 
 
 def summary(df) -> pd.DataFrame:
@@ -459,20 +395,108 @@ def summary(df) -> pd.DataFrame:
             .reset_index(drop=True))
 
 
-def pairwise_tests(df) -> pd.DataFrame:
-    """Welch's t-test on the per-seed final-epoch one-view accuracies for every pair of variants."""
+def final_correct(grid, df, dataset=None) -> dict:
+    """Per trial, which evaluation images its final epoch classified right on one view: bool tensor (N,),
+    from the trial's latest checkpoint (the final epoch's, which Tune always keeps). For McNemar's test
+    (comparisons.mcnemar_tests). Trials whose latest checkpoint is not their final epoch's are left out."""
     final = final_per_trial(df)
-    accs = {v: 100 * g["test_acc_single"].to_numpy() for v, g in final.groupby("variant")}
+    results = {Path(r.path).name: r for r in grid}
+    correct = {}
+    for row in final.itertuples():
+        result = results.get(row.trial.removesuffix("~recipe"))
+        if result is None or result.checkpoint is None:
+            continue
+        model, state = trainable.model_from_result_checkpoint(result.checkpoint)
+        if state["epoch"] != row.epoch:
+            continue
+        split = evaluation_split(experiment_location(grid), state["config"], dataset)
+        preds = train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"])["preds"]
+        correct[row.trial] = preds == split.test_labels
+    return correct
+
+
+def comparison_tables(grid, df, dataset=None) -> dict:
+    """The paired comparisons of an experiment (comparisons.py), by name: "paired" (over seeds, where
+    variants have 2+ seeds), "mcnemar" (one seed: over the shared test images), "tuned vs recipe" (a tuned
+    comparison's final stage). Each a DataFrame; absent where it does not apply."""
+    final = final_per_trial(df)
+    if final.empty or final["variant"].nunique() < 2:
+        return {}
+    tables = {}
+    if final.groupby("variant")["seed"].nunique().max() >= 2:
+        tables["paired"] = comparisons.paired_tests(df)
+    else:
+        correct = final_correct(grid, df, dataset)
+        labels = {row.trial: (", ".join(str(getattr(row, k)) for k in ("arm", "batch_size")
+                                        if final[k].nunique() > 1), row.variant, row.seed)
+                  for row in final.itertuples() if row.trial in correct}
+        tables["mcnemar"] = comparisons.mcnemar_tests(correct, labels)
+    if final["arm"].nunique() > 1:
+        tables["tuned vs recipe"] = comparisons.paired_tests(df, compare="arm", within=("variant name", "batch_size"))
+    return tables
+
+
+def comparison_text(tables: dict) -> list:
+    """The report's markdown for comparison_tables."""
+    level = f"Holm-Bonferroni correction over each family of pairs, {comparisons.ALPHA:g} family-wise level"
+    text = []
+    if "paired" in tables:
+        text += ["Paired differences over seeds (every variant of a seed starts from the same convolution and head "
+                 "weights and sees the same data order and augmentation): the mean per-seed difference of final "
+                 f"one-view accuracies with its {comparisons.CONFIDENCE:.0%} t interval, and the paired t-test "
+                 f"(two-sided; {level}):", "", _markdown(tables["paired"]), ""]
+    if "mcnemar" in tables:
+        text += ["One seed, so no seed noise to measure: McNemar's exact test on the test images one variant "
+                 f"classifies right and the other wrong (final epoch, one view; {level}). It measures the noise of "
+                 "the test images, not of the seed: another seed may order the variants differently.", "",
+                 _markdown(tables["mcnemar"]), ""]
+    if "tuned vs recipe" in tables:
+        text += ["Tuned configuration against the shared recipe, per variant, paired over seeds:", "",
+                 _markdown(tables["tuned vs recipe"]), ""]
+    return text or ["Pairwise differences: only one variant has results, so there is nothing to compare.", ""]
+
+
+def stage(grid_or_location) -> str:
+    """"tuning" or "final" for a tuned comparison's stages (tuning.py), "" for a plain sweep."""
+    location = grid_or_location if isinstance(grid_or_location, str) else experiment_location(grid_or_location)
+    return experiments.read_launch(location).get("stage", "")
+
+
+def tuning_experiment(final_location: str) -> str:
+    """The tuning stage's location beside a final stage's."""
+    return experiments.sibling(final_location, experiments.read_launch(final_location)["tuning_name"])
+
+
+def configuration_table(df) -> pd.DataFrame:
+    """A tuned comparison's final stage: per variant and arm, the configuration it trained with and why."""
     rows = []
-    for a, b in itertools.combinations(sorted(accs, key=lambda v: -accs[v].mean()), 2):
-        diff = accs[a].mean() - accs[b].mean()
-        if min(len(accs[a]), len(accs[b])) < 2:
-            p, verdict = float("nan"), "needs 2+ seeds"
-        else:
-            p = stats.ttest_ind(accs[a], accs[b], equal_var=False).pvalue
-            verdict = "beyond seed noise" if p < NOISE_ALPHA else "within seed noise"
-        rows.append({"comparison": f"{a} − {b}", "difference (points)": diff, "Welch p": p, "verdict": verdict})
-    return pd.DataFrame(rows, columns=["comparison", "difference (points)", "Welch p", "verdict"])
+    for (label, arm), group in final_per_trial(df).groupby(["variant", "arm"]):
+        rows.append({"variant": label, "peak lr": f"{group['peak lr'].iloc[0]:g}",
+                     "weight decay": f"{group['weight_decay'].iloc[0]:g}", "chosen on": group["evidence"].iloc[0]})
+    return pd.DataFrame(rows, columns=["variant", "peak lr", "weight decay", "chosen on"])
+
+
+def tuning_text(tuning_df, figure: str) -> list:
+    """The report's markdown for a tuning stage: the sensitivity table and figure, the choices and the rank
+    agreement of early stopping."""
+    chosen = tuning.choose(tuning_df)
+    choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
+                             "evidence": c["evidence"]} for name, c in sorted(chosen.items())])
+    n_val, epochs = int(tuning_df["val_size"].iloc[0]), int(tuning_df["epochs"].max())
+    agreement = comparisons.rank_agreement(tuning_df)
+    text = [f"## Tuning stage: {_title(tuning_df, 'validation accuracy')}", "",
+            f"Every variant trained once (seed 0) at each learning rate and weight decay below, {epochs} epochs, "
+            f"on the training split less {n_val:,} validation images; accuracy on those validation images at the "
+            "final epoch, one view (%). Empty: diverged.", "",
+            _markdown(tuning.sensitivity(tuning_df)), "", f"![learning-rate sensitivity]({figure})", "",
+            "Chosen per variant (highest final validation accuracy; ties to the lower validation loss):", "",
+            _markdown(choices), ""]
+    if len(agreement):
+        text += ["Would early stopping have found the same configurations? Spearman's rank correlation between "
+                 "each configuration's validation accuracy at the rung epoch and at the final epoch, and whether an "
+                 "ASHA-type scheduler with that rung and reduction factor 3 would have kept the final winner:", "",
+                 _markdown(agreement), ""]
+    return text
 
 
 def is_batch_study(df) -> bool:
@@ -635,9 +659,26 @@ def write_report(experiment, out_dir) -> list:
     heading = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", ""]
     notes = [note for note in (progress_note(progress(grid, df)), diverged_note(df)) if note]
     notes = [line for note in notes for line in (f"**{note}**", "")]
+    if stage(grid) == "tuning":  # the learning-rate sensitivity and the choices; every trial is one configuration
+        save(tuning.plot_sensitivity(df, _title(df, "learning-rate sensitivity", wrap=True)), "lr_sensitivity.png")
+        put("summary.md", "\n".join(heading + notes + tuning_text(df, "lr_sensitivity.png") + [
+            "Per trial (validation accuracy in the test columns):", "", _markdown(trial_table(df)), ""]).encode())
+        return written
     if healthy(df).empty:  # every trial diverged: no curve, table or checkpoint to show
         put("summary.md", "\n".join(heading + notes).encode())
         return written
+    tuned = []
+    if stage(grid) == "final":
+        tuned = ["## Tuned comparison", "", "Each variant at the configuration its tuning stage chose on validation "
+                 "images (arm \"tuned\") and at the shared recipe (arm \"recipe\"), the same seeds, scored on the "
+                 "test split:", "", _markdown(configuration_table(df)), ""]
+        try:
+            _, tuning_df = load_experiment(tuning_experiment(experiment_location(grid)))
+            save(tuning.plot_sensitivity(tuning_df, _title(tuning_df, "learning-rate sensitivity", wrap=True)),
+                 "lr_sensitivity.png")
+            tuned += tuning_text(tuning_df, "lr_sensitivity.png")
+        except AnalysisError as e:
+            tuned += [f"(The tuning stage's results are not readable here: {e}.)", ""]
     for metric in CURVES:
         save(plot_curves(df, metric), f"{metric}.png")
     dataset = experiment_dataset(grid)  # read once for every grid
@@ -661,11 +702,9 @@ def write_report(experiment, out_dir) -> list:
                       "\"*\": may not have converged.", "", _markdown(batch_size_table(study)), "",
                       "![test error against batch size](batch_size.png)", "", "Per variant and batch size:", "",
                       _markdown(study), ""]
-    table, tests, warnings = summary(df), pairwise_tests(df), convergence_warnings(df)
-    compared = ([f"Pairwise differences, Welch's t-test on per-seed final one-view accuracies (two-sided, "
-                 f"{NOISE_ALPHA:g} level):", "", _markdown(tests)] if len(tests) else
-                ["Pairwise differences: only one variant has results, so there is nothing to compare."])
-    text = [*heading, *notes,
+    table, warnings = summary(df), convergence_warnings(df)
+    compared = comparison_text(comparison_tables(grid, df, dataset))
+    text = [*heading, *notes, *tuned,
             *study_text,
             "Headline: test accuracy at the final epoch on one view of each image (no choice made on the "
             "test split), mean and sample std over seeds. Beside it, the final epoch scored with the "

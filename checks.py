@@ -87,6 +87,7 @@ def check_settings(settings: dict) -> None:
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise UsageError(f"--lr must be a positive number (the OneCycle peak learning rate), got {lr:g}")
     _at_least(settings, "weight_decay", 0, "0 or more")
+    check_tuning(settings)
     smoothing = settings.get("label_smoothing")
     if smoothing is not None and not 0 <= smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {smoothing:g}")
@@ -125,6 +126,23 @@ def check_settings(settings: dict) -> None:
             build_model(norm, groups=settings.get("groups", 4))
         except ValueError as e:
             raise UsageError(str(e)) from None
+
+
+def check_tuning(settings: dict) -> None:
+    """Refuse a tuned comparison's grid (--tune-lrs, --tune-weight-decays) that cannot run or means nothing."""
+    grids = (("tune_lrs", lambda v: v > 0, "positive learning rates, e.g. 0.025,0.05,0.1"),
+             ("tune_weight_decays", lambda v: v >= 0, "weight decays of 0 or more, e.g. 5e-5,5e-4"))
+    for key, allowed, what in grids:
+        values = settings.get(key)
+        if values is None:
+            continue
+        flag, shown = f"--{key.replace('_', '-')}", ",".join(f"{v:g}" for v in values) or "nothing"
+        if not values or not all(allowed(v) and math.isfinite(v) for v in values):
+            raise UsageError(f"{flag} must list {what}; got {shown}")
+        if len(set(values)) != len(values):
+            raise UsageError(f"{flag} lists a value twice ({shown}); list each once")
+    if settings.get("tune") and settings.get("batch_sizes"):
+        raise UsageError("--tune and --batch-sizes both given; a tuned comparison runs at one batch size, drop one")
 
 
 NAME_MAX_BYTES = 255  # the longest file name ext4, XFS, APFS, NTFS and S3 key components all hold

@@ -11,7 +11,7 @@ import warnings
 
 from ray import tune
 
-import train
+import experiments
 import trainable
 
 
@@ -51,10 +51,7 @@ def _state_save_failures(record) -> bool:
 
 
 def trial_label(config: dict) -> str:
-    variant = config["variant"]
-    l1 = f" λ={variant['l1']:g}" if variant["l1"] else ""
-    batch = f" batch {config['batch_size']}" if train.in_batch_study(config) else ""
-    return f"{variant['name']}{l1}{batch} seed {config['seed']}"
+    return f"{experiments.variant_label(config)} seed {config['seed']}"
 
 
 def duration(seconds: float) -> str:

@@ -69,6 +69,12 @@ def join(location: str, *names: str) -> str:
     return "/".join([base.rstrip("/"), *names]) + sep + query
 
 
+def sibling(location: str, name: str) -> str:
+    """The experiment `name` beside `location` under the same storage path (a URI's query string kept)."""
+    base, sep, query = str(location).partition("?")
+    return join(base.rstrip("/").rsplit("/", 1)[0] + sep + query, name)
+
+
 def name_of(location: str) -> str:
     """The last component: an experiment's name, or a trial directory's name."""
     return str(location).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
@@ -273,8 +279,13 @@ def claim(experiment: str, settings: dict) -> bool:
 
 
 def n_trials(launch: dict) -> int:
-    """How many trials a launch's settings make: variants (each +l1 once per lambda) x batch sizes x seeds."""
-    return len(launch_variants(launch)) * len(launch.get("batch_sizes") or [None]) * launch.get("seeds", 1)
+    """How many trials a launch's settings make: its configurations (launch_configs) x its seeds."""
+    return len(launch_configs(launch)) * launch_seeds(launch)
+
+
+def launch_seeds(launch: dict) -> int:
+    """Seeds per configuration: 1 in a tuning stage (tuning.py), else the launch's --seeds."""
+    return 1 if launch.get("stage") == "tuning" else launch.get("seeds", 1)
 
 
 def trial_finished(last: dict, epochs: int) -> bool:
@@ -306,7 +317,9 @@ def latest_started(storage: str) -> str:
             continue
         try:
             launch = read_launch(experiment)
-            left = trials_left(experiment, launch)
+            # a tuning stage that finished before its final stage was claimed is unfinished work too
+            left = trials_left(experiment, launch) or (
+                launch.get("stage") == "tuning" and not exists(join(storage, launch["final_name"], LAUNCH_FILE)))
         except (ExperimentError, checks.UsageError, KeyError, json.JSONDecodeError):
             continue
         (launched if left else finished).append((entry.base_name, launch_info.mtime_ns or 0))
@@ -434,9 +447,39 @@ def delete(location: str) -> None:
 
 
 def launch_variants(launch: dict) -> list:
-    """The variant dicts a launch's settings expand to (checks.parse_variants), for readers that list
-    the trials Tune has not created yet."""
+    """The variant dicts a launch's settings expand to (checks.parse_variants; a final stage's own list,
+    tuning.final_variants), for readers that list the trials Tune has not created yet."""
+    if launch.get("final_variants"):
+        return launch["final_variants"]
     return checks.parse_variants(launch["variants"], launch.get("l1") or [DEFAULT_L1])
+
+
+def launch_configs(launch: dict) -> list:
+    """The trial configs, less the seed, that a launch's settings expand to: variants x batch sizes (a
+    batch-size study), x learning rates x weight decays in a tuning stage. Each holds the keys
+    `variant_label` reads."""
+    tuning = launch.get("stage") == "tuning"
+    return [{"variant": variant, "batch_size": batch, "lr_reference_batch": batch or 0, "lr": lr,
+             "weight_decay": decay, "stage": launch.get("stage")}
+            for variant in launch_variants(launch) for batch in launch.get("batch_sizes") or [None]
+            for lr in (launch["tune_lrs"] if tuning else [launch.get("lr")])
+            for decay in (launch["tune_weight_decays"] if tuning else [launch.get("weight_decay")])]
+
+
+def variant_label(config: dict) -> str:
+    """A trial's label less its seed, from its Tune config: the variant (an L1 lambda in brackets), and where
+    they vary, the learning rate and weight decay of a tuning stage, the arm of a tuned comparison's final
+    stage (tuned or recipe) and the batch size of a batch-size study. Trials that differ in anything but
+    the seed never share a label, so every table and curve keeps them apart."""
+    variant = config["variant"]
+    label = f"{variant['name']} (λ={variant['l1']:g})" if variant["l1"] else variant["name"]
+    if config.get("stage") == "tuning":
+        label += f", lr {config['lr']:g}, wd {config['weight_decay']:g}"
+    if variant.get("arm"):
+        label += f", {variant['arm']}"
+    if (config.get("lr_reference_batch") or 0) > 0:  # a batch-size study (train.in_batch_study)
+        label += f", batch {config['batch_size']}"
+    return label
 
 
 def shown(location: str) -> str:

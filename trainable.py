@@ -29,11 +29,16 @@ PRECISION_KEY, DEVICE_KEY = "precision", "device"
 CHECKPOINT_FILE = "state.pt"
 
 
+# What a grid's variant dict sets in a trial's config: its norm and L1 lambda, and in a tuned comparison's
+# final stage its own learning rate and weight decay (tuning.final_variants).
+VARIANT_KEYS = ("norm", "l1", "lr", "weight_decay")
+
+
 def trial_config(config: dict, threads: int) -> dict:
     """A trial's flat TrainingRun config: the grid's variant dict merged into the base config."""
     variant = config["variant"]
     flat = {k: v for k, v in config.items() if k != "variant"}
-    return {**flat, "norm": variant["norm"], "l1": variant["l1"], "threads": threads}
+    return {**flat, **{k: variant[k] for k in VARIANT_KEYS if k in variant}, "threads": threads}
 
 
 def train_variant(config: dict, dataset):

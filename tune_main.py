@@ -17,14 +17,16 @@ import data as data_lib
 import experiments
 import train
 import trainable
+import tuning
 from checks import UsageError, parse_variants  # noqa: F401  (part of this module's interface)
 from experiments import DEFAULT_L1, SMOKE
 
 DEFAULT_STORAGE = "results"  # relative to the working directory, made absolute
 # What --resume takes from the launch file; resources, address and paths come from today's flags.
 LAUNCH_KEYS = ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs",
-               "batch_size", "batch_sizes", "lr", "groups", "test_flip", "precision",
-               "compile")
+               "batch_size", "batch_sizes", "lr", "weight_decay", "groups", "test_flip", "precision",
+               "compile", "tune", "tune_lrs", "tune_weight_decays", "stage", "final_name", "tuning_name",
+               "final_variants")
 RESTORED_KEYS = ("max_concurrent",)  # Tune restores its TuneConfig from the experiment, not from today's flags
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's status for Ctrl-C; 143 (128 + SIGTERM) after a SIGTERM
 
@@ -35,13 +37,15 @@ def param_space(args) -> dict:
 
     config = {k: v for k, v in train.DEFAULTS.items() if k not in ("norm", "l1", "threads", "seed")}
     config.update(dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()), epochs=args.epochs,
-                  batch_size=args.batch_size, lr=args.lr, groups=args.groups, test_flip=args.test_flip,
-                  precision=args.precision, compile=args.compile)
-    variants = parse_variants(args.variants, args.l1 or [DEFAULT_L1])
-    config["variant"] = tune.grid_search(variants)
+                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, groups=args.groups,
+                  test_flip=args.test_flip, precision=args.precision, compile=args.compile)
+    config["variant"] = tune.grid_search(experiments.launch_variants(vars(args)))  # a final stage: its own list
     if args.batch_sizes:  # the batch-size study: lr scaled by train.peak_lr
         config["batch_size"] = tune.grid_search(sorted(args.batch_sizes))
-    config["seed"] = tune.grid_search(list(range(args.seeds)))
+    if args.stage == "tuning":  # the same grid for every variant, one seed, scored on validation images
+        config.update(stage="tuning", lr=tune.grid_search(sorted(args.tune_lrs)),
+                      weight_decay=tune.grid_search(sorted(args.tune_weight_decays)))
+    config["seed"] = tune.grid_search(list(range(experiments.launch_seeds(vars(args)))))
     return config
 
 
@@ -186,6 +190,88 @@ def trial_name(trial) -> str:
 
 
 def run(args) -> int:
+    """One sweep; with --tune, or when --resume names a tuned comparison not past its tuning stage, both
+    stages of a tuned comparison (run_tuned)."""
+    storage = experiments.resolve(args.storage_path)
+    experiments.check_storage(storage)
+    if args.resume:
+        args.name = args.name or experiments.latest_started(storage)
+        launch = unfinished_tuning(storage, args.name)
+        if launch:
+            for key in LAUNCH_KEYS:
+                setattr(args, key, launch.get(key, getattr(args, key)))
+            return run_tuned(args, storage, resuming=True)
+    elif args.tune:
+        return run_tuned(args, storage, resuming=False)
+    return run_stage(args)
+
+
+def unfinished_tuning(storage: str, name: str):
+    """The tuning stage's launch settings when `name` (either stage's name) is a tuned comparison whose final
+    stage Tune has not started; None otherwise (a plain sweep, or a final stage to resume as it is)."""
+    launch = experiments.read_launch(experiments.join(storage, name))
+    if launch.get("stage") == "final":
+        if experiments.started(experiments.join(storage, name)):
+            return None
+        name = launch["tuning_name"]
+    elif launch.get("stage") != "tuning":
+        if launch or not experiments.exists(experiments.join(storage, tuning.tuning_name(name), experiments.LAUNCH_FILE)):
+            return None
+        name = tuning.tuning_name(name)
+    return experiments.read_launch(experiments.join(storage, name))
+
+
+def run_tuned(args, storage: str, resuming: bool) -> int:
+    """A tuned comparison (tuning.py): the tuning stage as experiment <name>-tuning, then the final stage as
+    <name>, each variant at its chosen configuration and at the shared recipe. Resuming picks up the tuning
+    stage where it stopped, or starts the final stage from a finished one."""
+    if not resuming:
+        absolute_paths(args)
+        base = args.name or f"normsweep_{Path(args.dataset).name}_{time.strftime('%Y%m%d-%H%M%S')}"
+        name, attempt = base, 1
+        while any(experiments.exists(experiments.join(storage, n)) for n in (name, tuning.tuning_name(name))):
+            if args.name:
+                raise UsageError(f"experiment {experiments.join(storage, name)} (or its tuning stage) exists; pass "
+                                 f"--resume to finish it or a new --name")
+            attempt += 1
+            name = f"{base}-{attempt}"
+        args.final_name = name
+    final_name = args.final_name
+    tuning_experiment = experiments.join(storage, tuning.tuning_name(final_name))
+    stage_args = argparse.Namespace(**{**vars(args), "stage": "tuning", "name": tuning.tuning_name(final_name),
+                                       "tuning_name": None, "final_variants": None})
+    if resuming and experiments.started(tuning_experiment):
+        left = experiments.trials_left(tuning_experiment, experiments.read_launch(tuning_experiment))
+        stage_args.resume = bool(left)
+        code = run_stage(stage_args) if left else 0
+    else:
+        if experiments.exists(tuning_experiment):  # claimed by a launch killed before Tune saved anything
+            experiments.delete(tuning_experiment)
+        stage_args.resume = False
+        code = run_stage(stage_args)
+    if code:
+        if code == 1:
+            print(f"error: the tuning stage did not finish cleanly, so the final stage has not started; fix the "
+                  f"failed trials' cause, then: {resume_command(storage, stage_args)}", file=sys.stderr)
+        return code
+
+    import analysis
+
+    _, tuning_df = analysis.load_experiment(tuning_experiment)
+    variants = parse_variants(args.variants, args.l1 or [DEFAULT_L1])
+    final_variants = tuning.final_variants(variants, tuning.choose(tuning_df), args.lr, args.weight_decay)
+    final_experiment = experiments.join(storage, final_name)
+    if experiments.exists(final_experiment):  # claimed by a launch killed before Tune saved anything
+        experiments.delete(final_experiment)
+    print(f"tuning stage finished; final stage: {len(final_variants)} configurations x {args.seeds} seed(s) "
+          f"on the test split", flush=True)
+    return run_stage(argparse.Namespace(**{**vars(args), "stage": "final", "name": final_name, "resume": False,
+                                           "tuning_name": tuning.tuning_name(final_name),
+                                           "final_variants": final_variants}))
+
+
+def run_stage(args) -> int:
+    """One Tune experiment: a plain sweep, or one stage of a tuned comparison (args.stage)."""
     storage = experiments.resolve(args.storage_path)
     experiments.check_storage(storage)
     notes = None
@@ -224,8 +310,10 @@ def run(args) -> int:
         dataset = load_data(args)
         if args.batch_sizes:  # --lr holds at the auto batch, the recipe's; other sizes scale from it
             space["lr_reference_batch"] = train.batch_size_for(len(dataset.train_labels))
-        else:
-            space["batch_size"] = train.batch_size_for(len(dataset.train_labels), args.batch_size)  # resolve "auto"
+        else:  # "auto" resolved on the whole training split: the tuning stage trains at the final stage's batch
+            space["batch_size"] = train.batch_size_for(len(dataset.train_labels), args.batch_size)
+        if args.stage == "tuning":
+            space["val_size"] = tuning.val_size_for(len(dataset.train_labels))
         resources = trial_resources(ray.cluster_resources(), n_trials, args)
         checks.check_resources(resources, ray.cluster_resources())
         if args.resume:
@@ -273,11 +361,11 @@ def run(args) -> int:
                                                                 for r in results))
     if unfinished:  # Tune stops on Ctrl-C (SIGINT) and saves the experiment's state
         if results is not None:
-            print(summary_table(results))
+            print(summary_table(results, args.stage))
         print(f"interrupted: {unfinished} of {n_trials} trials unfinished; state saved in {experiment}\n"
               f"resume with: {resume_command(storage, args)}", file=sys.stderr, flush=True)
         return 128 + stop_signal.get("signal", signal.SIGINT)
-    print(summary_table(results))
+    print(summary_table(results, args.stage))
     print(f"experiment: {experiment}")
     if console.STATE_SAVE_FAILURE["error"]:
         print(f"error: Tune could not save the experiment's state to {storage} "
@@ -286,9 +374,10 @@ def run(args) -> int:
     for line in cluster.failure_lines(failed, ship_code=args.ship_code):
         print(f"error: {line}", file=sys.stderr)
     diverged = [r for r in results if (r.metrics or {}).get(trainable.HEALTH_KEY, "ok") != "ok"]
-    for r in diverged:
-        print(f"error: trial {Path(r.path).name} stopped, {r.metrics[trainable.HEALTH_KEY]}", file=sys.stderr)
-    return 1 if failed or diverged else 0
+    for r in diverged:  # in a tuning stage an lr too large for a variant is a finding, not a failure
+        print(f"{'note' if args.stage == 'tuning' else 'error'}: trial {Path(r.path).name} stopped, "
+              f"{r.metrics[trainable.HEALTH_KEY]}", file=sys.stderr)
+    return 1 if failed or (diverged and args.stage != "tuning") else 0
 
 
 def _cluster_text(available: dict) -> str:
@@ -296,20 +385,35 @@ def _cluster_text(available: dict) -> str:
     return f"{available.get('CPU', 0):g} CPUs{gpus}"
 
 
-def summary_table(results) -> str:
-    """Per trial final-epoch and best-epoch accuracies, the mean over seeds, and convergence warnings."""
+def summary_table(results, stage: str = "") -> str:
+    """Per trial final-epoch and best-epoch accuracies, the mean over seeds, the paired differences over
+    seeds, and convergence warnings; for a tuning stage, the validation accuracy per learning rate and
+    weight decay, and each variant's choice."""
     import analysis
+    import comparisons
 
     df = analysis.results_frame(results)
     reported = set(df["trial"]) if not df.empty else set()
     pending = [Path(r.path).name for r in results if Path(r.path).name not in reported]
     lines = []
-    if not df.empty:
+    if not df.empty and stage == "tuning":
+        lines += ["validation accuracy (%), final epoch, one view, by peak learning rate (empty: diverged):",
+                  _text_table(tuning.sensitivity(df)), "", "chosen:"]
+        lines += [f"  {name}: lr {c['lr']:g}, weight decay {c['weight_decay']:g} ({c['evidence']})"
+                  for name, c in sorted(tuning.choose(df).items())]
+    elif not df.empty:
         lines += [_text_table(table) for table in [analysis.trial_table(df)] if len(table)]  # none: every trial diverged
+        if stage == "final":
+            lines += ["", "configurations:", _text_table(analysis.configuration_table(df))]
         means = analysis.summary(df)
         if means["seeds"].max() > 1:
             lines += ["", "mean over seeds:", _text_table(means[["variant", "seeds", "final one-view acc mean (%)",
                                                                  "std (%)", "final acc mean (%)", "best acc mean (%)"]])]
+            lines += ["", f"paired differences over seeds (Holm-corrected, {comparisons.ALPHA:g} level):",
+                      _text_table(comparisons.paired_tests(df))]
+            if stage == "final":
+                lines += ["", "tuned against the shared recipe, per variant:", _text_table(
+                    comparisons.paired_tests(df, compare="arm", within=("variant name", "batch_size")))]
         lines += analysis.convergence_warnings(df)
         lines += [note for note in [analysis.diverged_note(df)] if note]
     lines += [f"{name}: no epoch reported" for name in pending]
@@ -332,6 +436,14 @@ def batch_sizes_arg(text: str) -> list:
                                          f"got {text!r}") from None
 
 
+def numbers_arg(text: str) -> list:
+    """argparse type of --tune-lrs and --tune-weight-decays: '0.05,0.1' -> [0.05, 0.1] (checked by checks)."""
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.025,0.05,0.1, got {text!r}") from None
+
+
 def parse_args(argv=None):
     parser = checks.ArgumentParser(description=__doc__.splitlines()[0])
     d = train.DEFAULTS
@@ -349,7 +461,21 @@ def parse_args(argv=None):
                         help="the batch-size study: run every variant at each of these batch sizes, e.g. "
                              "2,4,8,16,32, for the same epochs, with the peak lr scaled linearly from --lr at "
                              "the auto batch (README, 'Batch size')")
-    parser.add_argument("--lr", type=float, default=d["lr"], help="OneCycle peak learning rate (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=d["lr"],
+                        help="OneCycle peak learning rate, the shared recipe's (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=d["weight_decay"],
+                        help="SGD weight decay on conv and linear weights, the shared recipe's (default: %(default)s)")
+    parser.add_argument("--tune", action="store_true",
+                        help="a tuned comparison (README, 'Tuned comparison'): first every variant at every "
+                             "--tune-lrs x --tune-weight-decays point, scored on a validation split of the training "
+                             f"images ({tuning.VAL_FRACTION:.0%}), one seed; then each variant at its best point and "
+                             "at the shared recipe (--lr, --weight-decay), --seeds seeds, scored on the test split")
+    parser.add_argument("--tune-lrs", type=numbers_arg, default=list(tuning.TUNE_LRS),
+                        help="with --tune: the peak learning rates every variant tries (default: "
+                             f"{','.join(f'{v:g}' for v in tuning.TUNE_LRS)})")
+    parser.add_argument("--tune-weight-decays", type=numbers_arg, default=list(tuning.TUNE_WEIGHT_DECAYS),
+                        help="with --tune: the weight decays every variant tries (default: "
+                             f"{','.join(f'{v:g}' for v in tuning.TUNE_WEIGHT_DECAYS)})")
     parser.add_argument("--groups", type=int, default=d["groups"], help="GroupNorm groups (default: %(default)s)")
     parser.add_argument("--precision", default=d["precision"], choices=train.PRECISIONS,
                         help="bf16: convolutions under bf16 autocast, norms in float32; fp32; auto (default): "
@@ -388,6 +514,8 @@ def parse_args(argv=None):
                         help=f"{SMOKE['train']} training and {SMOKE['test']} test images: check an install in a minute")
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's own output and logs (default: one line per trial report)")
+    # a tuned comparison's stages (run_tuned) set these; a plain sweep has none
+    parser.set_defaults(stage=None, final_name=None, tuning_name=None, final_variants=None)
     args = parser.parse_args(argv)
     if args.epochs is None:
         args.epochs = SMOKE["epochs"] if args.smoke_test else d["epochs"]
