@@ -39,6 +39,11 @@ LINESTYLES = ("-", "--", "-.", ":")  # with markers, so a curve lying on another
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
+# A tuned comparison's trial whose chosen configuration is the shared recipe's is counted in both arms:
+# its rows appear twice in results_frame, the copy's trial name with this suffix.
+RECIPE_COPY = "~recipe"
+
+
 class AnalysisError(experiments.ExperimentError):
     """An experiment that cannot be analysed; the message is one line."""
 
@@ -108,7 +113,7 @@ def results_frame(grid) -> pd.DataFrame:
         frame["evidence"] = variant.get("evidence", "")  # what the arm's configuration was chosen on
         frames.append(frame)
         if variant.get("recipe_too"):  # its tuned configuration is the recipe's: one trial counts in both arms
-            frames.append(frame.assign(trial=frame["trial"] + "~recipe", arm=tuning.RECIPE, variant=trial_label(
+            frames.append(frame.assign(trial=frame["trial"] + RECIPE_COPY, arm=tuning.RECIPE, variant=trial_label(
                 {**config, "variant": {**variant, "arm": tuning.RECIPE}}),
                 evidence="the shared recipe, which tuning also chose (the tuned trial, counted in both arms)"))
     if not frames:
@@ -116,6 +121,11 @@ def results_frame(grid) -> pd.DataFrame:
     df = pd.concat(frames, ignore_index=True)
     df["data"] = data_subset(experiments.read_launch(experiment_location(grid)))
     return df
+
+
+def result_of(grid, trial: str):
+    """The Result of a trial of results_frame (a RECIPE_COPY row is its tuned trial's)."""
+    return next(r for r in grid if Path(r.path).name == trial.removesuffix(RECIPE_COPY))
 
 
 def data_subset(launch: dict) -> str:
@@ -300,7 +310,7 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None):
                             f"reported yet), so no checkpoint to show")
     row = candidates.sort_values("test_acc", kind="stable").iloc[-1]
     trial = row["trial"]
-    result = next(r for r in grid if Path(r.path).name == trial)
+    result = result_of(grid, trial)
     # the checkpoint of the epoch the table names (Tune keeps it: the best, ties to the latest)
     kept = [c for c, metrics in (result.best_checkpoints or []) if metrics.get("epoch") == row["epoch"]]
     if not kept or not experiments.exists(experiments.join(experiments.location_of(kept[-1].filesystem, kept[-1].path),
@@ -399,12 +409,10 @@ def final_correct(grid, df, dataset=None) -> dict:
     """Per trial, which evaluation images its final epoch classified right on one view: bool tensor (N,),
     from the trial's latest checkpoint (the final epoch's, which Tune always keeps). For McNemar's test
     (comparisons.mcnemar_tests). Trials whose latest checkpoint is not their final epoch's are left out."""
-    final = final_per_trial(df)
-    results = {Path(r.path).name: r for r in grid}
     correct = {}
-    for row in final.itertuples():
-        result = results.get(row.trial.removesuffix("~recipe"))
-        if result is None or result.checkpoint is None:
+    for row in final_per_trial(df).itertuples():
+        result = result_of(grid, row.trial)
+        if result.checkpoint is None:
             continue
         model, state = trainable.model_from_result_checkpoint(result.checkpoint)
         if state["epoch"] != row.epoch:

@@ -1,0 +1,115 @@
+"""The tuned comparison (tune_main.py --tune, tuning.py): the tuning stage picks a learning rate that is
+visibly better when another candidate is absurd, scores only validation images, and the final stage
+runs the choice and the shared recipe over seeds on the test split; a resume crosses the stages; the
+report shows the sensitivity figure and the paired statistics."""
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import analysis
+import experiments
+import tune_main
+import tuning
+
+ABSURD_LR = 1e-6  # 2 epochs at this peak learning rate leave the net near chance
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A real tuned comparison on the smoke-test subset of Fashion-MNIST: bn and gn, lr 0.05 or absurd."""
+    storage = tmp_path_factory.mktemp("results")
+    code = tune_main.main(["--tune", "--smoke-test", "--variants", "bn,gn", "--tune-lrs", f"0.05,{ABSURD_LR:g}",
+                           "--tune-weight-decays", "5e-4", "--seeds", "2", "--storage-path", str(storage),
+                           "--name", "cmp", "--cpus-per-trial", "1"])
+    assert code == 0
+    return storage
+
+
+def test_tuning_stage_scores_validation_images_and_picks_the_sane_lr(tuned):
+    grid, df = analysis.load_experiment(tuned / "cmp-tuning")
+    assert len(grid) == 4 and not grid.errors  # 2 variants x 2 learning rates x 1 weight decay, one seed
+    assert set(df["seed"]) == {0}
+    assert (df["val_size"] == tuning.val_size_for(experiments.SMOKE["train"])).all()
+    table = tuning.configurations(df).set_index(["variant", "lr"])
+    for norm in ("bn", "gn"):
+        assert table.loc[(norm, 0.05), "val acc (%)"] > table.loc[(norm, ABSURD_LR), "val acc (%)"] + 20
+    chosen = tuning.choose(df)
+    assert {name: c["lr"] for name, c in chosen.items()} == {"bn": 0.05, "gn": 0.05}
+    assert "val images" in chosen["bn"]["evidence"]
+
+
+def test_final_stage_runs_each_choice_over_seeds_on_the_test_split(tuned):
+    grid, df = analysis.load_experiment(tuned / "cmp")
+    launch = experiments.read_launch(str(tuned / "cmp"))
+    assert launch["stage"] == "final" and launch["tuning_name"] == "cmp-tuning"
+    # the choice is the recipe's lr and weight decay: one trial per variant and seed, counted in both arms
+    assert len(grid) == 4 and not grid.errors
+    assert sorted((r.config["variant"]["name"], r.config["seed"]) for r in grid) == [
+        ("bn", 0), ("bn", 1), ("gn", 0), ("gn", 1)]
+    assert all(r.config["variant"]["lr"] == 0.05 and r.config["variant"]["recipe_too"] for r in grid)
+    assert (df["val_size"] == 0).all()  # scored on the test split
+    assert set(df["variant"]) == {"bn, tuned", "bn, recipe", "gn, tuned", "gn, recipe"}
+    arms = analysis.comparison_tables(grid, df)["tuned vs recipe"]
+    assert (arms["verdict"] == "identical on every seed").all()
+
+
+def test_resume_crosses_from_a_finished_tuning_stage_to_the_final_stage(tuned, tmp_path):
+    storage = tmp_path / "results"
+    shutil.copytree(tuned / "cmp-tuning", storage / "cmp-tuning")  # killed after tuning, before the final stage
+    before = {p: p.read_bytes() for p in (storage / "cmp-tuning").rglob("result.json")}
+    assert tune_main.main(["--resume", "--storage-path", str(storage)]) == 0  # the latest: the comparison
+    assert {p: p.read_bytes() for p in (storage / "cmp-tuning").rglob("result.json")} == before  # not re-run
+    grid, df = analysis.load_experiment(storage / "cmp")
+    assert len(grid) == 4 and df.groupby("trial")["epoch"].max().eq(experiments.SMOKE["epochs"]).all()
+    assert tune_main.main(["--resume", "--storage-path", str(storage)]) == 2  # both stages done: nothing to resume
+
+
+def test_report_has_the_sensitivity_figure_choices_and_paired_tests(tuned, tmp_path):
+    written = analysis.write_report(str(tuned / "cmp"), tmp_path / "report")
+    names = {p.name for p in written}
+    assert {"lr_sensitivity.png", "summary.md", "test_acc.png"} <= names
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "## Tuned comparison" in summary and "## Tuning stage" in summary
+    assert "paired t-test" in summary and "Holm" in summary and "Welch" not in summary
+    assert "Tuned configuration against the shared recipe" in summary
+    tuning_report = analysis.write_report(str(tuned / "cmp-tuning"), tmp_path / "tuning_report")
+    assert {p.name for p in tuning_report} == {"lr_sensitivity.png", "summary.md"}
+
+
+def tuning_frame(rows) -> pd.DataFrame:
+    """A tuning stage's final epochs: (variant, lr, weight decay, val acc %, val loss, diverged)."""
+    return pd.DataFrame([{"trial": f"{v}_{lr}_{wd}", "variant name": v, "peak lr": lr, "weight_decay": wd,
+                          "test_acc_single": acc / 100, "test_loss": loss, "epoch": 5, "epochs": 5,
+                          "diverged": bad, "health": "diverged: ..." if bad else "ok", "val_size": 800}
+                         for v, lr, wd, acc, loss, bad in rows])
+
+
+def test_choice_skips_diverged_configurations_and_breaks_ties_on_validation_loss():
+    df = tuning_frame([("bn", 0.4, 5e-4, np.nan, np.nan, True), ("bn", 0.1, 5e-4, 88.0, 0.40, False),
+                       ("bn", 0.05, 5e-4, 88.0, 0.35, False), ("gn", 0.4, 5e-4, np.nan, np.nan, True)])
+    chosen = tuning.choose(df)
+    assert chosen["bn"]["lr"] == 0.05  # tie at 88.0%: the lower validation loss
+    assert "2 of 3 configurations" in chosen["bn"]["evidence"]
+    assert "gn" not in chosen  # every configuration diverged: the final stage runs gn at the recipe only
+    variants = [{"name": "bn", "norm": "bn", "l1": 0.0}, {"name": "gn", "norm": "gn", "l1": 0.0}]
+    final = tuning.final_variants(variants, chosen, lr=0.05, weight_decay=5e-4)
+    assert [(v["name"], v["arm"], v.get("recipe_too", False)) for v in final] == [
+        ("bn", "tuned", True), ("gn", "recipe", False)]
+    other = tuning.final_variants(variants[:1], chosen, lr=0.1, weight_decay=5e-4)
+    assert [(v["arm"], v["lr"]) for v in other] == [("tuned", 0.05), ("recipe", 0.1)]
+    sensitivity = tuning.sensitivity(df).set_index("variant")
+    assert np.isnan(sensitivity.loc["gn", "lr 0.4"]) and sensitivity.loc["bn", "lr 0.05"] == 88.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tune", "--tune-lrs", "0.05,0"], "--tune-lrs must list positive learning rates"),
+    (["--tune", "--tune-weight-decays=-1e-4"], "--tune-weight-decays must list weight decays of 0 or more"),
+    (["--tune", "--tune-lrs", "0.05,0.05"], "--tune-lrs lists a value twice"),
+    (["--tune", "--batch-sizes", "8,16"], "--tune and --batch-sizes both given"),
+])
+def test_bad_tuning_grids_are_refused_in_one_line(flags, message, capsys, tmp_path):
+    assert tune_main.main(flags + ["--storage-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
