@@ -475,6 +475,16 @@ def tuning_experiment(final_location: str) -> str:
     return experiments.sibling(final_location, experiments.read_launch(final_location)["tuning_name"])
 
 
+def tuning_frame(grid, df):
+    """The tuning stage's frame of a tuned comparison (df itself for a tuning stage, read from beside a final
+    stage); None for a plain sweep. A one-line AnalysisError if a final stage's tuning stage is unreadable."""
+    if stage(grid) == "tuning":
+        return df
+    if stage(grid) == "final":
+        return load_experiment(tuning_experiment(experiment_location(grid)))[1]
+    return None
+
+
 def configuration_table(df) -> pd.DataFrame:
     """A tuned comparison's final stage: per variant and arm, the configuration it trained with and why."""
     rows = []
@@ -681,7 +691,7 @@ def write_report(experiment, out_dir) -> list:
                  "images (arm \"tuned\") and at the shared recipe (arm \"recipe\"), the same seeds, scored on the "
                  "test split:", "", _markdown(configuration_table(df)), ""]
         try:
-            _, tuning_df = load_experiment(tuning_experiment(experiment_location(grid)))
+            tuning_df = tuning_frame(grid, df)
             save(tuning.plot_sensitivity(tuning_df, _title(tuning_df, "learning-rate sensitivity", wrap=True)),
                  "lr_sensitivity.png")
             tuned += tuning_text(tuning_df, "lr_sensitivity.png")

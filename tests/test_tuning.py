@@ -3,6 +3,7 @@ visibly better when another candidate is absurd, scores only validation images, 
 runs the choice and the shared recipe over seeds on the test split; a resume crosses the stages; the
 report shows the sensitivity figure and the paired statistics."""
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ import experiments
 import tune_main
 import tuning
 
+ROOT = Path(__file__).resolve().parents[1]
 ABSURD_LR = 1e-6  # 2 epochs at this peak learning rate leave the net near chance
 
 
@@ -113,3 +115,20 @@ def test_bad_tuning_grids_are_refused_in_one_line(flags, message, capsys, tmp_pa
     assert tune_main.main(flags + ["--storage-path", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
+
+
+def test_notebook_shows_the_tuned_comparison(tuned):
+    """analysis.ipynb on a final stage: the sensitivity figure, the choices and the paired tables, no error."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "analysis.ipynb", as_version=4)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("NORMSWEEP_EXPERIMENT", str(tuned / "cmp"))
+        NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
+    assert not [out for out in outputs if out.get("output_type") == "error"]
+    text = "".join(str(out.get("data", {}).get("text/plain", "")) + out.get("text", "") for out in outputs)
+    assert "tuned vs recipe" in text and "val images" in text  # the paired tables and the choices
+    tuning_cell = next(cell for cell in notebook.cells if "tuning.plot_sensitivity" in cell.source)
+    assert any("image/png" in out.get("data", {}) for out in tuning_cell.outputs)
