@@ -109,6 +109,9 @@ def results_frame(grid) -> pd.DataFrame:
         for key in ("dataset", "epochs", "batch_size", "groups", "weight_decay", "label_smoothing", "val_size"):
             frame[key] = flat.get(key)
         frame["peak lr"] = train.peak_lr(flat)  # the "lr" column is the metric: each epoch's starting lr
+        # Tune's own: when each epoch's report arrived (unix seconds) and how long the epoch took, for wall_minutes
+        frame["timestamp"] = df.get("timestamp", np.nan)
+        frame["time_this_iter_s"] = df.get("time_this_iter_s", np.nan)
         frame["arm"] = variant.get("arm", "")  # a tuned comparison's final stage: tuned or recipe
         frame["evidence"] = variant.get("evidence", "")  # what the arm's configuration was chosen on
         frames.append(frame)
@@ -475,6 +478,12 @@ def tuning_experiment(final_location: str) -> str:
     return experiments.sibling(final_location, experiments.read_launch(final_location)["tuning_name"])
 
 
+def wall_minutes(df) -> float:
+    """Wall time of an experiment's reported epochs, minutes: from the first epoch's start to the last report
+    (a resumed experiment counts the time it was stopped too)."""
+    return float((df["timestamp"].max() - (df["timestamp"] - df["time_this_iter_s"]).min()) / 60)
+
+
 def tuning_frame(grid, df):
     """The tuning stage's frame of a tuned comparison (df itself for a tuning stage, read from beside a final
     stage); None for a plain sweep. A one-line AnalysisError if a final stage's tuning stage is unreadable."""
@@ -505,7 +514,8 @@ def tuning_text(tuning_df, figure: str) -> list:
     text = [f"## Tuning stage: {_title(tuning_df, 'validation accuracy')}", "",
             f"Every variant trained once (seed 0) at each learning rate and weight decay below, {epochs} epochs, "
             f"on the training split less {n_val:,} validation images; accuracy on those validation images at the "
-            "final epoch, one view (%). Empty: diverged.", "",
+            f"final epoch, one view (%). Empty: diverged. The stage's {tuning_df['trial'].nunique()} trials took "
+            f"{wall_minutes(tuning_df):.0f} min of wall time.", "",
             _markdown(tuning.sensitivity(tuning_df)), "", f"![learning-rate sensitivity]({figure})", "",
             "Chosen per variant (highest final validation accuracy; ties to the lower validation loss):", "",
             _markdown(choices), ""]
@@ -689,7 +699,8 @@ def write_report(experiment, out_dir) -> list:
     if stage(grid) == "final":
         tuned = ["## Tuned comparison", "", "Each variant at the configuration its tuning stage chose on validation "
                  "images (arm \"tuned\") and at the shared recipe (arm \"recipe\"), the same seeds, scored on the "
-                 "test split:", "", _markdown(configuration_table(df)), ""]
+                 f"test split; this final stage took {wall_minutes(df):.0f} min of wall time:", "",
+                 _markdown(configuration_table(df)), ""]
         try:
             tuning_df = tuning_frame(grid, df)
             save(tuning.plot_sensitivity(tuning_df, _title(tuning_df, "learning-rate sensitivity", wrap=True)),
@@ -730,7 +741,7 @@ def write_report(experiment, out_dir) -> list:
             "flip-averaged accuracy (an epoch chosen on the test split: optimistic).", "",
             _markdown(table), "", *(warnings or ["Every variant converged by the checks in `analysis.convergence`."]), "",
             "Per trial:", "", _markdown(trial_table(df)), "",
-            *compared, "",
+            *compared,
             "The test-accuracy figure plots the flip-averaged accuracy per epoch (one view where the data was not "
             "trained with flips); its legend gives each variant's final one-view accuracy (the headline above) "
             "and its best epoch's. Each misclassified grid is of the best trial's best checkpoint, titled with "

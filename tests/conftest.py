@@ -20,7 +20,7 @@ HANG_SECONDS = 1800
 
 # Tests that start Ray or run a sweep (half a minute to minutes each), by file and name; tests that
 # use a fixture in SLOW_FIXTURES are slow too. `pytest -m "not slow"` leaves them out (pytest.ini).
-SLOW_FIXTURES = {"smoke_experiment", "two_nodes", "bucket"}
+SLOW_FIXTURES = {"smoke_experiment", "two_nodes", "bucket", "tuned"}
 SLOW_TESTS = {
     "test_failures.py": {"test_ctrl_c_saves_state_prints_the_resume_command_and_exits_130",
                          "test_diverging_trial_stops_is_named_and_the_others_finish",
