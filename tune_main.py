@@ -196,6 +196,9 @@ def run(args) -> int:
     experiments.check_storage(storage)
     if args.resume:
         args.name = args.name or experiments.latest_started(storage)
+        launch = experiments.read_launch(experiments.join(storage, args.name))
+        if launch.get("stage") == "tuning":  # either stage's name stands for the comparison
+            args.name = launch["final_name"]
         launch = unfinished_tuning(storage, args.name)
         if launch:
             for key in LAUNCH_KEYS:
@@ -207,18 +210,14 @@ def run(args) -> int:
 
 
 def unfinished_tuning(storage: str, name: str):
-    """The tuning stage's launch settings when `name` (either stage's name) is a tuned comparison whose final
-    stage Tune has not started; None otherwise (a plain sweep, or a final stage to resume as it is)."""
+    """The tuning stage's launch settings when `name` is a tuned comparison (its final stage's name) whose
+    final stage Tune has not started; None otherwise (a plain sweep, or a final stage to resume as it is)."""
     launch = experiments.read_launch(experiments.join(storage, name))
-    if launch.get("stage") == "final":
-        if experiments.started(experiments.join(storage, name)):
-            return None
-        name = launch["tuning_name"]
-    elif launch.get("stage") != "tuning":
-        if launch or not experiments.exists(experiments.join(storage, tuning.tuning_name(name), experiments.LAUNCH_FILE)):
-            return None
-        name = tuning.tuning_name(name)
-    return experiments.read_launch(experiments.join(storage, name))
+    if launch.get("stage") == "final" and experiments.started(experiments.join(storage, name)):
+        return None
+    if launch and launch.get("stage") != "final":  # a plain sweep
+        return None
+    return experiments.read_launch(experiments.join(storage, tuning.tuning_name(name))) or None
 
 
 def run_tuned(args, storage: str, resuming: bool) -> int:
@@ -261,8 +260,8 @@ def run_tuned(args, storage: str, resuming: bool) -> int:
     variants = parse_variants(args.variants, args.l1 or [DEFAULT_L1])
     final_variants = tuning.final_variants(variants, tuning.choose(tuning_df), args.lr, args.weight_decay)
     final_experiment = experiments.join(storage, final_name)
-    if experiments.exists(final_experiment):  # claimed by a launch killed before Tune saved anything
-        experiments.delete(final_experiment)
+    if experiments.exists(final_experiment) and not experiments.started(final_experiment):
+        experiments.delete(final_experiment)  # claimed by a launch killed before Tune saved anything
     print(f"tuning stage finished; final stage: {len(final_variants)} configurations x {args.seeds} seed(s) "
           f"on the test split", flush=True)
     return run_stage(argparse.Namespace(**{**vars(args), "stage": "final", "name": final_name, "resume": False,

@@ -132,3 +132,23 @@ def test_notebook_shows_the_tuned_comparison(tuned):
     assert "tuned vs recipe" in text and "val images" in text  # the paired tables and the choices
     tuning_cell = next(cell for cell in notebook.cells if "tuning.plot_sensitivity" in cell.source)
     assert any("image/png" in out.get("data", {}) for out in tuning_cell.outputs)
+
+
+def test_resume_finds_the_stage_to_continue_from_either_name(tmp_path):
+    """--resume --name takes the comparison's name or its tuning stage's: the tuning stage continues (or the
+    final stage starts) until the final stage has started; then the final stage resumes as any sweep."""
+    def experiment(name, launch, started=True):
+        (tmp_path / name).mkdir()
+        experiments.write_launch(str(tmp_path / name), launch)
+        if started:
+            (tmp_path / name / "experiment_state-2026.json").write_text("{}")
+
+    tuning_launch = {"stage": "tuning", "final_name": "cmp", "name": "cmp-tuning"}
+    experiment("cmp-tuning", tuning_launch)
+    assert tune_main.unfinished_tuning(str(tmp_path), "cmp") == tuning_launch  # the final stage not claimed yet
+    experiment("cmp", {"stage": "final", "tuning_name": "cmp-tuning"}, started=False)  # killed as it began
+    assert tune_main.unfinished_tuning(str(tmp_path), "cmp") == tuning_launch
+    (tmp_path / "cmp" / "experiment_state-2026.json").write_text("{}")
+    assert tune_main.unfinished_tuning(str(tmp_path), "cmp") is None  # resumed as a plain sweep
+    experiment("plain", {"variants": "bn"})
+    assert tune_main.unfinished_tuning(str(tmp_path), "plain") is None
