@@ -171,6 +171,10 @@ def check_resources(per_trial: dict, cluster: dict) -> None:
     if per_trial["gpu"] > have_gpus:
         raise UsageError(f"--gpus-per-trial {per_trial['gpu']:g}: the Ray cluster has {have_gpus:g} GPUs; "
                          f"ask for at most that")
+    if per_trial.get("memory", 0) > cluster.get("memory", math.inf):
+        raise UsageError(f"each trial needs about {per_trial['memory'] / 2**30:.2f} GiB of host memory and the Ray "
+                         f"cluster has {cluster['memory'] / 2**30:.2f} GiB free for tasks; free memory on the nodes "
+                         f"or join a larger cluster (--address)")
     if per_trial["cpu"] > have_cpus:
         raise UsageError(f"--cpus-per-trial {per_trial['cpu']:g}: the Ray cluster has {have_cpus:g} CPUs; "
                          f"ask for at most that (fractions share a core)")

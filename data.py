@@ -70,6 +70,12 @@ class Dataset:
         self.missing_test = missing_test  # why the test split is absent: the message a reader of it gets
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the images and labels in memory (both splits)."""
+        tensors = (self.train_images, self.train_labels, self._test_images, self._test_labels)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    @property
     def has_test(self) -> bool:
         return self._test_images is not None
 

@@ -7,6 +7,7 @@ sweep joined by the head's explicit address must finish there with the code ship
 environment; without shipping, or without the token, it must fail in one line.
 """
 import os
+import re
 import shutil
 import signal
 import socket
@@ -141,7 +142,8 @@ def test_a_node_without_the_repository_runs_the_sweep_with_the_code_shipped(two_
     done, _ = sweep(two_nodes, "--name", "shipped")
     assert done.returncode == 0, done.stdout + done.stderr
     # the head has no CPUs: every trial ran on the worker node, which has neither the code nor the data
-    assert "normsweep: 4 trials on 2 CPUs; per trial {'cpu': 0.5, 'gpu': 0}" in done.stdout
+    assert re.search(r"normsweep: 4 trials on 2 CPUs, [\d.]+ GiB of memory; per trial 0\.5 CPU, 0 GPU, [\d.]+ GiB;",
+                     done.stdout), done.stdout
     trial_dirs = [p for p in (two_nodes.root / "results" / "shipped").iterdir() if (p / "result.json").is_file()]
     assert len(trial_dirs) == 4
     for trial_dir in trial_dirs:

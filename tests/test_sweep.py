@@ -75,10 +75,21 @@ def test_bad_variants_are_refused(spec, message):
         tune_main.parse_variants(spec, [1e-5])
 
 
-def _resources(cpu, gpu=0, n=4, **flags):
+def _resources(cpu, gpu=0, n=4, memory=None, data_bytes=0, **flags):
     args = Namespace(max_concurrent=flags.get("max_concurrent", 0), cpus_per_trial=flags.get("cpus"),
                      gpus_per_trial=flags.get("gpus"))
-    return tune_main.trial_resources({"CPU": cpu, "GPU": gpu}, n, args)
+    available = {"CPU": cpu, "GPU": gpu, **({"memory": memory} if memory is not None else {})}
+    return tune_main.trial_resources(available, n, args, data_bytes=data_bytes)
+
+
+def test_trials_at_once_are_capped_by_the_clusters_memory():
+    """48 tuning trials at once on a 24 GB machine got workers OOM-killed: Ray now queues what does not fit."""
+    per_trial = tune_main.TRIAL_MEMORY_BYTES + 2 * 55_000_000
+    resources = _resources(16, gpu=2, n=48, memory=8 * per_trial, data_bytes=55_000_000)
+    assert resources == {"cpu": 2.0, "gpu": 0.25, "memory": per_trial}  # 8 fit: the CPUs and GPUs are split 8 ways
+    assert _resources(2, n=4, memory=100 * per_trial)["cpu"] == 0.5  # room for all: as without the cap
+    with pytest.raises(tune_main.UsageError, match="host memory"):
+        tune_main.checks.check_resources(resources, {"CPU": 16, "GPU": 2, "memory": per_trial / 2})
 
 
 def test_default_resources_run_trials_at_once():
