@@ -121,16 +121,16 @@ def test_gpus_the_cluster_lacks_are_refused_after_ray_starts(tmp_path, capsys):
 
 
 def test_soak_more_trials_than_cores(tmp_path):
-    """16 trials on 2 cores, 4 at a time (1/2 CPU each; each Ray worker holds ~0.5 GB, so not all 16
-    at once on a small machine): every one finishes, every epoch reported exactly once."""
+    """9 trials on 2 cores, 3 at a time (2/3 CPU each; each Ray worker holds ~0.6 GB, so not all at
+    once on a small machine): every one finishes, every epoch reported exactly once."""
     storage = tmp_path / "results"
     assert tune_main.main([
-        "--smoke-test", "--variants", "bn,gn,ln,none", "--seeds", "4", "--epochs", "1", "--max-concurrent", "4",
+        "--smoke-test", "--variants", "bn,gn,none", "--seeds", "3", "--epochs", "1", "--max-concurrent", "3",
         "--storage-path", str(storage), "--name", "soak"]) == 0
     grid = load_grid(storage / "soak")
-    assert len(grid) == 16 and not grid.errors
+    assert len(grid) == 9 and not grid.errors
     assert sorted((r.config["variant"]["name"], r.config["seed"]) for r in grid) == sorted(
-        (v, s) for v in ("bn", "gn", "ln", "none") for s in range(4))
+        (v, s) for v in ("bn", "gn", "none") for s in range(3))
     for result in grid:
         assert [r["epoch"] for r in reported(Path(result.path))] == [1]
 
