@@ -152,3 +152,12 @@ def test_resume_finds_the_stage_to_continue_from_either_name(tmp_path):
     assert tune_main.unfinished_tuning(str(tmp_path), "cmp") is None  # resumed as a plain sweep
     experiment("plain", {"variants": "bn"})
     assert tune_main.unfinished_tuning(str(tmp_path), "plain") is None
+
+
+def test_help_renders_and_names_the_tuning_flags(capsys):
+    """argparse %-formats help strings: a bare '%' in one (the validation share) made --help raise."""
+    with pytest.raises(SystemExit) as exit_:
+        tune_main.main(["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--tune " in out and "(20%)" in out and "default: 0.0125,0.025,0.05,0.1,0.2,0.4" in out
