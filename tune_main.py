@@ -498,7 +498,7 @@ def parse_args(argv=None):
     parser.add_argument("--tune", action="store_true",
                         help="a tuned comparison (README, 'Tuned comparison'): first every variant at every "
                              "--tune-lrs x --tune-weight-decays point, scored on a validation split of the training "
-                             f"images ({tuning.VAL_FRACTION:.0%}), one seed; then each variant at its best point and "
+                             f"images ({tuning.VAL_FRACTION:.0%}%), one seed; then each variant at its best point and "
                              "at the shared recipe (--lr, --weight-decay), --seeds seeds, scored on the test split")
     parser.add_argument("--tune-lrs", type=numbers_arg, default=list(tuning.TUNE_LRS),
                         help="with --tune: the peak learning rates every variant tries (default: "
