@@ -165,6 +165,9 @@ def test_ws_conv_is_a_conv_with_the_standardised_weight():
     with torch.no_grad():
         conv.weight.mul_(7)
     assert torch.allclose(conv(x), expected, rtol=1e-2, atol=1e-2)
+    # under bf16 autocast the weight's statistics stay float32; only the conv runs in bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv.standardized_weight().dtype == torch.float32 and conv(x).dtype == torch.bfloat16
     # gradients reach the raw weight through the standardisation
     conv(x).square().sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
