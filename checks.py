@@ -8,7 +8,7 @@ import argparse
 import math
 import sys
 
-from model import NORMS, build_model
+from model import NORMS, REGISTRY, build_model
 
 USAGE_EXIT = 2  # argparse's exit status for bad usage; every refusal uses it
 
@@ -30,17 +30,27 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(USAGE_EXIT)
 
 
+L1_SUFFIX = "+l1"
+
+
+def parse_variant(token: str) -> tuple:
+    """'gn+ws+l1' -> ('gn+ws', True): a registry name, whole (names hold '+' too), then an optional '+l1'."""
+    if token in NORMS:
+        return token, False
+    if token.endswith(L1_SUFFIX) and token[:-len(L1_SUFFIX)] in NORMS:
+        return token[:-len(L1_SUFFIX)], True
+    raise UsageError(f"bad variant {token!r}; the grammar is NORM[+l1] with NORM one of {', '.join(NORMS)}")
+
+
 def parse_variants(spec: str, lambdas) -> list:
     """'bn,gn,ln,bn+l1' -> one dict per trial variant; each '+l1' variant once per lambda."""
     variants, names = [], []
     for token in (t.strip() for t in spec.split(",") if t.strip()):
-        norm, plus, suffix = token.partition("+")
-        if norm not in NORMS or (plus and suffix != "l1"):
-            raise UsageError(f"bad variant {token!r}; the grammar is NORM[+l1] with NORM one of {', '.join(NORMS)}")
+        norm, l1 = parse_variant(token)
         if token in names:  # a repeat would run as extra trials that look like extra seeds
             raise UsageError(f"--variants lists {token!r} twice; list each variant once (use --seeds for repeats)")
         names.append(token)
-        if plus:
+        if l1:
             variants += [{"name": token, "norm": norm, "l1": lam} for lam in lambdas]
         else:
             variants.append({"name": token, "norm": norm, "l1": 0.0})
@@ -117,10 +127,11 @@ def check_settings(settings: dict) -> None:
                              f"add a +l1 variant, e.g. --variants {settings['variants']},bn+l1")
         norms = sorted({v["norm"] for v in variants})
     smallest = min(batch_sizes or [batch or 2])  # batch 0 is auto: at least MIN_BATCH
-    if smallest < 2 and "bn" in norms:  # training-mode BN takes its statistics over the batch
+    batch_normed = [norm for norm in norms if norm in REGISTRY and REGISTRY[norm].batch_statistics]
+    if smallest < 2 and batch_normed:  # training-mode BN takes its statistics over the batch
         flag = "--batch-sizes" if batch_sizes else "--batch-size"
         raise UsageError(f"{flag}: a batch of 1 image gives BatchNorm no batch statistics; use 2 or more, "
-                         f"or drop the bn variants (gn and ln train on single images)")
+                         f"or drop the {'/'.join(batch_normed)} variants (gn and ln train on single images)")
     for norm in norms:  # an unknown norm or a group count that does not divide the widths
         try:
             build_model(norm, groups=settings.get("groups", 4))

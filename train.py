@@ -17,7 +17,7 @@ from torch import nn
 
 import checks
 import data as data_lib
-from model import Net, NetConfig, count_parameters
+from model import NORMS, Net, NetConfig, count_parameters
 
 # The single source of truth for a trial's settings; every entry point starts from a copy.
 DEFAULTS = {
@@ -460,7 +460,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", default=DEFAULTS["dataset"],
                         help="mnist, fashion-mnist, or a directory of MNIST-format idx files (default: %(default)s)")
     parser.add_argument("--data-dir", default=DEFAULTS["data_dir"], help="where downloads go (default: %(default)s)")
-    parser.add_argument("--norm", default=DEFAULTS["norm"], help="bn, gn, ln or none (default: %(default)s)")
+    parser.add_argument("--norm", default=DEFAULTS["norm"], help=f"one of {', '.join(NORMS)} (default: %(default)s)")
     parser.add_argument("--groups", type=int, default=DEFAULTS["groups"],
                         help="GroupNorm groups (default: %(default)s)")
     parser.add_argument("--l1", type=float, default=DEFAULTS["l1"],

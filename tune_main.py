@@ -20,6 +20,7 @@ import trainable
 import tuning
 from checks import UsageError, parse_variants  # noqa: F401  (part of this module's interface)
 from experiments import DEFAULT_L1, SMOKE
+from model import NORMS
 
 DEFAULT_STORAGE = "results"  # relative to the working directory, made absolute
 # What --resume takes from the launch file; resources, address and paths come from today's flags.
@@ -516,7 +517,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-test-flip", dest="test_flip", action="store_false",
                         help="score test images in one view only (default: also the mirror, on flip-trained datasets)")
     parser.add_argument("--variants", default="bn,gn,ln,bn+l1",
-                        help="comma-separated NORM[+l1], NORM in bn, gn, ln, none (default: %(default)s)")
+                        help=f"comma-separated NORM[+l1], NORM one of {', '.join(NORMS)}, e.g. gn+ws+l1 "
+                             f"(README: the table of norms; default: %(default)s)")
     parser.add_argument("--l1", type=float, nargs="+", default=None,
                         help=f"L1 lambdas; every +l1 variant runs once per lambda (default: {DEFAULT_L1:g})")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per variant, 0..N-1 (default: %(default)s)")

@@ -13,6 +13,7 @@ import analysis
 import data as data_lib
 import train
 import trainable
+from model import GhostBatchNorm2d, WSConv2d, make_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,16 +106,24 @@ def _readme_example():
 
 def test_readme_worked_example_matches_torch():
     x = torch.arange(32.0).reshape(2, 4, 2, 2)
-    layers = {"bn": nn.BatchNorm2d(4).train(), "ln": nn.GroupNorm(1, 4), "gn": nn.GroupNorm(2, 4)}
-    pooled = {"bn": x.transpose(0, 1).reshape(4, -1), "ln": x.reshape(2, -1), "gn": x.reshape(4, -1)}
+    ws_conv = WSConv2d(4, 2, 2, bias=False)  # x read as its weight: 2 output channels, 4 input, 2x2
+    with torch.no_grad():
+        ws_conv.weight.copy_(x)
+    layers = {"bn": nn.BatchNorm2d(4).train(), "ln": nn.GroupNorm(1, 4), "gn": nn.GroupNorm(2, 4),
+              "in": make_norm("in", 4, 1), "gbn": GhostBatchNorm2d(4, virtual_batch=1).train()}
+    pooled = {"bn": x.transpose(0, 1).reshape(4, -1), "ln": x.reshape(2, -1), "gn": x.reshape(4, -1),
+              "in": x.reshape(8, -1), "gbn": x.reshape(8, -1), "ws": x.reshape(2, -1)}
+    normalised = {norm: layer(x)[0, 0] for norm, layer in layers.items()}
+    normalised["ws"] = ws_conv.standardized_weight()[0, 0]
+    parameters = {norm: sum(p.numel() for p in layer.parameters()) for norm, layer in layers.items()}
+    parameters["ws"] = 0  # the conv's own weight, standardised: WS adds no parameter
     readme = _readme_example()
-    assert set(readme) == set(layers)
-    for norm, layer in layers.items():
-        row = readme[norm]
+    assert set(readme) == set(pooled)
+    for norm, row in readme.items():
         assert torch.allclose(pooled[norm].mean(1), torch.tensor(row["means"]))
         assert torch.allclose(pooled[norm].var(1, unbiased=False), torch.tensor(row["variances"]))
-        assert torch.allclose(layer(x)[0, 0].flatten(), torch.tensor(row["normalised"]), atol=1e-3)
-        assert sum(p.numel() for p in layer.parameters()) == row["parameters"][0]
+        assert torch.allclose(normalised[norm].flatten(), torch.tensor(row["normalised"]), atol=1e-3)
+        assert parameters[norm] == row["parameters"][0]
     # and the layer norm our `ln` stands for: same output as nn.LayerNorm over (C, H, W)
     assert torch.allclose(layers["ln"](x), nn.LayerNorm([4, 2, 2])(x), atol=1e-5)
     assert sum(p.numel() for p in nn.LayerNorm([4, 2, 2]).parameters()) == 32

@@ -9,6 +9,7 @@ import checks
 import experiments
 import train
 import tune_main
+from model import NORMS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,9 @@ REFUSED = [
     (["--epochs", "-1"], "--epochs must be at least 1"),
     (["--groups", "3"], "groups=3 does not divide"),
     (["--variants", "bn,xn"], "bad variant 'xn'"),
+    (["--variants", "gn+ws+l2"], "bad variant 'gn+ws+l2'; the grammar is NORM[+l1] with NORM one of bn, gn, ln, in, gbn"),
+    (["--variants", "gn+ws", "--groups", "3"], "groups=3 does not divide"),
+    (["--variants", "in,gbn,bn+ws+l1", "--batch-size", "1"], "or drop the bn+ws/gbn variants"),
     (["--smoke-test", "--train-size", "100"], "--train-size has no effect with --smoke-test"),
     (["--no-ship-code"], "--no-ship-code has no effect without --address"),
     (["--batch-size", "x"], "argument --batch-size: expected 'auto' or a whole number of images, got 'x'"),  # argparse's own errors are one line too
@@ -112,6 +116,17 @@ def test_auto_and_sensible_values_pass():
     # GroupNorm and LayerNorm normalise each image on its own: a batch of 1 is theirs to take
     checks.check_settings(vars(tune_main.parse_args(["--variants", "gn,ln", "--batch-sizes", "1,2,4"])))
     checks.check_settings({"norm": "ln", "batch_size": 1})  # train.py's keys
+    checks.check_settings(vars(tune_main.parse_args(["--variants", "in,gn+ws,gn+ws+l1", "--batch-size", "1"])))
+    checks.check_settings(vars(tune_main.parse_args(["--variants", ",".join(NORMS)])))
+
+
+@pytest.mark.parametrize("main", [tune_main.parse_args, train.main], ids=["tune_main", "train"])
+def test_help_lists_every_norm(main, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"one of {', '.join(NORMS)}" in text
 
 
 @pytest.mark.parametrize("per_trial, cluster, message", [

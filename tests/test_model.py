@@ -1,10 +1,18 @@
+import re
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from model import NORMS, Net, NetConfig, build_model, count_parameters, make_norm
+import checks
+import train
+from model import (NORMS, REGISTRY, GhostBatchNorm2d, Net, NetConfig, WSConv2d, build_model, count_parameters,
+                   make_norm, render_norm_table)
 
-NORMED = ("bn", "gn", "ln")
+ROOT = Path(__file__).resolve().parents[1]
+NORMED = ("bn", "gn", "ln", "in", "gbn")  # the norms whose convs are plain nn.Conv2d
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -46,7 +54,7 @@ def test_ln_matches_layer_norm_over_chw():
 
 
 def test_unknown_norm_lists_valid_names():
-    with pytest.raises(ValueError, match="valid norms: bn, gn, ln, none"):
+    with pytest.raises(ValueError, match="valid norms: bn, gn, ln, in, gbn, bn\\+ws, gn\\+ws, none"):
         build_model("batchnorm")
 
 
@@ -62,3 +70,125 @@ def test_custom_widths_derive_head_size():
     model = Net(NetConfig(norm="gn", groups=2, widths=(4, "M", 6)))
     assert model.head.in_features == 6
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_parameter_counts_and_state_dict_keys():
+    """Every norm but the control has the same 19,650 parameters, and the same state_dict keys as its
+    plain counterpart: weight standardisation and ghost batches add no parameters or buffers."""
+    counts = {norm: count_parameters(build_model(norm)) for norm in NORMS}
+    assert counts == {**{norm: 19_650 for norm in NORMS}, "none": 19_410}
+    keys = {norm: list(build_model(norm).state_dict()) for norm in NORMS}
+    assert keys["gbn"] == keys["bn+ws"] == keys["bn"]
+    assert keys["in"] == keys["gn+ws"] == keys["ln"] == keys["gn"]
+
+
+def test_registry_flags_match_the_layers():
+    """The entry's flags say what the built net is: BatchNorm layers (a batch of 1 is refused) and WS convs."""
+    for norm, entry in REGISTRY.items():
+        model = build_model(norm)
+        assert entry.batch_statistics == train.has_batchnorm(model), norm
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert len(convs) == 6 and all(isinstance(m, WSConv2d) == entry.weight_standardized for m in convs), norm
+        assert entry.description and "\n" not in entry.description and entry.reference
+        assert not norm.endswith(checks.L1_SUFFIX)  # the variant grammar's suffix stays unambiguous
+
+
+@pytest.mark.parametrize("norm", [n for n in NORMS if n != "none"])
+def test_norms_compute_in_float32_under_autocast(norm):
+    layer = make_norm(norm, 8, 4).train()
+    x = torch.randn(4, 8, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x.bfloat16())
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, layer(x.bfloat16().float()), atol=1e-5)
+
+
+def test_in_is_instance_norm_with_per_channel_affine():
+    layer = make_norm("in", 8, 4)
+    assert isinstance(layer, nn.GroupNorm) and layer.num_groups == 8 and count_parameters(layer) == 16
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2), layer.bias.uniform_(-1, 1)
+    x = torch.randn(3, 8, 5, 5)
+    # reference: each (image, channel) over its own pixels, biased variance, eps 1e-5
+    mean, var = x.mean(dim=(2, 3), keepdim=True), x.var(dim=(2, 3), unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-5) * layer.weight[:, None, None] + layer.bias[:, None, None]
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert torch.allclose(layer(x), F.instance_norm(x, weight=layer.weight, bias=layer.bias), atol=1e-5)
+
+
+def _bn_reference(x, weight, bias, eps=1e-5):
+    """Training-mode BatchNorm by hand: per channel over (N, H, W), biased variance."""
+    mean, var = x.mean(dim=(0, 2, 3), keepdim=True), x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight[:, None, None] + bias[:, None, None]
+
+
+def test_ghost_bn_trains_on_virtual_batches_and_evaluates_as_bn():
+    torch.manual_seed(0)
+    ghost = make_norm("gbn", 8, 4)
+    assert isinstance(ghost, GhostBatchNorm2d) and ghost.virtual_batch == 16
+    with torch.no_grad():
+        ghost.weight.uniform_(0.5, 2), ghost.bias.uniform_(-1, 1)
+    x = torch.randn(32, 8, 5, 5) * 3 + torch.arange(32.)[:, None, None, None]  # halves with different statistics
+    bn = nn.BatchNorm2d(8)
+    bn.load_state_dict(ghost.state_dict())
+    out = ghost.train()(x)
+    # train mode: BN applied separately to each half of 16 images, by hand and by nn.BatchNorm2d
+    expected = torch.cat([_bn_reference(half, ghost.weight, ghost.bias) for half in x.split(16)])
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not torch.allclose(out, _bn_reference(x, ghost.weight, ghost.bias), atol=1e-2)  # not whole-batch BN
+    assert torch.allclose(out, torch.cat([bn.train()(half) for half in x.split(16)]), atol=1e-5)
+    # the running statistics are updated as BatchNorm updates them, once per virtual batch
+    assert torch.allclose(ghost.running_mean, bn.running_mean) and torch.allclose(ghost.running_var, bn.running_var)
+    assert ghost.num_batches_tracked == bn.num_batches_tracked == 2
+    # eval mode: nn.BatchNorm2d's output with the same running statistics
+    assert torch.allclose(ghost.eval()(x), bn.eval()(x), atol=1e-6)
+    # a batch that is not a multiple of 16: the last virtual batch is smaller
+    odd = x[:20]
+    expected = torch.cat([_bn_reference(chunk, ghost.weight, ghost.bias) for chunk in (odd[:16], odd[16:])])
+    assert torch.allclose(ghost.train()(odd), expected, atol=1e-5)
+
+
+def test_ws_conv_is_a_conv_with_the_standardised_weight():
+    torch.manual_seed(0)
+    conv = WSConv2d(3, 8, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 6, 6)
+    w = conv.weight.detach()
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)  # per output channel, over (in, kh, kw)
+    var = ((w - mean) ** 2).mean(dim=(1, 2, 3), keepdim=True)
+    expected = F.conv2d(x, (w - mean) / torch.sqrt(var + 1e-5), padding=1)
+    assert torch.allclose(conv(x), expected, atol=1e-5)
+    assert not torch.allclose(conv(x), F.conv2d(x, w, padding=1), atol=1e-3)
+    # standardised at every forward: shifting the raw weight changes nothing, scaling it nothing but eps's share
+    with torch.no_grad():
+        conv.weight.add_(0.3)
+    assert torch.allclose(conv(x), expected, atol=1e-4)
+    with torch.no_grad():
+        conv.weight.mul_(7)
+    assert torch.allclose(conv(x), expected, rtol=1e-2, atol=1e-2)
+    # under bf16 autocast the weight's statistics stay float32; only the conv runs in bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv.standardized_weight().dtype == torch.float32 and conv(x).dtype == torch.bfloat16
+    # gradients reach the raw weight through the standardisation
+    conv(x).square().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_ws_variants_differ_from_their_norm_only_in_the_convs():
+    for ws, plain in (("gn+ws", "gn"), ("bn+ws", "bn")):
+        torch.manual_seed(0)
+        a = build_model(ws)
+        torch.manual_seed(0)
+        b = build_model(plain)
+        assert [type(m) for m in a.modules() if not isinstance(m, nn.Conv2d)] == \
+               [type(m) for m in b.modules() if not isinstance(m, nn.Conv2d)]
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sb)  # the same initial weights
+    with pytest.raises(ValueError, match="groups=3 does not divide"):
+        build_model("gn+ws", groups=3)  # gn+ws reads --groups as gn does
+
+
+def test_readme_table_of_norms_is_the_registry():
+    text = (ROOT / "README.md").read_text()
+    table = re.search(r"<!-- norms -->\n(.*?)\n<!-- /norms -->", text, re.S)
+    assert table, "README.md lost its <!-- norms --> table"
+    assert table.group(1) == render_norm_table(), "README's table of norms drifted: paste model.render_norm_table()"

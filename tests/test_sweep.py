@@ -68,11 +68,23 @@ def test_grid_expands_variants_lambdas_and_seeds():
 @pytest.mark.parametrize("spec, message", [
     ("bn,xn", "bad variant 'xn'; the grammar is NORM\\[\\+l1\\]"),
     ("gn+l2", "bad variant 'gn\\+l2'"),
+    ("gn+ws+l2", "bad variant 'gn\\+ws\\+l2'"),
+    ("gn+l1+ws", "bad variant 'gn\\+l1\\+ws'.* one of bn, gn, ln, in, gbn, bn\\+ws, gn\\+ws, none$"),
+    ("ws", "bad variant 'ws'"),
+    ("gn+ws,gn+ws", "lists 'gn\\+ws' twice"),
     (",", "no variants given"),
 ])
 def test_bad_variants_are_refused(spec, message):
     with pytest.raises(tune_main.UsageError, match=message):
         tune_main.parse_variants(spec, [1e-5])
+
+
+def test_variant_names_are_registry_names_which_may_hold_a_plus():
+    variants = tune_main.parse_variants("gn+ws, gn+ws+l1,bn+ws+l1,in,gbn+l1,bn", [1e-5, 1e-4])
+    assert [(v["name"], v["norm"], v["l1"]) for v in variants] == [
+        ("gn+ws", "gn+ws", 0.0), ("gn+ws+l1", "gn+ws", 1e-5), ("gn+ws+l1", "gn+ws", 1e-4),
+        ("bn+ws+l1", "bn+ws", 1e-5), ("bn+ws+l1", "bn+ws", 1e-4), ("in", "in", 0.0),
+        ("gbn+l1", "gbn", 1e-5), ("gbn+l1", "gbn", 1e-4), ("bn", "bn", 0.0)]
 
 
 def _resources(cpu, gpu=0, n=4, memory=None, data_bytes=0, **flags):

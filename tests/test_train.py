@@ -256,3 +256,26 @@ def test_compile_auto_is_on_cuda_with_triton_only(monkeypatch):
     assert not train.uses_compile({"compile": "off"}, torch.device("cuda"))
     with pytest.raises(ValueError, match="unknown compile setting 'yes'; use one of auto, on, off"):
         train.uses_compile({"compile": "yes"}, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("norm", ["in", "gbn", "bn+ws", "gn+ws"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_newer_norms_train_an_epoch(tmp_path, norm, precision):
+    """in, gbn and the +ws variants through TrainingRun: batches of 40 (ghost batches of 16, 16, 8 and
+    16, 8), bf16 convs with the norms (and WS's weight statistics) in float32, precise BN for BN's kin."""
+    dataset = data_lib.load_dataset(str(make_idx_dir(tmp_path / "d", n_train=64, n_test=16)))
+    run = train.TrainingRun({"norm": norm, "epochs": 1, "batch_size": 40, "threads": 1, "compile": "off",
+                             "precision": precision}, dataset)
+    dtypes = {}
+
+    def record(module, inputs, output):
+        dtypes.setdefault("conv" if isinstance(module, torch.nn.Conv2d) else "norm", set()).add(output.dtype)
+
+    for module in run.model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+            module.register_forward_hook(record)
+    metrics = run.run_epoch()
+    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["test_loss"])
+    conv_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert dtypes == {"conv": {conv_dtype}, "norm": {torch.float32}}
+    assert math.isfinite(metrics["test_acc_precise_bn"]) == (norm in ("gbn", "bn+ws"))
