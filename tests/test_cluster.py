@@ -52,6 +52,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray's own fixed limit on a node's start-up (not this test's), which a loaded machine can miss
+NODE_START_TIMEOUT = "timed out during startup"
+
+
+def start_node(command, log: Path, env, tries=3) -> subprocess.Popen:
+    """`ray start ... --block` (command() gives its arguments), once "Ray runtime started" is in its log;
+    a start that missed Ray's start-up limit is tried again, as cluster.connect does for a local Ray."""
+    for attempt in range(1, tries + 1):
+        with log.open("w") as out:
+            process = subprocess.Popen(command(), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(log, "Ray runtime started", process)
+            return process
+        except AssertionError:
+            if attempt == tries or NODE_START_TIMEOUT not in log.read_text():
+                raise
+
+
 def wait_for(log: Path, text: str, process, seconds=HANG_SECONDS):
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -98,24 +116,24 @@ def two_nodes():
     # `ray start --head` turns token authentication on when the head has a token; make one, as a user does
     subprocess.run([str(RAY), "get-auth-token", "--generate"], env=clean_env(home), check=True, capture_output=True)
     token = (home / ".ray" / "auth_token").read_text().strip()
-    port = free_port()
     processes = []
     try:
         head_log = root / "head.log"
-        with head_log.open("w") as log:
-            processes.append(subprocess.Popen(
-                [str(RAY), "start", "--head", "--num-cpus", "0", "--port", str(port), "--temp-dir", str(root / "ray"),
-                 "--include-dashboard=false", "--disable-usage-stats", "--block"],
-                env=clean_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        wait_for(head_log, "Ray runtime started", processes[-1])
+        port = None
+
+        def head_command():
+            nonlocal port
+            port = free_port()  # a fresh port per try: a failed start may hold the last one
+            return [str(RAY), "start", "--head", "--num-cpus", "0", "--port", str(port), "--temp-dir", str(root / "ray"),
+                    "--include-dashboard=false", "--disable-usage-stats", "--block"]
+
+        processes.append(start_node(head_command, head_log, clean_env(home)))
         assert "Token authentication is enabled" in head_log.read_text()
 
         worker_log = root / "worker.log"
-        with worker_log.open("w") as log:
-            processes.append(subprocess.Popen(
-                ["unshare", "-m", "--propagation", "private", "bash", "-c", worker_node_script(root, token, port)],
-                env=clean_env(worker_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        wait_for(worker_log, "Ray runtime started", processes[-1])
+        processes.append(start_node(
+            lambda: ["unshare", "-m", "--propagation", "private", "bash", "-c", worker_node_script(root, token, port)],
+            worker_log, clean_env(worker_home)))
         yield SimpleNamespace(address=f"127.0.0.1:{port}", home=home, root=root)
     finally:
         for process in reversed(processes):  # only the `ray start --block` processes started here
