@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 import comparisons
+import experiments
 
 TUNE_LRS = (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4)  # peak learning rates tried per variant, x2 apart
 TUNE_WEIGHT_DECAYS = (5e-5, 5e-4)  # weight decays tried per variant (conv/linear weights only)
@@ -52,7 +53,8 @@ def configurations(df) -> pd.DataFrame:
 
 
 def choose(df) -> dict:
-    """Per variant name, its chosen configuration from a tuning stage's frame.
+    """Per variant (its label without lr or weight decay, e.g. "bn+l1 (λ=1e-05)"), its chosen configuration
+    from a tuning stage's frame.
 
     The highest final-epoch one-view validation accuracy wins; ties go to the lower validation loss, then
     the smaller learning rate. Returns name -> {"lr", "weight_decay", "val_acc", "evidence"}: the evidence is
@@ -73,8 +75,8 @@ def choose(df) -> dict:
         if len(rows) > 1:
             second = rows.iloc[1]
             evidence += (f"; next {second['val acc (%)']:.2f}% (lr {second['lr']:g}, wd {second['weight decay']:g})")
-        if n_val:
-            p = best["val acc (%)"] / 100
+        if n_val:  # binomial standard error; at 0% or 100% that of one image right or wrong, not 0
+            p = min(max(best["val acc (%)"] / 100, 1 / n_val), 1 - 1 / n_val)
             evidence += f"; ±{100 * math.sqrt(p * (1 - p) / n_val):.2f} SE on {n_val} val images"
         evidence += f"; {len(rows)} of {len(table[table['variant'] == name])} configurations trained without diverging"
         chosen[name] = {"lr": float(best["lr"]), "weight_decay": float(best["weight decay"]),
@@ -89,7 +91,7 @@ def final_variants(variants: list, chosen: dict, lr: float, weight_decay: float)
     tuning configuration diverged) runs the recipe only."""
     out = []
     for variant in variants:
-        pick = chosen.get(variant["name"])
+        pick = chosen.get(experiments.variant_label({"variant": variant}))  # choose's keys: "bn+l1 (λ=1e-05)"
         recipe = {**variant, "lr": lr, "weight_decay": weight_decay, "arm": RECIPE,
                   "evidence": "the shared recipe (--lr, --weight-decay)"}
         if pick is None:

@@ -161,3 +161,17 @@ def test_help_renders_and_names_the_tuning_flags(capsys):
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "--tune " in out and "(20%)" in out and "default: 0.0125,0.025,0.05,0.1,0.2,0.4" in out
+
+
+def test_an_l1_variant_gets_its_own_choice_and_a_saturated_split_an_honest_error():
+    """choose keys a variant by its label with the lambda ("bn+l1 (λ=1e-05)"): final_variants once looked it up
+    by the bare name and ran bn+l1 at the recipe, saying every configuration diverged (seen on the digits)."""
+    df = tuning_frame([("bn+l1 (λ=1e-05)", 0.2, 5e-5, 100.0, 0.30, False), ("bn+l1 (λ=1e-05)", 0.05, 5e-4, 99.0, 0.35, False),
+                       ("bn", 0.1, 5e-4, 99.5, 0.31, False), ("bn", 0.05, 5e-4, 99.0, 0.33, False)])
+    chosen = tuning.choose(df)
+    assert chosen["bn+l1 (λ=1e-05)"]["lr"] == 0.2
+    assert "±0.12 SE on 800 val images" in chosen["bn+l1 (λ=1e-05)"]["evidence"]  # 100%: as if 1 of 800 were wrong, not ±0.00
+    variants = [{"name": "bn", "norm": "bn", "l1": 0.0}, {"name": "bn+l1", "norm": "bn", "l1": 1e-5}]
+    final = tuning.final_variants(variants, chosen, lr=0.05, weight_decay=5e-4)
+    assert [(v["name"], v["arm"], v["lr"]) for v in final] == [
+        ("bn", "tuned", 0.1), ("bn", "recipe", 0.05), ("bn+l1", "tuned", 0.2), ("bn+l1", "recipe", 0.05)]
