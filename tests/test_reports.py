@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 import analysis
+import comparisons
 import tune_main
 
 matplotlib.use("Agg")
@@ -112,7 +113,7 @@ def all_diverged(df: pd.DataFrame) -> pd.DataFrame:
 def test_every_trial_of_a_multi_trial_experiment_diverged(smoke_experiment, tmp_path, monkeypatch):
     grid, df = analysis.load_experiment(smoke_experiment)
     df = all_diverged(df)
-    assert analysis.trial_table(df).empty and analysis.summary(df).empty and analysis.pairwise_tests(df).empty
+    assert analysis.trial_table(df).empty and analysis.summary(df).empty and comparisons.paired_tests(df).empty
     assert analysis.convergence_warnings(df) == []
     assert analysis.diverged_note(df).startswith("Every trial diverged (4 trials), so there is no accuracy")
     with pytest.raises(analysis.AnalysisError, match="^gn has no trial with a healthy epoch"):
