@@ -111,7 +111,8 @@ def test_report_of_a_smoke_experiment_reads_the_data_once_scores_its_split_and_n
     monkeypatch.setattr(train, "evaluate", lambda model, images, *a, **k: scored.append(len(images))
                         or evaluate(model, images, *a, **k))
     assert analysis.main([str(smoke_experiment), "--out", str(tmp_path / "report")]) == 0
-    assert len(loads) == 1 and scored == [500] * 4, (loads, scored)  # one read; each variant's best on 500
+    # one read; each variant's best checkpoint (its grid) and final one (McNemar's test, one seed) on 500 images
+    assert len(loads) == 1 and scored == [500] * 8, (loads, scored)
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert f"Experiment: `{smoke_experiment.name}`" in summary and str(tmp_path.parent) not in summary
 
