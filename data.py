@@ -9,7 +9,6 @@ augmentation on the batch's device. No DataLoader, no PIL, no workers.
 import gzip
 import json
 import math
-import os
 import struct
 import warnings
 from pathlib import Path

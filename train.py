@@ -9,7 +9,6 @@ import math
 import sys
 import time
 from copy import deepcopy
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

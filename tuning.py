@@ -21,7 +21,6 @@ import math
 import numpy as np
 import pandas as pd
 
-import comparisons
 import experiments
 
 TUNE_LRS = (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4)  # peak learning rates tried per variant, x2 apart

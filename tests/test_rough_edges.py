@@ -2,7 +2,6 @@
 the report of a smoke experiment, machine paths and stray files in the repository."""
 import hashlib
 import json
-import os
 import re
 import shlex
 import subprocess
