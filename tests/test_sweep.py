@@ -175,7 +175,7 @@ def test_logical_gpus_are_shared_and_all_trials_run_at_once(gpus, share, tmp_pat
     try:
         args = Namespace(max_concurrent=0, cpus_per_trial=None, gpus_per_trial=None)
         resources = tune_main.trial_resources(ray.cluster_resources(), 4, args)
-        assert resources == {"cpu": 0.5, "gpu": share}
+        assert resources == {"cpu": 0.5, "gpu": share, "memory": tune_main.TRIAL_MEMORY_BYTES}  # the memory Ray reserves
         results = tune.Tuner(tune.with_resources(trainable, resources),
                              param_space={"i": tune.grid_search(list(range(4)))},
                              run_config=tune.RunConfig(storage_path=str(tmp_path / "results"), verbose=0)).fit()
