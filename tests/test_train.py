@@ -157,17 +157,23 @@ def test_random_draws_come_from_the_runs_generator_on_its_device(fashion_small):
     assert torch.equal(first, data_lib.augment(x, run.generator, degrees=7.0, shift=2, flip=True))
 
 
-@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
-def test_bf16_autocast_runs_convs_in_bf16_norms_in_float32_and_learns(fashion_small, norm):
-    run = train.TrainingRun({"norm": norm, "epochs": 2, "threads": 1, "precision": "bf16"}, fashion_small.subset(2000, 1000))
+def output_dtypes(model) -> dict:
+    """{"conv": {dtypes}, "norm": {dtypes}}, filled in by forward hooks as the model runs."""
     dtypes = {}
 
     def record(module, inputs, output):
         dtypes.setdefault("conv" if isinstance(module, torch.nn.Conv2d) else "norm", set()).add(output.dtype)
 
-    for module in run.model.modules():
+    for module in model.modules():
         if isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
             module.register_forward_hook(record)
+    return dtypes
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
+def test_bf16_autocast_runs_convs_in_bf16_norms_in_float32_and_learns(fashion_small, norm):
+    run = train.TrainingRun({"norm": norm, "epochs": 2, "threads": 1, "precision": "bf16"}, fashion_small.subset(2000, 1000))
+    dtypes = output_dtypes(run.model)
     run.run_epoch()
     metrics = run.run_epoch()
     assert dtypes == {"conv": {torch.bfloat16}, "norm": {torch.float32}}
@@ -266,14 +272,7 @@ def test_the_newer_norms_train_an_epoch(tmp_path, norm, precision):
     dataset = data_lib.load_dataset(str(make_idx_dir(tmp_path / "d", n_train=64, n_test=16)))
     run = train.TrainingRun({"norm": norm, "epochs": 1, "batch_size": 40, "threads": 1, "compile": "off",
                              "precision": precision}, dataset)
-    dtypes = {}
-
-    def record(module, inputs, output):
-        dtypes.setdefault("conv" if isinstance(module, torch.nn.Conv2d) else "norm", set()).add(output.dtype)
-
-    for module in run.model.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
-            module.register_forward_hook(record)
+    dtypes = output_dtypes(run.model)
     metrics = run.run_epoch()
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["test_loss"])
     conv_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
