@@ -487,9 +487,10 @@ def wall_minutes(df) -> float:
 def tuning_frame(grid, df):
     """The tuning stage's frame of a tuned comparison (df itself for a tuning stage, read from beside a final
     stage); None for a plain sweep. A one-line AnalysisError if a final stage's tuning stage is unreadable."""
-    if stage(grid) == "tuning":
+    kind = stage(grid)  # one read of the launch file (a request, on object storage)
+    if kind == "tuning":
         return df
-    if stage(grid) == "final":
+    if kind == "final":
         return load_experiment(tuning_experiment(experiment_location(grid)))[1]
     return None
 
@@ -687,7 +688,8 @@ def write_report(experiment, out_dir) -> list:
     heading = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", ""]
     notes = [note for note in (progress_note(progress(grid, df)), diverged_note(df)) if note]
     notes = [line for note in notes for line in (f"**{note}**", "")]
-    if stage(grid) == "tuning":  # the learning-rate sensitivity and the choices; every trial is one configuration
+    kind = stage(grid)
+    if kind == "tuning":  # the learning-rate sensitivity and the choices; every trial is one configuration
         save(tuning.plot_sensitivity(df, _title(df, "learning-rate sensitivity", wrap=True)), "lr_sensitivity.png")
         put("summary.md", "\n".join(heading + notes + tuning_text(df, "lr_sensitivity.png") + [
             "Per trial (validation accuracy in the test columns):", "", _markdown(trial_table(df)), ""]).encode())
@@ -696,13 +698,13 @@ def write_report(experiment, out_dir) -> list:
         put("summary.md", "\n".join(heading + notes).encode())
         return written
     tuned = []
-    if stage(grid) == "final":
+    if kind == "final":
         tuned = ["## Tuned comparison", "", "Each variant at the configuration its tuning stage chose on validation "
                  "images (arm \"tuned\") and at the shared recipe (arm \"recipe\"), the same seeds, scored on the "
                  f"test split; this final stage took {wall_minutes(df):.0f} min of wall time:", "",
                  _markdown(configuration_table(df)), ""]
         try:
-            tuning_df = tuning_frame(grid, df)
+            _, tuning_df = load_experiment(tuning_experiment(experiment_location(grid)))
             save(tuning.plot_sensitivity(tuning_df, _title(tuning_df, "learning-rate sensitivity", wrap=True)),
                  "lr_sensitivity.png")
             tuned += tuning_text(tuning_df, "lr_sensitivity.png")

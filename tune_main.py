@@ -336,7 +336,7 @@ def run_stage(args) -> int:
             experiment = claim_experiment(storage, args, default_name)
             made_here = True
         print(f"normsweep: {n_trials} trial{'s' if n_trials != 1 else ''} on {_cluster_text(ray.cluster_resources())}; "
-              f"per trial {_resources_text(resources)}; {_at_once_text(resources, n_trials, args)}experiment {experiment}",
+              f"per trial {_resources_text(resources)}; {_at_once_text(resources, ray.cluster_resources(), n_trials, args)}experiment {experiment}",
               flush=True)
         fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset), resources)
         if args.resume:
@@ -406,11 +406,9 @@ def _resources_text(resources: dict) -> str:
     return text + (f", {resources['memory'] / 2**30:.2f} GiB" if "memory" in resources else "")
 
 
-def _at_once_text(resources: dict, n_trials: int, args) -> str:
+def _at_once_text(resources: dict, available: dict, n_trials: int, args) -> str:
     """'at most K at once (memory); ' when the cluster's memory, not the trial count, caps the trials running."""
-    import ray
-
-    memory = ray.cluster_resources().get("memory")
+    memory = available.get("memory")
     fit = int(memory // resources["memory"]) if memory and "memory" in resources else n_trials
     cap = min(n_trials, args.max_concurrent or n_trials)
     return f"at most {fit} at once (host memory; the rest queue); " if fit < cap else ""
