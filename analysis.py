@@ -437,11 +437,7 @@ def comparison_tables(grid, df, dataset=None) -> dict:
     if final.groupby("variant")["seed"].nunique().max() >= 2:
         tables["paired"] = comparisons.paired_tests(df)
     else:
-        correct = final_correct(grid, df, dataset)
-        labels = {row.trial: (", ".join(str(getattr(row, k)) for k in ("arm", "batch_size")
-                                        if final[k].nunique() > 1), row.variant, row.seed)
-                  for row in final.itertuples() if row.trial in correct}
-        tables["mcnemar"] = comparisons.mcnemar_tests(correct, labels)
+        tables["mcnemar"] = comparisons.mcnemar_tests(df, final_correct(grid, df, dataset))
     if final["arm"].nunique() > 1:
         tables["tuned vs recipe"] = comparisons.paired_tests(df, compare="arm", within=("variant name", "batch_size"))
     return tables

@@ -99,30 +99,29 @@ def paired_tests(df, compare: str = "variant", within=WITHIN, metric: str = "tes
     return _table(rows, PAIRED_COLUMNS)
 
 
-def mcnemar_tests(correct: dict, labels: dict) -> pd.DataFrame:
-    """McNemar's exact test per pair of single-seed trials on the same test images, Holm-corrected per family.
+def mcnemar_tests(df, correct: dict) -> pd.DataFrame:
+    """McNemar's exact test per pair of variants of a family (see `families`) and seed, on the same test
+    images, Holm-corrected per family and seed.
 
-    correct: trial -> bool array (N,), which test images the trial's final epoch classified right (one view);
-    labels: trial -> (family, variant, seed). Trials are paired within a family and seed. Returns
-    MCNEMAR_COLUMNS ("difference" in points of accuracy; the "only ... right" columns count images).
+    df: the trials' frame; correct: trial -> bool array (N,), which test images the trial's final epoch
+    classified right (one view); trials missing from it are left out. Returns MCNEMAR_COLUMNS ("difference" in
+    points of accuracy; the "only ... right" columns count images).
     """
-    groups = {}
-    for trial, (family, variant, seed) in labels.items():
-        groups.setdefault((family, seed), {})[variant] = np.asarray(correct[trial], dtype=bool)
     rows = []
-    for (family, seed), by_variant in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1])):
-        block = []
-        order = sorted(by_variant, key=lambda v: -by_variant[v].mean())
-        for a, b in itertools.combinations(order, 2):
-            x, y = by_variant[a], by_variant[b]
-            only_a, only_b = int((x & ~y).sum()), int((~x & y).sum())
-            table = [[int((x & y).sum()), only_a], [only_b, int((~x & ~y).sum())]]
-            p = mcnemar(table, exact=True).pvalue if only_a + only_b else 1.0
-            block.append({"family": family, "comparison": f"{a} − {b}", "seed": seed,
-                          "difference (points)": 100 * (x.mean() - y.mean()), "only first right": only_a,
-                          "only second right": only_b, "McNemar p": p, "Holm p": math.nan, "verdict": ""})
-        _holm(block, "McNemar p", "test-image noise")
-        rows += block
+    for family, final in families(final_per_trial(df)):
+        for seed, trials in final[final["trial"].isin(correct)].groupby("seed"):
+            by_variant = {row.variant: np.asarray(correct[row.trial], dtype=bool) for row in trials.itertuples()}
+            block = []
+            for a, b in itertools.combinations(sorted(by_variant, key=lambda v: -by_variant[v].mean()), 2):
+                x, y = by_variant[a], by_variant[b]
+                only_a, only_b = int((x & ~y).sum()), int((~x & y).sum())
+                table = [[int((x & y).sum()), only_a], [only_b, int((~x & ~y).sum())]]
+                p = mcnemar(table, exact=True).pvalue if only_a + only_b else 1.0
+                block.append({"family": family, "comparison": f"{a} − {b}", "seed": seed,
+                              "difference (points)": 100 * (x.mean() - y.mean()), "only first right": only_a,
+                              "only second right": only_b, "McNemar p": p, "Holm p": math.nan, "verdict": ""})
+            _holm(block, "McNemar p", "test-image noise")
+            rows += block
     return _table(rows, MCNEMAR_COLUMNS)
 
 

@@ -80,8 +80,9 @@ def test_mcnemar_finds_a_planted_difference_and_not_a_null_one():
     ln = gn.copy()
     ln[np.flatnonzero(~gn)[:30]] = True  # symmetric: 30 gained, 30 lost
     ln[np.flatnonzero(gn)[:30]] = False
-    labels = {"t_bn": ("", "bn", 0), "t_gn": ("", "gn", 0), "t_ln": ("", "ln", 0)}
-    table = comparisons.mcnemar_tests({"t_bn": bn, "t_gn": gn, "t_ln": ln}, labels).set_index("comparison")
+    df = final_frame({"bn": [90], "gn": [88], "ln": [88]})  # the accuracies the test reads come from `correct`
+    correct = {"bn__seed0": bn, "gn__seed0": gn, "ln__seed0": ln}
+    table = comparisons.mcnemar_tests(df, correct).set_index("comparison")
     assert table.loc["bn − gn", "verdict"] == "beyond test-image noise"
     assert (table.loc["bn − gn", "only first right"], table.loc["bn − gn", "only second right"]) == (60, 20)
     assert table.loc["gn − ln", "verdict"] == "within test-image noise"
