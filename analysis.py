@@ -108,6 +108,8 @@ def results_frame(grid) -> pd.DataFrame:
         frame.insert(4, "seed", config["seed"])
         for key in ("dataset", "epochs", "batch_size", "groups", "weight_decay", "label_smoothing", "val_size"):
             frame[key] = flat.get(key)
+        frame["model"] = flat.get("model") or "small"  # results from before --model ran the small net
+        frame["parameters"] = df.get(trainable.PARAMETERS_KEY, np.nan)
         frame["peak lr"] = train.peak_lr(flat)  # the "lr" column is the metric: each epoch's starting lr
         # Tune's own: when each epoch's report arrived (unix seconds) and how long the epoch took, for wall_minutes
         frame["timestamp"] = df.get("timestamp", np.nan)
@@ -402,10 +404,16 @@ def summary(df) -> pd.DataFrame:
                      "final acc mean (%)": 100 * group["test_acc"].mean(),
                      "best acc mean (%)": 100 * best_group["test_acc"].mean(),
                      "best epochs": ", ".join(str(int(e)) for e in best_group["epoch"]),
-                     "parameters": count_parameters(build_model(norm, groups=groups)),
+                     "parameters": _parameters(group, norm, groups),
                      "converged": "yes" if converged[variant] else "MAY NOT (see warnings)"})
     return (pd.DataFrame(rows, columns=SUMMARY_COLUMNS).sort_values("final one-view acc mean (%)", ascending=False)
             .reset_index(drop=True))
+
+
+def _parameters(group, norm: str, groups: int) -> int:
+    """The trials' reported parameter count; results written before trials reported it ran the small net."""
+    reported = group["parameters"].dropna() if "parameters" in group else []
+    return int(reported.iloc[0]) if len(reported) else count_parameters(build_model(norm, groups=groups))
 
 
 def final_correct(grid, df, dataset=None) -> dict:

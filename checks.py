@@ -8,7 +8,7 @@ import argparse
 import math
 import sys
 
-from model import NORMS, REGISTRY, build_model
+from model import MODELS, NORMS, REGISTRY, build_model
 
 USAGE_EXIT = 2  # argparse's exit status for bad usage; every refusal uses it
 
@@ -132,11 +132,16 @@ def check_settings(settings: dict) -> None:
         flag = "--batch-sizes" if batch_sizes else "--batch-size"
         raise UsageError(f"{flag}: a batch of 1 image gives BatchNorm no batch statistics; use 2 or more, "
                          f"or drop the {'/'.join(batch_normed)} variants (gn and ln train on single images)")
-    for norm in norms:  # an unknown norm or a group count that does not divide the widths
+    net = settings.get("model", "small")
+    for norm in norms:  # an unknown norm or net, or a group count that does not divide the widths
         try:
-            build_model(norm, groups=settings.get("groups", 4))
+            # a user's net is built and run once its data is loaded (plugins.check)
+            build_model(norm, groups=settings.get("groups", 4), model=net if net in MODELS else "small")
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if net not in MODELS:
+        import plugins  # (plugins' errors are NormsweepErrors: it imports this module)
+        plugins.canonical(net)  # refuses a --model that is neither a built-in nor TARGET:NAME
 
 
 def check_tuning(settings: dict) -> None:

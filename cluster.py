@@ -44,14 +44,16 @@ class ClusterError(checks.NormsweepError):
     """Ray cannot be joined at the given address; printed as one line."""
 
 
-def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=()) -> None:
+def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=(), modules=()) -> None:
     """ray.init for this run: a private local Ray without `address`, else the cluster there.
 
     A local Ray runs its workers on this machine, where they import the code from this directory
     (on their PYTHONPATH, whatever the driver's working directory), so nothing is shipped. Joining a cluster ships ROOT (`runtime_env`, leaving out `not_shipped`:
     paths that may lie inside it, such as the storage path) unless `ship_code` is off, for nodes
-    where normsweep is installed already.
+    where normsweep is installed already. `modules`: a user's Python files (a --model builder) that
+    every node imports by file name; shipped to a cluster even with `ship_code` off (None entries are skipped).
     """
+    modules = [str(Path(m).resolve()) for m in modules if m]
     options = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
     if not address or address == "local":
         # Ray puts the driver's script directory and working directory on its workers' paths; a driver
@@ -61,6 +63,8 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
         return
     if ship_code:
         options["runtime_env"] = runtime_env(not_shipped)
+    if modules:  # Ray's py_modules: each .py file importable by its name on every node
+        options["runtime_env"] = {**options.get("runtime_env", {}), "py_modules": modules}
     _use_token_if_available()
     _check_joinable(address, verbose)
     try:

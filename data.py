@@ -75,6 +75,16 @@ class Dataset:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @property
+    def channels(self) -> int:
+        """Colour channels of the images: 1 for (N, H, W) grayscale, C for (N, C, H, W)."""
+        return 1 if self.train_images.dim() == 3 else self.train_images.shape[1]
+
+    @property
+    def image_size(self) -> tuple:
+        """(H, W) in pixels."""
+        return tuple(self.train_images.shape[-2:])
+
+    @property
     def has_test(self) -> bool:
         return self._test_images is not None
 

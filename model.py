@@ -1,10 +1,12 @@
-"""The network: one small CNN whose normalisation layer is a constructor argument.
+"""The networks and their norms: built-in nets whose normalisation layer is a constructor argument.
 
 Pure modules only: no data, no I/O, no device moves, no Ray. `REGISTRY` is the one map from a
 norm's name to its layer (and, for weight standardisation, its convs), so the variants differ in
-exactly that place.
+exactly that place. `MODELS` maps a built-in net's name to its builder; every builder, built-in or a
+user's (plugins.py), is called as torchvision's ResNets are: `builder(norm_layer=..., in_channels=...,
+num_classes=...)`, and `build_net` is the one place a net is built from a `NetConfig`.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import torch
@@ -12,7 +14,10 @@ from torch import nn
 
 @dataclass(frozen=True)
 class NetConfig:
+    """What a checkpoint saves to rebuild its net. `widths`, `order` and `dropout` shape the small net only."""
     norm: str = "bn"
+    # a built-in net (MODELS) or a user's builder, "path/to/file.py:build" or "module:build" (plugins.py)
+    model: str = "small"
     # GroupNorm groups. 4 divides every width below and leaves >= 2 channels per group in the
     # narrowest layer; GN's accuracy is flat over a wide range of group counts (Wu & He 2018).
     groups: int = 4
@@ -29,6 +34,15 @@ class NetConfig:
 
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "NetConfig":
+        """The config a checkpoint saved (to_dict); keys a newer version added take their defaults, except
+        `order`: checkpoints written before it existed trained conv -> norm -> ReLU."""
+        known = {f.name for f in fields(cls)}
+        config = {"order": "norm-relu", **{k: v for k, v in saved.items() if k in known}}
+        config["widths"] = tuple(config.get("widths", cls.widths))
+        return cls(**config)
 
 
 class _Float32Norm:
@@ -95,9 +109,13 @@ class WSConv2d(nn.Conv2d):
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
 
+class GroupsError(ValueError):
+    """--groups does not divide a norm layer's channel count."""
+
+
 def _group_norm(channels: int, groups: int) -> nn.Module:
     if groups < 1 or channels % groups:
-        raise ValueError(
+        raise GroupsError(
             f"groups={groups} does not divide {channels} channels; "
             f"use a group count that divides every width (valid here: {_divisors(channels)})")
     return GroupNorm(groups, channels)
@@ -170,59 +188,176 @@ def make_norm(norm: str, channels: int, groups: int) -> nn.Module:
     return norm_entry(norm).make(channels, groups)
 
 
+def norm_layer(norm: str, groups: int = 4) -> Callable[[int], nn.Module]:
+    """torchvision's `norm_layer` convention for a registry norm: a callable from a channel count to the layer.
+
+    Raises ValueError for an unknown norm (at once) and GroupsError when called with a channel count that
+    `groups` does not divide.
+    """
+    entry = norm_entry(norm)
+
+    def layer(channels: int) -> nn.Module:
+        return entry.make(channels, groups)
+    return layer
+
+
+def standardize_weights(net: nn.Module) -> nn.Module:
+    """Turn every nn.Conv2d of `net` into a WSConv2d in place (Weight Standardization of all convs, as Qiao
+    et al. 2019 apply it); parameters, initial weights and state_dict keys are unchanged. Returns `net`."""
+    for module in net.modules():
+        if type(module) is nn.Conv2d:
+            # WSConv2d adds no state to nn.Conv2d, only its forward: the class swap keeps every tensor and hook
+            module.__class__ = WSConv2d
+    return net
+
+
 class Net(nn.Module):
-    """conv3x3 -> ReLU -> norm blocks (config.order), max-pools between stages, global average pool,
-    linear head.
+    """The default net ("small"): conv3x3 -> ReLU -> norm blocks (`order`), max-pools between stages, global
+    average pool, linear head. 19,650 parameters with BatchNorm on 1-channel input.
 
     Convs have no bias: each conv after the first reads a norm's output, whose shift (beta) does a
     bias's work, and keeping it off in every variant (the "none" control too) keeps the variants
-    identical except for the norm layers.
+    identical except for the norm layers. Input (B, in_channels, H, W), any H, W >= 4.
     """
 
-    def __init__(self, config: NetConfig = NetConfig()):
+    def __init__(self, norm_layer: Callable[[int], nn.Module] = BatchNorm2d, in_channels: int = 1,
+                 num_classes: int = 10, widths: tuple = NetConfig.widths, order: str = NetConfig.order,
+                 dropout: float = 0.0):
         super().__init__()
-        self.config = config
-        norm = norm_entry(config.norm)
-        conv = WSConv2d if norm.weight_standardized else nn.Conv2d  # same parameters and initial weights
-        widths = [w for w in config.widths if w != "M"]
-        if norm.uses_groups:
-            bad = [w for w in widths if config.groups < 1 or w % config.groups]
-            if bad:
-                common = [d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths)]
-                raise ValueError(
-                    f"groups={config.groups} does not divide the channel counts {bad}; "
-                    f"valid group counts for widths {widths}: {', '.join(map(str, common))}")
-        layers, channels = [], config.in_channels
-        for width in config.widths:
+        layers, channels = [], in_channels
+        for width in widths:
             if width == "M":
                 layers.append(nn.MaxPool2d(2))
                 continue
-            norm_act = [make_norm(config.norm, width, config.groups), nn.ReLU(inplace=True)]
-            if config.order == "relu-norm":
+            norm_act = [norm_layer(width), nn.ReLU(inplace=True)]
+            if order == "relu-norm":
                 norm_act.reverse()
-            layers += [conv(channels, width, 3, padding=1, bias=False), *norm_act]
+            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), *norm_act]
             channels = width
         self.features = nn.Sequential(*layers)
-        self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(channels, config.num_classes)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(channels, num_classes)
 
-    def forward(self, x):  # x: (B, 1, 28, 28) normalised images
-        x = self.features(x)  # (B, C, 7, 7)
-        x = x.mean(dim=(2, 3))  # (B, C) global average pool
+    def forward(self, x):  # x: (B, C, H, W) normalised images
+        x = self.features(x)  # (B, C', H/4, W/4)
+        x = x.mean(dim=(2, 3))  # (B, C') global average pool
         return self.head(self.dropout(x))  # (B, num_classes) logits
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs, each followed by a norm, and a parameter-free shortcut (He et al. 2016, option A:
+    identity, or stride-2 subsampling with zero-padded channels where the block widens)."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int, norm_layer):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = norm_layer(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm2 = norm_layer(channels)
+        self.stride, self.pad = stride, channels - in_channels
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C, H / stride, W / stride)
+        out = torch.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        shortcut = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+        if self.pad:
+            shortcut = nn.functional.pad(shortcut, (0, 0, 0, 0, 0, self.pad))  # zero channels appended
+        return torch.relu(out + shortcut)
+
+
+class ResNet20(nn.Module):
+    """ResNet-20 for 32x32 images (He et al. 2016, section 4.2): a 3x3 conv of 16 channels, then three stages
+    of three BasicBlocks at 16, 32 and 64 channels (stride 2 between stages), global average pooling and a
+    linear head. 19 norm layers; 269,722 parameters with BatchNorm on 3-channel input and 10 classes (the
+    paper's "0.27M"). Takes any input size; 28x28 runs at 28 -> 14 -> 7.
+    """
+
+    def __init__(self, norm_layer: Callable[[int], nn.Module] = BatchNorm2d, in_channels: int = 3,
+                 num_classes: int = 10, blocks_per_stage: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), norm_layer(16),
+                                  nn.ReLU(inplace=True))
+        blocks, channels = [], 16
+        for stage, width in enumerate((16, 32, 64)):
+            for i in range(blocks_per_stage):
+                blocks.append(BasicBlock(channels, width, 2 if stage and not i else 1, norm_layer))
+                channels = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(channels, num_classes)
+        for module in self.modules():  # He et al. 2015's init, as torchvision's ResNets use
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):  # x: (B, C, H, W) normalised images
+        x = self.blocks(self.stem(x))  # (B, 64, H/4, W/4)
+        return self.head(x.mean(dim=(2, 3)))  # (B, num_classes) logits
+
+
+# Built-in nets: name -> (builder, one line for --help and the README). A user's builder (plugins.py) is
+# called exactly as these are.
+MODELS = {
+    "small": (Net, "the default: 6 convs of 8-32 channels, 6 norm layers, 19,650 parameters (bn, 1 channel)"),
+    "resnet20": (ResNet20, "ResNet-20 (He et al. 2016): 19 convs of 16-64 channels, 19 norm layers, "
+                           "269,722 parameters (bn, 3 channels)"),
+}
+
+
+def build_net(config: NetConfig, builder: Callable | None = None) -> nn.Module:
+    """The net `config` describes: its norm from REGISTRY, passed as `norm_layer`, and its convs weight-
+    standardised where the norm says so. `builder` is a user's (plugins.py); built-ins need none.
+
+    Raises ValueError for an unknown norm or net, GroupsError (a ValueError) naming the valid group counts
+    when config.groups does not divide every norm layer's channels.
+    """
+    entry = norm_entry(config.norm)
+    if builder is None:
+        if config.model not in MODELS:
+            raise ValueError(f"unknown model {config.model!r}; built-in models: {', '.join(MODELS)}, "
+                             f"or a builder as path/to/file.py:build or module:build")
+        builder = MODELS[config.model][0]
+    extra = ({"widths": config.widths, "order": config.order, "dropout": config.dropout}
+             if builder is Net else {})
+    try:
+        net = builder(norm_layer=norm_layer(config.norm, config.groups), in_channels=config.in_channels,
+                      num_classes=config.num_classes, **extra)
+    except GroupsError:
+        widths = _norm_widths(builder, config, extra)
+        common = [d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths)]
+        bad = sorted({w for w in widths if config.groups < 1 or w % config.groups})
+        raise GroupsError(f"groups={config.groups} does not divide the channel counts {bad}; valid group counts "
+                          f"for this net's norm layers ({', '.join(map(str, sorted(set(widths))))} channels): "
+                          f"{', '.join(map(str, common))}") from None
+    return standardize_weights(net) if entry.weight_standardized else net
+
+
+def _norm_widths(builder: Callable, config: NetConfig, extra: dict) -> list:
+    """The channel counts a builder's norm layers get, found by building it once with Identity norms
+    (random state restored: a refused build leaves none of its draws behind)."""
+    widths = []
+
+    def record(channels: int) -> nn.Module:
+        widths.append(channels)
+        return nn.Identity()
+    with torch.random.fork_rng(devices=[]):
+        builder(norm_layer=record, in_channels=config.in_channels, num_classes=config.num_classes, **extra)
+    return widths
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(norm: str = "bn", **overrides) -> Net:
-    return Net(NetConfig(norm=norm, **overrides))
+def build_model(norm: str = "bn", **overrides) -> nn.Module:
+    """A built-in net (default: the small one) with `norm`; `overrides` are NetConfig's other fields."""
+    return build_net(NetConfig(norm=norm, **overrides))
 
 
 def render_norm_table() -> str:
     """The README's table of norms (between its `<!-- norms -->` markers), rendered from REGISTRY."""
-    rows = ["| norm | what it normalises | parameters (default net) | reference |", "|---|---|---|---|"]
+    rows = ["| norm | what it normalises | parameters (small net, 1 channel) | parameters (resnet20, 3 channels) "
+            "| reference |", "|---|---|---|---|---|"]
     for name, entry in REGISTRY.items():
-        rows.append(f"| `{name}` | {entry.description} | {count_parameters(build_model(name)):,} | {entry.reference} |")
+        small = count_parameters(build_model(name))
+        resnet = count_parameters(build_model(name, model="resnet20", in_channels=3))
+        rows.append(f"| `{name}` | {entry.description} | {small:,} | {resnet:,} | {entry.reference} |")
     return "\n".join(rows)

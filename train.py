@@ -16,12 +16,14 @@ from torch import nn
 
 import checks
 import data as data_lib
-from model import NORMS, Net, NetConfig, count_parameters
+import plugins
+from model import NORMS, NetConfig, count_parameters
 
 # The single source of truth for a trial's settings; every entry point starts from a copy.
 DEFAULTS = {
     "dataset": "fashion-mnist",
     "data_dir": "data",
+    "model": "small",  # a built-in net (model.MODELS) or a user's builder, path/to/file.py:build (plugins.py)
     "norm": "bn",
     "groups": 4,  # GroupNorm groups
     "l1": 0.0,  # lambda of the L1 penalty lambda * sum(|w|) over conv/linear weights; 0 = off
@@ -55,7 +57,7 @@ DEFAULTS = {
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_CHOICES = ("auto", "on", "off")
 # Keys that must match for a checkpoint to continue a run: they shape the model or its trajectory.
-RUN_KEYS = ("dataset", "norm", "groups", "order", "l1", "epochs", "batch_size", "lr", "lr_reference_batch",
+RUN_KEYS = ("dataset", "model", "norm", "groups", "order", "l1", "epochs", "batch_size", "lr", "lr_reference_batch",
             "momentum", "weight_decay", "label_smoothing", "seed", "val_size", "precision")
 
 
@@ -76,7 +78,7 @@ def batch_size_for(n_train: int, batch_size: int = 0) -> int:
 
 # What checkpoints written before a key existed ran with, so that older experiments resume and
 # rebuild as they trained: the net was conv -> norm -> ReLU, and nothing ran under autocast.
-BEFORE_KEY = {"order": "norm-relu", "precision": "fp32", "lr_reference_batch": 0}
+BEFORE_KEY = {"order": "norm-relu", "precision": "fp32", "lr_reference_batch": 0, "model": "small"}
 # Precise BN (Wu & He 2018, section 6): after training, BatchNorm's running statistics recomputed as the
 # plain average over batches of this many training images (un-augmented, in train mode, weights frozen),
 # from at most PRECISE_BN_IMAGES of them.
@@ -205,8 +207,10 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def net_config(config: dict) -> NetConfig:
-    return NetConfig(norm=config["norm"], groups=config["groups"], order=config["order"])
+def net_config(config: dict, dataset: data_lib.Dataset) -> NetConfig:
+    """The net a run's config asks for, sized for `dataset`'s channels and classes."""
+    return NetConfig(model=config["model"], norm=config["norm"], groups=config["groups"], order=config["order"],
+                     in_channels=dataset.channels, num_classes=len(dataset.classes))
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
@@ -343,7 +347,8 @@ class TrainingRun:
         torch.manual_seed(config["seed"])
         # On the trial's device: shuffling and augmentation draw there, with no per-step host copies.
         self.generator = torch.Generator(device=self.device).manual_seed(config["seed"])
-        self.model = Net(net_config(config)).to(self.device, memory_format=MEMORY_FORMAT)
+        self.net_config = net_config(config, dataset)
+        self.model = plugins.build(self.net_config).to(self.device, memory_format=MEMORY_FORMAT)
         # What the steps call: the model itself, or its compiled wrapper (same parameters and state).
         self.net = torch.compile(self.model) if uses_compile(config, self.device) else self.model
         if config["batch_size"] < 2 and has_batchnorm(self.model):
@@ -399,7 +404,7 @@ class TrainingRun:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "config": self.config,
-            "net_config": net_config(self.config).to_dict(),
+            "net_config": self.net_config.to_dict(),
             "input_stats": {"mean": self.mean, "std": self.std},  # normalisation the net was trained with
         }, path)
 
@@ -437,9 +442,7 @@ def model_from_checkpoint(path):
     Returns (model, state): state holds the run's config and the input normalisation stats.
     """
     state = load_checkpoint(path)
-    config = {"order": BEFORE_KEY["order"], **state["net_config"]}
-    config["widths"] = tuple(config["widths"])
-    model = Net(NetConfig(**config))
+    model = plugins.build(NetConfig.from_dict(state["net_config"]))
     model.load_state_dict(state["model"])
     return model.eval(), state
 

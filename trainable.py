@@ -26,6 +26,8 @@ HEALTH_KEY = experiments.HEALTH_KEY
 # "auto" resolved) and on (train.describe_device: "cpu", "cuda:0 NVIDIA H200 (sm_90)").
 # Results written before these keys existed lack them.
 PRECISION_KEY, DEVICE_KEY = "precision", "device"
+# Also beside METRICS: the net's parameter count (it depends on the net, the norm and the data's channels).
+PARAMETERS_KEY = "parameters"
 CHECKPOINT_FILE = "state.pt"
 
 
@@ -64,9 +66,9 @@ def train_variant(config: dict, dataset):
 
 def epoch_report(run: train.TrainingRun, metrics: dict, health: str = "ok") -> dict:
     """What a trial reports for an epoch: METRICS (numbers) from run_epoch's `metrics`, HEALTH_KEY, and the
-    run's resolved PRECISION_KEY and DEVICE_KEY (strings)."""
+    run's resolved PRECISION_KEY and DEVICE_KEY (strings) and its PARAMETERS_KEY."""
     return {**{k: metrics[k] for k in METRICS}, HEALTH_KEY: health,
-            PRECISION_KEY: run.precision, DEVICE_KEY: train.describe_device(run.device)}
+            PRECISION_KEY: run.precision, DEVICE_KEY: train.describe_device(run.device), PARAMETERS_KEY: run.parameters}
 
 
 def divergence(metrics: dict, config: dict) -> str:

@@ -15,16 +15,18 @@ from pathlib import Path
 import checks
 import data as data_lib
 import experiments
+import plugins
 import train
 import trainable
 import tuning
 from checks import UsageError, parse_variants  # noqa: F401  (part of this module's interface)
 from experiments import DEFAULT_L1, SMOKE
+import model
 from model import NORMS
 
 DEFAULT_STORAGE = "results"  # relative to the working directory, made absolute
 # What --resume takes from the launch file; resources, address and paths come from today's flags.
-LAUNCH_KEYS = ("dataset", "data_dir", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs",
+LAUNCH_KEYS = ("dataset", "data_dir", "model", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs",
                "batch_size", "batch_sizes", "lr", "weight_decay", "groups", "test_flip", "precision",
                "compile", "tune", "tune_lrs", "tune_weight_decays", "stage", "final_name", "tuning_name",
                "final_variants")
@@ -37,7 +39,7 @@ def param_space(args) -> dict:
     from ray import tune
 
     config = {k: v for k, v in train.DEFAULTS.items() if k not in ("norm", "l1", "threads", "seed")}
-    config.update(dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()), epochs=args.epochs,
+    config.update(dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()), model=args.model, epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, groups=args.groups,
                   test_flip=args.test_flip, precision=args.precision, compile=args.compile)
     config["variant"] = tune.grid_search(experiments.launch_variants(vars(args)))  # a final stage: its own list
@@ -135,6 +137,7 @@ def absolute_paths(args) -> None:
     """A dataset directory and --data-dir made absolute before they are saved with the launch, so that
     --resume and the analysis find them from any working directory."""
     args.data_dir = str(Path(args.data_dir).expanduser().resolve())
+    args.model = plugins.canonical(args.model)
     if args.dataset not in data_lib.DATASETS:  # a directory, not a dataset's name
         args.dataset = str(Path(args.dataset).expanduser().resolve())
 
@@ -317,11 +320,13 @@ def run_stage(args) -> int:
         console.quiet_ray()
     # Before the data: a cluster that cannot be joined (a refused token) is said in seconds.
     cluster.connect(args.address, ship_code=args.ship_code, verbose=args.verbose,
-                    not_shipped=[storage, args.data_dir, args.dataset])
+                    not_shipped=[storage, args.data_dir, args.dataset], modules=[plugins.shipped_file(args.model)])
     made_here = False
     stop_signal = interrupt_on_sigterm()
     try:
         dataset = load_data(args)
+        plugins.check(args.model, sorted({v["norm"] for v in experiments.launch_variants(vars(args))}), args.groups,
+                      dataset)
         if args.batch_sizes:  # --lr holds at the auto batch, the recipe's; other sizes scale from it
             space["lr_reference_batch"] = train.batch_size_for(len(dataset.train_labels))
         else:  # "auto" resolved on the whole training split: the tuning stage trains at the final stage's batch
@@ -505,6 +510,10 @@ def parse_args(argv=None):
     parser.add_argument("--tune-weight-decays", type=numbers_arg, default=list(tuning.TUNE_WEIGHT_DECAYS),
                         help="with --tune: the weight decays every variant tries (default: "
                              f"{','.join(f'{v:g}' for v in tuning.TUNE_WEIGHT_DECAYS)})")
+    parser.add_argument("--model", default=d["model"],
+                        help=f"the net: {', '.join(model.MODELS)}, or your own builder as path/to/file.py:build or "
+                             f"module:build, called as build(norm_layer=..., in_channels=..., num_classes=...) "
+                             f"(README, 'Your own net'; default: %(default)s)")
     parser.add_argument("--groups", type=int, default=d["groups"], help="GroupNorm groups (default: %(default)s)")
     parser.add_argument("--precision", default=d["precision"], choices=train.PRECISIONS,
                         help="bf16: convolutions under bf16 autocast, norms in float32; fp32; auto (default): "

@@ -1,0 +1,193 @@
+"""`--model`: a built-in net's name (model.MODELS) or a user's own builder, and building the net a config names.
+
+A user's builder is `path/to/file.py:build` or `module:build`: a callable taking torchvision's `norm_layer`
+convention, `build(norm_layer=..., in_channels=..., num_classes=...)`, and returning an nn.Module that maps
+(B, in_channels, H, W) images to (B, num_classes) logits. A builder without an `in_channels` parameter
+(torchvision's own `resnet18`) is called without it and gets 3-channel images only. On a cluster the file
+travels to every node in Ray's runtime environment (`py_modules`, cluster.connect), where it is imported by
+its file name; anywhere the file exists it is loaded from its path.
+"""
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+import checks
+import model as model_lib
+
+
+class ModelError(checks.NormsweepError):
+    """A --model that cannot be loaded or does not build a net for the data; one line that says what to do."""
+
+
+def is_builtin(spec: str) -> bool:
+    return spec in model_lib.MODELS
+
+
+def canonical(spec: str) -> str:
+    """`spec` as a launch saves it: a file's path made absolute, so that a --resume and the analysis find it from
+    any working directory. Raises ModelError for a spec that is neither a built-in nor TARGET:NAME."""
+    if is_builtin(spec):
+        return spec
+    target, name = _split(spec)
+    if target.endswith(".py"):
+        return f"{Path(target).expanduser().resolve()}:{name}"
+    return spec
+
+
+def shipped_file(spec: str) -> str | None:
+    """The user's model file a cluster's nodes need (for Ray's `py_modules`), or None (a built-in, a module)."""
+    if is_builtin(spec):
+        return None
+    target, _ = _split(spec)
+    return target if target.endswith(".py") else None
+
+
+def load_builder(spec: str) -> Callable:
+    """The builder `spec` names, called with the keyword arguments it accepts (see the module docstring).
+
+    Raises ModelError for an unknown built-in, a missing file or module, a missing or non-callable name.
+    """
+    if is_builtin(spec):
+        return model_lib.MODELS[spec][0]
+    target, name = _split(spec)
+    module = _load_file(target) if target.endswith(".py") else _import(target, spec)
+    builder = getattr(module, name, None)
+    if not callable(builder):
+        found = "not defined" if builder is None else f"a {type(builder).__name__}, not a function"
+        raise ModelError(f"--model {spec}: {name} is {found} in {target}; define "
+                         f"def {name}(norm_layer, in_channels, num_classes) returning an nn.Module")
+    return _accepting(builder, spec)
+
+
+def build(config: model_lib.NetConfig) -> nn.Module:
+    """The net `config` describes, built-in or a user's (model.build_net). Raises ModelError for a builder that
+    cannot be loaded or fails; a bad --groups raises model.GroupsError, an unknown norm ValueError."""
+    if is_builtin(config.model):
+        return model_lib.build_net(config)
+    builder = load_builder(config.model)
+    try:
+        return model_lib.build_net(config, builder)
+    except model_lib.GroupsError:
+        raise
+    except ModelError:
+        raise
+    except Exception as e:  # the user's code: say whose, in one line, with its own words
+        raise ModelError(f"--model {config.model} raised {type(e).__name__}: {_first_line(e)} (building it with "
+                         f"norm {config.norm}, {config.in_channels} input channel(s), {config.num_classes} classes)") from e
+
+
+def _split(spec: str) -> tuple:
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name.isidentifier():
+        raise ModelError(f"unknown model {spec!r}; use a built-in ({', '.join(model_lib.MODELS)}) or your own "
+                         f"builder as path/to/file.py:build or module:build")
+    return target, name
+
+
+def _load_file(target: str):
+    """The user's file as a module named after it: loaded from its path where it exists (the driver, a local
+    Ray), else imported by that name (a cluster node, where Ray's runtime environment put it on the path)."""
+    path = Path(target).expanduser()
+    if not path.is_file():
+        try:
+            return importlib.import_module(path.stem)
+        except ImportError:
+            raise ModelError(f"--model: {target} not found; pass the path of a Python file that defines "
+                             f"the builder") from None
+    name = path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path.resolve():
+        return loaded
+    if loaded is not None or _importable(name):
+        raise ModelError(f"--model {target}: its module name {name!r} is taken (by {_origin(name)}); "
+                         f"rename the file, e.g. my_{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # importable by name, as it is on a cluster's nodes
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise ModelError(f"--model {target}: importing it raised {type(e).__name__}: {_first_line(e)}") from e
+    return module
+
+
+def _import(target: str, spec: str):
+    try:
+        return importlib.import_module(target)
+    except ImportError as e:
+        raise ModelError(f"--model {spec}: cannot import {target} ({_first_line(e)}); pass a file as "
+                         f"path/to/file.py:build, or install the module") from None
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _origin(name: str) -> str:
+    module = sys.modules.get(name)
+    found = getattr(module, "__file__", None) if module else getattr(importlib.util.find_spec(name), "origin", None)
+    return str(found or "a built-in module")
+
+
+def _accepting(builder: Callable, spec: str) -> Callable:
+    """`builder` called with the keyword arguments of the norm_layer convention that it accepts: torchvision's
+    ResNets take norm_layer and num_classes but no in_channels (their first conv reads 3 channels)."""
+    try:
+        parameters = inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: pass everything
+        return builder
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    missing = [k for k in ("norm_layer", "num_classes") if k not in parameters and not takes_all]
+    if missing:
+        raise ModelError(f"--model {spec} takes no {' or '.join(missing)} argument; a builder is called as "
+                         f"build(norm_layer=..., in_channels=..., num_classes=...), torchvision's convention")
+    if takes_all or "in_channels" in parameters:
+        return builder
+
+    def without_in_channels(norm_layer, in_channels, num_classes, **extra):
+        if in_channels != 3:
+            raise ModelError(f"--model {spec} takes no in_channels argument, so it reads 3-channel images, and this "
+                             f"data has {in_channels} channel(s); wrap it in a builder that replaces its first conv")
+        return builder(norm_layer=norm_layer, num_classes=num_classes, **extra)
+    return without_in_channels
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def check(spec: str, norms, groups: int, dataset) -> None:
+    """Build the net for each norm and run it on two blank images of `dataset`'s shape, before any trial starts.
+
+    Raises checks.UsageError for a --groups the net's norm layers refuse, ModelError for a builder that fails
+    or whose output is not (2, classes) logits.
+    """
+    import torch
+
+    shape = (2, dataset.channels, *dataset.image_size)
+    for norm in norms:
+        config = model_lib.NetConfig(model=spec, norm=norm, groups=groups, in_channels=dataset.channels,
+                                     num_classes=len(dataset.classes))
+        try:
+            net = build(config)
+        except model_lib.GroupsError as e:
+            raise checks.UsageError(f"--model {spec}: {e}") from None
+        try:
+            with torch.no_grad():
+                out = net.eval()(torch.zeros(shape))
+        except Exception as e:
+            raise ModelError(f"--model {spec} with {norm} fails on a batch of {tuple(shape)} images: "
+                             f"{type(e).__name__}: {_first_line(e)}") from e
+        if tuple(getattr(out, "shape", ())) != (2, config.num_classes):
+            raise ModelError(f"--model {spec} returns {tuple(getattr(out, 'shape', ()))} for a batch of "
+                             f"{tuple(shape)} images; a net must return (batch, {config.num_classes}) logits")
