@@ -346,6 +346,16 @@ def evaluation_split(experiment: str, config: dict, dataset=None):
     return dataset
 
 
+def show_image(ax, image):
+    """One uint8 image (C, H, W) or (H, W) on `ax`: colour as it is, grayscale dark-on-light (as the digits and
+    clothes are drawn on paper)."""
+    image = image.squeeze(0) if image.dim() == 3 and image.shape[0] == 1 else image
+    if image.dim() == 3:
+        ax.imshow(image.permute(1, 2, 0).numpy())  # (H, W, C); numpy: matplotlib warns on tensors
+    else:
+        ax.imshow(image.numpy(), cmap="gray_r")
+
+
 def plot_misclassified(sample: dict):
     """A 2x5 grid: each tile shows the true label, the predicted label and the confidence."""
     fig, axes = plt.subplots(2, 5, figsize=(11, 6.4))  # room for a two-line suptitle and two-line tile titles
@@ -354,7 +364,7 @@ def plot_misclassified(sample: dict):
         ax.axis("off")
         if k >= len(sample["indices"]):
             continue
-        ax.imshow(sample["images"][k].numpy(), cmap="gray_r")  # numpy: matplotlib warns on tensors
+        show_image(ax, sample["images"][k])
         ax.set_title(f"true: {classes[sample['true'][k]]}\npred: {classes[sample['pred'][k]]} "
                      f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
     seed = f", seed {sample['seed']}" if sample.get("seed") is not None else ""

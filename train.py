@@ -339,7 +339,9 @@ class TrainingRun:
         else:
             eval_x, eval_y = dataset.test_images, dataset.test_labels
         config["batch_size"] = batch_size_for(len(train_y), config["batch_size"])
-        self.mean, self.std = data_lib.image_stats(train_x)
+        # Per channel (C,): what the dataset declares, else measured on this run's own training images.
+        stats = ((dataset.mean, dataset.std) if dataset.mean is not None else data_lib.image_stats(train_x))
+        self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).to(self.device) for v in stats)
         self.augment = dataset.augment
         self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
         self.eval_x, self.eval_y = eval_x.to(self.device), eval_y.to(self.device)
@@ -405,7 +407,8 @@ class TrainingRun:
             "torch_rng": torch.get_rng_state(),
             "config": self.config,
             "net_config": self.net_config.to_dict(),
-            "input_stats": {"mean": self.mean, "std": self.std},  # normalisation the net was trained with
+            # per-channel normalisation the net was trained with (lists of C floats)
+            "input_stats": {"mean": self.mean.tolist(), "std": self.std.tolist()},
         }, path)
 
     def load(self, path):

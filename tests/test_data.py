@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 def test_idx_round_trip(tmp_path, gz):
     directory = make_idx_dir(tmp_path / "d", n_train=50, n_test=20, gz=gz, seed=3)
     dataset = data_lib.load_dataset(str(directory))
-    assert dataset.train_images.shape == (50, 28, 28) and dataset.train_images.dtype == torch.uint8
+    assert dataset.train_images.shape == (50, 1, 28, 28) and dataset.train_images.dtype == torch.uint8
     assert dataset.test_labels.shape == (20,) and dataset.test_labels.dtype == torch.int64
     g = torch.Generator().manual_seed(3)
-    assert torch.equal(dataset.train_images, torch.randint(0, 256, (50, 28, 28), generator=g).to(torch.uint8))
+    assert torch.equal(dataset.train_images, torch.randint(0, 256, (50, 28, 28), generator=g).to(torch.uint8).unsqueeze(1))
     assert torch.equal(dataset.train_labels, torch.randint(0, 10, (50,), generator=g))
 
 
@@ -66,9 +66,15 @@ def test_label_out_of_range(idx_dir):
     _expect_one_line(idx_dir, "label 12 outside 0-9")
 
 
-def test_images_not_28x28(idx_dir):
+def test_splits_of_different_image_sizes(idx_dir):
     write_idx(_path(idx_dir), torch.zeros(64, 32, 32), data_lib.IMAGE_MAGIC)
-    _expect_one_line(idx_dir, r"images are \(32, 32\), expected 28x28")
+    _expect_one_line(idx_dir, r"training images are 32x32 with 1 channel but test images 28x28 with 1 channel; "
+                              r"both splits need one image size")
+    # idx files of any one size are read: the nets pool globally
+    stem = data_lib.SPLIT_FILES["test"][0]
+    write_idx(idx_dir / (stem + ".gz"), torch.zeros(32, 32, 32), data_lib.IMAGE_MAGIC)
+    dataset = data_lib.load_dataset(str(idx_dir))
+    assert dataset.image_size == (32, 32) and dataset.channels == 1
 
 
 def test_missing_file_and_unknown_name(idx_dir, tmp_path):
@@ -166,10 +172,10 @@ def test_train_only_directory_without_val_size_says_what_to_do(tmp_path, capsys)
     assert train.main(["--dataset", str(directory), "--epochs", "1"]) == 2
     assert capsys.readouterr().err == (
         f"error: {directory}: no test split (t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]); add the "
-        f"test files, or evaluate on held-out training images with train.py --val-size N (which reads no test split)\n")
+        f"test files, or evaluate on held-out training images with --val-size N (which reads no test split)\n")
     # read without its test split, the dataset refuses to hand out the one it does not have
     dataset = data_lib.load_dataset(str(directory), test_split=False)
-    with pytest.raises(data_lib.DataError, match=r"no test split .* \(train.py --val-size N\)$"):
+    with pytest.raises(data_lib.DataError, match=r"no test split .* \(--val-size N\)$"):
         dataset.test_images
     with pytest.raises(data_lib.DataError, match="no test split"):
         dataset.subset(8).test_labels  # nor does its subset
@@ -232,11 +238,14 @@ def test_declaration_explicit_fields_win_over_the_source(idx_dir):
 
 @pytest.mark.parametrize("text, problem", [
     ('{"source": "fashion-mnist",}', r"not valid JSON \(Expecting property name enclosed in double quotes, line 1"),
-    ('["fashion-mnist"]', "expected a JSON object with source, classes, augment, note, got list"),
-    ('{"source": "cifar10"}', r"source 'cifar10' is not a known dataset \(mnist, fashion-mnist\)"),
-    ('{"clases": []}', r"unknown key 'clases' \(a declaration has source, classes, augment, note\)"),
-    ('{"classes": ["a", "b"]}', "classes must be a list of 10 distinct non-empty names"),
-    ('{"classes": ["a", "a", "b", "c", "d", "e", "f", "g", "h", "i"]}', "classes must be a list of 10 distinct"),
+    ('["fashion-mnist"]', "expected a JSON object with source, classes, augment, mean, std, note, got list"),
+    ('{"source": "cifar100"}', r"source 'cifar100' is not a known dataset \(mnist, fashion-mnist, cifar10\)"),
+    ('{"source": "cifar10"}', r"mean lists 3 values for 1-channel images; give one per channel"),
+    ('{"clases": []}', r"unknown key 'clases' \(a declaration has source, classes, augment, mean, std, note\)"),
+    ('{"classes": ["a"]}', "classes must be a list of 2 or more distinct non-empty names"),
+    ('{"classes": ["a", "a", "b", "c", "d", "e", "f", "g", "h", "i"]}', "classes must be a list of 2 or more distinct"),
+    ('{"mean": [0.5], "std": [0]}', "std must list one number per channel, each from 1e-06 to 1"),
+    ('{"mean": [0.5]}', "declare mean and std together"),
     ('{"augment": {"flip": true}}', "augment must be an object with exactly degrees, shift and flip"),
     ('{"augment": {"degrees": 0, "shift": 0, "flip": "yes"}}', 'augment flip must be true or false, got "yes"'),
     ('{"augment": {"degrees": -3, "shift": 0, "flip": false}}', "augment degrees must be a number from 0 to 180, got -3"),

@@ -39,8 +39,8 @@ def test_end_to_end_sweep_on_real_subset(smoke_experiment):
         assert set(trainable.METRICS) <= set(df.columns)
         assert (df["threads"] == 2).all()  # the trial's CPUs
         best = result.get_best_checkpoint(trainable.BEST_METRIC, trainable.BEST_MODE)
-        model, _ = trainable.model_from_result_checkpoint(best)
-        assert model.config.norm == result.config["variant"]["norm"]
+        _, state = trainable.model_from_result_checkpoint(best)
+        assert state["net_config"]["norm"] == result.config["variant"]["norm"]
         assert len(list(Path(result.path).glob("checkpoint_*"))) <= 2  # best and latest only
 
 

@@ -1,0 +1,252 @@
+"""Datasets as specs: CIFAR-10's python batches (read offline from a tiny archive in CIFAR's own format),
+image folders (colour and grayscale), per-channel statistics, and sweeps of ResNet-20 and a user's
+torchvision ResNet on them, end to end."""
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data as data_lib
+import train
+import trainable
+import tune_main
+from conftest import make_idx_dir
+
+matplotlib.use("Agg")
+
+
+def _cifar_batch(n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    # CIFAR's own layout: rows of 3072 bytes, 1024 red, then green, then blue pixels, each plane row-major
+    return {"batch_label": f"batch {seed}", "labels": rng.integers(0, 10, n).tolist(),
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "filenames": [f"{i}.png" for i in range(n)]}
+
+
+def write_cifar_archive(data_dir: Path, per_batch=4) -> dict:
+    """cifar-10-python.tar.gz as torchvision downloads it, tiny: five training batches and a test batch."""
+    batches = {name: _cifar_batch(per_batch, i) for i, name in enumerate([*data_lib.CIFAR_FILES["train"], "test_batch"])}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(data_dir / data_lib.CIFAR_ARCHIVE, "w:gz") as archive:
+        members = {**{name: pickle.dumps(batch, protocol=2) for name, batch in batches.items()},
+                   "batches.meta": pickle.dumps({"label_names": list(data_lib.CIFAR10_CLASSES)}, protocol=2)}
+        for name, payload in members.items():
+            info = tarfile.TarInfo(f"{data_lib.CIFAR_FOLDER}/{name}")
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    return batches
+
+
+def test_cifar10_reads_an_archive_offline_in_cifars_own_format(tmp_path):
+    batches = write_cifar_archive(tmp_path / "data")
+    dataset = data_lib.load_dataset("cifar10", data_dir=tmp_path / "data")
+    assert dataset.train_images.shape == (20, 3, 32, 32) and dataset.test_images.shape == (4, 3, 32, 32)
+    assert dataset.channels == 3 and dataset.image_size == (32, 32) and dataset.classes == data_lib.CIFAR10_CLASSES
+    first = batches["data_batch_1"]
+    # image 0's green plane, row 1, column 2 is byte 1024 + 32 + 2 of its row
+    assert dataset.train_images[0, 1, 1, 2] == first["data"][0, 1024 + 32 + 2]
+    assert dataset.train_labels[:4].tolist() == first["labels"]
+    assert dataset.test_labels.tolist() == batches["test_batch"]["labels"]
+    assert dataset.augment == {"degrees": 0.0, "shift": 4, "flip": True}
+    assert dataset.mean == data_lib.SPECS["cifar10"].mean and len(dataset.std) == 3
+    # unpacked once: the folder reads again without the archive, and as a directory given by path
+    (tmp_path / "data" / data_lib.CIFAR_ARCHIVE).unlink()
+    again = data_lib.load_dataset(str(tmp_path / "data" / data_lib.CIFAR_FOLDER))
+    assert torch.equal(again.train_images, dataset.train_images) and again.classes == dataset.classes
+    assert again.mean == dataset.mean and again.augment == dataset.augment
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_cifar_batch_that_would_run_code_or_is_cut_short_gets_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "cifar"
+    folder.mkdir()
+    for name in [*data_lib.CIFAR_FILES["train"], "test_batch"]:
+        (folder / name).write_bytes(pickle.dumps(_cifar_batch(2, 0), protocol=2))
+    (folder / "data_batch_3").write_bytes(pickle.dumps({"data": _RunsCode(), "labels": [0]}))
+    with pytest.raises(data_lib.DataError, match=r"data_batch_3: not a CIFAR-10 python batch .*posix.system is not "
+                                                 r"allowed in a data file.*re-download") as info:
+        data_lib.load_dataset(str(folder))
+    assert "\n" not in str(info.value) and not (tmp_path / "pwned").exists()
+    whole = pickle.dumps(_cifar_batch(2, 0), protocol=2)
+    (folder / "data_batch_3").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(data_lib.DataError, match=r"data_batch_3: not a CIFAR-10 python batch \(\w+"):
+        data_lib.load_dataset(str(folder))
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "ant"), per_class=(6, 3), size=(12, 10), mode="RGB",
+                       seed=0) -> dict:
+    """root/train/<class>/<i>.png and root/test/<class>/<i>.png, random pixels; returns {path: array}."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, n in zip(data_lib.IMAGE_FOLDER_SPLITS, per_class):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+                pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+                path = root / split / name / f"{i}.png"
+                Image.fromarray(pixels, mode).save(path)
+                written[path] = pixels
+    return written
+
+
+def test_an_rgb_image_folder_reads_in_colour_with_its_folders_as_classes(tmp_path):
+    written = write_image_folder(tmp_path / "pets")
+    ant_test = tmp_path / "pets" / "test" / "ant"
+    for path in ant_test.iterdir():  # a test split without one training class still reads
+        path.unlink()
+    ant_test.rmdir()
+    dataset = data_lib.load_dataset(str(tmp_path / "pets"))
+    assert dataset.classes == ("ant", "cat", "dog")  # sorted, as torchvision's ImageFolder orders them
+    assert dataset.train_images.shape == (18, 3, 10, 12) and dataset.test_images.shape == (6, 3, 10, 12)
+    assert dataset.test_labels.tolist() == [1, 1, 1, 2, 2, 2]  # the training split's indices
+    cat = tmp_path / "pets" / "train" / "cat" / "0.png"
+    index = [i for i, label in enumerate(dataset.train_labels.tolist()) if label == 1][0]
+    assert torch.equal(dataset.train_images[index], torch.from_numpy(written[cat]).permute(2, 0, 1))
+    # undeclared: no flips (a directory's augmentation is declared, never read from its name)
+    assert dataset.augment == data_lib.UNDECLARED["augment"] and dataset.mean is None
+
+
+def test_grayscale_folders_are_one_channel_and_a_mixed_folder_is_rgb(tmp_path):
+    gray = write_image_folder(tmp_path / "gray", mode="L")
+    dataset = data_lib.load_dataset(str(tmp_path / "gray"))
+    assert dataset.channels == 1
+    path = tmp_path / "gray" / "train" / "ant" / "2.png"
+    Image.fromarray(np.stack([gray[path]] * 3, axis=-1), "RGB").save(path)  # one colour image among grayscale
+    mixed = data_lib.load_dataset(str(tmp_path / "gray"))
+    assert mixed.channels == 3
+    first_gray = torch.from_numpy(gray[tmp_path / "gray" / "train" / "ant" / "0.png"])
+    assert all(torch.equal(mixed.train_images[0, c], first_gray) for c in range(3))  # repeated into R, G, B
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("size", r"train/dog/1.png: 7x7 pixels, the other images 12x10 pixels; resize the images to one size"),
+    ("corrupt", r"train/cat/0.png: not a readable image .*replace or delete it"),
+    ("unknown test class", r"test/bee: class 'bee' is not among the training classes \(ant, cat, dog\)"),
+    ("declared classes", r"dataset.json: an image folder's class names are its class folders' names; drop classes"),
+    ("no images", r"train: no images \(.*\.png.*\) in its class folders"),
+])
+def test_a_broken_image_folder_gets_one_line_naming_what_to_fix(tmp_path, damage, expected):
+    root = tmp_path / "pets"
+    write_image_folder(root)
+    if damage == "size":
+        Image.fromarray(np.zeros((7, 7, 3), np.uint8)).save(root / "train" / "dog" / "1.png")
+    elif damage == "corrupt":
+        (root / "train" / "cat" / "0.png").write_bytes(b"\x89PNG not really")
+    elif damage == "unknown test class":
+        (root / "test" / "bee").mkdir()
+        Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "test" / "bee" / "0.png")
+    elif damage == "declared classes":
+        (root / data_lib.DECLARATION).write_text('{"classes": ["a", "b", "c"]}')
+    else:
+        for path in (root / "train").rglob("*.png"):
+            path.unlink()
+    with pytest.raises(data_lib.DataError, match=expected) as info:
+        data_lib.load_dataset(str(root))
+    assert "\n" not in str(info.value)
+
+
+def test_a_declaration_sets_a_folders_augmentation_and_statistics(tmp_path):
+    write_image_folder(tmp_path / "pets")
+    (tmp_path / "pets" / data_lib.DECLARATION).write_text(
+        '{"augment": {"degrees": 0, "shift": 2, "flip": true}, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25]}')
+    dataset = data_lib.load_dataset(str(tmp_path / "pets"))
+    assert dataset.augment == {"degrees": 0.0, "shift": 2, "flip": True}
+    run = train.TrainingRun({"epochs": 1, "batch_size": 4}, dataset)
+    assert run.mean.tolist() == pytest.approx([0.5, 0.4, 0.3]) and run.std.tolist() == pytest.approx([0.2, 0.2, 0.25])
+    (tmp_path / "pets" / data_lib.DECLARATION).write_text('{"mean": [0.5], "std": [0.2]}')
+    with pytest.raises(data_lib.DataError, match=r"mean lists 1 values for 3-channel images; give one per channel"):
+        data_lib.load_dataset(str(tmp_path / "pets"))
+
+
+def test_colour_training_normalises_per_channel_and_its_checkpoint_rebuilds(tmp_path):
+    write_image_folder(tmp_path / "pets", per_class=(8, 3))
+    dataset = data_lib.load_dataset(str(tmp_path / "pets"))
+    run = train.TrainingRun({"epochs": 1, "batch_size": 8, "norm": "gn"}, dataset)
+    x = dataset.train_images.float() / 255
+    assert run.mean.tolist() == pytest.approx(x.mean(dim=(0, 2, 3)).tolist(), abs=1e-6)
+    assert run.std.tolist() == pytest.approx([x[:, c].std().item() for c in range(3)], abs=1e-6)
+    inputs = data_lib.to_input(dataset.train_images, run.mean, run.std)
+    assert inputs.mean(dim=(0, 2, 3)).abs().max() < 1e-5  # every channel centred on its own mean
+    metrics = run.run_epoch()
+    assert metrics["epoch"] == 1 and 0 <= metrics["test_acc"] <= 1
+    run.save(tmp_path / "state.pt")
+    model, state = train.model_from_checkpoint(tmp_path / "state.pt")
+    assert state["net_config"]["in_channels"] == 3 and state["net_config"]["num_classes"] == 3
+    expected = train.evaluate(run.model, run.eval_x, run.eval_y, mean=run.mean, std=run.std)["preds"]
+    again = train.evaluate(model, dataset.test_images, dataset.test_labels, **state["input_stats"])["preds"]
+    assert torch.equal(expected, again)
+
+
+def test_augmentation_pads_each_channel_with_its_own_background():
+    x = torch.stack([torch.full((8, 8), -1.0), torch.full((8, 8), -3.0), torch.full((8, 8), 2.0)])[None]  # (1, 3, 8, 8)
+    x[:, :, 3:5, 3:5] += 5  # a bright square in each channel
+    out = data_lib.augment(x, torch.Generator().manual_seed(0), degrees=45.0, shift=2, flip=True)
+    corners = out[0, :, 0, 0]
+    assert torch.allclose(corners, torch.tensor([-1.0, -3.0, 2.0]))
+
+
+def test_the_misclassified_grid_draws_colour_in_colour(tmp_path):
+    import analysis
+
+    write_image_folder(tmp_path / "pets")
+    dataset = data_lib.load_dataset(str(tmp_path / "pets"))
+    sample = {"classes": dataset.classes, "indices": list(range(3)), "images": dataset.test_images[:3],
+              "true": [0, 1, 2], "pred": [1, 2, 0], "confidence": [0.5] * 3, "variant": "bn", "epoch": 1, "acc": 0.5}
+    fig = analysis.plot_misclassified(sample)
+    shown = fig.axes[0].images[0].get_array()
+    assert shown.shape == (10, 12, 3) and np.array_equal(np.asarray(shown), dataset.test_images[0].permute(1, 2, 0).numpy())
+
+
+MY_MODELS = '''
+"""A user's builder around a torchvision ResNet factory."""
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+
+def build(norm_layer, in_channels, num_classes):
+    net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, norm_layer=norm_layer)
+    net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    return net
+'''
+
+
+@pytest.mark.parametrize("layout, model, variants", [
+    ("folder", "resnet20", "bn,gn,in,gn+ws"),
+    ("idx", "resnet20", "bn,gn,in,gn+ws"),
+    ("idx", "mymodels.py:build", "bn,gn"),
+])
+def test_a_sweep_of_resnet20_or_a_users_net_on_a_folder_or_idx_files(tmp_path, monkeypatch, layout, model, variants):
+    if layout == "folder":
+        write_image_folder(tmp_path / "data", per_class=(4, 2), size=(16, 16))
+    else:
+        make_idx_dir(tmp_path / "data", n_train=24, n_test=12)
+    (tmp_path / "mymodels.py").write_text(MY_MODELS)
+    monkeypatch.chdir(tmp_path)  # the user's file given relative to where they run
+    code = tune_main.main(["--dataset", str(tmp_path / "data"), "--model", model, "--variants", variants,
+                           "--epochs", "1", "--batch-size", "4", "--storage-path", str(tmp_path / "results"),
+                           "--name", "e2e"])
+    assert code == 0
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    grid = ResultGrid(ExperimentAnalysis(str(tmp_path / "results" / "e2e")))
+    assert sorted(r.config["variant"]["name"] for r in grid) == sorted(variants.split(",")) and not grid.errors
+    channels = 3 if layout == "folder" else 1
+    for result in grid:
+        assert result.config["model"] == (model if model == "resnet20" else f"{tmp_path / 'mymodels.py'}:build")
+        net, state = trainable.model_from_result_checkpoint(result.checkpoint)
+        assert state["net_config"]["in_channels"] == channels
+        first_conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        assert first_conv.in_channels == channels
+        assert result.metrics[trainable.PARAMETERS_KEY] == sum(p.numel() for p in net.parameters())
