@@ -2,10 +2,11 @@
 
 A user's builder is `path/to/file.py:build` or `module:build`: a callable taking torchvision's `norm_layer`
 convention, `build(norm_layer=..., in_channels=..., num_classes=...)`, and returning an nn.Module that maps
-(B, in_channels, H, W) images to (B, num_classes) logits. A builder without an `in_channels` parameter
-(torchvision's own `resnet18`) is called without it and gets 3-channel images only. On a cluster the file
-travels to every node in Ray's runtime environment (`py_modules`, cluster.connect), where it is imported by
-its file name; anywhere the file exists it is loaded from its path.
+(B, in_channels, H, W) images to (B, num_classes) logits. A builder that does not name an `in_channels`
+parameter (torchvision's own `resnet18`, whose `**kwargs` go to a ResNet that takes none) is called without it
+and gets 3-channel images only. On a cluster the file travels to every node in Ray's runtime environment
+(`py_modules`, cluster.connect), where it is imported by its file name; anywhere the file exists it is loaded
+from its path.
 """
 import importlib
 import importlib.util
@@ -30,12 +31,16 @@ def is_builtin(spec: str) -> bool:
 
 def canonical(spec: str) -> str:
     """`spec` as a launch saves it: a file's path made absolute, so that a --resume and the analysis find it from
-    any working directory. Raises ModelError for a spec that is neither a built-in nor TARGET:NAME."""
+    any working directory. Raises ModelError for a spec that is neither a built-in nor TARGET:NAME, or for a file
+    that is not here (the driver, which ships it to a cluster's nodes)."""
     if is_builtin(spec):
         return spec
     target, name = _split(spec)
     if target.endswith(".py"):
-        return f"{Path(target).expanduser().resolve()}:{name}"
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise ModelError(_not_found(target))
+        return f"{path}:{name}"
     return spec
 
 
@@ -69,16 +74,22 @@ def build(config: model_lib.NetConfig) -> nn.Module:
     cannot be loaded or fails; a bad --groups raises model.GroupsError, an unknown norm ValueError."""
     if is_builtin(config.model):
         return model_lib.build_net(config)
+    model_lib.norm_entry(config.norm)  # an unknown norm is ours to report, not the builder's failure
     builder = load_builder(config.model)
     try:
-        return model_lib.build_net(config, builder)
+        net = model_lib.build_net(config, builder)
     except model_lib.GroupsError:
         raise
     except ModelError:
         raise
     except Exception as e:  # the user's code: say whose, in one line, with its own words
         raise ModelError(f"--model {config.model} raised {type(e).__name__}: {_first_line(e)} (building it with "
-                         f"norm {config.norm}, {config.in_channels} input channel(s), {config.num_classes} classes)") from e
+                         f"norm {config.norm}, {config.in_channels} input channel(s), {config.num_classes} classes); "
+                         f"fix the builder so that it builds with these arguments") from e
+    if not isinstance(net, nn.Module):
+        raise ModelError(f"--model {config.model} returned a {type(net).__name__}, not a net; a builder must return "
+                         f"an nn.Module")
+    return net
 
 
 def _split(spec: str) -> tuple:
@@ -93,19 +104,21 @@ def _load_file(target: str):
     """The user's file as a module named after it: loaded from its path where it exists (the driver, a local
     Ray), else imported by that name (a cluster node, where Ray's runtime environment put it on the path)."""
     path = Path(target).expanduser()
+    name = path.stem
     if not path.is_file():
         try:
-            return importlib.import_module(path.stem)
-        except ImportError:
-            raise ModelError(f"--model: {target} not found; pass the path of a Python file that defines "
-                             f"the builder") from None
-    name = path.stem
-    loaded = sys.modules.get(name)
-    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path.resolve():
-        return loaded
-    if loaded is not None or _importable(name):
-        raise ModelError(f"--model {target}: its module name {name!r} is taken (by {_origin(name)}); "
+            return importlib.import_module(name)
+        except ImportError as e:
+            if e.name != name:  # the file is there but imports something missing
+                raise ModelError(f"--model {target}: importing it raised {type(e).__name__}: {_first_line(e)}; "
+                                 f"install it on every node") from None
+            raise ModelError(_not_found(target)) from None
+    taken_by = _location(name)  # what `import name` gives: another module's file shadows or is shadowed
+    if taken_by is not None and not _same_file(taken_by, path):
+        raise ModelError(f"--model {target}: its module name {name!r} is taken (by {taken_by}); "
                          f"rename the file, e.g. my_{name}.py")
+    if name in sys.modules:  # loaded before, from this file
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # importable by name, as it is on a cluster's nodes
@@ -113,7 +126,8 @@ def _load_file(target: str):
         spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[name]
-        raise ModelError(f"--model {target}: importing it raised {type(e).__name__}: {_first_line(e)}") from e
+        raise ModelError(f"--model {target}: importing it raised {type(e).__name__}: {_first_line(e)}; fix the file "
+                         f"so that it imports") from e
     return module
 
 
@@ -125,17 +139,29 @@ def _import(target: str, spec: str):
                          f"path/to/file.py:build, or install the module") from None
 
 
-def _importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+def _not_found(target: str) -> str:
+    return f"--model: {target} not found; pass the path of a Python file that defines the builder"
 
 
-def _origin(name: str) -> str:
+def _location(name: str) -> str | None:
+    """Where `import name` finds its module (a loaded one first): a file, a package's directory, "a built-in
+    module", or None where nothing has that name."""
     module = sys.modules.get(name)
-    found = getattr(module, "__file__", None) if module else getattr(importlib.util.find_spec(name), "origin", None)
-    return str(found or "a built-in module")
+    if module is not None:
+        return getattr(module, "__file__", None) or "a built-in module"
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.origin is None and spec.submodule_search_locations:  # a namespace package: directories only
+        return next(iter(spec.submodule_search_locations))
+    return spec.origin if spec.has_location else "a built-in module"
+
+
+def _same_file(location: str, path: Path) -> bool:
+    return Path(location).resolve() == path.resolve()
 
 
 def _accepting(builder: Callable, spec: str) -> Callable:
@@ -150,7 +176,8 @@ def _accepting(builder: Callable, spec: str) -> Callable:
     if missing:
         raise ModelError(f"--model {spec} takes no {' or '.join(missing)} argument; a builder is called as "
                          f"build(norm_layer=..., in_channels=..., num_classes=...), torchvision's convention")
-    if takes_all or "in_channels" in parameters:
+    # in_channels only where named: torchvision's factories pass their **kwargs on to a ResNet that takes none
+    if "in_channels" in parameters:
         return builder
 
     def without_in_channels(norm_layer, in_channels, num_classes, **extra):

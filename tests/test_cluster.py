@@ -295,3 +295,43 @@ def test_no_retries_after_an_unretryable_failure(tmp_path):
 ])
 def test_which_failures_a_retry_cannot_fix(text, fixable_by_retry):
     assert cluster.unretryable(text) is not fixable_by_retry
+
+
+def plugged_net(log: Path) -> str:
+    """A user's model file whose builder appends where its file lies to `log` at every build."""
+    return f"""from torch import nn
+
+
+def build(norm_layer, in_channels, num_classes):
+    with open({str(log)!r}, "a") as log:
+        log.write(__file__ + "\\n")
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, stride=2, padding=1, bias=False), norm_layer(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+"""
+
+
+def test_a_model_file_outside_the_repository_reaches_the_worker_node(two_nodes, tmp_path):
+    """--model FILE.py:build, FILE where only the driver sees it: the trials on the worker node build the net
+    from the copy Ray's runtime environment (py_modules) put there."""
+    hidden, log = tmp_path / "hidden", tmp_path / "builds.txt"
+    hidden.mkdir()  # empty for the worker node; the driver mounts its own over it and writes the file there
+    model_file = hidden / "tinynet.py"
+    script = (f"mount -t tmpfs tmpfs {hidden} && cat > {model_file} && exec {sys.executable} tune_main.py --smoke-test "
+              f"--address {two_nodes.address} --storage-path {two_nodes.root / 'results'} --name plugged "
+              f"--variants bn,gn --model {model_file}:build")
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script], input=plugged_net(log),
+                          cwd=ROOT, env=clean_env(two_nodes.home), capture_output=True, text=True, timeout=HANG_SECONDS)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not model_file.exists()  # the file was the driver's alone
+    # the head has no CPUs: both trials ran on the worker node, for both epochs
+    assert re.search(r"normsweep: 2 trials on 2 CPUs", done.stdout), done.stdout
+    trial_dirs = [p for p in (two_nodes.root / "results" / "plugged").iterdir() if (p / "result.json").is_file()]
+    assert len(trial_dirs) == 2
+    assert all(len((p / "result.json").read_text().splitlines()) == 2 for p in trial_dirs)
+    # the driver built each norm's net from the file before the trials (plugins.check); the trials, from Ray's copy
+    builds = log.read_text().splitlines()
+    assert builds.count(str(model_file)) == 2, builds
+    shipped = [path for path in builds if path != str(model_file)]
+    assert len(shipped) >= 2 and all(path.endswith("/tinynet.py") and "runtime_resources" in path
+                                     for path in shipped), builds

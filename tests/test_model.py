@@ -8,8 +8,8 @@ from torch import nn
 
 import checks
 import train
-from model import (NORMS, REGISTRY, GhostBatchNorm2d, Net, NetConfig, WSConv2d, build_model, count_parameters,
-                   make_norm, render_norm_table)
+from model import (NORMS, REGISTRY, BatchNorm2d, GhostBatchNorm2d, Net, ResNet20, WSConv2d, build_model,
+                   count_parameters, make_norm, norm_layer, render_norm_table)
 
 ROOT = Path(__file__).resolve().parents[1]
 NORMED = ("bn", "gn", "ln", "in", "gbn")  # the norms whose convs are plain nn.Conv2d
@@ -67,7 +67,7 @@ def test_groups_must_divide_every_width():
 
 
 def test_custom_widths_derive_head_size():
-    model = Net(NetConfig(norm="gn", groups=2, widths=(4, "M", 6)))
+    model = build_model("gn", groups=2, widths=(4, "M", 6))
     assert model.head.in_features == 6
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
@@ -192,3 +192,66 @@ def test_readme_table_of_norms_is_the_registry():
     table = re.search(r"<!-- norms -->\n(.*?)\n<!-- /norms -->", text, re.S)
     assert table, "README.md lost its <!-- norms --> table"
     assert table.group(1) == render_norm_table(), "README's table of norms drifted: paste model.render_norm_table()"
+
+
+def test_small_net_takes_torchvision_norm_layer_convention():
+    """Net(norm_layer=...) as torchvision's ResNets take it; build_model passes the registry's layer."""
+    torch.manual_seed(0)
+    direct = Net(norm_layer=norm_layer("gn", 4), in_channels=3, num_classes=5)
+    torch.manual_seed(0)
+    built = build_model("gn", in_channels=3, num_classes=5)
+    assert [type(m) for m in direct.modules()] == [type(m) for m in built.modules()]
+    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), built.state_dict().values()))
+    assert built(torch.randn(2, 3, 20, 20)).shape == (2, 5)
+    assert isinstance(Net().features[2], BatchNorm2d)  # the default norm_layer: relu-norm, so conv, ReLU, norm
+
+
+def resnet_norm_layers(model):
+    """The layers ResNet20 got from norm_layer: the one after the stem's conv and the two of every block."""
+    blocks = list(model.blocks)
+    return [model.stem[1], *(layer for block in blocks for layer in (block.norm1, block.norm2))]
+
+
+def test_resnet20_has_the_papers_size():
+    """He et al. 2016, section 4.2: 6n+2 = 20 layers with n = 3, "0.27M" parameters."""
+    model = build_model("bn", model="resnet20", in_channels=3)
+    assert isinstance(model, ResNet20)
+    assert count_parameters(model) == 269_722
+    assert len([m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]) == 19
+    assert len([m for m in model.modules() if isinstance(m, nn.Conv2d)]) == 19
+    assert [m.num_features for m in resnet_norm_layers(model)] == [16] * 7 + [32] * 6 + [64] * 6
+    # option-A shortcuts have no parameters: the 19 convs (3x3, no bias), 19 norms (2C each) and the head
+    convs = 3 * 16 * 9 + 16 * 16 * 9 * 6 + (16 * 32 + 32 * 32 * 5) * 9 + (32 * 64 + 64 * 64 * 5) * 9
+    assert convs + 2 * (16 * 7 + 32 * 6 + 64 * 6) + 64 * 10 + 10 == 269_722
+
+
+@pytest.mark.parametrize("size, pooled", [(32, 8), (28, 7)])
+def test_resnet20_output_shapes(size, pooled):
+    model = build_model("bn", model="resnet20", in_channels=3).eval()
+    features = model.blocks(model.stem(torch.randn(2, 3, size, size)))
+    assert features.shape == (2, 64, pooled, pooled)  # strides 1, 2, 2
+    assert model(torch.randn(2, 3, size, size)).shape == (2, 10)
+    grey = build_model("gn", model="resnet20", in_channels=1, num_classes=7).eval()
+    assert grey(torch.randn(3, 1, size, size)).shape == (3, 7)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_every_norm_builds_in_resnet20(norm):
+    torch.manual_seed(0)
+    model = build_model(norm, model="resnet20", in_channels=3).train()
+    plain = build_model(norm.replace("+ws", ""), model="resnet20", in_channels=3)
+    expected = type(plain.stem[1])
+    layers = resnet_norm_layers(model)
+    assert len(layers) == 19 and all(type(layer) is expected for layer in layers)
+    assert type(make_norm(norm, 16, 4)) is expected  # the registry's layer, in all 19 places
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 19 and all(isinstance(m, WSConv2d) == REGISTRY[norm].weight_standardized for m in convs)
+    assert count_parameters(model) == (268_346 if norm == "none" else 269_722)
+    out = model(torch.randn(4, 3, 32, 32))
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+def test_resnet20_groups_must_divide_its_widths():
+    with pytest.raises(ValueError, match=r"groups=3 does not divide .*\(16, 32, 64 channels\): 1, 2, 4, 8, 16$"):
+        build_model("gn", model="resnet20", in_channels=3, groups=3)
+    assert build_model("gn", model="resnet20", in_channels=3, groups=16).stem[1].num_groups == 16
