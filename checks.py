@@ -8,7 +8,7 @@ import argparse
 import math
 import sys
 
-from model import MODELS, NORMS, REGISTRY, build_model
+from model import MODELS, NORMS, REGISTRY, build_model, norm_entry
 
 USAGE_EXIT = 2  # argparse's exit status for bad usage; every refusal uses it
 
@@ -133,10 +133,12 @@ def check_settings(settings: dict) -> None:
         raise UsageError(f"{flag}: a batch of 1 image gives BatchNorm no batch statistics; use 2 or more, "
                          f"or drop the {'/'.join(batch_normed)} variants (gn and ln train on single images)")
     net = settings.get("model", "small")
-    for norm in norms:  # an unknown norm or net, or a group count that does not divide the widths
+    for norm in norms:  # an unknown norm, or a group count that does not divide a built-in net's widths
         try:
-            # a user's net is built and run once its data is loaded (plugins.check)
-            build_model(norm, groups=settings.get("groups", 4), model=net if net in MODELS else "small")
+            if net in MODELS:
+                build_model(norm, groups=settings.get("groups", 4), model=net)
+            else:  # a user's net is built and run once its data is loaded (plugins.check)
+                norm_entry(norm)
         except ValueError as e:
             raise UsageError(str(e)) from None
     if net not in MODELS:

@@ -40,7 +40,7 @@ class PILDataset(torch.utils.data.Dataset):
     """What the typical solution iterates: one PIL image at a time through torchvision transforms."""
 
     def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images.numpy(), labels, transform
+        self.images, self.labels, self.transform = images[:, 0].numpy(), labels, transform  # (N, H, W) grayscale
 
     def __len__(self):
         return len(self.labels)
@@ -52,7 +52,7 @@ class PILDataset(torch.utils.data.Dataset):
 def typical_loop(dataset, epochs: int, batch_size: int) -> float:
     """(a): every variant in turn with the same recipe as normsweep, data through a DataLoader."""
     mean, std = data_lib.image_stats(dataset.train_images)
-    normalise = [transforms.ToTensor(), transforms.Normalize((mean,), (std,))]
+    normalise = [transforms.ToTensor(), transforms.Normalize(mean.tolist(), std.tolist())]
     train_set = PILDataset(dataset.train_images, dataset.train_labels,
                            transforms.Compose([transforms.RandomHorizontalFlip(), *normalise]))
     test_set = PILDataset(dataset.test_images, dataset.test_labels, transforms.Compose(normalise))
