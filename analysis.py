@@ -162,14 +162,16 @@ trial_label = experiments.variant_label  # the variant and whatever else of the 
 
 
 def _title(df, what: str, wrap: bool = False) -> str:
-    """'what: dataset (subset), N epochs, K seeds per variant'; wrap: the subset on a line of its own
-    (figure titles)."""
+    """'what: dataset[, net NET] (subset), N epochs, K seeds per variant' (the net unless it is the default
+    small one); wrap: the subset on a line of its own (figure titles)."""
     seeds = df.groupby("variant")["seed"].nunique().max()
     planned, reached = int(df["epochs"].max()), int(df["epoch"].max())  # "epochs": the planned count
     epochs = _count(planned, "epoch") if reached >= planned else f"partial: {reached} of {planned} epochs in"
     subset = str(df["data"].iloc[0]) if "data" in df else ""
     subset = (f"\n({subset})" if wrap else f" ({subset})") if subset else ""
-    return (f"{what}: {Path(str(df['dataset'].iloc[0])).name}, {epochs}, "
+    model = str(df["model"].iloc[0]) if "model" in df else "small"
+    net = f", net {Path(model).name}" if model != "small" else ""  # a user's builder: its file's name
+    return (f"{what}: {Path(str(df['dataset'].iloc[0])).name}{net}, {epochs}, "
             f"{_count(seeds, 'seed')} per variant{subset}")
 
 
