@@ -1,7 +1,8 @@
 """Input checks shared by every entry point (tune_main.py, train.py).
 
 `check_settings` refuses bad command-line settings in one line before anything expensive starts:
-no Ray, no data loading, no directories. `check_resources` is the one check that needs a running
+no Ray, no data loading, no directories; a number outside its range in the schema (settings.py) is
+refused by `check_ranges`, the rest here. `check_resources` is the one check that needs a running
 Ray (what the cluster has). Both raise UsageError; the CLIs print it as `error: ...` and exit 2.
 """
 import argparse
@@ -9,6 +10,7 @@ import math
 import sys
 
 from model import MODELS, NORMS, REGISTRY, build_model, norm_entry
+from settings import SETTINGS
 
 USAGE_EXIT = 2  # argparse's exit status for bad usage; every refusal uses it
 
@@ -59,10 +61,18 @@ def parse_variants(spec: str, lambdas) -> list:
     return variants
 
 
-def _at_least(settings, key, low, what):
-    value = settings.get(key)
-    if value is not None and not value >= low:
-        raise UsageError(f"--{key.replace('_', '-')} must be {what}, got {value:g}")
+def check_ranges(settings: dict) -> None:
+    """Refuse a number outside its setting's range in the schema (settings.SETTINGS); None is "the default"."""
+    for key, setting in SETTINGS.items():
+        value = settings.get(key)
+        if setting.range is None or not _is_number(value):  # tune_main.py's --l1 list: check_settings
+            continue
+        if value not in setting.range:
+            raise UsageError(f"{setting.flag} must be {setting.range.what}, got {value:g}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_settings(settings: dict) -> None:
@@ -71,12 +81,8 @@ def check_settings(settings: dict) -> None:
     Conventions: 0 means "auto/all/none" for batch_size, train_size, val_size, threads and
     max_concurrent; None means "the default" for cpus_per_trial and gpus_per_trial.
     """
-    _at_least(settings, "epochs", 1, "at least 1")
-    _at_least(settings, "seeds", 1, "at least 1 (seeds 0..N-1)")
-    _at_least(settings, "seed", 0, "0 or more")
+    check_ranges(settings)
     batch, batch_sizes = settings.get("batch_size"), settings.get("batch_sizes")
-    if batch is not None and batch < 0:
-        raise UsageError(f"--batch-size must be 'auto' or a number of images, got {batch}")
     if batch_sizes is not None:
         if batch:
             raise UsageError(f"--batch-size {batch} and --batch-sizes both given; drop --batch-size "
@@ -92,28 +98,10 @@ def check_settings(settings: dict) -> None:
     check_name(settings.get("name"))
     if settings.get("ship_code") is False and not settings.get("address"):
         raise UsageError("--no-ship-code has no effect without --address (a local Ray ships nothing); drop it")
-    _at_least(settings, "val_size", 0, "0 (evaluate on test) or more images")
-    lr = settings.get("lr")
-    if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise UsageError(f"--lr must be a positive number (the OneCycle peak learning rate), got {lr:g}")
-    _at_least(settings, "weight_decay", 0, "0 or more")
     check_tuning(settings)
-    smoothing = settings.get("label_smoothing")
-    if smoothing is not None and not 0 <= smoothing < 1:
-        raise UsageError(f"--label-smoothing must be in [0, 1), got {smoothing:g}")
-    _at_least(settings, "threads", 0, "0 (torch's default) or more")
-    _at_least(settings, "max_concurrent", 0, "0 (no cap) or more")
-    cpus, gpus = settings.get("cpus_per_trial"), settings.get("gpus_per_trial")
-    if cpus is not None and not cpus > 0:
-        raise UsageError(f"--cpus-per-trial must be more than 0 (fractions share a core), got {cpus:g}")
-    if gpus is not None and not gpus >= 0:
-        raise UsageError(f"--gpus-per-trial must be 0 or more, got {gpus:g}")
 
-    l1 = settings.get("l1")
-    if isinstance(l1, (int, float)):  # train.py: one lambda, 0 = off
-        if not (l1 >= 0 and math.isfinite(l1)):
-            raise UsageError(f"--l1 must be 0 (off) or a positive lambda, got {l1:g}")
-    elif l1 is not None:  # tune_main.py: lambdas for the +l1 variants
+    l1 = settings.get("l1")  # train.py's one lambda is checked by check_ranges
+    if l1 is not None and not _is_number(l1):  # tune_main.py: lambdas for the +l1 variants
         bad = [lam for lam in l1 if not (lam > 0 and math.isfinite(lam))]
         if bad:
             raise UsageError(f"--l1 lambdas must be > 0, got {', '.join(f'{lam:g}' for lam in bad)}")
@@ -161,6 +149,17 @@ def check_tuning(settings: dict) -> None:
             raise UsageError(f"{flag} lists a value twice ({shown}); list each once")
     if settings.get("tune") and settings.get("batch_sizes"):
         raise UsageError("--tune and --batch-sizes both given; a tuned comparison runs at one batch size, drop one")
+    if settings.get("tune") and settings.get("val_size"):
+        raise UsageError(f"--tune and --val-size {settings['val_size']} both given; the tuning stage holds out its own "
+                         f"validation split and the final stage scores on the test split, drop --val-size")
+
+
+def check_val_size(val_size: int, n_train: int) -> None:
+    """Refuse a --val-size that leaves fewer than 2 of the n_train training images to train on (checked once
+    the data is loaded: the training set's size is the data's)."""
+    if val_size and val_size > n_train - 2:
+        raise UsageError(f"--val-size {val_size} leaves {max(0, n_train - val_size)} of the {n_train:,} training "
+                         f"images to train on; hold out at most {max(0, n_train - 2):,}")
 
 
 NAME_MAX_BYTES = 255  # the longest file name ext4, XFS, APFS, NTFS and S3 key components all hold

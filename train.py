@@ -3,7 +3,6 @@
 `python train.py --norm bn` trains one variant and prints a line per epoch; the Ray Tune
 trainable (trainable.py) wraps the same `TrainingRun`.
 """
-import argparse
 import importlib.util
 import math
 import sys
@@ -17,60 +16,21 @@ from torch import nn
 import checks
 import data as data_lib
 import plugins
-from model import NORMS, NetConfig, count_parameters
+import settings
+from model import NetConfig, count_parameters
+from settings import COMPILE_CHOICES, MAX_BATCH, MIN_BATCH, MIN_STEPS_PER_EPOCH, PRECISIONS
 
-# The single source of truth for a trial's settings; every entry point starts from a copy.
-DEFAULTS = {
-    "dataset": "fashion-mnist",
-    "data_dir": "data",
-    "model": "small",  # a built-in net (model.MODELS) or a user's builder, path/to/file.py:build (plugins.py)
-    "norm": "bn",
-    "groups": 4,  # GroupNorm groups
-    "l1": 0.0,  # lambda of the L1 penalty lambda * sum(|w|) over conv/linear weights; 0 = off
-    "epochs": 20,
-    "batch_size": 0,  # images per step; 0 = auto, derived from the training-set size (batch_size_for)
-    "lr": 0.05,  # OneCycle peak learning rate for SGD, at any batch size (unless lr_reference_batch)
-    # >0: `lr` is the peak at this batch size and a run with batch B uses lr * B / lr_reference_batch
-    # (the linear scaling rule, Goyal et al. 2017). tune_main.py --batch-sizes sets it to the auto batch.
-    "lr_reference_batch": 0,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,  # on conv/linear weights only; norm affines and biases are not decayed
-    "label_smoothing": 0.1,
-    "seed": 0,
-    "threads": 0,  # torch CPU threads; 0 = torch's default
-    "val_size": 0,  # >0: hold out this many training images and evaluate on them, not on test
-    # Evaluate each image and its mirror (mean of the two softmaxes) on datasets trained with flips.
-    # test_acc_single reports the plain one-view accuracy alongside.
-    "test_flip": True,
-    "order": "relu-norm",  # block order, model.NetConfig.order
-    # "bf16": convolutions and the head under bf16 autocast, norms in float32 (model._Float32Norm);
-    # "fp32": everything in float32; "auto": bf16 on a CUDA GPU with native bf16 (compute capability
-    # 8.0+), fp32 elsewhere: on older GPUs and on the CPU (where every reported result was measured).
-    # See resolve_precision.
-    "precision": "auto",
-    # torch.compile the net for training and evaluation: "on", "off", or "auto" = on CUDA (with Triton).
-    # On this CPU it measured 0.79-0.99x eager in fp32 and cost 14-35 s of compiling per trial
-    # (BENCHMARKS.md); on a GPU it fuses the small norm and activation kernels. Checkpoints are the
-    # same either way.
-    "compile": "auto",
-}
-PRECISIONS = ("auto", "fp32", "bf16")
-COMPILE_CHOICES = ("auto", "on", "off")
+# The single source of truth for a trial's settings, from the schema (settings.py, where each key's units,
+# flag and help are); every entry point starts from a copy.
+DEFAULTS = settings.DEFAULTS
 # Keys that must match for a checkpoint to continue a run: they shape the model or its trajectory.
 RUN_KEYS = ("dataset", "model", "norm", "groups", "order", "l1", "epochs", "batch_size", "lr", "lr_reference_batch",
             "momentum", "weight_decay", "label_smoothing", "seed", "val_size", "precision")
 
 
-# The auto batch size: the largest batch, up to MAX_BATCH, that still gives MIN_STEPS_PER_EPOCH
-# optimizer steps per epoch, and never below MIN_BATCH (BatchNorm's batch statistics get noisy).
-# On 60,000 images that is 128 (469 steps); on 4,000 images 32 (125 steps). With a fixed batch of
-# 128, small training sets get too few steps for GroupNorm and LayerNorm, which start slowly, to
-# converge in 20 epochs (docs/validation.md, "small training sets").
-MAX_BATCH, MIN_BATCH, MIN_STEPS_PER_EPOCH = 128, 16, 125
-
-
 def batch_size_for(n_train: int, batch_size: int = 0) -> int:
-    """`batch_size` if set (> 0), else the auto batch size for n_train training images."""
+    """`batch_size` if set (> 0), else the auto batch size for n_train training images: the largest batch up
+    to MAX_BATCH that gives MIN_STEPS_PER_EPOCH steps per epoch, at least MIN_BATCH (settings.py, why)."""
     if batch_size > 0:
         return batch_size
     return max(MIN_BATCH, min(MAX_BATCH, n_train // MIN_STEPS_PER_EPOCH))
@@ -450,54 +410,10 @@ def model_from_checkpoint(path):
     return model.eval(), state
 
 
-def batch_size_arg(text: str) -> int:
-    """argparse type of --batch-size: 'auto' (0) or a whole number of images."""
-    if text == "auto":
-        return 0
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of images, got {text!r}") from None
-
-
 def main(argv=None) -> int:
     parser = checks.ArgumentParser(description="Train one normsweep variant without Ray.")
-    parser.add_argument("--dataset", default=DEFAULTS["dataset"],
-                        help="mnist, fashion-mnist, or a directory of MNIST-format idx files (default: %(default)s)")
-    parser.add_argument("--data-dir", default=DEFAULTS["data_dir"], help="where downloads go (default: %(default)s)")
-    parser.add_argument("--norm", default=DEFAULTS["norm"], help=f"one of {', '.join(NORMS)} (default: %(default)s)")
-    parser.add_argument("--groups", type=int, default=DEFAULTS["groups"],
-                        help="GroupNorm groups (default: %(default)s)")
-    parser.add_argument("--l1", type=float, default=DEFAULTS["l1"],
-                        help="L1 penalty lambda (default: %(default)s = off)")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs to train (default: %(default)s)")
-    parser.add_argument("--batch-size", type=batch_size_arg, default=DEFAULTS["batch_size"],
-                        help="images per step, or 'auto' (default): 128, fewer on small training sets")
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"],
-                        help="OneCycle peak learning rate (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"],
-                        help="SGD weight decay (default: %(default)s)")
-    parser.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"],
-                        help="cross-entropy label smoothing (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"],
-                        help="seeds init, order and augmentation (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=DEFAULTS["threads"],
-                        help="CPU threads; a seed's numbers differ between thread counts "
-                             "(default: %(default)s = torch's own count)")
-    parser.add_argument("--val-size", type=int, default=DEFAULTS["val_size"],
-                        help="hold out this many training images and evaluate on them instead of test "
-                             "(default: %(default)s = none)")
-    parser.add_argument("--no-test-flip", dest="test_flip", action="store_false",
-                        help="score test images in one view only (default: also the mirror, on flip-trained datasets)")
-    parser.add_argument("--order", default=DEFAULTS["order"], choices=("relu-norm", "norm-relu"),
-                        help="block order: conv -> ReLU -> norm (default) or conv -> norm -> ReLU")
-    parser.add_argument("--precision", default=DEFAULTS["precision"], choices=PRECISIONS,
-                        help="bf16 autocast with norms in float32, or fp32; auto = bf16 on GPUs with native bf16 "
-                             "(compute capability 8.0+), fp32 elsewhere (default)")
-    parser.add_argument("--compile", default=DEFAULTS["compile"], choices=COMPILE_CHOICES,
-                        help="torch.compile the net; auto = on CUDA only (default)")
-    parser.add_argument("--train-size", type=int, default=0,
-                        help="use only the first N training images (default: %(default)s = all)")
+    # the flags tune_main.py takes too, then this CLI's own: one variant (--norm, one --l1 lambda), one seed
+    settings.add_arguments(parser, settings.SHARED + ("norm", "l1", "seed", "threads", "order"))
     args = parser.parse_args(argv)
     config = {k: v for k, v in vars(args).items() if k in DEFAULTS}
     try:
@@ -505,6 +421,10 @@ def main(argv=None) -> int:
         dataset = data_lib.load_dataset(args.dataset, args.data_dir, test_split=not args.val_size)
         if args.train_size:
             dataset = dataset.subset(args.train_size)
+        if args.val_size:
+            checks.check_val_size(args.val_size, len(dataset.train_labels))
+        if not plugins.is_builtin(args.model):  # a user's net: built and run once on the data's shape
+            plugins.check(args.model, [args.norm], args.groups, dataset)
         run = TrainingRun(config, dataset)
     except checks.NormsweepError as e:  # UsageError, DataError, CheckpointError, PrecisionError
         print(f"error: {e}", file=sys.stderr)

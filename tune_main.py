@@ -16,19 +16,19 @@ import checks
 import data as data_lib
 import experiments
 import plugins
+import settings
 import train
 import trainable
 import tuning
 from checks import UsageError, parse_variants  # noqa: F401  (part of this module's interface)
 from experiments import DEFAULT_L1, SMOKE
-import model
 from model import NORMS
 
 DEFAULT_STORAGE = "results"  # relative to the working directory, made absolute
 # What --resume takes from the launch file; resources, address and paths come from today's flags.
 LAUNCH_KEYS = ("dataset", "data_dir", "model", "smoke_test", "train_size", "variants", "l1", "seeds", "epochs",
-               "batch_size", "batch_sizes", "lr", "weight_decay", "groups", "test_flip", "precision",
-               "compile", "tune", "tune_lrs", "tune_weight_decays", "stage", "final_name", "tuning_name",
+               "batch_size", "batch_sizes", "lr", "weight_decay", "label_smoothing", "val_size", "groups", "test_flip",
+               "precision", "compile", "tune", "tune_lrs", "tune_weight_decays", "stage", "final_name", "tuning_name",
                "final_variants")
 RESTORED_KEYS = ("max_concurrent",)  # Tune restores its TuneConfig from the experiment, not from today's flags
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's status for Ctrl-C; 143 (128 + SIGTERM) after a SIGTERM
@@ -39,9 +39,8 @@ def param_space(args) -> dict:
     from ray import tune
 
     config = {k: v for k, v in train.DEFAULTS.items() if k not in ("norm", "l1", "threads", "seed")}
-    config.update(dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()), model=args.model, epochs=args.epochs,
-                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, groups=args.groups,
-                  test_flip=args.test_flip, precision=args.precision, compile=args.compile)
+    config.update({k: getattr(args, k) for k in settings.SHARED if k in config})  # the trial settings both CLIs take
+    config["data_dir"] = str(Path(args.data_dir).resolve())
     config["variant"] = tune.grid_search(experiments.launch_variants(vars(args)))  # a final stage: its own list
     if args.batch_sizes:  # the batch-size study: lr scaled by train.peak_lr
         config["batch_size"] = tune.grid_search(sorted(args.batch_sizes))
@@ -95,7 +94,7 @@ def gpu_share(gpus: float, concurrent: int) -> float:
 
 
 def load_data(args) -> data_lib.Dataset:
-    loaded = data_lib.load_dataset(args.dataset, args.data_dir)
+    loaded = data_lib.load_dataset(args.dataset, args.data_dir, test_split=not args.val_size)
     if args.smoke_test:
         return loaded.subset(SMOKE["train"], SMOKE["test"])
     if args.train_size:
@@ -325,6 +324,7 @@ def run_stage(args) -> int:
     stop_signal = interrupt_on_sigterm()
     try:
         dataset = load_data(args)
+        checks.check_val_size(args.val_size, len(dataset.train_labels))
         plugins.check(args.model, sorted({v["norm"] for v in experiments.launch_variants(vars(args))}), args.groups,
                       dataset)
         if args.batch_sizes:  # --lr holds at the auto batch, the recipe's; other sizes scale from it
@@ -480,61 +480,29 @@ def numbers_arg(text: str) -> list:
 
 def parse_args(argv=None):
     parser = checks.ArgumentParser(description=__doc__.splitlines()[0])
-    d = train.DEFAULTS
-    parser.add_argument("--dataset", default=d["dataset"],
-                        help="mnist, fashion-mnist, or a directory of MNIST-format idx files (default: %(default)s)")
-    parser.add_argument("--data-dir", default=d["data_dir"], help="where downloads go (default: %(default)s)")
-    parser.add_argument("--train-size", type=int, default=0,
-                        help="train on the first N training images only (default: all)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help=f"epochs per trial (default: {d['epochs']}, or {SMOKE['epochs']} with --smoke-test)")
-    parser.add_argument("--batch-size", type=train.batch_size_arg, default=d["batch_size"],
-                        help="images per step, or 'auto' (default): 128, fewer on small training sets so that "
-                             f"an epoch has at least {train.MIN_STEPS_PER_EPOCH} steps")
+    # the flags train.py takes too (settings.py: one default, help and range each), then this CLI's own
+    settings.add_arguments(parser, settings.SHARED + ("seeds", "cpus_per_trial", "gpus_per_trial", "max_concurrent"))
     parser.add_argument("--batch-sizes", type=batch_sizes_arg, default=None,
                         help="the batch-size study: run every variant at each of these batch sizes, e.g. "
                              "2,4,8,16,32, for the same epochs, with the peak lr scaled linearly from --lr at "
                              "the auto batch (README, 'Batch size')")
-    parser.add_argument("--lr", type=float, default=d["lr"],
-                        help="OneCycle peak learning rate, the shared recipe's (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=d["weight_decay"],
-                        help="SGD weight decay on conv and linear weights, the shared recipe's (default: %(default)s)")
     parser.add_argument("--tune", action="store_true",
                         help="a tuned comparison (README, 'Tuned comparison'): first every variant at every "
                              "--tune-lrs x --tune-weight-decays point, scored on a validation split of the training "
                              f"images ({tuning.VAL_FRACTION:.0%}%), one seed; then each variant at its best point and "
-                             "at the shared recipe (--lr, --weight-decay), --seeds seeds, scored on the test split")
+                             "at the shared recipe (--lr, --weight-decay), --seeds seeds, scored on the test split; "
+                             "not with --val-size")
     parser.add_argument("--tune-lrs", type=numbers_arg, default=list(tuning.TUNE_LRS),
                         help="with --tune: the peak learning rates every variant tries (default: "
                              f"{','.join(f'{v:g}' for v in tuning.TUNE_LRS)})")
     parser.add_argument("--tune-weight-decays", type=numbers_arg, default=list(tuning.TUNE_WEIGHT_DECAYS),
                         help="with --tune: the weight decays every variant tries (default: "
                              f"{','.join(f'{v:g}' for v in tuning.TUNE_WEIGHT_DECAYS)})")
-    parser.add_argument("--model", default=d["model"],
-                        help=f"the net: {', '.join(model.MODELS)}, or your own builder as path/to/file.py:build or "
-                             f"module:build, called as build(norm_layer=..., in_channels=..., num_classes=...) "
-                             f"(README, 'Your own net'; default: %(default)s)")
-    parser.add_argument("--groups", type=int, default=d["groups"], help="GroupNorm groups (default: %(default)s)")
-    parser.add_argument("--precision", default=d["precision"], choices=train.PRECISIONS,
-                        help="bf16: convolutions under bf16 autocast, norms in float32; fp32; auto (default): "
-                             "bf16 on GPUs with native bf16 (compute capability 8.0+, Ampere or newer), else fp32")
-    parser.add_argument("--compile", default=d["compile"], choices=train.COMPILE_CHOICES,
-                        help="torch.compile the net: on, off, auto (default): on CUDA only (on this project's CPU "
-                             "it did not pay back its compile time)")
-    parser.add_argument("--no-test-flip", dest="test_flip", action="store_false",
-                        help="score test images in one view only (default: also the mirror, on flip-trained datasets)")
     parser.add_argument("--variants", default="bn,gn,ln,bn+l1",
                         help=f"comma-separated NORM[+l1], NORM one of {', '.join(NORMS)}, e.g. gn+ws+l1 "
                              f"(README: the table of norms; default: %(default)s)")
     parser.add_argument("--l1", type=float, nargs="+", default=None,
                         help=f"L1 lambdas; every +l1 variant runs once per lambda (default: {DEFAULT_L1:g})")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per variant, 0..N-1 (default: %(default)s)")
-    parser.add_argument("--cpus-per-trial", type=float, default=None,
-                        help="CPUs per trial (default: the cluster's CPUs shared by all trials at once)")
-    parser.add_argument("--gpus-per-trial", type=float, default=None,
-                        help="GPUs per trial (default: 1, or 1/k of a GPU when trials outnumber GPUs, "
-                             "k = ceil(trials / GPUs), so that every trial runs at once)")
-    parser.add_argument("--max-concurrent", type=int, default=0, help="cap on trials running at once (default: no cap)")
     parser.add_argument("--storage-path", default=DEFAULT_STORAGE,
                         help="results root: a local directory (made absolute) or a URI such as s3://bucket/prefix; "
                              "on a multi-node cluster, storage every node can write (default: ./results)")
@@ -550,14 +518,15 @@ def parse_args(argv=None):
                              "runtime environment), for clusters with normsweep installed on every node; "
                              "a local run ships nothing")
     parser.add_argument("--smoke-test", action="store_true",
-                        help=f"{SMOKE['train']} training and {SMOKE['test']} test images: check an install in a minute")
+                        help=f"{SMOKE['train']} training and {SMOKE['test']} test images, {SMOKE['epochs']} epochs "
+                             f"unless --epochs: check an install in a minute")
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's own output and logs (default: one line per trial report)")
     # a tuned comparison's stages (run_tuned) set these; a plain sweep has none
     parser.set_defaults(stage=None, final_name=None, tuning_name=None, final_variants=None)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv, argparse.Namespace(epochs=None))  # None: no --epochs given (argparse keeps it)
     if args.epochs is None:
-        args.epochs = SMOKE["epochs"] if args.smoke_test else d["epochs"]
+        args.epochs = SMOKE["epochs"] if args.smoke_test else settings.DEFAULTS["epochs"]
     return args
 
 

@@ -8,6 +8,7 @@ from ray.tune.search.variant_generator import generate_variants
 import analysis
 import train
 import tune_main
+from model import build_model
 from conftest import make_idx_dir
 
 
@@ -43,8 +44,8 @@ def test_batch_of_one_is_refused_for_batchnorm_and_trains_groupnorm(tmp_path):
 
 def test_precise_bn_recomputes_the_statistics_on_a_copy():
     torch.manual_seed(0)
-    model = train.Net(train.NetConfig(norm="bn"))
-    images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    model = build_model("bn")
+    images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
     first_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen = []  # the first BN's inputs; deepcopy carries the hook over, so these are the copy's

@@ -44,6 +44,9 @@ REFUSED = [
     (["--variants", "in,gbn,bn+ws+l1", "--batch-size", "1"], "or drop the bn+ws/gbn variants"),
     (["--smoke-test", "--train-size", "100"], "--train-size has no effect with --smoke-test"),
     (["--no-ship-code"], "--no-ship-code has no effect without --address"),
+    (["--tune", "--val-size", "1000"], "--tune and --val-size 1000 both given"),
+    (["--val-size", "-1"], "--val-size must be 0 (evaluate on test) or more images, got -1"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1"),
     (["--batch-size", "x"], "argument --batch-size: expected 'auto' or a whole number of images, got 'x'"),  # argparse's own errors are one line too
 ]
 
@@ -76,6 +79,7 @@ TRAIN_REFUSED = [
     (["--train-size", "-5"], "--train-size must be 0"),
     (["--norm", "xn"], "unknown norm 'xn'"),
     (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    (["--model", "nonet"], "unknown model 'nonet'"),
 ]
 
 
