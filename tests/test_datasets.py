@@ -4,6 +4,7 @@ torchvision ResNet on them, end to end."""
 import io
 import os
 import pickle
+import sys
 import tarfile
 from pathlib import Path
 
@@ -234,9 +235,12 @@ def test_a_sweep_of_resnet20_or_a_users_net_on_a_folder_or_idx_files(tmp_path, m
         make_idx_dir(tmp_path / "data", n_train=24, n_test=12)
     (tmp_path / "mymodels.py").write_text(MY_MODELS)
     monkeypatch.chdir(tmp_path)  # the user's file given relative to where they run
-    code = tune_main.main(["--dataset", str(tmp_path / "data"), "--model", model, "--variants", variants,
-                           "--epochs", "1", "--batch-size", "4", "--storage-path", str(tmp_path / "results"),
-                           "--name", "e2e"])
+    try:
+        code = tune_main.main(["--dataset", str(tmp_path / "data"), "--model", model, "--variants", variants,
+                               "--epochs", "1", "--batch-size", "4", "--storage-path", str(tmp_path / "results"),
+                               "--name", "e2e"])
+    finally:  # the driver imported mymodels.py by its name: unload it, as a new process would not have it
+        sys.modules.pop("mymodels", None)
     assert code == 0
     from ray.tune import ExperimentAnalysis, ResultGrid
 
