@@ -223,24 +223,31 @@ def build(norm_layer, in_channels, num_classes):
 '''
 
 
+@pytest.fixture
+def unload_user_modules(tmp_path):
+    """Afterwards, forget the modules loaded from tmp_path (a user's mymodels.py), as a new process would."""
+    yield
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]
+
+
 @pytest.mark.parametrize("layout, model, variants", [
     ("folder", "resnet20", "bn,gn,in,gn+ws"),
     ("idx", "resnet20", "bn,gn,in,gn+ws"),
     ("idx", "mymodels.py:build", "bn,gn"),
 ])
-def test_a_sweep_of_resnet20_or_a_users_net_on_a_folder_or_idx_files(tmp_path, monkeypatch, layout, model, variants):
+def test_a_sweep_of_resnet20_or_a_users_net_on_a_folder_or_idx_files(tmp_path, monkeypatch, unload_user_modules, layout,
+                                                                     model, variants):
     if layout == "folder":
         write_image_folder(tmp_path / "data", per_class=(4, 2), size=(16, 16))
     else:
         make_idx_dir(tmp_path / "data", n_train=24, n_test=12)
     (tmp_path / "mymodels.py").write_text(MY_MODELS)
     monkeypatch.chdir(tmp_path)  # the user's file given relative to where they run
-    try:
-        code = tune_main.main(["--dataset", str(tmp_path / "data"), "--model", model, "--variants", variants,
-                               "--epochs", "1", "--batch-size", "4", "--storage-path", str(tmp_path / "results"),
-                               "--name", "e2e"])
-    finally:  # the driver imported mymodels.py by its name: unload it, as a new process would not have it
-        sys.modules.pop("mymodels", None)
+    code = tune_main.main(["--dataset", str(tmp_path / "data"), "--model", model, "--variants", variants,
+                           "--epochs", "1", "--batch-size", "4", "--storage-path", str(tmp_path / "results"),
+                           "--name", "e2e"])
     assert code == 0
     from ray.tune import ExperimentAnalysis, ResultGrid
 
