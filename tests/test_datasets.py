@@ -55,7 +55,7 @@ def test_cifar10_reads_an_archive_offline_in_cifars_own_format(tmp_path):
     assert dataset.train_labels[:4].tolist() == first["labels"]
     assert dataset.test_labels.tolist() == batches["test_batch"]["labels"]
     assert dataset.augment == {"degrees": 0.0, "shift": 4, "flip": True}
-    assert dataset.mean == data_lib.SPECS["cifar10"].mean and len(dataset.std) == 3
+    assert dataset.spec == data_lib.SPECS["cifar10"]  # channels, size, classes, augmentation, mean and std
     # unpacked once: the folder reads again without the archive, and as a directory given by path
     (tmp_path / "data" / data_lib.CIFAR_ARCHIVE).unlink()
     again = data_lib.load_dataset(str(tmp_path / "data" / data_lib.CIFAR_FOLDER))
