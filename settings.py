@@ -67,9 +67,8 @@ class Setting:
 # Keyed by argparse dest, the config dict's key where `config` is true.
 SETTINGS = {
     "dataset": Setting("--dataset", "fashion-mnist",
-                       "mnist, fashion-mnist, cifar10, or a directory of MNIST-format idx files, CIFAR-10 batches or "
-                       "class folders of images, train/<class>/*.png and test/<class>/*.png (README, 'Data'; "
-                       "default: %(default)s)"),
+                       "mnist, fashion-mnist, cifar10, or a directory: MNIST-format idx files, CIFAR-10 batches, "
+                       "or images in train/<class>/ and test/<class>/ folders; README, Data (default: %(default)s)"),
     "data_dir": Setting("--data-dir", "data", "where downloads go (default: %(default)s)"),
     # a built-in net (model.MODELS) or a user's builder, path/to/file.py:build (plugins.py)
     "model": Setting("--model", "small",
