@@ -1,5 +1,7 @@
-"""Shared fixtures (synthetic idx files, real Fashion-MNIST subsets, one smoke sweep), which tests
-are slow, and how a test waits for an event without depending on how busy the machine is."""
+"""Shared fixtures (synthetic idx files, real Fashion-MNIST subsets, one smoke sweep, one local Ray for the
+session's in-process sweeps), which tests are slow, and how a test waits for an event without depending on
+how busy the machine is."""
+import contextlib
 import subprocess
 import sys
 import time
@@ -20,10 +22,9 @@ HANG_SECONDS = 1800
 
 # Tests that start Ray or run a sweep (half a minute to minutes each), by file and name; tests that
 # use a fixture in SLOW_FIXTURES are slow too. `pytest -m "not slow"` leaves them out (pytest.ini).
-SLOW_FIXTURES = {"smoke_experiment", "two_nodes", "bucket", "tuned"}
+SLOW_FIXTURES = {"smoke_experiment", "two_nodes", "bucket", "tuned", "session_ray"}
 SLOW_TESTS = {
-    "test_failures.py": {"test_ctrl_c_saves_state_prints_the_resume_command_and_exits_130",
-                         "test_diverging_trial_stops_is_named_and_the_others_finish",
+    "test_failures.py": {"test_diverging_trial_stops_is_named_and_the_others_finish",
                          "test_gpus_the_cluster_lacks_are_refused_after_ray_starts",
                          "test_soak_more_trials_than_cores"},
     "test_sweep.py": {"test_killed_driver_resumes_every_trial_once",
@@ -31,6 +32,7 @@ SLOW_TESTS = {
     "test_batch_size.py": {"test_batch_size_study_sweep_and_report"},
     "test_cluster.py": {"test_no_retries_after_an_unretryable_failure"},
     "test_gpu.py": {"test_tiny_run_prints_a_row_per_variant_with_sane_numbers"},
+    "test_datasets.py": {"test_a_sweep_of_resnet20_or_a_users_net_on_a_folder_or_idx_files"},
     "test_launches.py": {"test_a_relative_dataset_directory_is_read_back_from_anywhere",
                          "test_sigterm_saves_state_like_ctrl_c_and_exits_143",
                          "test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed"},
@@ -86,13 +88,77 @@ def idx_dir(tmp_path):
     return make_idx_dir(tmp_path / "idx")
 
 
+# Starting a local Ray (its GCS, raylet and agents) and stopping it costs seconds of both cores each time, so
+# in-process sweeps whose behaviour does not depend on a Ray of their own share one, started once as
+# tune_main.py starts its private Ray (cluster.connect: the same quieting, options and worker PYTHONPATH).
+# Tests that need their own Ray (a console checked from ray.init on, environment variables the workers must
+# inherit, logical GPUs) start it as before: any ray.init in this process stops the shared one first.
+_SESSION_RAY = {}  # while the shared Ray is up: "init" and "shutdown", Ray's own functions
+
+
+def _stop_session_ray():
+    import ray
+
+    if _SESSION_RAY:
+        ray.init = _SESSION_RAY["init"]
+        _SESSION_RAY.pop("shutdown")()
+        _SESSION_RAY.clear()
+
+
+@contextlib.contextmanager
+def on_session_ray():
+    """Inside this block tune_main.main runs its sweeps on the session's local Ray (started if it is not up),
+    neither starting nor stopping one of its own."""
+    import ray
+
+    import cluster
+    import console
+
+    if not _SESSION_RAY:
+        console.quiet_ray()  # what tune_main.run_stage does before it connects
+        cluster.connect(None)
+        init = ray.init
+
+        def init_after_stopping_the_session_ray(*args, **kwargs):
+            _stop_session_ray()
+            return init(*args, **kwargs)
+
+        _SESSION_RAY.update(init=init, shutdown=ray.shutdown)
+        ray.init = init_after_stopping_the_session_ray
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cluster, "connect", lambda *args, **kwargs: None)
+        patch.setattr(ray, "shutdown", lambda *args, **kwargs: None)
+        yield
+    # Tune stops a sweep's trials before fit() returns; a run that failed midway may leave one holding CPUs for a
+    # moment, or for good: then the next sweep starts on a fresh Ray rather than wait behind it.
+    deadline = time.monotonic() + 10
+    while _SESSION_RAY and ray.available_resources().get("CPU") != ray.cluster_resources().get("CPU"):
+        if time.monotonic() > deadline:
+            _stop_session_ray()
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def session_ray():
+    """The test's tune_main.main calls run on the session's local Ray (on_session_ray)."""
+    with on_session_ray():
+        yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _stop_session_ray()
+
+
 @pytest.fixture(scope="session")
 def smoke_experiment(tmp_path_factory):
-    """A real 4-variant x 2-epoch sweep on a Fashion-MNIST subset (tune_main.py --smoke-test)."""
+    """A real 4-variant x 2-epoch sweep on a Fashion-MNIST subset (tune_main.py --smoke-test), 1 CPU per trial
+    (two trials at once: 2 CPUs each would run the four one by one; tests/test_launches.py's SIGTERM test checks
+    that 2 CPUs train on 2 threads)."""
     import tune_main
 
     storage = tmp_path_factory.mktemp("results")
-    code = tune_main.main(["--smoke-test", "--storage-path", str(storage), "--name", "e2e", "--cpus-per-trial", "2"])
+    with on_session_ray():
+        code = tune_main.main(["--smoke-test", "--storage-path", str(storage), "--name", "e2e", "--cpus-per-trial", "1"])
     assert code == 0
     return storage / "e2e"
 

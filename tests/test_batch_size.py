@@ -63,7 +63,7 @@ def test_precise_bn_recomputes_the_statistics_on_a_copy():
         assert torch.equal(value, before[key]), key
 
 
-def test_batch_size_study_sweep_and_report(tmp_path, capsys):
+def test_batch_size_study_sweep_and_report(tmp_path, capsys, session_ray):
     """A real (tiny) study through tune_main.py: names, the scaled lr, precise BN, the figure and Table 2."""
     data = make_idx_dir(tmp_path / "idx", n_train=64, n_test=32)
     storage = tmp_path / "results"

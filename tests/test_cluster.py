@@ -156,30 +156,17 @@ def sweep(nodes, *flags, env=None, timeout=HANG_SECONDS):
     return done, time.monotonic() - started
 
 
-def test_a_node_without_the_repository_runs_the_sweep_with_the_code_shipped(two_nodes):
-    done, _ = sweep(two_nodes, "--name", "shipped")
-    assert done.returncode == 0, done.stdout + done.stderr
-    # the head has no CPUs: every trial ran on the worker node, which has neither the code nor the data
-    assert re.search(r"normsweep: 4 trials on 2 CPUs, [\d.]+ GiB of memory; per trial 0\.5 CPU, 0 GPU, [\d.]+ GiB;",
-                     done.stdout), done.stdout
-    trial_dirs = [p for p in (two_nodes.root / "results" / "shipped").iterdir() if (p / "result.json").is_file()]
-    assert len(trial_dirs) == 4
-    for trial_dir in trial_dirs:
-        assert len((trial_dir / "result.json").read_text().splitlines()) == 2  # both epochs reported
-    assert "Traceback" not in done.stdout + done.stderr
-
-
 def test_without_the_code_shipped_the_sweep_fails_fast_in_one_line(two_nodes):
-    done, seconds = sweep(two_nodes, "--name", "unshipped", "--no-ship-code")
+    done, seconds = sweep(two_nodes, "--name", "unshipped", "--no-ship-code", "--variants", "bn,gn")
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stderr.strip().splitlines() == [
-        "error: 4 trials failed: normsweep's code is not on the worker node (ModuleNotFoundError: No module named "
+        "error: 2 trials failed: normsweep's code is not on the worker node (ModuleNotFoundError: No module named "
         "'trainable'); drop --no-ship-code, or install normsweep on every node"], done.stderr
     assert "Traceback" not in done.stdout
     # no 3 retries each: after the first import failure no trial is retried
     failures = [(p / "error.txt").read_text().count("Failure # ")
                 for p in (two_nodes.root / "results" / "unshipped").iterdir() if (p / "error.txt").is_file()]
-    assert len(failures) == 4 and max(failures) <= 2 and sum(failures) <= 5, failures
+    assert len(failures) == 2 and max(failures) <= 2 and sum(failures) <= 3, failures
     print(f"failed in {seconds:.0f} s, failures per trial {failures}")
 
 
@@ -310,25 +297,27 @@ def build(norm_layer, in_channels, num_classes):
 """
 
 
-def test_a_model_file_outside_the_repository_reaches_the_worker_node(two_nodes, tmp_path):
-    """--model FILE.py:build, FILE where only the driver sees it: the trials on the worker node build the net
-    from the copy Ray's runtime environment (py_modules) put there."""
+def test_a_node_without_the_repository_runs_the_sweep_with_the_code_and_a_model_file_only_the_driver_sees_shipped(
+        two_nodes, tmp_path):
+    """The head has no CPUs, so every trial runs on the worker node, which has neither the code nor the data: the
+    code arrives in Ray's runtime environment (working_dir), and --model FILE.py:build, FILE where only the driver
+    sees it (a tmpfs in the driver's own mount namespace), in its py_modules: the trials build the net from that copy."""
     hidden, log = tmp_path / "hidden", tmp_path / "builds.txt"
     hidden.mkdir()  # empty for the worker node; the driver mounts its own over it and writes the file there
     model_file = hidden / "tinynet.py"
     script = (f"mount -t tmpfs tmpfs {hidden} && cat > {model_file} && exec {sys.executable} tune_main.py --smoke-test "
-              f"--address {two_nodes.address} --storage-path {two_nodes.root / 'results'} --name plugged "
+              f"--address {two_nodes.address} --storage-path {two_nodes.root / 'results'} --name shipped "
               f"--variants bn,gn --model {model_file}:build")
     done = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script], input=plugged_net(log),
                           cwd=ROOT, env=clean_env(two_nodes.home), capture_output=True, text=True, timeout=HANG_SECONDS)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
     assert not model_file.exists()  # the file was the driver's alone
-    # the head has no CPUs: both trials ran on the worker node, for both epochs
-    assert re.search(r"normsweep: 2 trials on 2 CPUs", done.stdout), done.stdout
-    trial_dirs = [p for p in (two_nodes.root / "results" / "plugged").iterdir() if (p / "result.json").is_file()]
+    assert re.search(r"normsweep: 2 trials on 2 CPUs, [\d.]+ GiB of memory; per trial 1 CPU, 0 GPU, [\d.]+ GiB;",
+                     done.stdout), done.stdout
+    trial_dirs = [p for p in (two_nodes.root / "results" / "shipped").iterdir() if (p / "result.json").is_file()]
     assert len(trial_dirs) == 2
-    assert all(len((p / "result.json").read_text().splitlines()) == 2 for p in trial_dirs)
+    assert all(len((p / "result.json").read_text().splitlines()) == 2 for p in trial_dirs)  # both epochs reported
     # the driver built each norm's net from the file before the trials (plugins.check); the trials, from Ray's copy
     builds = log.read_text().splitlines()
     assert builds.count(str(model_file)) == 2, builds

@@ -238,7 +238,7 @@ def unload_user_modules(tmp_path):
     ("idx", "mymodels.py:build", "bn,gn"),
 ])
 def test_a_sweep_of_resnet20_or_a_users_net_on_a_folder_or_idx_files(tmp_path, monkeypatch, unload_user_modules, layout,
-                                                                     model, variants):
+                                                                     model, variants, session_ray):
     if layout == "folder":
         write_image_folder(tmp_path / "data", per_class=(4, 2), size=(16, 16))
     else:

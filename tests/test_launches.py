@@ -84,7 +84,7 @@ def test_names_that_cannot_be_a_directory_are_refused_before_ray(name, message, 
     assert not (tmp_path / "r").exists()
 
 
-def test_a_relative_dataset_directory_is_read_back_from_anywhere(tmp_path, monkeypatch):
+def test_a_relative_dataset_directory_is_read_back_from_anywhere(tmp_path, monkeypatch, session_ray):
     """The launch saves the directory absolute: the analysis and --resume work from another directory."""
     launch_dir, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     make_idx_dir(launch_dir / "data" / "tiny", n_train=64, n_test=32)
@@ -101,7 +101,7 @@ def test_a_relative_dataset_directory_is_read_back_from_anywhere(tmp_path, monke
     assert tune_main.main(["--resume", "--storage-path", str(launch_dir / "results"), "--name", "rel"]) == 0
 
 
-def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys):
+def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys, session_ray):
     storage, name = tmp_path / "results", "terminated"
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
                "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
@@ -118,6 +118,11 @@ def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys):
     # a seed's numbers depend on the thread count: resuming with another one says so
     assert ("warning: the unfinished trials ran with 1 torch thread(s) and resume with 2" in capsys.readouterr().err)
     assert experiments.trials_left(str(storage / name), experiments.read_launch(str(storage / name))) == 0
+    # and each epoch's result records the count it ran with: the trial's CPUs, 1 before the signal, 2 after
+    threads = [[json.loads(line)["threads"] for line in path.read_text().splitlines()]
+               for path in (storage / name).glob("*/result.json")]
+    assert len(threads) == 2 and all(counts == sorted(counts) for counts in threads), threads
+    assert {count for counts in threads for count in counts} == {1, 2}, threads
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, capsys):
@@ -151,7 +156,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed(small_tmpfs):
+def test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed(small_tmpfs, capfd, session_ray):
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn",
                "--storage-path", str(small_tmpfs), "--name", "full"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_SECONDS)
@@ -165,12 +170,13 @@ def test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed(small
     assert sum(failures) <= 3, failures  # not 2 trials x 4 tries: a full disk is not retried
 
     subprocess.run(["mount", "-o", "remount,size=100m", str(small_tmpfs)], check=True)  # space freed
-    resumed = subprocess.run(command[:2] + ["--resume", "--storage-path", str(small_tmpfs), "--name", "full"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=HANG_SECONDS)
+    capfd.readouterr()
+    code = tune_main.main(["--resume", "--storage-path", str(small_tmpfs), "--name", "full"])
+    err = capfd.readouterr().err
     # what Tune managed to write decides: the experiment resumes, or its damage is named in one line
-    if resumed.returncode:
-        assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr
-        assert "is cut off or corrupt" in resumed.stderr, resumed.stderr
+    if code:
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "is cut off or corrupt" in err, err
     else:
         assert experiments.trials_left(str(small_tmpfs / "full"), experiments.read_launch(str(small_tmpfs / "full"))) == 0
 

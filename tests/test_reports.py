@@ -87,7 +87,7 @@ def test_results_copied_without_checkpoints_still_report(pending_experiment, tmp
 
 
 @pytest.mark.slow  # a real sweep (Ray)
-def test_every_trial_diverged(tmp_path, capfd):
+def test_every_trial_diverged(tmp_path, capfd, session_ray):
     storage = tmp_path / "results"
     code = tune_main.main(["--smoke-test", "--variants", "none", "--epochs", "1", "--lr", "1000", "--cpus-per-trial", "2",
                            "--storage-path", str(storage), "--name", "diverged"])

@@ -1,5 +1,5 @@
 """Experiments on cloud storage: a smoke sweep to a real S3-compatible server (moto's server mode on
-localhost), interrupted, resumed and analysed from the URI; the results contract's paths and errors."""
+localhost), interrupted with Ctrl-C, resumed and analysed from the URI; the results contract's paths and errors."""
 import json
 import os
 import re
@@ -64,20 +64,28 @@ def _keys(client, bucket: str, prefix: str = "") -> list:
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
-def test_sweep_on_s3_is_interrupted_resumed_and_analysed_from_the_uri(bucket, tmp_path, capsys):
+def test_ctrl_c_on_s3_saves_state_prints_the_resume_command_which_finishes_it_and_it_is_analysed_from_the_uri(
+        bucket, tmp_path, capsys):
+    """Ctrl-C (SIGINT) of a sweep writing to S3 exits 130 with its state saved there and the command that resumes
+    it; the partial experiment's analysis says it is partial; the printed command finishes it (saying what it
+    reuses, ignores and has left), and the analysis, its misclassified images and the report read it from the URI."""
     name, client = bucket
     storage = f"s3://{name}/results"
-    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "3",
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
                "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", storage, "--name", "remote"]
+    # waits on events (the first checkpoint, the driver's exit), however long a loaded machine takes
     driver = launch_until(command, lambda: any("/checkpoint_000000/" in k for k in _keys(client, name, "results/remote/")),
                           "the first checkpoint on S3", cwd=tmp_path)
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(signal.SIGINT)  # what Ctrl-C sends; gn is still PENDING (Tune has not created it)
     out, err = driver.communicate(timeout=HANG_SECONDS)
     assert driver.returncode == tune_main.INTERRUPTED_EXIT, (out, err)
-    lines = err.strip().splitlines()
-    assert lines[-2].endswith(f"state saved in {storage}/remote"), err
+    assert "Traceback" not in out + err and "TypeError" not in out + err
+    lines = err.strip().splitlines()  # the last two, whatever Ray may have written before them
+    assert re.fullmatch(rf"interrupted: [12] of 2 trials unfinished; state saved in {re.escape(storage)}/remote",
+                        lines[-2]), err
+    assert lines[-1].startswith("resume with: ") and f"--resume --storage-path {storage} --name remote" in lines[-1]
     resume = shlex.split(lines[-1].removeprefix("resume with: "))
-    assert resume[resume.index("--storage-path") + 1] == storage
+    assert resume[1].endswith("tune_main.py") and resume[resume.index("--storage-path") + 1] == storage
 
     # nothing was written to the working directory: the URI is not a local path
     assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
@@ -85,19 +93,31 @@ def test_sweep_on_s3_is_interrupted_resumed_and_analysed_from_the_uri(bucket, tm
     assert f"results/remote/{experiments.LAUNCH_FILE}" in keys
     assert any(re.fullmatch(r"results/remote/experiment_state-.*\.json", k) for k in keys)
 
-    assert experiments.latest_started(storage) == "remote"
-    assert tune_main.main(resume[2:]) == 0  # the printed command, from this process
-    assert re.search(r"[12] of 2 trials left to run", capsys.readouterr().out)
+    # the analysis of the partial experiment says it is partial, per variant
     location = f"{storage}/remote"
+    grid, df = analysis.load_experiment(location)
+    note = analysis.progress_note(analysis.progress(grid, df))
+    assert note.startswith("Partial experiment") and re.search(r"\bgn [01] of 2", note), note
+    assert "partial:" in analysis.plot_curves(df, "test_acc").axes[0].get_title()
+
+    # the printed command, from this process, finishes it, saying what it reuses, what it ignores and what is left
+    assert experiments.latest_started(storage) == "remote"
+    assert tune_main.main(resume[2:] + ["--epochs", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"resume: reusing the launch settings \(dataset fashion-mnist, variants bn,gn, 1 seed\(s\), "
+                     r"2 epochs, smoke-test data\); CPUs and GPUs per trial from today's flags; ignoring today's --epochs 5 "
+                     r".*; [12] of 2 trials left to run", printed), printed
     last = experiments.last_results(location)
-    assert len(last) == 2 and all(result["epoch"] == 3 for result in last.values())
+    assert len(last) == 2 and all(result["epoch"] == 2 for result in last.values())
     for trial in last:  # every epoch reported exactly once across the interruption
         lines = experiments.read_text(f"{location}/{trial}/result.json").splitlines()
-        assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+        assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
     grid, df = analysis.load_experiment(location)
-    assert sorted(df["variant"].unique()) == ["bn", "gn"] and df.groupby("trial")["epoch"].max().tolist() == [3, 3]
+    assert len(grid) == 2 and not grid.errors
+    assert sorted(df["variant"].unique()) == ["bn", "gn"] and df.groupby("trial")["epoch"].max().tolist() == [2, 2]
     assert analysis.progress(grid, df)["complete"].all()
+    assert "Partial" not in analysis.progress_note(analysis.progress(grid, df))
     assert analysis.latest_experiment(storage) == location  # what the notebook opens by default
     sample = analysis.misclassified(grid, df, "gn", n=4)  # the best checkpoint, read back from S3
     assert len(sample["indices"]) == 4 and len(sample["images"]) == 4

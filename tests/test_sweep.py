@@ -37,7 +37,7 @@ def test_end_to_end_sweep_on_real_subset(smoke_experiment):
         df = result.metrics_dataframe
         assert df["epoch"].tolist() == [1, 2]
         assert set(trainable.METRICS) <= set(df.columns)
-        assert (df["threads"] == 2).all()  # the trial's CPUs
+        assert (df["threads"] == 1).all()  # the trial's CPUs
         best = result.get_best_checkpoint(trainable.BEST_METRIC, trainable.BEST_MODE)
         _, state = trainable.model_from_result_checkpoint(best)
         assert state["net_config"]["norm"] == result.config["variant"]["norm"]
@@ -137,8 +137,8 @@ def test_resume_without_experiment_is_one_line(tmp_path, capsys):
     assert "no normsweep experiment under" in capsys.readouterr().err
 
 
-def test_killed_driver_resumes_every_trial_once(tmp_path):
-    storage, name, epochs = tmp_path / "results", "killed", 4
+def test_killed_driver_resumes_every_trial_once(tmp_path, session_ray):
+    storage, name, epochs = tmp_path / "results", "killed", 3
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn",
                "--epochs", str(epochs), "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
     driver = launch_until(command, lambda: list((storage / name).glob("*/checkpoint_000000")), "the first checkpoint",

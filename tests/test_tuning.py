@@ -13,6 +13,7 @@ import analysis
 import experiments
 import tune_main
 import tuning
+from conftest import on_session_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 ABSURD_LR = 1e-6  # an epoch at this peak learning rate leaves the net near chance
@@ -22,9 +23,10 @@ ABSURD_LR = 1e-6  # an epoch at this peak learning rate leaves the net near chan
 def tuned(tmp_path_factory):
     """A real tuned comparison on the smoke-test subset of Fashion-MNIST: bn and gn, lr 0.05 or absurd, 1 epoch."""
     storage = tmp_path_factory.mktemp("results")
-    code = tune_main.main(["--tune", "--smoke-test", "--variants", "bn,gn", "--tune-lrs", f"0.05,{ABSURD_LR:g}",
-                           "--tune-weight-decays", "5e-4", "--seeds", "2", "--epochs", "1", "--storage-path", str(storage),
-                           "--name", "cmp", "--cpus-per-trial", "1"])
+    with on_session_ray():
+        code = tune_main.main(["--tune", "--smoke-test", "--variants", "bn,gn", "--tune-lrs", f"0.05,{ABSURD_LR:g}",
+                               "--tune-weight-decays", "5e-4", "--seeds", "2", "--epochs", "1", "--storage-path",
+                               str(storage), "--name", "cmp", "--cpus-per-trial", "1"])
     assert code == 0
     return storage
 
@@ -57,7 +59,7 @@ def test_final_stage_runs_each_choice_over_seeds_on_the_test_split(tuned):
     assert (arms["verdict"] == "identical on every seed").all()
 
 
-def test_resume_crosses_from_a_finished_tuning_stage_to_the_final_stage(tuned, tmp_path):
+def test_resume_crosses_from_a_finished_tuning_stage_to_the_final_stage(tuned, tmp_path, session_ray):
     storage = tmp_path / "results"
     shutil.copytree(tuned / "cmp-tuning", storage / "cmp-tuning")  # killed after tuning, before the final stage
     before = {p: p.read_bytes() for p in (storage / "cmp-tuning").rglob("result.json")}
