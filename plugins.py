@@ -78,9 +78,7 @@ def build(config: model_lib.NetConfig) -> nn.Module:
     builder = load_builder(config.model)
     try:
         net = model_lib.build_net(config, builder)
-    except model_lib.GroupsError:
-        raise
-    except ModelError:
+    except (model_lib.GroupsError, ModelError):  # a bad --groups, a builder refusing the data's channels
         raise
     except Exception as e:  # the user's code: say whose, in one line, with its own words
         raise ModelError(f"--model {config.model} raised {type(e).__name__}: {_first_line(e)} (building it with "
