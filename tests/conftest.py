@@ -1,9 +1,13 @@
 """Shared fixtures (synthetic idx files, real Fashion-MNIST subsets, one smoke sweep, one local Ray for the
 session's in-process sweeps), which tests are slow, and how a test waits for an event without depending on
 how busy the machine is."""
+import atexit
 import contextlib
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +18,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data as data_lib  # noqa: E402
+
+
+def _without_rfc3987_syntax():
+    """Keep rfc3987_syntax from being imported here and in every process the tests start.
+
+    jsonschema, which `import ray` loads, imports rfc3987_syntax when it can (its optional checker of the
+    "iri" string format; jupyter-events' jsonschema[format-nongpl] installs it with the notebook tooling),
+    and that module builds an Earley parser at import: ~1.5 s of a core in every process that imports Ray,
+    the driver, Ray's own processes at each start and every trial's worker, a third of a small sweep's time.
+    jsonschema goes without the checker when the import fails; nothing in normsweep or its tests checks
+    IRIs. The processes the tests start (tune_main.py, Ray's, the notebook kernel) inherit PYTHONPATH."""
+    sys.modules.setdefault("rfc3987_syntax", None)  # this process: the import fails, jsonschema goes on
+    stub = Path(tempfile.mkdtemp(prefix="normsweep-tests-"))
+    (stub / "rfc3987_syntax").mkdir()
+    (stub / "rfc3987_syntax" / "__init__.py").write_text(
+        'raise ImportError("rfc3987_syntax is kept out of the tests\' processes: tests/conftest.py")\n')
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(stub), *filter(None, [os.environ.get("PYTHONPATH")])])
+    atexit.register(shutil.rmtree, stub, ignore_errors=True)
+
+
+_without_rfc3987_syntax()
 
 # A test waits for events (a checkpoint on disk, a process ending), never for a span of time. This is
 # only when a wait is declared a hang: far above any run on a loaded machine (load average 20+, where
