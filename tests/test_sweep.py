@@ -137,25 +137,6 @@ def test_resume_without_experiment_is_one_line(tmp_path, capsys):
     assert "no normsweep experiment under" in capsys.readouterr().err
 
 
-def test_killed_driver_resumes_every_trial_once(tmp_path, session_ray):
-    storage, name, epochs = tmp_path / "results", "killed", 3
-    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn",
-               "--epochs", str(epochs), "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
-    driver = launch_until(command, lambda: list((storage / name).glob("*/checkpoint_000000")), "the first checkpoint",
-                          cwd=ROOT)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
-    before = {p.name: reported_epochs(p) for p in (storage / name).iterdir() if p.is_dir()}
-    assert any(len(e) < epochs for e in before.values()), f"killed too late to test resume: {before}"
-
-    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name]) == 0
-    grid = load_grid(storage / name)
-    assert len(grid) == 2 and not grid.errors
-    for result in grid:
-        assert reported_epochs(Path(result.path)) == list(range(1, epochs + 1))
-        assert (result.metrics_dataframe["threads"] == 1).all()
-
-
 @pytest.mark.parametrize("gpus, share", [(2, 0.5), (3, 0.5), (8, 1)])
 def test_logical_gpus_are_shared_and_all_trials_run_at_once(gpus, share, tmp_path):
     """Ray's logical GPUs (no real device): 4 trials get `share` GPU each and all run at the same time."""
@@ -184,3 +165,22 @@ def test_logical_gpus_are_shared_and_all_trials_run_at_once(gpus, share, tmp_pat
     assert not results.errors
     assert all(r.metrics["together"] for r in results)  # none waited for another to finish
     assert all(r.metrics["gpu_ids"] == 1 for r in results)  # each sees one device
+
+
+def test_killed_driver_resumes_every_trial_once(tmp_path, session_ray):
+    storage, name, epochs = tmp_path / "results", "killed", 3
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn",
+               "--epochs", str(epochs), "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
+    driver = launch_until(command, lambda: list((storage / name).glob("*/checkpoint_000000")), "the first checkpoint",
+                          cwd=ROOT)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = {p.name: reported_epochs(p) for p in (storage / name).iterdir() if p.is_dir()}
+    assert any(len(e) < epochs for e in before.values()), f"killed too late to test resume: {before}"
+
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name]) == 0
+    grid = load_grid(storage / name)
+    assert len(grid) == 2 and not grid.errors
+    for result in grid:
+        assert reported_epochs(Path(result.path)) == list(range(1, epochs + 1))
+        assert (result.metrics_dataframe["threads"] == 1).all()
