@@ -26,12 +26,13 @@ import experiments
 import train
 import trainable
 import tuning
-from comparisons import convergence, convergence_warnings, final_per_trial, healthy  # noqa: F401 (the notebook's)
+from comparisons import (convergence, convergence_warnings, final_per_trial, healthy,  # noqa: F401 (the notebook's)
+                         scored_on)
 from model import build_model, count_parameters
 
-CURVES = {  # metric -> (axis label, higher is better)
-    "test_loss": ("test loss (cross-entropy, nats)", False),
-    "test_acc": ("test accuracy (%)", True),
+CURVES = {  # metric -> (axis label, higher is better); {split}: the split the trials were scored on (scored_on)
+    "test_loss": ("{split} loss (cross-entropy, nats)", False),
+    "test_acc": ("{split} accuracy (%)", True),
     "train_loss": ("train loss (cross-entropy + label smoothing, nats)", False),
     "train_acc": ("train accuracy on augmented batches (%)", True),
 }
@@ -239,6 +240,15 @@ def diverged_note(df) -> str:
     return f"Diverged trials, left out of the figures and tables: {named}."
 
 
+def validation_note(df) -> str:
+    """'' for trials scored on the test split, else one sentence saying they were scored on held-out training images."""
+    if scored_on(df) == "test":
+        return ""
+    n = int(df["val_size"].max())
+    return (f"Scored on {n:,} training images held out from training (--val-size {n}), not on the test split: "
+            f"every \"test\" column, figure and comparison below is of those validation images.")
+
+
 def _count(n: int, noun: str) -> str:
     """'1 epoch', '2 epochs'."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
@@ -247,13 +257,15 @@ def _count(n: int, noun: str) -> str:
 def plot_curves(df, metric: str):
     """One metric against epoch, all variants on one axes; mean and +-1 std band over seeds."""
     label, higher_better = CURVES[metric]
+    split = scored_on(df)
+    label = label.format(split=split)
     scale = 100 if metric.endswith("acc") else 1
     # test_acc averages each image and its mirror on flip-trained data; the headline is test_acc_single
     # at the final epoch, so the test_acc legend gives both, each named
     flipped = metric == "test_acc" and not np.allclose(df["test_acc"], df["test_acc_single"], equal_nan=True)
     headline = metric == "test_acc"
     if headline:
-        label = f"test accuracy, {'flip-averaged' if flipped else 'one view'} (%)"
+        label = f"{split} accuracy, {'flip-averaged' if flipped else 'one view'} (%)"
     fig, ax = plt.subplots(figsize=(8, 5))
     late = []  # values over the second half of training, for zooming the accuracy axis
     all_variants = sorted(df["variant"].unique())
@@ -292,7 +304,7 @@ def plot_curves(df, metric: str):
     ax.set_ylabel(label)
     seeds = everything.groupby("variant")["seed"].nunique().max()
     band = "; band = ±1 std over seeds" if seeds > 1 else ""
-    head, _, subset = _title(everything, metric.replace("_", " "), wrap=True).partition("\n")
+    head, _, subset = _title(everything, metric.replace("_", " ").replace("test", split), wrap=True).partition("\n")
     ax.set_title(head + band + (f"\n{subset}" if subset else ""), fontsize=10)
     legend = ("variant: final epoch, one view (the summary's headline); each seed's best epoch, as plotted"
               if headline else "variant: each seed's best epoch")
@@ -328,24 +340,27 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None):
     model, state = trainable.model_from_result_checkpoint(kept[-1])
     config = state["config"]
     dataset = evaluation_split(experiment_location(grid), config, dataset)
+    split = "validation" if config.get("val_size") else "test"
     flip = train.uses_test_flip(config, dataset.augment)
     out = train.evaluate(model, dataset.test_images, dataset.test_labels, **state["input_stats"],
                          flip=flip)  # as the trial evaluated its test_acc
     wrong = torch.nonzero(out["preds"] != dataset.test_labels).flatten()[:n]
     return {"variant": variant, "trial": trial, "seed": config.get("seed"), "epoch": state["epoch"],
-            "acc": out["acc"], "flip": flip,
+            "acc": out["acc"], "flip": flip, "split": split,
             "indices": wrong, "images": dataset.test_images[wrong], "true": dataset.test_labels[wrong],
             "pred": out["preds"][wrong], "confidence": out["confidence"][wrong], "classes": dataset.classes}
 
 
 def evaluation_split(experiment: str, config: dict, dataset=None):
-    """The dataset as the experiment's trials saw it: a --smoke-test experiment scored its trials on
-    the first experiments.SMOKE["test"] test images, so its grids must too."""
+    """The dataset as the experiment's trials saw it, its test split the images they were scored on: a
+    --smoke-test experiment's first experiments.SMOKE["test"] test images, and a --val-size N experiment's N
+    held-out training images (Dataset.held_out, as train.TrainingRun holds them out)."""
+    val_size = config.get("val_size") or 0
     if dataset is None:
-        dataset = data_lib.load_dataset(config["dataset"], config["data_dir"])
+        dataset = data_lib.load_dataset(config["dataset"], config["data_dir"], test_split=not val_size)
     if experiments.read_launch(experiment).get("smoke_test"):
-        return dataset.subset(experiments.SMOKE["train"], experiments.SMOKE["test"])
-    return dataset
+        dataset = dataset.subset(experiments.SMOKE["train"], experiments.SMOKE["test"])
+    return dataset.held_out(val_size) if val_size else dataset
 
 
 def show_image(ax, image):
@@ -371,9 +386,10 @@ def plot_misclassified(sample: dict):
                      f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
     seed = f", seed {sample['seed']}" if sample.get("seed") is not None else ""
     view = "flip-averaged" if sample.get("flip") else "one view"
-    fig.suptitle(f"{sample['variant']}: misclassified test images of the best checkpoint "
+    split = sample.get("split", "test")
+    fig.suptitle(f"{sample['variant']}: misclassified {split} images of the best checkpoint "
                  f"(epoch {sample['epoch']}{seed})\n"
-                 f"its test accuracy {100 * sample['acc']:.2f}%, {view}, at that best epoch "
+                 f"its {split} accuracy {100 * sample['acc']:.2f}%, {view}, at that best epoch "
                  f"(the summary's headline is the final epoch, one view)", fontsize=10)
     fig.tight_layout(h_pad=2.0)  # room between a tile's two-line title and the row above
     return fig
@@ -702,7 +718,7 @@ def write_report(experiment, out_dir) -> list:
         put(name, buffer.getvalue())
 
     heading = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", ""]
-    notes = [note for note in (progress_note(progress(grid, df)), diverged_note(df)) if note]
+    notes = [note for note in (progress_note(progress(grid, df)), diverged_note(df), validation_note(df)) if note]
     notes = [line for note in notes for line in (f"**{note}**", "")]
     kind = stage(grid)
     if kind == "tuning":  # the learning-rate sensitivity and the choices; every trial is one configuration

@@ -120,7 +120,7 @@ def mcnemar_tests(df, correct: dict) -> pd.DataFrame:
                 block.append({"family": family, "comparison": f"{a} − {b}", "seed": seed,
                               "difference (points)": 100 * (x.mean() - y.mean()), "only first right": only_a,
                               "only second right": only_b, "McNemar p": p, "Holm p": math.nan, "verdict": ""})
-            _holm(block, "McNemar p", "test-image noise")
+            _holm(block, "McNemar p", f"{scored_on(df)}-image noise")
             rows += block
     return _table(rows, MCNEMAR_COLUMNS)
 
@@ -139,6 +139,12 @@ def _holm(block: list, p_key: str, noise: str) -> None:
 def _table(rows: list, columns: list) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=["family"] + columns)
     return table if table["family"].nunique() > 1 else table.drop(columns="family")
+
+
+def scored_on(df) -> str:
+    """The split the trials' test_* metrics were scored on: "validation" for held-out training images
+    (--val-size, and a tuning stage), else "test"."""
+    return "validation" if "val_size" in df and (df["val_size"].fillna(0) > 0).any() else "test"
 
 
 def convergence(df) -> pd.DataFrame:
@@ -163,6 +169,7 @@ def convergence(df) -> pd.DataFrame:
         last, planned = int(curve.index.max()), int(group["epochs"].max())
         # no epoch before the last RISE_EPOCHS: 2 epochs compare neighbours, 1 compares nothing
         judged = len(curve) > RISE_EPOCHS
+        split = scored_on(df)
         rise = curve.iloc[-1] - curve.iloc[:max(1, len(curve) - RISE_EPOCHS)].max() if len(curve) > 1 else float("nan")
         reasons = []
         if group.groupby("trial")["epoch"].max().min() < planned:
@@ -171,10 +178,10 @@ def convergence(df) -> pd.DataFrame:
             moved = (f"; it moved {rise:+.2f} points from epoch {int(curve.index[0])} to {last}"
                      if len(curve) > 1 else "")
             reasons.append(f"{len(curve)} epoch{'s' if len(curve) != 1 else ''} reported: too few to judge whether "
-                           f"test accuracy has stopped rising (that takes {RISE_EPOCHS + 1} or more{moved}); only the "
+                           f"{split} accuracy has stopped rising (that takes {RISE_EPOCHS + 1} or more{moved}); only the "
                            f"train-accuracy gap between variants is checked")
         elif int(curve.idxmax()) == last and rise >= RISE_POINTS:
-            reasons.append(f"test accuracy still rising: best at the last epoch ({last}), "
+            reasons.append(f"{split} accuracy still rising: best at the last epoch ({last}), "
                            f"+{rise:.2f} points over the best before the last {RISE_EPOCHS} epochs")
         gap = best_train - train_final[variant]
         if gap >= TRAIN_GAP_POINTS:

@@ -2,7 +2,7 @@
 
 `quiet_ray()` keeps Ray's loggers and warnings out of the default output (`--verbose` skips it);
 `Progress` is a Tune callback that prints, per reported epoch, the trial's variant, seed,
-epoch/epochs, test accuracy, images/s and an estimate of the sweep's time left.
+epoch/epochs, test accuracy (validation under --val-size), images/s and an estimate of the sweep's time left.
 """
 import logging
 import os
@@ -86,8 +86,9 @@ class Progress(tune.Callback):
         rate = (epochs_done - self.baseline) / max(time.monotonic() - self.start, 1e-9)
         health = result.get(trainable.HEALTH_KEY, "ok")
         status = "" if health == "ok" else f"  STOPPED, {health}"
+        split = "val" if trial.config.get("val_size") else "test"  # --val-size: scored on held-out training images
         print(f"{trial_label(trial.config):<22} epoch {result['epoch']}/{self.epochs}  "
-              f"test acc {100 * result['test_acc']:5.2f}%  {result['images_per_s']:,.0f} img/s  "
+              f"{split} acc {100 * result['test_acc']:5.2f}%  {result['images_per_s']:,.0f} img/s  "
               f"| sweep {epochs_done}/{epochs_done + left} epochs, ~{duration(left / rate)} left{status}", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):

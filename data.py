@@ -157,6 +157,15 @@ class Dataset:
         return Dataset(self.name, self.train_images[:n_train].clone(), self.train_labels[:n_train].clone(),
                        *test, self.classes, self.augment, self.missing_test, self.mean, self.std)
 
+    def held_out(self, size: int, seed: int = None) -> "Dataset":
+        """This dataset with `size` training images held out as its evaluation split: the rest train, the held-out
+        ones take the test split's place (its name, classes, augmentation and declared statistics unchanged).
+        The split is data.validation_split's with `seed` (default VALIDATION_SEED), so every trial of a sweep,
+        and the analysis that re-scores their checkpoints, hold out the same images."""
+        train_x, train_y, val_x, val_y = validation_split(self.train_images, self.train_labels, size,
+                                                          VALIDATION_SEED if seed is None else seed)
+        return Dataset(self.name, train_x, train_y, val_x, val_y, self.classes, self.augment, "", self.mean, self.std)
+
     def __reduce__(self):
         # As numpy arrays, which pickle protocol 5 hands over as out-of-band buffers: through Ray's
         # object store every trial on a node then reads the one shared copy (zero-copy) instead of
@@ -668,8 +677,14 @@ def _download_failure(error: Exception) -> str:
     return f"download failed: {reason}"
 
 
-def validation_split(images, labels, size: int, seed: int):
-    """Carve a seeded held-out split from the training data: (train_x, train_y, val_x, val_y)."""
+# The seed of every held-out split (--val-size): fixed, so each trial, the analysis and scripts/make_subset.py
+# hold out the same images.
+VALIDATION_SEED = 12345
+
+
+def validation_split(images, labels, size: int, seed: int = VALIDATION_SEED):
+    """Carve a seeded held-out split from the training data: (train_x, train_y, val_x, val_y), the held-out
+    `size` images drawn by a torch.randperm of `seed`."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     val, train = order[:size], order[size:]
     return images[train], labels[train], images[val], labels[val]

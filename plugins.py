@@ -76,18 +76,22 @@ def build(config: model_lib.NetConfig) -> nn.Module:
         return model_lib.build_net(config)
     model_lib.norm_entry(config.norm)  # an unknown norm is ours to report, not the builder's failure
     builder = load_builder(config.model)
+
+    def checked(**kwargs):  # before build_net uses what it returned (+ws walks its modules)
+        net = builder(**kwargs)
+        if not isinstance(net, nn.Module):
+            raise ModelError(f"--model {config.model} returned a {type(net).__name__}, not a net; a builder must "
+                             f"return an nn.Module")
+        return net
+
     try:
-        net = model_lib.build_net(config, builder)
+        return model_lib.build_net(config, checked)
     except (model_lib.GroupsError, ModelError):  # a bad --groups, a builder refusing the data's channels
         raise
     except Exception as e:  # the user's code: say whose, in one line, with its own words
         raise ModelError(f"--model {config.model} raised {type(e).__name__}: {_first_line(e)} (building it with "
                          f"norm {config.norm}, {config.in_channels} input channel(s), {config.num_classes} classes); "
                          f"fix the builder so that it builds with these arguments") from e
-    if not isinstance(net, nn.Module):
-        raise ModelError(f"--model {config.model} returned a {type(net).__name__}, not a net; a builder must return "
-                         f"an nn.Module")
-    return net
 
 
 def _split(spec: str) -> tuple:

@@ -292,12 +292,10 @@ class TrainingRun:
         self.bf16 = self.precision == "bf16"
         if self.device.type == "cuda":  # peak_memory_mib counts from here: this run's data, model and steps
             torch.cuda.reset_peak_memory_stats(self.device)
+        if config["val_size"]:  # the held-out images are the evaluation split: the same for every trial
+            dataset = dataset.held_out(config["val_size"])
         train_x, train_y = dataset.train_images, dataset.train_labels
-        if config["val_size"]:
-            train_x, train_y, eval_x, eval_y = data_lib.validation_split(
-                train_x, train_y, config["val_size"], seed=12345)  # fixed: same split for every trial
-        else:
-            eval_x, eval_y = dataset.test_images, dataset.test_labels
+        eval_x, eval_y = dataset.test_images, dataset.test_labels
         config["batch_size"] = batch_size_for(len(train_y), config["batch_size"])
         # Per channel (C,): what the dataset declares, else measured on this run's own training images.
         stats = ((dataset.mean, dataset.std) if dataset.mean is not None else data_lib.image_stats(train_x))

@@ -449,7 +449,7 @@ def summary_table(results, stage: str = "") -> str:
                 lines += ["", "tuned against the shared recipe, per variant:", _text_table(
                     comparisons.paired_tests(df, compare="arm", within=("variant name", "batch_size")))]
         lines += analysis.convergence_warnings(df)
-        lines += [note for note in [analysis.diverged_note(df)] if note]
+        lines += [note for note in [analysis.diverged_note(df), analysis.validation_note(df)] if note]
     lines += [f"{name}: no epoch reported" for name in pending]
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@
 
 Training images are drawn per class with numpy's default_rng(seed), `choice` without replacement
 within each class, classes 0..9 in turn, indices sorted. With --val the 10,000-image validation
-split of `train.py --val-size 10000` (data.validation_split, seed 12345) becomes the test split and
+split of `train.py --val-size 10000` (data.validation_split, data.VALIDATION_SEED) becomes the test split and
 the subset is drawn from the other 50,000 images, so defaults are chosen without the test split.
 Each directory gets a dataset.json beside its idx files (data.DECLARATION): the class names and the
 augmentation of the data it was drawn from, so that a subset of Fashion-MNIST is labelled as clothes.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data as data_lib  # noqa: E402
 
-VAL_SIZE, VAL_SEED = 10_000, 12345  # as train.TrainingRun's val_size split
+VAL_SIZE = 10_000  # as train.py --val-size 10000 holds out (data.VALIDATION_SEED)
 
 
 def per_class(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
@@ -37,7 +37,7 @@ def fashion(args):
     ds = data_lib.load_dataset("fashion-mnist")
     train_x, train_y, test_x, test_y = ds.train_images, ds.train_labels, ds.test_images, ds.test_labels
     if args.val:
-        train_x, train_y, test_x, test_y = data_lib.validation_split(train_x, train_y, VAL_SIZE, seed=VAL_SEED)
+        train_x, train_y, test_x, test_y = data_lib.validation_split(train_x, train_y, VAL_SIZE)
     idx = per_class(train_y, args.per_class, args.seed)
     if args.test_per_class:  # a smaller test split, drawn the same way (cheaper evaluation every epoch)
         test_idx = per_class(test_y, args.test_per_class, args.seed)

@@ -59,6 +59,7 @@ SLOW_TESTS = {
     "test_gpu.py": {"test_tiny_run_prints_a_row_per_variant_with_sane_numbers"},
     "test_datasets.py": {"test_a_sweep_of_resnet20_or_a_users_net_on_a_folder_or_idx_files"},
     "test_launches.py": {"test_a_relative_dataset_directory_is_read_back_from_anywhere",
+                         "test_a_val_size_sweep_is_analysed_on_its_held_out_images",
                          "test_sigterm_saves_state_like_ctrl_c_and_exits_143",
                          "test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed"},
 }

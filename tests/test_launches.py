@@ -13,8 +13,10 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
 
 import analysis
+import data as data_lib
 import experiments
 import train
 import tune_main
@@ -99,6 +101,34 @@ def test_a_relative_dataset_directory_is_read_back_from_anywhere(tmp_path, monke
     grid, df = analysis.load_experiment(launch_dir / "results" / "rel")
     assert len(analysis.misclassified(grid, df, "gn", n=3)["indices"]) == 3  # re-reads the dataset directory
     assert tune_main.main(["--resume", "--storage-path", str(launch_dir / "results"), "--name", "rel"]) == 0
+
+
+def test_a_val_size_sweep_is_analysed_on_its_held_out_images(tmp_path, session_ray, capsys):
+    """The trials scored held-out training images (--val-size): the analysis re-scores those same images, names
+    them validation, and never reads the test split (here deleted after the sweep)."""
+    directory = make_idx_dir(tmp_path / "tiny", n_train=64, n_test=32)
+    storage = tmp_path / "results"
+    assert tune_main.main(["--dataset", str(directory), "--val-size", "24", "--variants", "gn", "--epochs", "2",
+                           "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "val acc" in out and "test acc" not in out, out
+    assert "Scored on 24 training images held out from training (--val-size 24)" in out
+    held_out = data_lib.load_dataset(str(directory)).held_out(24)
+    for stem in data_lib.SPLIT_FILES["test"]:
+        (directory / (stem + ".gz")).unlink()
+
+    grid, df = analysis.load_experiment(storage / "val")
+    sample = analysis.misclassified(grid, df, "gn", n=24)
+    best = analysis.best_per_trial(df).iloc[0]
+    assert sample["acc"] == pytest.approx(best["test_acc"])  # the trial's own score of its best epoch
+    assert torch.equal(sample["images"], held_out.test_images[sample["indices"]])
+    assert len(sample["indices"]) == round(24 * (1 - sample["acc"]))  # every mistake: n is the split's size
+    assert "misclassified validation images" in analysis.plot_misclassified(sample)._suptitle.get_text()
+    # McNemar's per-image correctness: of the final epoch, on the same held-out images
+    (correct,) = analysis.final_correct(grid, df).values()
+    assert len(correct) == 24
+    assert correct.float().mean().item() == pytest.approx(analysis.final_per_trial(df)["test_acc_single"].iloc[0])
+    assert analysis.plot_curves(df, "test_acc").axes[0].get_ylabel().startswith("validation accuracy")
 
 
 def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys, session_ray):

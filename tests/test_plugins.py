@@ -153,8 +153,9 @@ def test_a_builder_that_cannot_be_loaded_is_one_line_that_says_what_to_do(user_f
     assert "broken" not in sys.modules
 
     no_net = user_file("no_net", "def build(norm_layer, in_channels, num_classes):\n    return None\n")
-    one_line_error(plugins.ModelError, r"returned a NoneType, not a net; a builder must return an nn.Module$", build,
-                   f"{no_net}:build")
+    for norm in ("bn", "gn+ws"):  # +ws walks the returned net's modules: still this error, not an AttributeError
+        one_line_error(plugins.ModelError, r"returned a NoneType, not a net; a builder must return an nn.Module$",
+                       lambda spec: build(spec, norm=norm), f"{no_net}:build")
 
     no_norm = user_file("no_norm", "def build(in_channels, num_classes):\n    pass\n")
     one_line_error(plugins.ModelError, r"takes no norm_layer argument; a builder is called as build\(norm_layer=..., "
