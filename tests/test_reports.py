@@ -4,6 +4,7 @@ checkpoints that were not copied, every trial diverged; and what a report says a
 Two real sweeps (Ray on the 2-core machine): one interrupted while a trial has no report, one whose
 only trial diverges. The rest reuses the session's smoke experiment.
 """
+import os
 import re
 import shutil
 import signal
@@ -26,15 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def pending_experiment(tmp_path_factory):
-    """Interrupted (SIGINT) once the batch-500 trial's first epoch is in, while its batch-2 twin (500 steps
-    an epoch against 2) is still in its first epoch: a trial Tune created that has reported nothing."""
+    """Interrupted (SIGINT) once the batch-2 trial's first epoch is in, while its batch-500 twin waits for the
+    CPUs it holds (each trial asks for every core, so they run one after the other, the smaller batch first):
+    a trial Tune created that has reported nothing, whatever the machine's speed."""
     storage, name = tmp_path_factory.mktemp("results"), "pending"
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "gn", "--batch-sizes", "2,500",
-               "--epochs", "2", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
+               "--epochs", "2", "--cpus-per-trial", str(os.cpu_count()), "--storage-path", str(storage),
+               "--name", name]
     driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def reported():  # result.json is written by the driver once it has taken the report in
-        return any(f.read_text().strip() for f in (storage / name).glob("*batch500*/result.json"))
+        return any(f.read_text().strip() for f in (storage / name).glob("*batch2_*/result.json"))
 
     hang = time.monotonic() + 1800  # a hang guard only: a loaded machine is slow, not wrong
     while not reported():
@@ -54,22 +57,22 @@ def pending_experiment(tmp_path_factory):
 def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experiment, tmp_path):
     grid, df = analysis.load_experiment(pending_experiment)
     silent = [r for r in grid if r.config is None]
-    assert len(grid) == 2 and len(silent) == 1, "the batch-2 trial must not have reported for this test"
-    assert analysis.trial_configs(grid)[silent[0].path]["batch_size"] == 2  # from Tune's state
+    assert len(grid) == 2 and len(silent) == 1, "the batch-500 trial must not have reported for this test"
+    assert analysis.trial_configs(grid)[silent[0].path]["batch_size"] == 500  # from Tune's state
 
     table = analysis.progress(grid, df).set_index("variant")
-    assert table.loc["gn, batch 2", "epochs in"] == "0" and not table.loc["gn, batch 2", "complete"]
-    assert table.loc["gn, batch 500", "epochs in"] == "1"
+    assert table.loc["gn, batch 500", "epochs in"] == "0" and not table.loc["gn, batch 500", "complete"]
+    assert table.loc["gn, batch 2", "epochs in"] == "1"
 
     assert analysis.main([str(pending_experiment), "--out", str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
-    assert "**Partial experiment" in summary and "gn, batch 2 0 of 2; gn, batch 500 1 of 2" in summary
-    assert (tmp_path / "misclassified_gn_batch_500.png").exists()
+    assert "**Partial experiment" in summary and "gn, batch 2 1 of 2; gn, batch 500 0 of 2" in summary
+    assert (tmp_path / "misclassified_gn_batch_2.png").exists()
     # one variant with results: said, not an empty table
     assert "only one variant has results, so there is nothing to compare" in summary and "|  |" not in summary
 
     console = tune_main.summary_table(grid)
-    assert re.search(r"^gn_batch2_seed0_\w+: no epoch reported$", console, re.M), console
+    assert re.search(r"^gn_batch500_seed0_\w+: no epoch reported$", console, re.M), console
 
 
 @pytest.mark.slow  # a real sweep (Ray)
@@ -79,10 +82,10 @@ def test_results_copied_without_checkpoints_still_report(pending_experiment, tmp
     grid, df = analysis.load_experiment(copy)
     with pytest.raises(analysis.AnalysisError, match=r"has no checkpoint of its best epoch 1 \(not saved yet, "
                                                      r"or not copied with the results\)"):
-        analysis.misclassified(grid, df, "gn, batch 500")
+        analysis.misclassified(grid, df, "gn, batch 2")
     assert analysis.main([str(copy), "--out", str(tmp_path / "report")]) == 0
     summary = (tmp_path / "report" / "summary.md").read_text()
-    assert "No misclassified images for gn, batch 500: trial gn_batch500_seed0_" in summary
+    assert "No misclassified images for gn, batch 2: trial gn_batch2_seed0_" in summary
     assert "![test accuracy](test_acc.png)" in summary
 
 
