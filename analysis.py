@@ -139,7 +139,9 @@ def data_subset(launch: dict) -> str:
     if launch.get("smoke_test"):
         return f"smoke-test subset: {experiments.SMOKE['train']:,} train / {experiments.SMOKE['test']:,} test images"
     if launch.get("train_size"):
-        return f"--train-size subset: {launch['train_size']:,} train images, every test image"
+        scored = (f"{launch['val_size']:,} of them held out to score on" if launch.get("val_size")
+                  else "every test image")
+        return f"--train-size subset: {launch['train_size']:,} train images, {scored}"
     return ""
 
 
@@ -352,14 +354,13 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None):
 
 
 def evaluation_split(experiment: str, config: dict, dataset=None):
-    """The dataset as the experiment's trials saw it, its test split the images they were scored on: a
-    --smoke-test experiment's first experiments.SMOKE["test"] test images, and a --val-size N experiment's N
-    held-out training images (Dataset.held_out, as train.TrainingRun holds them out)."""
+    """The dataset as the experiment's trials saw it, its test split the images they were scored on: the part
+    of the data its launch gave them (experiments.as_launched: the --smoke-test or --train-size subset), and for
+    a --val-size N experiment the N training images held out of that (Dataset.held_out, as train.TrainingRun)."""
     val_size = config.get("val_size") or 0
     if dataset is None:
         dataset = data_lib.load_dataset(config["dataset"], config["data_dir"], test_split=not val_size)
-    if experiments.read_launch(experiment).get("smoke_test"):
-        dataset = dataset.subset(experiments.SMOKE["train"], experiments.SMOKE["test"])
+    dataset = experiments.as_launched(dataset, experiments.read_launch(experiment))
     return dataset.held_out(val_size) if val_size else dataset
 
 

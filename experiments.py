@@ -38,6 +38,17 @@ SMOKE = {"train": 1000, "test": 500, "epochs": 2}  # --smoke-test: the subset an
 DEFAULT_L1 = 1e-5  # lambda for "+l1" variants: L1 penalty lambda * sum(|w|)
 
 
+def as_launched(dataset, launch: dict):
+    """The part of `dataset` (a data.Dataset) a launch's trials got, from its settings (tune_main.LAUNCH_KEYS):
+    the --smoke-test subset, or the first --train-size training images and every test image; else all of it.
+    Each trial then holds out its --val-size images from these (train.TrainingRun)."""
+    if launch.get("smoke_test"):
+        return dataset.subset(SMOKE["train"], SMOKE["test"])
+    if launch.get("train_size"):
+        return dataset.subset(launch["train_size"])
+    return dataset
+
+
 # What an operating system or object store says when storage ran out (ENOSPC, EDQUOT, S3 quota).
 FULL_STORAGE = re.compile(r"No space left on device|Disk quota exceeded|\[Errno 28\]|\[Errno 122\]|QuotaExceeded")
 

@@ -95,11 +95,7 @@ def gpu_share(gpus: float, concurrent: int) -> float:
 
 def load_data(args) -> data_lib.Dataset:
     loaded = data_lib.load_dataset(args.dataset, args.data_dir, test_split=not args.val_size)
-    if args.smoke_test:
-        return loaded.subset(SMOKE["train"], SMOKE["test"])
-    if args.train_size:
-        return loaded.subset(args.train_size, len(loaded.test_labels))
-    return loaded
+    return experiments.as_launched(loaded, vars(args))
 
 
 def interrupt_on_sigterm() -> dict:

@@ -104,16 +104,18 @@ def test_a_relative_dataset_directory_is_read_back_from_anywhere(tmp_path, monke
 
 
 def test_a_val_size_sweep_is_analysed_on_its_held_out_images(tmp_path, session_ray, capsys):
-    """The trials scored held-out training images (--val-size): the analysis re-scores those same images, names
-    them validation, and never reads the test split (here deleted after the sweep)."""
+    """The trials scored training images held out of their --train-size subset (--val-size): the analysis
+    re-scores those same images, names them validation, and never reads the test split (deleted after the
+    sweep)."""
     directory = make_idx_dir(tmp_path / "tiny", n_train=64, n_test=32)
     storage = tmp_path / "results"
-    assert tune_main.main(["--dataset", str(directory), "--val-size", "24", "--variants", "gn", "--epochs", "2",
-                           "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", "val"]) == 0
+    assert tune_main.main(["--dataset", str(directory), "--train-size", "48", "--val-size", "24", "--variants", "gn",
+                           "--epochs", "2", "--cpus-per-trial", "1", "--storage-path", str(storage),
+                           "--name", "val"]) == 0
     out = capsys.readouterr().out
     assert "val acc" in out and "test acc" not in out, out
     assert "Scored on 24 training images held out from training (--val-size 24)" in out
-    held_out = data_lib.load_dataset(str(directory)).held_out(24)
+    held_out = data_lib.load_dataset(str(directory)).subset(48).held_out(24)
     for stem in data_lib.SPLIT_FILES["test"]:
         (directory / (stem + ".gz")).unlink()
 
