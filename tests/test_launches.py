@@ -105,9 +105,11 @@ def test_a_relative_dataset_directory_is_read_back_from_anywhere(tmp_path, monke
 
 def test_a_val_size_sweep_is_analysed_on_its_held_out_images(tmp_path, session_ray, capsys):
     """The trials scored training images held out of their --train-size subset (--val-size): the analysis
-    re-scores those same images, names them validation, and never reads the test split (deleted after the
-    sweep)."""
+    re-scores those same images, names them validation, and never reads a test split (the directory has none)."""
     directory = make_idx_dir(tmp_path / "tiny", n_train=64, n_test=32)
+    for stem in data_lib.SPLIT_FILES["test"]:
+        (directory / (stem + ".gz")).unlink()
+    held_out = data_lib.load_dataset(str(directory), test_split=False).subset(48).held_out(24)
     storage = tmp_path / "results"
     assert tune_main.main(["--dataset", str(directory), "--train-size", "48", "--val-size", "24", "--variants", "gn",
                            "--epochs", "2", "--cpus-per-trial", "1", "--storage-path", str(storage),
@@ -115,9 +117,6 @@ def test_a_val_size_sweep_is_analysed_on_its_held_out_images(tmp_path, session_r
     out = capsys.readouterr().out
     assert "val acc" in out and "test acc" not in out, out
     assert "Scored on 24 training images held out from training (--val-size 24)" in out
-    held_out = data_lib.load_dataset(str(directory)).subset(48).held_out(24)
-    for stem in data_lib.SPLIT_FILES["test"]:
-        (directory / (stem + ".gz")).unlink()
 
     grid, df = analysis.load_experiment(storage / "val")
     sample = analysis.misclassified(grid, df, "gn", n=24)
