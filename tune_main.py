@@ -68,7 +68,7 @@ def trial_resources(available: dict, n_trials: int, args, data_bytes: int = 0) -
     outnumber GPUs, k = ceil(trials at once / GPUs). Ray places a fractional share on one GPU, so a
     share that does not divide 1 strands the remainder: 3 GPUs and 4 trials at 0.75 each run only 3
     at once, at 1/2 each all 4 (see `gpu_share`). CPU-only: all trials share the cores (fractional
-    CPUs), each torch process on one thread; on the 2-core machine this was the fastest layout
+    CPUs, rounded down so that they fit), each torch process on one thread; on the 2-core machine this was the fastest layout
     measured (benchmarks/concurrency.py).
     """
     cpus, gpus = available.get("CPU", 1), available.get("GPU", 0)
@@ -79,7 +79,9 @@ def trial_resources(available: dict, n_trials: int, args, data_bytes: int = 0) -
     gpus_per_trial = args.gpus_per_trial
     if gpus_per_trial is None:
         gpus_per_trial = gpu_share(gpus, concurrent)
-    cpus_per_trial = args.cpus_per_trial or max(cpus / concurrent, 0.01)
+    # rounded down to Ray's resource precision (1e-4), as the GPU share: 3 trials at 0.6667 of 2 CPUs need
+    # 2.0001 and run only 2 at once, at 0.6666 all 3
+    cpus_per_trial = args.cpus_per_trial or max(math.floor(10_000 * cpus / concurrent) / 10_000, 0.01)
     resources = {"cpu": round(cpus_per_trial, 4), "gpu": gpus_per_trial}
     return {**resources, "memory": memory} if "memory" in available else resources
 

@@ -53,7 +53,7 @@ SLOW_TESTS = {
                          "test_gpus_the_cluster_lacks_are_refused_after_ray_starts",
                          "test_soak_more_trials_than_cores"},
     "test_sweep.py": {"test_killed_driver_resumes_every_trial_once",
-                      "test_logical_gpus_are_shared_and_all_trials_run_at_once"},
+                      "test_logical_resources_are_shared_and_all_trials_run_at_once"},
     "test_batch_size.py": {"test_batch_size_study_sweep_and_report"},
     "test_cluster.py": {"test_no_retries_after_an_unretryable_failure"},
     "test_gpu.py": {"test_tiny_run_prints_a_row_per_variant_with_sane_numbers"},

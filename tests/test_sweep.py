@@ -124,6 +124,14 @@ def test_gpu_shares_pack_every_trial_at_once(gpus, trials, share):
         assert gpus * math.floor(1 / got + 1e-9) >= trials  # every trial has a place at once
 
 
+@pytest.mark.parametrize("cpus", [2, 3, 16, 24])
+@pytest.mark.parametrize("trials", [3, 6, 7, 48])
+def test_cpu_shares_fit_every_trial_at_once(cpus, trials):
+    """Ray counts resources in units of 1e-4: the shares of the trials at once add up to no more than the CPUs."""
+    got = _resources(cpus, n=trials)["cpu"]
+    assert trials * round(got * 10_000) <= cpus * 10_000 and got > cpus / trials - 1e-4
+
+
 def test_unwritable_storage_path_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -137,9 +145,13 @@ def test_resume_without_experiment_is_one_line(tmp_path, capsys):
     assert "no normsweep experiment under" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("gpus, share", [(3, 0.5), (8, 1)])  # 3: the reported case; gpu_share is tested on more
-def test_logical_gpus_are_shared_and_all_trials_run_at_once(gpus, share, tmp_path):
-    """Ray's logical GPUs (no real device): 4 trials get `share` GPU each and all run at the same time."""
+@pytest.mark.parametrize("gpus, trials, cpu, gpu", [
+    (3, 4, 0.5, 0.5),  # the reported case: at 0.75 GPU each only 3 ran at once
+    (8, 4, 0.5, 1),
+    (0, 3, 0.6666, 0),  # at 0.6667 CPU each (2.0001 in all) only 2 ran at once
+])
+def test_logical_resources_are_shared_and_all_trials_run_at_once(gpus, trials, cpu, gpu, tmp_path):
+    """2 CPUs and Ray's logical GPUs (no real device): each trial gets its share and all run at the same time."""
     import ray
     from ray import tune
 
@@ -147,24 +159,24 @@ def test_logical_gpus_are_shared_and_all_trials_run_at_once(gpus, share, tmp_pat
         started = tmp_path / "started"
         (started / str(config["i"])).touch()
         deadline = time.time() + 600  # a trial left waiting by the scheduler fails the test after this
-        while len(list(started.iterdir())) < 4 and time.time() < deadline:  # wait for the others
+        while len(list(started.iterdir())) < trials and time.time() < deadline:  # wait for the others
             time.sleep(0.1)
-        tune.report({"together": len(list(started.iterdir())) == 4, "gpu_ids": len(ray.get_gpu_ids())})
+        tune.report({"together": len(list(started.iterdir())) == trials, "gpu_ids": len(ray.get_gpu_ids())})
 
     (tmp_path / "started").mkdir()
     ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     try:
         args = Namespace(max_concurrent=0, cpus_per_trial=None, gpus_per_trial=None)
-        resources = tune_main.trial_resources(ray.cluster_resources(), 4, args)
-        assert resources == {"cpu": 0.5, "gpu": share, "memory": tune_main.TRIAL_MEMORY_BYTES}  # the memory Ray reserves
+        resources = tune_main.trial_resources(ray.cluster_resources(), trials, args)
+        assert resources == {"cpu": cpu, "gpu": gpu, "memory": tune_main.TRIAL_MEMORY_BYTES}  # the memory Ray reserves
         results = tune.Tuner(tune.with_resources(trainable, resources),
-                             param_space={"i": tune.grid_search(list(range(4)))},
+                             param_space={"i": tune.grid_search(list(range(trials)))},
                              run_config=tune.RunConfig(storage_path=str(tmp_path / "results"), verbose=0)).fit()
     finally:
         ray.shutdown()
     assert not results.errors
     assert all(r.metrics["together"] for r in results)  # none waited for another to finish
-    assert all(r.metrics["gpu_ids"] == 1 for r in results)  # each sees one device
+    assert all(r.metrics["gpu_ids"] == (1 if gpus else 0) for r in results)  # each sees one device, if any
 
 
 def test_killed_driver_resumes_every_trial_once(tmp_path, session_ray):
