@@ -77,11 +77,20 @@ def build(config: model_lib.NetConfig) -> nn.Module:
     model_lib.norm_entry(config.norm)  # an unknown norm is ours to report, not the builder's failure
     builder = load_builder(config.model)
 
-    def checked(**kwargs):  # before build_net uses what it returned (+ws walks its modules)
-        net = builder(**kwargs)
+    def checked(norm_layer, **kwargs):  # before build_net uses what it returned (+ws walks its modules)
+        made = []
+
+        def counted(*args, **options):
+            made.append(norm_layer(*args, **options))
+            return made[-1]
+
+        net = builder(norm_layer=counted, **kwargs)
         if not isinstance(net, nn.Module):
             raise ModelError(f"--model {config.model} returned a {type(net).__name__}, not a net; a builder must "
                              f"return an nn.Module")
+        if not made:  # e.g. torchvision's resnet18(num_classes=...) without norm_layer=norm_layer
+            raise ModelError(f"--model {config.model} never called the norm_layer it was given, so every variant "
+                             f"would train the same net; build each norm layer as norm_layer(channels)")
         return net
 
     try:

@@ -157,6 +157,22 @@ def test_a_builder_that_cannot_be_loaded_is_one_line_that_says_what_to_do(user_f
         one_line_error(plugins.ModelError, r"returned a NoneType, not a net; a builder must return an nn.Module$",
                        lambda spec: build(spec, norm=norm), f"{no_net}:build")
 
+    # a builder that takes norm_layer and never calls it: every variant would be the same net
+    ignores = user_file("ignores", """
+        import torchvision
+        from torch import nn
+
+        def build(norm_layer, in_channels, num_classes):  # torchvision's own BatchNorm, whatever the variant
+            return torchvision.models.resnet18(num_classes=num_classes)
+
+        def fixed(norm_layer, in_channels, num_classes):
+            return nn.Sequential(nn.Conv2d(in_channels, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.LazyLinear(num_classes))
+    """)
+    for name in ("build", "fixed"):
+        one_line_error(plugins.ModelError, rf"^--model {ignores}:{name} never called the norm_layer it was given, so "
+                       r"every variant would train the same net; build each norm layer as norm_layer\(channels\)$",
+                       lambda spec: build(spec, norm="gn"), f"{ignores}:{name}")
+
     no_norm = user_file("no_norm", "def build(in_channels, num_classes):\n    pass\n")
     one_line_error(plugins.ModelError, r"takes no norm_layer argument; a builder is called as build\(norm_layer=..., "
                    r"in_channels=..., num_classes=...\)", build, f"{no_norm}:build")
