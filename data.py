@@ -424,6 +424,10 @@ def _read_folder_split(directory: Path, split: str, classes):
         raise DataError(f"{root}: {e}") from None
     if not samples:
         raise DataError(f"{root}: no images ({', '.join(IMG_EXTENSIONS)}) in its class folders")
+    empty = sorted(set(class_to_index) - {names[label] for _, label in samples}) if classes is None else []
+    if empty:  # a class the net would have an output for and never see trained
+        raise DataError(f"{root / empty[0]}: no training images ({', '.join(IMG_EXTENSIONS)}); add some or delete "
+                        f"the folder")
     opened = []
     for path, _ in samples:
         try:

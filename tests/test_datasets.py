@@ -137,6 +137,8 @@ def test_grayscale_folders_are_one_channel_and_a_mixed_folder_is_rgb(tmp_path):
     ("unknown test class", r"test/bee: class 'bee' is not among the training classes \(ant, cat, dog\)"),
     ("declared classes", r"dataset.json: an image folder's class names are its class folders' names; drop classes"),
     ("no images", r"train: no images \(.*\.png.*\) in its class folders"),
+    ("empty class", r"train/cat: no training images \(.*\.png.*\); add some or delete the folder"),
+    ("class of other files", r"train/dog: no training images \(.*\.png.*\); add some or delete the folder"),
 ])
 def test_a_broken_image_folder_gets_one_line_naming_what_to_fix(tmp_path, damage, expected):
     root = tmp_path / "pets"
@@ -150,6 +152,12 @@ def test_a_broken_image_folder_gets_one_line_naming_what_to_fix(tmp_path, damage
         Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "test" / "bee" / "0.png")
     elif damage == "declared classes":
         (root / data_lib.DECLARATION).write_text('{"classes": ["a", "b", "c"]}')
+    elif damage == "empty class":  # its test images stay: a 3-way head trained on 2 classes
+        for path in (root / "train" / "cat").iterdir():
+            path.unlink()
+    elif damage == "class of other files":
+        for path in (root / "train" / "dog").iterdir():
+            path.rename(path.with_suffix(".txt"))
     else:
         for path in (root / "train").rglob("*.png"):
             path.unlink()
