@@ -10,8 +10,10 @@ A connection that fails raises ClusterError, one line that says what to do.
 import contextlib
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import ray
@@ -44,6 +46,25 @@ class ClusterError(checks.NormsweepError):
     """Ray cannot be joined at the given address; printed as one line."""
 
 
+@contextlib.contextmanager
+def interrupts_held(then_raise: bool = True):
+    """Hold Ctrl-C (SIGINT, and SIGTERM where the driver forwards it) while Ray starts or stops its processes:
+    taken halfway, the driver crashed at exit (SIGSEGV, exit 139) instead of saying it was interrupted. One that
+    came is raised as KeyboardInterrupt when the block ends (`then_raise`), else dropped (Ray is stopping anyway).
+    Outside the main thread, where Python delivers no signals, a plain block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if received and then_raise:
+        raise KeyboardInterrupt
+
+
 def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=(), modules=()) -> None:
     """ray.init for this run: a private local Ray without `address`, else the cluster there.
 
@@ -52,7 +73,13 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
     paths that may lie inside it, such as the storage path) unless `ship_code` is off, for nodes
     where normsweep is installed already. `modules`: a user's Python files (a --model builder) that
     every node imports by file name; shipped to a cluster even with `ship_code` off (None entries are skipped).
+    Ctrl-C while Ray starts is raised as KeyboardInterrupt once it has (`interrupts_held`).
     """
+    with interrupts_held():
+        _connect(address, ship_code, verbose, not_shipped, modules)
+
+
+def _connect(address, ship_code, verbose, not_shipped, modules) -> None:
     modules = [str(Path(m).resolve()) for m in modules if m]
     options = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
     if not address or address == "local":

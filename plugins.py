@@ -105,6 +105,8 @@ def build(config: model_lib.NetConfig) -> nn.Module:
 
 def _split(spec: str) -> tuple:
     target, sep, name = spec.rpartition(":")
+    if not sep and spec.endswith(".py"):  # the file without its builder's name
+        raise ModelError(f"--model {spec}: name the builder in the file too, as {spec}:build")
     if not sep or not target or not name.isidentifier():
         raise ModelError(f"unknown model {spec!r}; use a built-in ({', '.join(model_lib.MODELS)}) or your own "
                          f"builder as path/to/file.py:build or module:build")

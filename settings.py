@@ -76,7 +76,8 @@ SETTINGS = {
                      f"called as build(norm_layer=..., in_channels=..., num_classes=...) (README, 'Your own net'; "
                      f"default: %(default)s)"),
     "norm": Setting("--norm", "bn", f"one of {', '.join(NORMS)} (default: %(default)s)"),
-    "groups": Setting("--groups", 4, "GroupNorm groups (default: %(default)s)", type=int),
+    "groups": Setting("--groups", 4, "GroupNorm groups (default: %(default)s)", type=int,
+                      range=Range("at least 1 (a count of channel groups)", low=1)),
     # lambda of the L1 penalty lambda * sum(|w|) over conv/linear weights; 0 = off. (tune_main.py's --l1 is
     # a list of lambdas for its +l1 variants, defined there.)
     "l1": Setting("--l1", 0.0, "L1 penalty lambda (default: %(default)s = off)", type=float,

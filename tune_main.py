@@ -12,7 +12,19 @@ import sys
 import time
 from pathlib import Path
 
-import checks
+NOTHING_STARTED = "interrupted before the sweep started; nothing was saved"
+
+
+def _interrupted_while_loading(signum, frame):
+    """Ctrl-C while torch and Ray load (seconds): main()'s one line and exit status, not an import's traceback."""
+    print(NOTHING_STARTED, file=sys.stderr)
+    sys.exit(130)  # INTERRUPTED_EXIT
+
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
+
+import checks  # noqa: E402 (after the handler above)
 import data as data_lib
 import experiments
 import plugins
@@ -315,12 +327,12 @@ def run_stage(args) -> int:
 
     if not args.verbose:
         console.quiet_ray()
-    # Before the data: a cluster that cannot be joined (a refused token) is said in seconds.
-    cluster.connect(args.address, ship_code=args.ship_code, verbose=args.verbose,
-                    not_shipped=[storage, args.data_dir, args.dataset], modules=[plugins.shipped_file(args.model)])
-    made_here = False
-    stop_signal = interrupt_on_sigterm()
+    made_here, stop_signal = False, {}
     try:
+        # Before the data: a cluster that cannot be joined (a refused token) is said in seconds.
+        cluster.connect(args.address, ship_code=args.ship_code, verbose=args.verbose,
+                        not_shipped=[storage, args.data_dir, args.dataset], modules=[plugins.shipped_file(args.model)])
+        stop_signal = interrupt_on_sigterm()  # after ray.init, which installs a SIGTERM handler of its own
         dataset = load_data(args)
         checks.check_val_size(args.val_size, len(dataset.train_labels))
         plugins.check(args.model, sorted({v["norm"] for v in experiments.launch_variants(vars(args))}), args.groups,
@@ -373,7 +385,8 @@ def run_stage(args) -> int:
             experiments.delete(experiment)
         raise
     finally:
-        ray.shutdown()
+        with cluster.interrupts_held(then_raise=False):
+            ray.shutdown()
     # counted against the grid: under --max-concurrent Tune has not yet created the pending trials
     unfinished = n_trials - (0 if results is None else sum(bool(r.error) or experiments.trial_finished(r.metrics or {}, args.epochs)
                                                                 for r in results))
@@ -529,6 +542,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:  # loaded: Ctrl-C is KeyboardInterrupt again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args(argv)
     try:
         checks.check_settings(vars(args))  # before Ray, data or directories
@@ -537,7 +552,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return checks.USAGE_EXIT
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before Tune started: nothing to save
-        print("interrupted before the sweep started; nothing was saved", file=sys.stderr)
+        print(NOTHING_STARTED, file=sys.stderr)
         return INTERRUPTED_EXIT
 
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -156,6 +157,46 @@ def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys, session
                for path in (storage / name).glob("*/result.json")]
     assert len(threads) == 2 and all(counts == sorted(counts) for counts in threads), threads
     assert {count for counts in threads for count in counts} == {1, 2}, threads
+
+
+def test_ctrl_c_while_torch_and_ray_load_is_one_line():
+    """Ctrl-C in the first seconds, while tune_main.py imports torch and Ray: the line main() gives, exit 130,
+    not a KeyboardInterrupt traceback from inside an import. The signal comes as `trainable` is imported."""
+    driver = textwrap.dedent("""
+        import os, runpy, signal, sys
+
+        class InterruptAtImport:  # a meta path finder that only watches
+            def find_spec(self, name, path=None, target=None):
+                if name == "trainable":
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever the test runner set
+        sys.meta_path.insert(0, InterruptAtImport())
+        sys.argv = ["tune_main.py", "--smoke-test"]
+        runpy.run_path("tune_main.py", run_name="__main__")
+    """)
+    done = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, capture_output=True, text=True,
+                          timeout=HANG_SECONDS)
+    assert (done.returncode, done.stderr) == (130, "interrupted before the sweep started; nothing was saved\n"), done
+
+
+def test_ctrl_c_while_ray_starts_is_held_until_it_has():
+    """A Ctrl-C that comes while Ray starts its processes (cluster.connect) is raised once they are up, so that
+    the driver stops Ray whole (taken halfway, it crashed at exit with SIGSEGV); one while Ray stops is dropped."""
+    import cluster
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with cluster.interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # Python runs the handler between bytecodes: give it some
+                time.sleep(0.001)
+            reached = True  # the block ran to its end
+    assert reached and signal.getsignal(signal.SIGINT) is before
+    with cluster.interrupts_held(then_raise=False):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, capsys):
