@@ -248,7 +248,7 @@ def validation_note(df) -> str:
         return ""
     n = int(df["val_size"].max())
     return (f"Scored on {n:,} training images held out from training (--val-size {n}), not on the test split: "
-            f"every \"test\" column, figure and comparison below is of those validation images.")
+            f"every \"test\" column, figure and comparison of this experiment is of those validation images.")
 
 
 def _count(n: int, noun: str) -> str:
@@ -691,7 +691,7 @@ def experiment_dataset(grid) -> data_lib.Dataset:
     config = next((c for c in trial_configs(grid).values() if c), None)
     if config is None:
         raise AnalysisError("no trial of this experiment has a config yet; wait for the first trial to start")
-    return data_lib.load_dataset(config["dataset"], config["data_dir"])
+    return data_lib.load_dataset(config["dataset"], config["data_dir"], test_split=not config.get("val_size"))
 
 
 def write_report(experiment, out_dir) -> list:
@@ -766,18 +766,18 @@ def write_report(experiment, out_dir) -> list:
                       "\"*\": may not have converged.", "", _markdown(batch_size_table(study)), "",
                       "![test error against batch size](batch_size.png)", "", "Per variant and batch size:", "",
                       _markdown(study), ""]
-    table, warnings = summary(df), convergence_warnings(df)
+    table, warnings, split = summary(df), convergence_warnings(df), scored_on(df)
     compared = comparison_text(comparison_tables(grid, df, dataset))
     text = [*heading, *notes, *tuned,
             *study_text,
-            "Headline: test accuracy at the final epoch on one view of each image (no choice made on the "
-            "test split), mean and sample std over seeds. Beside it, the final epoch scored with the "
+            f"Headline: {split} accuracy at the final epoch on one view of each image (no choice made on the "
+            f"{split} split), mean and sample std over seeds. Beside it, the final epoch scored with the "
             "test-time flip (each image and its mirror, on flip-trained datasets) and the best epoch's "
-            "flip-averaged accuracy (an epoch chosen on the test split: optimistic).", "",
+            f"flip-averaged accuracy (an epoch chosen on the {split} split: optimistic).", "",
             _markdown(table), "", *(warnings or ["Every variant converged by the checks in `analysis.convergence`."]), "",
             "Per trial:", "", _markdown(trial_table(df)), "",
             *compared,
-            "The test-accuracy figure plots the flip-averaged accuracy per epoch (one view where the data was not "
+            f"The {split}-accuracy figure plots the flip-averaged accuracy per epoch (one view where the data was not "
             "trained with flips); its legend gives each variant's final one-view accuracy (the headline above) "
             "and its best epoch's. Each misclassified grid is of the best trial's best checkpoint, titled with "
             "that checkpoint's accuracy.", "",

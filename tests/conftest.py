@@ -140,6 +140,8 @@ def on_session_ray():
     import cluster
     import console
 
+    if _SESSION_RAY and not ray.is_initialized():  # stopped by a test's own ray.shutdown: start it again
+        _stop_session_ray()
     if not _SESSION_RAY:
         console.quiet_ray()  # what tune_main.run_stage does before it connects
         cluster.connect(None)
@@ -158,7 +160,8 @@ def on_session_ray():
     # Tune stops a sweep's trials before fit() returns; a run that failed midway may leave one holding CPUs for a
     # moment, or for good: then the next sweep starts on a fresh Ray rather than wait behind it.
     deadline = time.monotonic() + 10
-    while _SESSION_RAY and ray.available_resources().get("CPU") != ray.cluster_resources().get("CPU"):
+    while (_SESSION_RAY and ray.is_initialized()
+           and ray.available_resources().get("CPU") != ray.cluster_resources().get("CPU")):
         if time.monotonic() > deadline:
             _stop_session_ray()
         time.sleep(0.1)

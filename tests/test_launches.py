@@ -131,6 +131,9 @@ def test_a_val_size_sweep_is_analysed_on_its_held_out_images(tmp_path, session_r
     assert len(correct) == 24
     assert correct.float().mean().item() == pytest.approx(analysis.final_per_trial(df)["test_acc_single"].iloc[0])
     assert analysis.plot_curves(df, "test_acc").axes[0].get_ylabel().startswith("validation accuracy")
+    assert analysis.main([str(storage / "val"), "--out", str(tmp_path / "report")]) == 0
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "**Scored on 24 training images held out" in summary and "Headline: validation accuracy" in summary
 
 
 def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys, session_ray):
