@@ -48,7 +48,7 @@ class ClusterError(checks.NormsweepError):
 
 @contextlib.contextmanager
 def interrupts_held(then_raise: bool = True):
-    """Hold Ctrl-C (SIGINT, and SIGTERM where the driver forwards it) while Ray starts or stops its processes:
+    """Hold Ctrl-C (SIGINT, and a SIGTERM the driver forwards to it) while Ray starts or stops its processes:
     taken halfway, the driver crashed at exit (SIGSEGV, exit 139) instead of saying it was interrupted. One that
     came is raised as KeyboardInterrupt when the block ends (`then_raise`), else dropped (Ray is stopping anyway).
     Outside the main thread, where Python delivers no signals, a plain block."""

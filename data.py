@@ -157,7 +157,7 @@ class Dataset:
         return Dataset(self.name, self.train_images[:n_train].clone(), self.train_labels[:n_train].clone(),
                        *test, self.classes, self.augment, self.missing_test, self.mean, self.std)
 
-    def held_out(self, size: int, seed: int = None) -> "Dataset":
+    def held_out(self, size: int, seed: int | None = None) -> "Dataset":
         """This dataset with `size` training images held out as its evaluation split: the rest train, the held-out
         ones take the test split's place (its name, classes, augmentation and declared statistics unchanged).
         The split is data.validation_split's with `seed` (default VALIDATION_SEED), so every trial of a sweep,

@@ -80,8 +80,8 @@ def trial_resources(available: dict, n_trials: int, args, data_bytes: int = 0) -
     outnumber GPUs, k = ceil(trials at once / GPUs). Ray places a fractional share on one GPU, so a
     share that does not divide 1 strands the remainder: 3 GPUs and 4 trials at 0.75 each run only 3
     at once, at 1/2 each all 4 (see `gpu_share`). CPU-only: all trials share the cores (fractional
-    CPUs, rounded down so that they fit), each torch process on one thread; on the 2-core machine this was the fastest layout
-    measured (benchmarks/concurrency.py).
+    CPUs, rounded down so that they fit), each torch process on one thread; on the 2-core machine this
+    was the fastest layout measured (benchmarks/concurrency.py).
     """
     cpus, gpus = available.get("CPU", 1), available.get("GPU", 0)
     concurrent = min(n_trials, args.max_concurrent or n_trials)
