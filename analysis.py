@@ -357,11 +357,15 @@ def evaluation_split(experiment: str, config: dict, dataset=None):
     """The dataset as the experiment's trials saw it, its test split the images they were scored on: the part
     of the data its launch gave them (experiments.as_launched: the --smoke-test or --train-size subset), and for
     a --val-size N experiment the N training images held out of that (Dataset.held_out, as train.TrainingRun)."""
-    val_size = config.get("val_size") or 0
     if dataset is None:
-        dataset = data_lib.load_dataset(config["dataset"], config["data_dir"], test_split=not val_size)
+        dataset = _read_dataset(config)
     dataset = experiments.as_launched(dataset, experiments.read_launch(experiment))
-    return dataset.held_out(val_size) if val_size else dataset
+    return dataset.held_out(config["val_size"]) if config.get("val_size") else dataset
+
+
+def _read_dataset(config: dict) -> data_lib.Dataset:
+    """The whole dataset a trial's config names; without its test split where the trials scored held-out images."""
+    return data_lib.load_dataset(config["dataset"], config["data_dir"], test_split=not config.get("val_size"))
 
 
 def show_image(ax, image):
@@ -691,7 +695,7 @@ def experiment_dataset(grid) -> data_lib.Dataset:
     config = next((c for c in trial_configs(grid).values() if c), None)
     if config is None:
         raise AnalysisError("no trial of this experiment has a config yet; wait for the first trial to start")
-    return data_lib.load_dataset(config["dataset"], config["data_dir"], test_split=not config.get("val_size"))
+    return _read_dataset(config)
 
 
 def write_report(experiment, out_dir) -> list:

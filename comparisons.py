@@ -164,12 +164,12 @@ def convergence(df) -> pd.DataFrame:
     train_final = {v: 100 * g["train_acc"].mean() for v, g in final_per_trial(df).groupby("variant")}
     best_train = max(train_final.values())
     leader = max(train_final, key=train_final.get)
+    split = scored_on(df)
     for variant, group in df.groupby("variant"):
         curve = 100 * group.groupby("epoch")["test_acc_single"].mean()  # index: epochs every seed reached
         last, planned = int(curve.index.max()), int(group["epochs"].max())
         # no epoch before the last RISE_EPOCHS: 2 epochs compare neighbours, 1 compares nothing
         judged = len(curve) > RISE_EPOCHS
-        split = scored_on(df)
         rise = curve.iloc[-1] - curve.iloc[:max(1, len(curve) - RISE_EPOCHS)].max() if len(curve) > 1 else float("nan")
         reasons = []
         if group.groupby("trial")["epoch"].max().min() < planned:
