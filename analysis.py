@@ -45,8 +45,7 @@ MARKERS = ("o", "s", "^", "D", "v", "P")
 RECIPE_COPY = "~recipe"
 
 
-class AnalysisError(experiments.ExperimentError):
-    """An experiment that cannot be analysed; the message is one line."""
+AnalysisError = experiments.ExperimentError
 
 
 def latest_experiment(root="results") -> str:

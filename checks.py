@@ -12,16 +12,9 @@ import sys
 from model import MODELS, NORMS, REGISTRY, build_model, norm_entry
 from settings import SETTINGS
 
-USAGE_EXIT = 2  # argparse's exit status for bad usage; every refusal uses it
+from errors import USAGE_EXIT, NormsweepError, UsageError  # noqa: F401
 
 
-class NormsweepError(ValueError):
-    """What a user can fix (input, data, storage, a cluster): every entry point prints it as one line,
-    `error: ...`, exit 2. Anything else is a bug and keeps its traceback."""
-
-
-class UsageError(NormsweepError):
-    """Bad command-line input; printed as one line."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -21,6 +21,7 @@ from ray import tune
 from ray.exceptions import AuthenticationError, RayTaskError, RuntimeEnvSetupError
 
 import checks
+from errors import ClusterError
 import experiments
 
 ROOT = Path(__file__).resolve().parent  # the working directory shipped to the nodes
@@ -38,12 +39,9 @@ GET_TOKEN = "copy the output of `ray get-auth-token` on the head node"
 # of another config, unreadable data): a retry meets them again.
 UNRETRYABLE = re.compile(r"failed to import on the worker|^(ModuleNotFoundError|ImportError): "
                          r"|Failed to set up runtime environment"
-                         r"|^(?:\w+\.)*(?:PrecisionError|CheckpointError|DataError): "
+                         r"|^(?:\w+\.)*(?:UsageError|CheckpointError|DataError): "
                          r"|" + experiments.FULL_STORAGE.pattern, re.M)
 
-
-class ClusterError(checks.NormsweepError):
-    """Ray cannot be joined at the given address; printed as one line."""
 
 
 @contextlib.contextmanager

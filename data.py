@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import checks
+from errors import DataError
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -87,9 +87,6 @@ TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # tor
 IMAGE_FOLDER_SPLITS = ("train", "test")  # an image folder: root/train/<class>/*.png, root/test/<class>/*.png
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL image modes with one colour channel
 
-
-class DataError(checks.NormsweepError):
-    """Bad or missing data; the message is one line that says what to do."""
 
 
 class Dataset:

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 import checks
+from errors import ExperimentError
 
 LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was started with (for --resume)
 STATE_PREFIX, STATE_SUFFIX = "experiment_state-", ".json"  # Tune's experiment state files
@@ -52,9 +53,6 @@ def as_launched(dataset, launch: dict):
 # What an operating system or object store says when storage ran out (ENOSPC, EDQUOT, S3 quota).
 FULL_STORAGE = re.compile(r"No space left on device|Disk quota exceeded|\[Errno 28\]|\[Errno 122\]|QuotaExceeded")
 
-
-class ExperimentError(checks.NormsweepError):
-    """Storage or an experiment that cannot be read or written; the message is one line."""
 
 
 def is_uri(location: str) -> bool:

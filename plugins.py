@@ -18,11 +18,9 @@ from typing import Callable
 from torch import nn
 
 import checks
+from errors import ModelError
 import model as model_lib
 
-
-class ModelError(checks.NormsweepError):
-    """A --model that cannot be loaded or does not build a net for the data; one line that says what to do."""
 
 
 def is_builtin(spec: str) -> bool:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import checks
+from errors import CheckpointError, UsageError
 import data as data_lib
 import plugins
 import settings
@@ -50,12 +51,6 @@ PRECISE_BN_BATCH, PRECISE_BN_IMAGES = 500, 10_000
 MEMORY_FORMAT = torch.channels_last
 
 
-class CheckpointError(checks.NormsweepError):
-    """A checkpoint that cannot continue this run; the message is one line."""
-
-
-class PrecisionError(checks.NormsweepError):
-    """A precision the run's device cannot compute natively; the message is one line."""
 
 
 def in_batch_study(config: dict) -> bool:
@@ -118,7 +113,7 @@ def resolve_precision(config: dict, device: torch.device) -> str:
         return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
     if not native_bf16(device):
         major, minor = torch.cuda.get_device_capability(device)
-        raise PrecisionError(f"--precision bf16 on {device} (compute capability {major}.{minor}): this GPU has no "
+        raise UsageError(f"--precision bf16 on {device} (compute capability {major}.{minor}): this GPU has no "
                              f"native bf16 (needs {BF16_MIN_CAPABILITY[0]}.{BF16_MIN_CAPABILITY[1]}+, Ampere or "
                              f"newer); use --precision auto or fp32")
     return "bf16"

@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+
+import errors
 from torch import nn
 
 import data as data_lib
@@ -198,7 +200,7 @@ def test_precision_auto_is_bf16_on_gpus_with_native_bf16_only(monkeypatch):
     capability["now"] = (8, 0)
     assert train.resolve_precision({"precision": "bf16"}, cuda) == "bf16"
     capability["now"] = (7, 5)
-    with pytest.raises(train.PrecisionError, match=r"^--precision bf16 on cuda \(compute capability 7.5\): this GPU "
+    with pytest.raises(errors.UsageError, match=r"^--precision bf16 on cuda \(compute capability 7.5\): this GPU "
                                                    r"has no native bf16 .*; use --precision auto or fp32$"):
         train.resolve_precision({"precision": "bf16"}, cuda)
     with pytest.raises(ValueError, match="unknown precision 'fp16'; use one of auto, fp32, bf16"):

@@ -1,0 +1,38 @@
+"""normsweep's error types: what a user can fix, said in one line.
+
+Every entry point (tune_main.py, train.py, analysis.py) catches `NormsweepError` once, at its top, prints
+`error: <message>` and exits with USAGE_EXIT. Anything else is a bug and keeps its traceback, so these do
+not subclass ValueError: an `except ValueError` elsewhere never swallows a refusal. Imports nothing of the
+project, so every module may raise them.
+"""
+
+USAGE_EXIT = 2  # argparse's exit status for bad usage; every refusal uses it
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's status for Ctrl-C; 143 (128 + SIGTERM) after a SIGTERM
+
+
+class NormsweepError(Exception):
+    """Something the user can fix; the message is one line that says what to do."""
+
+
+class UsageError(NormsweepError):
+    """Bad command-line input, or settings the machine cannot run (bf16 on a GPU without it)."""
+
+
+class DataError(NormsweepError):
+    """Bad or missing data."""
+
+
+class ModelError(NormsweepError):
+    """A --model that cannot be loaded, or builds a net that cannot train on the data."""
+
+
+class ExperimentError(NormsweepError):
+    """Storage, or an experiment that cannot be read, written or analysed."""
+
+
+class CheckpointError(ExperimentError):
+    """A checkpoint that is missing, unreadable or from another configuration."""
+
+
+class ClusterError(NormsweepError):
+    """A Ray cluster that cannot be started or joined."""
