@@ -19,13 +19,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-import checks
+import config as config_lib
+import errors
+import itertools
 import comparisons
 import data as data_lib
 import experiments
 import train
 import trainable
-import tuning
+import tuned as tuning
 from comparisons import (convergence, convergence_warnings, final_per_trial, healthy,  # noqa: F401 (the notebook's)
                          scored_on)
 from model import build_model, count_parameters
@@ -136,7 +138,7 @@ def result_of(grid, trial: str):
 def data_subset(launch: dict) -> str:
     """What part of the dataset a launch trained and scored on, in words; "" for all of it."""
     if launch.get("smoke_test"):
-        return f"smoke-test subset: {experiments.SMOKE['train']:,} train / {experiments.SMOKE['test']:,} test images"
+        return f"smoke-test subset: {config_lib.SMOKE['train_size']:,} train / {config_lib.SMOKE['test_size']:,} test images"
     if launch.get("train_size"):
         scored = (f"{launch['val_size']:,} of them held out to score on" if launch.get("val_size")
                   else "every test image")
@@ -209,9 +211,13 @@ def progress(grid, df) -> pd.DataFrame:
     # trials Tune never created are missing from the grid; the launch settings list them
     launch = experiments.read_launch(experiment_location(grid))
     if launch.get("variants"):
-        for config in experiments.launch_configs(launch):
+        axes = config_lib.grid_axes(config_lib.SweepConfig().from_launch(launch))
+        seeds = len(axes.pop("seed"))
+        for point in itertools.product(*axes.values()):
+            config = {**dict(zip(axes, point)), "stage": launch.get("stage")}
+            config["lr_reference_batch"] = config.get("batch_size") or 0
             row = row_of(trial_label(config), launch["epochs"])
-            missing = max(0, experiments.launch_seeds(launch) - row["trials"])
+            missing = max(0, seeds - row["trials"])
             row["epochs in"] += [0] * missing
             row["done"] += [False] * missing
     table = pd.DataFrame(rows.values())
@@ -358,7 +364,7 @@ def evaluation_split(experiment: str, config: dict, dataset=None):
     a --val-size N experiment the N training images held out of that (Dataset.held_out, as train.TrainingRun)."""
     if dataset is None:
         dataset = _read_dataset(config)
-    dataset = experiments.as_launched(dataset, experiments.read_launch(experiment))
+    dataset = train.trial_data(dataset, config_lib.TrialConfig.of(config))
     return dataset.held_out(config["val_size"]) if config.get("val_size") else dataset
 
 
@@ -802,9 +808,9 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")  # files only; the notebook keeps its inline backend
     try:
         written = write_report(args.experiment, args.out or experiments.join(experiments.resolve(args.experiment), "report"))
-    except checks.NormsweepError as e:  # AnalysisError, ExperimentError, DataError, CheckpointError
+    except errors.NormsweepError as e:  # AnalysisError, ExperimentError, DataError, CheckpointError
         print(f"error: {e}", file=sys.stderr)
-        return checks.USAGE_EXIT
+        return errors.USAGE_EXIT
     print("\n".join(str(p) for p in written))
     return 0
 

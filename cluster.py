@@ -20,7 +20,6 @@ import ray
 from ray import tune
 from ray.exceptions import AuthenticationError, RayTaskError, RuntimeEnvSetupError
 
-import checks
 from errors import ClusterError
 import experiments
 

@@ -16,6 +16,7 @@ Layout (README, "The results directory"):
 No Ray here: the analysis reads experiments without starting Ray.
 """
 import json
+import math
 import os
 import pickletools
 import re
@@ -26,8 +27,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-import checks
-from errors import ExperimentError
+import config
+from errors import ExperimentError, NormsweepError, UsageError
 
 LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was started with (for --resume)
 STATE_PREFIX, STATE_SUFFIX = "experiment_state-", ".json"  # Tune's experiment state files
@@ -35,19 +36,6 @@ RESULT_FILE = "result.json"
 # Each epoch's result holds this key: "ok", or why the trial stopped early ("diverged: ..."). Results
 # written before it existed lack it; readers treat a missing value as "ok".
 HEALTH_KEY = "health"
-SMOKE = {"train": 1000, "test": 500, "epochs": 2}  # --smoke-test: the subset and epochs it trains on
-DEFAULT_L1 = 1e-5  # lambda for "+l1" variants: L1 penalty lambda * sum(|w|)
-
-
-def as_launched(dataset, launch: dict):
-    """The part of `dataset` (a data.Dataset) a launch's trials got, from its settings (tune_main.LAUNCH_KEYS):
-    the --smoke-test subset, or the first --train-size training images and every test image; else all of it.
-    Each trial then holds out its --val-size images from these (train.TrainingRun)."""
-    if launch.get("smoke_test"):
-        return dataset.subset(SMOKE["train"], SMOKE["test"])
-    if launch.get("train_size"):
-        return dataset.subset(launch["train_size"])
-    return dataset
 
 
 # What an operating system or object store says when storage ran out (ENOSPC, EDQUOT, S3 quota).
@@ -173,10 +161,6 @@ def exists(location: str) -> bool:
     return _info(location).type != pafs.FileType.NotFound
 
 
-def is_dir(location: str) -> bool:
-    return _info(location).type == pafs.FileType.Directory
-
-
 def read_bytes(location: str) -> bytes:
     fs, path = filesystem(location)
     try:
@@ -228,7 +212,7 @@ def check_storage(storage: str) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise checks.UsageError(f"cannot write results to {path} ({existing} is not a writable directory); "
+        raise UsageError(f"cannot write results to {path} ({existing} is not a writable directory); "
                                 f"pass a writable --storage-path")
 
 
@@ -287,25 +271,16 @@ def claim(experiment: str, settings: dict) -> bool:
     return True
 
 
-def n_trials(launch: dict) -> int:
-    """How many trials a launch's settings make: its configurations (launch_configs) x its seeds."""
-    return len(launch_configs(launch)) * launch_seeds(launch)
-
-
-def launch_seeds(launch: dict) -> int:
-    """Seeds per configuration: 1 in a tuning stage (tuning.py), else the launch's --seeds."""
-    return 1 if launch.get("stage") == "tuning" else launch.get("seeds", 1)
-
-
 def trial_finished(last: dict, epochs: int) -> bool:
     """A trial's last result says it ran all its epochs or stopped on its own (diverged)."""
     return last.get("epoch", 0) >= epochs or last.get(HEALTH_KEY, "ok") != "ok"
 
 
-def trials_left(experiment: str, launch: dict) -> int:
-    """Trials of an experiment still to run (none started counts too), from the trials' result.json."""
-    done = sum(trial_finished(last, launch["epochs"]) for last in last_results(experiment).values())
-    return max(0, n_trials(launch) - done)
+def trials_left(experiment: str, sweep) -> int:
+    """Trials of an experiment (its config.SweepConfig) still to run, none started counted too, from the trials'
+    result.json."""
+    done = sum(trial_finished(last, sweep.epochs) for last in last_results(experiment).values())
+    return max(0, math.prod(len(values) for values in config.grid_axes(sweep).values()) - done)
 
 
 def _newest(locations_and_mtimes) -> str:
@@ -327,17 +302,17 @@ def latest_started(storage: str) -> str:
         try:
             launch = read_launch(experiment)
             # a tuning stage that finished before its final stage was claimed is unfinished work too
-            left = trials_left(experiment, launch) or (
+            left = trials_left(experiment, config.SweepConfig().from_launch(launch)) or (
                 launch.get("stage") == "tuning" and not exists(join(storage, launch["final_name"], LAUNCH_FILE)))
-        except (ExperimentError, checks.UsageError, KeyError, json.JSONDecodeError):
+        except (NormsweepError, KeyError):  # damaged, or of another format: not resumable
             continue
         (launched if left else finished).append((entry.base_name, launch_info.mtime_ns or 0))
     if launched:
         return _newest(launched)
     if finished:
-        raise checks.UsageError(f"--resume: every experiment under {storage} has finished (the latest is "
+        raise UsageError(f"--resume: every experiment under {storage} has finished (the latest is "
                                 f"{_newest(finished)}); pass --name to print one's table again")
-    raise checks.UsageError(f"--resume: no normsweep experiment under {storage}; pass --storage-path and --name")
+    raise UsageError(f"--resume: no normsweep experiment under {storage}; pass --storage-path and --name")
 
 
 def latest(storage: str) -> str:
@@ -453,26 +428,6 @@ def delete(location: str) -> None:
         fs.delete_dir(path)
     except (FileNotFoundError, OSError):
         pass
-
-
-def launch_variants(launch: dict) -> list:
-    """The variant dicts a launch's settings expand to (checks.parse_variants; a final stage's own list,
-    tuning.final_variants), for readers that list the trials Tune has not created yet."""
-    if launch.get("final_variants"):
-        return launch["final_variants"]
-    return checks.parse_variants(launch["variants"], launch.get("l1") or [DEFAULT_L1])
-
-
-def launch_configs(launch: dict) -> list:
-    """The trial configs, less the seed, that a launch's settings expand to: variants x batch sizes (a
-    batch-size study), x learning rates x weight decays in a tuning stage. Each holds the keys
-    `variant_label` reads."""
-    tuning = launch.get("stage") == "tuning"
-    return [{"variant": variant, "batch_size": batch, "lr_reference_batch": batch or 0, "lr": lr,
-             "weight_decay": decay, "stage": launch.get("stage")}
-            for variant in launch_variants(launch) for batch in launch.get("batch_sizes") or [None]
-            for lr in (launch["tune_lrs"] if tuning else [launch.get("lr")])
-            for decay in (launch["tune_weight_decays"] if tuning else [launch.get("weight_decay")])]
 
 
 def variant_label(config: dict) -> str:

@@ -17,8 +17,7 @@ from typing import Callable
 
 from torch import nn
 
-import checks
-from errors import ModelError
+from errors import ModelError, UsageError
 import model as model_lib
 
 
@@ -207,7 +206,7 @@ def _first_line(error: BaseException) -> str:
 def check(spec: str, norms, groups: int, dataset) -> None:
     """Build the net for each norm and run it on two blank images of `dataset`'s shape, before any trial starts.
 
-    Raises checks.UsageError for a --groups the net's norm layers refuse, ModelError for a builder that fails
+    Raises UsageError for a --groups the net's norm layers refuse, ModelError for a builder that fails
     or whose output is not (2, classes) logits.
     """
     import torch
@@ -219,7 +218,7 @@ def check(spec: str, norms, groups: int, dataset) -> None:
         try:
             net = build(config)
         except model_lib.GroupsError as e:
-            raise checks.UsageError(f"--model {spec}: {e}") from None
+            raise UsageError(f"--model {spec}: {e}") from None
         try:
             with torch.no_grad():
                 out = net.eval()(torch.zeros(shape))

@@ -11,6 +11,7 @@ from ray import tune
 
 import experiments
 import train
+from config import TrialConfig
 
 # Every epoch reports exactly these keys (mode "max" for accuracies, "min" for losses).
 # test_acc_precise_bn: one view, BatchNorm statistics recomputed on large batches (train.precise_bn);
@@ -31,16 +32,12 @@ PARAMETERS_KEY = "parameters"
 CHECKPOINT_FILE = "state.pt"
 
 
-# What a grid's variant dict sets in a trial's config: its norm and L1 lambda, and in a tuned comparison's
-# final stage its own learning rate and weight decay (tuning.final_variants).
-VARIANT_KEYS = ("norm", "l1", "lr", "weight_decay")
-
-
 def trial_config(config: dict, threads: int) -> dict:
-    """A trial's flat TrainingRun config: the grid's variant dict merged into the base config."""
-    variant = config["variant"]
+    """A trial's flat settings from its Tune config: the grid's variant dict (its norm and L1 lambda, and in a
+    tuned comparison's final stage its own lr and weight decay) merged into the rest."""
     flat = {k: v for k, v in config.items() if k != "variant"}
-    return {**flat, **{k: variant[k] for k in VARIANT_KEYS if k in variant}, "threads": threads}
+    variant = {k: v for k, v in config["variant"].items() if k in TrialConfig.__dataclass_fields__}
+    return {**flat, **variant, "threads": threads}
 
 
 def train_variant(config: dict, dataset):

@@ -1,0 +1,355 @@
+"""Settings, defined once: a trial's (`TrialConfig`) and a sweep's (`SweepConfig`), as frozen dataclasses.
+
+Each field carries its flag's help, group and allowed values (`setting`). Both CLIs build their flags from
+these fields (`parser`); a launch's settings file is a SweepConfig serialised (`SweepConfig.to_launch`) and
+`--resume` reads it back whole (`SweepConfig.from_launch`); `check` refuses bad settings in one line before
+anything expensive starts (no Ray, no data, no directories). Adding a setting is adding one field here.
+"""
+import argparse
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+
+from errors import USAGE_EXIT, UsageError
+from model import MODELS, NORMS, REGISTRY, build_model
+
+LAUNCH_FORMAT = 2  # the launch file's layout; an experiment written with another is refused, not guessed at
+# The auto batch size (`batch_size_for`): the largest batch up to MAX_BATCH that still gives MIN_STEPS_PER_EPOCH
+# optimizer steps per epoch, never below MIN_BATCH (BatchNorm's statistics get noisy). 60,000 images: 128;
+# 4,000 images: 32. A fixed 128 gave small training sets too few steps for GN and LN to converge in 20 epochs.
+MAX_BATCH, MIN_BATCH, MIN_STEPS_PER_EPOCH = 128, 16, 125
+SMOKE = {"train_size": 1000, "test_size": 500, "epochs": 2}  # --smoke-test: check an install in a minute
+DEFAULT_L1 = 1e-5  # lambda of "+l1" variants: the L1 penalty lambda * sum(|w|) over conv and linear weights
+GROUPS = {"everyday": "everyday", "recipe": "the training recipe (shared by every variant)",
+          "studies": "studies", "resources": "resources and cluster"}
+
+
+def setting(default, help="", group=None, *, programs=("train", "tune"), check=None, saved=True,
+            trajectory=True, **argparse_options):
+    """A dataclass field with its flag. group None: no flag. check: (what a refusal says, predicate).
+    saved: part of a launch's settings file (False: today's flags decide on --resume). trajectory: a
+    checkpoint continues a run only under the same value."""
+    meta = dict(help=help, group=group, programs=programs, check=check, saved=saved, trajectory=trajectory,
+                argparse=argparse_options)
+    return field(default=default, metadata=meta)
+
+
+def at_least(low, what):
+    return what, lambda v: v >= low
+
+
+def positive(what):
+    return what, lambda v: 0 < v < math.inf
+
+
+def batch_size_arg(text: str) -> int:
+    """--batch-size: 'auto' (0) or a whole number of images."""
+    if text == "auto":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of images, got {text!r}") from None
+
+
+def list_arg(kind, what):
+    """A comma-separated list flag ('2,4,8'), a tuple of `kind`."""
+    def parse(text):
+        try:
+            return tuple(kind(t) for t in text.split(",") if t.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+    return parse
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial trains with: train.py's flags, a checkpoint's config, a Tune trial's settings."""
+    dataset: str = setting("fashion-mnist", "mnist, fashion-mnist, cifar10, or a directory of MNIST-format idx files, "
+                           "CIFAR-10 batches or train/<class>/ and test/<class>/ image folders (docs/data.md)",
+                           "everyday")
+    data_dir: str = setting("data", "where downloads go", "everyday", trajectory=False)
+    model: str = setting("small", f"the net: {', '.join(MODELS)}, or your own builder as path/to/file.py:build or "
+                         "module:build, called as build(norm_layer=..., in_channels=..., num_classes=...)", "everyday")
+    norm: str = setting("bn", f"one of {', '.join(NORMS)}", "everyday", programs=("train",))
+    epochs: int = setting(20, "epochs to train", "everyday", check=at_least(1, "at least 1"))
+    train_size: int = setting(0, "train on the first N training images only (0: all)", "everyday", metavar="N",
+                              check=("0 (all images) or at least 2 images", lambda v: v == 0 or v >= 2))
+    test_size: int = 0  # score on the first N test images only (0: all); --smoke-test's subset
+    groups: int = setting(4, "GroupNorm groups", "recipe", check=at_least(1, "at least 1 (a count of channel groups)"))
+    # the L1 penalty lambda * sum(|w|) over conv and linear weights; tune_main.py's --l1 lists lambdas instead
+    l1: float = setting(0.0, "L1 penalty lambda (0: off)", "recipe", programs=("train",),
+                        check=("0 (off) or a positive lambda", lambda v: 0 <= v < math.inf))
+    batch_size: int = setting(0, f"images per step, or 'auto': {MAX_BATCH}, or fewer on a small training set so that an "
+                              f"epoch has {MIN_STEPS_PER_EPOCH}+ steps (never below {MIN_BATCH})", "recipe",
+                              type=batch_size_arg, check=at_least(0, "'auto' or a number of images"))
+    lr: float = setting(0.05, "OneCycle peak learning rate", "recipe",
+                        check=positive("a positive number (the OneCycle peak learning rate)"))
+    # > 0: lr is the peak at this batch size; a batch B runs lr * B / lr_reference_batch (Goyal et al. 2017)
+    lr_reference_batch: int = 0
+    momentum: float = 0.9  # SGD with Nesterov momentum
+    weight_decay: float = setting(5e-4, "SGD weight decay on conv and linear weights (not norm affines, biases)",
+                                  "recipe", check=at_least(0, "0 or more"))
+    label_smoothing: float = setting(0.1, "cross-entropy label smoothing", "recipe",
+                                     check=("in [0, 1)", lambda v: 0 <= v < 1))
+    val_size: int = setting(0, "hold out N training images and score on them instead of the test split", "recipe",
+                            metavar="N", check=at_least(0, "0 (evaluate on test) or more images"))
+    test_flip: bool = setting(True, "score test images in one view only (default: also their mirror, on flip-"
+                              "trained datasets)", "recipe", flag="--no-test-flip", action="store_false",
+                              trajectory=False)
+    # conv -> ReLU -> norm (default) or conv -> norm -> ReLU: normalising after the ReLU let GN and LN fit small
+    # training sets as well as BN (docs/results.md); every variant gets the same order
+    order: str = setting("relu-norm", "block order of the small net", "recipe", programs=("train",),
+                         choices=("relu-norm", "norm-relu"))
+    seed: int = setting(0, "seeds init, data order and augmentation", "everyday", programs=("train",),
+                        check=at_least(0, "0 or more"))
+    # bf16: convolutions under autocast, norms in float32; auto: bf16 on CUDA GPUs of compute capability 8.0+
+    precision: str = setting("auto", "bf16, fp32, or auto: bf16 on GPUs with native bf16 (Ampere or newer), else fp32",
+                             "resources", choices=("auto", "fp32", "bf16"))
+    compile: str = setting("auto", "torch.compile the net: on, off, or auto: on CUDA only", "resources",
+                           choices=("auto", "on", "off"), trajectory=False)
+    threads: int = setting(0, "CPU threads (0: torch's own count); a seed's numbers differ between thread counts",
+                           "resources", programs=("train",), check=at_least(0, "0 (torch's default) or more"),
+                           trajectory=False)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, config: dict) -> "TrialConfig":
+        """The TrialConfig of a dict holding its fields among others (a Tune trial's config)."""
+        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config})
+
+    def trajectory(self) -> dict:
+        """The settings a checkpoint must share to continue this run: they shape the net or its training."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TrialConfig)
+                if f.metadata.get("trajectory", True)}
+
+
+@dataclass(frozen=True)
+class SweepConfig(TrialConfig):
+    """A sweep: the recipe every trial shares (its TrialConfig fields) and what varies over the grid."""
+    variants: str = setting("bn,gn,ln,bn+l1", f"comma-separated NORM[+l1], NORM one of {', '.join(NORMS)}, e.g. "
+                            "gn+ws+l1 (docs/norms.md)", "everyday", programs=("tune",))
+    seeds: int = setting(1, "seeds per variant, 0..N-1", "everyday", programs=("tune",), check=at_least(1, "at least 1 (seeds 0..N-1)"))
+    l1_lambdas: tuple = setting((), f"L1 lambdas; every +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
+                                "recipe", programs=("tune",), flag="--l1", type=float, nargs="+")
+    smoke_test: bool = setting(False, f"{SMOKE['train_size']} training and {SMOKE['test_size']} test images, "
+                               f"{SMOKE['epochs']} epochs unless --epochs: check an install in a minute", "everyday",
+                               programs=("tune",), action="store_true")
+    name: str | None = setting(None, "experiment name (default: normsweep_<dataset>_<time>)", "everyday",
+                               programs=("tune",))
+    resume: bool = setting(False, "finish an interrupted experiment (--name, default: the latest under "
+                           "--storage-path); it keeps the settings it was launched with", "everyday",
+                           programs=("tune",), action="store_true", saved=False)
+    storage_path: str = setting("results", "results root: a directory or a URI such as s3://bucket/prefix; on a "
+                                "cluster, storage every node can write", "everyday", programs=("tune",), saved=False)
+    batch_sizes: tuple = setting((), "the batch-size study: every variant at each of these batch sizes, e.g. 2,4,8,16,32, "
+                                 "peak lr scaled linearly from --lr at the auto batch", "studies", programs=("tune",),
+                                 type=list_arg(int, "whole numbers of images, e.g. 2,4,8"))
+    tune: bool = setting(False, "a tuned comparison: every variant at every --tune-lrs x --tune-weight-decays point on a "
+                         "validation split, one seed; then each at its best point and at the shared recipe, --seeds "
+                         "seeds, on the test split (docs/usage.md)", "studies", programs=("tune",), action="store_true")
+    tune_lrs: tuple = setting((0.0125, 0.025, 0.05, 0.1, 0.2, 0.4), "with --tune: the peak learning rates tried",
+                              "studies", programs=("tune",), type=list_arg(float, "numbers, e.g. 0.025,0.05,0.1"))
+    tune_weight_decays: tuple = setting((5e-5, 5e-4), "with --tune: the weight decays tried", "studies",
+                                        programs=("tune",), type=list_arg(float, "numbers, e.g. 5e-5,5e-4"))
+    max_concurrent: int = setting(0, "cap on trials running at once (0: none)", "resources", programs=("tune",),
+                                  check=at_least(0, "0 (no cap) or more"))
+    cpus_per_trial: float | None = setting(None, "CPUs per trial (default: the cluster's CPUs shared by the trials "
+                                           "running at once)", "resources", programs=("tune",), type=float, saved=False,
+                                           check=("more than 0 (fractions share a core)", lambda v: v > 0))
+    gpus_per_trial: float | None = setting(None, "GPUs per trial (default: 1, or 1/k of a GPU when trials outnumber "
+                                           "GPUs, so that every trial runs at once)", "resources", programs=("tune",),
+                                           type=float, saved=False, check=at_least(0, "0 or more"))
+    address: str | None = setting(None, "the Ray cluster to join: 'auto' (started here with `ray start --head`) or "
+                                  "host:port (default: a private local Ray)", "resources", programs=("tune",), saved=False)
+    ship_code: bool = setting(True, "with --address: don't ship this directory's code in Ray's runtime environment "
+                              "(normsweep installed on every node)", "resources", programs=("tune",),
+                              flag="--no-ship-code", action="store_false", saved=False)
+    verbose: bool = setting(False, "show Ray's own output and logs", "resources", programs=("tune",),
+                            action="store_true", saved=False)
+    # a tuned comparison's stages (tuned.py): "tuning" or "final"; the final stage's name and variant dicts
+    stage: str = ""
+    final_name: str = ""
+    final_variants: tuple = ()
+
+    def to_launch(self) -> dict:
+        """The launch settings file's contents: every saved field, and LAUNCH_FORMAT."""
+        saved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("saved", True)}
+        return {"format": LAUNCH_FORMAT, **saved}
+
+    def from_launch(self, launch: dict) -> "SweepConfig":
+        """This sweep with a launch file's settings (today's flags keep only what is not saved)."""
+        if launch.get("format") != LAUNCH_FORMAT:
+            raise UsageError(f"this experiment was written by another version of normsweep (launch format "
+                             f"{launch.get('format', 1)}, this one reads {LAUNCH_FORMAT}); finish it with that version, "
+                             f"or start it again")
+        known = {f.name for f in dataclasses.fields(self)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in launch.items() if k in known}
+        return dataclasses.replace(self, **values)
+
+    def trial_seeds(self) -> int:
+        return 1 if self.stage == "tuning" else self.seeds
+
+
+def _flag(f) -> str:
+    return f.metadata["argparse"].get("flag") or "--" + f.name.replace("_", "-")
+
+
+def parser(program: str, cls, description: str) -> argparse.ArgumentParser:
+    """argparse for `program` ("train" or "tune") from `cls`'s fields, in GROUPS. Every default is
+    argparse.SUPPRESS, so the namespace holds only the flags given (`parse`)."""
+    made = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    groups = {key: made.add_argument_group(title) for key, title in GROUPS.items()}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("group") or program not in meta["programs"]:
+            continue
+        options = {k: v for k, v in meta["argparse"].items() if k != "flag"}
+        if "action" not in options:
+            options.setdefault("type", type(f.default) if f.default is not None else str)
+        default = f"{f.default:g}" if isinstance(f.default, float) else f.default
+        shown = "" if isinstance(f.default, (bool, tuple)) or f.default is None else f" (default: {default})"
+        groups[meta["group"]].add_argument(_flag(f), dest=f.name, help=meta["help"] + shown, **options)
+    return made
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (its own print the usage block first)."""
+
+    def error(self, message):
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
+
+
+def parse(program: str, cls, argv, description: str):
+    """(config, the names of the flags given): `cls` with the flags of argv over its defaults."""
+    given = vars(parser(program, cls, description).parse_args(argv))
+    if given.get("smoke_test"):  # its subset, and its epochs unless --epochs
+        given = {**SMOKE, **given}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}), set(given)
+
+
+def batch_size_for(n_train: int, batch_size: int = 0) -> int:
+    """`batch_size` if set (> 0), else the auto batch size for n_train training images (see MAX_BATCH)."""
+    return batch_size if batch_size > 0 else max(MIN_BATCH, min(MAX_BATCH, n_train // MIN_STEPS_PER_EPOCH))
+
+
+def parse_variants(spec: str, lambdas=(DEFAULT_L1,)) -> list:
+    """'bn,gn,ln,bn+l1' -> one dict {"name", "norm", "l1"} per trial variant; each '+l1' one once per lambda."""
+    variants, names = [], []
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        norm, l1 = token.removesuffix("+l1"), token.endswith("+l1") and token not in NORMS
+        if (token if not l1 else norm) not in NORMS:
+            raise UsageError(f"bad variant {token!r}; the grammar is NORM[+l1] with NORM one of {', '.join(NORMS)}")
+        if token in names:  # a repeat would run as extra trials that look like extra seeds
+            raise UsageError(f"--variants lists {token!r} twice; list each variant once (use --seeds for repeats)")
+        names.append(token)
+        variants += ([{"name": token, "norm": norm, "l1": lam} for lam in lambdas] if l1
+                     else [{"name": token, "norm": token, "l1": 0.0}])
+    if not variants:
+        raise UsageError("no variants given; e.g. --variants bn,gn,ln,bn+l1")
+    return variants
+
+
+def grid_axes(sweep: SweepConfig) -> dict:
+    """What varies over a sweep's trials, axis -> values: the variant dicts, the seeds, and the batch sizes of a
+    batch-size study or the learning rates and weight decays of a tuning stage. The trials are their product;
+    Tune's grid (sweep.py), the trial count and the analysis's list of planned trials all come from here."""
+    axes = {"variant": list(sweep.final_variants) or parse_variants(sweep.variants, sweep.l1_lambdas or (DEFAULT_L1,))}
+    if sweep.batch_sizes:
+        axes["batch_size"] = sorted(sweep.batch_sizes)
+    if sweep.stage == "tuning":
+        axes.update(lr=sorted(sweep.tune_lrs), weight_decay=sorted(sweep.tune_weight_decays))
+    axes["seed"] = list(range(sweep.trial_seeds()))
+    return axes
+
+
+def check(config: TrialConfig) -> None:
+    """Refuse bad settings of either CLI in one line (UsageError); nothing runs before this."""
+    for f in dataclasses.fields(config):
+        value, rule = getattr(config, f.name), f.metadata.get("check")
+        if rule and value is not None and not (value == value and rule[1](value)):  # value != value: nan
+            raise UsageError(f"{_flag(f)} must be {rule[0]}, got {value:g}")
+    if isinstance(config, SweepConfig):
+        _check_sweep(config)
+        norms = sorted({v["norm"] for v in parse_variants(config.variants)})
+    else:
+        norms = [config.norm]
+    batch = min(getattr(config, "batch_sizes", ()) or [config.batch_size or MIN_BATCH])
+    batch_normed = [n for n in norms if n in REGISTRY and REGISTRY[n].batch_statistics]
+    if batch < 2 and batch_normed:  # training-mode BN takes its statistics over the batch
+        flag = "--batch-sizes" if getattr(config, "batch_sizes", ()) else "--batch-size"
+        raise UsageError(f"{flag}: a batch of 1 image gives BatchNorm no batch statistics; use 2 or more, "
+                         f"or drop the {'/'.join(batch_normed)} variants (gn and ln train on single images)")
+    for norm in norms:  # an unknown norm, or a group count that does not divide a built-in net's widths
+        try:
+            build_model(norm, groups=config.groups, model=config.model) if config.model in MODELS else REGISTRY[norm]
+        except KeyError:
+            raise UsageError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}") from None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+
+def _check_sweep(sweep: SweepConfig) -> None:
+    """The checks that involve a sweep's own flags."""
+    if sweep.batch_sizes:
+        if sweep.batch_size:
+            raise UsageError(f"--batch-size {sweep.batch_size} and --batch-sizes both given; drop --batch-size "
+                             f"(--batch-sizes runs every listed size)")
+        if min(sweep.batch_sizes) < 1 or len(set(sweep.batch_sizes)) != len(sweep.batch_sizes):
+            raise UsageError(f"--batch-sizes must list distinct whole numbers of images, 1 or more, e.g. 2,4,8,16,32; "
+                             f"got {','.join(map(str, sweep.batch_sizes))}")
+    if sweep.smoke_test and sweep.train_size != SMOKE["train_size"]:
+        raise UsageError("--train-size has no effect with --smoke-test (which trains on its own subset); drop one")
+    if not sweep.ship_code and not sweep.address:
+        raise UsageError("--no-ship-code has no effect without --address (a local Ray ships nothing); drop it")
+    _check_name(sweep.name)
+    lambdas = sweep.l1_lambdas
+    bad = [lam for lam in lambdas if not 0 < lam < math.inf]
+    if bad:
+        raise UsageError(f"--l1 lambdas must be > 0, got {', '.join(f'{lam:g}' for lam in bad)}")
+    if len(set(lambdas)) != len(lambdas):
+        raise UsageError(f"--l1 lists a lambda twice ({' '.join(f'{lam:g}' for lam in lambdas)}); list each once")
+    if lambdas and not any(v["l1"] for v in parse_variants(sweep.variants)):
+        raise UsageError(f"--l1 {' '.join(f'{lam:g}' for lam in lambdas)} given but no variant uses it; add a +l1 "
+                         f"variant, e.g. --variants {sweep.variants},bn+l1")
+    for flag, values, ok, what in (("--tune-lrs", sweep.tune_lrs, lambda v: v > 0, "positive learning rates, e.g. "
+                                    "0.025,0.05,0.1"), ("--tune-weight-decays", sweep.tune_weight_decays,
+                                                        lambda v: v >= 0, "weight decays of 0 or more, e.g. 5e-5,5e-4")):
+        shown = ",".join(f"{v:g}" for v in values) or "nothing"
+        if not values or not all(ok(v) and math.isfinite(v) for v in values):
+            raise UsageError(f"{flag} must list {what}; got {shown}")
+        if len(set(values)) != len(values):
+            raise UsageError(f"{flag} lists a value twice ({shown}); list each once")
+    if sweep.tune and sweep.batch_sizes:
+        raise UsageError("--tune and --batch-sizes both given; a tuned comparison runs at one batch size, drop one")
+    if sweep.tune and sweep.val_size:
+        raise UsageError(f"--tune and --val-size {sweep.val_size} both given; the tuning stage holds out its own "
+                         f"validation split and the final stage scores on the test split, drop --val-size")
+
+
+NAME_MAX_BYTES = 255  # the longest file name ext4, XFS, APFS, NTFS and S3 key components all hold
+
+
+def _check_name(name) -> None:
+    """Refuse an experiment name (--name) that cannot be one directory under the storage path."""
+    if name is None:
+        return
+    encoded = name.encode("utf-8", "surrogateescape")
+    shown = name if len(name) <= 40 else f"{name[:40]}... ({len(encoded)} bytes)"
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise UsageError(f"--name must be one directory name, without '/' or '\\' and not '.' or '..', "
+                         f"got {shown!r}; e.g. --name fmnist_3seeds")
+    if len(encoded) > NAME_MAX_BYTES:
+        raise UsageError(f"--name is longer than a file system allows ({len(encoded)} bytes, at most "
+                         f"{NAME_MAX_BYTES}): {shown!r}; pass a shorter name")
+
+
+def check_val_size(val_size: int, n_train: int) -> None:
+    """Refuse a --val-size that leaves fewer than 2 of n_train images to train on (once the data is loaded)."""
+    if val_size and val_size > n_train - 2:
+        raise UsageError(f"--val-size {val_size} leaves {max(0, n_train - val_size)} of the {n_train:,} training "
+                         f"images to train on; hold out at most {max(0, n_train - 2):,}")

@@ -1,0 +1,369 @@
+"""One sweep as a Ray Tune experiment, in a few steps: settle its settings (a launch, or a resume that reads
+them back), size each trial's share of the cluster, fit or restore the Tuner, and report with an exit status.
+A tuned comparison (`run_tuned`) is two such sweeps, its stages, with the protocol of tuned.py between them.
+"""
+import dataclasses
+import math
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+
+import cluster
+import config as config_lib
+import console
+import data as data_lib
+import experiments
+import plugins
+import train
+import trainable
+import tuned
+from config import SweepConfig
+from errors import ExperimentError, UsageError
+
+# Host memory one trial's Ray worker holds besides its data (torch, Ray, the net): workers measured 0.55-0.64 GB
+# each on 4,000 Fashion-MNIST images; 48 trials at once on a 24 GB machine got workers OOM-killed by Ray.
+TRIAL_MEMORY_BYTES = 640 * 2**20
+
+
+def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
+    """The sweep to run: a resume's launch settings (today's flags decide only what is not saved, and the others
+    it ignores are said), or a launch's with its paths made absolute, so that a resume and the analysis find them
+    from any working directory."""
+    if not sweep.resume:
+        dataset = sweep.dataset if sweep.dataset in data_lib.DATASETS else str(Path(sweep.dataset).expanduser().resolve())
+        name = sweep.name
+        if name is None:  # stamped to the second: a second launch in that second gets a suffix, -2, -3, ...
+            base = f"normsweep_{Path(dataset).name}_{time.strftime('%Y%m%d-%H%M%S')}"
+            name = next(n for n in (base if k == 1 else f"{base}-{k}" for k in range(1, 100))
+                        if not experiments.exists(experiments.join(storage, n)))
+        return dataclasses.replace(sweep, dataset=dataset, name=name, model=plugins.canonical(sweep.model),
+                                   data_dir=str(Path(sweep.data_dir).expanduser().resolve()))
+    name = sweep.name or experiments.latest_started(storage)
+    experiment = experiments.join(storage, name)
+    if not experiments.exists(experiments.join(experiment, experiments.LAUNCH_FILE)):
+        raise UsageError(f"--resume: {experiment} is not a normsweep experiment (no {experiments.LAUNCH_FILE})")
+    launch = experiments.read_launch(experiment)
+    resumed = sweep.from_launch(launch)
+    saved = set(launch) & given - {"name"}
+    ignored = [f"--{k.replace('_', '-')} {getattr(sweep, k)}" for k in sorted(saved) if getattr(sweep, k) != launch[k]]
+    print(f"resume: reusing the launch settings (dataset {Path(resumed.dataset).name}, variants {resumed.variants}, "
+          f"{resumed.seeds} seed(s), {resumed.epochs} epochs); CPUs and GPUs per trial from today's flags"
+          + (f"; ignoring today's {', '.join(ignored)} (a resumed experiment keeps what it was launched with)"
+             if ignored else ""), flush=True)
+    return resumed
+
+
+def resume_command(storage: str, sweep: SweepConfig) -> str:
+    """The command that finishes this experiment, as a user would type it here."""
+    def shown(path):
+        return os.path.relpath(path) if Path(path).is_relative_to(Path.cwd()) else str(path)
+    command = [shown(sys.executable), shown(Path(__file__).with_name("tune_main.py").resolve()), "--resume",
+               "--storage-path", storage, "--name", sweep.final_name or sweep.name]
+    command += ["--address", sweep.address] if sweep.address else []
+    return shlex.join(command + ([] if sweep.ship_code else ["--no-ship-code"]))
+
+
+def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_bytes: int = 0) -> dict:
+    """CPUs, GPUs and host memory (bytes) per trial, so that every trial runs at once where it fits.
+
+    Memory, where the cluster reports it: TRIAL_MEMORY_BYTES plus twice the trial's data, so that Ray queues
+    the trials that do not fit instead of OOM-killing workers. GPUs: at most one each, and 1/k of a GPU when
+    trials outnumber GPUs (`gpu_share`). CPUs: shared by the trials at once, rounded down to Ray's resource
+    precision (1e-4) so that they fit (3 trials at 0.6667 of 2 CPUs need 2.0001 and run only 2 at once).
+    """
+    cpus, gpus = available.get("CPU", 1), available.get("GPU", 0)
+    concurrent = min(n_trials, sweep.max_concurrent or n_trials)
+    memory = TRIAL_MEMORY_BYTES + 2 * data_bytes
+    if "memory" in available:
+        concurrent = max(1, min(concurrent, int(available["memory"] // memory)))
+    gpu = gpu_share(gpus, concurrent) if sweep.gpus_per_trial is None else sweep.gpus_per_trial
+    cpu = sweep.cpus_per_trial or max(math.floor(10_000 * cpus / concurrent) / 10_000, 0.01)
+    resources = {"cpu": round(cpu, 4), "gpu": gpu}
+    return {**resources, "memory": memory} if "memory" in available else resources
+
+
+def gpu_share(gpus: float, concurrent: int) -> float:
+    """GPUs per trial so that `concurrent` trials fit on `gpus` whole GPUs: 1 / ceil(concurrent / gpus), at most
+    1, 0 without GPUs. Ray places a fractional share on one GPU, so a share that does not divide 1 strands the
+    rest (3 GPUs, 4 trials: 0.75 each runs 3 at once, 0.5 each all 4); rounded down to Ray's 1e-4."""
+    if gpus < 1 or concurrent < 1:
+        return 0 if gpus < 1 else 1
+    per_gpu = math.ceil(concurrent / math.floor(gpus))
+    return 1 if per_gpu == 1 else math.floor(10_000 / per_gpu) / 10_000
+
+
+def check_resources(per_trial: dict, cluster_has: dict) -> None:
+    """Refuse per-trial resources the Ray cluster can never give (its trials would stay PENDING)."""
+    cpus, gpus = cluster_has.get("CPU", 0), cluster_has.get("GPU", 0)
+    if per_trial["gpu"] > 0 and not gpus:
+        raise UsageError(f"--gpus-per-trial {per_trial['gpu']:g}: the Ray cluster has no GPUs ({cpus:g} CPUs only); "
+                         f"drop the flag or join a cluster with GPUs (--address)")
+    if per_trial["gpu"] > gpus:
+        raise UsageError(f"--gpus-per-trial {per_trial['gpu']:g}: the Ray cluster has {gpus:g} GPUs; ask for at most that")
+    if per_trial.get("memory", 0) > cluster_has.get("memory", math.inf):
+        raise UsageError(f"each trial needs about {per_trial['memory'] / 2**30:.2f} GiB of host memory and the Ray "
+                         f"cluster has {cluster_has['memory'] / 2**30:.2f} GiB free for tasks; free memory on the nodes "
+                         f"or join a larger cluster (--address)")
+    if per_trial["cpu"] > cpus:
+        raise UsageError(f"--cpus-per-trial {per_trial['cpu']:g}: the Ray cluster has {cpus:g} CPUs; ask for at most "
+                         f"that (fractions share a core)")
+
+
+def describe(resources: dict, available: dict, n_trials: int, sweep: SweepConfig, experiment: str) -> str:
+    """The sweep's first line: trials, the cluster, each trial's share, and where the results go."""
+    gpus = f", {available['GPU']:g} GPUs" if available.get("GPU") else ""
+    memory = f", {available['memory'] / 2**30:.1f} GiB of memory" if "memory" in available else ""
+    share = f"{resources['cpu']:g} CPU, {resources['gpu']:g} GPU"
+    share += f", {resources['memory'] / 2**30:.2f} GiB" if "memory" in resources else ""
+    fit = int(available["memory"] // resources["memory"]) if "memory" in resources and "memory" in available else n_trials
+    at_once = (f"at most {fit} at once (host memory; the rest queue); "
+               if fit < min(n_trials, sweep.max_concurrent or n_trials) else "")
+    return (f"normsweep: {n_trials} trial{'s' if n_trials != 1 else ''} on {available.get('CPU', 0):g} CPUs{gpus}"
+            f"{memory}; per trial {share}; {at_once}experiment {experiment}")
+
+
+def param_space(sweep: SweepConfig, dataset: data_lib.Dataset) -> dict:
+    """Tune's search space: the shared trial settings, with "auto" resolved on the data, and a grid over each
+    axis of config.grid_axes."""
+    space = {k: v for k, v in config_lib.TrialConfig.of(sweep.as_dict()).as_dict().items()
+             if k not in ("norm", "l1", "threads")}
+    n_train = len(dataset.train_labels)
+    if sweep.batch_sizes:  # --lr holds at the auto batch, the recipe's; other sizes scale from it
+        space["lr_reference_batch"] = config_lib.batch_size_for(n_train)
+    else:  # resolved on the whole training split: a tuning stage trains at the final stage's batch
+        space["batch_size"] = config_lib.batch_size_for(n_train, sweep.batch_size)
+    if sweep.stage == "tuning":
+        space.update(stage="tuning", val_size=tuned.val_size_for(n_train))
+    return {**space, **{axis: tune.grid_search(values) for axis, values in config_lib.grid_axes(sweep).items()}}
+
+
+def trial_name(trial) -> str:
+    """A trial's directory: its label made a file name, and Tune's trial id."""
+    label = experiments.variant_label(trial.config)
+    return "".join(c if c.isalnum() or c in "+-." else "_" for c in label) + f"_seed{trial.config['seed']}_{trial.trial_id}"
+
+
+def interrupt_on_sigterm() -> dict:
+    """Treat SIGTERM (`timeout`, `docker stop`, `scancel`, preemption) as Ctrl-C, whose handler Tune owns while it
+    runs (it saves the experiment and stops the trials). Returns a dict holding {"signal": SIGTERM} once one came."""
+    received = {}
+
+    def handler(signum, frame):
+        received["signal"] = signum
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if not callable(on_sigint):
+            raise KeyboardInterrupt
+        on_sigint(signal.SIGINT, frame)
+
+    signal.signal(signal.SIGTERM, handler)
+    return received
+
+
+def tuner(sweep: SweepConfig, storage: str, fn, space: dict, n_trials: int) -> tune.Tuner:
+    """A new Tuner for the sweep, or the saved one it resumes (Tuner.restore, errored trials retried)."""
+    experiment = experiments.join(storage, sweep.name)
+    if sweep.resume:
+        return tune.Tuner.restore(experiment, trainable=fn, resume_errored=True)
+    checkpoints = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=trainable.BEST_METRIC,
+                                        checkpoint_score_order=trainable.BEST_MODE)  # Tune also keeps the latest
+    return tune.Tuner(fn, param_space=space, tune_config=tune.TuneConfig(
+        max_concurrent_trials=sweep.max_concurrent or None, trial_name_creator=trial_name,
+        trial_dirname_creator=trial_name), run_config=tune.RunConfig(
+        name=sweep.name, storage_path=storage, checkpoint_config=checkpoints,
+        failure_config=tune.FailureConfig(max_failures=cluster.MAX_FAILURES),
+        callbacks=[console.Progress(sweep.epochs, n_trials)], verbose=2 if sweep.verbose else 0))
+
+
+def run_stage(sweep: SweepConfig, storage: str) -> int:
+    """One Tune experiment: a plain sweep, or one stage of a tuned comparison. Returns the exit status."""
+    experiment = experiments.join(storage, sweep.name)
+    if sweep.resume:
+        if not experiments.started(experiment):
+            raise UsageError(f"--resume: {experiment} was launched but Tune never saved its state; nothing to resume, "
+                             f"start it again (delete the directory or pick a new --name)")
+        experiments.check_intact(experiment, "resume")
+    elif experiments.exists(experiment):
+        raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
+    n_trials = math.prod(len(values) for values in config_lib.grid_axes(sweep).values())
+    if not sweep.verbose:
+        console.quiet_ray()
+    claimed, stop_signal, results = False, {}, None
+    try:  # the cluster before the data: one that cannot be joined is said in seconds
+        cluster.connect(sweep.address, ship_code=sweep.ship_code, verbose=sweep.verbose,
+                        not_shipped=[storage, sweep.data_dir, sweep.dataset], modules=[plugins.shipped_file(sweep.model)])
+        stop_signal = interrupt_on_sigterm()  # after ray.init, which installs a SIGTERM handler of its own
+        dataset = train.trial_data(data_lib.load_dataset(sweep.dataset, sweep.data_dir, test_split=not sweep.val_size),
+                                   sweep)
+        config_lib.check_val_size(sweep.val_size, len(dataset.train_labels))
+        plugins.check(sweep.model, sorted({v["norm"] for v in config_lib.grid_axes(sweep)["variant"]}), sweep.groups,
+                      dataset)
+        space = param_space(sweep, dataset)
+        resources = trial_resources(ray.cluster_resources(), n_trials, sweep, data_bytes=dataset.nbytes)
+        check_resources(resources, ray.cluster_resources())
+        if sweep.resume:
+            warn_on_thread_change(experiment, max(1, int(resources["cpu"])), sweep.epochs)
+        elif not experiments.claim(experiment, sweep.to_launch()):
+            raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
+        claimed = not sweep.resume
+        print(describe(resources, ray.cluster_resources(), n_trials, sweep, experiment), flush=True)
+        fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset), resources)
+        results = fit(tuner(sweep, storage, fn, space, n_trials), storage, sweep)
+    except BaseException:
+        if claimed and not experiments.started(experiment):  # nothing a --resume could use
+            experiments.delete(experiment)
+        raise
+    finally:
+        with cluster.interrupts_held(then_raise=False):
+            ray.shutdown()
+    return finish(results, sweep, storage, n_trials, stop_signal.get("signal", signal.SIGINT))
+
+
+def fit(made: tune.Tuner, storage: str, sweep: SweepConfig):
+    """Tuner.fit, or None after a second Ctrl-C (Tune's own handler took the first); a full storage path is
+    one line saying how to resume once space is freed."""
+    try:
+        return made.fit()
+    except KeyboardInterrupt:
+        return None
+    except Exception as e:
+        if experiments.nearly_full(storage) or experiments.FULL_STORAGE.search(repr(e)):
+            raise ExperimentError(f"the storage path {storage} is full; free space there, then resume with: "
+                                  f"{resume_command(storage, sweep)}") from None
+        raise
+
+
+def warn_on_thread_change(experiment: str, threads: int, epochs: int) -> None:
+    """A seed's numbers depend on torch's thread count: say so when a resume gives the unfinished trials
+    another count than they started with."""
+    before = sorted({last["threads"] for last in experiments.last_results(experiment).values()
+                     if "threads" in last and not experiments.trial_finished(last, epochs)})
+    if before and before != [threads]:
+        print(f"warning: the unfinished trials ran with {'/'.join(map(str, before))} torch thread(s) and resume "
+              f"with {threads}; their later epochs will differ from an uninterrupted run "
+              f"(pass --cpus-per-trial {before[0]} to keep them)", file=sys.stderr, flush=True)
+
+
+def summary_text(results, stage: str = "") -> str:
+    """The CLI's closing table: per trial final and best accuracies, means and paired differences over seeds,
+    convergence warnings; for a tuning stage, validation accuracy per lr and weight decay and each choice."""
+    import analysis
+    import comparisons
+
+    df = analysis.results_frame(results)
+    reported = set(df["trial"]) if not df.empty else set()
+    lines = []
+    if not df.empty and stage == "tuning":
+        lines += ["validation accuracy (%), final epoch, one view, by peak learning rate (empty: diverged):",
+                  text_table(tuned.sensitivity(df)), "", "chosen:"]
+        lines += [f"  {name}: lr {c['lr']:g}, weight decay {c['weight_decay']:g} ({c['evidence']})"
+                  for name, c in sorted(tuned.choose(df).items())]
+    elif not df.empty:
+        lines += [text_table(table) for table in [analysis.trial_table(df)] if len(table)]  # none: all diverged
+        if stage == "final":
+            lines += ["", "configurations:", text_table(analysis.configuration_table(df))]
+        means = analysis.summary(df)
+        if means["seeds"].max() > 1:
+            lines += ["", "mean over seeds:", text_table(means[["variant", "seeds", "final one-view acc mean (%)",
+                                                                "std (%)", "final acc mean (%)", "best acc mean (%)"]])]
+            lines += ["", f"paired differences over seeds (Holm-corrected, {comparisons.ALPHA:g} level):",
+                      text_table(comparisons.paired_tests(df))]
+            if stage == "final":
+                lines += ["", "tuned against the shared recipe, per variant:", text_table(
+                    comparisons.paired_tests(df, compare="arm", within=("variant name", "batch_size")))]
+        lines += analysis.convergence_warnings(df)
+        lines += [note for note in [analysis.diverged_note(df), analysis.validation_note(df)] if note]
+    lines += [f"{Path(r.path).name}: no epoch reported" for r in results if Path(r.path).name not in reported]
+    return "\n".join(lines)
+
+
+def text_table(table) -> str:
+    """A DataFrame as left-aligned text columns, floats to 2 decimals."""
+    cells = [list(table.columns)] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row]
+                                     for row in table.itertuples(index=False)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal: int) -> int:
+    """Print the summary, and what was interrupted, failed or diverged; the exit status."""
+    import analysis
+
+    experiment = experiments.join(storage, sweep.name)
+    # counted against the grid: under --max-concurrent Tune has not yet created the pending trials
+    done = 0 if results is None else sum(bool(r.error) or experiments.trial_finished(r.metrics or {}, sweep.epochs)
+                                         for r in results)
+    if results is not None:
+        print(summary_text(results, sweep.stage))
+    if done < n_trials:  # Tune stops on Ctrl-C (SIGINT) and saves the experiment's state
+        print(f"interrupted: {n_trials - done} of {n_trials} trials unfinished; state saved in {experiment}\n"
+              f"resume with: {resume_command(storage, sweep)}", file=sys.stderr, flush=True)
+        return 128 + stop_signal
+    print(f"experiment: {experiment}")
+    if console.STATE_SAVE_FAILURE["error"]:
+        print(f"error: Tune could not save the experiment's state to {storage} ({console.STATE_SAVE_FAILURE['error']}); "
+              f"a --resume may not find every epoch", file=sys.stderr)
+    failed = [r for r in results if r.error]
+    for line in cluster.failure_lines(failed, ship_code=sweep.ship_code):
+        print(f"error: {line}", file=sys.stderr)
+    diverged = [r for r in results if (r.metrics or {}).get(trainable.HEALTH_KEY, "ok") != "ok"]
+    for r in diverged:  # in a tuning stage an lr too large for a variant is a finding, not a failure
+        print(f"{'note' if sweep.stage == 'tuning' else 'error'}: trial {Path(r.path).name} stopped, "
+              f"{r.metrics[trainable.HEALTH_KEY]}", file=sys.stderr)
+    return 1 if failed or (diverged and sweep.stage != "tuning") else 0
+
+
+def run(sweep: SweepConfig, given: set) -> int:
+    """The sweep the flags ask for: launched, resumed, or a tuned comparison's two stages. The exit status."""
+    storage = experiments.resolve(sweep.storage_path)
+    experiments.check_storage(storage)
+    if sweep.resume:
+        stage_name = sweep.name or experiments.latest_started(storage)
+        launch = experiments.read_launch(experiments.join(storage, stage_name))
+        if launch.get("stage"):  # either stage's name stands for the comparison
+            return run_tuned(dataclasses.replace(sweep.from_launch(launch), resume=True,
+                                                 name=launch.get("final_name") or stage_name), storage)
+    elif sweep.tune:
+        return run_tuned(prepare(sweep, given, storage), storage)
+    return run_stage(prepare(sweep, given, storage), storage)
+
+
+def run_tuned(sweep: SweepConfig, storage: str) -> int:
+    """A tuned comparison: the tuning stage as experiment <name>-tuning, then the final stage as <name>, each variant
+    at the configuration its tuning chose and at the shared recipe (tuned.py). A resume picks up the tuning stage
+    where it stopped, or starts the final stage from a finished one, or resumes the final stage."""
+    final_name = sweep.name
+    tuning_name, final = tuned.tuning_name(final_name), experiments.join(storage, final_name)
+    if sweep.resume and experiments.started(final):
+        return run_stage(dataclasses.replace(sweep.from_launch(experiments.read_launch(final)), resume=True), storage)
+    if not sweep.resume and (experiments.exists(final) or experiments.exists(experiments.join(storage, tuning_name))):
+        raise UsageError(f"experiment {final} (or its tuning stage) exists; pass --resume to finish it or a new --name")
+    tuning_experiment = experiments.join(storage, tuning_name)
+    stage = dataclasses.replace(sweep, stage="tuning", name=tuning_name, final_name=final_name, final_variants=())
+    if experiments.started(tuning_experiment):
+        left = experiments.trials_left(tuning_experiment, stage)
+        code = run_stage(dataclasses.replace(stage, resume=True), storage) if left else 0
+    else:
+        experiments.delete(tuning_experiment)  # claimed by a launch killed before Tune saved anything
+        code = run_stage(dataclasses.replace(stage, resume=False), storage)
+    if code:
+        if code == 1:
+            print(f"error: the tuning stage did not finish cleanly, so the final stage has not started; fix the failed "
+                  f"trials' cause, then: {resume_command(storage, stage)}", file=sys.stderr)
+        return code
+    import analysis
+
+    _, tuning_df = analysis.load_experiment(tuning_experiment)
+    variants = config_lib.grid_axes(dataclasses.replace(sweep, stage="", final_variants=()))["variant"]
+    final_variants = tuned.final_variants(variants, tuned.choose(tuning_df), sweep.lr, sweep.weight_decay)
+    if experiments.exists(final) and not experiments.started(final):
+        experiments.delete(final)  # claimed by a launch killed before Tune saved anything
+    print(f"tuning stage finished; final stage: {len(final_variants)} configurations x {sweep.seeds} seed(s) on the "
+          f"test split", flush=True)
+    return run_stage(dataclasses.replace(sweep, stage="final", name=final_name, resume=False, final_name=final_name,
+                                         final_variants=tuple(final_variants)), storage)
