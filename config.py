@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 
 from errors import USAGE_EXIT, UsageError
+import plugins
 from model import MODELS, NORMS, REGISTRY, build_model
 
 LAUNCH_FORMAT = 2  # the launch file's layout; an experiment written with another is refused, not guessed at
@@ -291,6 +292,7 @@ def check(config: TrialConfig) -> None:
             raise UsageError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}") from None
         except ValueError as e:
             raise UsageError(str(e)) from None
+    plugins.canonical(config.model)  # a user's builder: TARGET:NAME, its file here (run on the data later)
 
 
 def _check_sweep(sweep: SweepConfig) -> None:

@@ -49,7 +49,7 @@ def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
     if not experiments.exists(experiments.join(experiment, experiments.LAUNCH_FILE)):
         raise UsageError(f"--resume: {experiment} is not a normsweep experiment (no {experiments.LAUNCH_FILE})")
     launch = experiments.read_launch(experiment)
-    resumed = sweep.from_launch(launch)
+    resumed = dataclasses.replace(sweep.from_launch(launch), name=name)
     saved = set(launch) & given - {"name"}
     ignored = [f"--{k.replace('_', '-')} {getattr(sweep, k)}" for k in sorted(saved) if getattr(sweep, k) != launch[k]]
     print(f"resume: reusing the launch settings (dataset {Path(resumed.dataset).name}, variants {resumed.variants}, "

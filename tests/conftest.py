@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]  # the repository: tests run its scripts and read its docs
+sys.path.insert(0, str(ROOT))
 
 import data as data_lib  # noqa: E402
 
