@@ -31,6 +31,10 @@ MEMORY_FORMAT = torch.channels_last
 BF16_MIN_CAPABILITY = (8, 0)
 
 
+def choose_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def trial_data(dataset: data_lib.Dataset, config: TrialConfig) -> data_lib.Dataset:
     """The part of `dataset` a trial trains and scores on: its first train_size / test_size images (0: all).
     The sweep takes it once on the driver and the analysis again to re-score checkpoints."""
@@ -197,7 +201,7 @@ class TrainingRun:
 
     def __init__(self, config, dataset: data_lib.Dataset, device=None):
         config = self.config = TrialConfig.of(config if isinstance(config, dict) else config.as_dict()).as_dict()
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or choose_device()
         if self.device.type == "cpu" and config["threads"]:
             torch.set_num_threads(config["threads"])
         self.precision = resolve_precision(config, self.device)  # before any data moves: a refusal is instant

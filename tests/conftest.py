@@ -98,6 +98,13 @@ def launch_until(command, condition, what: str, **popen) -> subprocess.Popen:
     return process
 
 
+def blank_dataset(n_train=4000, n_test=100):
+    """A dataset of blank 28x28 images (10 classes): what a sweep's grid is built from when only its size matters."""
+    zeros = [torch.zeros(n, 28, 28, dtype=torch.uint8) for n in (n_train, n_test)]
+    return data_lib.Dataset("blank", zeros[0], torch.zeros(n_train, dtype=torch.long), zeros[1],
+                            torch.zeros(n_test, dtype=torch.long), data_lib.SPECS["mnist"].classes)
+
+
 def make_idx_dir(directory: Path, n_train=64, n_test=32, gz=True, seed=0) -> Path:
     """A directory holding MNIST's four idx files with random images and labels."""
     g = torch.Generator().manual_seed(seed)

@@ -6,20 +6,22 @@ import torch
 from ray.tune.search.variant_generator import generate_variants
 
 import analysis
+import config
+import sweep
 import train
 import tune_main
 from model import build_model
-from conftest import make_idx_dir
+from conftest import blank_dataset, make_idx_dir
 
 
 def test_batch_size_grid_expands_variants_batches_and_seeds():
-    args = tune_main.parse_args(["--variants", "bn,gn", "--batch-sizes", "8,2,4", "--seeds", "2"])
-    trials = [spec for _, spec in generate_variants(tune_main.param_space(args))]
+    args = tune_main.parse_args(["--variants", "bn,gn", "--batch-sizes", "8,2,4", "--seeds", "2"])[0]
+    trials = [spec for _, spec in generate_variants(sweep.param_space(args, blank_dataset()))]
     combos = sorted((t["variant"]["name"], t["batch_size"], t["seed"]) for t in trials)
     assert combos == sorted((n, b, s) for n in ("bn", "gn") for b in (2, 4, 8) for s in (0, 1))
-    assert all(t["lr"] == train.DEFAULTS["lr"] for t in trials)  # the flag's lr; each run scales it
+    assert all(t["lr"] == config.TrialConfig.lr for t in trials)  # the flag's lr; each run scales it
     # without the flag there is no batch axis
-    assert "grid_search" not in str(tune_main.param_space(tune_main.parse_args([]))["batch_size"])
+    assert "grid_search" not in str(sweep.param_space(tune_main.parse_args([])[0], blank_dataset())["batch_size"])
 
 
 def test_linear_scaling_rule():
@@ -31,7 +33,7 @@ def test_linear_scaling_rule():
 
 def test_batch_of_one_is_refused_for_batchnorm_and_trains_groupnorm(tmp_path):
     dataset = train.data_lib.load_dataset(str(make_idx_dir(tmp_path / "idx", n_train=9, n_test=4)))
-    with pytest.raises(ValueError, match="batch size 1 with BatchNorm: .* use a batch size of 2 or more, or gn/ln"):
+    with pytest.raises(config.UsageError, match="batch size 1 with BatchNorm: .* use a batch size of 2 or more, or gn/ln"):
         train.TrainingRun({"norm": "bn", "batch_size": 1, "epochs": 1, "threads": 1}, dataset)
     run = train.TrainingRun({"norm": "gn", "batch_size": 1, "epochs": 1, "threads": 1}, dataset)
     metrics = run.run_epoch()
@@ -74,10 +76,10 @@ def test_batch_size_study_sweep_and_report(tmp_path, capsys, session_ray):
     grid, df = analysis.load_experiment(storage / "study")
     assert sorted(df["variant"]) == ["bn, batch 4", "bn, batch 8", "gn, batch 4", "gn, batch 8"]
     assert all("_batch" in trial for trial in df["trial"])
-    auto = train.batch_size_for(64)  # 16: the reference batch, where --lr holds
-    assert all(result.config["lr"] == train.DEFAULTS["lr"] for result in grid)  # the flag's, unscaled
+    auto = config.batch_size_for(64)  # 16: the reference batch, where --lr holds
+    assert all(result.config["lr"] == config.TrialConfig.lr for result in grid)  # the flag's, unscaled
     for _, row in df.iterrows():
-        assert row["peak lr"] == pytest.approx(train.DEFAULTS["lr"] * row["batch_size"] / auto)
+        assert row["peak lr"] == pytest.approx(config.TrialConfig.lr * row["batch_size"] / auto)
         assert row["lr"] == pytest.approx(row["peak lr"] / 25)  # OneCycle starts at max_lr / 25 (div_factor)
         assert math.isfinite(row["test_acc_precise_bn"]) == (row["norm"] == "bn")
 

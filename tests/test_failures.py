@@ -11,6 +11,7 @@ from ray.tune import ExperimentAnalysis, ResultGrid
 
 import analysis
 import trainable
+import sweep
 import tune_main
 from conftest import make_idx_dir
 
@@ -27,14 +28,14 @@ def reported(trial_dir: Path) -> list:
 def test_diverging_trial_stops_is_named_and_the_others_finish(tmp_path, capfd, monkeypatch):
     """One grid, two learning rates: the lr-1000 trial diverges, the lr-0.05 one runs its epochs. On a private
     Ray, as a user's run: the console is checked from ray.init on."""
-    space = tune_main.param_space
+    space = sweep.param_space
 
-    def two_learning_rates(args):
-        config = space(args)
+    def two_learning_rates(*args):
+        config = space(*args)
         config["lr"] = tune.grid_search([0.05, 1000.0])
         return config
 
-    monkeypatch.setattr(tune_main, "param_space", two_learning_rates)
+    monkeypatch.setattr(sweep, "param_space", two_learning_rates)
     storage = tmp_path / "results"
     code = tune_main.main(["--smoke-test", "--variants", "gn", "--cpus-per-trial", "1",
                            "--lr", "0.05", "--storage-path", str(storage), "--name", "diverge"])
@@ -56,7 +57,7 @@ def test_diverging_trial_stops_is_named_and_the_others_finish(tmp_path, capfd, m
     console = (out + err).strip().splitlines()
     assert len(console) <= 12, "\n".join(console)
     # every line is normsweep's own (not a list of Ray's wordings, which change between releases)
-    own = set(tune_main.summary_table(grid).splitlines()) | {"", f"experiment: {storage / 'diverge'}"}
+    own = set(sweep.summary_text(grid).splitlines()) | {"", f"experiment: {storage / 'diverge'}"}
     foreign = [line for line in console
                if line not in own and not re.fullmatch(r"normsweep: .*|gn seed 0 +epoch .*|error: .*", line)]
     assert not foreign, "\n".join(console)

@@ -19,6 +19,8 @@ import pytest
 
 import analysis
 import comparisons
+import errors
+import sweep
 import tune_main
 
 matplotlib.use("Agg")
@@ -48,7 +50,7 @@ def pending_experiment(tmp_path_factory):
         time.sleep(0.1)
     driver.send_signal(signal.SIGINT)
     out, err = driver.communicate(timeout=1800)  # a hang guard
-    assert driver.returncode == tune_main.INTERRUPTED_EXIT, (out, err)
+    assert driver.returncode == errors.INTERRUPTED_EXIT, (out, err)
     assert "Traceback" not in out + err, err
     return storage / name
 
@@ -71,7 +73,7 @@ def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experimen
     # one variant with results: said, not an empty table
     assert "only one variant has results, so there is nothing to compare" in summary and "|  |" not in summary
 
-    console = tune_main.summary_table(grid)
+    console = sweep.summary_text(grid)
     assert re.search(r"^gn_batch500_seed0_\w+: no epoch reported$", console, re.M), console
 
 
@@ -128,7 +130,7 @@ def test_every_trial_of_a_multi_trial_experiment_diverged(smoke_experiment, tmp_
     monkeypatch.setattr(analysis, "results_frame", lambda g: all_diverged(frame(g)))
     assert analysis.main([str(smoke_experiment), "--out", str(tmp_path)]) == 0
     assert "**Every trial diverged (4 trials)" in (tmp_path / "summary.md").read_text()
-    assert "Every trial diverged (4 trials)" in tune_main.summary_table(grid)
+    assert "Every trial diverged (4 trials)" in sweep.summary_text(grid)
 
 
 def test_report_says_what_data_and_which_accuracy(smoke_experiment, tmp_path, monkeypatch):

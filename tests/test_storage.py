@@ -15,6 +15,8 @@ import pytest
 
 import analysis
 import experiments
+import errors
+import train
 import tune_main
 from conftest import HANG_SECONDS, launch_until, wait_for
 
@@ -78,7 +80,7 @@ def test_ctrl_c_on_s3_saves_state_prints_the_resume_command_which_finishes_it_an
                           "the first checkpoint on S3", cwd=tmp_path)
     driver.send_signal(signal.SIGINT)  # what Ctrl-C sends; gn is still PENDING (Tune has not created it)
     out, err = driver.communicate(timeout=HANG_SECONDS)
-    assert driver.returncode == tune_main.INTERRUPTED_EXIT, (out, err)
+    assert driver.returncode == errors.INTERRUPTED_EXIT, (out, err)
     assert "Traceback" not in out + err and "TypeError" not in out + err
     lines = err.strip().splitlines()  # the last two, whatever Ray may have written before them
     assert re.fullmatch(rf"interrupted: [12] of 2 trials unfinished; state saved in {re.escape(storage)}/remote",
@@ -131,7 +133,7 @@ def test_ctrl_c_on_s3_saves_state_prints_the_resume_command_which_finishes_it_an
 
 def test_bad_storage_uris_are_one_line_before_ray(bucket, capsys, monkeypatch):
     name, _ = bucket
-    monkeypatch.setattr(tune_main.data_lib, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr(train.data_lib, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
     for storage, message in [
         (f"s3://{name}-missing/results", "bucket '.*-missing' does not exist"),
         ("nosuchscheme://x/results", "cannot open storage nosuchscheme://x/results"),

@@ -12,12 +12,17 @@ import pytest
 from ray.tune import ExperimentAnalysis, ResultGrid
 from ray.tune.search.variant_generator import generate_variants
 
+import config
 import experiments
+import sweep
 import trainable
 import tune_main
-from conftest import launch_until
+from conftest import ROOT, blank_dataset, launch_until
+from errors import UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def space(flags) -> dict:
+    return sweep.param_space(tune_main.parse_args(flags)[0], blank_dataset())
 
 
 def load_grid(path) -> ResultGrid:
@@ -50,19 +55,17 @@ def test_launch_settings_are_saved(smoke_experiment):
 
 
 def test_grid_expands_variants_lambdas_and_seeds():
-    args = tune_main.parse_args(["--seeds", "2", "--l1", "1e-5", "1e-4"])
-    space = tune_main.param_space(args)
-    trials = [spec for _, spec in generate_variants(space)]
+    trials = [spec for _, spec in generate_variants(space(["--seeds", "2", "--l1", "1e-5", "1e-4"]))]
     combos = sorted((t["variant"]["name"], t["variant"]["l1"], t["seed"]) for t in trials)
     expected = sorted([(n, 0.0, s) for n in ("bn", "gn", "ln") for s in (0, 1)]
                       + [("bn+l1", lam, s) for lam in (1e-5, 1e-4) for s in (0, 1)])
     assert combos == expected  # (3 plain + 1 variant x 2 lambdas) x 2 seeds = 10 trials
     assert all(t["epochs"] == 20 and t["dataset"] == "fashion-mnist" and t["test_flip"] for t in trials)
-    assert tune_main.param_space(tune_main.parse_args(["--no-test-flip"]))["test_flip"] is False
+    assert space(["--no-test-flip"])["test_flip"] is False
     assert all(t["precision"] == "auto" for t in trials)
-    assert tune_main.param_space(tune_main.parse_args(["--precision", "bf16"]))["precision"] == "bf16"
+    assert space(["--precision", "bf16"])["precision"] == "bf16"
     assert all(t["compile"] == "auto" for t in trials)
-    assert tune_main.param_space(tune_main.parse_args(["--compile", "on"]))["compile"] == "on"
+    assert space(["--compile", "on"])["compile"] == "on"
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -75,12 +78,12 @@ def test_grid_expands_variants_lambdas_and_seeds():
     (",", "no variants given"),
 ])
 def test_bad_variants_are_refused(spec, message):
-    with pytest.raises(tune_main.UsageError, match=message):
-        tune_main.parse_variants(spec, [1e-5])
+    with pytest.raises(UsageError, match=message):
+        config.parse_variants(spec, [1e-5])
 
 
 def test_variant_names_are_registry_names_which_may_hold_a_plus():
-    variants = tune_main.parse_variants("gn+ws, gn+ws+l1,bn+ws+l1,in,gbn+l1,bn", [1e-5, 1e-4])
+    variants = config.parse_variants("gn+ws, gn+ws+l1,bn+ws+l1,in,gbn+l1,bn", [1e-5, 1e-4])
     assert [(v["name"], v["norm"], v["l1"]) for v in variants] == [
         ("gn+ws", "gn+ws", 0.0), ("gn+ws+l1", "gn+ws", 1e-5), ("gn+ws+l1", "gn+ws", 1e-4),
         ("bn+ws+l1", "bn+ws", 1e-5), ("bn+ws+l1", "bn+ws", 1e-4), ("in", "in", 0.0),
@@ -91,17 +94,17 @@ def _resources(cpu, gpu=0, n=4, memory=None, data_bytes=0, **flags):
     args = Namespace(max_concurrent=flags.get("max_concurrent", 0), cpus_per_trial=flags.get("cpus"),
                      gpus_per_trial=flags.get("gpus"))
     available = {"CPU": cpu, "GPU": gpu, **({"memory": memory} if memory is not None else {})}
-    return tune_main.trial_resources(available, n, args, data_bytes=data_bytes)
+    return sweep.trial_resources(available, n, args, data_bytes=data_bytes)
 
 
 def test_trials_at_once_are_capped_by_the_clusters_memory():
     """48 tuning trials at once on a 24 GB machine got workers OOM-killed: Ray now queues what does not fit."""
-    per_trial = tune_main.TRIAL_MEMORY_BYTES + 2 * 55_000_000
+    per_trial = sweep.TRIAL_MEMORY_BYTES + 2 * 55_000_000
     resources = _resources(16, gpu=2, n=48, memory=8 * per_trial, data_bytes=55_000_000)
     assert resources == {"cpu": 2.0, "gpu": 0.25, "memory": per_trial}  # 8 fit: the CPUs and GPUs are split 8 ways
     assert _resources(2, n=4, memory=100 * per_trial)["cpu"] == 0.5  # room for all: as without the cap
-    with pytest.raises(tune_main.UsageError, match="host memory"):
-        tune_main.checks.check_resources(resources, {"CPU": 16, "GPU": 2, "memory": per_trial / 2})
+    with pytest.raises(UsageError, match="host memory"):
+        sweep.check_resources(resources, {"CPU": 16, "GPU": 2, "memory": per_trial / 2})
 
 
 def test_default_resources_run_trials_at_once():
@@ -167,8 +170,8 @@ def test_logical_resources_are_shared_and_all_trials_run_at_once(gpus, trials, c
     ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     try:
         args = Namespace(max_concurrent=0, cpus_per_trial=None, gpus_per_trial=None)
-        resources = tune_main.trial_resources(ray.cluster_resources(), trials, args)
-        assert resources == {"cpu": cpu, "gpu": gpu, "memory": tune_main.TRIAL_MEMORY_BYTES}  # the memory Ray reserves
+        resources = sweep.trial_resources(ray.cluster_resources(), trials, args)
+        assert resources == {"cpu": cpu, "gpu": gpu, "memory": sweep.TRIAL_MEMORY_BYTES}  # the memory Ray reserves
         results = tune.Tuner(tune.with_resources(trainable, resources),
                              param_space={"i": tune.grid_search(list(range(trials)))},
                              run_config=tune.RunConfig(storage_path=str(tmp_path / "results"), verbose=0)).fit()
