@@ -93,8 +93,8 @@ def test_train_py_shares_the_checks_and_the_exit_status(flags, message, capsys, 
 
 
 def _readme_rows():
-    text = (ROOT / "README.md").read_text()
-    table = text.split("### Bad input and the message it gets", 1)[1]
+    text = (ROOT / "docs/guarantees.md").read_text()
+    table = text.split("## Bad input and the message it gets", 1)[1]
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         flags, message = (re.fullmatch(r"`([^`]+)`", c) for c in cells[:2]) if len(cells) >= 2 else (None, None)
