@@ -81,8 +81,8 @@ def test_bad_input_is_one_line_before_anything_starts(program, flags, message, t
 def _documented_rows():
     """(flags, message) of the bad-input table, on whichever page of the docs holds it."""
     page = next(p for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-                if "### Bad input and the message it gets" in p.read_text())
-    table = page.read_text().split("### Bad input and the message it gets", 1)[1]
+                if "# Bad input and the message it gets" in p.read_text())
+    table = page.read_text().split("# Bad input and the message it gets", 1)[1]
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         flags, message = (re.fullmatch(r"`([^`]+)`", c) for c in cells[:2]) if len(cells) >= 2 else (None, None)

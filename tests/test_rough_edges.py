@@ -179,7 +179,7 @@ def test_readme_leads_with_the_smoke_test_and_its_commands_are_the_clis(monkeypa
 
     import tune_main
 
-    blocks = _bash_blocks((ROOT / "README.md").read_text())
+    blocks = _bash_blocks("".join(p.read_text() for p in [ROOT / "README.md", *sorted(ROOT.glob("docs/*.md"))]))
     commands = [line for line in blocks[0].splitlines() if "tune_main.py" in line]
     assert "--smoke-test" in commands[0] and "--dataset fashion-mnist" in commands[1]
 
@@ -242,7 +242,7 @@ def test_notebook_cells_have_ids():
 def test_documented_headless_notebook_command_runs(smoke_experiment):
     """The README's nbconvert command, as written, on a smoke experiment: every figure drawn, no error,
     and nothing on the notebook's stderr (Ray said "Missing packages: ['ipywidgets']" twice there)."""
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    text = (ROOT / "docs/usage.md").read_text().replace("\\\n", " ")
     [command] = [line.split("  #", 1)[0] for line in text.splitlines() if "jupyter nbconvert" in line]
     venv_bin = f"{Path(sys.executable).parent}/"  # CI's .venv/bin, or this interpreter's
     command = command.replace("results/<name>", str(smoke_experiment)).replace(".venv/bin/", venv_bin)
