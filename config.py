@@ -150,7 +150,7 @@ class SweepConfig(TrialConfig):
                                  "peak lr scaled linearly from --lr at the auto batch", "studies", programs=("tune",),
                                  type=list_arg(int, "whole numbers of images, e.g. 2,4,8"))
     tune: bool = setting(False, "a tuned comparison: every variant at every --tune-lrs x --tune-weight-decays point on a "
-                         "validation split, one seed; then each at its best point and at the shared recipe, --seeds "
+                         "validation split (20%% of the training images), one seed; then each at its best point and at the shared recipe, --seeds "
                          "seeds, on the test split (docs/usage.md)", "studies", programs=("tune",), action="store_true")
     tune_lrs: tuple = setting((0.0125, 0.025, 0.05, 0.1, 0.2, 0.4), "with --tune: the peak learning rates tried",
                               "studies", programs=("tune",), type=list_arg(float, "numbers, e.g. 0.025,0.05,0.1"))
@@ -211,8 +211,9 @@ def parser(program: str, cls, description: str) -> argparse.ArgumentParser:
         options = {k: v for k, v in meta["argparse"].items() if k != "flag"}
         if "action" not in options:
             options.setdefault("type", type(f.default) if f.default is not None else str)
-        default = f"{f.default:g}" if isinstance(f.default, float) else f.default
-        shown = "" if isinstance(f.default, (bool, tuple)) or f.default is None else f" (default: {default})"
+        default = (f"{f.default:g}" if isinstance(f.default, float) else
+                   ",".join(f"{v:g}" for v in f.default) if isinstance(f.default, tuple) else f.default)
+        shown = "" if isinstance(f.default, bool) or f.default in (None, ()) else f" (default: {default})"
         groups[meta["group"]].add_argument(_flag(f), dest=f.name, help=meta["help"] + shown, **options)
     return made
 

@@ -244,6 +244,11 @@ def read_launch(experiment: str) -> dict:
                               f"restore it or start a new experiment") from None
 
 
+def read_sweep(experiment: str):
+    """The config.SweepConfig an experiment was launched with (UsageError if another version wrote it)."""
+    return config.SweepConfig().from_launch(read_launch(experiment))
+
+
 def write_launch(experiment: str, settings: dict) -> None:
     write_bytes(join(experiment, LAUNCH_FILE), json.dumps(settings, indent=1).encode())
 

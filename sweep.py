@@ -324,7 +324,8 @@ def run(sweep: SweepConfig, given: set) -> int:
     experiments.check_storage(storage)
     if sweep.resume:
         stage_name = sweep.name or experiments.latest_started(storage)
-        launch = experiments.read_launch(experiments.join(storage, stage_name))
+        launch = (experiments.read_launch(experiments.join(storage, stage_name))  # a comparison not past tuning: its
+                  or experiments.read_launch(experiments.join(storage, tuned.tuning_name(stage_name))))  # stage's
         if launch.get("stage"):  # either stage's name stands for the comparison
             return run_tuned(dataclasses.replace(sweep.from_launch(launch), resume=True,
                                                  name=launch.get("final_name") or stage_name), storage)

@@ -10,23 +10,23 @@ import subprocess
 import sys
 import textwrap
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
 
 import analysis
+import config
 import data as data_lib
 import experiments
 import train
 import tune_main
-from conftest import HANG_SECONDS, launch_until, make_idx_dir
+from conftest import HANG_SECONDS, blank_dataset, launch_until, make_idx_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_an_experiment_name_is_claimed_once(tmp_path):
+def test_an_experiment_name_is_claimed_once(tmp_path, monkeypatch):
     storage = str(tmp_path / "results")
     experiment = experiments.join(storage, "same")
     assert experiments.claim(experiment, {"variants": "gn"}) is True
@@ -34,20 +34,20 @@ def test_an_experiment_name_is_claimed_once(tmp_path):
     assert experiments.read_launch(experiment) == {"variants": "gn"}  # the first launch's settings stay
 
     # default names are stamped to the second: a second launch in that second gets a suffix
-    args = Namespace(name="normsweep_fmnist_20261129-120000", variants="gn")
-    first = tune_main.claim_experiment(storage, args, default_name=True)
-    second = tune_main.claim_experiment(storage, Namespace(**{**vars(args), "name": args.name}), default_name=True)
-    assert experiments.name_of(first) == "normsweep_fmnist_20261129-120000"
-    assert experiments.name_of(second) == "normsweep_fmnist_20261129-120000-2"
-    with pytest.raises(tune_main.UsageError, match="exists; pass --resume to finish it or a new --name"):
-        tune_main.claim_experiment(storage, Namespace(name="same"), default_name=False)
+    import sweep
+
+    monkeypatch.setattr(sweep.time, "strftime", lambda format: "20261129-120000")
+    first = sweep.prepare(config.SweepConfig(), set(), storage).name
+    assert first == "normsweep_fashion-mnist_20261129-120000"
+    experiments.claim(experiments.join(storage, first), {})
+    assert sweep.prepare(config.SweepConfig(), set(), storage).name == first + "-2"
 
 
 def _fake_experiment(storage: Path, name: str, epochs_done: list, epochs=3, health=None, age=0):
     """A launched and started experiment whose trials reported `epochs_done` epochs each."""
     experiment = storage / name
     experiment.mkdir(parents=True)
-    launch = {"variants": "bn,gn", "seeds": 1, "epochs": epochs, "l1": None, "batch_sizes": None}
+    launch = config.SweepConfig(variants="bn,gn", epochs=epochs, name=name).to_launch()
     (experiment / experiments.LAUNCH_FILE).write_text(json.dumps(launch))
     (experiment / "experiment_state-2026.json").write_text("{}")
     for k, done in enumerate(epochs_done):
@@ -65,7 +65,7 @@ def test_a_bare_resume_picks_the_latest_unfinished_experiment(tmp_path, capsys):
     _fake_experiment(storage, "newer", [3, 3], age=10)  # finished
     _fake_experiment(storage, "diverged", [3, 2], health="diverged: train loss nan", age=1)  # finished too
     assert experiments.latest_started(str(storage)) == "older"
-    assert experiments.trials_left(str(storage / "older"), experiments.read_launch(str(storage / "older"))) == 2
+    assert experiments.trials_left(str(storage / "older"), experiments.read_sweep(str(storage / "older"))) == 2
 
     _fake_experiment(tmp_path / "done", "only", [3, 3])
     assert tune_main.main(["--resume", "--storage-path", str(tmp_path / "done")]) == 2
@@ -154,7 +154,7 @@ def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys, session
     assert tune_main.main(resume[2:] + ["--cpus-per-trial", "2"]) == 0  # the saved state finishes the sweep
     # a seed's numbers depend on the thread count: resuming with another one says so
     assert ("warning: the unfinished trials ran with 1 torch thread(s) and resume with 2" in capsys.readouterr().err)
-    assert experiments.trials_left(str(storage / name), experiments.read_launch(str(storage / name))) == 0
+    assert experiments.trials_left(str(storage / name), experiments.read_sweep(str(storage / name))) == 0
     # and each epoch's result records the count it ran with: the trial's CPUs, 1 before the signal, 2 after
     threads = [[json.loads(line)["threads"] for line in path.read_text().splitlines()]
                for path in (storage / name).glob("*/result.json")]
@@ -207,14 +207,16 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, capsys):
     def bug(*args, **kwargs):
         raise ValueError("a bug deep inside pandas")
 
-    monkeypatch.setattr(tune_main, "run", bug)
+    import sweep
+
+    monkeypatch.setattr(sweep, "run", bug)
     with pytest.raises(ValueError, match="a bug deep inside pandas"):
         tune_main.main(["--smoke-test", "--storage-path", str(tmp_path)])
     monkeypatch.setattr(analysis, "write_report", bug)
     with pytest.raises(ValueError, match="a bug deep inside pandas"):
         analysis.main([str(tmp_path)])
     monkeypatch.setattr(train, "TrainingRun", bug)
-    monkeypatch.setattr(train.data_lib, "load_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(train.data_lib, "load_dataset", lambda *a, **k: blank_dataset(10, 10))
     with pytest.raises(ValueError, match="a bug deep inside pandas"):
         train.main(["--epochs", "1"])
     assert "error:" not in capsys.readouterr().err
@@ -255,7 +257,7 @@ def test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed(small
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert "is cut off or corrupt" in err, err
     else:
-        assert experiments.trials_left(str(small_tmpfs / "full"), experiments.read_launch(str(small_tmpfs / "full"))) == 0
+        assert experiments.trials_left(str(small_tmpfs / "full"), experiments.read_sweep(str(small_tmpfs / "full"))) == 0
 
 
 def test_a_damaged_experiment_is_named_in_one_line_by_resume_and_analysis(smoke_experiment, tmp_path, capsys):

@@ -16,6 +16,7 @@ import torch
 from ray import tune
 
 import analysis
+import config
 import experiments
 import train
 import trainable
@@ -210,7 +211,8 @@ def test_train_py_help_shows_every_default_and_the_run_prints_percentages(idx_di
     for flag, key in (("--norm", "norm"), ("--epochs", "epochs"), ("--lr", "lr"), ("--seed", "seed"),
                       ("--dataset", "dataset"), ("--groups", "groups"), ("--weight-decay", "weight_decay"),
                       ("--label-smoothing", "label_smoothing"), ("--threads", "threads"), ("--l1", "l1")):
-        assert f"(default: {train.DEFAULTS[key]}" in helps[flag], helps[flag]
+        default = getattr(config.TrialConfig, key)
+        assert (f"(default: {default:g}" if isinstance(default, float) else f"(default: {default}") in helps[flag], helps[flag]
     assert train.main(["--dataset", str(idx_dir), "--epochs", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     # percentages, as tune_main.py prints them (was "acc 0.1094"); and the thread count the numbers depend on

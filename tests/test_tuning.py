@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 import analysis
+import config
 import experiments
 import tune_main
-import tuning
+import tuned as tuning
 from conftest import on_session_ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def test_tuning_stage_scores_validation_images_and_picks_the_sane_lr(tuned):
     grid, df = analysis.load_experiment(tuned / "cmp-tuning")
     assert len(grid) == 4 and not grid.errors  # 2 variants x 2 learning rates x 1 weight decay, one seed
     assert set(df["seed"]) == {0}
-    assert (df["val_size"] == tuning.val_size_for(experiments.SMOKE["train"])).all()
+    assert (df["val_size"] == tuning.val_size_for(config.SMOKE["train_size"])).all()
     table = tuning.configurations(df).set_index(["variant", "lr"])
     for norm in ("bn", "gn"):
         assert table.loc[(norm, 0.05), "val acc (%)"] > table.loc[(norm, ABSURD_LR), "val acc (%)"] + 20
@@ -47,7 +48,7 @@ def test_tuning_stage_scores_validation_images_and_picks_the_sane_lr(tuned):
 def test_final_stage_runs_each_choice_over_seeds_on_the_test_split(tuned):
     grid, df = analysis.load_experiment(tuned / "cmp")
     launch = experiments.read_launch(str(tuned / "cmp"))
-    assert launch["stage"] == "final" and launch["tuning_name"] == "cmp-tuning"
+    assert launch["stage"] == "final" and launch["final_name"] == "cmp"
     # the choice is the recipe's lr and weight decay: one trial per variant and seed, counted in both arms
     assert len(grid) == 4 and not grid.errors
     assert sorted((r.config["variant"]["name"], r.config["seed"]) for r in grid) == [
@@ -136,24 +137,33 @@ def test_notebook_shows_the_tuned_comparison(tuned):
     assert any("image/png" in out.get("data", {}) for out in tuning_cell.outputs)
 
 
-def test_resume_finds_the_stage_to_continue_from_either_name(tmp_path):
+def test_resume_finds_the_stage_to_continue_from_either_name(tmp_path, monkeypatch):
     """--resume --name takes the comparison's name or its tuning stage's: the tuning stage continues (or the
     final stage starts) until the final stage has started; then the final stage resumes as any sweep."""
-    def experiment(name, launch, started=True):
+    import sweep
+
+    def experiment(name, started=True, **settings):
         (tmp_path / name).mkdir()
-        experiments.write_launch(str(tmp_path / name), launch)
+        experiments.write_launch(str(tmp_path / name), config.SweepConfig(name=name, variants="bn", **settings).to_launch())
         if started:
             (tmp_path / name / "experiment_state-2026.json").write_text("{}")
 
-    tuning_launch = {"stage": "tuning", "final_name": "cmp", "name": "cmp-tuning"}
-    experiment("cmp-tuning", tuning_launch)
-    assert tune_main.unfinished_tuning(str(tmp_path), "cmp") == tuning_launch  # the final stage not claimed yet
-    experiment("cmp", {"stage": "final", "tuning_name": "cmp-tuning"}, started=False)  # killed as it began
-    assert tune_main.unfinished_tuning(str(tmp_path), "cmp") == tuning_launch
+    ran = []
+    monkeypatch.setattr(sweep, "run_stage", lambda stage, storage: ran.append((stage.stage, stage.name, stage.resume)) or 2)
+
+    def resumed(name):
+        ran.clear()
+        tune_main.main(["--resume", "--storage-path", str(tmp_path), "--name", name])
+        return ran[0]
+
+    experiment("cmp-tuning", stage="tuning", final_name="cmp")
+    assert resumed("cmp") == resumed("cmp-tuning") == ("tuning", "cmp-tuning", True)  # its trials are left
+    experiment("cmp", stage="final", final_name="cmp", started=False)  # killed as it began
+    assert resumed("cmp") == ("tuning", "cmp-tuning", True)
     (tmp_path / "cmp" / "experiment_state-2026.json").write_text("{}")
-    assert tune_main.unfinished_tuning(str(tmp_path), "cmp") is None  # resumed as a plain sweep
-    experiment("plain", {"variants": "bn"})
-    assert tune_main.unfinished_tuning(str(tmp_path), "plain") is None
+    assert resumed("cmp-tuning") == resumed("cmp") == ("final", "cmp", True)  # resumed as a plain sweep
+    experiment("plain")
+    assert resumed("plain") == ("", "plain", True)
 
 
 def test_help_renders_and_names_the_tuning_flags(capsys):
@@ -162,7 +172,7 @@ def test_help_renders_and_names_the_tuning_flags(capsys):
         tune_main.main(["--help"])
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "--tune " in out and "(20%)" in out and "default: 0.0125,0.025,0.05,0.1,0.2,0.4" in out
+    assert "--tune " in out and "(20% of the training images)" in out and "default: 0.0125,0.025,0.05,0.1,0.2,0.4" in out
 
 
 def test_an_l1_variant_gets_its_own_choice_and_a_saturated_split_an_honest_error():
