@@ -100,6 +100,11 @@ def uses_compile(config: dict, device: torch.device) -> bool:
                               and importlib.util.find_spec("triton") is not None)
 
 
+def uses_test_flip(config: dict, augment: dict) -> bool:
+    """Test-time flips only where training flipped too (clothes, not digits)."""
+    return bool(config.get("test_flip")) and bool(augment.get("flip"))
+
+
 def l1_penalty(model: nn.Module) -> torch.Tensor:
     """sum(|w|) over conv and linear weights (not biases, not norm affines)."""
     return sum(m.weight.abs().sum() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
@@ -243,7 +248,7 @@ class TrainingRun:
         lr = self.scheduler.get_last_lr()[0]
         metrics = self.train_one_epoch()
         result = evaluate(self.net, self.eval_x, self.eval_y, mean=self.mean, std=self.std,
-                          flip=self.config["test_flip"] and self.augment.get("flip", False), bf16=self.bf16)
+                          flip=uses_test_flip(self.config, self.augment), bf16=self.bf16)
         self.epoch += 1
         return {**metrics, "test_loss": result["loss"], "test_acc": result["acc"],
                 "test_acc_single": result["acc_single"], "test_acc_precise_bn": self.precise_bn_acc(), "lr": lr,

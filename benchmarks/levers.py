@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data as data_lib  # noqa: E402
+import config  # noqa: E402
 import train  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per lever, taken in turns (the best is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (a default CPU trial has 1)")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
-    parser.add_argument("--batch-size", type=int, default=train.batch_size_for(60_000),
+    parser.add_argument("--batch-size", type=int, default=config.batch_size_for(60_000),
                         help="images per step (default: the auto batch of the full training split)")
     parser.add_argument("--norms", default="bn,gn,ln")
     parser.add_argument("--profile", action="store_true",

@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data as data_lib  # noqa: E402
 import train  # noqa: E402
-import tune_main  # noqa: E402
+from config import DEFAULT_L1, TrialConfig, batch_size_for  # noqa: E402
 from model import build_model  # noqa: E402
 
-VARIANTS = (("bn", 0.0), ("gn", 0.0), ("ln", 0.0), ("bn", tune_main.DEFAULT_L1))
+VARIANTS = (("bn", 0.0), ("gn", 0.0), ("ln", 0.0), ("bn", DEFAULT_L1))
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -62,14 +62,14 @@ def typical_loop(dataset, epochs: int, batch_size: int) -> float:
     for norm, l1 in VARIANTS:
         torch.manual_seed(0)
         model = build_model(norm)
-        optimizer = torch.optim.SGD(train.param_groups(model, train.DEFAULTS["weight_decay"]),
-                                    lr=train.DEFAULTS["lr"], momentum=0.9, nesterov=True)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.DEFAULTS["lr"], epochs=epochs,
+        optimizer = torch.optim.SGD(train.param_groups(model, TrialConfig.weight_decay),
+                                    lr=TrialConfig.lr, momentum=0.9, nesterov=True)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=TrialConfig.lr, epochs=epochs,
                                                         steps_per_epoch=len(train_loader))
         for epoch in range(epochs):
             model.train()
             for x, y in train_loader:
-                loss = F.cross_entropy(model(x), y, label_smoothing=train.DEFAULTS["label_smoothing"])
+                loss = F.cross_entropy(model(x), y, label_smoothing=TrialConfig.label_smoothing)
                 if l1:
                     loss = loss + l1 * train.l1_penalty(model)
                 optimizer.zero_grad()
@@ -165,7 +165,7 @@ def main():
     if args.train_size:
         dataset = dataset.subset(args.train_size, len(dataset.test_labels))
     n_train, n_test = len(dataset.train_labels), len(dataset.test_labels)
-    batch = train.batch_size_for(n_train)
+    batch = batch_size_for(n_train)
     train_flops, eval_flops = flops_per_image()
     rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
     work = len(VARIANTS) * args.epochs * (n_train * train_flops + n_test * eval_flops)  # FLOPs, both paths
