@@ -1,7 +1,7 @@
 """The Ray Tune trainable: thin glue around train.TrainingRun.
 
-Build the run from the trial's config, resume from `tune.get_checkpoint()` when Tune retries or
-restores the trial, then per epoch report the fixed metric set with a checkpoint.
+Build the run from the trial's config, resume from `tune.get_checkpoint()` when Tune retries or restores
+the trial, then per epoch report the fixed metric set with a checkpoint.
 """
 import math
 import tempfile
@@ -9,26 +9,19 @@ from pathlib import Path
 
 from ray import tune
 
-import experiments
 import train
 from config import TrialConfig
+from experiments import HEALTH_KEY
 
-# Every epoch reports exactly these keys (mode "max" for accuracies, "min" for losses).
-# test_acc_precise_bn: one view, BatchNorm statistics recomputed on large batches (train.precise_bn);
-# a number after the final epoch of a net with BatchNorm, nan otherwise.
-# peak_device_memory_mib: the trial's peak GPU memory so far, MiB (train.peak_memory_mib); nan on the CPU.
+# Every epoch reports exactly these numbers (accuracies 0-1, "max"; losses in nats, "min").
+# test_acc_single: one view; test_acc_precise_bn: one view with BatchNorm's statistics recomputed on large batches
+# after the final epoch (nan otherwise, train.precise_bn); peak_device_memory_mib: nan on the CPU.
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single", "test_acc_precise_bn", "lr",
            "epoch", "epoch_seconds", "images_per_s", "threads", "peak_device_memory_mib")
 BEST_METRIC, BEST_MODE = "test_acc", "max"
-# Reported every epoch beside METRICS: "ok", or why the trial stopped early ("diverged: ..."); part of
-# the results contract (experiments.HEALTH_KEY).
-HEALTH_KEY = experiments.HEALTH_KEY
-# Also beside METRICS, strings: what the trial computed in ("bf16" or "fp32", train.resolve_precision, with
-# "auto" resolved) and on (train.describe_device: "cpu", "cuda:0 NVIDIA H200 (sm_90)").
-# Results written before these keys existed lack them.
-PRECISION_KEY, DEVICE_KEY = "precision", "device"
-# Also beside METRICS: the net's parameter count (it depends on the net, the norm and the data's channels).
-PARAMETERS_KEY = "parameters"
+# Beside METRICS: HEALTH_KEY ("ok" or why the trial stopped), what the trial computed in ("bf16" or "fp32") and
+# on ("cpu", "cuda:0 NVIDIA H200 (sm_90)"), and the net's parameter count.
+PRECISION_KEY, DEVICE_KEY, PARAMETERS_KEY = "precision", "device", "parameters"
 CHECKPOINT_FILE = "state.pt"
 
 
@@ -43,7 +36,7 @@ def trial_config(config: dict, threads: int) -> dict:
 def train_variant(config: dict, dataset):
     """Function trainable; `dataset` arrives once through Ray's object store (tune.with_parameters)."""
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
-    # Fractional CPUs (several trials sharing a core) still need one thread.
+    # fractional CPUs (several trials sharing a core) still need one thread
     run = train.TrainingRun(trial_config(config, threads=max(1, int(cpus))), dataset)
     checkpoint = tune.get_checkpoint()
     if checkpoint:
@@ -62,10 +55,9 @@ def train_variant(config: dict, dataset):
 
 
 def epoch_report(run: train.TrainingRun, metrics: dict, health: str = "ok") -> dict:
-    """What a trial reports for an epoch: METRICS (numbers) from run_epoch's `metrics`, HEALTH_KEY, and the
-    run's resolved PRECISION_KEY and DEVICE_KEY (strings) and its PARAMETERS_KEY."""
-    return {**{k: metrics[k] for k in METRICS}, HEALTH_KEY: health,
-            PRECISION_KEY: run.precision, DEVICE_KEY: train.describe_device(run.device), PARAMETERS_KEY: run.parameters}
+    """What a trial reports for an epoch: METRICS from run_epoch's `metrics`, and the keys beside them."""
+    return {**{k: metrics[k] for k in METRICS}, HEALTH_KEY: health, PRECISION_KEY: run.precision,
+            DEVICE_KEY: train.describe_device(run.device), PARAMETERS_KEY: run.parameters}
 
 
 def divergence(metrics: dict, config: dict) -> str:
@@ -77,19 +69,11 @@ def divergence(metrics: dict, config: dict) -> str:
 
 
 def best_epoch(df):
-    """The row of a trial's epochs DataFrame with the best test_acc; ties go to the latest epoch.
-
-    Tune's checkpoint manager ranks an equal score reported later above the earlier one, so
-    this is the epoch of the trial's kept best checkpoint, and the table and the analysis agree.
-    """
-    scores = df[BEST_METRIC].to_numpy()
-    health = df[HEALTH_KEY].fillna("ok").to_numpy() if HEALTH_KEY in df else ["ok"] * len(df)
-    # a diverged epoch has no checkpoint, so it cannot be the best one
+    """The row of a trial's epochs DataFrame with the best test_acc, ties to the latest epoch (as Tune's checkpoint
+    manager ranks them, so this is the epoch of the kept best checkpoint); None if no epoch is healthy."""
+    scores, health = df[BEST_METRIC].to_numpy(), df[HEALTH_KEY].to_numpy()
     finite = [i for i, v in enumerate(scores) if math.isfinite(v) and health[i] == "ok"]
-    if not finite:
-        return None
-    best = max(finite, key=lambda i: (scores[i], i))
-    return df.iloc[best]
+    return df.iloc[max(finite, key=lambda i: (scores[i], i))] if finite else None
 
 
 def model_from_result_checkpoint(checkpoint: tune.Checkpoint):
