@@ -82,7 +82,7 @@ def main(argv=None):
     if args.source == "fashion":
         data_lib.write_declaration(args.out, note, source="fashion-mnist")
     else:  # scikit-learn's digits are not MNIST, but digits all the same: named and augmented as MNIST's
-        data_lib.write_declaration(args.out, note, classes=data_lib.DIGIT_CLASSES, augment=data_lib.AUGMENT["mnist"])
+        data_lib.write_declaration(args.out, note, classes=data_lib.DIGIT_CLASSES, augment=data_lib.SPECS["mnist"].augment)
     print(f"{args.out}: {len(train_y)} train / {len(test_y)} test images, {data_lib.DECLARATION} "
           f"({'Fashion-MNIST' if args.source == 'fashion' else 'digit'} class names)")
 
