@@ -1,9 +1,8 @@
 """Datasets as in-memory tensors, and the batch pipeline that feeds the training loop.
 
-Owns what a dataset declares (`Spec`), reading the three layouts a dataset comes in (MNIST's idx files,
-CIFAR-10's python batches, an image folder root/{train,test}/<class>/*.png) with a one-line DataError for
-bad input, finding the known datasets (Debian's Fashion-MNIST, torchvision's download), a directory's own
-declaration (dataset.json), and seeded shuffling, normalisation and batched augmentation on the batch's
+Owns what a dataset declares (`Spec`, dataset.json), reading its three layouts (MNIST's idx files, CIFAR-10's
+python batches, an image folder) with a one-line DataError for bad input, finding the known datasets (Debian's
+Fashion-MNIST, torchvision's download), and seeded shuffling, normalisation and augmentation on the batch's
 device. No DataLoader, no workers.
 """
 import gzip
@@ -23,24 +22,18 @@ import torch.nn.functional as F
 from errors import DataError
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 @dataclass(frozen=True)
 class Spec:
-    """What a dataset declares: the training loop, the nets and the analysis read these, never its name.
-
-    augment: {"degrees": rotation +-, "shift": translation +- pixels, "flip": horizontal flips} (`augment`).
-    mean, std: per channel, of pixel values in [0, 1]; None = measured on each run's own training images.
-    """
+    """What a dataset declares: the training loop, the nets and the analysis read these, never its name."""
     classes: tuple  # label i is called classes[i]
-    augment: dict
-    channels: int = 1
-    size: tuple = (28, 28)  # (H, W) pixels
-    mean: tuple | None = None
+    augment: dict  # {"degrees": rotation +-, "shift": translation +- pixels, "flip": horizontal flips}
+    mean: tuple | None = None  # per channel, of pixel values in [0, 1]; None: measured on each run's training images
     std: tuple | None = None
 
 
@@ -51,14 +44,17 @@ class Spec:
 SPECS = {
     "mnist": Spec(DIGIT_CLASSES, {"degrees": 7.0, "shift": 0, "flip": False}),
     "fashion-mnist": Spec(FASHION_CLASSES, {"degrees": 0.0, "shift": 0, "flip": True}),
-    "cifar10": Spec(CIFAR10_CLASSES, {"degrees": 0.0, "shift": 4, "flip": True}, channels=3, size=(32, 32),
+    "cifar10": Spec(CIFAR10_CLASSES, {"degrees": 0.0, "shift": 4, "flip": True},
                     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
 }
 DATASETS = tuple(SPECS)
-SPLIT_FILES = {  # split -> (images stem, labels stem), MNIST's own file names
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+# A directory declares its Spec in this file beside its data, never guessed from its name. Without one: label
+# numbers as class names (an image folder: its folders' names), statistics measured per run, and the digits'
+# augmentation (a mirrored digit is another glyph; declare flips where they suit).
+DECLARATION = "dataset.json"
+UNDECLARED = SPECS["mnist"]
+SPLIT_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),  # (images, labels), MNIST's
+               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IMAGE_MAGIC, LABEL_MAGIC = 0x803, 0x801  # unsigned byte data, 3 dims / 1 dim
 CIFAR_FOLDER, CIFAR_ARCHIVE = "cifar-10-batches-py", "cifar-10-python.tar.gz"  # as torchvision downloads it
 CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
@@ -67,27 +63,21 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL image modes with one colo
 # torchvision's downloads: name -> (its dataset class, where the files land under --data-dir)
 DOWNLOADS = {"mnist": ("MNIST", "MNIST/raw"), "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw"),
              "cifar10": ("CIFAR10", CIFAR_FOLDER)}
-# A directory declares its class names, augmentation and statistics in this file beside its data
-# (scripts/make_subset.py writes one); they are never guessed from its name. Without one: label numbers as
-# class names (an image folder: its folders' names), statistics measured per run, and the digits'
-# augmentation (a mirrored digit or letter is another glyph; declare flips where they suit).
-DECLARATION = "dataset.json"
-UNDECLARED = {"classes": DIGIT_CLASSES, "augment": SPECS["mnist"].augment, "mean": None, "std": None}
 
 
 @dataclass(eq=False, repr=False)
 class Dataset:
-    """A dataset in memory and what it declares (`Spec`): images (N, C, H, W) uint8 (given as (N, H, W):
-    grayscale), labels (N,) int64. One read without its test split (`load_dataset(..., test_split=False)`)
-    has none: reading `test_images` or `test_labels` then raises DataError(missing_test), one line."""
+    """A dataset in memory and what it declares: images (N, C, H, W) uint8 (given as (N, H, W): grayscale),
+    labels (N,) int64. One read without its test split (`load_dataset(..., test_split=False)`) has none:
+    reading `test_images` or `test_labels` then raises DataError(missing_test), one line saying why."""
     name: str
     train_images: torch.Tensor
     train_labels: torch.Tensor
     _test_images: torch.Tensor | None
     _test_labels: torch.Tensor | None
     classes: tuple  # label i is called classes[i]
-    augment: dict | None = None  # None: the known dataset's (a directory always passes its own)
-    missing_test: str = ""  # why there is no test split
+    augment: dict | None = None  # None: the known dataset's (SPECS), else the digits'
+    missing_test: str = ""
     mean: tuple | None = None  # per channel, declared; None: measured on each run's training images
     std: tuple | None = None
 
@@ -95,7 +85,7 @@ class Dataset:
         self.train_images, self._test_images = (x.unsqueeze(1) if x is not None and x.dim() == 3 else x
                                                 for x in (self.train_images, self._test_images))
         self.classes = tuple(self.classes)
-        self.augment = dict(self.augment or SPECS.get(self.name, SPECS["mnist"]).augment)
+        self.augment = dict(self.augment or SPECS.get(self.name, UNDECLARED).augment)
         self.missing_test = self.missing_test or f"{self.name}: the dataset was read without its test split"
         self.mean, self.std = (tuple(v) if v is not None else None for v in (self.mean, self.std))
 
@@ -103,11 +93,8 @@ class Dataset:
     test_labels = property(lambda self: self._test()[1], doc="(M,) int64; DataError without a test split")
     channels = property(lambda self: self.train_images.shape[1])
     image_size = property(lambda self: tuple(self.train_images.shape[-2:]), doc="(H, W) in pixels")
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the images and labels in memory (both splits)."""
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+    nbytes = property(lambda self: sum(t.nbytes for t in vars(self).values() if isinstance(t, torch.Tensor)),
+                      doc="bytes of the images and labels in memory (both splits)")
 
     def _test(self) -> tuple:
         if self._test_images is None:
@@ -116,11 +103,9 @@ class Dataset:
 
     def subset(self, n_train: int, n_test: int | None = None) -> "Dataset":
         """The first n_train / n_test (default: all) images, copied so that pickling ships only these."""
-        def first(t, n):
-            return t[:n].clone() if t is not None else None
-        return replace(self, train_images=first(self.train_images, n_train), train_labels=first(self.train_labels,
-                       n_train), _test_images=first(self._test_images, n_test),
-                       _test_labels=first(self._test_labels, n_test))
+        stops = {"train_images": n_train, "train_labels": n_train, "_test_images": n_test, "_test_labels": n_test}
+        return replace(self, **{key: None if getattr(self, key) is None else getattr(self, key)[:n].clone()
+                                for key, n in stops.items()})
 
     def held_out(self, size: int, seed: int | None = None) -> "Dataset":
         """This dataset with `size` training images held out in the test split's place (validation_split with
@@ -129,9 +114,8 @@ class Dataset:
         return replace(self, **dict(zip(("train_images", "train_labels", "_test_images", "_test_labels"), split)))
 
     def __reduce__(self):
-        # As numpy arrays, which pickle protocol 5 hands over as out-of-band buffers: through Ray's object
-        # store every trial on a node then reads the one shared copy (zero-copy) instead of unpickling its
-        # own (torch tensors would be copied). Trials never write into these tensors.
+        # As numpy arrays, which pickle protocol 5 hands over as out-of-band buffers: through Ray's object store
+        # every trial on a node reads one shared copy (torch tensors would be copied). Trials never write into it.
         return _from_arrays, ({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()},)
 
 
@@ -152,33 +136,33 @@ def read_idx(path, magic: int) -> torch.Tensor:
         raise DataError(f"{path}: file not found") from None
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: unreadable or truncated gzip ({e}); re-download or re-copy the file") from None
-    found, dims = (struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else None), magic & 0xFF
+    found, header = (struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else None), 4 + 4 * (magic & 0xFF)
     if found != magic:
         raise DataError(f"{path}: wrong magic number {'nothing' if found is None else f'0x{found:08x}'}, expected "
                         f"0x{magic:08x}; not an idx {'image' if magic == IMAGE_MAGIC else 'label'} file")
-    shape = struct.unpack(f">{dims}I", raw[4:4 + 4 * dims]) if len(raw) >= 4 + 4 * dims else None
-    if shape is None or len(raw) - 4 - 4 * dims != math.prod(shape):
-        raise DataError(f"{path}: header promises {math.prod(shape or [0])} bytes of data for shape {shape}, file "
-                        f"holds {max(len(raw) - 4 - 4 * dims, 0)}; the file is truncated or corrupt")
-    return torch.frombuffer(bytearray(raw[4 + 4 * dims:]), dtype=torch.uint8).reshape(shape)
+    shape = struct.unpack(f">{magic & 0xFF}I", raw[4:header]) if len(raw) >= header else (-1,)
+    if len(raw) - header != math.prod(shape):
+        raise DataError(f"{path}: header promises {max(math.prod(shape), 0)} bytes of data for shape {shape}, file "
+                        f"holds {max(len(raw) - header, 0)}; the file is truncated or corrupt")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
 
 
 def write_idx(path, tensor: torch.Tensor, magic: int):
     """Write a tensor as a uint8 idx file; gzipped when the name ends in .gz (the inverse of read_idx)."""
     payload = struct.pack(f">I{tensor.dim()}I", magic, *tensor.shape) + tensor.to(torch.uint8).numpy().tobytes()
-    Path(path).write_bytes(gzip.compress(payload) if Path(path).suffix == ".gz" else payload)
+    Path(path).write_bytes(gzip.compress(payload) if str(path).endswith(".gz") else payload)
 
 
 def write_directory(directory, train_images, train_labels, test_images, test_labels) -> Path:
     """A directory of MNIST's four gzipped idx files that `load_dataset(directory)` reads back.
     Images (N, H, W) or (N, 1, H, W) uint8 (idx files hold grayscale only: DataError otherwise)."""
     Path(directory).mkdir(parents=True, exist_ok=True)
-    for split, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
+    for (image_stem, label_stem), images, labels in zip(SPLIT_FILES.values(), (train_images, test_images),
+                                                        (train_labels, test_labels)):
         if images.dim() == 4 and images.shape[1] != 1:
-            raise DataError(f"idx files hold grayscale images; these have {images.shape[1]} channels "
-                            f"(write an image folder instead)")
-        write_idx(Path(directory) / f"{SPLIT_FILES[split][0]}.gz", images.reshape(-1, *images.shape[-2:]), IMAGE_MAGIC)
-        write_idx(Path(directory) / f"{SPLIT_FILES[split][1]}.gz", labels, LABEL_MAGIC)
+            raise DataError(f"idx files hold grayscale images; these have {images.shape[1]} channels")
+        write_idx(Path(directory) / f"{image_stem}.gz", images.reshape(-1, *images.shape[-2:]), IMAGE_MAGIC)
+        write_idx(Path(directory) / f"{label_stem}.gz", labels, LABEL_MAGIC)
     return Path(directory)
 
 
@@ -196,9 +180,7 @@ def _read_idx_split(directory: Path, split: str) -> tuple:
     if None in paths:
         raise DataError(f"{directory}: no {SPLIT_FILES[split][paths.index(None)]}[.gz]; a data directory needs "
                         f"MNIST's four idx files ({', '.join(s for pair in SPLIT_FILES.values() for s in pair)})")
-    images, labels = read_idx(paths[0], IMAGE_MAGIC), read_idx(paths[1], LABEL_MAGIC).long()
-    if images.dim() != 3:
-        raise DataError(f"{paths[0]}: images have {images.dim() - 1} dimensions, expected 2 (height, width)")
+    images, labels = read_idx(paths[0], IMAGE_MAGIC), read_idx(paths[1], LABEL_MAGIC).long()  # (N, H, W), (N,)
     if len(images) != len(labels):
         raise DataError(f"{paths[0]} holds {len(images)} images but {paths[1]} holds {len(labels)} labels; "
                         f"the pair does not match")
@@ -206,15 +188,13 @@ def _read_idx_split(directory: Path, split: str) -> tuple:
 
 
 def read_cifar_batch(path) -> tuple:
-    """One of CIFAR-10's python batch files: images (N, 3, 32, 32) uint8 and labels (N,) int64.
-
-    A batch is a pickled dict: "data", (N, 3072) uint8 rows of 1024 red, green then blue pixels, row-major,
-    and "labels". It is read by an unpickler that builds numpy arrays and nothing else, so a file that is
-    not what it claims cannot run code. Raises DataError for anything else.
-    """
+    """One of CIFAR-10's python batch files, a pickled dict of "data", (N, 3072) uint8 rows of 1024 red, green
+    then blue pixels, and "labels": images (N, 3, 32, 32) uint8, labels (N,) int64. Read by an unpickler that
+    builds numpy arrays only, so a file that is not what it claims cannot run code; DataError otherwise."""
     try:
         with open(path, "rb") as f:
-            batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in _ArraysOnly(f, encoding="latin1").load().items()}
+            batch = {k.decode() if isinstance(k, bytes) else k: v
+                     for k, v in _ArraysOnly(f, encoding="latin1").load().items()}
         images = torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
         labels = torch.as_tensor(np.asarray(batch["labels"], dtype=np.int64))
     except FileNotFoundError:
@@ -271,8 +251,7 @@ def _read_folder(directory: Path, splits: tuple) -> tuple:
                                         allow_empty=split != "train")
         except FileNotFoundError as e:  # "Found no valid file for the classes ..."
             raise DataError(f"{root}: {str(e).strip()}; add images or delete the empty folders") from None
-    samples, n_train = [s for split in found.values() for s in split], len(found["train"])
-    arrays = []
+    samples, arrays = [s for split in found.values() for s in split], []
     for path, _ in samples:
         try:
             with Image.open(path) as image:
@@ -280,22 +259,21 @@ def _read_folder(directory: Path, splits: tuple) -> tuple:
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"{path}: not a readable image ({type(e).__name__}); replace or delete it") from None
     sizes = ["x".join(map(str, a.shape[1::-1])) for a in arrays]  # width x height
-    common = max(set(sizes), key=sizes.count)
-    odd = next((i for i, size in enumerate(sizes) if size != common), None)
+    odd = next((i for i, size in enumerate(sizes) if size != max(set(sizes), key=sizes.count)), None)
     if odd is not None:
-        raise DataError(f"{samples[odd][0]}: {sizes[odd]} pixels, the other images {common} pixels; resize the "
-                        f"images to one size")
+        raise DataError(f"{samples[odd][0]}: {sizes[odd]} pixels, the other images "
+                        f"{max(set(sizes), key=sizes.count)} pixels; resize the images to one size")
     if any(a.ndim == 3 for a in arrays):  # colour anywhere: RGB throughout (PIL's L -> RGB repeats the channel)
         arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
     stacked = torch.from_numpy(np.stack(arrays))  # (N, H, W) or (N, H, W, 3)
     images = stacked.permute(0, 3, 1, 2).contiguous() if stacked.dim() == 4 else stacked.unsqueeze(1)
-    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return [(images[:n_train], labels[:n_train]), (images[n_train:], labels[n_train:])], classes
+    labels, n = torch.tensor([label for _, label in samples], dtype=torch.int64), len(found["train"])
+    return [(images[:n], labels[:n]), (images[n:], labels[n:])], classes
 
 
 def _layout(directory: Path) -> tuple:
-    """Which layout `directory` holds ("idx", "cifar" or "folder"), its test split's paths (any of them
-    there: it has one), and their names for an error; DataError for no layout."""
+    """Which layout `directory` holds ("idx", "cifar" or "folder"), the paths of its test split (any of them:
+    it has one), and how an error names them; DataError for none."""
     if any(_idx_file(directory, stem) for pair in SPLIT_FILES.values() for stem in pair):
         return ("idx", [directory / (stem + ext) for stem in SPLIT_FILES["test"] for ext in ("", ".gz")],
                 ", ".join(stem + "[.gz]" for stem in SPLIT_FILES["test"]))
@@ -310,50 +288,46 @@ def _layout(directory: Path) -> tuple:
 
 
 def read_directory(directory, name: str, spec: Spec | None = None, test_split: bool = True) -> Dataset:
-    """The dataset in `directory` (idx files, CIFAR batches or an image folder). What it declares comes from
-    `spec` (a known dataset's), else its DECLARATION over its layout's defaults (CIFAR-10's for CIFAR batches).
+    """The dataset in `directory` (idx files, CIFAR batches or an image folder), declaring `spec` (a known
+    dataset's), else its DECLARATION over its layout's default (CIFAR-10's Spec for CIFAR batches).
     test_split=False: it may lack a test split. Raises DataError, one line, for bad input."""
     directory = Path(directory)
     kind, test_paths, test_files = _layout(directory)
-    known = spec or (SPECS["cifar10"] if kind == "cifar" else None)
-    declared = {key: getattr(known, key) for key in UNDECLARED} if known else UNDECLARED
-    declared = declared if spec else read_declaration(directory, kind == "folder", declared)
+    declared = spec or read_declaration(directory, kind == "folder", SPECS["cifar10"] if kind == "cifar" else UNDECLARED)
     has_test = any(path.exists() for path in test_paths)
     missing = "" if has_test else (f"{directory}: no test split ({test_files}); add the test files, or evaluate on "
                                    f"held-out training images with --val-size N (which reads no test split)")
     if missing and test_split:
         raise DataError(missing)
-    splits = IMAGE_FOLDER_SPLITS[:1 + has_test]
     if kind == "folder":  # its class folders name the classes
-        read, classes = _read_folder(directory, splits)
-        declared = {**declared, "classes": classes}
+        read, classes = _read_folder(directory, IMAGE_FOLDER_SPLITS[:1 + has_test])
+        declared = replace(declared, classes=classes)
     else:
-        read = [(_read_idx_split if kind == "idx" else _read_cifar_split)(directory, split) for split in splits]
+        read = [(_read_idx_split if kind == "idx" else _read_cifar_split)(directory, split)
+                for split in IMAGE_FOLDER_SPLITS[:1 + has_test]]
     (train_x, train_y), (test_x, test_y) = read[0], read[1] if has_test else (None, None)
     if test_x is not None and test_x.shape[1:] != train_x.shape[1:]:
         shapes = [f"{h}x{w} with {c} channel{'s' * (c != 1)}" for c, h, w in (train_x.shape[1:], test_x.shape[1:])]
         raise DataError(f"{directory}: training images are {shapes[0]} but test images {shapes[1]}; both splits "
                         f"need one image size and channel count")
-    n_classes = len(declared["classes"])
-    for labels in (train_y, test_y):
-        outside = labels[(labels < 0) | (labels >= n_classes)] if labels is not None else []
-        if len(outside):
-            raise DataError(f"{directory}: label {outside[0].item()} outside 0-{n_classes - 1} ({n_classes} classes "
-                            f"declared); fix the labels or declare the class names in {DECLARATION}")
-    for key in ("mean", "std"):
-        if declared[key] is not None and len(declared[key]) != train_x.shape[1]:
-            raise DataError(f"{directory / DECLARATION}: {key} lists {len(declared[key])} values for "
-                            f"{train_x.shape[1]}-channel images; give one per channel")
-    return Dataset(name, train_x, train_y, test_x, test_y, declared["classes"], declared["augment"], missing,
-                   declared["mean"], declared["std"])
+    n = len(declared.classes)
+    outside = [labels[(labels < 0) | (labels >= n)] for labels in (train_y, test_y) if labels is not None]
+    if any(len(labels) for labels in outside):
+        raise DataError(f"{directory}: label {torch.cat(outside)[0].item()} outside 0-{n - 1} ({n} classes declared); "
+                        f"fix the labels or declare the class names in {DECLARATION}")
+    if declared.mean is not None and not len(declared.mean) == len(declared.std) == train_x.shape[1]:
+        raise DataError(f"{directory / DECLARATION}: mean and std list {len(declared.mean)} and {len(declared.std)} "
+                        f"values for {train_x.shape[1]}-channel images; give one per channel")
+    return Dataset(name, train_x, train_y, test_x, test_y, declared.classes, declared.augment, missing,
+                   declared.mean, declared.std)
 
 
 def _numbers(low: float):
     return lambda v: isinstance(v, list) and v and all(type(x) in (int, float) and low <= x <= 1 for x in v)
 
 
-# What each key of a DECLARATION must be: key -> (valid?, what it must be). Each is optional; explicit keys
-# win over the source's.
+# What each key of a DECLARATION must be: key -> (valid?, what it must be). Every key is optional; the explicit
+# ones win over the source's.
 DECLARATION_KEYS = {
     "source": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)} (its classes, augmentation and statistics)"),
     "classes": (lambda v: isinstance(v, list) and len(v) >= 2 and len(set(map(str, v))) == len(v)
@@ -369,12 +343,12 @@ DECLARATION_KEYS = {
 }
 
 
-def read_declaration(directory, image_folder: bool = False, default: dict = UNDECLARED) -> dict:
-    """A directory's declared {"classes", "augment", "mean", "std"} (DECLARATION_KEYS), `default`'s where it
-    declares none. Raises DataError, one line naming the file, for a malformed one."""
+def read_declaration(directory, image_folder: bool = False, default: Spec = UNDECLARED) -> Spec:
+    """What a directory declares in its DECLARATION (DECLARATION_KEYS) over `default`. Raises DataError, one
+    line naming the file, for a malformed one."""
     path = Path(directory) / DECLARATION
     if not path.exists():
-        return dict(default)
+        return default
     try:
         declared = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -395,24 +369,12 @@ def read_declaration(directory, image_folder: bool = False, default: dict = UNDE
             raise bad(f"{key} must be {DECLARATION_KEYS[key][1]}, got {json.dumps(value)}")
     if image_folder and "classes" in declared:
         raise bad("an image folder's class names are its class folders' names; drop classes")
-    source = declared.get("source")
-    result = {key: getattr(SPECS[source], key) for key in UNDECLARED} if source else dict(default)
-    result.update({key: tuple(declared[key]) for key in ("classes", "mean", "std") if key in declared})
-    if "augment" in declared:
-        result["augment"] = {**declared["augment"], "degrees": float(declared["augment"]["degrees"])}
-    if (result["mean"] is None) != (result["std"] is None):
+    if ("mean" in declared) != ("std" in declared):
         raise bad("declare mean and std together, or neither (then both are measured on the training images)")
-    return result
-
-
-def write_declaration(directory, note: str, source: str | None = None, classes=None, augment=None) -> Path:
-    """Write DECLARATION: a known dataset's (source) class names and augmentation, or the ones given."""
-    declared = {"note": note, **({"source": source} if source else {}),
-                "classes": list(classes or SPECS[source].classes), "augment": dict(augment or SPECS[source].augment)}
-    path = Path(directory) / DECLARATION
-    path.write_text(json.dumps(declared, indent=2) + "\n")
-    read_declaration(directory)  # what it wrote reads back
-    return path
+    fields = {key: tuple(declared[key]) for key in ("classes", "mean", "std") if key in declared}
+    if "augment" in declared:
+        fields["augment"] = {**declared["augment"], "degrees": float(declared["augment"]["degrees"])}
+    return replace(SPECS[declared["source"]] if "source" in declared else default, **fields)
 
 
 def load_dataset(name: str, data_dir="data", test_split: bool = True) -> Dataset:
@@ -442,9 +404,9 @@ def load_dataset(name: str, data_dir="data", test_split: bool = True) -> Dataset
 
 def _download(name: str, data_dir: Path) -> Path:
     """The folder of `name`'s files under data_dir, downloaded by torchvision where they are not there yet (a
-    CIFAR-10 archive already in data_dir is unpacked instead). They arrive in a temporary folder and move in
-    once complete, under a file lock so that concurrent runs download once; a failure leaves nothing behind
-    (no folder, no lock). Raises DataError, one line, saying why and what to do."""
+    CIFAR-10 archive in data_dir is unpacked instead). They arrive in a temporary folder and move in once
+    complete, under a file lock so that concurrent runs download once; a failure leaves nothing behind (no
+    folder, no lock) and raises DataError, one line saying why and what to do."""
     from filelock import FileLock
     from torchvision import datasets
     from torchvision.datasets.utils import extract_archive
@@ -491,7 +453,7 @@ def _download_failure(name: str, data_dir: Path, error: Exception) -> str:
     # torchvision's message ends in its last mirror's error: "Tried URL, got:\n<urlopen error [Errno -2] ...>"
     reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip("<>")
     why = "no network" if "urlopen error" in reason or isinstance(error, OSError) else "download failed"
-    debian = f", or install Debian's dataset-fashion-mnist package ({DEBIAN_FASHION_DIR})" if name == "fashion-mnist" else ""
+    debian = f", or install Debian's dataset-fashion-mnist package ({DEBIAN_FASHION_DIR})" * (name == "fashion-mnist")
     return (f"could not download {name} into {data_dir} ({why}: {reason}); pass --dataset DIR, a directory holding "
             f"its {'python batches' if name == 'cifar10' else 'four idx files'}, or download it on a machine with a "
             f"network (--dataset {name} --data-dir DIR), copy DIR here and pass --data-dir DIR{debian}")
@@ -503,8 +465,7 @@ VALIDATION_SEED = 12345
 
 
 def validation_split(images, labels, size: int, seed: int = VALIDATION_SEED):
-    """Carve a seeded held-out split from the training data: (train_x, train_y, val_x, val_y), the held-out
-    `size` images drawn by a torch.randperm of `seed`."""
+    """(train_x, train_y, val_x, val_y): `size` images held out of the training data by a torch.randperm of `seed`."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     val, train = order[:size], order[size:]
     return images[train], labels[train], images[val], labels[val]

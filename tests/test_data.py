@@ -221,7 +221,7 @@ def test_a_directory_name_decides_nothing(tmp_path, dirname):
     undeclared = data_lib.load_dataset(str(make_idx_dir(tmp_path / "a" / dirname)))
     assert undeclared.classes == tuple("0123456789") and undeclared.augment == data_lib.SPECS["mnist"].augment
     declared = make_idx_dir(tmp_path / "b" / dirname)
-    data_lib.write_declaration(declared, "test", source="fashion-mnist")
+    (declared / "dataset.json").write_text('{"source": "fashion-mnist"}')
     dataset = data_lib.load_dataset(str(declared))
     assert dataset.classes == data_lib.FASHION_CLASSES and dataset.augment == FASHION_FLIP
 
@@ -240,7 +240,7 @@ def test_declaration_explicit_fields_win_over_the_source(idx_dir):
     ('{"source": "fashion-mnist",}', r"not valid JSON \(Expecting property name enclosed in double quotes, line 1"),
     ('["fashion-mnist"]', "expected a JSON object with source, classes, augment, mean, std, note, got list"),
     ('{"source": "cifar100"}', r'source must be one of mnist, fashion-mnist, cifar10 .*, got "cifar100"'),
-    ('{"source": "cifar10"}', r"mean lists 3 values for 1-channel images; give one per channel"),
+    ('{"source": "cifar10"}', r"mean and std list 3 and 3 values for 1-channel images; give one per channel"),
     ('{"clases": []}', r"unknown key 'clases' \(a declaration has source, classes, augment, mean, std, note\)"),
     ('{"classes": ["a"]}', "classes must be a list of 2 or more distinct non-empty names"),
     ('{"classes": ["a", "a", "b", "c", "d", "e", "f", "g", "h", "i"]}', "classes must be a list of 2 or more distinct"),

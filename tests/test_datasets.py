@@ -116,7 +116,7 @@ def test_an_rgb_image_folder_reads_in_colour_with_its_folders_as_classes(tmp_pat
     index = [i for i, label in enumerate(dataset.train_labels.tolist()) if label == 1][0]
     assert torch.equal(dataset.train_images[index], torch.from_numpy(written[cat]).permute(2, 0, 1))
     # undeclared: no flips (a directory's augmentation is declared, never read from its name)
-    assert dataset.augment == data_lib.UNDECLARED["augment"] and dataset.mean is None
+    assert dataset.augment == data_lib.UNDECLARED.augment and dataset.mean is None
 
 
 def test_grayscale_folders_are_one_channel_and_a_mixed_folder_is_rgb(tmp_path):
@@ -175,7 +175,7 @@ def test_a_declaration_sets_a_folders_augmentation_and_statistics(tmp_path):
     run = train.TrainingRun({"epochs": 1, "batch_size": 4}, dataset)
     assert run.mean.tolist() == pytest.approx([0.5, 0.4, 0.3]) and run.std.tolist() == pytest.approx([0.2, 0.2, 0.25])
     (tmp_path / "pets" / data_lib.DECLARATION).write_text('{"mean": [0.5], "std": [0.2]}')
-    with pytest.raises(data_lib.DataError, match=r"mean lists 1 values for 3-channel images; give one per channel"):
+    with pytest.raises(data_lib.DataError, match=r"mean and std list 1 and 1 values for 3-channel images; give one per channel"):
         data_lib.load_dataset(str(tmp_path / "pets"))
 
 
