@@ -69,7 +69,7 @@ DOWNLOADS = {"mnist": ("MNIST", "MNIST/raw"), "fashion-mnist": ("FashionMNIST", 
 class Dataset:
     """A dataset in memory and what it declares: images (N, C, H, W) uint8 (given as (N, H, W): grayscale),
     labels (N,) int64. One read without its test split (`load_dataset(..., test_split=False)`) has none:
-    reading `test_images` or `test_labels` then raises DataError(missing_test), one line saying why."""
+    reading `test_images` or `test_labels` then raises DataError."""
     name: str
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -77,7 +77,6 @@ class Dataset:
     _test_labels: torch.Tensor | None
     classes: tuple  # label i is called classes[i]
     augment: dict | None = None  # None: the known dataset's (SPECS), else the digits'
-    missing_test: str = ""
     mean: tuple | None = None  # per channel, declared; None: measured on each run's training images
     std: tuple | None = None
 
@@ -86,7 +85,6 @@ class Dataset:
                                                 for x in (self.train_images, self._test_images))
         self.classes = tuple(self.classes)
         self.augment = dict(self.augment or SPECS.get(self.name, UNDECLARED).augment)
-        self.missing_test = self.missing_test or f"{self.name}: the dataset was read without its test split"
         self.mean, self.std = (tuple(v) if v is not None else None for v in (self.mean, self.std))
 
     test_images = property(lambda self: self._test()[0], doc="(M, C, H, W) uint8; DataError without a test split")
@@ -98,7 +96,8 @@ class Dataset:
 
     def _test(self) -> tuple:
         if self._test_images is None:
-            raise DataError(self.missing_test)
+            raise DataError(f"{self.name}: no test split (read without it); evaluate on held-out training images "
+                            f"with --val-size N (which reads no test split)")
         return self._test_images, self._test_labels
 
     def subset(self, n_train: int, n_test: int | None = None) -> "Dataset":
@@ -197,8 +196,6 @@ def read_cifar_batch(path) -> tuple:
                      for k, v in _ArraysOnly(f, encoding="latin1").load().items()}
         images = torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
         labels = torch.as_tensor(np.asarray(batch["labels"], dtype=np.int64))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
     except (pickle.UnpicklingError, EOFError, OSError, AttributeError, KeyError, ValueError, TypeError) as e:
         raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e}); re-download or re-copy "
                         f"the file") from None
@@ -281,10 +278,8 @@ def _layout(directory: Path) -> tuple:
         return "cifar", [directory / CIFAR_FILES["test"][0]], CIFAR_FILES["test"][0]
     if (directory / IMAGE_FOLDER_SPLITS[0]).is_dir():
         return "folder", [directory / IMAGE_FOLDER_SPLITS[1]], "test/<class>/ folders"
-    raise DataError(f"{directory}: no dataset here; a data directory holds MNIST's four idx files "
-                    f"({', '.join(s for pair in SPLIT_FILES.values() for s in pair)}), CIFAR-10's python batches "
-                    f"({CIFAR_FILES['train'][0]}, ..., {CIFAR_FILES['test'][0]}: a {CIFAR_FOLDER} folder) or images "
-                    f"in train/<class>/ and test/<class>/ folders")
+    raise DataError(f"{directory}: no dataset here; a data directory holds MNIST's four idx files, CIFAR-10's "
+                    f"python batches (a {CIFAR_FOLDER} folder) or images in train/<class>/ and test/<class>/ folders")
 
 
 def read_directory(directory, name: str, spec: Spec | None = None, test_split: bool = True) -> Dataset:
@@ -295,10 +290,9 @@ def read_directory(directory, name: str, spec: Spec | None = None, test_split: b
     kind, test_paths, test_files = _layout(directory)
     declared = spec or read_declaration(directory, kind == "folder", SPECS["cifar10"] if kind == "cifar" else UNDECLARED)
     has_test = any(path.exists() for path in test_paths)
-    missing = "" if has_test else (f"{directory}: no test split ({test_files}); add the test files, or evaluate on "
-                                   f"held-out training images with --val-size N (which reads no test split)")
-    if missing and test_split:
-        raise DataError(missing)
+    if not has_test and test_split:
+        raise DataError(f"{directory}: no test split ({test_files}); add the test files, or evaluate on held-out "
+                        f"training images with --val-size N (which reads no test split)")
     if kind == "folder":  # its class folders name the classes
         read, classes = _read_folder(directory, IMAGE_FOLDER_SPLITS[:1 + has_test])
         declared = replace(declared, classes=classes)
@@ -318,8 +312,8 @@ def read_directory(directory, name: str, spec: Spec | None = None, test_split: b
     if declared.mean is not None and not len(declared.mean) == len(declared.std) == train_x.shape[1]:
         raise DataError(f"{directory / DECLARATION}: mean and std list {len(declared.mean)} and {len(declared.std)} "
                         f"values for {train_x.shape[1]}-channel images; give one per channel")
-    return Dataset(name, train_x, train_y, test_x, test_y, declared.classes, declared.augment, missing,
-                   declared.mean, declared.std)
+    return Dataset(name, train_x, train_y, test_x, test_y, declared.classes, declared.augment, declared.mean,
+                   declared.std)
 
 
 def _numbers(low: float):

@@ -1,11 +1,8 @@
-"""`--model`: a built-in net's name (model.MODELS) or a user's builder, and building the net a config names.
-
-A user's builder is `path/to/file.py:build` or `module:build`, called as torchvision's ResNets are,
-`build(norm_layer=..., in_channels=..., num_classes=...)`, and returns an nn.Module mapping (B, in_channels,
-H, W) images to (B, num_classes) logits. One without an `in_channels` parameter (torchvision's `resnet18`) is
-called without it and reads 3-channel images only. A file is the module named after it, loaded from its path
-where it exists, else imported by that name: on a cluster's nodes, where Ray's `py_modules` put it.
-"""
+"""`--model`: a built-in net's name (model.MODELS) or a user's builder, `path/to/file.py:build` or `module:build`,
+called as torchvision's ResNets are, `build(norm_layer=..., in_channels=..., num_classes=...)` (a builder with
+no in_channels parameter, torchvision's `resnet18`, reads 3-channel images only), returning an nn.Module from
+(B, in_channels, H, W) images to (B, num_classes) logits. A file is the module named after it: loaded from its
+path where it exists, else imported by that name (on a cluster's nodes, where Ray's `py_modules` put it)."""
 import importlib.util
 import inspect
 import pkgutil
@@ -26,14 +23,12 @@ def is_builtin(spec: str) -> bool:
 
 
 def canonical(spec: str) -> str:
-    """`spec` as a launch saves it, a file's path made absolute (so that --resume and the analysis find it from
-    any directory). Raises ModelError for a spec that is neither a built-in nor TARGET:NAME, or a missing file."""
+    """`spec` as a launch saves it, a file's path made absolute (--resume and the analysis find it from any
+    directory). Raises ModelError for a spec neither a built-in nor TARGET:NAME, or a file that is not here."""
     target, name = (spec, "") if is_builtin(spec) else _split(spec)
-    if not target.endswith(".py"):
-        return spec
-    if not Path(target).expanduser().is_file():
+    if target.endswith(".py") and not Path(target).expanduser().is_file():
         raise ModelError(NOT_FOUND.format(target))
-    return f"{Path(target).expanduser().resolve()}:{name}"
+    return f"{Path(target).expanduser().resolve()}:{name}" if target.endswith(".py") else spec
 
 
 def shipped_file(spec: str) -> str | None:
@@ -43,15 +38,14 @@ def shipped_file(spec: str) -> str | None:
 
 
 def build(config: model_lib.NetConfig) -> nn.Module:
-    """The net `config` describes, a built-in or a user's (model.build_net). Raises ModelError for a builder that
-    cannot be loaded, fails or returns no net; GroupsError for a --groups its norm layers refuse; ValueError for
-    an unknown norm."""
+    """The net `config` describes (model.build_net). Raises ModelError for a user's builder that cannot be loaded,
+    fails or returns no net; GroupsError for a --groups its norm layers refuse; ValueError for an unknown norm."""
     if is_builtin(config.model):
         return model_lib.build_net(config)
     model_lib.norm_entry(config.norm)  # an unknown norm is ours to report, not the builder's failure
     builder, spec = _builder(config.model), config.model
 
-    def checked(norm_layer, **kwargs):  # before build_net turns the convs of what it returned into WSConv2d
+    def checked(norm_layer, **kwargs):  # before build_net turns the convs of what it returns into WSConv2d
         used = []
 
         def counted(channels: int) -> nn.Module:
@@ -77,14 +71,13 @@ def build(config: model_lib.NetConfig) -> nn.Module:
 
 def check(spec: str, norms, groups: int, dataset) -> None:
     """Build the net for each norm and run it on two blank images of `dataset`'s shape, before any trial starts.
-    Raises UsageError for a --groups the net's norm layers refuse, ModelError for a builder that fails or whose
-    output is not (2, classes) logits."""
+    Raises UsageError for a --groups its norm layers refuse, ModelError for a builder that fails or whose output
+    is not (2, classes) logits."""
     shape = (2, dataset.channels, *dataset.image_size)
     for norm in norms:
-        config = model_lib.NetConfig(model=spec, norm=norm, groups=groups, in_channels=dataset.channels,
-                                     num_classes=len(dataset.classes))
         try:
-            net = build(config)
+            net = build(model_lib.NetConfig(model=spec, norm=norm, groups=groups, in_channels=dataset.channels,
+                                            num_classes=len(dataset.classes)))
         except model_lib.GroupsError as e:
             raise UsageError(f"--model {spec}: {e}") from None
         try:
@@ -93,9 +86,9 @@ def check(spec: str, norms, groups: int, dataset) -> None:
         except Exception as e:
             raise ModelError(f"--model {spec} with {norm} fails on a batch of {shape} images: "
                              f"{type(e).__name__}: {_first_line(e)}") from e
-        if tuple(getattr(out, "shape", ())) != (2, config.num_classes):
+        if tuple(getattr(out, "shape", ())) != (2, len(dataset.classes)):
             raise ModelError(f"--model {spec} returns {tuple(getattr(out, 'shape', ()))} for a batch of {shape} "
-                             f"images; a net must return (batch, {config.num_classes}) logits")
+                             f"images; a net must return (batch, {len(dataset.classes)}) logits")
 
 
 def _split(spec: str) -> tuple:
@@ -109,41 +102,52 @@ def _split(spec: str) -> tuple:
 
 
 def _builder(spec: str):
-    """The builder `spec` names, called with the keyword arguments it takes. Raises ModelError for a missing file
-    or module, one that does not import, a name it does not define as a callable, a builder without norm_layer."""
+    """The builder `spec` names, taking the keyword arguments it names. Raises ModelError for a missing file or
+    module, one that fails to import, a name it does not define as a callable, a builder without norm_layer."""
     target, name = _split(spec)
-    module = Path(target).stem if target.endswith(".py") else target
+    path, is_file = Path(target).expanduser(), target.endswith(".py")
+    module = path.stem if is_file else target
     try:
-        if target.endswith(".py") and Path(target).expanduser().is_file():
-            _load(Path(target).expanduser(), module)
+        if is_file and path.is_file():
+            _load(path, module)
         builder = pkgutil.resolve_name(f"{module}:{name}")
     except ModelError:
         raise
     except Exception as e:
         if isinstance(e, ImportError) and e.name == module:  # nothing of that name here
-            raise ModelError(NOT_FOUND.format(target) if target.endswith(".py") else f"--model {spec}: cannot import "
-                             f"{target} ({_first_line(e)}); pass a file as path/to/file.py:build, or install the "
-                             f"module") from None
-        if not isinstance(e, AttributeError) or module not in sys.modules:  # the module itself failed to import
-            raise ModelError(f"--model {target}: importing it raised {type(e).__name__}: {_first_line(e)}; " + (
-                "install it on every node" if isinstance(e, ImportError) else "fix the file so that it imports")) from e
+            raise ModelError(NOT_FOUND.format(target) if is_file else f"--model {spec}: cannot import {target} "
+                             f"({_first_line(e)}); pass a file as path/to/file.py:build, or install the module") from None
+        if not isinstance(e, AttributeError) or module not in sys.modules:  # the module failed to import
+            raise ModelError(f"--model {target}: importing it raised {type(e).__name__}: {_first_line(e)}; fix the "
+                             f"file so that it imports{' on every node' * isinstance(e, ImportError)}") from e
         builder = None
     if not callable(builder):
         found = "not defined" if builder is None else f"a {type(builder).__name__}, not a function"
         raise ModelError(f"--model {spec}: {name} is {found} in {target}; define "
                          f"def {name}(norm_layer, in_channels, num_classes) returning an nn.Module")
-    return _taking_its_arguments(builder, spec)
+    parameters = inspect.signature(builder).parameters
+    if "norm_layer" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        raise ModelError(f"--model {spec} takes no norm_layer argument; a builder is called as "
+                         f"build(norm_layer=..., in_channels=..., num_classes=...), torchvision's convention")
+    if "in_channels" in parameters:
+        return builder
+
+    def three_channels(norm_layer, in_channels, num_classes):  # torchvision's factories pass **kwargs to a ResNet
+        if in_channels != 3:
+            raise ModelError(f"--model {spec} takes no in_channels argument, so it reads 3-channel images, and this "
+                             f"data has {in_channels} channel(s); wrap it in a builder that replaces its first conv")
+        return builder(norm_layer=norm_layer, num_classes=num_classes)
+    return three_channels
 
 
 def _load(path: Path, name: str):
-    """Import the user's file as module `name`, as a cluster's nodes import it; refuse a name another module has
-    (the nodes would import that one)."""
+    """Import the user's file as module `name`, as a cluster's nodes do; refuse a name another module has."""
     try:
         found = importlib.util.find_spec(name)
+        where = found and (found.origin or next(iter(found.submodule_search_locations or ()), name))
     except (ImportError, ValueError):
-        found = None
-    where = found and (found.origin or next(iter(found.submodule_search_locations or []), name))
-    if found and Path(where).resolve() != path.resolve():
+        where = None
+    if where and Path(where).resolve() != path.resolve():
         raise ModelError(f"--model {path}: its module name {name!r} is taken (by {where}); rename the file, "
                          f"e.g. my_{name}.py")
     if name not in sys.modules:
@@ -154,29 +158,6 @@ def _load(path: Path, name: str):
         except BaseException:
             del sys.modules[name]
             raise
-
-
-def _taking_its_arguments(builder, spec: str):
-    """`builder`, called with the arguments of the norm_layer convention that it names: torchvision's factories
-    pass their **kwargs to a ResNet that takes no in_channels (its first conv reads 3 channels)."""
-    try:
-        parameters = inspect.signature(builder).parameters
-    except (TypeError, ValueError):  # no signature to read: pass everything
-        return builder
-    any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    missing = [key for key in ("norm_layer", "num_classes") if key not in parameters and not any_keyword]
-    if missing:
-        raise ModelError(f"--model {spec} takes no {' or '.join(missing)} argument; a builder is called as "
-                         f"build(norm_layer=..., in_channels=..., num_classes=...), torchvision's convention")
-    if "in_channels" in parameters:
-        return builder
-
-    def three_channels(norm_layer, in_channels, num_classes):
-        if in_channels != 3:
-            raise ModelError(f"--model {spec} takes no in_channels argument, so it reads 3-channel images, and this "
-                             f"data has {in_channels} channel(s); wrap it in a builder that replaces its first conv")
-        return builder(norm_layer=norm_layer, num_classes=num_classes)
-    return three_channels
 
 
 def _first_line(error: BaseException) -> str:
