@@ -60,9 +60,8 @@ CIFAR_FOLDER, CIFAR_ARCHIVE = "cifar-10-batches-py", "cifar-10-python.tar.gz"  #
 CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 IMAGE_FOLDER_SPLITS = ("train", "test")  # an image folder: root/train/<class>/*.png, root/test/<class>/*.png
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL image modes with one colour channel
-# torchvision's downloads: name -> (its dataset class, where the files land under --data-dir)
 DOWNLOADS = {"mnist": ("MNIST", "MNIST/raw"), "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw"),
-             "cifar10": ("CIFAR10", CIFAR_FOLDER)}
+             "cifar10": ("CIFAR10", CIFAR_FOLDER)}  # torchvision's dataset class, where its files land in --data-dir
 
 
 @dataclass(eq=False, repr=False)
@@ -256,10 +255,11 @@ def _read_folder(directory: Path, splits: tuple) -> tuple:
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"{path}: not a readable image ({type(e).__name__}); replace or delete it") from None
     sizes = ["x".join(map(str, a.shape[1::-1])) for a in arrays]  # width x height
-    odd = next((i for i, size in enumerate(sizes) if size != max(set(sizes), key=sizes.count)), None)
+    common = max(set(sizes), key=sizes.count)
+    odd = next((i for i, size in enumerate(sizes) if size != common), None)
     if odd is not None:
-        raise DataError(f"{samples[odd][0]}: {sizes[odd]} pixels, the other images "
-                        f"{max(set(sizes), key=sizes.count)} pixels; resize the images to one size")
+        raise DataError(f"{samples[odd][0]}: {sizes[odd]} pixels, the other images {common} pixels; resize the "
+                        f"images to one size")
     if any(a.ndim == 3 for a in arrays):  # colour anywhere: RGB throughout (PIL's L -> RGB repeats the channel)
         arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
     stacked = torch.from_numpy(np.stack(arrays))  # (N, H, W) or (N, H, W, 3)
@@ -288,7 +288,8 @@ def read_directory(directory, name: str, spec: Spec | None = None, test_split: b
     test_split=False: it may lack a test split. Raises DataError, one line, for bad input."""
     directory = Path(directory)
     kind, test_paths, test_files = _layout(directory)
-    declared = spec or read_declaration(directory, kind == "folder", SPECS["cifar10"] if kind == "cifar" else UNDECLARED)
+    default = SPECS["cifar10"] if kind == "cifar" else UNDECLARED
+    declared = spec or read_declaration(directory, image_folder=kind == "folder", default=default)
     has_test = any(path.exists() for path in test_paths)
     if not has_test and test_split:
         raise DataError(f"{directory}: no test split ({test_files}); add the test files, or evaluate on held-out "
@@ -443,7 +444,7 @@ def _download_failure(name: str, data_dir: Path, error: Exception) -> str:
     if isinstance(error, PermissionError):
         return f"cannot write to data directory {data_dir}; pass a writable --data-dir"
     if name == "cifar10" and (data_dir / CIFAR_ARCHIVE).is_file():
-        return f"{data_dir / CIFAR_ARCHIVE}: cannot unpack it ({type(error).__name__}: {error}); re-download or re-copy it"
+        return f"{data_dir / CIFAR_ARCHIVE}: cannot unpack it ({type(error).__name__}: {error}); re-download it"
     # torchvision's message ends in its last mirror's error: "Tried URL, got:\n<urlopen error [Errno -2] ...>"
     reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip("<>")
     why = "no network" if "urlopen error" in reason or isinstance(error, OSError) else "download failed"

@@ -1,10 +1,8 @@
 """The networks and their norms: built-in nets whose normalisation layer is a constructor argument.
 
 Pure modules only: no data, no I/O, no device moves, no Ray. `REGISTRY` maps a norm's name to its layer (and,
-for weight standardisation, its convs): the variants differ in exactly that place. Every builder, a built-in
-(`MODELS`) or a user's (plugins.py), is called as torchvision's ResNets are, `builder(norm_layer=...,
-in_channels=..., num_classes=...)`, by `build_net`, the one place a net is built from a `NetConfig`.
-"""
+for weight standardisation, its convs): the variants differ in exactly that place. `build_net` builds every
+net, a built-in (`MODELS`) or a user's (plugins.py), as torchvision's ResNets are built: `norm_layer=...`."""
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Callable
@@ -22,8 +20,8 @@ class NetConfig:
     # GroupNorm groups: 4 divides every width below and leaves >= 2 channels per group in the narrowest
     # layer; GN's accuracy is flat over a wide range of group counts (Wu & He 2018).
     groups: int = 4
-    # conv widths, "M" = 2x2 max-pool. 28 -> 14 -> 7 spatially, then global average pooling.
-    # Narrow at 28x28 (where convs cost the most time), two convs per stage: 19,650 parameters.
+    # conv widths, "M" = 2x2 max-pool (28 -> 14 -> 7, then global average pooling); narrow at 28x28, where convs
+    # cost the most time, two convs per stage: 19,650 parameters.
     widths: tuple = (8, 16, "M", 16, 24, "M", 24, 32)
     num_classes: int = 10
     in_channels: int = 1
