@@ -1,8 +1,7 @@
-"""`--model`: a built-in net's name (model.MODELS) or a user's builder, `path/to/file.py:build` or `module:build`,
-called as torchvision's ResNets are, `build(norm_layer=..., in_channels=..., num_classes=...)` (a builder with
-no in_channels parameter, torchvision's `resnet18`, reads 3-channel images only), returning an nn.Module from
-(B, in_channels, H, W) images to (B, num_classes) logits. A file is the module named after it: loaded from its
-path where it exists, else imported by that name (on a cluster's nodes, where Ray's `py_modules` put it)."""
+"""`--model`: a built-in net (model.MODELS) or a user's builder, `path/to/file.py:build` or `module:build`, called
+as torchvision's ResNets are, `build(norm_layer=..., in_channels=..., num_classes=...)`, returning an nn.Module
+from (B, in_channels, H, W) images to (B, num_classes) logits. A file is the module named after it: loaded from
+its path where it exists, else imported by that name (on a cluster's nodes, where Ray's `py_modules` put it)."""
 import importlib.util
 import inspect
 import pkgutil
@@ -23,8 +22,7 @@ def is_builtin(spec: str) -> bool:
 
 
 def canonical(spec: str) -> str:
-    """`spec` as a launch saves it, a file's path made absolute (--resume and the analysis find it from any
-    directory). Raises ModelError for a spec neither a built-in nor TARGET:NAME, or a file that is not here."""
+    """`spec` with a file's path made absolute, as a launch saves it; ModelError for a bad spec or a missing file."""
     target, name = (spec, "") if is_builtin(spec) else _split(spec)
     if target.endswith(".py") and not Path(target).expanduser().is_file():
         raise ModelError(NOT_FOUND.format(target))
@@ -38,8 +36,8 @@ def shipped_file(spec: str) -> str | None:
 
 
 def build(config: model_lib.NetConfig) -> nn.Module:
-    """The net `config` describes (model.build_net). Raises ModelError for a user's builder that cannot be loaded,
-    fails or returns no net; GroupsError for a --groups its norm layers refuse; ValueError for an unknown norm."""
+    """The net `config` describes (model.build_net): ModelError for a user's builder that cannot be loaded, fails
+    or returns no net, GroupsError for a --groups its norm layers refuse, ValueError for an unknown norm."""
     if is_builtin(config.model):
         return model_lib.build_net(config)
     model_lib.norm_entry(config.norm)  # an unknown norm is ours to report, not the builder's failure
@@ -102,8 +100,8 @@ def _split(spec: str) -> tuple:
 
 
 def _builder(spec: str):
-    """The builder `spec` names, taking the keyword arguments it names. Raises ModelError for a missing file or
-    module, one that fails to import, a name it does not define as a callable, a builder without norm_layer."""
+    """The builder `spec` names, called with the keyword arguments it takes (a builder with no in_channels, as
+    torchvision's `resnet18`, reads 3-channel images only); ModelError where it cannot be loaded."""
     target, name = _split(spec)
     path, is_file = Path(target).expanduser(), target.endswith(".py")
     module = path.stem if is_file else target
