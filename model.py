@@ -1,16 +1,15 @@
 """The networks and their norms: built-in nets whose normalisation layer is a constructor argument.
 
-Pure modules only: no data, no I/O, no device moves, no Ray. `REGISTRY` is the one map from a
-norm's name to its layer (and, for weight standardisation, its convs), so the variants differ in
-exactly that place. `MODELS` maps a built-in net's name to its builder; every builder, built-in or a
-user's (plugins.py), is called as torchvision's ResNets are: `builder(norm_layer=..., in_channels=...,
-num_classes=...)`, and `build_net` is the one place a net is built from a `NetConfig`.
-"""
-from dataclasses import asdict, dataclass, fields
+Pure modules only: no data, no I/O, no device moves, no Ray. `REGISTRY` maps a norm's name to its layer (and,
+for weight standardisation, its convs): the variants differ in exactly that place. `build_net` builds every
+net, a built-in (`MODELS`) or a user's (plugins.py), as torchvision's ResNets are built: `norm_layer=...`."""
+from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
+
 
 @dataclass(frozen=True)
 class NetConfig:
@@ -18,40 +17,31 @@ class NetConfig:
     norm: str = "bn"
     # a built-in net (MODELS) or a user's builder, "path/to/file.py:build" or "module:build" (plugins.py)
     model: str = "small"
-    # GroupNorm groups. 4 divides every width below and leaves >= 2 channels per group in the
-    # narrowest layer; GN's accuracy is flat over a wide range of group counts (Wu & He 2018).
+    # GroupNorm groups: 4 divides every width below and leaves >= 2 channels per group in the narrowest
+    # layer; GN's accuracy is flat over a wide range of group counts (Wu & He 2018).
     groups: int = 4
-    # conv widths, "M" = 2x2 max-pool. 28 -> 14 -> 7 spatially, then global average pooling.
-    # Narrow at 28x28 (where convs cost the most time), two convs per stage: 19,650 parameters.
+    # conv widths, "M" = 2x2 max-pool (28 -> 14 -> 7, then global average pooling); narrow at 28x28, where convs
+    # cost the most time, two convs per stage: 19,650 parameters.
     widths: tuple = (8, 16, "M", 16, 24, "M", 24, 32)
     num_classes: int = 10
     in_channels: int = 1
     dropout: float = 0.0
-    # Block order: "relu-norm" (conv -> ReLU -> norm) or "norm-relu" (conv -> norm -> ReLU). Normalising
-    # after the ReLU let GroupNorm and LayerNorm fit small training sets as well as BatchNorm does
-    # (docs/validation.md); every variant gets the same order.
+    # Block order: "relu-norm" (conv -> ReLU -> norm) or "norm-relu" (conv -> norm -> ReLU). Normalising after the
+    # ReLU let GN and LN fit small training sets as well as BN does (docs/validation.md); every variant gets it.
     order: str = "relu-norm"
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, saved: dict) -> "NetConfig":
-        """The config a checkpoint saved (to_dict); keys a newer version added take their defaults, except
-        `order`: checkpoints written before it existed trained conv -> norm -> ReLU."""
-        known = {f.name for f in fields(cls)}
-        config = {"order": "norm-relu", **{k: v for k, v in saved.items() if k in known}}
-        config["widths"] = tuple(config.get("widths", cls.widths))
-        return cls(**config)
+        """The config a checkpoint saved (to_dict)."""
+        return cls(**{**saved, "widths": tuple(saved["widths"])})
 
 
 class _Float32Norm:
-    """Mixin: the norm computes in float32 even under autocast.
-
-    Under bf16 autocast the convolutions run in bf16, but a norm's statistics are the numerically
-    delicate part (and GroupNorm's bf16 CPU kernel is the slow path), so they stay in float32.
-    Outside autocast this is the plain layer, with the same parameters and state_dict keys.
-    """
+    """Mixin: the norm computes in float32 under autocast, where the convs run in bf16: its statistics are the
+    numerically delicate part (and GroupNorm's bf16 CPU kernel is the slow path). Else the plain layer."""
 
     def forward(self, x):
         if not torch.is_autocast_enabled(x.device.type):
@@ -69,13 +59,9 @@ class GroupNorm(_Float32Norm, nn.GroupNorm):
 
 
 class GhostBatchNorm2d(BatchNorm2d):
-    """BatchNorm whose training-mode statistics come from virtual batches of `virtual_batch` images.
-
-    The batch is cut into chunks of `virtual_batch` images (the last may be smaller) and each chunk is
-    batch-normalised on its own, updating the running statistics once per chunk, exactly as BatchNorm
-    run on each chunk would. In eval mode it is BatchNorm with running statistics. Same parameters and
-    state_dict keys as BatchNorm2d; `virtual_batch` is a constructor argument, not state.
-    """
+    """BatchNorm over virtual batches of `virtual_batch` images in training: each chunk of the batch (the last may
+    be smaller) is normalised, and updates the running statistics, as BatchNorm run on it alone would. In eval
+    it is BatchNorm. Same parameters and state_dict keys as BatchNorm2d (`virtual_batch` is not state)."""
 
     def __init__(self, num_features: int, virtual_batch: int = 16, **kwargs):
         super().__init__(num_features, **kwargs)
@@ -91,13 +77,9 @@ class GhostBatchNorm2d(BatchNorm2d):
 
 
 class WSConv2d(nn.Conv2d):
-    """A conv with Weight Standardization (Qiao et al. 2019): every forward standardises each output
-    channel's weight over (in, kh, kw), w_hat = (w - mean) / sqrt(var + eps), biased variance.
-
-    Same parameters, state_dict keys and initial weights as nn.Conv2d: only the forward differs. The
-    weight is a float32 parameter, so its statistics are computed in float32 even under autocast; the
-    convolution itself runs in autocast's dtype like every other conv.
-    """
+    """A conv with Weight Standardization (Qiao et al. 2019): each forward standardises every output channel's
+    weight over (in, kh, kw), (w - mean) / sqrt(var + eps), biased variance, in float32 even under autocast
+    (the conv itself runs in autocast's dtype). Same parameters, state_dict keys and init as nn.Conv2d."""
 
     eps = 1e-5
 
@@ -115,18 +97,11 @@ class GroupsError(ValueError):
 
 def _group_norm(channels: int, groups: int) -> nn.Module:
     if groups < 1 or channels % groups:
-        raise GroupsError(
-            f"groups={groups} does not divide {channels} channels; "
-            f"use a group count that divides every width (valid here: {_divisors(channels)})")
+        raise GroupsError(f"groups={groups} does not divide {channels} channels")
     return GroupNorm(groups, channels)
 
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
-# Ghost BatchNorm's virtual batch, in images: the batch a BN statistic is taken over in training.
-GHOST_BATCH = 16
+GHOST_BATCH = 16  # Ghost BatchNorm's virtual batch, in images: the batch a BN statistic is taken over in training
 
 
 @dataclass(frozen=True)
@@ -135,23 +110,21 @@ class Norm:
     make: Callable[[int, int], nn.Module]  # (channels, groups) -> the norm layer after a conv
     description: str  # one line: what it pools
     reference: str
-    uses_groups: bool = False  # reads NetConfig.groups (which must then divide every width)
     batch_statistics: bool = False  # training-mode statistics pool over images: a batch of 1 has none
-    weight_standardized: bool = False  # Net builds its convs as WSConv2d instead of nn.Conv2d
+    weight_standardized: bool = False  # build_net turns the net's convs into WSConv2d
 
 
-# The one map from a norm's name to its layer. NORMS, the CLI help, the error messages and the README's
-# table of norms (render_norm_table) all derive from it. A name must not end in "+l1" (the variant suffix).
+# The one map from a norm's name to its layer: NORMS, the CLI help, the errors and the README's table of norms
+# derive from it. A name must not end in "+l1" (the variant suffix). "ln" is GroupNorm(1, C): nn.LayerNorm([C,
+# H, W])'s statistics with a per-channel affine (2C parameters, not 2CHW) that ties the net to no input size.
 REGISTRY = {
     "bn": Norm(lambda channels, groups: BatchNorm2d(channels),
                "BatchNorm: per channel, over the batch and pixels (N, H, W); running statistics in eval",
                "Ioffe & Szegedy 2015", batch_statistics=True),
-    "gn": Norm(_group_norm,
-               "GroupNorm: per image, over `--groups` groups of channels and their pixels",
-               "Wu & He 2018", uses_groups=True),
+    "gn": Norm(_group_norm, "GroupNorm: per image, over `--groups` groups of channels and their pixels",
+               "Wu & He 2018"),
     "ln": Norm(lambda channels, groups: GroupNorm(1, channels),
-               "LayerNorm over (C, H, W) of each image, as GroupNorm(1, C): per-channel affine",
-               "Ba et al. 2016"),
+               "LayerNorm over (C, H, W) of each image, as GroupNorm(1, C): per-channel affine", "Ba et al. 2016"),
     "in": Norm(lambda channels, groups: GroupNorm(channels, channels),
                "InstanceNorm: per image and channel, over its pixels, as GroupNorm(C, C): per-channel affine",
                "Ulyanov et al. 2016"),
@@ -163,9 +136,8 @@ REGISTRY = {
                   "Qiao et al. 2019", batch_statistics=True, weight_standardized=True),
     "gn+ws": Norm(_group_norm,
                   "GroupNorm after weight-standardised convs (each conv's weight standardised per output channel)",
-                  "Qiao et al. 2019", uses_groups=True, weight_standardized=True),
-    "none": Norm(lambda channels, groups: nn.Identity(),
-                 "no normalisation: the control", "-"),
+                  "Qiao et al. 2019", weight_standardized=True),
+    "none": Norm(lambda channels, groups: nn.Identity(), "no normalisation: the control", "-"),
 }
 NORMS = tuple(REGISTRY)
 
@@ -177,48 +149,17 @@ def norm_entry(norm: str) -> Norm:
     return REGISTRY[norm]
 
 
-def make_norm(norm: str, channels: int, groups: int) -> nn.Module:
-    """The norm layer that follows a conv of `channels` outputs.
-
-    "ln" is layer norm over (C, H, W) of each sample, implemented as GroupNorm(1, C): identical
-    statistics to nn.LayerNorm([C, H, W]) but with per-channel affine parameters (2C), whereas
-    nn.LayerNorm([C, H, W]) learns an affine per element (2CHW), multiplying the parameter count
-    and tying the net to one input size.
-    """
-    return norm_entry(norm).make(channels, groups)
-
-
 def norm_layer(norm: str, groups: int = 4) -> Callable[[int], nn.Module]:
-    """torchvision's `norm_layer` convention for a registry norm: a callable from a channel count to the layer.
-
-    Raises ValueError for an unknown norm (at once) and GroupsError when called with a channel count that
-    `groups` does not divide.
-    """
-    entry = norm_entry(norm)
-
-    def layer(channels: int) -> nn.Module:
-        return entry.make(channels, groups)
-    return layer
-
-
-def standardize_weights(net: nn.Module) -> nn.Module:
-    """Turn every nn.Conv2d of `net` into a WSConv2d in place (Weight Standardization of all convs, as Qiao
-    et al. 2019 apply it); parameters, initial weights and state_dict keys are unchanged. Returns `net`."""
-    for module in net.modules():
-        if type(module) is nn.Conv2d:
-            # WSConv2d adds no state to nn.Conv2d, only its forward: the class swap keeps every tensor and hook
-            module.__class__ = WSConv2d
-    return net
+    """torchvision's `norm_layer` convention: a callable from a channel count to the norm's layer. Raises
+    ValueError for an unknown norm (at once), GroupsError when called with channels `groups` does not divide."""
+    return partial(norm_entry(norm).make, groups=groups)
 
 
 class Net(nn.Module):
     """The default net ("small"): conv3x3 -> ReLU -> norm blocks (`order`), max-pools between stages, global
-    average pool, linear head. 19,650 parameters with BatchNorm on 1-channel input.
-
-    Convs have no bias: each conv after the first reads a norm's output, whose shift (beta) does a
-    bias's work, and keeping it off in every variant (the "none" control too) keeps the variants
-    identical except for the norm layers. Input (B, in_channels, H, W), any H, W >= 4.
-    """
+    average pool, linear head; 19,650 parameters with BatchNorm on 1-channel input (B, in_channels, H >= 4, W >= 4).
+    Convs have no bias: a norm's shift (beta) does a bias's work, and keeping it off in every variant (the "none"
+    control too) keeps the variants identical but for the norm layers."""
 
     def __init__(self, norm_layer: Callable[[int], nn.Module] = BatchNorm2d, in_channels: int = 1,
                  num_classes: int = 10, widths: tuple = NetConfig.widths, order: str = NetConfig.order,
@@ -230,9 +171,8 @@ class Net(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 continue
             norm_act = [norm_layer(width), nn.ReLU(inplace=True)]
-            if order == "relu-norm":
-                norm_act.reverse()
-            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), *norm_act]
+            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                       *(norm_act[::-1] if order == "relu-norm" else norm_act)]
             channels = width
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
@@ -257,8 +197,7 @@ class BasicBlock(nn.Module):
         self.stride, self.pad = stride, channels - in_channels
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, C, H / stride, W / stride)
-        out = torch.relu(self.norm1(self.conv1(x)))
-        out = self.norm2(self.conv2(out))
+        out = self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(x)))))
         shortcut = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
         if self.pad:
             shortcut = nn.functional.pad(shortcut, (0, 0, 0, 0, 0, self.pad))  # zero channels appended
@@ -266,24 +205,19 @@ class BasicBlock(nn.Module):
 
 
 class ResNet20(nn.Module):
-    """ResNet-20 for 32x32 images (He et al. 2016, section 4.2): a 3x3 conv of 16 channels, then three stages
-    of three BasicBlocks at 16, 32 and 64 channels (stride 2 between stages), global average pooling and a
-    linear head. 19 norm layers; 269,722 parameters with BatchNorm on 3-channel input and 10 classes (the
-    paper's "0.27M"). Takes any input size; 28x28 runs at 28 -> 14 -> 7.
-    """
+    """ResNet-20 for 32x32 images (He et al. 2016, section 4.2): a 3x3 conv of 16 channels, three stages of
+    three BasicBlocks at 16, 32 and 64 channels (stride 2 between stages), global average pooling, a linear head.
+    19 norm layers; 269,722 parameters with BatchNorm, 3 channels, 10 classes (the paper's "0.27M")."""
 
     def __init__(self, norm_layer: Callable[[int], nn.Module] = BatchNorm2d, in_channels: int = 3,
                  num_classes: int = 10, blocks_per_stage: int = 3):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), norm_layer(16),
                                   nn.ReLU(inplace=True))
-        blocks, channels = [], 16
-        for stage, width in enumerate((16, 32, 64)):
-            for i in range(blocks_per_stage):
-                blocks.append(BasicBlock(channels, width, 2 if stage and not i else 1, norm_layer))
-                channels = width
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(channels, num_classes)
+        widths = [width for width in (16, 32, 64) for _ in range(blocks_per_stage)]  # stride 2 where a stage widens
+        self.blocks = nn.Sequential(*(BasicBlock(before, width, 1 + (width != before), norm_layer)
+                                      for before, width in zip([16, *widths], widths)))
+        self.head = nn.Linear(widths[-1], num_classes)
         for module in self.modules():  # He et al. 2015's init, as torchvision's ResNets use
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -293,8 +227,7 @@ class ResNet20(nn.Module):
         return self.head(x.mean(dim=(2, 3)))  # (B, num_classes) logits
 
 
-# Built-in nets: name -> (builder, one line for --help and the README). A user's builder (plugins.py) is
-# called exactly as these are.
+# Built-in nets: name -> (builder, one line for --help and the README); a user's builder is called as these are
 MODELS = {
     "small": (Net, "the default: 6 convs of 8-32 channels, 6 norm layers, 19,650 parameters (bn, 1 channel)"),
     "resnet20": (ResNet20, "ResNet-20 (He et al. 2016): 19 convs of 16-64 channels, 19 norm layers, "
@@ -304,43 +237,36 @@ MODELS = {
 
 def build_net(config: NetConfig, builder: Callable | None = None) -> nn.Module:
     """The net `config` describes: its norm from REGISTRY, passed as `norm_layer`, and its convs weight-
-    standardised where the norm says so. `builder` is a user's (plugins.py); built-ins need none.
-
+    standardised (WSConv2d) where the norm says so. `builder` is a user's (plugins.py); built-ins need none.
     Raises ValueError for an unknown norm or net, GroupsError (a ValueError) naming the valid group counts
-    when config.groups does not divide every norm layer's channels.
-    """
+    when config.groups does not divide every norm layer's channels."""
     entry = norm_entry(config.norm)
     if builder is None:
         if config.model not in MODELS:
             raise ValueError(f"unknown model {config.model!r}; built-in models: {', '.join(MODELS)}, "
                              f"or a builder as path/to/file.py:build or module:build")
         builder = MODELS[config.model][0]
-    extra = ({"widths": config.widths, "order": config.order, "dropout": config.dropout}
-             if builder is Net else {})
-    try:
-        net = builder(norm_layer=norm_layer(config.norm, config.groups), in_channels=config.in_channels,
-                      num_classes=config.num_classes, **extra)
-    except GroupsError:
-        widths = _norm_widths(builder, config, extra)
-        common = [d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths)]
-        bad = sorted({w for w in widths if config.groups < 1 or w % config.groups})
-        raise GroupsError(f"groups={config.groups} does not divide the channel counts {bad}; valid group counts "
-                          f"for this net's norm layers ({', '.join(map(str, sorted(set(widths))))} channels): "
-                          f"{', '.join(map(str, common))}") from None
-    return standardize_weights(net) if entry.weight_standardized else net
+    extra = {"widths": config.widths, "order": config.order, "dropout": config.dropout} if builder is Net else {}
+    widths, refused = [], []
 
-
-def _norm_widths(builder: Callable, config: NetConfig, extra: dict) -> list:
-    """The channel counts a builder's norm layers get, found by building it once with Identity norms
-    (random state restored: a refused build leaves none of its draws behind)."""
-    widths = []
-
-    def record(channels: int) -> nn.Module:
+    def layer(channels: int) -> nn.Module:  # a layer --groups refuses is noted, so that the error names every width
         widths.append(channels)
-        return nn.Identity()
-    with torch.random.fork_rng(devices=[]):
-        builder(norm_layer=record, in_channels=config.in_channels, num_classes=config.num_classes, **extra)
-    return widths
+        try:
+            return entry.make(channels, config.groups)
+        except GroupsError:
+            refused.append(channels)
+            return GroupNorm(1, channels)  # a stand-in with a norm layer's attributes, for the build to finish
+    net = builder(norm_layer=layer, in_channels=config.in_channels, num_classes=config.num_classes, **extra)
+    if refused:
+        valid = [d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths)]
+        raise GroupsError(f"groups={config.groups} does not divide the channel counts {sorted(set(refused))}; valid "
+                          f"group counts for this net's norm layers ({', '.join(map(str, sorted(set(widths))))} "
+                          f"channels): {', '.join(map(str, valid))}")
+    if entry.weight_standardized:  # every conv, as Qiao et al. 2019 apply WS
+        for module in net.modules():
+            if type(module) is nn.Conv2d:  # WSConv2d adds no state, only its forward: the swap keeps every tensor
+                module.__class__ = WSConv2d
+    return net
 
 
 def count_parameters(model: nn.Module) -> int:

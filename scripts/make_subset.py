@@ -13,6 +13,7 @@ Each directory gets a dataset.json beside its idx files (data.DECLARATION): the 
 augmentation of the data it was drawn from, so that a subset of Fashion-MNIST is labelled as clothes.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -79,10 +80,12 @@ def main(argv=None):
     # What the subset is, beside its idx files: class names and augmentation of the data it came from.
     note = (f"{len(train_y)} train / {len(test_y)} test images made by scripts/make_subset.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}")
-    if args.source == "fashion":
-        data_lib.write_declaration(args.out, note, source="fashion-mnist")
-    else:  # scikit-learn's digits are not MNIST, but digits all the same: named and augmented as MNIST's
-        data_lib.write_declaration(args.out, note, classes=data_lib.DIGIT_CLASSES, augment=data_lib.AUGMENT["mnist"])
+    # scikit-learn's digits are not MNIST, but digits all the same: named and augmented as MNIST's
+    spec = data_lib.SPECS["fashion-mnist" if args.source == "fashion" else "mnist"]
+    declared = {"note": note, **({"source": "fashion-mnist"} if args.source == "fashion" else {}),
+                "classes": list(spec.classes), "augment": spec.augment}
+    (args.out / data_lib.DECLARATION).write_text(json.dumps(declared, indent=2) + "\n")
+    data_lib.read_declaration(args.out)  # what it wrote reads back
     print(f"{args.out}: {len(train_y)} train / {len(test_y)} test images, {data_lib.DECLARATION} "
           f"({'Fashion-MNIST' if args.source == 'fashion' else 'digit'} class names)")
 

@@ -55,7 +55,7 @@ def test_cifar10_reads_an_archive_offline_in_cifars_own_format(tmp_path):
     assert dataset.train_labels[:4].tolist() == first["labels"]
     assert dataset.test_labels.tolist() == batches["test_batch"]["labels"]
     assert dataset.augment == {"degrees": 0.0, "shift": 4, "flip": True}
-    assert dataset.spec == data_lib.SPECS["cifar10"]  # channels, size, classes, augmentation, mean and std
+    assert (dataset.mean, dataset.std) == (data_lib.SPECS["cifar10"].mean, data_lib.SPECS["cifar10"].std)
     # unpacked once: the folder reads again without the archive, and as a directory given by path
     (tmp_path / "data" / data_lib.CIFAR_ARCHIVE).unlink()
     again = data_lib.load_dataset(str(tmp_path / "data" / data_lib.CIFAR_FOLDER))
@@ -116,7 +116,7 @@ def test_an_rgb_image_folder_reads_in_colour_with_its_folders_as_classes(tmp_pat
     index = [i for i, label in enumerate(dataset.train_labels.tolist()) if label == 1][0]
     assert torch.equal(dataset.train_images[index], torch.from_numpy(written[cat]).permute(2, 0, 1))
     # undeclared: no flips (a directory's augmentation is declared, never read from its name)
-    assert dataset.augment == data_lib.UNDECLARED["augment"] and dataset.mean is None
+    assert dataset.augment == data_lib.UNDECLARED.augment and dataset.mean is None
 
 
 def test_grayscale_folders_are_one_channel_and_a_mixed_folder_is_rgb(tmp_path):
@@ -136,9 +136,9 @@ def test_grayscale_folders_are_one_channel_and_a_mixed_folder_is_rgb(tmp_path):
     ("corrupt", r"train/cat/0.png: not a readable image .*replace or delete it"),
     ("unknown test class", r"test/bee: class 'bee' is not among the training classes \(ant, cat, dog\)"),
     ("declared classes", r"dataset.json: an image folder's class names are its class folders' names; drop classes"),
-    ("no images", r"train: no images \(.*\.png.*\) in its class folders"),
-    ("empty class", r"train/cat: no training images \(.*\.png.*\); add some or delete the folder"),
-    ("class of other files", r"train/dog: no training images \(.*\.png.*\); add some or delete the folder"),
+    ("no images", r"train: Found no valid file for the classes ant, cat, dog\. .*\.png.*; add images or delete"),
+    ("empty class", r"train: Found no valid file for the classes cat\. .*\.png.*; add images or delete the empty"),
+    ("class of other files", r"train: Found no valid file for the classes dog\. .*; add images or delete the empty"),
 ])
 def test_a_broken_image_folder_gets_one_line_naming_what_to_fix(tmp_path, damage, expected):
     root = tmp_path / "pets"
@@ -175,7 +175,7 @@ def test_a_declaration_sets_a_folders_augmentation_and_statistics(tmp_path):
     run = train.TrainingRun({"epochs": 1, "batch_size": 4}, dataset)
     assert run.mean.tolist() == pytest.approx([0.5, 0.4, 0.3]) and run.std.tolist() == pytest.approx([0.2, 0.2, 0.25])
     (tmp_path / "pets" / data_lib.DECLARATION).write_text('{"mean": [0.5], "std": [0.2]}')
-    with pytest.raises(data_lib.DataError, match=r"mean lists 1 values for 3-channel images; give one per channel"):
+    with pytest.raises(data_lib.DataError, match=r"mean and std list 1 and 1 values for 3-channel images; give one per channel"):
         data_lib.load_dataset(str(tmp_path / "pets"))
 
 

@@ -9,7 +9,7 @@ from torch import nn
 import checks
 import train
 from model import (NORMS, REGISTRY, BatchNorm2d, GhostBatchNorm2d, Net, ResNet20, WSConv2d, build_model,
-                   count_parameters, make_norm, norm_layer, render_norm_table)
+                   count_parameters, norm_layer, render_norm_table)
 
 ROOT = Path(__file__).resolve().parents[1]
 NORMED = ("bn", "gn", "ln", "in", "gbn")  # the norms whose convs are plain nn.Conv2d
@@ -39,10 +39,10 @@ def test_variants_differ_only_in_norm_layers(norm):
 
 
 def test_norm_layer_kinds():
-    assert isinstance(make_norm("bn", 8, 4), nn.BatchNorm2d)
-    gn = make_norm("gn", 8, 4)
+    assert isinstance(norm_layer("bn", 4)(8), nn.BatchNorm2d)
+    gn = norm_layer("gn", 4)(8)
     assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 4
-    ln = make_norm("ln", 8, 4)
+    ln = norm_layer("ln", 4)(8)
     # layer norm over (C, H, W) with per-channel affine: 2C parameters
     assert isinstance(ln, nn.GroupNorm) and ln.num_groups == 1 and count_parameters(ln) == 16
 
@@ -50,7 +50,7 @@ def test_norm_layer_kinds():
 def test_ln_matches_layer_norm_over_chw():
     x = torch.randn(2, 8, 5, 5)
     expected = nn.functional.layer_norm(x, x.shape[1:])
-    assert torch.allclose(make_norm("ln", 8, 4)(x), expected, atol=1e-5)
+    assert torch.allclose(norm_layer("ln", 4)(8)(x), expected, atol=1e-5)
 
 
 def test_unknown_norm_lists_valid_names():
@@ -95,7 +95,7 @@ def test_registry_flags_match_the_layers():
 
 @pytest.mark.parametrize("norm", [n for n in NORMS if n != "none"])
 def test_norms_compute_in_float32_under_autocast(norm):
-    layer = make_norm(norm, 8, 4).train()
+    layer = norm_layer(norm, 4)(8).train()
     x = torch.randn(4, 8, 5, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x.bfloat16())
@@ -104,7 +104,7 @@ def test_norms_compute_in_float32_under_autocast(norm):
 
 
 def test_in_is_instance_norm_with_per_channel_affine():
-    layer = make_norm("in", 8, 4)
+    layer = norm_layer("in", 4)(8)
     assert isinstance(layer, nn.GroupNorm) and layer.num_groups == 8 and count_parameters(layer) == 16
     with torch.no_grad():
         layer.weight.uniform_(0.5, 2), layer.bias.uniform_(-1, 1)
@@ -124,7 +124,7 @@ def _bn_reference(x, weight, bias, eps=1e-5):
 
 def test_ghost_bn_trains_on_virtual_batches_and_evaluates_as_bn():
     torch.manual_seed(0)
-    ghost = make_norm("gbn", 8, 4)
+    ghost = norm_layer("gbn", 4)(8)
     assert isinstance(ghost, GhostBatchNorm2d) and ghost.virtual_batch == 16
     with torch.no_grad():
         ghost.weight.uniform_(0.5, 2), ghost.bias.uniform_(-1, 1)
@@ -243,7 +243,7 @@ def test_every_norm_builds_in_resnet20(norm):
     expected = type(plain.stem[1])
     layers = resnet_norm_layers(model)
     assert len(layers) == 19 and all(type(layer) is expected for layer in layers)
-    assert type(make_norm(norm, 16, 4)) is expected  # the registry's layer, in all 19 places
+    assert type(norm_layer(norm, 4)(16)) is expected  # the registry's layer, in all 19 places
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 19 and all(isinstance(m, WSConv2d) == REGISTRY[norm].weight_standardized for m in convs)
     assert count_parameters(model) == (268_346 if norm == "none" else 269_722)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import checks
+import errors
 import data as data_lib
 import model
 import plugins
@@ -58,7 +58,7 @@ def user_file(tmp_path):
 
 def one_line_error(error_type, match: str, call, *args):
     """call(*args) raises error_type (a NormsweepError: printed as one `error: ...` line) matching `match`."""
-    assert issubclass(error_type, checks.NormsweepError)
+    assert issubclass(error_type, errors.NormsweepError)
     with pytest.raises(error_type, match=match) as raised:
         call(*args)
     assert "\n" not in str(raised.value), str(raised.value)
@@ -192,7 +192,7 @@ def test_a_net_that_does_not_fit_the_data_is_refused_before_trials(user_file):
     one_line_error(plugins.ModelError, rf"^--model {wide}:build with bn fails on a batch of \(2, 1, 28, 28\) images: "
                    r"RuntimeError: ", plugins.check, f"{wide}:build", ["bn"], 4, GREY)
     tiny = user_file("tiny", TINY_NET)
-    one_line_error(checks.UsageError, rf"^--model {tiny}:build: groups=3 does not divide the channel counts \[8, 16\]; "
+    one_line_error(errors.UsageError, rf"^--model {tiny}:build: groups=3 does not divide the channel counts \[8, 16\]; "
                    r"valid group counts for this net's norm layers \(8, 16 channels\): 1, 2, 4, 8$",
                    plugins.check, f"{tiny}:build", ["bn", "gn"], 3, GREY)
 
