@@ -309,7 +309,15 @@ def _check_sweep(sweep: SweepConfig) -> None:
         raise UsageError("--train-size has no effect with --smoke-test (which trains on its own subset); drop one")
     if not sweep.ship_code and not sweep.address:
         raise UsageError("--no-ship-code has no effect without --address (a local Ray ships nothing); drop it")
-    _check_name(sweep.name)
+    name = sweep.name or "x"
+    size = len(name.encode("utf-8", "surrogateescape"))  # 255 bytes: what ext4, XFS, APFS, NTFS and S3 keys hold
+    shown = name if len(name) <= 40 else f"{name[:40]}... ({size} bytes)"
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise UsageError(f"--name must be one directory name, without '/' or '\\' and not '.' or '..', "
+                         f"got {shown!r}; e.g. --name fmnist_3seeds")
+    if size > 255:
+        raise UsageError(f"--name is longer than a file system allows ({size} bytes, at most 255): {shown!r}; "
+                         f"pass a shorter name")
     lambdas = sweep.l1_lambdas
     bad = [lam for lam in lambdas if not 0 < lam < math.inf]
     if bad:
@@ -332,23 +340,6 @@ def _check_sweep(sweep: SweepConfig) -> None:
     if sweep.tune and sweep.val_size:
         raise UsageError(f"--tune and --val-size {sweep.val_size} both given; the tuning stage holds out its own "
                          f"validation split and the final stage scores on the test split, drop --val-size")
-
-
-NAME_MAX_BYTES = 255  # the longest file name ext4, XFS, APFS, NTFS and S3 key components all hold
-
-
-def _check_name(name) -> None:
-    """Refuse an experiment name (--name) that cannot be one directory under the storage path."""
-    if name is None:
-        return
-    encoded = name.encode("utf-8", "surrogateescape")
-    shown = name if len(name) <= 40 else f"{name[:40]}... ({len(encoded)} bytes)"
-    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise UsageError(f"--name must be one directory name, without '/' or '\\' and not '.' or '..', "
-                         f"got {shown!r}; e.g. --name fmnist_3seeds")
-    if len(encoded) > NAME_MAX_BYTES:
-        raise UsageError(f"--name is longer than a file system allows ({len(encoded)} bytes, at most "
-                         f"{NAME_MAX_BYTES}): {shown!r}; pass a shorter name")
 
 
 def check_val_size(val_size: int, n_train: int) -> None:

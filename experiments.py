@@ -5,14 +5,11 @@ file. The storage path is a local directory or any URI `pyarrow.fs` resolves (`s
 `gs://...`, `file:///...`); S3 takes its endpoint and credentials the way every S3 client does
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, an instance role).
 Every read and write of an experiment by the CLI, the analysis and the notebook goes through here;
-Ray Tune writes its own files to the same place (`tune.RunConfig(storage_path=...)`).
-
-Layout (README, "The results directory"):
+Ray Tune writes its own files to the same place. Layout (docs/usage.md, "The results directory"):
     <name>/normsweep_launch.json              the CLI settings of the launch (LAUNCH_FILE)
     <name>/experiment_state-*.json            Tune's state: an experiment Tune started has one
     <name>/<trial>/result.json                one JSON line per reported epoch
     <name>/<trial>/checkpoint_NNNNNN/state.pt the best and the latest checkpoint
-
 No Ray here: the analysis reads experiments without starting Ray.
 """
 import json
@@ -31,16 +28,11 @@ import config
 from errors import ExperimentError, NormsweepError, UsageError
 
 LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was started with (for --resume)
-STATE_PREFIX, STATE_SUFFIX = "experiment_state-", ".json"  # Tune's experiment state files
+STATE_PREFIX = "experiment_state-"  # Tune's experiment state files: experiment_state-<time>.json
 RESULT_FILE = "result.json"
-# Each epoch's result holds this key: "ok", or why the trial stopped early ("diverged: ..."). Results
-# written before it existed lack it; readers treat a missing value as "ok".
-HEALTH_KEY = "health"
-
-
+HEALTH_KEY = "health"  # each epoch's result: "ok", or why the trial stopped early ("diverged: ...")
 # What an operating system or object store says when storage ran out (ENOSPC, EDQUOT, S3 quota).
 FULL_STORAGE = re.compile(r"No space left on device|Disk quota exceeded|\[Errno 28\]|\[Errno 122\]|QuotaExceeded")
-
 
 
 def is_uri(location: str) -> bool:
@@ -217,9 +209,8 @@ def check_storage(storage: str) -> None:
 
 
 def state_files(experiment: str) -> list:
-    """Tune's experiment_state-*.json files of an experiment (none: Tune never saved its state)."""
-    return [info for info in _children(experiment)
-            if info.is_file and info.base_name.startswith(STATE_PREFIX) and info.base_name.endswith(STATE_SUFFIX)]
+    """FileInfo of Tune's experiment_state-*.json files of an experiment (none: Tune never saved its state)."""
+    return [info for info in _children(experiment) if info.is_file and info.base_name.startswith(STATE_PREFIX)]
 
 
 def is_experiment(location: str) -> bool:
@@ -288,59 +279,51 @@ def trials_left(experiment: str, sweep) -> int:
     return max(0, math.prod(len(values) for values in config.grid_axes(sweep).values()) - done)
 
 
-def _newest(locations_and_mtimes) -> str:
-    return max(locations_and_mtimes, key=lambda pair: pair[1])[0]
+def _experiments(storage: str):
+    """(name, location, launch file's or Tune state's newest mtime) per experiment directory under storage."""
+    for entry in _children(storage):
+        if entry.type == pafs.FileType.Directory:
+            yield entry.base_name, join(storage, entry.base_name)
 
 
 def latest_started(storage: str) -> str:
-    """The name of the newest unfinished experiment under storage that normsweep launched and Tune
-    started (newest by its launch file), for a bare --resume; a one-line UsageError if there is none.
-    An experiment whose launch file is damaged cannot be resumed and is passed over."""
+    """The newest (by its launch file) unfinished experiment under storage that Tune started, for a bare --resume;
+    UsageError if there is none. One whose launch file is damaged or of another version is passed over."""
     launched, finished = [], []
-    for entry in _children(storage):
-        if entry.type != pafs.FileType.Directory:
-            continue
-        experiment = join(storage, entry.base_name)
-        launch_info = _info(join(experiment, LAUNCH_FILE))
-        if launch_info.type != pafs.FileType.File or not is_experiment(experiment):
+    for name, experiment in _experiments(storage):
+        info = _info(join(experiment, LAUNCH_FILE))
+        if info.type != pafs.FileType.File or not is_experiment(experiment):
             continue
         try:
-            launch = read_launch(experiment)
-            # a tuning stage that finished before its final stage was claimed is unfinished work too
-            left = trials_left(experiment, config.SweepConfig().from_launch(launch)) or (
-                launch.get("stage") == "tuning" and not exists(join(storage, launch["final_name"], LAUNCH_FILE)))
-        except (NormsweepError, KeyError):  # damaged, or of another format: not resumable
+            sweep = read_sweep(experiment)  # a tuning stage whose final stage was never claimed is unfinished too
+            left = trials_left(experiment, sweep) or (sweep.stage == "tuning" and not exists(
+                join(storage, sweep.final_name, LAUNCH_FILE)))
+        except NormsweepError:
             continue
-        (launched if left else finished).append((entry.base_name, launch_info.mtime_ns or 0))
+        (launched if left else finished).append((info.mtime_ns or 0, name))
     if launched:
-        return _newest(launched)
+        return max(launched)[1]
     if finished:
         raise UsageError(f"--resume: every experiment under {storage} has finished (the latest is "
-                                f"{_newest(finished)}); pass --name to print one's table again")
+                         f"{max(finished)[1]}); pass --name to print one's table again")
     raise UsageError(f"--resume: no normsweep experiment under {storage}; pass --storage-path and --name")
 
 
 def latest(storage: str) -> str:
-    """The newest experiment under storage by Tune's state file (what the notebook opens by default);
-    a one-line ExperimentError if there is none."""
-    found = []
-    for entry in _children(storage):
-        if entry.type == pafs.FileType.Directory:
-            experiment = join(storage, entry.base_name)
-            found += [(experiment, info.mtime_ns or 0) for info in state_files(experiment)]
+    """The newest experiment under storage by Tune's state file (what the notebook opens by default)."""
+    found = [(info.mtime_ns or 0, experiment) for _, experiment in _experiments(storage)
+             for info in state_files(experiment)]
     if not found:
         raise ExperimentError(f"no experiment under {storage}; run `python tune_main.py --smoke-test` first, "
                               f"or set NORMSWEEP_EXPERIMENT to an experiment directory")
-    return _newest(found)
+    return max(found)[1]
 
 
 def _results(experiment: str):
     """(trial directory name, result.json location, its text) per trial that has a result.json."""
-    for entry in _children(experiment):
-        if entry.type == pafs.FileType.Directory:
-            result_file = join(experiment, entry.base_name, RESULT_FILE)
-            if exists(result_file):
-                yield entry.base_name, result_file, read_text(result_file)
+    for name, trial in _experiments(experiment):
+        if exists(join(trial, RESULT_FILE)):
+            yield name, join(trial, RESULT_FILE), read_text(join(trial, RESULT_FILE))
 
 
 def last_results(experiment: str) -> dict:
@@ -348,8 +331,7 @@ def last_results(experiment: str) -> dict:
     A last line cut off mid-write is not a result: the one before it is the last (see `damage`)."""
     last = {}
     for name, _, text in _results(experiment):
-        parsed = [_json_or_none(line) for line in text.splitlines() if line.strip()]
-        complete = [p for p in parsed if isinstance(p, dict)]
+        complete = [p for p in map(_json_or_none, text.splitlines()) if isinstance(p, dict)]
         last[name] = complete[-1] if complete else {}
     return last
 
@@ -357,7 +339,7 @@ def last_results(experiment: str) -> dict:
 def _json_or_none(text: str):
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except ValueError:  # a line cut off mid-write, or blank
         return None
 
 
@@ -376,26 +358,22 @@ def _pickle_problem(data: bytes):
 
 
 def damage(experiment: str):
-    """A one-line description of the first damaged file of an experiment (Tune's newest state file,
-    the launch file, Tune's pickled tuner and search state, a trial's result.json with a line that is
-    not JSON: a write cut off, typically by a full disk), or None when every one of them reads."""
-    states = sorted(state_files(experiment), key=lambda info: info.base_name)
-    checked = [join(experiment, states[-1].base_name)] if states else []
-    if exists(join(experiment, LAUNCH_FILE)):
-        checked.append(join(experiment, LAUNCH_FILE))
-    for location in checked:
+    """A one-line description of the first damaged file of an experiment (Tune's newest state file, the launch
+    file, Tune's pickled tuner and search state, a trial's result.json with a line that is not JSON: a write cut
+    off, typically by a full disk), or None when every one of them reads."""
+    files = sorted(info.base_name for info in _children(experiment) if info.is_file)
+    newest = [f for f in files if f.startswith(STATE_PREFIX)][-1:] + [f for f in files if f == LAUNCH_FILE]
+    for location in (join(experiment, name) for name in newest):
         try:
             json.loads(read_text(location))
         except json.JSONDecodeError as e:
             return f"{location} is cut off or corrupt ({e.msg} at character {e.pos} of {len(e.doc)})"
-    # Tune's pickled state: tuner.pkl and its search state (basic-variant-state-*.json is a pickle too)
-    pickles = [info.base_name for info in _children(experiment) if info.is_file and info.base_name.endswith(".pkl")]
-    searches = sorted(info.base_name for info in _children(experiment)
-                      if info.is_file and info.base_name.startswith(SEARCH_STATE_PREFIX))
-    for name in pickles + searches[-1:]:
-        problem = _pickle_problem(read_bytes(join(experiment, name)))
+    # Tune's pickled state: tuner.pkl and its newest search state (basic-variant-state-*.json is a pickle too)
+    pickles = [f for f in files if f.endswith(".pkl")] + [f for f in files if f.startswith(SEARCH_STATE_PREFIX)][-1:]
+    for location in (join(experiment, name) for name in pickles):
+        problem = _pickle_problem(read_bytes(location))
         if problem:
-            return f"{join(experiment, name)} is cut off or corrupt ({problem})"
+            return f"{location} is cut off or corrupt ({problem})"
     for _, result_file, text in _results(experiment):
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip() and not isinstance(_json_or_none(line), dict):
@@ -446,7 +424,7 @@ def variant_label(config: dict) -> str:
         label += f", lr {config['lr']:g}, wd {config['weight_decay']:g}"
     if variant.get("arm"):
         label += f", {variant['arm']}"
-    if (config.get("lr_reference_batch") or 0) > 0:  # a batch-size study (train.in_batch_study)
+    if (config.get("lr_reference_batch") or 0) > 0:  # a batch-size study
         label += f", batch {config['batch_size']}"
     return label
 
