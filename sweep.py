@@ -51,7 +51,8 @@ def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
     launch = experiments.read_launch(experiment)
     resumed = dataclasses.replace(sweep.from_launch(launch), name=name)
     saved = set(launch) & given - {"name"}
-    ignored = [f"--{k.replace('_', '-')} {getattr(sweep, k)}" for k in sorted(saved) if getattr(sweep, k) != launch[k]]
+    ignored = [f"--{k.replace('_', '-')} {getattr(sweep, k)}" for k in sorted(saved)
+               if getattr(sweep, k) != getattr(resumed, k)]
     print(f"resume: reusing the launch settings (dataset {Path(resumed.dataset).name}, variants {resumed.variants}, "
           f"{resumed.seeds} seed(s), {resumed.epochs} epochs); CPUs and GPUs per trial from today's flags"
           + (f"; ignoring today's {', '.join(ignored)} (a resumed experiment keeps what it was launched with)"

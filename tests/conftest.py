@@ -46,36 +46,15 @@ _without_rfc3987_syntax()
 # a step of seconds takes minutes). Speed is measured in benchmarks/, not asserted here.
 HANG_SECONDS = 1800
 
-# Tests that start Ray or run a sweep (half a minute to minutes each), by file and name; tests that
-# use a fixture in SLOW_FIXTURES are slow too. `pytest -m "not slow"` leaves them out (pytest.ini).
+# Tests that start Ray or run a sweep (half a minute to minutes each) are marked `@pytest.mark.slow` where they
+# are defined; tests that use a fixture in SLOW_FIXTURES are marked here. `pytest -m "not slow"` leaves them out.
 SLOW_FIXTURES = {"smoke_experiment", "two_nodes", "bucket", "tuned", "session_ray"}
-SLOW_TESTS = {
-    "test_failures.py": {"test_diverging_trial_stops_is_named_and_the_others_finish",
-                         "test_gpus_the_cluster_lacks_are_refused_after_ray_starts",
-                         "test_soak_more_trials_than_cores"},
-    "test_sweep.py": {"test_killed_driver_resumes_every_trial_once",
-                      "test_logical_resources_are_shared_and_all_trials_run_at_once"},
-    "test_batch_size.py": {"test_batch_size_study_sweep_and_report"},
-    "test_cluster.py": {"test_no_retries_after_an_unretryable_failure"},
-    "test_gpu.py": {"test_tiny_run_prints_a_row_per_variant_with_sane_numbers"},
-    "test_datasets.py": {"test_a_sweep_of_resnet20_or_a_users_net_on_a_folder_or_idx_files"},
-    "test_launches.py": {"test_a_relative_dataset_directory_is_read_back_from_anywhere",
-                         "test_a_val_size_sweep_is_analysed_on_its_held_out_images",
-                         "test_sigterm_saves_state_like_ctrl_c_and_exits_143",
-                         "test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed"},
-}
 
 
 def pytest_collection_modifyitems(config, items):
-    collected = {}
     for item in items:
-        name = item.originalname if hasattr(item, "originalname") else item.name
-        collected.setdefault(item.path.name, set()).add(name)
-        if name in SLOW_TESTS.get(item.path.name, ()) or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    for file, names in SLOW_TESTS.items():
-        if file in collected and names - collected[file]:  # renamed: it would silently run in the fast subset
-            warnings.warn(f"conftest.SLOW_TESTS names tests not in {file}: {sorted(names - collected[file])}")
 
 
 def wait_for(condition, process: subprocess.Popen, what: str):

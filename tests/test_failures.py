@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
 
@@ -25,6 +26,7 @@ def reported(trial_dir: Path) -> list:
     return [json.loads(line) for line in result.read_text().splitlines()] if result.exists() else []
 
 
+@pytest.mark.slow
 def test_diverging_trial_stops_is_named_and_the_others_finish(tmp_path, capfd, monkeypatch):
     """One grid, two learning rates: the lr-1000 trial diverges, the lr-0.05 one runs its epochs. On a private
     Ray, as a user's run: the console is checked from ray.init on."""
@@ -72,6 +74,7 @@ def test_diverging_trial_stops_is_named_and_the_others_finish(tmp_path, capfd, m
     assert "diverged" in analysis.diverged_note(df)
 
 
+@pytest.mark.slow
 def test_gpus_the_cluster_lacks_are_refused_after_ray_starts(tmp_path, capsys, session_ray):
     storage = tmp_path / "results"
     code = tune_main.main(["--smoke-test", "--gpus-per-trial", "1000", "--storage-path", str(storage)])
@@ -80,6 +83,7 @@ def test_gpus_the_cluster_lacks_are_refused_after_ray_starts(tmp_path, capsys, s
     assert not storage.exists()  # no half-made experiment for a later --resume to trip on
 
 
+@pytest.mark.slow
 def test_soak_more_trials_than_cores(tmp_path, session_ray):
     """6 trials on 2 cores, 3 at a time (2/3 CPU each; each Ray worker holds ~0.6 GB, so not all at
     once on a small machine), so two waves: every one finishes, every epoch reported exactly once."""

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,7 @@ def _table_after(lines: list, heading: str) -> list:
     return [dict(zip(header, row)) for row in rows]
 
 
+@pytest.mark.slow
 def test_tiny_run_prints_a_row_per_variant_with_sane_numbers(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--quiet",
                            "--storage-path", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -87,6 +87,7 @@ def test_names_that_cannot_be_a_directory_are_refused_before_ray(name, message, 
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_a_relative_dataset_directory_is_read_back_from_anywhere(tmp_path, monkeypatch, session_ray):
     """The launch saves the directory absolute: the analysis and --resume work from another directory."""
     launch_dir, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
@@ -104,6 +105,7 @@ def test_a_relative_dataset_directory_is_read_back_from_anywhere(tmp_path, monke
     assert tune_main.main(["--resume", "--storage-path", str(launch_dir / "results"), "--name", "rel"]) == 0
 
 
+@pytest.mark.slow
 def test_a_val_size_sweep_is_analysed_on_its_held_out_images(tmp_path, session_ray, capsys):
     """The trials scored training images held out of their --train-size subset (--val-size): the analysis
     re-scores those same images, names them validation, and never reads a test split (the directory has none)."""
@@ -136,6 +138,7 @@ def test_a_val_size_sweep_is_analysed_on_its_held_out_images(tmp_path, session_r
     assert "**Scored on 24 training images held out" in summary and "Headline: validation accuracy" in summary
 
 
+@pytest.mark.slow
 def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys, session_ray):
     storage, name = tmp_path / "results", "terminated"
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
@@ -235,6 +238,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed(small_tmpfs, capfd, session_ray):
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn",
                "--storage-path", str(small_tmpfs), "--name", "full"]

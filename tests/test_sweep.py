@@ -148,6 +148,7 @@ def test_resume_without_experiment_is_one_line(tmp_path, capsys):
     assert "no normsweep experiment under" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpus, trials, cpu, gpu", [
     (3, 4, 0.5, 0.5),  # the reported case: at 0.75 GPU each only 3 ran at once
     (8, 4, 0.5, 1),
@@ -182,6 +183,7 @@ def test_logical_resources_are_shared_and_all_trials_run_at_once(gpus, trials, c
     assert all(r.metrics["gpu_ids"] == (1 if gpus else 0) for r in results)  # each sees one device, if any
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_every_trial_once(tmp_path, session_ray):
     storage, name, epochs = tmp_path / "results", "killed", 3
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn",
