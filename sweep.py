@@ -53,10 +53,13 @@ def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
     saved = set(launch) & given - {"name"}
     ignored = [f"--{k.replace('_', '-')} {getattr(sweep, k)}" for k in sorted(saved)
                if getattr(sweep, k) != getattr(resumed, k)]
+    n_trials = math.prod(len(values) for values in config_lib.grid_axes(resumed).values())
     print(f"resume: reusing the launch settings (dataset {Path(resumed.dataset).name}, variants {resumed.variants}, "
-          f"{resumed.seeds} seed(s), {resumed.epochs} epochs); CPUs and GPUs per trial from today's flags"
+          f"{resumed.seeds} seed(s), {resumed.epochs} epochs{', smoke-test data' if resumed.smoke_test else ''}); "
+          f"CPUs and GPUs per trial from today's flags"
           + (f"; ignoring today's {', '.join(ignored)} (a resumed experiment keeps what it was launched with)"
-             if ignored else ""), flush=True)
+             if ignored else "")
+          + f"; {experiments.trials_left(experiment, resumed)} of {n_trials} trials left to run", flush=True)
     return resumed
 
 
