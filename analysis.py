@@ -1,10 +1,11 @@
 """Analysis of a finished (or partial) normsweep experiment. Reads results; never trains.
 
-Loads a Ray Tune experiment directory into a ResultGrid and a tidy DataFrame, draws the curves,
-each variant's misclassified test images, a summary table with convergence checks and a seed-noise
-test, and a figure of what each norm pools (the notebook's; the report leaves this fixed figure out).
-`python analysis.py RESULTS_DIR --out DIR` writes the experiment's figures as PNGs and a markdown
-summary; analysis.ipynb calls the same functions.
+Loads a Ray Tune experiment (a local directory or a storage URI) into a ResultGrid and a tidy DataFrame,
+and draws the curves, each variant's misclassified test images, the summary table with convergence checks
+and paired tests (comparisons.py), the tuned comparison's and the batch-size study's tables, and what each
+norm pools (the notebook's). `python analysis.py RESULTS_DIR --out DIR` writes the figures as PNGs and a
+markdown summary; analysis.ipynb calls the same functions. Ray is imported only by the functions that read
+a ResultGrid or a checkpoint, so importing this module stays quick.
 """
 import argparse
 import io
@@ -14,22 +15,20 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.ticker import MaxNLocator
 
-import checks
 import comparisons
 import data as data_lib
 import experiments
 import train
-import trainable
-import tuning
-from comparisons import (convergence, convergence_warnings, final_per_trial, healthy,  # noqa: F401 (the notebook's)
-                         scored_on)
-from model import build_model, count_parameters
+import tuned
+from comparisons import convergence, convergence_warnings, final_per_trial, healthy, scored_on  # noqa: F401
+from errors import USAGE_EXIT, ExperimentError, NormsweepError
 
+AnalysisError = ExperimentError  # what this module raises: one line that says what to do
 CURVES = {  # metric -> (axis label, higher is better); {split}: the split the trials were scored on (scored_on)
     "test_loss": ("{split} loss (cross-entropy, nats)", False),
     "test_acc": ("{split} accuracy (%)", True),
@@ -38,28 +37,20 @@ CURVES = {  # metric -> (axis label, higher is better); {split}: the split the t
 }
 LINESTYLES = ("-", "--", "-.", ":")  # with markers, so a curve lying on another stays visible
 MARKERS = ("o", "s", "^", "D", "v", "P")
-
-
-# A tuned comparison's trial whose chosen configuration is the shared recipe's is counted in both arms:
-# its rows appear twice in results_frame, the copy's trial name with this suffix.
+# A tuned comparison's trial whose chosen configuration is the shared recipe's counts in both arms: its rows
+# appear twice in results_frame, the copy's trial name with this suffix.
 RECIPE_COPY = "~recipe"
-
-
-AnalysisError = experiments.ExperimentError
 
 
 def latest_experiment(root="results") -> str:
     """The newest experiment under root, a local directory or a storage URI (what the notebook opens by
-    default), or a one-line experiments.ExperimentError."""
+    default); a one-line ExperimentError where there is none."""
     return experiments.latest(experiments.resolve(root))
 
 
 def load_experiment(path):
-    """(ResultGrid, DataFrame) of an experiment, a local directory or a URI (`s3://bucket/results/name`);
-    one DataFrame row per trial and epoch.
+    """(ResultGrid, results_frame) of an experiment, a local directory or a URI (`s3://bucket/results/name`).
 
-    Columns beyond the metrics: `health` ("ok" or why the trial stopped), `diverged` (per trial),
-    `epochs` (planned) among the trial's settings. Trials that never reported are absent (see `progress`).
     Raises AnalysisError (one line) for a location that holds no Tune experiment or no epoch yet.
     """
     location = experiments.resolve(path)
@@ -84,48 +75,42 @@ def experiment_location(grid) -> str:
 
 
 def results_frame(grid) -> pd.DataFrame:
-    """One row per trial and reported epoch of a ResultGrid (trials with no epoch yet are left out).
+    """One row per trial and reported epoch of a ResultGrid; trials with no epoch yet are left out.
 
-    `data` says what the trials trained and were scored on when the launch took a subset (--smoke-test,
-    --train-size); "" for the whole dataset or an experiment without launch settings.
+    Columns: what each epoch reported (trainable.METRICS, `health`, `parameters`, Tune's `timestamp` and
+    `time_this_iter_s`, ...); every scalar setting of the trial (trainable.trial_config and its variant
+    dict: `dataset`, `epochs` (planned), `batch_size`, `norm`, `seed`, `arm` in a tuned comparison's final
+    stage, ...; where a name is both, the metric: `lr` is each epoch's starting lr); `trial`, `variant`
+    (experiments.variant_label), `variant name` (the variant alone), `peak lr`, `diverged` (per trial),
+    and `data` (data_subset: what part of the dataset the launch took).
     """
-    frames = []
-    for result in grid:
-        df = result.metrics_dataframe
-        if df is None or df.empty or not result.config:  # a trial that has not reported yet
-            continue
-        config = result.config
-        variant, flat = config["variant"], trainable.trial_config(config, threads=0)
-        frame = df.reindex(columns=list(trainable.METRICS))  # metrics added later are nan in older results
-        # results from before the health key have none: they ran to the end or failed loudly
-        frame["health"] = df[trainable.HEALTH_KEY].fillna("ok") if trainable.HEALTH_KEY in df else "ok"
-        frame["diverged"] = (frame["health"] != "ok").any()
-        frame.insert(0, "trial", Path(result.path).name)
-        frame.insert(1, "variant", trial_label(config))
-        frame["variant name"] = variant_label(variant)  # without the batch size of a batch-size study
-        frame.insert(2, "norm", variant["norm"])
-        frame.insert(3, "l1", variant["l1"])
-        frame.insert(4, "seed", config["seed"])
-        for key in ("dataset", "epochs", "batch_size", "groups", "weight_decay", "label_smoothing", "val_size"):
-            frame[key] = flat.get(key)
-        frame["model"] = flat.get("model") or "small"  # results from before --model ran the small net
-        frame["parameters"] = df.get(trainable.PARAMETERS_KEY, np.nan)
-        frame["peak lr"] = train.peak_lr(flat)  # the "lr" column is the metric: each epoch's starting lr
-        # Tune's own: when each epoch's report arrived (unix seconds) and how long the epoch took, for wall_minutes
-        frame["timestamp"] = df.get("timestamp", np.nan)
-        frame["time_this_iter_s"] = df.get("time_this_iter_s", np.nan)
-        frame["arm"] = variant.get("arm", "")  # a tuned comparison's final stage: tuned or recipe
-        frame["evidence"] = variant.get("evidence", "")  # what the arm's configuration was chosen on
-        frames.append(frame)
-        if variant.get("recipe_too"):  # its tuned configuration is the recipe's: one trial counts in both arms
-            frames.append(frame.assign(trial=frame["trial"] + RECIPE_COPY, arm=tuning.RECIPE, variant=trial_label(
-                {**config, "variant": {**variant, "arm": tuning.RECIPE}}),
-                evidence="the shared recipe, which tuning also chose (the tuned trial, counted in both arms)"))
+    frames = [frame for result in grid if result.config and result.metrics_dataframe is not None
+              for frame in _trial_frames(Path(result.path).name, result.config, result.metrics_dataframe)]
     if not frames:
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True)
     df["data"] = data_subset(experiments.read_launch(experiment_location(grid)))
     return df
+
+
+def _trial_frames(trial: str, config: dict, metrics: pd.DataFrame) -> list:
+    """results_frame's rows of one trial (twice for a trial counted in both arms of a tuned comparison)."""
+    import trainable  # Ray's: a trial's config read the way the trial read it
+
+    variant = config["variant"]
+    settings = {**variant, **trainable.trial_config(config, threads=0)}
+    frame = metrics.loc[:, ~metrics.columns.str.startswith("config/")]  # Tune's copy of the config, nested
+    frame = frame.assign(**{k: v for k, v in settings.items() if k not in frame and (v is None or np.isscalar(v))})
+    frame.insert(0, "trial", trial)
+    frame.insert(1, "variant", experiments.variant_label(config))
+    frame["variant name"] = experiments.variant_label({"variant": {"name": variant["name"], "l1": variant["l1"]}})
+    frame["peak lr"] = train.peak_lr(settings)  # "lr" is the metric: each epoch's starting lr
+    frame["diverged"] = (frame["health"] != "ok").any()
+    if not variant.get("recipe_too"):
+        return [frame]
+    recipe = experiments.variant_label({**config, "variant": {**variant, "arm": tuned.RECIPE}})
+    return [frame, frame.assign(trial=trial + RECIPE_COPY, variant=recipe, arm=tuned.RECIPE, evidence=(
+        "the shared recipe, which tuning also chose (the tuned trial, counted in both arms)"))]
 
 
 def result_of(grid, trial: str):
@@ -138,86 +123,61 @@ def data_subset(launch: dict) -> str:
     if launch.get("smoke_test"):
         return f"smoke-test subset: {experiments.SMOKE['train']:,} train / {experiments.SMOKE['test']:,} test images"
     if launch.get("train_size"):
-        scored = (f"{launch['val_size']:,} of them held out to score on" if launch.get("val_size")
-                  else "every test image")
+        scored = f"{launch['val_size']:,} of them held out to score on" if launch.get("val_size") else "every test image"
         return f"--train-size subset: {launch['train_size']:,} train images, {scored}"
     return ""
 
 
-def trial_configs(grid) -> dict:
-    """Per trial path, its config, also for trials that have not reported yet: a Result's config comes
-    from its last report (None before the first), so theirs is read from Tune's experiment state."""
-    analysis = getattr(grid, "_experiment_analysis", None)  # a ResultGrid; other iterables of Results lack it
-    configs = {trial.path: trial.config for trial in getattr(analysis, "trials", None) or []}
-    for result in grid:
-        if result.config:
-            configs[result.path] = result.config
-    return configs
-
-
-def variant_label(variant: dict) -> str:
-    """The variant alone: its name, and an L1 lambda in brackets."""
-    return f"{variant['name']} (λ={variant['l1']:g})" if variant["l1"] else variant["name"]
-
-
-trial_label = experiments.variant_label  # the variant and whatever else of the config is not the seed
-
-
 def _title(df, what: str, wrap: bool = False) -> str:
-    """'what: dataset[, net NET] (subset), N epochs, K seeds per variant' (the net unless it is the default
-    small one); wrap: the subset on a line of its own (figure titles)."""
+    """'what: dataset[, net NET], N epochs, K seeds per variant (subset)' (the net unless it is the small
+    one); wrap: the subset on a line of its own (figure titles)."""
     seeds = df.groupby("variant")["seed"].nunique().max()
     planned, reached = int(df["epochs"].max()), int(df["epoch"].max())  # "epochs": the planned count
     epochs = _count(planned, "epoch") if reached >= planned else f"partial: {reached} of {planned} epochs in"
-    subset = str(df["data"].iloc[0]) if "data" in df else ""
+    subset = df["data"].iloc[0]
     subset = (f"\n({subset})" if wrap else f" ({subset})") if subset else ""
-    model = str(df["model"].iloc[0]) if "model" in df else "small"
+    model = str(df["model"].iloc[0])
     net = f", net {Path(model).name}" if model != "small" else ""  # a user's builder: its file's name
-    return (f"{what}: {Path(str(df['dataset'].iloc[0])).name}{net}, {epochs}, "
-            f"{_count(seeds, 'seed')} per variant{subset}")
+    return f"{what}: {Path(str(df['dataset'].iloc[0])).name}{net}, {epochs}, {_count(seeds, 'seed')} per variant{subset}"
 
 
-def best_per_trial(df, metric="test_acc") -> pd.DataFrame:
-    """One row per healthy trial at its best epoch; ties go to the latest epoch, as in the CLI's table
-    and in the checkpoint Tune keeps (trainable.best_epoch)."""
-    assert metric == trainable.BEST_METRIC, "the tie rule is defined for the checkpoint metric"
+def _count(n: int, noun: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _mean_std(values: pd.Series, fmt: str = ".2f") -> str:
+    """'mean ± std' of values, the std only where there are two or more."""
+    return f"{values.mean():{fmt}}" + (f" ± {values.std():{fmt}}" if len(values) > 1 else "")
+
+
+def best_per_trial(df) -> pd.DataFrame:
+    """One row per healthy trial at its best epoch by test_acc, ties to the latest: the epoch of the
+    checkpoint Tune keeps (trainable.best_epoch)."""
+    import trainable  # Ray's: the rule lives beside the checkpoints it names
+
     rows = [trainable.best_epoch(group) for _, group in healthy(df).groupby("trial")]
     return pd.DataFrame([r for r in rows if r is not None]).reset_index(drop=True)
 
 
 def progress(grid, df) -> pd.DataFrame:
-    """Per variant: trials planned and reporting, epochs in (fewest, most) against the planned epochs,
-    and trials that diverged. Complete when every trial ran its planned epochs or diverged; trials that
-    have reported nothing yet (or that Tune has not created) count with 0 epochs in."""
-    rows, configs = {}, trial_configs(grid)
-
-    def row_of(label, planned):
-        return rows.setdefault(label, {"variant": label, "trials": 0, "epochs in": [], "planned epochs": planned,
-                                       "diverged": 0, "done": []})
-
-    for result in grid:
-        config = configs.get(result.path)
-        if not config:  # not in Tune's state either: counted below from the launch settings
-            continue
-        row = row_of(trial_label(config), config.get("epochs"))
-        row["trials"] += 1
-        trial = df[df["trial"] == Path(result.path).name] if len(df) and result.path else df.iloc[:0]
-        epochs_in, diverged = (int(trial["epoch"].max()), bool(trial["diverged"].iloc[0])) if len(trial) else (0, False)
-        row["epochs in"].append(epochs_in)
-        row["diverged"] += diverged
-        row["done"].append(diverged or epochs_in >= (row["planned epochs"] or 0))
-    # trials Tune never created are missing from the grid; the launch settings list them
+    """Per variant: trials (the launch's, or those reporting), epochs in (fewest-most; a trial with no report
+    yet counts 0) against the planned epochs, trials diverged, and complete (every trial ran its planned
+    epochs or diverged)."""
     launch = experiments.read_launch(experiment_location(grid))
-    if launch.get("variants"):
-        for config in experiments.launch_configs(launch):
-            row = row_of(trial_label(config), launch["epochs"])
-            missing = max(0, experiments.launch_seeds(launch) - row["trials"])
-            row["epochs in"] += [0] * missing
-            row["done"] += [False] * missing
-    table = pd.DataFrame(rows.values())
-    table["complete"] = table.pop("done").map(all)
-    table["epochs in"] = [f"{min(es)}" if min(es) == max(es) else f"{min(es)}-{max(es)}" for es in table["epochs in"]]
-    return table.sort_values("variant").reset_index(drop=True)
+    planned = ({experiments.variant_label(c): experiments.launch_seeds(launch) for c in experiments.launch_configs(launch)}
+               if launch.get("variants") else {})
+    trials = df.groupby("trial").agg(variant=("variant", "first"), last=("epoch", "max"), epochs=("epochs", "first"),
+                                     diverged=("diverged", "first"))
+    rows = []
+    for label in sorted(set(planned) | set(trials["variant"])):
+        mine = trials[trials["variant"] == label]
+        epochs_in = [*mine["last"], *[0] * (planned.get(label, 0) - len(mine))]
+        low, high = min(epochs_in), max(epochs_in)
+        rows.append({"variant": label, "trials": len(epochs_in), "epochs in": f"{low}" if low == high else f"{low}-{high}",
+                     "planned epochs": int(df["epochs"].max()), "diverged": int(mine["diverged"].sum()),
+                     "complete": len(mine) == len(epochs_in) and bool((mine["diverged"] | (mine["last"] >= mine["epochs"])).all())})
+    return pd.DataFrame(rows)
 
 
 def progress_note(table: pd.DataFrame) -> str:
@@ -231,14 +191,11 @@ def progress_note(table: pd.DataFrame) -> str:
 
 def diverged_note(df) -> str:
     """'' when no trial diverged, else one sentence naming each diverged trial and why it stopped."""
-    trials = df[df["diverged"]].groupby("trial")["health"].last() if "diverged" in df else {}
-    if not len(trials):
-        return ""
+    trials = df[df["diverged"]].groupby("trial")["health"].last()
     named = "; ".join(f"{trial} ({health})" for trial, health in trials.items())
-    if len(trials) == df["trial"].nunique():
-        return (f"Every trial diverged ({_count(len(trials), 'trial')}), so there is no accuracy to report or "
-                f"compare: {named}.")
-    return f"Diverged trials, left out of the figures and tables: {named}."
+    if not named or len(trials) < df["trial"].nunique():
+        return named and f"Diverged trials, left out of the figures and tables: {named}."
+    return f"Every trial diverged ({_count(len(trials), 'trial')}), so there is no accuracy to report or compare: {named}."
 
 
 def validation_note(df) -> str:
@@ -250,125 +207,122 @@ def validation_note(df) -> str:
             f"every \"test\" column, figure and comparison of this experiment is of those validation images.")
 
 
-def _count(n: int, noun: str) -> str:
-    """'1 epoch', '2 epochs'."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
 def plot_curves(df, metric: str):
-    """One metric against epoch, all variants on one axes; mean and +-1 std band over seeds."""
+    """One CURVES metric against epoch, all variants on one axes: the mean over seeds with a ±1 std band, ★
+    at each mean curve's best epoch; a diverged variant is named in the legend, not drawn."""
     label, higher_better = CURVES[metric]
-    split = scored_on(df)
-    label = label.format(split=split)
-    scale = 100 if metric.endswith("acc") else 1
+    split, scale = scored_on(df), 100 if metric.endswith("acc") else 1
     # test_acc averages each image and its mirror on flip-trained data; the headline is test_acc_single
-    # at the final epoch, so the test_acc legend gives both, each named
-    flipped = metric == "test_acc" and not np.allclose(df["test_acc"], df["test_acc_single"], equal_nan=True)
-    headline = metric == "test_acc"
-    if headline:
+    flipped = not np.allclose(df["test_acc"], df["test_acc_single"], equal_nan=True)
+    if metric == "test_acc":
         label = f"{split} accuracy, {'flip-averaged' if flipped else 'one view'} (%)"
+    label = label.format(split=split)
     fig, ax = plt.subplots(figsize=(8, 5))
-    late = []  # values over the second half of training, for zooming the accuracy axis
-    all_variants = sorted(df["variant"].unique())
-    for variant in sorted(set(all_variants) - set(healthy(df)["variant"])):  # marked, not drawn as nan
-        ax.plot([], [], color="grey", linestyle="none", marker="x", label=f"{variant}: diverged (not plotted)")
-    everything, df = df, healthy(df)
-    for variant, group in sorted(df.groupby("variant"), key=lambda kv: kv[0]):
-        i = all_variants.index(variant)
-        by_epoch = group.groupby("epoch")[metric].agg(["mean", "std", "count"]) * [scale, scale, 1]
-        epochs, mean, std = by_epoch.index.to_numpy(), by_epoch["mean"].to_numpy(), by_epoch["std"].fillna(0).to_numpy()
-        best_at = int(np.argmax(mean) if higher_better else np.argmin(mean))
-        per_seed_best = (group.groupby("trial")[metric].max() if higher_better
-                         else group.groupby("trial")[metric].min()) * scale
-        spread = f" ± {per_seed_best.std():.2f}" if len(per_seed_best) > 1 else ""
-        fmt = ".2f" if scale == 100 else ".4f"
-        color = f"C{i}"
-        text = f"{variant}: best {per_seed_best.mean():{fmt}}{spread} (mean-curve best at epoch {epochs[best_at]})"
-        if headline:
-            final = 100 * group.loc[group.groupby("trial")["epoch"].idxmax(), "test_acc_single"]
-            final_spread = f" ± {final.std():.2f}" if len(final) > 1 else ""
-            text = (f"{variant}: final one view {final.mean():.2f}{final_spread}; "
-                    f"best {'flip-averaged' if flipped else 'one view'} {per_seed_best.mean():.2f}{spread}")
-        ax.plot(epochs, mean, color=color, linestyle=LINESTYLES[i % len(LINESTYLES)],
-                marker=MARKERS[i % len(MARKERS)], markersize=4, markevery=max(1, len(epochs) // 10), label=text)
-        if by_epoch["count"].max() > 1:
-            ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
-        ax.plot(epochs[best_at], mean[best_at], marker="*", markersize=12, color=color, markeredgecolor="k")
-        late.extend((mean - std)[len(mean) // 2:]), late.extend((mean + std)[len(mean) // 2:])
+    names = sorted(df["variant"].unique())
+    for name in sorted(set(names) - set(healthy(df)["variant"])):  # marked, not drawn as nan
+        ax.plot([], [], color="grey", linestyle="none", marker="x", label=f"{name}: diverged (not plotted)")
+    late = []  # the bands over the second half of training, to zoom the accuracy axis on
+    for name, group in healthy(df).groupby("variant"):
+        late += _plot_variant(ax, group, metric, names.index(name), scale, flipped)
     if higher_better and late and df["epoch"].max() >= 4:
         low, high = min(late), max(late)
         pad = max(0.1 * (high - low), 0.05 * scale / 100)
-        ax.set_ylim(low - pad, high + pad)  # zoom: variants often sit within a point of each other
+        ax.set_ylim(low - pad, high + pad)  # variants often sit within a point of each other
         label += " (zoomed to the second half of training)"
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers, even on 2-epoch runs
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(label)
-    seeds = everything.groupby("variant")["seed"].nunique().max()
-    band = "; band = ±1 std over seeds" if seeds > 1 else ""
-    head, _, subset = _title(everything, metric.replace("_", " ").replace("test", split), wrap=True).partition("\n")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, even on 2-epoch runs
+    ax.set(xlabel="epoch", ylabel=label)
+    band = "; band = ±1 std over seeds" if df.groupby("variant")["seed"].nunique().max() > 1 else ""
+    head, _, subset = _title(df, metric.replace("_", " ").replace("test", split), wrap=True).partition("\n")
     ax.set_title(head + band + (f"\n{subset}" if subset else ""), fontsize=10)
     legend = ("variant: final epoch, one view (the summary's headline); each seed's best epoch, as plotted"
-              if headline else "variant: each seed's best epoch")
+              if metric == "test_acc" else "variant: each seed's best epoch")
     ax.legend(fontsize=8, title=f"{legend}, mean over seeds\n(★ = best epoch of the mean curve)", title_fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def misclassified(grid, df, variant: str, n: int = 10, dataset=None):
-    """The first n misclassified test images of `variant`'s best checkpoint (best trial by test_acc).
+def _plot_variant(ax, group, metric: str, i: int, scale: float, flipped: bool) -> list:
+    """One variant's mean curve, band and best-epoch star; returns its band's values over the second half."""
+    higher_better = CURVES[metric][1]
+    by_epoch = group.groupby("epoch")[metric].agg(["mean", "std", "count"])
+    epochs, mean, std = by_epoch.index.to_numpy(), scale * by_epoch["mean"].to_numpy(), scale * by_epoch["std"].fillna(0).to_numpy()
+    best_at = int(np.argmax(mean) if higher_better else np.argmin(mean))
+    per_seed = group.groupby("trial")[metric]
+    per_seed_best = scale * (per_seed.max() if higher_better else per_seed.min())
+    name, fmt = group["variant"].iloc[0], ".2f" if scale == 100 else ".4f"
+    text = f"{name}: best {_mean_std(per_seed_best, fmt)} (mean-curve best at epoch {epochs[best_at]})"
+    if metric == "test_acc":
+        text = (f"{name}: final one view {_mean_std(100 * final_per_trial(group)['test_acc_single'])}; "
+                f"best {'flip-averaged' if flipped else 'one view'} {_mean_std(per_seed_best)}")
+    color = f"C{i}"
+    ax.plot(epochs, mean, color=color, linestyle=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)],
+            markersize=4, markevery=max(1, len(epochs) // 10), label=text)
+    if by_epoch["count"].max() > 1:
+        ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+    ax.plot(epochs[best_at], mean[best_at], marker="*", markersize=12, color=color, markeredgecolor="k")
+    return [*(mean - std)[len(mean) // 2:], *(mean + std)[len(mean) // 2:]]
 
-    Returns a dict with the images (uint8), true and predicted labels, confidences (max softmax),
-    the test indices, the model's accuracy on the split (flip-averaged where `flip`, as the trial's
-    test_acc), its seed and epoch, and the class names. A one-line AnalysisError for a variant with no
-    healthy trial, or whose best epoch's checkpoint is missing.
+
+def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
+    """The first n misclassified evaluation images of `variant`'s best checkpoint (best trial by test_acc).
+
+    Returns the images (uint8), true and predicted labels, confidences (max softmax), their indices, the
+    model's accuracy on the split (flip-averaged where `flip`, as the trial's test_acc), its seed and epoch,
+    and the class names. A one-line AnalysisError for a variant with no healthy trial, or whose best
+    epoch's checkpoint is missing. dataset: the whole dataset, read once for many calls (experiment_dataset).
     """
+    import trainable  # Ray's checkpoints
+
     best = best_per_trial(df)
     candidates = best[best["variant"] == variant] if len(best) else best
     if not len(candidates):
         raise AnalysisError(f"{variant} has no trial with a healthy epoch (every trial of it diverged or has not "
                             f"reported yet), so no checkpoint to show")
     row = candidates.sort_values("test_acc", kind="stable").iloc[-1]
-    trial = row["trial"]
-    result = result_of(grid, trial)
     # the checkpoint of the epoch the table names (Tune keeps it: the best, ties to the latest)
-    kept = [c for c, metrics in (result.best_checkpoints or []) if metrics.get("epoch") == row["epoch"]]
+    kept = [c for c, metrics in (result_of(grid, row["trial"]).best_checkpoints or []) if metrics.get("epoch") == row["epoch"]]
     if not kept or not experiments.exists(experiments.join(experiments.location_of(kept[-1].filesystem, kept[-1].path),
                                                            trainable.CHECKPOINT_FILE)):
-        raise AnalysisError(f"trial {trial} has no checkpoint of its best epoch {int(row['epoch'])} "
+        raise AnalysisError(f"trial {row['trial']} has no checkpoint of its best epoch {int(row['epoch'])} "
                             f"(not saved yet, or not copied with the results); resume the experiment or copy its "
                             f"checkpoint_* directories too")
     model, state = trainable.model_from_result_checkpoint(kept[-1])
     config = state["config"]
-    dataset = evaluation_split(experiment_location(grid), config, dataset)
-    split = "validation" if config.get("val_size") else "test"
-    flip = train.uses_test_flip(config, dataset.augment)
-    out = train.evaluate(model, dataset.test_images, dataset.test_labels, **state["input_stats"],
-                         flip=flip)  # as the trial evaluated its test_acc
-    wrong = torch.nonzero(out["preds"] != dataset.test_labels).flatten()[:n]
-    return {"variant": variant, "trial": trial, "seed": config.get("seed"), "epoch": state["epoch"],
-            "acc": out["acc"], "flip": flip, "split": split,
-            "indices": wrong, "images": dataset.test_images[wrong], "true": dataset.test_labels[wrong],
-            "pred": out["preds"][wrong], "confidence": out["confidence"][wrong], "classes": dataset.classes}
+    split = evaluation_split(experiment_location(grid), config, dataset)
+    flip = train.uses_test_flip(config, split.augment)
+    out = train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"], flip=flip)  # as the trial did
+    wrong = torch.nonzero(out["preds"] != split.test_labels).flatten()[:n]
+    return {"variant": variant, "trial": row["trial"], "seed": config["seed"], "epoch": state["epoch"], "acc": out["acc"],
+            "flip": flip, "split": "validation" if config["val_size"] else "test", "indices": wrong,
+            "images": split.test_images[wrong], "true": split.test_labels[wrong], "pred": out["preds"][wrong],
+            "confidence": out["confidence"][wrong], "classes": split.classes}
 
 
-def evaluation_split(experiment: str, config: dict, dataset=None):
+def evaluation_split(experiment: str, config: dict, dataset=None) -> data_lib.Dataset:
     """The dataset as the experiment's trials saw it, its test split the images they were scored on: the part
     of the data its launch gave them (experiments.as_launched: the --smoke-test or --train-size subset), and for
     a --val-size N experiment the N training images held out of that (Dataset.held_out, as train.TrainingRun)."""
-    if dataset is None:
-        dataset = _read_dataset(config)
-    dataset = experiments.as_launched(dataset, experiments.read_launch(experiment))
-    return dataset.held_out(config["val_size"]) if config.get("val_size") else dataset
+    dataset = experiments.as_launched(_read_dataset(config) if dataset is None else dataset, experiments.read_launch(experiment))
+    return dataset.held_out(config["val_size"]) if config["val_size"] else dataset
 
 
 def _read_dataset(config: dict) -> data_lib.Dataset:
     """The whole dataset a trial's config names; without its test split where the trials scored held-out images."""
-    return data_lib.load_dataset(config["dataset"], config["data_dir"], test_split=not config.get("val_size"))
+    return data_lib.load_dataset(config["dataset"], config["data_dir"], test_split=not config["val_size"])
 
 
-def show_image(ax, image):
-    """One uint8 image (C, H, W) or (H, W) on `ax`: colour as it is, grayscale dark-on-light (as the digits and
+def experiment_dataset(grid) -> data_lib.Dataset:
+    """The whole dataset an experiment's trials were drawn from, read once (`misclassified` and
+    `comparison_tables` take the trials' own part of it); from the config of any trial that has reported."""
+    config = next((r.config for r in grid if r.config), None)
+    if config is None:
+        raise AnalysisError("no trial of this experiment has reported yet; wait for the first epoch")
+    return _read_dataset(config)
+
+
+def show_image(ax, image: torch.Tensor):
+    """One uint8 image (C, H, W) or (H, W) on `ax`: colour as it is, grayscale dark on light (as digits and
     clothes are drawn on paper)."""
     image = image.squeeze(0) if image.dim() == 3 and image.shape[0] == 1 else image
     if image.dim() == 3:
@@ -378,140 +332,116 @@ def show_image(ax, image):
 
 
 def plot_misclassified(sample: dict):
-    """A 2x5 grid: each tile shows the true label, the predicted label and the confidence."""
+    """A 2x5 grid of a `misclassified` sample: each tile titled with the true and predicted label and the confidence."""
     fig, axes = plt.subplots(2, 5, figsize=(11, 6.4))  # room for a two-line suptitle and two-line tile titles
     classes = sample["classes"]
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
-        if k >= len(sample["indices"]):
-            continue
-        show_image(ax, sample["images"][k])
-        ax.set_title(f"true: {classes[sample['true'][k]]}\npred: {classes[sample['pred'][k]]} "
-                     f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
-    seed = f", seed {sample['seed']}" if sample.get("seed") is not None else ""
-    view = "flip-averaged" if sample.get("flip") else "one view"
-    split = sample.get("split", "test")
-    fig.suptitle(f"{sample['variant']}: misclassified {split} images of the best checkpoint "
-                 f"(epoch {sample['epoch']}{seed})\n"
-                 f"its {split} accuracy {100 * sample['acc']:.2f}%, {view}, at that best epoch "
+        if k < len(sample["indices"]):
+            show_image(ax, sample["images"][k])
+            ax.set_title(f"true: {classes[sample['true'][k]]}\npred: {classes[sample['pred'][k]]} "
+                         f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
+    split, view = sample["split"], "flip-averaged" if sample["flip"] else "one view"
+    fig.suptitle(f"{sample['variant']}: misclassified {split} images of the best checkpoint (epoch {sample['epoch']}, "
+                 f"seed {sample['seed']})\nits {split} accuracy {100 * sample['acc']:.2f}%, {view}, at that best epoch "
                  f"(the summary's headline is the final epoch, one view)", fontsize=10)
     fig.tight_layout(h_pad=2.0)  # room between a tile's two-line title and the row above
     return fig
 
 
-TRIAL_COLUMNS = ["variant", "seed", "epochs", "final one-view acc (%)", "final acc (%)", "best acc (%)",
-                 "best epoch", "final train acc (%)", "train s"]
-SUMMARY_COLUMNS = ["variant", "seeds", "final one-view acc mean (%)", "std (%)", "final acc mean (%)",
-                   "best acc mean (%)", "best epochs", "parameters", "converged"]
-
-
 def trial_table(df) -> pd.DataFrame:
-    """Per trial: final-epoch accuracy one view and flip-averaged, and the best epoch's (by test_acc)."""
-    final, best = final_per_trial(df).set_index("trial"), best_per_trial(df)
+    """Per trial: final-epoch accuracy one view and flip-averaged, the best epoch's (by test_acc), train seconds."""
+    final, best = final_per_trial(df), best_per_trial(df)
     if final.empty:  # every trial diverged (diverged_note says so)
-        return pd.DataFrame(columns=TRIAL_COLUMNS)
-    best = best.set_index("trial")
-    train_seconds = df.groupby("trial")["epoch_seconds"].sum()
-    rows = [{"variant": row.variant, "seed": int(row.seed), "epochs": int(row.epoch),
-             "final one-view acc (%)": 100 * row.test_acc_single, "final acc (%)": 100 * row.test_acc,
-             "best acc (%)": 100 * best.loc[trial, "test_acc"], "best epoch": int(best.loc[trial, "epoch"]),
-             "final train acc (%)": 100 * row.train_acc, "train s": round(train_seconds[trial])}
-            for trial, row in final.iterrows()]
-    return pd.DataFrame(rows, columns=TRIAL_COLUMNS).sort_values(["variant", "seed"]).reset_index(drop=True)
+        return pd.DataFrame()
+    best = best.set_index("trial").loc[final["trial"]].reset_index()
+    table = pd.DataFrame({
+        "variant": final["variant"], "seed": final["seed"], "epochs": final["epoch"].astype(int),
+        "final one-view acc (%)": 100 * final["test_acc_single"], "final acc (%)": 100 * final["test_acc"],
+        "best acc (%)": 100 * best["test_acc"], "best epoch": best["epoch"].astype(int),
+        "final train acc (%)": 100 * final["train_acc"],
+        "train s": final["trial"].map(df.groupby("trial")["epoch_seconds"].sum()).round().astype(int)})
+    return table.sort_values(["variant", "seed"]).reset_index(drop=True)
 
 
 def summary(df) -> pd.DataFrame:
-    """Per variant: final-epoch one-view accuracy (the headline) with its std over seeds, then the
-    flip-averaged final and best-epoch accuracies, best epochs, parameters and convergence."""
+    """Per variant: final-epoch one-view accuracy (the headline) with its std over seeds, then the flip-averaged
+    final and best-epoch accuracies, the best epochs, parameters and convergence; best headline first."""
     final, best = final_per_trial(df), best_per_trial(df)
+    if final.empty:
+        return pd.DataFrame()
     converged = convergence(df).set_index("variant")["converged"]
-    rows = []
-    for variant, group in final.groupby("variant"):
-        norm, groups = group["norm"].iloc[0], int(group["groups"].iloc[0])
-        best_group = best[best["variant"] == variant].sort_values("seed")
-        rows.append({"variant": variant, "seeds": len(group),
-                     "final one-view acc mean (%)": 100 * group["test_acc_single"].mean(),
-                     "std (%)": 100 * group["test_acc_single"].std() if len(group) > 1 else float("nan"),
-                     # each test image and its mirror (on flip-trained datasets; else the same as one view)
-                     "final acc mean (%)": 100 * group["test_acc"].mean(),
-                     "best acc mean (%)": 100 * best_group["test_acc"].mean(),
-                     "best epochs": ", ".join(str(int(e)) for e in best_group["epoch"]),
-                     "parameters": _parameters(group, norm, groups),
-                     "converged": "yes" if converged[variant] else "MAY NOT (see warnings)"})
-    return (pd.DataFrame(rows, columns=SUMMARY_COLUMNS).sort_values("final one-view acc mean (%)", ascending=False)
-            .reset_index(drop=True))
-
-
-def _parameters(group, norm: str, groups: int) -> int:
-    """The trials' reported parameter count; results written before trials reported it ran the small net."""
-    reported = group["parameters"].dropna() if "parameters" in group else []
-    return int(reported.iloc[0]) if len(reported) else count_parameters(build_model(norm, groups=groups))
+    rows = [{"variant": variant, "seeds": len(group), "final one-view acc mean (%)": 100 * group["test_acc_single"].mean(),
+             "std (%)": 100 * group["test_acc_single"].std(),  # nan for one seed
+             "final acc mean (%)": 100 * group["test_acc"].mean(),  # each image and its mirror on flip-trained data
+             "best acc mean (%)": 100 * bests["test_acc"].mean(),
+             "best epochs": ", ".join(str(int(e)) for e in bests.sort_values("seed")["epoch"]),
+             "parameters": int(group["parameters"].iloc[0]),
+             "converged": "yes" if converged[variant] else "MAY NOT (see warnings)"}
+            for variant, group in final.groupby("variant") for bests in [best[best["variant"] == variant]]]
+    return pd.DataFrame(rows).sort_values("final one-view acc mean (%)", ascending=False).reset_index(drop=True)
 
 
 def final_correct(grid, df, dataset=None) -> dict:
-    """Per trial, which evaluation images its final epoch classified right on one view: bool tensor (N,),
-    from the trial's latest checkpoint (the final epoch's, which Tune always keeps). For McNemar's test
-    (comparisons.mcnemar_tests). Trials whose latest checkpoint is not their final epoch's are left out."""
+    """Per trial, which evaluation images its final epoch classified right on one view: bool tensor (N,), from
+    the trial's latest checkpoint (the final epoch's, which Tune always keeps), for McNemar's test. Trials
+    whose latest checkpoint is not their final epoch's are left out."""
+    import trainable  # Ray's checkpoints
+
     correct = {}
     for row in final_per_trial(df).itertuples():
-        result = result_of(grid, row.trial)
-        if result.checkpoint is None:
-            continue
-        model, state = trainable.model_from_result_checkpoint(result.checkpoint)
-        if state["epoch"] != row.epoch:
-            continue
-        split = evaluation_split(experiment_location(grid), state["config"], dataset)
-        preds = train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"])["preds"]
-        correct[row.trial] = preds == split.test_labels
+        checkpoint = result_of(grid, row.trial).checkpoint
+        model, state = trainable.model_from_result_checkpoint(checkpoint) if checkpoint else (None, {"epoch": None})
+        if state["epoch"] == row.epoch:
+            split = evaluation_split(experiment_location(grid), state["config"], dataset)
+            preds = train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"])["preds"]
+            correct[row.trial] = preds == split.test_labels
     return correct
 
 
 def comparison_tables(grid, df, dataset=None) -> dict:
-    """The paired comparisons of an experiment (comparisons.py), by name: "paired" (over seeds, where
-    variants have 2+ seeds), "mcnemar" (one seed: over the shared test images), "tuned vs recipe" (a tuned
-    comparison's final stage). Each a DataFrame; absent where it does not apply."""
-    final = final_per_trial(df)
-    if final.empty or final["variant"].nunique() < 2:
-        return {}
-    tables = {}
+    """The paired comparisons of an experiment (comparisons.py) by name, each a DataFrame where it applies:
+    "paired" (over seeds, where variants have 2+), "mcnemar" (one seed: over the shared evaluation images),
+    "tuned vs recipe" (a tuned comparison's final stage)."""
+    final, tables = final_per_trial(df), {}
+    if final["variant"].nunique() < 2:
+        return tables
     if final.groupby("variant")["seed"].nunique().max() >= 2:
         tables["paired"] = comparisons.paired_tests(df)
     else:
         tables["mcnemar"] = comparisons.mcnemar_tests(df, final_correct(grid, df, dataset))
-    if final["arm"].nunique() > 1:
+    if "arm" in final and final["arm"].nunique() > 1:
         tables["tuned vs recipe"] = comparisons.paired_tests(df, compare="arm", within=("variant name", "batch_size"))
     return tables
 
 
 def comparison_text(tables: dict) -> list:
-    """The report's markdown for comparison_tables."""
+    """The report's markdown lines for comparison_tables."""
     level = f"Holm-Bonferroni correction over each family of pairs, {comparisons.ALPHA:g} family-wise level"
-    text = []
-    if "paired" in tables:
-        text += ["Paired differences over seeds (every variant of a seed starts from the same convolution and head "
-                 "weights and sees the same data order and augmentation): the mean per-seed difference of final "
-                 f"one-view accuracies with its {comparisons.CONFIDENCE:.0%} t interval, and the paired t-test "
-                 f"(two-sided; {level}):", "", _markdown(tables["paired"]), ""]
-    if "mcnemar" in tables:
-        text += ["One seed, so no seed noise to measure: McNemar's exact test on the test images one variant "
-                 f"classifies right and the other wrong (final epoch, one view; {level}). It measures the noise of "
-                 "the test images, not of the seed: another seed may order the variants differently.", "",
-                 _markdown(tables["mcnemar"]), ""]
-    if "tuned vs recipe" in tables:
-        text += ["Tuned configuration against the shared recipe, per variant, paired over seeds:", "",
-                 _markdown(tables["tuned vs recipe"]), ""]
-    return text or ["Pairwise differences: only one variant has results, so there is nothing to compare.", ""]
+    text = {"paired": "Paired differences over seeds (every variant of a seed starts from the same convolution and "
+                      "head weights and sees the same data order and augmentation): the mean per-seed difference of "
+                      f"final one-view accuracies with its {comparisons.CONFIDENCE:.0%} t interval, and the paired "
+                      f"t-test (two-sided; {level}):",
+            "mcnemar": "One seed, so no seed noise to measure: McNemar's exact test on the test images one variant "
+                       f"classifies right and the other wrong (final epoch, one view; {level}). It measures the noise "
+                       "of the test images, not of the seed: another seed may order the variants differently.",
+            "tuned vs recipe": "Tuned configuration against the shared recipe, per variant, paired over seeds:"}
+    lines = [line for name, table in tables.items() for line in (text[name], "", _markdown(table), "")]
+    return lines or ["Pairwise differences: only one variant has results, so there is nothing to compare.", ""]
 
 
-def stage(grid_or_location) -> str:
-    """"tuning" or "final" for a tuned comparison's stages (tuning.py), "" for a plain sweep."""
-    location = grid_or_location if isinstance(grid_or_location, str) else experiment_location(grid_or_location)
-    return experiments.read_launch(location).get("stage", "")
+def stage(grid) -> str:
+    """"tuning" or "final" for a tuned comparison's stages (tuned.py), "" for a plain sweep."""
+    return experiments.read_launch(experiment_location(grid)).get("stage", "")
 
 
-def tuning_experiment(final_location: str) -> str:
-    """The tuning stage's location beside a final stage's."""
-    return experiments.sibling(final_location, experiments.read_launch(final_location)["tuning_name"])
+def tuning_frame(grid, df):
+    """The tuning stage's frame of a tuned comparison (df itself for a tuning stage, read from beside a final
+    stage); None for a plain sweep. A one-line AnalysisError if a final stage's tuning stage is unreadable."""
+    launch = experiments.read_launch(location := experiment_location(grid))
+    if launch.get("stage") == "final":
+        return load_experiment(experiments.sibling(location, launch["tuning_name"]))[1]
+    return df if launch.get("stage") == "tuning" else None
 
 
 def wall_minutes(df) -> float:
@@ -520,48 +450,11 @@ def wall_minutes(df) -> float:
     return float((df["timestamp"].max() - (df["timestamp"] - df["time_this_iter_s"]).min()) / 60)
 
 
-def tuning_frame(grid, df):
-    """The tuning stage's frame of a tuned comparison (df itself for a tuning stage, read from beside a final
-    stage); None for a plain sweep. A one-line AnalysisError if a final stage's tuning stage is unreadable."""
-    kind = stage(grid)  # one read of the launch file (a request, on object storage)
-    if kind == "tuning":
-        return df
-    if kind == "final":
-        return load_experiment(tuning_experiment(experiment_location(grid)))[1]
-    return None
-
-
 def configuration_table(df) -> pd.DataFrame:
     """A tuned comparison's final stage: per variant and arm, the configuration it trained with and why."""
-    rows = []
-    for (label, arm), group in final_per_trial(df).groupby(["variant", "arm"]):
-        rows.append({"variant": label, "peak lr": f"{group['peak lr'].iloc[0]:g}",
-                     "weight decay": f"{group['weight_decay'].iloc[0]:g}", "chosen on": group["evidence"].iloc[0]})
-    return pd.DataFrame(rows, columns=["variant", "peak lr", "weight decay", "chosen on"])
-
-
-def tuning_text(tuning_df, figure: str) -> list:
-    """The report's markdown for a tuning stage: the sensitivity table and figure, the choices and the rank
-    agreement of early stopping."""
-    chosen = tuning.choose(tuning_df)
-    choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
-                             "evidence": c["evidence"]} for name, c in sorted(chosen.items())])
-    n_val, epochs = int(tuning_df["val_size"].iloc[0]), int(tuning_df["epochs"].max())
-    agreement = comparisons.rank_agreement(tuning_df)
-    text = [f"## Tuning stage: {_title(tuning_df, 'validation accuracy')}", "",
-            f"Every variant trained once (seed 0) at each learning rate and weight decay below, {epochs} epochs, "
-            f"on the training split less {n_val:,} validation images; accuracy on those validation images at the "
-            f"final epoch, one view (%). Empty: diverged. The stage's {tuning_df['trial'].nunique()} trials took "
-            f"{wall_minutes(tuning_df):.0f} min of wall time.", "",
-            _markdown(tuning.sensitivity(tuning_df)), "", f"![learning-rate sensitivity]({figure})", "",
-            "Chosen per variant (highest final validation accuracy; ties to the lower validation loss):", "",
-            _markdown(choices), ""]
-    if len(agreement):
-        text += ["Would early stopping have found the same configurations? Spearman's rank correlation between "
-                 "each configuration's validation accuracy at the rung epoch and at the final epoch, and whether an "
-                 "ASHA-type scheduler with that rung and reduction factor 3 would have kept the final winner:", "",
-                 _markdown(agreement), ""]
-    return text
+    final = final_per_trial(df).drop_duplicates("variant").sort_values("variant")
+    return pd.DataFrame({"variant": final["variant"], "peak lr": final["peak lr"].map("{:g}".format),
+                         "weight decay": final["weight_decay"].map("{:g}".format), "chosen on": final["evidence"]})
 
 
 def is_batch_study(df) -> bool:
@@ -569,70 +462,58 @@ def is_batch_study(df) -> bool:
 
 
 def batch_size_study(df) -> pd.DataFrame:
-    """Per variant and batch size: final-epoch one-view test error (%), mean and std over seeds, beside
-    the same with precise BatchNorm statistics (train.precise_bn; nan for nets without BatchNorm)."""
-    converged = convergence(df).set_index("variant")["converged"]
-    rows = []
-    for (name, batch), group in final_per_trial(df).groupby(["variant name", "batch_size"]):
-        error, precise = 100 * (1 - group["test_acc_single"]), 100 * (1 - group["test_acc_precise_bn"])
-        rows.append({"variant": name, "batch size": int(batch), "seeds": len(group),
-                     "error (%)": error.mean(), "std": error.std() if len(group) > 1 else float("nan"),
-                     "precise-BN error (%)": precise.mean(), "precise-BN std": precise.std() if len(group) > 1 else float("nan"),
-                     "peak lr": f"{group['peak lr'].iloc[0]:g}",
-                     "converged": bool(converged[group["variant"].iloc[0]])})
-    columns = ["variant", "batch size", "seeds", "error (%)", "std", "precise-BN error (%)", "precise-BN std",
-               "peak lr", "converged"]
-    return pd.DataFrame(rows, columns=columns).sort_values(["variant", "batch size"]).reset_index(drop=True)
+    """Per variant and batch size: final-epoch one-view test error (%), mean and std over seeds, beside the
+    same with precise BatchNorm statistics (train.precise_bn; nan for nets without BatchNorm)."""
+    final = final_per_trial(df)
+    final = final.assign(error=100 * (1 - final["test_acc_single"]), precise=100 * (1 - final["test_acc_precise_bn"]),
+                         converged=final["variant"].map(convergence(df).set_index("variant")["converged"]))
+    study = final.groupby(["variant name", "batch_size"]).agg(**{
+        "seeds": ("seed", "size"), "error (%)": ("error", "mean"), "std": ("error", "std"),
+        "precise-BN error (%)": ("precise", "mean"), "precise-BN std": ("precise", "std"),
+        "peak lr": ("peak lr", "first"), "converged": ("converged", "all")}).reset_index()
+    return study.rename(columns={"variant name": "variant", "batch_size": "batch size"}).assign(
+        **{"peak lr": study["peak lr"].map("{:g}".format)})
 
 
 def batch_size_table(study: pd.DataFrame) -> pd.DataFrame:
-    """The study laid out like Table 2 of Wu & He (2018): one row per normalisation (and BatchNorm with
-    precise statistics), one column per batch size from large to small, "mean ± std" test error (%);
-    then the difference to BatchNorm. A "*" marks a cell whose variant may not have converged."""
+    """The study laid out as Table 2 of Wu & He (2018): one row per normalisation (and BatchNorm with precise
+    statistics), one column per batch size from large to small, "mean ± std" test error (%); then each
+    one's difference to BatchNorm. A "*" marks a cell whose variant may not have converged."""
     def cell(mean, std, converged=True):
         if not np.isfinite(mean):  # e.g. precise BN of a trial that has not reached its final epoch
             return "-"
-        spread = f" ± {std:.2f}" if np.isfinite(std) else ""
-        return f"{mean:.2f}{spread}" + ("" if converged else " *")
+        return f"{mean:.2f}" + (f" ± {std:.2f}" if np.isfinite(std) else "") + ("" if converged else " *")
 
-    batches = sorted(study["batch size"].unique(), reverse=True)
     rows = []
-    for name, group in study.groupby("variant", sort=True):
-        by_batch = group.set_index("batch size")
-        rows.append({"": f"{name} error (%)", **{str(b): cell(by_batch.loc[b, "error (%)"], by_batch.loc[b, "std"],
-                                                               by_batch.loc[b, "converged"])
-                                                  for b in batches if b in by_batch.index}})
-        if by_batch["precise-BN error (%)"].notna().any():
-            rows.append({"": f"{name}, precise BN statistics",
-                         **{str(b): cell(by_batch.loc[b, "precise-BN error (%)"], by_batch.loc[b, "precise-BN std"])
-                            for b in batches if b in by_batch.index}})
+    for name, group in study.groupby("variant"):
+        rows.append({"": f"{name} error (%)", **{str(r["batch size"]): cell(r["error (%)"], r["std"], r["converged"])
+                                                 for _, r in group.iterrows()}})
+        if group["precise-BN error (%)"].notna().any():
+            rows.append({"": f"{name}, precise BN statistics", **{
+                str(r["batch size"]): cell(r["precise-BN error (%)"], r["precise-BN std"]) for _, r in group.iterrows()}})
     means = study.pivot(index="variant", columns="batch size", values="error (%)")
     if "bn" in means.index:
-        for name in (n for n in means.index if n != "bn"):
-            rows.append({"": f"{name} − bn (points)",
-                         **{str(b): f"{means.loc[name, b] - means.loc['bn', b]:+.2f}" for b in batches
-                            if np.isfinite(means.loc[name, b] - means.loc["bn", b])}})
-    return pd.DataFrame(rows).fillna("")
+        rows += [{"": f"{name} − bn (points)", **{str(b): f"{d:+.2f}" for b, d in diffs.items() if np.isfinite(d)}}
+                 for name, diffs in (means.drop("bn") - means.loc["bn"]).iterrows()]
+    return pd.DataFrame(rows, columns=["", *map(str, sorted(study["batch size"].unique(), reverse=True))]).fillna("")
 
 
 def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
-    """Final-epoch one-view test error against batch size (log scale), one line per normalisation,
-    mean ± std over seeds; dashed: BatchNorm with precise statistics."""
+    """Final-epoch one-view test error against batch size (log scale), one line per normalisation, mean ± std
+    over seeds; dashed: BatchNorm with precise statistics."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, group) in enumerate(study.groupby("variant", sort=True)):
-        color = f"C{i}"
-        ax.errorbar(group["batch size"], group["error (%)"], yerr=group["std"].fillna(0), color=color,
-                    marker=MARKERS[i % len(MARKERS)], capsize=3, label=name)
+    for i, (name, group) in enumerate(study.groupby("variant")):
+        style = {"color": f"C{i}", "marker": MARKERS[i % len(MARKERS)], "capsize": 3}
+        ax.errorbar(group["batch size"], group["error (%)"], yerr=group["std"].fillna(0), label=name, **style)
         if group["precise-BN error (%)"].notna().any():
             ax.errorbar(group["batch size"], group["precise-BN error (%)"], yerr=group["precise-BN std"].fillna(0),
-                        color=color, linestyle="--", marker=MARKERS[i % len(MARKERS)], markerfacecolor="none",
-                        capsize=3, label=f"{name}, precise BN statistics")
+                        linestyle="--", markerfacecolor="none", label=f"{name}, precise BN statistics", **style)
     batches = sorted(study["batch size"].unique())
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.minorticks_off()
-    ax.set_xlabel("batch size (images per step; peak lr scaled linearly with it)")
-    ax.set_ylabel("test error at the final epoch, one view (%)")
+    ax.set(xlabel="batch size (images per step; peak lr scaled linearly with it)",
+           ylabel="test error at the final epoch, one view (%)")
     ax.set_title(title + "; mean ± std over seeds", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -641,11 +522,8 @@ def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
 
 
 def plot_norm_pooling(n=4, c=8, groups=4):
-    """Which (sample, channel) cells share one mean and variance under BN, LN and GN.
-
-    Each cell stands for all H x W positions of one sample's channel; one colour = one set of
-    statistics (all the cells of a colour, and every pixel in them, are pooled together).
-    """
+    """Which (sample, channel) cells share one mean and variance under BN, LN and GN: each cell stands for all
+    H x W positions of one sample's channel; one colour = one set of statistics."""
     layouts = {
         "BatchNorm: per channel,\npooled over N, H, W": np.tile(np.arange(c), (n, 1)),
         "LayerNorm: per sample,\npooled over C, H, W": np.tile(np.arange(n)[:, None], (1, c)),
@@ -657,8 +535,7 @@ def plot_norm_pooling(n=4, c=8, groups=4):
         ax.imshow(ids % 20, cmap="tab20", vmin=0, vmax=19, aspect="auto")
         ax.set_xticks(range(c), [f"c{j}" for j in range(c)], fontsize=8)
         ax.set_yticks(range(n), [f"n{i}" for i in range(n)], fontsize=8)
-        ax.set_xlabel("channel C (each cell spans all H×W pixels)")
-        ax.set_ylabel("sample N in the batch")
+        ax.set(xlabel="channel C (each cell spans all H×W pixels)", ylabel="sample N in the batch")
         ax.set_title(title, fontsize=10)
         ax.set_xticks(np.arange(-0.5, c), minor=True)
         ax.set_yticks(np.arange(-0.5, n), minor=True)
@@ -671,11 +548,10 @@ def plot_norm_pooling(n=4, c=8, groups=4):
 
 
 def _markdown(table: pd.DataFrame) -> str:
+    """A table in markdown: numbers to 2 decimals, nan as "-"."""
     def cell(v):
-        return f"{v:.2f}" if isinstance(v, float) and not np.isnan(v) else ("-" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
+        return ("-" if np.isnan(v) else f"{v:.2f}") if isinstance(v, float) else str(v)
+    return table.map(cell).to_markdown(index=False, disable_numparse=True)
 
 
 def experiment_line(experiment) -> str:
@@ -688,109 +564,116 @@ def experiment_line(experiment) -> str:
     return f"`{shown}` (its name; it lies outside the directory the analysis ran in)"
 
 
-def experiment_dataset(grid) -> data_lib.Dataset:
-    """The whole dataset an experiment's trials were drawn from, read once (`misclassified` takes the
-    trials' own subset of it); from any trial's config, reported or not."""
-    config = next((c for c in trial_configs(grid).values() if c), None)
-    if config is None:
-        raise AnalysisError("no trial of this experiment has a config yet; wait for the first trial to start")
-    return _read_dataset(config)
-
-
 def write_report(experiment, out_dir) -> list:
-    """Every figure as PNG plus summary.md into out_dir, a local directory or a storage URI; returns
-    the written paths (Path objects for a local out_dir, URIs otherwise)."""
+    """Every figure as PNG plus summary.md into out_dir, a local directory or a storage URI; returns the written
+    paths (Path objects for a local out_dir, URIs otherwise)."""
     grid, df = load_experiment(experiment)
-    if experiments.is_uri(out_dir):
-        out, written = experiments.resolve(out_dir), []
-    else:
-        out, written = Path(out_dir), []
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise AnalysisError(f"cannot write the report to {out} ({e.strerror}); pass a writable --out") from None
-
-    def put(name, data: bytes):
-        target = experiments.join(out, name) if isinstance(out, str) else out / name
-        experiments.write_bytes(str(target), data)
-        written.append(target)
-
-    def save(fig, name):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
-        put(name, buffer.getvalue())
-
-    heading = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", ""]
-    notes = [note for note in (progress_note(progress(grid, df)), diverged_note(df), validation_note(df)) if note]
-    notes = [line for note in notes for line in (f"**{note}**", "")]
+    figures = {}  # file name -> PNG
+    notes = [progress_note(progress(grid, df)), diverged_note(df), validation_note(df)]
+    text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", "",
+            *[line for note in notes if note for line in (f"**{note}**", "")]]
     kind = stage(grid)
     if kind == "tuning":  # the learning-rate sensitivity and the choices; every trial is one configuration
-        save(tuning.plot_sensitivity(df, _title(df, "learning-rate sensitivity", wrap=True)), "lr_sensitivity.png")
-        put("summary.md", "\n".join(heading + notes + tuning_text(df, "lr_sensitivity.png") + [
-            "Per trial (validation accuracy in the test columns):", "", _markdown(trial_table(df)), ""]).encode())
-        return written
-    if healthy(df).empty:  # every trial diverged: no curve, table or checkpoint to show
-        put("summary.md", "\n".join(heading + notes).encode())
-        return written
-    tuned = []
-    if kind == "final":
-        tuned = ["## Tuned comparison", "", "Each variant at the configuration its tuning stage chose on validation "
-                 "images (arm \"tuned\") and at the shared recipe (arm \"recipe\"), the same seeds, scored on the "
-                 f"test split; this final stage took {wall_minutes(df):.0f} min of wall time:", "",
-                 _markdown(configuration_table(df)), ""]
+        text += [*_tuning_section(df, figures), "Per trial (validation accuracy in the test columns):", "",
+                 _markdown(trial_table(df)), ""]
+    elif not healthy(df).empty:  # where every trial diverged there is no curve, table or checkpoint to show
+        text += _final_stage_section(grid, df, figures) if kind == "final" else []
+        text += _batch_section(df, figures) if is_batch_study(df) else []
+        text += _results_section(grid, df, figures)
+    return _write(out_dir, {**figures, "summary.md": "\n".join(text).encode()})
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _write(out_dir, files: dict) -> list:
+    """Each name -> bytes of files into out_dir (a URI, or a local directory made where missing); the paths."""
+    if experiments.is_uri(out_dir):
+        targets = {name: experiments.join(experiments.resolve(out_dir), name) for name in files}
+    else:
         try:
-            _, tuning_df = load_experiment(tuning_experiment(experiment_location(grid)))
-            save(tuning.plot_sensitivity(tuning_df, _title(tuning_df, "learning-rate sensitivity", wrap=True)),
-                 "lr_sensitivity.png")
-            tuned += tuning_text(tuning_df, "lr_sensitivity.png")
-        except AnalysisError as e:
-            tuned += [f"(The tuning stage's results are not readable here: {e}.)", ""]
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AnalysisError(f"cannot write the report to {out_dir} ({e.strerror}); pass a writable --out") from None
+        targets = {name: Path(out_dir) / name for name in files}
+    for name, target in targets.items():
+        experiments.write_bytes(str(target), files[name])
+    return list(targets.values())
+
+
+def _results_section(grid, df, figures: dict) -> list:
+    """The summary, per-trial and comparison tables, the curves and misclassified grids (into figures)."""
     for metric in CURVES:
-        save(plot_curves(df, metric), f"{metric}.png")
-    dataset = experiment_dataset(grid)  # read once for every grid
-    grids, missing = [], []
+        figures[f"{metric}.png"] = _png(plot_curves(df, metric))
+    dataset, grids, missing = experiment_dataset(grid), [], []  # the data read once, for every grid and McNemar
     for variant in sorted(healthy(df)["variant"].unique()):
         try:
             sample = misclassified(grid, df, variant, dataset=dataset)
         except AnalysisError as e:  # e.g. a best epoch whose checkpoint was not copied with the results
-            missing.append(f"No misclassified images for {variant}: {e}.")
+            missing += ["", f"No misclassified images for {variant}: {e}."]
             continue
         name = "misclassified_" + re.sub(r"[^A-Za-z0-9]+", "_", variant).strip("_") + ".png"  # ASCII file names
-        save(plot_misclassified(sample), name)
-        grids.append((variant, name))
-    study_text = []
-    if is_batch_study(df):
-        study = batch_size_study(df)
-        save(plot_batch_sizes(study, _title(df, "batch-size study", wrap=True)), "batch_size.png")
-        study_text = ["## Batch size", "", "Final-epoch test error on one view (%), mean ± std over seeds, laid out "
-                      "like Table 2 of Wu & He (2018); \"precise BN statistics\" recomputes BatchNorm's running "
-                      "statistics on batches of 500 training images after training (`train.precise_bn`). "
-                      "\"*\": may not have converged.", "", _markdown(batch_size_table(study)), "",
-                      "![test error against batch size](batch_size.png)", "", "Per variant and batch size:", "",
-                      _markdown(study), ""]
-    table, warnings, split = summary(df), convergence_warnings(df), scored_on(df)
-    compared = comparison_text(comparison_tables(grid, df, dataset))
-    text = [*heading, *notes, *tuned,
-            *study_text,
-            f"Headline: {split} accuracy at the final epoch on one view of each image (no choice made on the "
-            f"{split} split), mean and sample std over seeds. Beside it, the final epoch scored with the "
-            "test-time flip (each image and its mirror, on flip-trained datasets) and the best epoch's "
-            f"flip-averaged accuracy (an epoch chosen on the {split} split: optimistic).", "",
-            _markdown(table), "", *(warnings or ["Every variant converged by the checks in `analysis.convergence`."]), "",
-            "Per trial:", "", _markdown(trial_table(df)), "",
-            *compared,
+        figures[name] = _png(plot_misclassified(sample))
+        grids.append(f"![{variant} misclassified]({name})")
+    split = scored_on(df)
+    return [f"Headline: {split} accuracy at the final epoch on one view of each image (no choice made on the "
+            f"{split} split), mean and sample std over seeds. Beside it, the final epoch scored with the test-time "
+            "flip (each image and its mirror, on flip-trained datasets) and the best epoch's flip-averaged accuracy "
+            f"(an epoch chosen on the {split} split: optimistic).", "", _markdown(summary(df)), "",
+            *(convergence_warnings(df) or ["Every variant converged by the checks in `analysis.convergence`."]), "",
+            "Per trial:", "", _markdown(trial_table(df)), "", *comparison_text(comparison_tables(grid, df, dataset)),
             f"The {split}-accuracy figure plots the flip-averaged accuracy per epoch (one view where the data was not "
-            "trained with flips); its legend gives each variant's final one-view accuracy (the headline above) "
-            "and its best epoch's. Each misclassified grid is of the best trial's best checkpoint, titled with "
-            "that checkpoint's accuracy.", "",
-            "![test loss](test_loss.png)", "![test accuracy](test_acc.png)",
-            "![train loss](train_loss.png)", "![train accuracy](train_acc.png)", ""]
-    text += [f"![{variant} misclassified]({name})" for variant, name in grids]
-    text += [line for note in missing for line in ("", note)]
-    text += [""]
-    put("summary.md", "\n".join(text).encode())
-    return written
+            "trained with flips); its legend gives each variant's final one-view accuracy (the headline above) and "
+            "its best epoch's. Each misclassified grid is of the best trial's best checkpoint, titled with that "
+            "checkpoint's accuracy.", "", "![test loss](test_loss.png)", "![test accuracy](test_acc.png)",
+            "![train loss](train_loss.png)", "![train accuracy](train_acc.png)", "", *grids, *missing, ""]
+
+
+def _final_stage_section(grid, df, figures: dict) -> list:
+    """A tuned comparison's final stage: the configurations of its two arms, then its tuning stage's section."""
+    text = ["## Tuned comparison", "", "Each variant at the configuration its tuning stage chose on validation images "
+            "(arm \"tuned\") and at the shared recipe (arm \"recipe\"), the same seeds, scored on the test split; this "
+            f"final stage took {wall_minutes(df):.0f} min of wall time:", "", _markdown(configuration_table(df)), ""]
+    try:
+        return text + _tuning_section(tuning_frame(grid, df), figures)
+    except AnalysisError as e:
+        return text + [f"(The tuning stage's results are not readable here: {e}.)", ""]
+
+
+def _tuning_section(tuning_df, figures: dict) -> list:
+    """A tuning stage: the sensitivity table and figure, the choices, and how early stopping would have ranked."""
+    figures["lr_sensitivity.png"] = _png(tuned.plot_sensitivity(tuning_df, _title(tuning_df, "learning-rate sensitivity",
+                                                                                  wrap=True)))
+    choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
+                             "evidence": c["evidence"]} for name, c in sorted(tuned.choose(tuning_df).items())])
+    agreement = comparisons.rank_agreement(tuning_df)
+    text = [f"## Tuning stage: {_title(tuning_df, 'validation accuracy')}", "",
+            "Every variant trained once (seed 0) at each learning rate and weight decay below, "
+            f"{int(tuning_df['epochs'].max())} epochs, on the training split less {int(tuning_df['val_size'].iloc[0]):,} "
+            "validation images; accuracy on those validation images at the final epoch, one view (%). Empty: diverged. "
+            f"The stage's {tuning_df['trial'].nunique()} trials took {wall_minutes(tuning_df):.0f} min of wall time.", "",
+            _markdown(tuned.sensitivity(tuning_df)), "", "![learning-rate sensitivity](lr_sensitivity.png)", "",
+            "Chosen per variant (highest final validation accuracy; ties to the lower validation loss):", "",
+            _markdown(choices), ""]
+    return text + (["Would early stopping have found the same configurations? Spearman's rank correlation between "
+                    "each configuration's validation accuracy at the rung epoch and at the final epoch, and whether an "
+                    "ASHA-type scheduler with that rung and reduction factor 3 would have kept the final winner:", "",
+                    _markdown(agreement), ""] if len(agreement) else [])
+
+
+def _batch_section(df, figures: dict) -> list:
+    """A batch-size study: Wu & He's Table 2 layout, the figure (into figures) and the per-batch-size table."""
+    study = batch_size_study(df)
+    figures["batch_size.png"] = _png(plot_batch_sizes(study, _title(df, "batch-size study", wrap=True)))
+    return ["## Batch size", "", "Final-epoch test error on one view (%), mean ± std over seeds, laid out like Table 2 "
+            "of Wu & He (2018); \"precise BN statistics\" recomputes BatchNorm's running statistics on batches of 500 "
+            "training images after training (`train.precise_bn`). \"*\": may not have converged.", "",
+            _markdown(batch_size_table(study)), "", "![test error against batch size](batch_size.png)", "",
+            "Per variant and batch size:", "", _markdown(study), ""]
 
 
 def main(argv=None) -> int:
@@ -802,9 +685,9 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")  # files only; the notebook keeps its inline backend
     try:
         written = write_report(args.experiment, args.out or experiments.join(experiments.resolve(args.experiment), "report"))
-    except checks.NormsweepError as e:  # AnalysisError, ExperimentError, DataError, CheckpointError
+    except NormsweepError as e:  # every refusal: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
-        return checks.USAGE_EXIT
+        return USAGE_EXIT
     print("\n".join(str(p) for p in written))
     return 0
 
