@@ -1,11 +1,9 @@
-"""Analysis of a finished (or partial) normsweep experiment. Reads results; never trains.
+"""Analysis of a finished (or partial) normsweep experiment: reads results, never trains.
 
-Loads a Ray Tune experiment (a local directory or a storage URI) into a ResultGrid and a tidy DataFrame,
-and draws the curves, each variant's misclassified test images, the summary table with convergence checks
-and paired tests (comparisons.py), the tuned comparison's and the batch-size study's tables, and what each
-norm pools (the notebook's). `python analysis.py RESULTS_DIR --out DIR` writes the figures as PNGs and a
-markdown summary; analysis.ipynb calls the same functions. Ray is imported only by the functions that read
-a ResultGrid or a checkpoint, so importing this module stays quick.
+A Ray Tune experiment (a directory or a storage URI) becomes a ResultGrid and a tidy DataFrame; from them the
+curves, misclassified images, summary tables, convergence checks, paired tests (comparisons.py), the tuned
+comparison and the batch-size study. `python analysis.py RESULTS_DIR --out DIR` writes PNGs and summary.md;
+analysis.ipynb calls the same functions. Ray is imported only where a ResultGrid or checkpoint is read.
 """
 import argparse
 import io
@@ -35,24 +33,20 @@ CURVES = {  # metric -> (axis label, higher is better); {split}: the split the t
     "train_loss": ("train loss (cross-entropy + label smoothing, nats)", False),
     "train_acc": ("train accuracy on augmented batches (%)", True),
 }
-LINESTYLES = ("-", "--", "-.", ":")  # with markers, so a curve lying on another stays visible
-MARKERS = ("o", "s", "^", "D", "v", "P")
-# A tuned comparison's trial whose chosen configuration is the shared recipe's counts in both arms: its rows
-# appear twice in results_frame, the copy's trial name with this suffix.
+LINESTYLES, MARKERS = ("-", "--", "-.", ":"), ("o", "s", "^", "D", "v", "P")  # a curve on another stays visible
+# A tuned comparison's trial whose chosen configuration is the recipe's counts in both arms: results_frame
+# holds its rows twice, the copy's trial name with this suffix.
 RECIPE_COPY = "~recipe"
 
 
 def latest_experiment(root="results") -> str:
-    """The newest experiment under root, a local directory or a storage URI (what the notebook opens by
-    default); a one-line ExperimentError where there is none."""
+    """The newest experiment under root, a directory or storage URI (the notebook's default); ExperimentError if none."""
     return experiments.latest(experiments.resolve(root))
 
 
 def load_experiment(path):
-    """(ResultGrid, results_frame) of an experiment, a local directory or a URI (`s3://bucket/results/name`).
-
-    Raises AnalysisError (one line) for a location that holds no Tune experiment or no epoch yet.
-    """
+    """(ResultGrid, results_frame) of an experiment, a local directory or a URI (`s3://bucket/results/name`);
+    a one-line AnalysisError for a location that holds no Tune experiment or no epoch yet."""
     location = experiments.resolve(path)
     if not experiments.is_experiment(location):
         raise AnalysisError(f"{location} is not a Ray Tune experiment directory (no experiment_state-*.json); "
@@ -75,42 +69,32 @@ def experiment_location(grid) -> str:
 
 
 def results_frame(grid) -> pd.DataFrame:
-    """One row per trial and reported epoch of a ResultGrid; trials with no epoch yet are left out.
+    """One row per trial and reported epoch (trials with no epoch yet are left out). Columns: what the epoch
+    reported (trainable.METRICS, `health`, `parameters`, Tune's `timestamp`, ...); every scalar setting of the
+    trial (trainable.trial_config and its variant: `dataset`, `epochs` planned, `seed`, `arm`, ...; `lr` is the
+    metric); `trial`, `variant` (its label), `variant name`, `peak lr`, `diverged` and `data` (data_subset)."""
+    import trainable  # Ray's: a config read as the trial read it
 
-    Columns: what each epoch reported (trainable.METRICS, `health`, `parameters`, Tune's `timestamp` and
-    `time_this_iter_s`, ...); every scalar setting of the trial (trainable.trial_config and its variant
-    dict: `dataset`, `epochs` (planned), `batch_size`, `norm`, `seed`, `arm` in a tuned comparison's final
-    stage, ...; where a name is both, the metric: `lr` is each epoch's starting lr); `trial`, `variant`
-    (experiments.variant_label), `variant name` (the variant alone), `peak lr`, `diverged` (per trial),
-    and `data` (data_subset: what part of the dataset the launch took).
-    """
-    frames = [frame for result in grid if result.config and result.metrics_dataframe is not None
-              for frame in _trial_frames(Path(result.path).name, result.config, result.metrics_dataframe)]
+    frames = []
+    for result in grid:
+        if not result.config or result.metrics_dataframe is None:
+            continue
+        config, variant, metrics = result.config, result.config["variant"], result.metrics_dataframe
+        settings = {**variant, **trainable.trial_config(config, threads=0)}
+        frame = metrics.loc[:, ~metrics.columns.str.startswith("config/")]  # Tune's nested copy of the config
+        frame = frame.assign(**{k: v for k, v in settings.items() if k not in frame and (v is None or np.isscalar(v))})
+        frame.insert(0, "trial", Path(result.path).name)
+        frame.insert(1, "variant", experiments.variant_label(config))
+        frame["variant name"] = experiments.variant_label({"variant": {"name": variant["name"], "l1": variant["l1"]}})
+        frame["peak lr"], frame["diverged"] = train.peak_lr(settings), (frame["health"] != "ok").any()
+        frames.append(frame)
+        if variant.get("recipe_too"):  # its tuned configuration is the recipe's: one trial in both arms
+            label = experiments.variant_label({**config, "variant": {**variant, "arm": tuned.RECIPE}})
+            frames.append(frame.assign(trial=frame["trial"] + RECIPE_COPY, variant=label, arm=tuned.RECIPE, evidence=(
+                "the shared recipe, which tuning also chose (the tuned trial, counted in both arms)")))
     if not frames:
         return pd.DataFrame()
-    df = pd.concat(frames, ignore_index=True)
-    df["data"] = data_subset(experiments.read_launch(experiment_location(grid)))
-    return df
-
-
-def _trial_frames(trial: str, config: dict, metrics: pd.DataFrame) -> list:
-    """results_frame's rows of one trial (twice for a trial counted in both arms of a tuned comparison)."""
-    import trainable  # Ray's: a trial's config read the way the trial read it
-
-    variant = config["variant"]
-    settings = {**variant, **trainable.trial_config(config, threads=0)}
-    frame = metrics.loc[:, ~metrics.columns.str.startswith("config/")]  # Tune's copy of the config, nested
-    frame = frame.assign(**{k: v for k, v in settings.items() if k not in frame and (v is None or np.isscalar(v))})
-    frame.insert(0, "trial", trial)
-    frame.insert(1, "variant", experiments.variant_label(config))
-    frame["variant name"] = experiments.variant_label({"variant": {"name": variant["name"], "l1": variant["l1"]}})
-    frame["peak lr"] = train.peak_lr(settings)  # "lr" is the metric: each epoch's starting lr
-    frame["diverged"] = (frame["health"] != "ok").any()
-    if not variant.get("recipe_too"):
-        return [frame]
-    recipe = experiments.variant_label({**config, "variant": {**variant, "arm": tuned.RECIPE}})
-    return [frame, frame.assign(trial=trial + RECIPE_COPY, variant=recipe, arm=tuned.RECIPE, evidence=(
-        "the shared recipe, which tuning also chose (the tuned trial, counted in both arms)"))]
+    return pd.concat(frames, ignore_index=True).assign(data=data_subset(experiments.read_launch(experiment_location(grid))))
 
 
 def result_of(grid, trial: str):
@@ -122,32 +106,29 @@ def data_subset(launch: dict) -> str:
     """What part of the dataset a launch trained and scored on, in words; "" for all of it."""
     if launch.get("smoke_test"):
         return f"smoke-test subset: {experiments.SMOKE['train']:,} train / {experiments.SMOKE['test']:,} test images"
-    if launch.get("train_size"):
-        scored = f"{launch['val_size']:,} of them held out to score on" if launch.get("val_size") else "every test image"
-        return f"--train-size subset: {launch['train_size']:,} train images, {scored}"
-    return ""
+    if not launch.get("train_size"):
+        return ""
+    scored = f"{launch['val_size']:,} of them held out to score on" if launch.get("val_size") else "every test image"
+    return f"--train-size subset: {launch['train_size']:,} train images, {scored}"
 
 
 def _title(df, what: str, wrap: bool = False) -> str:
-    """'what: dataset[, net NET], N epochs, K seeds per variant (subset)' (the net unless it is the small
-    one); wrap: the subset on a line of its own (figure titles)."""
-    seeds = df.groupby("variant")["seed"].nunique().max()
+    """'what: dataset[, net NET], N epochs, K seeds per variant (subset)', the net unless it is the small one;
+    wrap: the subset on a line of its own (figure titles)."""
     planned, reached = int(df["epochs"].max()), int(df["epoch"].max())  # "epochs": the planned count
     epochs = _count(planned, "epoch") if reached >= planned else f"partial: {reached} of {planned} epochs in"
-    subset = df["data"].iloc[0]
+    subset, model = df["data"].iloc[0], str(df["model"].iloc[0])
     subset = (f"\n({subset})" if wrap else f" ({subset})") if subset else ""
-    model = str(df["model"].iloc[0])
     net = f", net {Path(model).name}" if model != "small" else ""  # a user's builder: its file's name
-    return f"{what}: {Path(str(df['dataset'].iloc[0])).name}{net}, {epochs}, {_count(seeds, 'seed')} per variant{subset}"
+    seeds = _count(df.groupby("variant")["seed"].nunique().max(), "seed")
+    return f"{what}: {Path(str(df['dataset'].iloc[0])).name}{net}, {epochs}, {seeds} per variant{subset}"
 
 
 def _count(n: int, noun: str) -> str:
-    """'1 epoch', '2 epochs'."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"  # '1 epoch', '2 epochs'
 
 
 def _mean_std(values: pd.Series, fmt: str = ".2f") -> str:
-    """'mean ± std' of values, the std only where there are two or more."""
     return f"{values.mean():{fmt}}" + (f" ± {values.std():{fmt}}" if len(values) > 1 else "")
 
 
@@ -161,32 +142,29 @@ def best_per_trial(df) -> pd.DataFrame:
 
 
 def progress(grid, df) -> pd.DataFrame:
-    """Per variant: trials (the launch's, or those reporting), epochs in (fewest-most; a trial with no report
-    yet counts 0) against the planned epochs, trials diverged, and complete (every trial ran its planned
-    epochs or diverged)."""
-    launch = experiments.read_launch(experiment_location(grid))
-    planned = ({experiments.variant_label(c): experiments.launch_seeds(launch) for c in experiments.launch_configs(launch)}
-               if launch.get("variants") else {})
-    trials = df.groupby("trial").agg(variant=("variant", "first"), last=("epoch", "max"), epochs=("epochs", "first"),
-                                     diverged=("diverged", "first"))
+    """Per variant: trials (the launch's, or those reporting), epochs in (fewest-most; a trial not reported
+    yet counts 0) of the planned epochs, trials diverged, complete (each ran its epochs or diverged)."""
+    launch, planned_epochs = experiments.read_launch(experiment_location(grid)), int(df["epochs"].max())
+    planned = {experiments.variant_label(c): experiments.launch_seeds(launch)
+               for c in (experiments.launch_configs(launch) if launch.get("variants") else [])}
+    trials = df.groupby("trial").agg(variant=("variant", "first"), last=("epoch", "max"), diverged=("diverged", "first"))
     rows = []
     for label in sorted(set(planned) | set(trials["variant"])):
         mine = trials[trials["variant"] == label]
         epochs_in = [*mine["last"], *[0] * (planned.get(label, 0) - len(mine))]
-        low, high = min(epochs_in), max(epochs_in)
-        rows.append({"variant": label, "trials": len(epochs_in), "epochs in": f"{low}" if low == high else f"{low}-{high}",
-                     "planned epochs": int(df["epochs"].max()), "diverged": int(mine["diverged"].sum()),
-                     "complete": len(mine) == len(epochs_in) and bool((mine["diverged"] | (mine["last"] >= mine["epochs"])).all())})
+        rows.append({"variant": label, "trials": len(epochs_in), "planned epochs": planned_epochs,
+                     "epochs in": "-".join(str(e) for e in sorted({min(epochs_in), max(epochs_in)})),
+                     "diverged": int(mine["diverged"].sum()), "complete": len(mine) == len(epochs_in)
+                     and bool((mine["diverged"] | (mine["last"] >= planned_epochs)).all())})
     return pd.DataFrame(rows)
 
 
 def progress_note(table: pd.DataFrame) -> str:
     """'' for a complete experiment, else one sentence saying it is partial, per variant."""
-    if table["complete"].all():
-        return ""
-    parts = [f"{row['variant']} {row['epochs in']} of {row['planned epochs']}" for _, row in table.iterrows()]
-    return ("Partial experiment: these figures and tables cover only the epochs reported so far "
-            f"(epochs in, per variant: {'; '.join(parts)}). Resume it with tune_main.py --resume.")
+    parts = "; ".join(f"{row['variant']} {row['epochs in']} of {row['planned epochs']}" for _, row in table.iterrows())
+    return "" if table["complete"].all() else (
+        "Partial experiment: these figures and tables cover only the epochs reported so far (epochs in, per "
+        f"variant: {parts}). Resume it with tune_main.py --resume.")
 
 
 def diverged_note(df) -> str:
@@ -199,38 +177,34 @@ def diverged_note(df) -> str:
 
 
 def validation_note(df) -> str:
-    """'' for trials scored on the test split, else one sentence saying they were scored on held-out training images."""
-    if scored_on(df) == "test":
-        return ""
+    """'' for trials scored on the test split, else one sentence saying they were scored on held-out images."""
     n = int(df["val_size"].max())
-    return (f"Scored on {n:,} training images held out from training (--val-size {n}), not on the test split: "
-            f"every \"test\" column, figure and comparison of this experiment is of those validation images.")
+    return "" if scored_on(df) == "test" else (
+        f"Scored on {n:,} training images held out from training (--val-size {n}), not on the test split: "
+        f"every \"test\" column, figure and comparison of this experiment is of those validation images.")
 
 
 def plot_curves(df, metric: str):
-    """One CURVES metric against epoch, all variants on one axes: the mean over seeds with a ±1 std band, ★
-    at each mean curve's best epoch; a diverged variant is named in the legend, not drawn."""
+    """A CURVES metric against epoch, all variants on one axes: the mean over seeds with a ±1 std band, ★ at
+    each mean curve's best epoch; a diverged variant is named in the legend, not drawn."""
     label, higher_better = CURVES[metric]
     split, scale = scored_on(df), 100 if metric.endswith("acc") else 1
     # test_acc averages each image and its mirror on flip-trained data; the headline is test_acc_single
     flipped = not np.allclose(df["test_acc"], df["test_acc_single"], equal_nan=True)
-    if metric == "test_acc":
-        label = f"{split} accuracy, {'flip-averaged' if flipped else 'one view'} (%)"
-    label = label.format(split=split)
+    label = f"{split} accuracy, {'flip-averaged' if flipped else 'one view'} (%)" if metric == "test_acc" else label
     fig, ax = plt.subplots(figsize=(8, 5))
     names = sorted(df["variant"].unique())
     for name in sorted(set(names) - set(healthy(df)["variant"])):  # marked, not drawn as nan
         ax.plot([], [], color="grey", linestyle="none", marker="x", label=f"{name}: diverged (not plotted)")
-    late = []  # the bands over the second half of training, to zoom the accuracy axis on
+    late = []  # the bands over the second half of training: variants often sit within a point of each other
     for name, group in healthy(df).groupby("variant"):
         late += _plot_variant(ax, group, metric, names.index(name), scale, flipped)
     if higher_better and late and df["epoch"].max() >= 4:
-        low, high = min(late), max(late)
-        pad = max(0.1 * (high - low), 0.05 * scale / 100)
-        ax.set_ylim(low - pad, high + pad)  # variants often sit within a point of each other
+        pad = max(0.1 * (max(late) - min(late)), 0.05 * scale / 100)
+        ax.set_ylim(min(late) - pad, max(late) + pad)
         label += " (zoomed to the second half of training)"
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, even on 2-epoch runs
-    ax.set(xlabel="epoch", ylabel=label)
+    ax.set(xlabel="epoch", ylabel=label.format(split=split))
     band = "; band = ±1 std over seeds" if df.groupby("variant")["seed"].nunique().max() > 1 else ""
     head, _, subset = _title(df, metric.replace("_", " ").replace("test", split), wrap=True).partition("\n")
     ax.set_title(head + band + (f"\n{subset}" if subset else ""), fontsize=10)
@@ -244,54 +218,46 @@ def plot_curves(df, metric: str):
 
 def _plot_variant(ax, group, metric: str, i: int, scale: float, flipped: bool) -> list:
     """One variant's mean curve, band and best-epoch star; returns its band's values over the second half."""
-    higher_better = CURVES[metric][1]
     by_epoch = group.groupby("epoch")[metric].agg(["mean", "std", "count"])
     epochs, mean, std = by_epoch.index.to_numpy(), scale * by_epoch["mean"].to_numpy(), scale * by_epoch["std"].fillna(0).to_numpy()
-    best_at = int(np.argmax(mean) if higher_better else np.argmin(mean))
     per_seed = group.groupby("trial")[metric]
-    per_seed_best = scale * (per_seed.max() if higher_better else per_seed.min())
+    best_at, per_seed_best = ((np.argmax(mean), per_seed.max()) if CURVES[metric][1] else (np.argmin(mean), per_seed.min()))
     name, fmt = group["variant"].iloc[0], ".2f" if scale == 100 else ".4f"
-    text = f"{name}: best {_mean_std(per_seed_best, fmt)} (mean-curve best at epoch {epochs[best_at]})"
+    text = f"{name}: best {_mean_std(scale * per_seed_best, fmt)} (mean-curve best at epoch {epochs[best_at]})"
     if metric == "test_acc":
         text = (f"{name}: final one view {_mean_std(100 * final_per_trial(group)['test_acc_single'])}; "
-                f"best {'flip-averaged' if flipped else 'one view'} {_mean_std(per_seed_best)}")
-    color = f"C{i}"
-    ax.plot(epochs, mean, color=color, linestyle=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)],
+                f"best {'flip-averaged' if flipped else 'one view'} {_mean_std(100 * per_seed_best)}")
+    ax.plot(epochs, mean, color=f"C{i}", linestyle=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)],
             markersize=4, markevery=max(1, len(epochs) // 10), label=text)
     if by_epoch["count"].max() > 1:
-        ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
-    ax.plot(epochs[best_at], mean[best_at], marker="*", markersize=12, color=color, markeredgecolor="k")
+        ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.2, linewidth=0)
+    ax.plot(epochs[best_at], mean[best_at], marker="*", markersize=12, color=f"C{i}", markeredgecolor="k")
     return [*(mean - std)[len(mean) // 2:], *(mean + std)[len(mean) // 2:]]
 
 
 def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
-    """The first n misclassified evaluation images of `variant`'s best checkpoint (best trial by test_acc).
-
-    Returns the images (uint8), true and predicted labels, confidences (max softmax), their indices, the
-    model's accuracy on the split (flip-averaged where `flip`, as the trial's test_acc), its seed and epoch,
-    and the class names. A one-line AnalysisError for a variant with no healthy trial, or whose best
-    epoch's checkpoint is missing. dataset: the whole dataset, read once for many calls (experiment_dataset).
-    """
+    """The first n misclassified evaluation images of `variant`'s best checkpoint (best trial by test_acc):
+    images (uint8), labels, predictions, confidences (max softmax), indices, the checkpoint's accuracy
+    (flip-averaged where `flip`, as its test_acc), seed, epoch, classes. dataset: experiment_dataset's, read
+    once. A one-line AnalysisError for a variant with no healthy trial or no checkpoint of its best epoch."""
     import trainable  # Ray's checkpoints
 
     best = best_per_trial(df)
-    candidates = best[best["variant"] == variant] if len(best) else best
-    if not len(candidates):
+    if not len(best) or variant not in set(best["variant"]):
         raise AnalysisError(f"{variant} has no trial with a healthy epoch (every trial of it diverged or has not "
                             f"reported yet), so no checkpoint to show")
-    row = candidates.sort_values("test_acc", kind="stable").iloc[-1]
+    row = best[best["variant"] == variant].sort_values("test_acc", kind="stable").iloc[-1]
     # the checkpoint of the epoch the table names (Tune keeps it: the best, ties to the latest)
-    kept = [c for c, metrics in (result_of(grid, row["trial"]).best_checkpoints or []) if metrics.get("epoch") == row["epoch"]]
-    if not kept or not experiments.exists(experiments.join(experiments.location_of(kept[-1].filesystem, kept[-1].path),
-                                                           trainable.CHECKPOINT_FILE)):
-        raise AnalysisError(f"trial {row['trial']} has no checkpoint of its best epoch {int(row['epoch'])} "
-                            f"(not saved yet, or not copied with the results); resume the experiment or copy its "
-                            f"checkpoint_* directories too")
+    kept = [c for c, metrics in result_of(grid, row["trial"]).best_checkpoints or [] if metrics["epoch"] == row["epoch"]]
+    if not kept or not experiments.exists(experiments.join(
+            experiments.location_of(kept[-1].filesystem, kept[-1].path), trainable.CHECKPOINT_FILE)):
+        raise AnalysisError(f"trial {row['trial']} has no checkpoint of its best epoch {int(row['epoch'])} (not saved "
+                            f"yet, or not copied with the results); resume the experiment or copy its checkpoint_* "
+                            f"directories too")
     model, state = trainable.model_from_result_checkpoint(kept[-1])
-    config = state["config"]
-    split = evaluation_split(experiment_location(grid), config, dataset)
+    config, split = state["config"], evaluation_split(experiment_location(grid), state["config"], dataset)
     flip = train.uses_test_flip(config, split.augment)
-    out = train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"], flip=flip)  # as the trial did
+    out = train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"], flip=flip)  # as the trial
     wrong = torch.nonzero(out["preds"] != split.test_labels).flatten()[:n]
     return {"variant": variant, "trial": row["trial"], "seed": config["seed"], "epoch": state["epoch"], "acc": out["acc"],
             "flip": flip, "split": "validation" if config["val_size"] else "test", "indices": wrong,
@@ -300,92 +266,79 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
 
 
 def evaluation_split(experiment: str, config: dict, dataset=None) -> data_lib.Dataset:
-    """The dataset as the experiment's trials saw it, its test split the images they were scored on: the part
-    of the data its launch gave them (experiments.as_launched: the --smoke-test or --train-size subset), and for
-    a --val-size N experiment the N training images held out of that (Dataset.held_out, as train.TrainingRun)."""
-    dataset = experiments.as_launched(_read_dataset(config) if dataset is None else dataset, experiments.read_launch(experiment))
+    """The dataset as the trials saw it, its test split the images they were scored on: the launch's part of
+    the data (experiments.as_launched), and for --val-size N the N training images held out of that."""
+    dataset = experiments.as_launched(_read_dataset(config) if dataset is None else dataset,
+                                      experiments.read_launch(experiment))
     return dataset.held_out(config["val_size"]) if config["val_size"] else dataset
 
 
+def experiment_dataset(grid) -> data_lib.Dataset:
+    """The whole dataset the experiment's trials were drawn from, read once, from any reported trial's config."""
+    return _read_dataset(next(r.config for r in grid if r.config))
+
+
 def _read_dataset(config: dict) -> data_lib.Dataset:
-    """The whole dataset a trial's config names; without its test split where the trials scored held-out images."""
+    """The dataset a trial's config names; without its test split where the trials scored held-out images."""
     return data_lib.load_dataset(config["dataset"], config["data_dir"], test_split=not config["val_size"])
 
 
-def experiment_dataset(grid) -> data_lib.Dataset:
-    """The whole dataset an experiment's trials were drawn from, read once (`misclassified` and
-    `comparison_tables` take the trials' own part of it); from the config of any trial that has reported."""
-    config = next((r.config for r in grid if r.config), None)
-    if config is None:
-        raise AnalysisError("no trial of this experiment has reported yet; wait for the first epoch")
-    return _read_dataset(config)
-
-
-def show_image(ax, image: torch.Tensor):
-    """One uint8 image (C, H, W) or (H, W) on `ax`: colour as it is, grayscale dark on light (as digits and
-    clothes are drawn on paper)."""
-    image = image.squeeze(0) if image.dim() == 3 and image.shape[0] == 1 else image
-    if image.dim() == 3:
-        ax.imshow(image.permute(1, 2, 0).numpy())  # (H, W, C); numpy: matplotlib warns on tensors
-    else:
-        ax.imshow(image.numpy(), cmap="gray_r")
-
-
 def plot_misclassified(sample: dict):
-    """A 2x5 grid of a `misclassified` sample: each tile titled with the true and predicted label and the confidence."""
+    """A 2x5 grid of a `misclassified` sample, each tile titled with the true and predicted label and confidence."""
     fig, axes = plt.subplots(2, 5, figsize=(11, 6.4))  # room for a two-line suptitle and two-line tile titles
     classes = sample["classes"]
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < len(sample["indices"]):
-            show_image(ax, sample["images"][k])
+            image = sample["images"][k]  # (C, H, W) uint8; numpy, as matplotlib warns on tensors
+            if len(image) == 1:  # grayscale: dark on light, as digits and clothes are drawn on paper
+                ax.imshow(image[0].numpy(), cmap="gray_r")
+            else:
+                ax.imshow(image.permute(1, 2, 0).numpy())
             ax.set_title(f"true: {classes[sample['true'][k]]}\npred: {classes[sample['pred'][k]]} "
                          f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
-    split, view = sample["split"], "flip-averaged" if sample["flip"] else "one view"
-    fig.suptitle(f"{sample['variant']}: misclassified {split} images of the best checkpoint (epoch {sample['epoch']}, "
-                 f"seed {sample['seed']})\nits {split} accuracy {100 * sample['acc']:.2f}%, {view}, at that best epoch "
-                 f"(the summary's headline is the final epoch, one view)", fontsize=10)
+    split, view = sample.get("split", "test"), "flip-averaged" if sample.get("flip") else "one view"
+    seed = f", seed {sample['seed']}" if "seed" in sample else ""
+    fig.suptitle(f"{sample['variant']}: misclassified {split} images of the best checkpoint (epoch {sample['epoch']}"
+                 f"{seed})\nits {split} accuracy {100 * sample['acc']:.2f}%, {view}, at that best epoch (the summary's "
+                 "headline is the final epoch, one view)", fontsize=10)
     fig.tight_layout(h_pad=2.0)  # room between a tile's two-line title and the row above
     return fig
 
 
 def trial_table(df) -> pd.DataFrame:
     """Per trial: final-epoch accuracy one view and flip-averaged, the best epoch's (by test_acc), train seconds."""
-    final, best = final_per_trial(df), best_per_trial(df)
+    final = final_per_trial(df)
     if final.empty:  # every trial diverged (diverged_note says so)
         return pd.DataFrame()
-    best = best.set_index("trial").loc[final["trial"]].reset_index()
-    table = pd.DataFrame({
+    best = best_per_trial(df).set_index("trial").loc[final["trial"]].reset_index()
+    return pd.DataFrame({
         "variant": final["variant"], "seed": final["seed"], "epochs": final["epoch"].astype(int),
         "final one-view acc (%)": 100 * final["test_acc_single"], "final acc (%)": 100 * final["test_acc"],
         "best acc (%)": 100 * best["test_acc"], "best epoch": best["epoch"].astype(int),
         "final train acc (%)": 100 * final["train_acc"],
-        "train s": final["trial"].map(df.groupby("trial")["epoch_seconds"].sum()).round().astype(int)})
-    return table.sort_values(["variant", "seed"]).reset_index(drop=True)
+        "train s": final["trial"].map(df.groupby("trial")["epoch_seconds"].sum()).round().astype(int),
+    }).sort_values(["variant", "seed"]).reset_index(drop=True)
 
 
 def summary(df) -> pd.DataFrame:
-    """Per variant: final-epoch one-view accuracy (the headline) with its std over seeds, then the flip-averaged
-    final and best-epoch accuracies, the best epochs, parameters and convergence; best headline first."""
-    final, best = final_per_trial(df), best_per_trial(df)
-    if final.empty:
-        return pd.DataFrame()
-    converged = convergence(df).set_index("variant")["converged"]
-    rows = [{"variant": variant, "seeds": len(group), "final one-view acc mean (%)": 100 * group["test_acc_single"].mean(),
-             "std (%)": 100 * group["test_acc_single"].std(),  # nan for one seed
-             "final acc mean (%)": 100 * group["test_acc"].mean(),  # each image and its mirror on flip-trained data
-             "best acc mean (%)": 100 * bests["test_acc"].mean(),
-             "best epochs": ", ".join(str(int(e)) for e in bests.sort_values("seed")["epoch"]),
-             "parameters": int(group["parameters"].iloc[0]),
-             "converged": "yes" if converged[variant] else "MAY NOT (see warnings)"}
-            for variant, group in final.groupby("variant") for bests in [best[best["variant"] == variant]]]
-    return pd.DataFrame(rows).sort_values("final one-view acc mean (%)", ascending=False).reset_index(drop=True)
+    """Per variant, best headline first: final-epoch one-view accuracy (the headline) with its std over seeds,
+    the flip-averaged final and best-epoch accuracies, the best epochs, parameters and convergence."""
+    trials = trial_table(df)
+    if trials.empty:
+        return trials
+    table = trials.groupby("variant").agg(**{
+        "seeds": ("seed", "size"), "final one-view acc mean (%)": ("final one-view acc (%)", "mean"),
+        "std (%)": ("final one-view acc (%)", "std"), "final acc mean (%)": ("final acc (%)", "mean"),
+        "best acc mean (%)": ("best acc (%)", "mean"), "best epochs": ("best epoch", lambda e: ", ".join(map(str, e)))})
+    table["parameters"] = final_per_trial(df).groupby("variant")["parameters"].first().astype(int)
+    table["converged"] = convergence(df).set_index("variant")["converged"].map({True: "yes", False: "MAY NOT (see warnings)"})
+    return table.reset_index().sort_values("final one-view acc mean (%)", ascending=False).reset_index(drop=True)
 
 
 def final_correct(grid, df, dataset=None) -> dict:
-    """Per trial, which evaluation images its final epoch classified right on one view: bool tensor (N,), from
-    the trial's latest checkpoint (the final epoch's, which Tune always keeps), for McNemar's test. Trials
-    whose latest checkpoint is not their final epoch's are left out."""
+    """Per trial, which evaluation images its final epoch classified right on one view (bool tensor (N,)), from
+    its latest checkpoint, for McNemar's test; trials whose latest checkpoint is not the final epoch's are left out."""
     import trainable  # Ray's checkpoints
 
     correct = {}
@@ -394,15 +347,14 @@ def final_correct(grid, df, dataset=None) -> dict:
         model, state = trainable.model_from_result_checkpoint(checkpoint) if checkpoint else (None, {"epoch": None})
         if state["epoch"] == row.epoch:
             split = evaluation_split(experiment_location(grid), state["config"], dataset)
-            preds = train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"])["preds"]
-            correct[row.trial] = preds == split.test_labels
+            correct[row.trial] = train.evaluate(model, split.test_images, split.test_labels,
+                                                **state["input_stats"])["preds"] == split.test_labels
     return correct
 
 
 def comparison_tables(grid, df, dataset=None) -> dict:
-    """The paired comparisons of an experiment (comparisons.py) by name, each a DataFrame where it applies:
-    "paired" (over seeds, where variants have 2+), "mcnemar" (one seed: over the shared evaluation images),
-    "tuned vs recipe" (a tuned comparison's final stage)."""
+    """The paired comparisons (comparisons.py) that apply, by name: "paired" (over seeds, where variants have
+    2+), else "mcnemar" (one seed), and "tuned vs recipe" (a tuned comparison's final stage)."""
     final, tables = final_per_trial(df), {}
     if final["variant"].nunique() < 2:
         return tables
@@ -418,15 +370,15 @@ def comparison_tables(grid, df, dataset=None) -> dict:
 def comparison_text(tables: dict) -> list:
     """The report's markdown lines for comparison_tables."""
     level = f"Holm-Bonferroni correction over each family of pairs, {comparisons.ALPHA:g} family-wise level"
-    text = {"paired": "Paired differences over seeds (every variant of a seed starts from the same convolution and "
-                      "head weights and sees the same data order and augmentation): the mean per-seed difference of "
-                      f"final one-view accuracies with its {comparisons.CONFIDENCE:.0%} t interval, and the paired "
-                      f"t-test (two-sided; {level}):",
-            "mcnemar": "One seed, so no seed noise to measure: McNemar's exact test on the test images one variant "
-                       f"classifies right and the other wrong (final epoch, one view; {level}). It measures the noise "
-                       "of the test images, not of the seed: another seed may order the variants differently.",
-            "tuned vs recipe": "Tuned configuration against the shared recipe, per variant, paired over seeds:"}
-    lines = [line for name, table in tables.items() for line in (text[name], "", _markdown(table), "")]
+    intro = {"paired": "Paired differences over seeds (every variant of a seed starts from the same convolution and "
+                       "head weights and sees the same data order and augmentation): the mean per-seed difference of "
+                       f"final one-view accuracies with its {comparisons.CONFIDENCE:.0%} t interval, and the paired "
+                       f"t-test (two-sided; {level}):",
+             "mcnemar": "One seed, so no seed noise to measure: McNemar's exact test on the test images one variant "
+                        f"classifies right and the other wrong (final epoch, one view; {level}). It measures the noise "
+                        "of the test images, not of the seed: another seed may order the variants differently.",
+             "tuned vs recipe": "Tuned configuration against the shared recipe, per variant, paired over seeds:"}
+    lines = [line for name, table in tables.items() for line in (intro[name], "", _markdown(table), "")]
     return lines or ["Pairwise differences: only one variant has results, so there is nothing to compare.", ""]
 
 
@@ -436,8 +388,8 @@ def stage(grid) -> str:
 
 
 def tuning_frame(grid, df):
-    """The tuning stage's frame of a tuned comparison (df itself for a tuning stage, read from beside a final
-    stage); None for a plain sweep. A one-line AnalysisError if a final stage's tuning stage is unreadable."""
+    """A tuned comparison's tuning-stage frame (df itself, or read from beside a final stage); None for a plain
+    sweep. A one-line AnalysisError if a final stage's tuning stage is unreadable."""
     launch = experiments.read_launch(location := experiment_location(grid))
     if launch.get("stage") == "final":
         return load_experiment(experiments.sibling(location, launch["tuning_name"]))[1]
@@ -445,8 +397,7 @@ def tuning_frame(grid, df):
 
 
 def wall_minutes(df) -> float:
-    """Wall time of an experiment's reported epochs, minutes: from the first epoch's start to the last report
-    (a resumed experiment counts the time it was stopped too)."""
+    """Minutes from the first epoch's start to the last report (a resumed experiment counts its pause too)."""
     return float((df["timestamp"].max() - (df["timestamp"] - df["time_this_iter_s"]).min()) / 60)
 
 
@@ -462,35 +413,32 @@ def is_batch_study(df) -> bool:
 
 
 def batch_size_study(df) -> pd.DataFrame:
-    """Per variant and batch size: final-epoch one-view test error (%), mean and std over seeds, beside the
-    same with precise BatchNorm statistics (train.precise_bn; nan for nets without BatchNorm)."""
+    """Per variant and batch size: final-epoch one-view test error (%), mean and std over seeds, beside the same
+    with precise BatchNorm statistics (train.precise_bn; nan without BatchNorm), the peak lr and convergence."""
     final = final_per_trial(df)
     final = final.assign(error=100 * (1 - final["test_acc_single"]), precise=100 * (1 - final["test_acc_precise_bn"]),
                          converged=final["variant"].map(convergence(df).set_index("variant")["converged"]))
     study = final.groupby(["variant name", "batch_size"]).agg(**{
         "seeds": ("seed", "size"), "error (%)": ("error", "mean"), "std": ("error", "std"),
         "precise-BN error (%)": ("precise", "mean"), "precise-BN std": ("precise", "std"),
-        "peak lr": ("peak lr", "first"), "converged": ("converged", "all")}).reset_index()
-    return study.rename(columns={"variant name": "variant", "batch_size": "batch size"}).assign(
-        **{"peak lr": study["peak lr"].map("{:g}".format)})
+        "peak lr": ("peak lr", lambda lr: f"{lr.iloc[0]:g}"), "converged": ("converged", "all")})
+    return study.reset_index().rename(columns={"variant name": "variant", "batch_size": "batch size"})
 
 
 def batch_size_table(study: pd.DataFrame) -> pd.DataFrame:
-    """The study laid out as Table 2 of Wu & He (2018): one row per normalisation (and BatchNorm with precise
-    statistics), one column per batch size from large to small, "mean ± std" test error (%); then each
-    one's difference to BatchNorm. A "*" marks a cell whose variant may not have converged."""
-    def cell(mean, std, converged=True):
-        if not np.isfinite(mean):  # e.g. precise BN of a trial that has not reached its final epoch
-            return "-"
-        return f"{mean:.2f}" + (f" ± {std:.2f}" if np.isfinite(std) else "") + ("" if converged else " *")
+    """The study as Table 2 of Wu & He (2018): a row per normalisation (and BatchNorm with precise statistics),
+    a column per batch size from large to small, "mean ± std" test error (%), then each one's difference to
+    BatchNorm. "*" marks a cell whose variant may not have converged."""
+    def cells(group, mean, std, marked=False):  # "-": e.g. precise BN of a trial short of its final epoch
+        return {str(r["batch size"]): "-" if np.isnan(r[mean]) else f"{r[mean]:.2f}"
+                + (f" ± {r[std]:.2f}" if np.isfinite(r[std]) else "") + (" *" if marked and not r["converged"] else "")
+                for _, r in group.iterrows()}
 
     rows = []
     for name, group in study.groupby("variant"):
-        rows.append({"": f"{name} error (%)", **{str(r["batch size"]): cell(r["error (%)"], r["std"], r["converged"])
-                                                 for _, r in group.iterrows()}})
+        rows.append({"": f"{name} error (%)", **cells(group, "error (%)", "std", marked=True)})
         if group["precise-BN error (%)"].notna().any():
-            rows.append({"": f"{name}, precise BN statistics", **{
-                str(r["batch size"]): cell(r["precise-BN error (%)"], r["precise-BN std"]) for _, r in group.iterrows()}})
+            rows.append({"": f"{name}, precise BN statistics", **cells(group, "precise-BN error (%)", "precise-BN std")})
     means = study.pivot(index="variant", columns="batch size", values="error (%)")
     if "bn" in means.index:
         rows += [{"": f"{name} − bn (points)", **{str(b): f"{d:+.2f}" for b, d in diffs.items() if np.isfinite(d)}}
@@ -499,8 +447,8 @@ def batch_size_table(study: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
-    """Final-epoch one-view test error against batch size (log scale), one line per normalisation, mean ± std
-    over seeds; dashed: BatchNorm with precise statistics."""
+    """Final-epoch one-view test error against batch size (log axis), a line per normalisation, mean ± std over
+    seeds; dashed: BatchNorm with precise statistics."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, group) in enumerate(study.groupby("variant")):
         style = {"color": f"C{i}", "marker": MARKERS[i % len(MARKERS)], "capsize": 3}
@@ -522,8 +470,8 @@ def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
 
 
 def plot_norm_pooling(n=4, c=8, groups=4):
-    """Which (sample, channel) cells share one mean and variance under BN, LN and GN: each cell stands for all
-    H x W positions of one sample's channel; one colour = one set of statistics."""
+    """Which (sample, channel) cells share one mean and variance under BN, LN and GN: a cell stands for all
+    H x W positions of one sample's channel; one colour = one set of statistics (docs/norm_pooling.png)."""
     layouts = {
         "BatchNorm: per channel,\npooled over N, H, W": np.tile(np.arange(c), (n, 1)),
         "LayerNorm: per sample,\npooled over C, H, W": np.tile(np.arange(n)[:, None], (1, c)),
@@ -535,10 +483,10 @@ def plot_norm_pooling(n=4, c=8, groups=4):
         ax.imshow(ids % 20, cmap="tab20", vmin=0, vmax=19, aspect="auto")
         ax.set_xticks(range(c), [f"c{j}" for j in range(c)], fontsize=8)
         ax.set_yticks(range(n), [f"n{i}" for i in range(n)], fontsize=8)
-        ax.set(xlabel="channel C (each cell spans all H×W pixels)", ylabel="sample N in the batch")
-        ax.set_title(title, fontsize=10)
         ax.set_xticks(np.arange(-0.5, c), minor=True)
         ax.set_yticks(np.arange(-0.5, n), minor=True)
+        ax.set(xlabel="channel C (each cell spans all H×W pixels)", ylabel="sample N in the batch")
+        ax.set_title(title, fontsize=10)
         ax.grid(which="minor", color="white", linewidth=1.5)
         ax.tick_params(which="minor", length=0)
     fig.suptitle("What each normalisation pools for one mean and variance (a batch of shape N, C, H×W); "
@@ -549,9 +497,8 @@ def plot_norm_pooling(n=4, c=8, groups=4):
 
 def _markdown(table: pd.DataFrame) -> str:
     """A table in markdown: numbers to 2 decimals, nan as "-"."""
-    def cell(v):
-        return ("-" if np.isnan(v) else f"{v:.2f}") if isinstance(v, float) else str(v)
-    return table.map(cell).to_markdown(index=False, disable_numparse=True)
+    return table.map(lambda v: ("-" if np.isnan(v) else f"{v:.2f}") if isinstance(v, float) else str(v)).to_markdown(
+        index=False, disable_numparse=True)
 
 
 def experiment_line(experiment) -> str:
@@ -580,7 +527,10 @@ def write_report(experiment, out_dir) -> list:
         text += _final_stage_section(grid, df, figures) if kind == "final" else []
         text += _batch_section(df, figures) if is_batch_study(df) else []
         text += _results_section(grid, df, figures)
-    return _write(out_dir, {**figures, "summary.md": "\n".join(text).encode()})
+    out, files = experiments.resolve(out_dir), {**figures, "summary.md": "\n".join(text).encode()}
+    for name, data in files.items():
+        experiments.write_bytes(experiments.join(out, name), data)  # a one-line ExperimentError where unwritable
+    return [experiments.join(out, name) if experiments.is_uri(out) else Path(out, name) for name in files]
 
 
 def _png(fig) -> bytes:
@@ -590,25 +540,9 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _write(out_dir, files: dict) -> list:
-    """Each name -> bytes of files into out_dir (a URI, or a local directory made where missing); the paths."""
-    if experiments.is_uri(out_dir):
-        targets = {name: experiments.join(experiments.resolve(out_dir), name) for name in files}
-    else:
-        try:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise AnalysisError(f"cannot write the report to {out_dir} ({e.strerror}); pass a writable --out") from None
-        targets = {name: Path(out_dir) / name for name in files}
-    for name, target in targets.items():
-        experiments.write_bytes(str(target), files[name])
-    return list(targets.values())
-
-
 def _results_section(grid, df, figures: dict) -> list:
-    """The summary, per-trial and comparison tables, the curves and misclassified grids (into figures)."""
-    for metric in CURVES:
-        figures[f"{metric}.png"] = _png(plot_curves(df, metric))
+    """The summary, per-trial and comparison tables, and the curves and misclassified grids (into figures)."""
+    figures.update({f"{metric}.png": _png(plot_curves(df, metric)) for metric in CURVES})
     dataset, grids, missing = experiment_dataset(grid), [], []  # the data read once, for every grid and McNemar
     for variant in sorted(healthy(df)["variant"].unique()):
         try:
@@ -626,10 +560,8 @@ def _results_section(grid, df, figures: dict) -> list:
             f"(an epoch chosen on the {split} split: optimistic).", "", _markdown(summary(df)), "",
             *(convergence_warnings(df) or ["Every variant converged by the checks in `analysis.convergence`."]), "",
             "Per trial:", "", _markdown(trial_table(df)), "", *comparison_text(comparison_tables(grid, df, dataset)),
-            f"The {split}-accuracy figure plots the flip-averaged accuracy per epoch (one view where the data was not "
-            "trained with flips); its legend gives each variant's final one-view accuracy (the headline above) and "
-            "its best epoch's. Each misclassified grid is of the best trial's best checkpoint, titled with that "
-            "checkpoint's accuracy.", "", "![test loss](test_loss.png)", "![test accuracy](test_acc.png)",
+            f"The {split}-accuracy figure plots the accuracy per epoch, flip-averaged on flip-trained data; each "
+            "misclassified grid is of the best trial's best checkpoint.", "", "![test loss](test_loss.png)", "![test accuracy](test_acc.png)",
             "![train loss](train_loss.png)", "![train accuracy](train_acc.png)", "", *grids, *missing, ""]
 
 
@@ -646,23 +578,22 @@ def _final_stage_section(grid, df, figures: dict) -> list:
 
 def _tuning_section(tuning_df, figures: dict) -> list:
     """A tuning stage: the sensitivity table and figure, the choices, and how early stopping would have ranked."""
-    figures["lr_sensitivity.png"] = _png(tuned.plot_sensitivity(tuning_df, _title(tuning_df, "learning-rate sensitivity",
-                                                                                  wrap=True)))
+    title = _title(tuning_df, "learning-rate sensitivity", wrap=True)
+    figures["lr_sensitivity.png"] = _png(tuned.plot_sensitivity(tuning_df, title))
     choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
                              "evidence": c["evidence"]} for name, c in sorted(tuned.choose(tuning_df).items())])
     agreement = comparisons.rank_agreement(tuning_df)
-    text = [f"## Tuning stage: {_title(tuning_df, 'validation accuracy')}", "",
+    return [f"## Tuning stage: {_title(tuning_df, 'validation accuracy')}", "",
             "Every variant trained once (seed 0) at each learning rate and weight decay below, "
-            f"{int(tuning_df['epochs'].max())} epochs, on the training split less {int(tuning_df['val_size'].iloc[0]):,} "
+            f"{int(tuning_df['epochs'].max())} epochs, on the training split less {int(tuning_df['val_size'].max()):,} "
             "validation images; accuracy on those validation images at the final epoch, one view (%). Empty: diverged. "
             f"The stage's {tuning_df['trial'].nunique()} trials took {wall_minutes(tuning_df):.0f} min of wall time.", "",
             _markdown(tuned.sensitivity(tuning_df)), "", "![learning-rate sensitivity](lr_sensitivity.png)", "",
             "Chosen per variant (highest final validation accuracy; ties to the lower validation loss):", "",
-            _markdown(choices), ""]
-    return text + (["Would early stopping have found the same configurations? Spearman's rank correlation between "
-                    "each configuration's validation accuracy at the rung epoch and at the final epoch, and whether an "
-                    "ASHA-type scheduler with that rung and reduction factor 3 would have kept the final winner:", "",
-                    _markdown(agreement), ""] if len(agreement) else [])
+            _markdown(choices), "", *(["Would early stopping have found the same configurations? Spearman's rank "
+            "correlation between each configuration's validation accuracy at the rung epoch and at the final epoch, "
+            "and whether an ASHA-type scheduler with that rung and reduction factor 3 would have kept the final "
+            "winner:", "", _markdown(agreement), ""] if len(agreement) else [])]
 
 
 def _batch_section(df, figures: dict) -> list:
@@ -680,7 +611,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Write the figures and a markdown summary of a normsweep experiment.")
     parser.add_argument("experiment", help="the experiment, results/<name> or a storage URI such as "
                                            "s3://bucket/results/<name>, as printed by tune_main.py")
-    parser.add_argument("--out", default=None, help="output directory or URI (default: <experiment>/report)")
+    parser.add_argument("--out", help="output directory or URI (default: <experiment>/report)")
     args = parser.parse_args(argv)
     matplotlib.use("Agg")  # files only; the notebook keeps its inline backend
     try:
@@ -688,7 +619,7 @@ def main(argv=None) -> int:
     except NormsweepError as e:  # every refusal: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return USAGE_EXIT
-    print("\n".join(str(p) for p in written))
+    print("\n".join(map(str, written)))
     return 0
 
 
