@@ -469,6 +469,30 @@ def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
     return fig
 
 
+def plot_sensitivity(df, title: str = "learning-rate sensitivity"):
+    """A tuning stage's validation accuracy against peak learning rate (log axis), a line per variant, a panel per
+    weight decay; a diverged configuration is an x at the bottom of the axis."""
+    table = tuned.configurations(df)
+    decays, lrs = sorted(table["weight decay"].unique()), sorted(table["lr"].unique())
+    fig, axes = plt.subplots(1, len(decays), figsize=(5.2 * len(decays), 4.2), sharey=True, squeeze=False)
+    floor = table["val acc (%)"].min() - 2 if table["val acc (%)"].notna().any() else 0
+    for ax, decay in zip(axes[0], decays):
+        for i, (name, rows) in enumerate(table[table["weight decay"] == decay].sort_values("lr").groupby("variant")):
+            line, = ax.plot(rows["lr"], rows["val acc (%)"], marker=MARKERS[i % len(MARKERS)], label=name)
+            bad = rows[rows["val acc (%)"].isna()]
+            ax.plot(bad["lr"], [floor] * len(bad), "x", color=line.get_color(), markersize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lrs, [f"{v:g}" for v in lrs])
+        ax.set(xlabel="peak learning rate (OneCycle)")
+        ax.set_title(f"weight decay {decay:g}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation accuracy, final epoch, one view (%)")
+    axes[0][-1].legend(fontsize=8, title="x: diverged", title_fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_norm_pooling(n=4, c=8, groups=4):
     """Which (sample, channel) cells share one mean and variance under BN, LN and GN: a cell stands for all
     H x W positions of one sample's channel; one colour = one set of statistics (docs/norm_pooling.png)."""
@@ -579,7 +603,7 @@ def _final_stage_section(grid, df, figures: dict) -> list:
 def _tuning_section(tuning_df, figures: dict) -> list:
     """A tuning stage: the sensitivity table and figure, the choices, and how early stopping would have ranked."""
     title = _title(tuning_df, "learning-rate sensitivity", wrap=True)
-    figures["lr_sensitivity.png"] = _png(tuned.plot_sensitivity(tuning_df, title))
+    figures["lr_sensitivity.png"] = _png(plot_sensitivity(tuning_df, title))
     choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
                              "evidence": c["evidence"]} for name, c in sorted(tuned.choose(tuning_df).items())])
     agreement = comparisons.rank_agreement(tuning_df)

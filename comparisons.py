@@ -1,12 +1,9 @@
 """Statistics of a comparison: paired tests between variants, the convergence checks, early stopping's ranks.
 
 Trials of one seed share their starting weights (norm layers draw no random numbers), data order and
-augmentation (train.TrainingRun), and are scored on the same test images; so variants are compared by
-*paired* differences: over seeds, the mean per-seed difference of final one-view accuracies with its t
-interval and the paired t-test; with one seed, McNemar's exact test on the test images one variant gets
-right and the other wrong (Dietterich 1998). The pairs of a family share a Holm-Bonferroni correction, so
-"beyond noise" holds at the stated level for the whole table. Frames are analysis.results_frame's (one
-row per trial and epoch, accuracies as fractions).
+augmentation, and are scored on the same images; so variants are compared by *paired* differences: over
+seeds, a paired t-test and interval; with one seed, McNemar's exact test (Dietterich 1998). A family of
+pairs shares one Holm-Bonferroni correction. Frames are analysis.results_frame's (accuracies as fractions).
 """
 import itertools
 import math
@@ -17,14 +14,8 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
-ALPHA = 0.05  # family-wise level of "beyond noise"
-CONFIDENCE = 0.95  # of the mean paired difference's interval
-# "May not have converged" (see convergence()): accuracies in percentage points.
-RISE_EPOCHS, RISE_POINTS = 2, 1.0
-TRAIN_GAP_POINTS = 5.0
-PAIRED_COLUMNS = ["comparison", "seeds", "difference (points)", "95% CI (points)", "paired t p", "Holm p", "verdict"]
-MCNEMAR_COLUMNS = ["comparison", "seed", "difference (points)", "only first right", "only second right",
-                   "McNemar p", "Holm p", "verdict"]
+ALPHA, CONFIDENCE = 0.05, 0.95  # the family-wise level of "beyond noise"; the paired difference's interval
+RISE_EPOCHS, RISE_POINTS, TRAIN_GAP_POINTS = 2, 1.0, 5.0  # "may not have converged" (convergence()), points
 WITHIN = ("arm", "batch_size")  # variants are compared within an arm of a tuned comparison and a batch size
 
 
@@ -40,28 +31,23 @@ def final_per_trial(df) -> pd.DataFrame:
 
 
 def scored_on(df) -> str:
-    """The split the trials' test_* metrics were scored on: "validation" for held-out training images
-    (--val-size, and a tuning stage), else "test"."""
+    """The split the test_* metrics were scored on: "validation" (held-out training images), else "test"."""
     return "validation" if "val_size" in df and (df["val_size"].fillna(0) > 0).any() else "test"
 
 
 def families(final: pd.DataFrame, within=WITHIN):
-    """(name, rows) per family of comparable trials: those that agree on each column of `within` that varies
-    (by default the arm of a tuned comparison, "tuned" or "recipe", and the batch size of a batch-size study)."""
-    keys = [k for k in within if k in final and final[k].nunique() > 1]
-    if not keys:
-        yield "", final
-        return
-    prefix = {"batch_size": "batch ", "seed": "seed "}
-    for values, rows in final.groupby(keys):
+    """(name, rows) per family of comparable trials: those that agree on each varying column of `within` (by
+    default a tuned comparison's arm and a batch-size study's batch size)."""
+    keys, prefix = [k for k in within if k in final and final[k].nunique() > 1], {"batch_size": "batch ", "seed": "seed "}
+    for values, rows in final.groupby(keys) if keys else [((), final)]:
         yield ", ".join(f"{prefix.get(k, '')}{v}" for k, v in zip(keys, values)), rows
 
 
 def paired_tests(df, compare: str = "variant", within=WITHIN, metric: str = "test_acc_single") -> pd.DataFrame:
-    """PAIRED_COLUMNS (and "family" where there are several) per pair of `compare` values in a family: the
-    mean difference over shared seeds of final-epoch `metric` (points, the better mean first), its
-    CONFIDENCE t interval, the paired t-test's two-sided p and its Holm-adjusted p; nan and "needs 2+
-    seeds" under 2 shared seeds. `compare="arm", within=("variant name", "batch_size")`: tuned vs recipe."""
+    """Per pair of `compare` values in a family (a "family" column where there are several): the mean difference
+    over shared seeds of final-epoch `metric` (points, the better mean first), its CONFIDENCE t interval, the
+    paired t-test's two-sided p and its Holm-adjusted p; nan and "needs 2+ seeds" under 2 shared seeds.
+    `compare="arm", within=("variant name", "batch_size")` sets tuned against recipe."""
     rows = []
     for family, final in families(final_per_trial(df), within):
         accs = {v: dict(zip(g["seed"], 100 * g[metric])) for v, g in final.groupby(compare)}
@@ -69,7 +55,7 @@ def paired_tests(df, compare: str = "variant", within=WITHIN, metric: str = "tes
         block = [{"family": family, "comparison": f"{a} − {b}", **_paired(accs[a], accs[b])}
                  for a, b in itertools.combinations(better_first, 2)]
         rows += _holm(block, "paired t p", "seed noise")
-    return _table(rows, PAIRED_COLUMNS)
+    return _table(rows)
 
 
 def _paired(first: dict, second: dict) -> dict:
@@ -77,7 +63,7 @@ def _paired(first: dict, second: dict) -> dict:
     seeds = sorted(set(first) & set(second))
     x, y = np.array([first[s] for s in seeds]), np.array([second[s] for s in seeds])
     row = {"seeds": len(seeds), "difference (points)": (x - y).mean() if seeds else math.nan,
-           "95% CI (points)": "-", "paired t p": math.nan, "verdict": "needs 2+ seeds"}
+           "95% CI (points)": "-", "paired t p": math.nan, "Holm p": math.nan, "verdict": "needs 2+ seeds"}
     if len(seeds) < 2:
         return row
     if np.allclose(x - y, x[0] - y[0]):  # no spread: t is undefined (identical trials, or a constant shift)
@@ -88,22 +74,21 @@ def _paired(first: dict, second: dict) -> dict:
 
 
 def mcnemar_tests(df, correct: dict) -> pd.DataFrame:
-    """MCNEMAR_COLUMNS per pair of variants of a family and seed: McNemar's exact test, Holm-corrected per
-    family and seed. correct: trial -> bool array (N,), the test images its final epoch classified right
-    (one view); trials missing from it are left out. "difference" in points; "only ... right" in images."""
+    """Per pair of variants of a family and seed, McNemar's exact test on the images one gets right and the other
+    wrong. correct: trial -> bool array (N,), the test images its final epoch classified right (one view);
+    trials missing from it are left out. "difference" in points; "only ... right" in images."""
     rows, final = [], final_per_trial(df)
-    for family, trials in families(final[final["trial"].isin(correct)], WITHIN + ("seed",)):
+    for family, trials in families(final[final["trial"].isin(correct)], WITHIN + ("seed",)):  # Holm per seed too
         right = {row.variant: np.asarray(correct[row.trial], dtype=bool) for row in trials.itertuples()}
         block = []
         for a, b in itertools.combinations(sorted(right, key=lambda v: -right[v].mean()), 2):
             only_a, only_b = int((right[a] & ~right[b]).sum()), int((~right[a] & right[b]).sum())
-            # the exact test reads only the images the two disagree on
             p = mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue if only_a + only_b else 1.0
             block.append({"family": family, "comparison": f"{a} − {b}", "seed": trials["seed"].iloc[0],
                           "difference (points)": 100 * (right[a].mean() - right[b].mean()),
-                          "only first right": only_a, "only second right": only_b, "McNemar p": p})
+                          "only first right": only_a, "only second right": only_b, "McNemar p": p, "Holm p": math.nan})
         rows += _holm(block, "McNemar p", f"{scored_on(df)}-image noise")
-    return _table(rows, MCNEMAR_COLUMNS)
+    return _table(rows)
 
 
 def _holm(block: list, p_key: str, noise: str) -> list:
@@ -116,20 +101,17 @@ def _holm(block: list, p_key: str, noise: str) -> list:
     return block
 
 
-def _table(rows: list, columns: list) -> pd.DataFrame:
-    table = pd.DataFrame(rows, columns=["family"] + columns)
-    return table if table["family"].nunique() > 1 else table.drop(columns="family")
+def _table(rows: list) -> pd.DataFrame:
+    table = pd.DataFrame(rows)
+    return table.drop(columns="family") if len(table) and table["family"].nunique() == 1 else table
 
 
 def convergence(df) -> pd.DataFrame:
-    """Per variant, on the mean over its seeds: may it not have converged, and why.
-
-    Flagged when one-view test accuracy peaks at the last epoch RISE_POINTS or more above its best before
-    the last RISE_EPOCHS epochs (an annealed schedule flattens a converged curve; the earlier best keeps a
-    dip and its recovery from reading as a rise; with RISE_EPOCHS epochs or fewer this cannot be judged,
-    which is flagged and said), when its final train accuracy is TRAIN_GAP_POINTS or more below the best
-    variant's, or when a trial has not reached its planned epochs.
-    """
+    """Per variant, on the mean over its seeds: may it not have converged, and why. Flagged when one-view
+    accuracy peaks at the last epoch RISE_POINTS or more above its best before the last RISE_EPOCHS epochs (an
+    annealed schedule flattens a converged curve; the earlier best keeps a dip and its recovery from reading as
+    a rise; too few epochs to judge is flagged and said), when its final train accuracy is TRAIN_GAP_POINTS or
+    more below the best variant's, or when a trial has not reached its planned epochs."""
     df, split = healthy(df), scored_on(df)
     train_final = {v: 100 * g["train_acc"].mean() for v, g in final_per_trial(df).groupby("variant")}
     leader = max(train_final, key=train_final.get, default=None)
@@ -168,12 +150,9 @@ def convergence_warnings(df) -> list:
 
 
 def rank_agreement(df, at_fraction: float = 1 / 3, keep_fraction: float = 1 / 3) -> pd.DataFrame:
-    """How early stopping would have ranked a tuning stage's configurations (one trial per configuration).
-
-    Per variant: Spearman's rho between the configurations' one-view accuracies at epoch round(at_fraction *
-    epochs) and at the final epoch, and whether the final best was in the top keep_fraction there, as an
-    ASHA-type scheduler (Li et al. 2020) with that rung and reduction factor 1/keep_fraction would keep.
-    """
+    """How early stopping would have ranked a tuning stage's configurations, per variant: Spearman's rho between
+    their one-view accuracies at epoch round(at_fraction * epochs) and at the final epoch, and whether the final
+    best was in the top keep_fraction there, as an ASHA scheduler (Li et al. 2020) with that rung would keep."""
     rows = []
     for variant, group in healthy(df).groupby("variant name"):
         planned = int(group["epochs"].max())

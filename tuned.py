@@ -96,28 +96,3 @@ def sensitivity(df) -> pd.DataFrame:
     wide = wide.reset_index()
     return wide.assign(**{"weight decay": wide["weight decay"].map("{:g}".format)})  # 5e-05, not a rounded 0.00
 
-
-def plot_sensitivity(df, title: str = "learning-rate sensitivity"):
-    """Validation accuracy against peak learning rate (log axis), one line per variant, one panel per weight
-    decay; a diverged configuration is an x at the bottom of the axis."""
-    import matplotlib.pyplot as plt
-
-    table = configurations(df)
-    decays, lrs = sorted(table["weight decay"].unique()), sorted(table["lr"].unique())
-    fig, axes = plt.subplots(1, len(decays), figsize=(5.2 * len(decays), 4.2), sharey=True, squeeze=False)
-    floor = table["val acc (%)"].min() - 2 if table["val acc (%)"].notna().any() else 0
-    for ax, decay in zip(axes[0], decays):
-        for i, (name, rows) in enumerate(table[table["weight decay"] == decay].sort_values("lr").groupby("variant")):
-            line, = ax.plot(rows["lr"], rows["val acc (%)"], marker="osD^vPX*"[i % 8], label=name)
-            bad = rows[rows["val acc (%)"].isna()]
-            ax.plot(bad["lr"], [floor] * len(bad), "x", color=line.get_color(), markersize=9)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lrs, [f"{v:g}" for v in lrs])
-        ax.set(xlabel="peak learning rate (OneCycle)")
-        ax.set_title(f"weight decay {decay:g}", fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation accuracy, final epoch, one view (%)")
-    axes[0][-1].legend(fontsize=8, title="x: diverged", title_fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig

@@ -137,7 +137,7 @@ def test_notebook_shows_the_tuned_comparison(comparison):
     assert not [out for out in outputs if out.get("output_type") == "error"]
     text = "".join(str(out.get("data", {}).get("text/plain", "")) + out.get("text", "") for out in outputs)
     assert "tuned vs recipe" in text and "val images" in text  # the paired tables and the choices
-    tuning_cell = next(cell for cell in notebook.cells if "tuned.plot_sensitivity" in cell.source)
+    tuning_cell = next(cell for cell in notebook.cells if "analysis.plot_sensitivity" in cell.source)
     assert any("image/png" in out.get("data", {}) for out in tuning_cell.outputs)
 
 
