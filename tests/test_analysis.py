@@ -13,7 +13,7 @@ import analysis
 import data as data_lib
 import train
 import trainable
-from model import GhostBatchNorm2d, WSConv2d, make_norm
+from model import GhostBatchNorm2d, WSConv2d, norm_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def test_readme_worked_example_matches_torch():
     with torch.no_grad():
         ws_conv.weight.copy_(x)
     layers = {"bn": nn.BatchNorm2d(4).train(), "ln": nn.GroupNorm(1, 4), "gn": nn.GroupNorm(2, 4),
-              "in": make_norm("in", 4, 1), "gbn": GhostBatchNorm2d(4, virtual_batch=1).train()}
+              "in": norm_layer("in")(4), "gbn": GhostBatchNorm2d(4, virtual_batch=1).train()}
     pooled = {"bn": x.transpose(0, 1).reshape(4, -1), "ln": x.reshape(2, -1), "gn": x.reshape(4, -1),
               "in": x.reshape(8, -1), "gbn": x.reshape(8, -1), "ws": x.reshape(2, -1)}
     normalised = {norm: layer(x)[0, 0] for norm, layer in layers.items()}
