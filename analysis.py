@@ -308,14 +308,12 @@ def plot_misclassified(sample: dict):
 
 def trial_table(df) -> pd.DataFrame:
     """Per trial: final-epoch accuracy one view and flip-averaged, the best epoch's (by test_acc), train seconds."""
-    final = final_per_trial(df)
-    if final.empty:  # every trial diverged (diverged_note says so)
-        return pd.DataFrame()
-    best = best_per_trial(df).set_index("trial").loc[final["trial"]].reset_index()
+    final = final_per_trial(df)  # empty, and so this table, where every trial diverged (diverged_note says so)
+    best = best_per_trial(df).reindex(columns=["trial", "test_acc", "epoch"]).set_index("trial").loc[final["trial"]]
     return pd.DataFrame({
         "variant": final["variant"], "seed": final["seed"], "epochs": final["epoch"].astype(int),
         "final one-view acc (%)": 100 * final["test_acc_single"], "final acc (%)": 100 * final["test_acc"],
-        "best acc (%)": 100 * best["test_acc"], "best epoch": best["epoch"].astype(int),
+        "best acc (%)": 100 * best["test_acc"].to_numpy(), "best epoch": best["epoch"].to_numpy(dtype=int),
         "final train acc (%)": 100 * final["train_acc"],
         "train s": final["trial"].map(df.groupby("trial")["epoch_seconds"].sum()).round().astype(int),
     }).sort_values(["variant", "seed"]).reset_index(drop=True)
@@ -324,10 +322,7 @@ def trial_table(df) -> pd.DataFrame:
 def summary(df) -> pd.DataFrame:
     """Per variant, best headline first: final-epoch one-view accuracy (the headline) with its std over seeds,
     the flip-averaged final and best-epoch accuracies, the best epochs, parameters and convergence."""
-    trials = trial_table(df)
-    if trials.empty:
-        return trials
-    table = trials.groupby("variant").agg(**{
+    table = trial_table(df).groupby("variant").agg(**{
         "seeds": ("seed", "size"), "final one-view acc mean (%)": ("final one-view acc (%)", "mean"),
         "std (%)": ("final one-view acc (%)", "std"), "final acc mean (%)": ("final acc (%)", "mean"),
         "best acc mean (%)": ("best acc (%)", "mean"), "best epochs": ("best epoch", lambda e: ", ".join(map(str, e)))})
