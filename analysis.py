@@ -77,9 +77,10 @@ def results_frame(grid) -> pd.DataFrame:
 
     frames = []
     for result in grid:
-        if not result.config or result.metrics_dataframe is None:
+        config, metrics = result.config, result.metrics_dataframe
+        if not config or metrics is None or metrics.empty:
             continue
-        config, variant, metrics = result.config, result.config["variant"], result.metrics_dataframe
+        variant = config["variant"]
         settings = {**variant, **trainable.trial_config(config, threads=0)}
         frame = metrics.loc[:, ~metrics.columns.str.startswith("config/")]  # Tune's nested copy of the config
         frame = frame.assign(**{k: v for k, v in settings.items() if k not in frame and (v is None or np.isscalar(v))})
