@@ -23,7 +23,7 @@ import data as data_lib
 import experiments
 import train
 import tuned
-from comparisons import convergence, convergence_warnings, final_per_trial, healthy, scored_on  # noqa: F401
+from comparisons import convergence, convergence_warnings, final_per_trial, healthy, scored_on
 from errors import USAGE_EXIT, ExperimentError, NormsweepError
 
 AnalysisError = ExperimentError  # what this module raises: one line that says what to do

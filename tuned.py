@@ -13,7 +13,6 @@ Frames are analysis.results_frame's (one row per trial and epoch, accuracies as 
 """
 import math
 
-import numpy as np
 import pandas as pd
 
 import experiments
