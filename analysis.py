@@ -1,69 +1,54 @@
-"""Analysis of a finished (or partial) normsweep experiment. Reads results; never trains.
+"""Analysis of a finished (or partial) normsweep experiment: reads results, never trains.
 
-Loads a Ray Tune experiment directory into a ResultGrid and a tidy DataFrame, draws the curves,
-each variant's misclassified test images, a summary table with convergence checks and a seed-noise
-test, and a figure of what each norm pools (the notebook's; the report leaves this fixed figure out).
-`python analysis.py RESULTS_DIR --out DIR` writes the experiment's figures as PNGs and a markdown
-summary; analysis.ipynb calls the same functions.
+A Ray Tune experiment (a directory or a storage URI) becomes a ResultGrid and a tidy DataFrame; from them the
+curves, misclassified images, summary tables, convergence checks, paired tests (comparisons.py), the tuned
+comparison and the batch-size study. `python analysis.py RESULTS_DIR --out DIR` writes PNGs and summary.md;
+analysis.ipynb calls the same functions. Ray is imported only where a ResultGrid or checkpoint is read.
 """
 import argparse
 import io
+import itertools
 import re
 import sys
 from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.ticker import MaxNLocator
 
-import config as config_lib
-import errors
-import itertools
 import comparisons
+import config as config_lib
 import data as data_lib
 import experiments
 import train
-import trainable
-import tuned as tuning
-from comparisons import (convergence, convergence_warnings, final_per_trial, healthy,  # noqa: F401 (the notebook's)
-                         scored_on)
-from model import build_model, count_parameters
+import tuned
+from comparisons import convergence, convergence_warnings, final_per_trial, healthy, scored_on
+from errors import USAGE_EXIT, ExperimentError, NormsweepError
 
+AnalysisError = ExperimentError  # what this module raises: one line that says what to do
 CURVES = {  # metric -> (axis label, higher is better); {split}: the split the trials were scored on (scored_on)
     "test_loss": ("{split} loss (cross-entropy, nats)", False),
     "test_acc": ("{split} accuracy (%)", True),
     "train_loss": ("train loss (cross-entropy + label smoothing, nats)", False),
     "train_acc": ("train accuracy on augmented batches (%)", True),
 }
-LINESTYLES = ("-", "--", "-.", ":")  # with markers, so a curve lying on another stays visible
-MARKERS = ("o", "s", "^", "D", "v", "P")
-
-
-# A tuned comparison's trial whose chosen configuration is the shared recipe's is counted in both arms:
-# its rows appear twice in results_frame, the copy's trial name with this suffix.
+LINESTYLES, MARKERS = ("-", "--", "-.", ":"), ("o", "s", "^", "D", "v", "P")  # a curve on another stays visible
+# A tuned comparison's trial whose chosen configuration is the recipe's counts in both arms: results_frame
+# holds its rows twice, the copy's trial name with this suffix.
 RECIPE_COPY = "~recipe"
 
 
-AnalysisError = experiments.ExperimentError
-
-
 def latest_experiment(root="results") -> str:
-    """The newest experiment under root, a local directory or a storage URI (what the notebook opens by
-    default), or a one-line experiments.ExperimentError."""
+    """The newest experiment under root, a directory or storage URI (the notebook's default); ExperimentError if none."""
     return experiments.latest(experiments.resolve(root))
 
 
 def load_experiment(path):
-    """(ResultGrid, DataFrame) of an experiment, a local directory or a URI (`s3://bucket/results/name`);
-    one DataFrame row per trial and epoch.
-
-    Columns beyond the metrics: `health` ("ok" or why the trial stopped), `diverged` (per trial),
-    `epochs` (planned) among the trial's settings. Trials that never reported are absent (see `progress`).
-    Raises AnalysisError (one line) for a location that holds no Tune experiment or no epoch yet.
-    """
+    """(ResultGrid, results_frame) of an experiment, a local directory or a URI (`s3://bucket/results/name`);
+    a one-line AnalysisError for a location that holds no Tune experiment or no epoch yet."""
     location = experiments.resolve(path)
     if not experiments.is_experiment(location):
         raise AnalysisError(f"{location} is not a Ray Tune experiment directory (no experiment_state-*.json); "
@@ -86,48 +71,33 @@ def experiment_location(grid) -> str:
 
 
 def results_frame(grid) -> pd.DataFrame:
-    """One row per trial and reported epoch of a ResultGrid (trials with no epoch yet are left out).
+    """One row per trial and reported epoch (trials with no epoch yet are left out). Columns: what the epoch
+    reported (trainable.METRICS, `health`, `parameters`, Tune's `timestamp`, ...); every scalar setting of the
+    trial (trainable.trial_config and its variant: `dataset`, `epochs` planned, `seed`, `arm`, ...; `lr` is the
+    metric); `trial`, `variant` (its label), `variant name`, `peak lr`, `diverged` and `data` (data_subset)."""
+    import trainable  # Ray's: a config read as the trial read it
 
-    `data` says what the trials trained and were scored on when the launch took a subset (--smoke-test,
-    --train-size); "" for the whole dataset or an experiment without launch settings.
-    """
     frames = []
     for result in grid:
-        df = result.metrics_dataframe
-        if df is None or df.empty or not result.config:  # a trial that has not reported yet
+        config, metrics = result.config, result.metrics_dataframe
+        if not config or metrics is None or metrics.empty:
             continue
-        config = result.config
-        variant, flat = config["variant"], trainable.trial_config(config, threads=0)
-        frame = df.reindex(columns=list(trainable.METRICS))  # metrics added later are nan in older results
-        # results from before the health key have none: they ran to the end or failed loudly
-        frame["health"] = df[trainable.HEALTH_KEY].fillna("ok") if trainable.HEALTH_KEY in df else "ok"
-        frame["diverged"] = (frame["health"] != "ok").any()
+        variant = config["variant"]
+        settings = {**variant, **trainable.trial_config(config, threads=0)}
+        frame = metrics.loc[:, ~metrics.columns.str.startswith("config/")]  # Tune's nested copy of the config
+        frame = frame.assign(**{k: v for k, v in settings.items() if k not in frame and (v is None or np.isscalar(v))})
         frame.insert(0, "trial", Path(result.path).name)
-        frame.insert(1, "variant", trial_label(config))
-        frame["variant name"] = variant_label(variant)  # without the batch size of a batch-size study
-        frame.insert(2, "norm", variant["norm"])
-        frame.insert(3, "l1", variant["l1"])
-        frame.insert(4, "seed", config["seed"])
-        for key in ("dataset", "epochs", "batch_size", "groups", "weight_decay", "label_smoothing", "val_size"):
-            frame[key] = flat.get(key)
-        frame["model"] = flat.get("model") or "small"  # results from before --model ran the small net
-        frame["parameters"] = df.get(trainable.PARAMETERS_KEY, np.nan)
-        frame["peak lr"] = train.peak_lr(flat)  # the "lr" column is the metric: each epoch's starting lr
-        # Tune's own: when each epoch's report arrived (unix seconds) and how long the epoch took, for wall_minutes
-        frame["timestamp"] = df.get("timestamp", np.nan)
-        frame["time_this_iter_s"] = df.get("time_this_iter_s", np.nan)
-        frame["arm"] = variant.get("arm", "")  # a tuned comparison's final stage: tuned or recipe
-        frame["evidence"] = variant.get("evidence", "")  # what the arm's configuration was chosen on
+        frame.insert(1, "variant", experiments.variant_label(config))
+        frame["variant name"] = experiments.variant_label({"variant": {"name": variant["name"], "l1": variant["l1"]}})
+        frame["peak lr"], frame["diverged"] = train.peak_lr(settings), (frame["health"] != "ok").any()
         frames.append(frame)
-        if variant.get("recipe_too"):  # its tuned configuration is the recipe's: one trial counts in both arms
-            frames.append(frame.assign(trial=frame["trial"] + RECIPE_COPY, arm=tuning.RECIPE, variant=trial_label(
-                {**config, "variant": {**variant, "arm": tuning.RECIPE}}),
-                evidence="the shared recipe, which tuning also chose (the tuned trial, counted in both arms)"))
+        if variant.get("recipe_too"):  # its tuned configuration is the recipe's: one trial in both arms
+            label = experiments.variant_label({**config, "variant": {**variant, "arm": tuned.RECIPE}})
+            frames.append(frame.assign(trial=frame["trial"] + RECIPE_COPY, variant=label, arm=tuned.RECIPE, evidence=(
+                "the shared recipe, which tuning also chose (the tuned trial, counted in both arms)")))
     if not frames:
         return pd.DataFrame()
-    df = pd.concat(frames, ignore_index=True)
-    df["data"] = data_subset(experiments.read_launch(experiment_location(grid)))
-    return df
+    return pd.concat(frames, ignore_index=True).assign(data=data_subset(experiments.read_launch(experiment_location(grid))))
 
 
 def result_of(grid, trial: str):
@@ -138,436 +108,304 @@ def result_of(grid, trial: str):
 def data_subset(launch: dict) -> str:
     """What part of the dataset a launch trained and scored on, in words; "" for all of it."""
     if launch.get("smoke_test"):
-        return f"smoke-test subset: {config_lib.SMOKE['train_size']:,} train / {config_lib.SMOKE['test_size']:,} test images"
-    if launch.get("train_size"):
-        scored = (f"{launch['val_size']:,} of them held out to score on" if launch.get("val_size")
-                  else "every test image")
-        return f"--train-size subset: {launch['train_size']:,} train images, {scored}"
-    return ""
-
-
-def trial_configs(grid) -> dict:
-    """Per trial path, its config, also for trials that have not reported yet: a Result's config comes
-    from its last report (None before the first), so theirs is read from Tune's experiment state."""
-    analysis = getattr(grid, "_experiment_analysis", None)  # a ResultGrid; other iterables of Results lack it
-    configs = {trial.path: trial.config for trial in getattr(analysis, "trials", None) or []}
-    for result in grid:
-        if result.config:
-            configs[result.path] = result.config
-    return configs
-
-
-def variant_label(variant: dict) -> str:
-    """The variant alone: its name, and an L1 lambda in brackets."""
-    return f"{variant['name']} (λ={variant['l1']:g})" if variant["l1"] else variant["name"]
-
-
-trial_label = experiments.variant_label  # the variant and whatever else of the config is not the seed
+        return f"smoke-test subset: {launch['train_size']:,} train / {launch['test_size']:,} test images"
+    if not launch.get("train_size"):
+        return ""
+    scored = f"{launch['val_size']:,} of them held out to score on" if launch.get("val_size") else "every test image"
+    return f"--train-size subset: {launch['train_size']:,} train images, {scored}"
 
 
 def _title(df, what: str, wrap: bool = False) -> str:
-    """'what: dataset[, net NET] (subset), N epochs, K seeds per variant' (the net unless it is the default
-    small one); wrap: the subset on a line of its own (figure titles)."""
-    seeds = df.groupby("variant")["seed"].nunique().max()
+    """'what: dataset[, net NET], N epochs, K seeds per variant (subset)', the net unless it is the small one;
+    wrap: the subset on a line of its own (figure titles)."""
     planned, reached = int(df["epochs"].max()), int(df["epoch"].max())  # "epochs": the planned count
     epochs = _count(planned, "epoch") if reached >= planned else f"partial: {reached} of {planned} epochs in"
-    subset = str(df["data"].iloc[0]) if "data" in df else ""
+    subset, model = df["data"].iloc[0], str(df["model"].iloc[0])
     subset = (f"\n({subset})" if wrap else f" ({subset})") if subset else ""
-    model = str(df["model"].iloc[0]) if "model" in df else "small"
     net = f", net {Path(model).name}" if model != "small" else ""  # a user's builder: its file's name
-    return (f"{what}: {Path(str(df['dataset'].iloc[0])).name}{net}, {epochs}, "
-            f"{_count(seeds, 'seed')} per variant{subset}")
+    seeds = _count(df.groupby("variant")["seed"].nunique().max(), "seed")
+    return f"{what}: {Path(str(df['dataset'].iloc[0])).name}{net}, {epochs}, {seeds} per variant{subset}"
 
 
-def best_per_trial(df, metric="test_acc") -> pd.DataFrame:
-    """One row per healthy trial at its best epoch; ties go to the latest epoch, as in the CLI's table
-    and in the checkpoint Tune keeps (trainable.best_epoch)."""
-    assert metric == trainable.BEST_METRIC, "the tie rule is defined for the checkpoint metric"
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"  # '1 epoch', '2 epochs'
+
+
+def _mean_std(values: pd.Series, fmt: str = ".2f") -> str:
+    return f"{values.mean():{fmt}}" + (f" ± {values.std():{fmt}}" if len(values) > 1 else "")
+
+
+def best_per_trial(df) -> pd.DataFrame:
+    """One row per healthy trial at its best epoch by test_acc, ties to the latest: the epoch of the
+    checkpoint Tune keeps (trainable.best_epoch)."""
+    import trainable  # Ray's: the rule lives beside the checkpoints it names
+
     rows = [trainable.best_epoch(group) for _, group in healthy(df).groupby("trial")]
     return pd.DataFrame([r for r in rows if r is not None]).reset_index(drop=True)
 
 
 def progress(grid, df) -> pd.DataFrame:
-    """Per variant: trials planned and reporting, epochs in (fewest, most) against the planned epochs,
-    and trials that diverged. Complete when every trial ran its planned epochs or diverged; trials that
-    have reported nothing yet (or that Tune has not created) count with 0 epochs in."""
-    rows, configs = {}, trial_configs(grid)
-
-    def row_of(label, planned):
-        return rows.setdefault(label, {"variant": label, "trials": 0, "epochs in": [], "planned epochs": planned,
-                                       "diverged": 0, "done": []})
-
-    for result in grid:
-        config = configs.get(result.path)
-        if not config:  # not in Tune's state either: counted below from the launch settings
-            continue
-        row = row_of(trial_label(config), config.get("epochs"))
-        row["trials"] += 1
-        trial = df[df["trial"] == Path(result.path).name] if len(df) and result.path else df.iloc[:0]
-        epochs_in, diverged = (int(trial["epoch"].max()), bool(trial["diverged"].iloc[0])) if len(trial) else (0, False)
-        row["epochs in"].append(epochs_in)
-        row["diverged"] += diverged
-        row["done"].append(diverged or epochs_in >= (row["planned epochs"] or 0))
-    # trials Tune never created are missing from the grid; the launch settings list them
-    launch = experiments.read_launch(experiment_location(grid))
-    if launch.get("variants"):
-        axes = config_lib.grid_axes(config_lib.SweepConfig().from_launch(launch))
-        seeds = len(axes.pop("seed"))
-        for point in itertools.product(*axes.values()):
-            config = {**dict(zip(axes, point)), "stage": launch.get("stage")}
-            config["lr_reference_batch"] = config.get("batch_size") or 0
-            row = row_of(trial_label(config), launch["epochs"])
-            missing = max(0, seeds - row["trials"])
-            row["epochs in"] += [0] * missing
-            row["done"] += [False] * missing
-    table = pd.DataFrame(rows.values())
-    table["complete"] = table.pop("done").map(all)
-    table["epochs in"] = [f"{min(es)}" if min(es) == max(es) else f"{min(es)}-{max(es)}" for es in table["epochs in"]]
-    return table.sort_values("variant").reset_index(drop=True)
+    """Per variant: trials (the launch's, or those reporting), epochs in (fewest-most; a trial not reported
+    yet counts 0) of the planned epochs, trials diverged, complete (each ran its epochs or diverged)."""
+    launch, planned_epochs = experiments.read_launch(experiment_location(grid)), int(df["epochs"].max())
+    axes = config_lib.grid_axes(config_lib.SweepConfig().from_launch(launch)) if launch else {"seed": []}
+    seeds = len(axes.pop("seed"))
+    planned = {experiments.variant_label({**dict(zip(axes, point)), "stage": launch.get("stage"),
+                                          "lr_reference_batch": 1 if "batch_size" in axes else 0}): seeds
+               for point in itertools.product(*axes.values())}
+    trials = df.groupby("trial").agg(variant=("variant", "first"), last=("epoch", "max"), diverged=("diverged", "first"))
+    rows = []
+    for label in sorted(set(planned) | set(trials["variant"])):
+        mine = trials[trials["variant"] == label]
+        epochs_in = [*mine["last"], *[0] * (planned.get(label, 0) - len(mine))]
+        rows.append({"variant": label, "trials": len(epochs_in), "planned epochs": planned_epochs,
+                     "epochs in": "-".join(str(e) for e in sorted({min(epochs_in), max(epochs_in)})),
+                     "diverged": int(mine["diverged"].sum()), "complete": len(mine) == len(epochs_in)
+                     and bool((mine["diverged"] | (mine["last"] >= planned_epochs)).all())})
+    return pd.DataFrame(rows)
 
 
 def progress_note(table: pd.DataFrame) -> str:
     """'' for a complete experiment, else one sentence saying it is partial, per variant."""
-    if table["complete"].all():
-        return ""
-    parts = [f"{row['variant']} {row['epochs in']} of {row['planned epochs']}" for _, row in table.iterrows()]
-    return ("Partial experiment: these figures and tables cover only the epochs reported so far "
-            f"(epochs in, per variant: {'; '.join(parts)}). Resume it with tune_main.py --resume.")
+    parts = "; ".join(f"{row['variant']} {row['epochs in']} of {row['planned epochs']}" for _, row in table.iterrows())
+    return "" if table["complete"].all() else (
+        "Partial experiment: these figures and tables cover only the epochs reported so far (epochs in, per "
+        f"variant: {parts}). Resume it with tune_main.py --resume.")
 
 
 def diverged_note(df) -> str:
     """'' when no trial diverged, else one sentence naming each diverged trial and why it stopped."""
-    trials = df[df["diverged"]].groupby("trial")["health"].last() if "diverged" in df else {}
-    if not len(trials):
-        return ""
+    trials = df[df["diverged"]].groupby("trial")["health"].last()
     named = "; ".join(f"{trial} ({health})" for trial, health in trials.items())
-    if len(trials) == df["trial"].nunique():
-        return (f"Every trial diverged ({_count(len(trials), 'trial')}), so there is no accuracy to report or "
-                f"compare: {named}.")
-    return f"Diverged trials, left out of the figures and tables: {named}."
+    if not named or len(trials) < df["trial"].nunique():
+        return named and f"Diverged trials, left out of the figures and tables: {named}."
+    return f"Every trial diverged ({_count(len(trials), 'trial')}), so there is no accuracy to report or compare: {named}."
 
 
 def validation_note(df) -> str:
-    """'' for trials scored on the test split, else one sentence saying they were scored on held-out training images."""
-    if scored_on(df) == "test":
-        return ""
+    """'' for trials scored on the test split, else one sentence saying they were scored on held-out images."""
     n = int(df["val_size"].max())
-    return (f"Scored on {n:,} training images held out from training (--val-size {n}), not on the test split: "
-            f"every \"test\" column, figure and comparison of this experiment is of those validation images.")
-
-
-def _count(n: int, noun: str) -> str:
-    """'1 epoch', '2 epochs'."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+    return "" if scored_on(df) == "test" else (
+        f"Scored on {n:,} training images held out from training (--val-size {n}), not on the test split: "
+        f"every \"test\" column, figure and comparison of this experiment is of those validation images.")
 
 
 def plot_curves(df, metric: str):
-    """One metric against epoch, all variants on one axes; mean and +-1 std band over seeds."""
+    """A CURVES metric against epoch, all variants on one axes: the mean over seeds with a ±1 std band, ★ at
+    each mean curve's best epoch; a diverged variant is named in the legend, not drawn."""
     label, higher_better = CURVES[metric]
-    split = scored_on(df)
-    label = label.format(split=split)
-    scale = 100 if metric.endswith("acc") else 1
+    split, scale = scored_on(df), 100 if metric.endswith("acc") else 1
     # test_acc averages each image and its mirror on flip-trained data; the headline is test_acc_single
-    # at the final epoch, so the test_acc legend gives both, each named
-    flipped = metric == "test_acc" and not np.allclose(df["test_acc"], df["test_acc_single"], equal_nan=True)
-    headline = metric == "test_acc"
-    if headline:
-        label = f"{split} accuracy, {'flip-averaged' if flipped else 'one view'} (%)"
+    flipped = not np.allclose(df["test_acc"], df["test_acc_single"], equal_nan=True)
+    label = f"{split} accuracy, {'flip-averaged' if flipped else 'one view'} (%)" if metric == "test_acc" else label
     fig, ax = plt.subplots(figsize=(8, 5))
-    late = []  # values over the second half of training, for zooming the accuracy axis
-    all_variants = sorted(df["variant"].unique())
-    for variant in sorted(set(all_variants) - set(healthy(df)["variant"])):  # marked, not drawn as nan
-        ax.plot([], [], color="grey", linestyle="none", marker="x", label=f"{variant}: diverged (not plotted)")
-    everything, df = df, healthy(df)
-    for variant, group in sorted(df.groupby("variant"), key=lambda kv: kv[0]):
-        i = all_variants.index(variant)
-        by_epoch = group.groupby("epoch")[metric].agg(["mean", "std", "count"]) * [scale, scale, 1]
-        epochs, mean, std = by_epoch.index.to_numpy(), by_epoch["mean"].to_numpy(), by_epoch["std"].fillna(0).to_numpy()
-        best_at = int(np.argmax(mean) if higher_better else np.argmin(mean))
-        per_seed_best = (group.groupby("trial")[metric].max() if higher_better
-                         else group.groupby("trial")[metric].min()) * scale
-        spread = f" ± {per_seed_best.std():.2f}" if len(per_seed_best) > 1 else ""
-        fmt = ".2f" if scale == 100 else ".4f"
-        color = f"C{i}"
-        text = f"{variant}: best {per_seed_best.mean():{fmt}}{spread} (mean-curve best at epoch {epochs[best_at]})"
-        if headline:
-            final = 100 * group.loc[group.groupby("trial")["epoch"].idxmax(), "test_acc_single"]
-            final_spread = f" ± {final.std():.2f}" if len(final) > 1 else ""
-            text = (f"{variant}: final one view {final.mean():.2f}{final_spread}; "
-                    f"best {'flip-averaged' if flipped else 'one view'} {per_seed_best.mean():.2f}{spread}")
-        ax.plot(epochs, mean, color=color, linestyle=LINESTYLES[i % len(LINESTYLES)],
-                marker=MARKERS[i % len(MARKERS)], markersize=4, markevery=max(1, len(epochs) // 10), label=text)
-        if by_epoch["count"].max() > 1:
-            ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
-        ax.plot(epochs[best_at], mean[best_at], marker="*", markersize=12, color=color, markeredgecolor="k")
-        late.extend((mean - std)[len(mean) // 2:]), late.extend((mean + std)[len(mean) // 2:])
+    names = sorted(df["variant"].unique())
+    for name in sorted(set(names) - set(healthy(df)["variant"])):  # marked, not drawn as nan
+        ax.plot([], [], color="grey", linestyle="none", marker="x", label=f"{name}: diverged (not plotted)")
+    late = []  # the bands over the second half of training: variants often sit within a point of each other
+    for name, group in healthy(df).groupby("variant"):
+        late += _plot_variant(ax, group, metric, names.index(name), scale, flipped)
     if higher_better and late and df["epoch"].max() >= 4:
-        low, high = min(late), max(late)
-        pad = max(0.1 * (high - low), 0.05 * scale / 100)
-        ax.set_ylim(low - pad, high + pad)  # zoom: variants often sit within a point of each other
+        pad = max(0.1 * (max(late) - min(late)), 0.05 * scale / 100)
+        ax.set_ylim(min(late) - pad, max(late) + pad)
         label += " (zoomed to the second half of training)"
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers, even on 2-epoch runs
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(label)
-    seeds = everything.groupby("variant")["seed"].nunique().max()
-    band = "; band = ±1 std over seeds" if seeds > 1 else ""
-    head, _, subset = _title(everything, metric.replace("_", " ").replace("test", split), wrap=True).partition("\n")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, even on 2-epoch runs
+    ax.set(xlabel="epoch", ylabel=label.format(split=split))
+    band = "; band = ±1 std over seeds" if df.groupby("variant")["seed"].nunique().max() > 1 else ""
+    head, _, subset = _title(df, metric.replace("_", " ").replace("test", split), wrap=True).partition("\n")
     ax.set_title(head + band + (f"\n{subset}" if subset else ""), fontsize=10)
     legend = ("variant: final epoch, one view (the summary's headline); each seed's best epoch, as plotted"
-              if headline else "variant: each seed's best epoch")
+              if metric == "test_acc" else "variant: each seed's best epoch")
     ax.legend(fontsize=8, title=f"{legend}, mean over seeds\n(★ = best epoch of the mean curve)", title_fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def misclassified(grid, df, variant: str, n: int = 10, dataset=None):
-    """The first n misclassified test images of `variant`'s best checkpoint (best trial by test_acc).
+def _plot_variant(ax, group, metric: str, i: int, scale: float, flipped: bool) -> list:
+    """One variant's mean curve, band and best-epoch star; returns its band's values over the second half."""
+    by_epoch = group.groupby("epoch")[metric].agg(["mean", "std", "count"])
+    epochs, mean, std = by_epoch.index.to_numpy(), scale * by_epoch["mean"].to_numpy(), scale * by_epoch["std"].fillna(0).to_numpy()
+    per_seed = group.groupby("trial")[metric]
+    best_at, per_seed_best = ((np.argmax(mean), per_seed.max()) if CURVES[metric][1] else (np.argmin(mean), per_seed.min()))
+    name, fmt = group["variant"].iloc[0], ".2f" if scale == 100 else ".4f"
+    text = f"{name}: best {_mean_std(scale * per_seed_best, fmt)} (mean-curve best at epoch {epochs[best_at]})"
+    if metric == "test_acc":
+        text = (f"{name}: final one view {_mean_std(100 * final_per_trial(group)['test_acc_single'])}; "
+                f"best {'flip-averaged' if flipped else 'one view'} {_mean_std(100 * per_seed_best)}")
+    ax.plot(epochs, mean, color=f"C{i}", linestyle=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)],
+            markersize=4, markevery=max(1, len(epochs) // 10), label=text)
+    if by_epoch["count"].max() > 1:
+        ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.2, linewidth=0)
+    ax.plot(epochs[best_at], mean[best_at], marker="*", markersize=12, color=f"C{i}", markeredgecolor="k")
+    return [*(mean - std)[len(mean) // 2:], *(mean + std)[len(mean) // 2:]]
 
-    Returns a dict with the images (uint8), true and predicted labels, confidences (max softmax),
-    the test indices, the model's accuracy on the split (flip-averaged where `flip`, as the trial's
-    test_acc), its seed and epoch, and the class names. A one-line AnalysisError for a variant with no
-    healthy trial, or whose best epoch's checkpoint is missing.
-    """
+
+def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
+    """The first n misclassified evaluation images of `variant`'s best checkpoint (best trial by test_acc):
+    images (uint8), labels, predictions, confidences (max softmax), indices, the checkpoint's accuracy
+    (flip-averaged where `flip`, as its test_acc), seed, epoch, classes. dataset: experiment_dataset's, read
+    once. A one-line AnalysisError for a variant with no healthy trial or no checkpoint of its best epoch."""
+    import trainable  # Ray's checkpoints
+
     best = best_per_trial(df)
-    candidates = best[best["variant"] == variant] if len(best) else best
-    if not len(candidates):
+    if not len(best) or variant not in set(best["variant"]):
         raise AnalysisError(f"{variant} has no trial with a healthy epoch (every trial of it diverged or has not "
                             f"reported yet), so no checkpoint to show")
-    row = candidates.sort_values("test_acc", kind="stable").iloc[-1]
-    trial = row["trial"]
-    result = result_of(grid, trial)
+    row = best[best["variant"] == variant].sort_values("test_acc", kind="stable").iloc[-1]
     # the checkpoint of the epoch the table names (Tune keeps it: the best, ties to the latest)
-    kept = [c for c, metrics in (result.best_checkpoints or []) if metrics.get("epoch") == row["epoch"]]
-    if not kept or not experiments.exists(experiments.join(experiments.location_of(kept[-1].filesystem, kept[-1].path),
-                                                           trainable.CHECKPOINT_FILE)):
-        raise AnalysisError(f"trial {trial} has no checkpoint of its best epoch {int(row['epoch'])} "
-                            f"(not saved yet, or not copied with the results); resume the experiment or copy its "
-                            f"checkpoint_* directories too")
+    kept = [c for c, metrics in result_of(grid, row["trial"]).best_checkpoints or [] if metrics["epoch"] == row["epoch"]]
+    if not kept or not experiments.exists(experiments.join(
+            experiments.location_of(kept[-1].filesystem, kept[-1].path), trainable.CHECKPOINT_FILE)):
+        raise AnalysisError(f"trial {row['trial']} has no checkpoint of its best epoch {int(row['epoch'])} (not saved "
+                            f"yet, or not copied with the results); resume the experiment or copy its checkpoint_* "
+                            f"directories too")
     model, state = trainable.model_from_result_checkpoint(kept[-1])
-    config = state["config"]
-    dataset = evaluation_split(experiment_location(grid), config, dataset)
-    split = "validation" if config.get("val_size") else "test"
-    flip = train.uses_test_flip(config, dataset.augment)
-    out = train.evaluate(model, dataset.test_images, dataset.test_labels, **state["input_stats"],
-                         flip=flip)  # as the trial evaluated its test_acc
-    wrong = torch.nonzero(out["preds"] != dataset.test_labels).flatten()[:n]
-    return {"variant": variant, "trial": trial, "seed": config.get("seed"), "epoch": state["epoch"],
-            "acc": out["acc"], "flip": flip, "split": split,
-            "indices": wrong, "images": dataset.test_images[wrong], "true": dataset.test_labels[wrong],
-            "pred": out["preds"][wrong], "confidence": out["confidence"][wrong], "classes": dataset.classes}
+    config, split = state["config"], evaluation_split(experiment_location(grid), state["config"], dataset)
+    flip = train.uses_test_flip(config, split.augment)
+    out = train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"], flip=flip)  # as the trial
+    wrong = torch.nonzero(out["preds"] != split.test_labels).flatten()[:n]
+    return {"variant": variant, "trial": row["trial"], "seed": config["seed"], "epoch": state["epoch"], "acc": out["acc"],
+            "flip": flip, "split": "validation" if config["val_size"] else "test", "indices": wrong,
+            "images": split.test_images[wrong], "true": split.test_labels[wrong], "pred": out["preds"][wrong],
+            "confidence": out["confidence"][wrong], "classes": split.classes}
 
 
-def evaluation_split(experiment: str, config: dict, dataset=None):
-    """The dataset as the experiment's trials saw it, its test split the images they were scored on: the part
-    of the data its launch gave them (experiments.as_launched: the --smoke-test or --train-size subset), and for
-    a --val-size N experiment the N training images held out of that (Dataset.held_out, as train.TrainingRun)."""
-    if dataset is None:
-        dataset = _read_dataset(config)
-    dataset = train.trial_data(dataset, config_lib.TrialConfig.of(config))
-    return dataset.held_out(config["val_size"]) if config.get("val_size") else dataset
+def evaluation_split(experiment: str, config: dict, dataset=None) -> data_lib.Dataset:
+    """The dataset as the trials saw it, its test split the images they were scored on: the launch's part of
+    the data (train.trial_data), and for --val-size N the N training images held out of that."""
+    dataset = train.trial_data(_read_dataset(config) if dataset is None else dataset, config_lib.TrialConfig.of(config))
+    return dataset.held_out(config["val_size"]) if config["val_size"] else dataset
+
+
+def experiment_dataset(grid) -> data_lib.Dataset:
+    """The whole dataset the experiment's trials were drawn from, read once, from any reported trial's config."""
+    return _read_dataset(next(r.config for r in grid if r.config))
 
 
 def _read_dataset(config: dict) -> data_lib.Dataset:
-    """The whole dataset a trial's config names; without its test split where the trials scored held-out images."""
-    return data_lib.load_dataset(config["dataset"], config["data_dir"], test_split=not config.get("val_size"))
-
-
-def show_image(ax, image):
-    """One uint8 image (C, H, W) or (H, W) on `ax`: colour as it is, grayscale dark-on-light (as the digits and
-    clothes are drawn on paper)."""
-    image = image.squeeze(0) if image.dim() == 3 and image.shape[0] == 1 else image
-    if image.dim() == 3:
-        ax.imshow(image.permute(1, 2, 0).numpy())  # (H, W, C); numpy: matplotlib warns on tensors
-    else:
-        ax.imshow(image.numpy(), cmap="gray_r")
+    """The dataset a trial's config names; without its test split where the trials scored held-out images."""
+    return data_lib.load_dataset(config["dataset"], config["data_dir"], test_split=not config["val_size"])
 
 
 def plot_misclassified(sample: dict):
-    """A 2x5 grid: each tile shows the true label, the predicted label and the confidence."""
+    """A 2x5 grid of a `misclassified` sample, each tile titled with the true and predicted label and confidence."""
     fig, axes = plt.subplots(2, 5, figsize=(11, 6.4))  # room for a two-line suptitle and two-line tile titles
     classes = sample["classes"]
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
-        if k >= len(sample["indices"]):
-            continue
-        show_image(ax, sample["images"][k])
-        ax.set_title(f"true: {classes[sample['true'][k]]}\npred: {classes[sample['pred'][k]]} "
-                     f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
-    seed = f", seed {sample['seed']}" if sample.get("seed") is not None else ""
-    view = "flip-averaged" if sample.get("flip") else "one view"
-    split = sample.get("split", "test")
-    fig.suptitle(f"{sample['variant']}: misclassified {split} images of the best checkpoint "
-                 f"(epoch {sample['epoch']}{seed})\n"
-                 f"its {split} accuracy {100 * sample['acc']:.2f}%, {view}, at that best epoch "
-                 f"(the summary's headline is the final epoch, one view)", fontsize=10)
+        if k < len(sample["indices"]):
+            image = sample["images"][k]  # (C, H, W) uint8; numpy, as matplotlib warns on tensors
+            if len(image) == 1:  # grayscale: dark on light, as digits and clothes are drawn on paper
+                ax.imshow(image[0].numpy(), cmap="gray_r")
+            else:
+                ax.imshow(image.permute(1, 2, 0).numpy())
+            ax.set_title(f"true: {classes[sample['true'][k]]}\npred: {classes[sample['pred'][k]]} "
+                         f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
+    split, view = sample.get("split", "test"), "flip-averaged" if sample.get("flip") else "one view"
+    seed = f", seed {sample['seed']}" if "seed" in sample else ""
+    fig.suptitle(f"{sample['variant']}: misclassified {split} images of the best checkpoint (epoch {sample['epoch']}"
+                 f"{seed})\nits {split} accuracy {100 * sample['acc']:.2f}%, {view}, at that best epoch (the summary's "
+                 "headline is the final epoch, one view)", fontsize=10)
     fig.tight_layout(h_pad=2.0)  # room between a tile's two-line title and the row above
     return fig
 
 
-TRIAL_COLUMNS = ["variant", "seed", "epochs", "final one-view acc (%)", "final acc (%)", "best acc (%)",
-                 "best epoch", "final train acc (%)", "train s"]
-SUMMARY_COLUMNS = ["variant", "seeds", "final one-view acc mean (%)", "std (%)", "final acc mean (%)",
-                   "best acc mean (%)", "best epochs", "parameters", "converged"]
-
-
 def trial_table(df) -> pd.DataFrame:
-    """Per trial: final-epoch accuracy one view and flip-averaged, and the best epoch's (by test_acc)."""
-    final, best = final_per_trial(df).set_index("trial"), best_per_trial(df)
-    if final.empty:  # every trial diverged (diverged_note says so)
-        return pd.DataFrame(columns=TRIAL_COLUMNS)
-    best = best.set_index("trial")
-    train_seconds = df.groupby("trial")["epoch_seconds"].sum()
-    rows = [{"variant": row.variant, "seed": int(row.seed), "epochs": int(row.epoch),
-             "final one-view acc (%)": 100 * row.test_acc_single, "final acc (%)": 100 * row.test_acc,
-             "best acc (%)": 100 * best.loc[trial, "test_acc"], "best epoch": int(best.loc[trial, "epoch"]),
-             "final train acc (%)": 100 * row.train_acc, "train s": round(train_seconds[trial])}
-            for trial, row in final.iterrows()]
-    return pd.DataFrame(rows, columns=TRIAL_COLUMNS).sort_values(["variant", "seed"]).reset_index(drop=True)
+    """Per trial: final-epoch accuracy one view and flip-averaged, the best epoch's (by test_acc), train seconds."""
+    final = final_per_trial(df)  # empty, and so this table, where every trial diverged (diverged_note says so)
+    best = best_per_trial(df).reindex(columns=["trial", "test_acc", "epoch"]).set_index("trial").loc[final["trial"]]
+    return pd.DataFrame({
+        "variant": final["variant"], "seed": final["seed"], "epochs": final["epoch"].astype(int),
+        "final one-view acc (%)": 100 * final["test_acc_single"], "final acc (%)": 100 * final["test_acc"],
+        "best acc (%)": 100 * best["test_acc"].to_numpy(), "best epoch": best["epoch"].to_numpy(dtype=int),
+        "final train acc (%)": 100 * final["train_acc"],
+        "train s": final["trial"].map(df.groupby("trial")["epoch_seconds"].sum()).round().astype(int),
+    }).sort_values(["variant", "seed"]).reset_index(drop=True)
 
 
 def summary(df) -> pd.DataFrame:
-    """Per variant: final-epoch one-view accuracy (the headline) with its std over seeds, then the
-    flip-averaged final and best-epoch accuracies, best epochs, parameters and convergence."""
-    final, best = final_per_trial(df), best_per_trial(df)
-    converged = convergence(df).set_index("variant")["converged"]
-    rows = []
-    for variant, group in final.groupby("variant"):
-        norm, groups = group["norm"].iloc[0], int(group["groups"].iloc[0])
-        best_group = best[best["variant"] == variant].sort_values("seed")
-        rows.append({"variant": variant, "seeds": len(group),
-                     "final one-view acc mean (%)": 100 * group["test_acc_single"].mean(),
-                     "std (%)": 100 * group["test_acc_single"].std() if len(group) > 1 else float("nan"),
-                     # each test image and its mirror (on flip-trained datasets; else the same as one view)
-                     "final acc mean (%)": 100 * group["test_acc"].mean(),
-                     "best acc mean (%)": 100 * best_group["test_acc"].mean(),
-                     "best epochs": ", ".join(str(int(e)) for e in best_group["epoch"]),
-                     "parameters": _parameters(group, norm, groups),
-                     "converged": "yes" if converged[variant] else "MAY NOT (see warnings)"})
-    return (pd.DataFrame(rows, columns=SUMMARY_COLUMNS).sort_values("final one-view acc mean (%)", ascending=False)
-            .reset_index(drop=True))
-
-
-def _parameters(group, norm: str, groups: int) -> int:
-    """The trials' reported parameter count; results written before trials reported it ran the small net."""
-    reported = group["parameters"].dropna() if "parameters" in group else []
-    return int(reported.iloc[0]) if len(reported) else count_parameters(build_model(norm, groups=groups))
+    """Per variant, best headline first: final-epoch one-view accuracy (the headline) with its std over seeds,
+    the flip-averaged final and best-epoch accuracies, the best epochs, parameters and convergence."""
+    table = trial_table(df).groupby("variant").agg(**{
+        "seeds": ("seed", "size"), "final one-view acc mean (%)": ("final one-view acc (%)", "mean"),
+        "std (%)": ("final one-view acc (%)", "std"), "final acc mean (%)": ("final acc (%)", "mean"),
+        "best acc mean (%)": ("best acc (%)", "mean"), "best epochs": ("best epoch", lambda e: ", ".join(map(str, e)))})
+    table["parameters"] = final_per_trial(df).groupby("variant")["parameters"].first().astype(int)
+    table["converged"] = convergence(df).set_index("variant")["converged"].map({True: "yes", False: "MAY NOT (see warnings)"})
+    return table.reset_index().sort_values("final one-view acc mean (%)", ascending=False).reset_index(drop=True)
 
 
 def final_correct(grid, df, dataset=None) -> dict:
-    """Per trial, which evaluation images its final epoch classified right on one view: bool tensor (N,),
-    from the trial's latest checkpoint (the final epoch's, which Tune always keeps). For McNemar's test
-    (comparisons.mcnemar_tests). Trials whose latest checkpoint is not their final epoch's are left out."""
+    """Per trial, which evaluation images its final epoch classified right on one view (bool tensor (N,)), from
+    its latest checkpoint, for McNemar's test; trials whose latest checkpoint is not the final epoch's are left out."""
+    import trainable  # Ray's checkpoints
+
     correct = {}
     for row in final_per_trial(df).itertuples():
-        result = result_of(grid, row.trial)
-        if result.checkpoint is None:
-            continue
-        model, state = trainable.model_from_result_checkpoint(result.checkpoint)
-        if state["epoch"] != row.epoch:
-            continue
-        split = evaluation_split(experiment_location(grid), state["config"], dataset)
-        preds = train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"])["preds"]
-        correct[row.trial] = preds == split.test_labels
+        checkpoint = result_of(grid, row.trial).checkpoint
+        model, state = trainable.model_from_result_checkpoint(checkpoint) if checkpoint else (None, {"epoch": None})
+        if state["epoch"] == row.epoch:
+            split = evaluation_split(experiment_location(grid), state["config"], dataset)
+            correct[row.trial] = train.evaluate(model, split.test_images, split.test_labels,
+                                                **state["input_stats"])["preds"] == split.test_labels
     return correct
 
 
 def comparison_tables(grid, df, dataset=None) -> dict:
-    """The paired comparisons of an experiment (comparisons.py), by name: "paired" (over seeds, where
-    variants have 2+ seeds), "mcnemar" (one seed: over the shared test images), "tuned vs recipe" (a tuned
-    comparison's final stage). Each a DataFrame; absent where it does not apply."""
-    final = final_per_trial(df)
-    if final.empty or final["variant"].nunique() < 2:
-        return {}
-    tables = {}
+    """The paired comparisons (comparisons.py) that apply, by name: "paired" (over seeds, where variants have
+    2+), else "mcnemar" (one seed), and "tuned vs recipe" (a tuned comparison's final stage)."""
+    final, tables = final_per_trial(df), {}
+    if final["variant"].nunique() < 2:
+        return tables
     if final.groupby("variant")["seed"].nunique().max() >= 2:
         tables["paired"] = comparisons.paired_tests(df)
     else:
         tables["mcnemar"] = comparisons.mcnemar_tests(df, final_correct(grid, df, dataset))
-    if final["arm"].nunique() > 1:
+    if "arm" in final and final["arm"].nunique() > 1:
         tables["tuned vs recipe"] = comparisons.paired_tests(df, compare="arm", within=("variant name", "batch_size"))
     return tables
 
 
 def comparison_text(tables: dict) -> list:
-    """The report's markdown for comparison_tables."""
+    """The report's markdown lines for comparison_tables."""
     level = f"Holm-Bonferroni correction over each family of pairs, {comparisons.ALPHA:g} family-wise level"
-    text = []
-    if "paired" in tables:
-        text += ["Paired differences over seeds (every variant of a seed starts from the same convolution and head "
-                 "weights and sees the same data order and augmentation): the mean per-seed difference of final "
-                 f"one-view accuracies with its {comparisons.CONFIDENCE:.0%} t interval, and the paired t-test "
-                 f"(two-sided; {level}):", "", _markdown(tables["paired"]), ""]
-    if "mcnemar" in tables:
-        text += ["One seed, so no seed noise to measure: McNemar's exact test on the test images one variant "
-                 f"classifies right and the other wrong (final epoch, one view; {level}). It measures the noise of "
-                 "the test images, not of the seed: another seed may order the variants differently.", "",
-                 _markdown(tables["mcnemar"]), ""]
-    if "tuned vs recipe" in tables:
-        text += ["Tuned configuration against the shared recipe, per variant, paired over seeds:", "",
-                 _markdown(tables["tuned vs recipe"]), ""]
-    return text or ["Pairwise differences: only one variant has results, so there is nothing to compare.", ""]
+    intro = {"paired": "Paired differences over seeds (every variant of a seed starts from the same convolution and "
+                       "head weights and sees the same data order and augmentation): the mean per-seed difference of "
+                       f"final one-view accuracies with its {comparisons.CONFIDENCE:.0%} t interval, and the paired "
+                       f"t-test (two-sided; {level}):",
+             "mcnemar": "One seed, so no seed noise to measure: McNemar's exact test on the test images one variant "
+                        f"classifies right and the other wrong (final epoch, one view; {level}). It measures the noise "
+                        "of the test images, not of the seed: another seed may order the variants differently.",
+             "tuned vs recipe": "Tuned configuration against the shared recipe, per variant, paired over seeds:"}
+    lines = [line for name, table in tables.items() for line in (intro[name], "", _markdown(table), "")]
+    return lines or ["Pairwise differences: only one variant has results, so there is nothing to compare.", ""]
 
 
-def stage(grid_or_location) -> str:
-    """"tuning" or "final" for a tuned comparison's stages (tuning.py), "" for a plain sweep."""
-    location = grid_or_location if isinstance(grid_or_location, str) else experiment_location(grid_or_location)
-    return experiments.read_launch(location).get("stage", "")
-
-
-def tuning_experiment(final_location: str) -> str:
-    """The tuning stage's location beside a final stage's."""
-    return experiments.sibling(final_location, experiments.read_launch(final_location)["tuning_name"])
-
-
-def wall_minutes(df) -> float:
-    """Wall time of an experiment's reported epochs, minutes: from the first epoch's start to the last report
-    (a resumed experiment counts the time it was stopped too)."""
-    return float((df["timestamp"].max() - (df["timestamp"] - df["time_this_iter_s"]).min()) / 60)
+def stage(grid) -> str:
+    """"tuning" or "final" for a tuned comparison's stages (tuned.py), "" for a plain sweep."""
+    return experiments.read_launch(experiment_location(grid)).get("stage", "")
 
 
 def tuning_frame(grid, df):
-    """The tuning stage's frame of a tuned comparison (df itself for a tuning stage, read from beside a final
-    stage); None for a plain sweep. A one-line AnalysisError if a final stage's tuning stage is unreadable."""
-    kind = stage(grid)  # one read of the launch file (a request, on object storage)
-    if kind == "tuning":
-        return df
-    if kind == "final":
-        return load_experiment(tuning_experiment(experiment_location(grid)))[1]
-    return None
+    """A tuned comparison's tuning-stage frame (df itself, or read from beside a final stage); None for a plain
+    sweep. A one-line AnalysisError if a final stage's tuning stage is unreadable."""
+    launch = experiments.read_launch(location := experiment_location(grid))
+    if launch.get("stage") == "final":
+        return load_experiment(experiments.sibling(location, tuned.tuning_name(launch["final_name"])))[1]
+    return df if launch.get("stage") == "tuning" else None
+
+
+def wall_minutes(df) -> float:
+    """Minutes from the first epoch's start to the last report (a resumed experiment counts its pause too)."""
+    return float((df["timestamp"].max() - (df["timestamp"] - df["time_this_iter_s"]).min()) / 60)
 
 
 def configuration_table(df) -> pd.DataFrame:
     """A tuned comparison's final stage: per variant and arm, the configuration it trained with and why."""
-    rows = []
-    for (label, arm), group in final_per_trial(df).groupby(["variant", "arm"]):
-        rows.append({"variant": label, "peak lr": f"{group['peak lr'].iloc[0]:g}",
-                     "weight decay": f"{group['weight_decay'].iloc[0]:g}", "chosen on": group["evidence"].iloc[0]})
-    return pd.DataFrame(rows, columns=["variant", "peak lr", "weight decay", "chosen on"])
-
-
-def tuning_text(tuning_df, figure: str) -> list:
-    """The report's markdown for a tuning stage: the sensitivity table and figure, the choices and the rank
-    agreement of early stopping."""
-    chosen = tuning.choose(tuning_df)
-    choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
-                             "evidence": c["evidence"]} for name, c in sorted(chosen.items())])
-    n_val, epochs = int(tuning_df["val_size"].iloc[0]), int(tuning_df["epochs"].max())
-    agreement = comparisons.rank_agreement(tuning_df)
-    text = [f"## Tuning stage: {_title(tuning_df, 'validation accuracy')}", "",
-            f"Every variant trained once (seed 0) at each learning rate and weight decay below, {epochs} epochs, "
-            f"on the training split less {n_val:,} validation images; accuracy on those validation images at the "
-            f"final epoch, one view (%). Empty: diverged. The stage's {tuning_df['trial'].nunique()} trials took "
-            f"{wall_minutes(tuning_df):.0f} min of wall time.", "",
-            _markdown(tuning.sensitivity(tuning_df)), "", f"![learning-rate sensitivity]({figure})", "",
-            "Chosen per variant (highest final validation accuracy; ties to the lower validation loss):", "",
-            _markdown(choices), ""]
-    if len(agreement):
-        text += ["Would early stopping have found the same configurations? Spearman's rank correlation between "
-                 "each configuration's validation accuracy at the rung epoch and at the final epoch, and whether an "
-                 "ASHA-type scheduler with that rung and reduction factor 3 would have kept the final winner:", "",
-                 _markdown(agreement), ""]
-    return text
+    final = final_per_trial(df).drop_duplicates("variant").sort_values("variant")
+    return pd.DataFrame({"variant": final["variant"], "peak lr": final["peak lr"].map("{:g}".format),
+                         "weight decay": final["weight_decay"].map("{:g}".format), "chosen on": final["evidence"]})
 
 
 def is_batch_study(df) -> bool:
@@ -575,70 +413,55 @@ def is_batch_study(df) -> bool:
 
 
 def batch_size_study(df) -> pd.DataFrame:
-    """Per variant and batch size: final-epoch one-view test error (%), mean and std over seeds, beside
-    the same with precise BatchNorm statistics (train.precise_bn; nan for nets without BatchNorm)."""
-    converged = convergence(df).set_index("variant")["converged"]
-    rows = []
-    for (name, batch), group in final_per_trial(df).groupby(["variant name", "batch_size"]):
-        error, precise = 100 * (1 - group["test_acc_single"]), 100 * (1 - group["test_acc_precise_bn"])
-        rows.append({"variant": name, "batch size": int(batch), "seeds": len(group),
-                     "error (%)": error.mean(), "std": error.std() if len(group) > 1 else float("nan"),
-                     "precise-BN error (%)": precise.mean(), "precise-BN std": precise.std() if len(group) > 1 else float("nan"),
-                     "peak lr": f"{group['peak lr'].iloc[0]:g}",
-                     "converged": bool(converged[group["variant"].iloc[0]])})
-    columns = ["variant", "batch size", "seeds", "error (%)", "std", "precise-BN error (%)", "precise-BN std",
-               "peak lr", "converged"]
-    return pd.DataFrame(rows, columns=columns).sort_values(["variant", "batch size"]).reset_index(drop=True)
+    """Per variant and batch size: final-epoch one-view test error (%), mean and std over seeds, beside the same
+    with precise BatchNorm statistics (train.precise_bn; nan without BatchNorm), the peak lr and convergence."""
+    final = final_per_trial(df)
+    final = final.assign(error=100 * (1 - final["test_acc_single"]), precise=100 * (1 - final["test_acc_precise_bn"]),
+                         converged=final["variant"].map(convergence(df).set_index("variant")["converged"]))
+    study = final.groupby(["variant name", "batch_size"]).agg(**{
+        "seeds": ("seed", "size"), "error (%)": ("error", "mean"), "std": ("error", "std"),
+        "precise-BN error (%)": ("precise", "mean"), "precise-BN std": ("precise", "std"),
+        "peak lr": ("peak lr", lambda lr: f"{lr.iloc[0]:g}"), "converged": ("converged", "all")})
+    return study.reset_index().rename(columns={"variant name": "variant", "batch_size": "batch size"})
 
 
 def batch_size_table(study: pd.DataFrame) -> pd.DataFrame:
-    """The study laid out like Table 2 of Wu & He (2018): one row per normalisation (and BatchNorm with
-    precise statistics), one column per batch size from large to small, "mean ± std" test error (%);
-    then the difference to BatchNorm. A "*" marks a cell whose variant may not have converged."""
-    def cell(mean, std, converged=True):
-        if not np.isfinite(mean):  # e.g. precise BN of a trial that has not reached its final epoch
-            return "-"
-        spread = f" ± {std:.2f}" if np.isfinite(std) else ""
-        return f"{mean:.2f}{spread}" + ("" if converged else " *")
+    """The study as Table 2 of Wu & He (2018): a row per normalisation (and BatchNorm with precise statistics),
+    a column per batch size from large to small, "mean ± std" test error (%), then each one's difference to
+    BatchNorm. "*" marks a cell whose variant may not have converged."""
+    def cells(group, mean, std, marked=False):  # "-": e.g. precise BN of a trial short of its final epoch
+        return {str(r["batch size"]): "-" if np.isnan(r[mean]) else f"{r[mean]:.2f}"
+                + (f" ± {r[std]:.2f}" if np.isfinite(r[std]) else "") + (" *" if marked and not r["converged"] else "")
+                for _, r in group.iterrows()}
 
-    batches = sorted(study["batch size"].unique(), reverse=True)
     rows = []
-    for name, group in study.groupby("variant", sort=True):
-        by_batch = group.set_index("batch size")
-        rows.append({"": f"{name} error (%)", **{str(b): cell(by_batch.loc[b, "error (%)"], by_batch.loc[b, "std"],
-                                                               by_batch.loc[b, "converged"])
-                                                  for b in batches if b in by_batch.index}})
-        if by_batch["precise-BN error (%)"].notna().any():
-            rows.append({"": f"{name}, precise BN statistics",
-                         **{str(b): cell(by_batch.loc[b, "precise-BN error (%)"], by_batch.loc[b, "precise-BN std"])
-                            for b in batches if b in by_batch.index}})
+    for name, group in study.groupby("variant"):
+        rows.append({"": f"{name} error (%)", **cells(group, "error (%)", "std", marked=True)})
+        if group["precise-BN error (%)"].notna().any():
+            rows.append({"": f"{name}, precise BN statistics", **cells(group, "precise-BN error (%)", "precise-BN std")})
     means = study.pivot(index="variant", columns="batch size", values="error (%)")
     if "bn" in means.index:
-        for name in (n for n in means.index if n != "bn"):
-            rows.append({"": f"{name} − bn (points)",
-                         **{str(b): f"{means.loc[name, b] - means.loc['bn', b]:+.2f}" for b in batches
-                            if np.isfinite(means.loc[name, b] - means.loc["bn", b])}})
-    return pd.DataFrame(rows).fillna("")
+        rows += [{"": f"{name} − bn (points)", **{str(b): f"{d:+.2f}" for b, d in diffs.items() if np.isfinite(d)}}
+                 for name, diffs in (means.drop("bn") - means.loc["bn"]).iterrows()]
+    return pd.DataFrame(rows, columns=["", *map(str, sorted(study["batch size"].unique(), reverse=True))]).fillna("")
 
 
 def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
-    """Final-epoch one-view test error against batch size (log scale), one line per normalisation,
-    mean ± std over seeds; dashed: BatchNorm with precise statistics."""
+    """Final-epoch one-view test error against batch size (log axis), a line per normalisation, mean ± std over
+    seeds; dashed: BatchNorm with precise statistics."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, group) in enumerate(study.groupby("variant", sort=True)):
-        color = f"C{i}"
-        ax.errorbar(group["batch size"], group["error (%)"], yerr=group["std"].fillna(0), color=color,
-                    marker=MARKERS[i % len(MARKERS)], capsize=3, label=name)
+    for i, (name, group) in enumerate(study.groupby("variant")):
+        style = {"color": f"C{i}", "marker": MARKERS[i % len(MARKERS)], "capsize": 3}
+        ax.errorbar(group["batch size"], group["error (%)"], yerr=group["std"].fillna(0), label=name, **style)
         if group["precise-BN error (%)"].notna().any():
             ax.errorbar(group["batch size"], group["precise-BN error (%)"], yerr=group["precise-BN std"].fillna(0),
-                        color=color, linestyle="--", marker=MARKERS[i % len(MARKERS)], markerfacecolor="none",
-                        capsize=3, label=f"{name}, precise BN statistics")
+                        linestyle="--", markerfacecolor="none", label=f"{name}, precise BN statistics", **style)
     batches = sorted(study["batch size"].unique())
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.minorticks_off()
-    ax.set_xlabel("batch size (images per step; peak lr scaled linearly with it)")
-    ax.set_ylabel("test error at the final epoch, one view (%)")
+    ax.set(xlabel="batch size (images per step; peak lr scaled linearly with it)",
+           ylabel="test error at the final epoch, one view (%)")
     ax.set_title(title + "; mean ± std over seeds", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -646,12 +469,33 @@ def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
     return fig
 
 
-def plot_norm_pooling(n=4, c=8, groups=4):
-    """Which (sample, channel) cells share one mean and variance under BN, LN and GN.
+def plot_sensitivity(df, title: str = "learning-rate sensitivity"):
+    """A tuning stage's validation accuracy against peak learning rate (log axis), a line per variant, a panel per
+    weight decay; a diverged configuration is an x at the bottom of the axis."""
+    table = tuned.configurations(df)
+    decays, lrs = sorted(table["weight decay"].unique()), sorted(table["lr"].unique())
+    fig, axes = plt.subplots(1, len(decays), figsize=(5.2 * len(decays), 4.2), sharey=True, squeeze=False)
+    floor = table["val acc (%)"].min() - 2 if table["val acc (%)"].notna().any() else 0
+    for ax, decay in zip(axes[0], decays):
+        for i, (name, rows) in enumerate(table[table["weight decay"] == decay].sort_values("lr").groupby("variant")):
+            line, = ax.plot(rows["lr"], rows["val acc (%)"], marker=MARKERS[i % len(MARKERS)], label=name)
+            bad = rows[rows["val acc (%)"].isna()]
+            ax.plot(bad["lr"], [floor] * len(bad), "x", color=line.get_color(), markersize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lrs, [f"{v:g}" for v in lrs])
+        ax.set(xlabel="peak learning rate (OneCycle)")
+        ax.set_title(f"weight decay {decay:g}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation accuracy, final epoch, one view (%)")
+    axes[0][-1].legend(fontsize=8, title="x: diverged", title_fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
 
-    Each cell stands for all H x W positions of one sample's channel; one colour = one set of
-    statistics (all the cells of a colour, and every pixel in them, are pooled together).
-    """
+
+def plot_norm_pooling(n=4, c=8, groups=4):
+    """Which (sample, channel) cells share one mean and variance under BN, LN and GN: a cell stands for all
+    H x W positions of one sample's channel; one colour = one set of statistics (docs/norm_pooling.png)."""
     layouts = {
         "BatchNorm: per channel,\npooled over N, H, W": np.tile(np.arange(c), (n, 1)),
         "LayerNorm: per sample,\npooled over C, H, W": np.tile(np.arange(n)[:, None], (1, c)),
@@ -663,11 +507,10 @@ def plot_norm_pooling(n=4, c=8, groups=4):
         ax.imshow(ids % 20, cmap="tab20", vmin=0, vmax=19, aspect="auto")
         ax.set_xticks(range(c), [f"c{j}" for j in range(c)], fontsize=8)
         ax.set_yticks(range(n), [f"n{i}" for i in range(n)], fontsize=8)
-        ax.set_xlabel("channel C (each cell spans all H×W pixels)")
-        ax.set_ylabel("sample N in the batch")
-        ax.set_title(title, fontsize=10)
         ax.set_xticks(np.arange(-0.5, c), minor=True)
         ax.set_yticks(np.arange(-0.5, n), minor=True)
+        ax.set(xlabel="channel C (each cell spans all H×W pixels)", ylabel="sample N in the batch")
+        ax.set_title(title, fontsize=10)
         ax.grid(which="minor", color="white", linewidth=1.5)
         ax.tick_params(which="minor", length=0)
     fig.suptitle("What each normalisation pools for one mean and variance (a batch of shape N, C, H×W); "
@@ -677,11 +520,9 @@ def plot_norm_pooling(n=4, c=8, groups=4):
 
 
 def _markdown(table: pd.DataFrame) -> str:
-    def cell(v):
-        return f"{v:.2f}" if isinstance(v, float) and not np.isnan(v) else ("-" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
+    """A table in markdown: numbers to 2 decimals, nan as "-"."""
+    return table.map(lambda v: ("-" if np.isnan(v) else f"{v:.2f}") if isinstance(v, float) else str(v)).to_markdown(
+        index=False, disable_numparse=True)
 
 
 def experiment_line(experiment) -> str:
@@ -694,124 +535,115 @@ def experiment_line(experiment) -> str:
     return f"`{shown}` (its name; it lies outside the directory the analysis ran in)"
 
 
-def experiment_dataset(grid) -> data_lib.Dataset:
-    """The whole dataset an experiment's trials were drawn from, read once (`misclassified` takes the
-    trials' own subset of it); from any trial's config, reported or not."""
-    config = next((c for c in trial_configs(grid).values() if c), None)
-    if config is None:
-        raise AnalysisError("no trial of this experiment has a config yet; wait for the first trial to start")
-    return _read_dataset(config)
-
-
 def write_report(experiment, out_dir) -> list:
-    """Every figure as PNG plus summary.md into out_dir, a local directory or a storage URI; returns
-    the written paths (Path objects for a local out_dir, URIs otherwise)."""
+    """Every figure as PNG plus summary.md into out_dir, a local directory or a storage URI; returns the written
+    paths (Path objects for a local out_dir, URIs otherwise)."""
     grid, df = load_experiment(experiment)
-    if experiments.is_uri(out_dir):
-        out, written = experiments.resolve(out_dir), []
-    else:
-        out, written = Path(out_dir), []
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise AnalysisError(f"cannot write the report to {out} ({e.strerror}); pass a writable --out") from None
-
-    def put(name, data: bytes):
-        target = experiments.join(out, name) if isinstance(out, str) else out / name
-        experiments.write_bytes(str(target), data)
-        written.append(target)
-
-    def save(fig, name):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
-        put(name, buffer.getvalue())
-
-    heading = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", ""]
-    notes = [note for note in (progress_note(progress(grid, df)), diverged_note(df), validation_note(df)) if note]
-    notes = [line for note in notes for line in (f"**{note}**", "")]
+    figures = {}  # file name -> PNG
+    notes = [progress_note(progress(grid, df)), diverged_note(df), validation_note(df)]
+    text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", "",
+            *[line for note in notes if note for line in (f"**{note}**", "")]]
     kind = stage(grid)
     if kind == "tuning":  # the learning-rate sensitivity and the choices; every trial is one configuration
-        save(tuning.plot_sensitivity(df, _title(df, "learning-rate sensitivity", wrap=True)), "lr_sensitivity.png")
-        put("summary.md", "\n".join(heading + notes + tuning_text(df, "lr_sensitivity.png") + [
-            "Per trial (validation accuracy in the test columns):", "", _markdown(trial_table(df)), ""]).encode())
-        return written
-    if healthy(df).empty:  # every trial diverged: no curve, table or checkpoint to show
-        put("summary.md", "\n".join(heading + notes).encode())
-        return written
-    tuned = []
-    if kind == "final":
-        tuned = ["## Tuned comparison", "", "Each variant at the configuration its tuning stage chose on validation "
-                 "images (arm \"tuned\") and at the shared recipe (arm \"recipe\"), the same seeds, scored on the "
-                 f"test split; this final stage took {wall_minutes(df):.0f} min of wall time:", "",
-                 _markdown(configuration_table(df)), ""]
-        try:
-            _, tuning_df = load_experiment(tuning_experiment(experiment_location(grid)))
-            save(tuning.plot_sensitivity(tuning_df, _title(tuning_df, "learning-rate sensitivity", wrap=True)),
-                 "lr_sensitivity.png")
-            tuned += tuning_text(tuning_df, "lr_sensitivity.png")
-        except AnalysisError as e:
-            tuned += [f"(The tuning stage's results are not readable here: {e}.)", ""]
-    for metric in CURVES:
-        save(plot_curves(df, metric), f"{metric}.png")
-    dataset = experiment_dataset(grid)  # read once for every grid
-    grids, missing = [], []
+        text += [*_tuning_section(df, figures), "Per trial (validation accuracy in the test columns):", "",
+                 _markdown(trial_table(df)), ""]
+    elif not healthy(df).empty:  # where every trial diverged there is no curve, table or checkpoint to show
+        text += _final_stage_section(grid, df, figures) if kind == "final" else []
+        text += _batch_section(df, figures) if is_batch_study(df) else []
+        text += _results_section(grid, df, figures)
+    out, files = experiments.resolve(out_dir), {**figures, "summary.md": "\n".join(text).encode()}
+    for name, data in files.items():
+        experiments.write_bytes(experiments.join(out, name), data)  # a one-line ExperimentError where unwritable
+    return [experiments.join(out, name) if experiments.is_uri(out) else Path(out, name) for name in files]
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _results_section(grid, df, figures: dict) -> list:
+    """The summary, per-trial and comparison tables, and the curves and misclassified grids (into figures)."""
+    figures.update({f"{metric}.png": _png(plot_curves(df, metric)) for metric in CURVES})
+    dataset, grids, missing = experiment_dataset(grid), [], []  # the data read once, for every grid and McNemar
     for variant in sorted(healthy(df)["variant"].unique()):
         try:
             sample = misclassified(grid, df, variant, dataset=dataset)
         except AnalysisError as e:  # e.g. a best epoch whose checkpoint was not copied with the results
-            missing.append(f"No misclassified images for {variant}: {e}.")
+            missing += ["", f"No misclassified images for {variant}: {e}."]
             continue
         name = "misclassified_" + re.sub(r"[^A-Za-z0-9]+", "_", variant).strip("_") + ".png"  # ASCII file names
-        save(plot_misclassified(sample), name)
-        grids.append((variant, name))
-    study_text = []
-    if is_batch_study(df):
-        study = batch_size_study(df)
-        save(plot_batch_sizes(study, _title(df, "batch-size study", wrap=True)), "batch_size.png")
-        study_text = ["## Batch size", "", "Final-epoch test error on one view (%), mean ± std over seeds, laid out "
-                      "like Table 2 of Wu & He (2018); \"precise BN statistics\" recomputes BatchNorm's running "
-                      "statistics on batches of 500 training images after training (`train.precise_bn`). "
-                      "\"*\": may not have converged.", "", _markdown(batch_size_table(study)), "",
-                      "![test error against batch size](batch_size.png)", "", "Per variant and batch size:", "",
-                      _markdown(study), ""]
-    table, warnings, split = summary(df), convergence_warnings(df), scored_on(df)
-    compared = comparison_text(comparison_tables(grid, df, dataset))
-    text = [*heading, *notes, *tuned,
-            *study_text,
-            f"Headline: {split} accuracy at the final epoch on one view of each image (no choice made on the "
-            f"{split} split), mean and sample std over seeds. Beside it, the final epoch scored with the "
-            "test-time flip (each image and its mirror, on flip-trained datasets) and the best epoch's "
-            f"flip-averaged accuracy (an epoch chosen on the {split} split: optimistic).", "",
-            _markdown(table), "", *(warnings or ["Every variant converged by the checks in `analysis.convergence`."]), "",
-            "Per trial:", "", _markdown(trial_table(df)), "",
-            *compared,
-            f"The {split}-accuracy figure plots the flip-averaged accuracy per epoch (one view where the data was not "
-            "trained with flips); its legend gives each variant's final one-view accuracy (the headline above) "
-            "and its best epoch's. Each misclassified grid is of the best trial's best checkpoint, titled with "
-            "that checkpoint's accuracy.", "",
-            "![test loss](test_loss.png)", "![test accuracy](test_acc.png)",
-            "![train loss](train_loss.png)", "![train accuracy](train_acc.png)", ""]
-    text += [f"![{variant} misclassified]({name})" for variant, name in grids]
-    text += [line for note in missing for line in ("", note)]
-    text += [""]
-    put("summary.md", "\n".join(text).encode())
-    return written
+        figures[name] = _png(plot_misclassified(sample))
+        grids.append(f"![{variant} misclassified]({name})")
+    split = scored_on(df)
+    return [f"Headline: {split} accuracy at the final epoch on one view of each image (no choice made on the "
+            f"{split} split), mean and sample std over seeds. Beside it, the final epoch scored with the test-time "
+            "flip (each image and its mirror, on flip-trained datasets) and the best epoch's flip-averaged accuracy "
+            f"(an epoch chosen on the {split} split: optimistic).", "", _markdown(summary(df)), "",
+            *(convergence_warnings(df) or ["Every variant converged by the checks in `analysis.convergence`."]), "",
+            "Per trial:", "", _markdown(trial_table(df)), "", *comparison_text(comparison_tables(grid, df, dataset)),
+            f"The {split}-accuracy figure plots the accuracy per epoch, flip-averaged on flip-trained data; each "
+            "misclassified grid is of the best trial's best checkpoint.", "", "![test loss](test_loss.png)", "![test accuracy](test_acc.png)",
+            "![train loss](train_loss.png)", "![train accuracy](train_acc.png)", "", *grids, *missing, ""]
+
+
+def _final_stage_section(grid, df, figures: dict) -> list:
+    """A tuned comparison's final stage: the configurations of its two arms, then its tuning stage's section."""
+    text = ["## Tuned comparison", "", "Each variant at the configuration its tuning stage chose on validation images "
+            "(arm \"tuned\") and at the shared recipe (arm \"recipe\"), the same seeds, scored on the test split; this "
+            f"final stage took {wall_minutes(df):.0f} min of wall time:", "", _markdown(configuration_table(df)), ""]
+    try:
+        return text + _tuning_section(tuning_frame(grid, df), figures)
+    except AnalysisError as e:
+        return text + [f"(The tuning stage's results are not readable here: {e}.)", ""]
+
+
+def _tuning_section(tuning_df, figures: dict) -> list:
+    """A tuning stage: the sensitivity table and figure, the choices, and how early stopping would have ranked."""
+    title = _title(tuning_df, "learning-rate sensitivity", wrap=True)
+    figures["lr_sensitivity.png"] = _png(plot_sensitivity(tuning_df, title))
+    choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
+                             "evidence": c["evidence"]} for name, c in sorted(tuned.choose(tuning_df).items())])
+    agreement = comparisons.rank_agreement(tuning_df)
+    return [f"## Tuning stage: {_title(tuning_df, 'validation accuracy')}", "",
+            "Every variant trained once (seed 0) at each learning rate and weight decay below, "
+            f"{int(tuning_df['epochs'].max())} epochs, on the training split less {int(tuning_df['val_size'].max()):,} "
+            "validation images; accuracy on those validation images at the final epoch, one view (%). Empty: diverged. "
+            f"The stage's {tuning_df['trial'].nunique()} trials took {wall_minutes(tuning_df):.0f} min of wall time.", "",
+            _markdown(tuned.sensitivity(tuning_df)), "", "![learning-rate sensitivity](lr_sensitivity.png)", "",
+            "Chosen per variant (highest final validation accuracy; ties to the lower validation loss):", "",
+            _markdown(choices), "", *(["Would early stopping have found the same configurations? Spearman's rank "
+            "correlation between each configuration's validation accuracy at the rung epoch and at the final epoch, "
+            "and whether an ASHA-type scheduler with that rung and reduction factor 3 would have kept the final "
+            "winner:", "", _markdown(agreement), ""] if len(agreement) else [])]
+
+
+def _batch_section(df, figures: dict) -> list:
+    """A batch-size study: Wu & He's Table 2 layout, the figure (into figures) and the per-batch-size table."""
+    study = batch_size_study(df)
+    figures["batch_size.png"] = _png(plot_batch_sizes(study, _title(df, "batch-size study", wrap=True)))
+    return ["## Batch size", "", "Final-epoch test error on one view (%), mean ± std over seeds, laid out like Table 2 "
+            "of Wu & He (2018); \"precise BN statistics\" recomputes BatchNorm's running statistics on batches of 500 "
+            "training images after training (`train.precise_bn`). \"*\": may not have converged.", "",
+            _markdown(batch_size_table(study)), "", "![test error against batch size](batch_size.png)", "",
+            "Per variant and batch size:", "", _markdown(study), ""]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Write the figures and a markdown summary of a normsweep experiment.")
     parser.add_argument("experiment", help="the experiment, results/<name> or a storage URI such as "
                                            "s3://bucket/results/<name>, as printed by tune_main.py")
-    parser.add_argument("--out", default=None, help="output directory or URI (default: <experiment>/report)")
+    parser.add_argument("--out", help="output directory or URI (default: <experiment>/report)")
     args = parser.parse_args(argv)
     matplotlib.use("Agg")  # files only; the notebook keeps its inline backend
     try:
         written = write_report(args.experiment, args.out or experiments.join(experiments.resolve(args.experiment), "report"))
-    except errors.NormsweepError as e:  # AnalysisError, ExperimentError, DataError, CheckpointError
+    except NormsweepError as e:  # every refusal: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
-        return errors.USAGE_EXIT
-    print("\n".join(str(p) for p in written))
+        return USAGE_EXIT
+    print("\n".join(map(str, written)))
     return 0
 
 

@@ -1,24 +1,18 @@
 """The tuned comparison's protocol: an equal tuning budget per variant, then seeds at the chosen setting.
 
-Stage 1, tuning (`tune_main.py --tune`): every variant trains at every point of the same grid of peak
-learning rates (log-spaced) x weight decays, for the same epochs, on the training split less a
-validation split (VAL_FRACTION of it, the same images for every trial), one seed; each configuration
-is scored on the validation images only. Stage 2, final: each variant at the configuration with its
-best final-epoch validation accuracy, and at the shared recipe (--lr, --weight-decay) beside it, N
-seeds on the whole training split, scored on the test split. Nothing is chosen on the test split.
-
-Why tune per variant: BatchNorm's main effect is to allow larger learning rates (Bjorck et al.,
-NeurIPS 2018), so one shared learning rate confounds a comparison of norms; equal budgets on a
-validation split follow Choi et al. 2019, Sivaprasad et al. 2020 and Dodge et al. 2019.
-Why a grid, not early stopping: under a OneCycle schedule the early epochs run at a warming-up
-learning rate; `comparisons.rank_agreement` measures how far early ranks agree with final ones
-(README, "Tuned comparison").
-
-Frames here are analysis.results_frame's (one row per trial and epoch, accuracies as fractions).
+Stage 1, tuning (`tune_main.py --tune`): every variant trains at every point of one grid of peak learning
+rates x weight decays, one seed, on the training split less VAL_FRACTION of it held out (the same images
+for every trial), and is scored on those validation images only. Stage 2, final: each variant at its
+configuration with the best final-epoch validation accuracy, and at the shared recipe (--lr,
+--weight-decay) beside it, N seeds, scored on the test split. Nothing is chosen on the test split.
+Why per variant: BatchNorm's main effect is to allow larger learning rates (Bjorck et al. 2018), so one
+shared learning rate confounds a comparison of norms; equal budgets on a validation split follow Choi et
+al. 2019 and Dodge et al. 2019. Why a grid, not early stopping: under OneCycle the early epochs run at a
+warming-up learning rate (`comparisons.rank_agreement` measures how far early ranks agree with final ones).
+Frames are analysis.results_frame's (one row per trial and epoch, accuracies as fractions).
 """
 import math
 
-import numpy as np
 import pandas as pd
 
 import experiments
@@ -40,54 +34,44 @@ def val_size_for(n_train: int) -> int:
 
 
 def configurations(df) -> pd.DataFrame:
-    """Per tuning trial at its final epoch: variant name, lr, weight decay, validation accuracy (one view, %),
-    validation loss, and health ("ok" or why it stopped); diverged trials score nan and are never chosen."""
+    """Per tuning trial at its final epoch: variant name, lr (peak), weight decay, validation accuracy (one
+    view, %) and loss; a diverged trial scores nan, so it is never chosen."""
     last = df.loc[df.groupby("trial")["epoch"].idxmax()]
-    ok = ~last["diverged"] if "diverged" in last else True
-    return pd.DataFrame({
-        "variant": last["variant name"], "lr": last["peak lr"], "weight decay": last["weight_decay"],
-        "val acc (%)": np.where(ok, 100 * last["test_acc_single"], np.nan),
-        "val loss": np.where(ok, last["test_loss"], np.nan), "epochs": last["epoch"].astype(int),
-        "health": last["health"]}).reset_index(drop=True)
+    return pd.DataFrame({"variant": last["variant name"], "lr": last["peak lr"], "weight decay": last["weight_decay"],
+                         "val acc (%)": (100 * last["test_acc_single"]).where(~last["diverged"]),
+                         "val loss": last["test_loss"].where(~last["diverged"])}).reset_index(drop=True)
 
 
 def choose(df) -> dict:
-    """Per variant (its label without lr or weight decay, e.g. "bn+l1 (λ=1e-05)"), its chosen configuration
-    from a tuning stage's frame.
-
-    The highest final-epoch one-view validation accuracy wins; ties go to the lower validation loss, then
-    the smaller learning rate. Returns name -> {"lr", "weight_decay", "val_acc", "evidence"}: the evidence is
-    one line with the winner's and the runner-up's accuracy and the validation split's binomial standard
-    error, so a reader sees when the choice is within noise. A variant whose every configuration diverged
-    is left out.
-    """
-    table = configurations(df)
-    n_val = int(df["val_size"].iloc[0]) if "val_size" in df and df["val_size"].iloc[0] else 0
+    """Per variant (its label less lr and weight decay, "bn+l1 (λ=1e-05)"), the configuration a tuning stage's
+    frame chose: the highest final-epoch one-view validation accuracy, ties to the lower validation loss, then
+    the smaller lr. name -> {"lr", "weight_decay", "val_acc", "evidence"}, the evidence one line with the
+    winner's and runner-up's accuracy and the split's binomial standard error, so a reader sees a choice
+    within noise. A variant whose every configuration diverged is left out."""
+    table, n_val = configurations(df), int(df["val_size"].max())
     chosen = {}
     for name, rows in table.groupby("variant"):
-        rows = rows.dropna(subset=["val acc (%)"]).sort_values(["val acc (%)", "val loss", "lr"],
-                                                              ascending=[False, True, True])
-        if rows.empty:
+        ok = rows.dropna(subset=["val acc (%)"]).sort_values(["val acc (%)", "val loss", "lr"], ascending=[False, True, True])
+        if ok.empty:
             continue
-        best = rows.iloc[0]
-        evidence = f"val {best['val acc (%)']:.2f}% at lr {best['lr']:g}, wd {best['weight decay']:g}"
-        if len(rows) > 1:
-            second = rows.iloc[1]
-            evidence += (f"; next {second['val acc (%)']:.2f}% (lr {second['lr']:g}, wd {second['weight decay']:g})")
+        best = ok.iloc[0]
+        evidence = [f"val {best['val acc (%)']:.2f}% at lr {best['lr']:g}, wd {best['weight decay']:g}"]
+        if len(ok) > 1:
+            evidence.append(f"next {ok.iloc[1]['val acc (%)']:.2f}% (lr {ok.iloc[1]['lr']:g}, wd {ok.iloc[1]['weight decay']:g})")
         if n_val:  # binomial standard error; at 0% or 100% that of one image right or wrong, not 0
             p = min(max(best["val acc (%)"] / 100, 1 / n_val), 1 - 1 / n_val)
-            evidence += f"; ±{100 * math.sqrt(p * (1 - p) / n_val):.2f} SE on {n_val} val images"
-        evidence += f"; {len(rows)} of {len(table[table['variant'] == name])} configurations trained without diverging"
+            evidence.append(f"±{100 * math.sqrt(p * (1 - p) / n_val):.2f} SE on {n_val} val images")
+        evidence.append(f"{len(ok)} of {len(rows)} configurations trained without diverging")
         chosen[name] = {"lr": float(best["lr"]), "weight_decay": float(best["weight decay"]),
-                        "val_acc": float(best["val acc (%)"]), "evidence": evidence}
+                        "val_acc": float(best["val acc (%)"]), "evidence": "; ".join(evidence)}
     return chosen
 
 
 def final_variants(variants: list, chosen: dict, lr: float, weight_decay: float) -> list:
-    """The final stage's variant dicts: per variant its tuned configuration (arm TUNED) and the shared
-    recipe (arm RECIPE). Where the two are the same configuration it runs once, as TUNED with
-    "recipe_too": the analysis counts that trial in both arms. A variant with nothing chosen (every
-    tuning configuration diverged) runs the recipe only."""
+    """The final stage's variant dicts: per variant its tuned configuration (arm TUNED) and the shared recipe
+    (arm RECIPE). Where the two are one configuration it runs once, as TUNED with "recipe_too": the analysis
+    counts that trial in both arms. A variant with nothing chosen (every configuration diverged) runs the
+    recipe only."""
     out = []
     for variant in variants:
         pick = chosen.get(experiments.variant_label({"variant": variant}))  # choose's keys: "bn+l1 (λ=1e-05)"
@@ -97,50 +81,17 @@ def final_variants(variants: list, chosen: dict, lr: float, weight_decay: float)
             out.append({**recipe, "evidence": "the shared recipe: every tuning configuration diverged"})
             continue
         same = math.isclose(pick["lr"], lr) and math.isclose(pick["weight_decay"], weight_decay)
-        out.append({**variant, "lr": pick["lr"], "weight_decay": pick["weight_decay"], "arm": TUNED,
-                    "evidence": pick["evidence"], "recipe_too": same})
-        if not same:
-            out.append(recipe)
+        out += [{**variant, "lr": pick["lr"], "weight_decay": pick["weight_decay"], "arm": TUNED,
+                 "evidence": pick["evidence"], "recipe_too": same}] + ([] if same else [recipe])
     return out
 
 
 def sensitivity(df) -> pd.DataFrame:
-    """Validation accuracy (%) against learning rate: one row per variant and weight decay, one column per lr
-    (nan where the trial diverged). The learning-rate sensitivity table."""
-    table = configurations(df)
-    wide = table.pivot_table(index=["variant", "weight decay"], columns="lr", values="val acc (%)",
-                             aggfunc="first", dropna=False)
+    """The learning-rate sensitivity table: validation accuracy (%), one row per variant and weight decay, one
+    column per lr (nan where the trial diverged)."""
+    wide = configurations(df).pivot_table(index=["variant", "weight decay"], columns="lr", values="val acc (%)",
+                                          aggfunc="first", dropna=False)
     wide.columns = [f"lr {lr:g}" for lr in wide.columns]
     wide = wide.reset_index()
-    wide["weight decay"] = [f"{v:g}" for v in wide["weight decay"]]  # 5e-05, not a rounded 0.00
-    return wide
-
-
-def plot_sensitivity(df, title: str = "learning-rate sensitivity"):
-    """Validation accuracy against peak learning rate (log axis), one line per variant, one panel per weight
-    decay; a diverged configuration is an x at the bottom of the axis."""
-    import matplotlib.pyplot as plt
-
-    table = configurations(df)
-    decays = sorted(table["weight decay"].unique())
-    fig, axes = plt.subplots(1, len(decays), figsize=(5.2 * len(decays), 4.2), sharey=True, squeeze=False)
-    markers = ("o", "s", "^", "D", "v", "P", "X", "*")
-    finite = table["val acc (%)"].dropna()
-    floor = (finite.min() - 2) if len(finite) else 0
-    for ax, decay in zip(axes[0], decays):
-        for i, (name, rows) in enumerate(table[table["weight decay"] == decay].groupby("variant")):
-            rows = rows.sort_values("lr")
-            line, = ax.plot(rows["lr"], rows["val acc (%)"], marker=markers[i % len(markers)], label=name)
-            bad = rows[rows["val acc (%)"].isna()]
-            ax.plot(bad["lr"], [floor] * len(bad), "x", color=line.get_color(), markersize=9)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(table["lr"].unique()), [f"{v:g}" for v in sorted(table["lr"].unique())])
-        ax.set_xlabel("peak learning rate (OneCycle)")
-        ax.set_title(f"weight decay {decay:g}", fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation accuracy, final epoch, one view (%)")
-    axes[0][-1].legend(fontsize=8, title="x: diverged", title_fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return wide.assign(**{"weight decay": wide["weight decay"].map("{:g}".format)})  # 5e-05, not a rounded 0.00
 

@@ -21,7 +21,7 @@ def train_frame(dataset, epochs: int) -> pd.DataFrame:
         run = train.TrainingRun({"norm": norm, "epochs": epochs, "threads": 1}, dataset)
         for _ in range(epochs):
             rows.append({**run.run_epoch(), "trial": norm, "variant": norm, "norm": norm, "seed": 0,
-                         "epochs": epochs, "groups": run.config["groups"]})
+                         "epochs": epochs, "groups": run.config["groups"], "parameters": run.parameters})
     return pd.DataFrame(rows)
 
 

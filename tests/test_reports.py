@@ -60,7 +60,6 @@ def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experimen
     grid, df = analysis.load_experiment(pending_experiment)
     silent = [r for r in grid if r.config is None]
     assert len(grid) == 2 and len(silent) == 1, "the batch-500 trial must not have reported for this test"
-    assert analysis.trial_configs(grid)[silent[0].path]["batch_size"] == 500  # from Tune's state
 
     table = analysis.progress(grid, df).set_index("variant")
     assert table.loc["gn, batch 500", "epochs in"] == "0" and not table.loc["gn, batch 500", "complete"]
@@ -71,7 +70,7 @@ def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experimen
     assert "**Partial experiment" in summary and "gn, batch 2 1 of 2; gn, batch 500 0 of 2" in summary
     assert (tmp_path / "misclassified_gn_batch_2.png").exists()
     # one variant with results: said, not an empty table
-    assert "only one variant has results, so there is nothing to compare" in summary and "|  |" not in summary
+    assert "only one variant has results, so there is nothing to compare" in summary and "| comparison" not in summary
 
     console = sweep.summary_text(grid)
     assert re.search(r"^gn_batch500_seed0_\w+: no epoch reported$", console, re.M), console

@@ -1,4 +1,4 @@
-"""The tuned comparison (tune_main.py --tune, tuning.py): the tuning stage picks a learning rate that is
+"""The tuned comparison (tune_main.py --tune, tuned.py): the tuning stage picks a learning rate that is
 visibly better when another candidate is absurd, scores only validation images, and the final stage
 runs the choice and the shared recipe over seeds on the test split; a resume crosses the stages; the
 report shows the sensitivity figure and the paired statistics."""
@@ -13,7 +13,7 @@ import analysis
 import config
 import experiments
 import tune_main
-import tuned as tuning
+import tuned
 from conftest import on_session_ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ ABSURD_LR = 1e-6  # an epoch at this peak learning rate leaves the net near chan
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory):
+def comparison(tmp_path_factory):
     """A real tuned comparison on the smoke-test subset of Fashion-MNIST: bn and gn, lr 0.05 or absurd, 1 epoch."""
     storage = tmp_path_factory.mktemp("results")
     with on_session_ray():
@@ -32,22 +32,24 @@ def tuned(tmp_path_factory):
     return storage
 
 
-def test_tuning_stage_scores_validation_images_and_picks_the_sane_lr(tuned):
-    grid, df = analysis.load_experiment(tuned / "cmp-tuning")
+@pytest.mark.slow  # a real tuned comparison (Ray)
+def test_tuning_stage_scores_validation_images_and_picks_the_sane_lr(comparison):
+    grid, df = analysis.load_experiment(comparison / "cmp-tuning")
     assert len(grid) == 4 and not grid.errors  # 2 variants x 2 learning rates x 1 weight decay, one seed
     assert set(df["seed"]) == {0}
-    assert (df["val_size"] == tuning.val_size_for(config.SMOKE["train_size"])).all()
-    table = tuning.configurations(df).set_index(["variant", "lr"])
+    assert (df["val_size"] == tuned.val_size_for(config.SMOKE["train_size"])).all()
+    table = tuned.configurations(df).set_index(["variant", "lr"])
     for norm in ("bn", "gn"):
         assert table.loc[(norm, 0.05), "val acc (%)"] > table.loc[(norm, ABSURD_LR), "val acc (%)"] + 20
-    chosen = tuning.choose(df)
+    chosen = tuned.choose(df)
     assert {name: c["lr"] for name, c in chosen.items()} == {"bn": 0.05, "gn": 0.05}
     assert "val images" in chosen["bn"]["evidence"]
 
 
-def test_final_stage_runs_each_choice_over_seeds_on_the_test_split(tuned):
-    grid, df = analysis.load_experiment(tuned / "cmp")
-    launch = experiments.read_launch(str(tuned / "cmp"))
+@pytest.mark.slow  # a real tuned comparison (Ray)
+def test_final_stage_runs_each_choice_over_seeds_on_the_test_split(comparison):
+    grid, df = analysis.load_experiment(comparison / "cmp")
+    launch = experiments.read_launch(str(comparison / "cmp"))
     assert launch["stage"] == "final" and launch["final_name"] == "cmp"
     # the choice is the recipe's lr and weight decay: one trial per variant and seed, counted in both arms
     assert len(grid) == 4 and not grid.errors
@@ -60,9 +62,10 @@ def test_final_stage_runs_each_choice_over_seeds_on_the_test_split(tuned):
     assert (arms["verdict"] == "identical on every seed").all()
 
 
-def test_resume_crosses_from_a_finished_tuning_stage_to_the_final_stage(tuned, tmp_path, session_ray):
+@pytest.mark.slow  # a real tuned comparison (Ray)
+def test_resume_crosses_from_a_finished_tuning_stage_to_the_final_stage(comparison, tmp_path, session_ray):
     storage = tmp_path / "results"
-    shutil.copytree(tuned / "cmp-tuning", storage / "cmp-tuning")  # killed after tuning, before the final stage
+    shutil.copytree(comparison / "cmp-tuning", storage / "cmp-tuning")  # killed after tuning, before the final stage
     before = {p: p.read_bytes() for p in (storage / "cmp-tuning").rglob("result.json")}
     assert tune_main.main(["--resume", "--storage-path", str(storage)]) == 0  # the latest: the comparison
     assert {p: p.read_bytes() for p in (storage / "cmp-tuning").rglob("result.json")} == before  # not re-run
@@ -71,15 +74,16 @@ def test_resume_crosses_from_a_finished_tuning_stage_to_the_final_stage(tuned, t
     assert tune_main.main(["--resume", "--storage-path", str(storage)]) == 2  # both stages done: nothing to resume
 
 
-def test_report_has_the_sensitivity_figure_choices_and_paired_tests(tuned, tmp_path):
-    written = analysis.write_report(str(tuned / "cmp"), tmp_path / "report")
+@pytest.mark.slow  # a real tuned comparison (Ray)
+def test_report_has_the_sensitivity_figure_choices_and_paired_tests(comparison, tmp_path):
+    written = analysis.write_report(str(comparison / "cmp"), tmp_path / "report")
     names = {p.name for p in written}
     assert {"lr_sensitivity.png", "summary.md", "test_acc.png"} <= names
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "## Tuned comparison" in summary and "## Tuning stage" in summary
     assert "paired t-test" in summary and "Holm" in summary and "Welch" not in summary
     assert "Tuned configuration against the shared recipe" in summary
-    tuning_report = analysis.write_report(str(tuned / "cmp-tuning"), tmp_path / "tuning_report")
+    tuning_report = analysis.write_report(str(comparison / "cmp-tuning"), tmp_path / "tuning_report")
     assert {p.name for p in tuning_report} == {"lr_sensitivity.png", "summary.md"}
 
 
@@ -94,17 +98,17 @@ def tuning_frame(rows) -> pd.DataFrame:
 def test_choice_skips_diverged_configurations_and_breaks_ties_on_validation_loss():
     df = tuning_frame([("bn", 0.4, 5e-4, np.nan, np.nan, True), ("bn", 0.1, 5e-4, 88.0, 0.40, False),
                        ("bn", 0.05, 5e-4, 88.0, 0.35, False), ("gn", 0.4, 5e-4, np.nan, np.nan, True)])
-    chosen = tuning.choose(df)
+    chosen = tuned.choose(df)
     assert chosen["bn"]["lr"] == 0.05  # tie at 88.0%: the lower validation loss
     assert "2 of 3 configurations" in chosen["bn"]["evidence"]
     assert "gn" not in chosen  # every configuration diverged: the final stage runs gn at the recipe only
     variants = [{"name": "bn", "norm": "bn", "l1": 0.0}, {"name": "gn", "norm": "gn", "l1": 0.0}]
-    final = tuning.final_variants(variants, chosen, lr=0.05, weight_decay=5e-4)
+    final = tuned.final_variants(variants, chosen, lr=0.05, weight_decay=5e-4)
     assert [(v["name"], v["arm"], v.get("recipe_too", False)) for v in final] == [
         ("bn", "tuned", True), ("gn", "recipe", False)]
-    other = tuning.final_variants(variants[:1], chosen, lr=0.1, weight_decay=5e-4)
+    other = tuned.final_variants(variants[:1], chosen, lr=0.1, weight_decay=5e-4)
     assert [(v["arm"], v["lr"]) for v in other] == [("tuned", 0.05), ("recipe", 0.1)]
-    sensitivity = tuning.sensitivity(df).set_index("variant")
+    sensitivity = tuned.sensitivity(df).set_index("variant")
     assert np.isnan(sensitivity.loc["gn", "lr 0.4"]) and sensitivity.loc["bn", "lr 0.05"] == 88.0
 
 
@@ -120,20 +124,21 @@ def test_bad_tuning_grids_are_refused_in_one_line(flags, message, capsys, tmp_pa
     assert message in err and len(err.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
 
 
-def test_notebook_shows_the_tuned_comparison(tuned):
+@pytest.mark.slow  # a real tuned comparison (Ray)
+def test_notebook_shows_the_tuned_comparison(comparison):
     """analysis.ipynb on a final stage: the sensitivity figure, the choices and the paired tables, no error."""
     import nbformat
     from nbclient import NotebookClient
 
     notebook = nbformat.read(ROOT / "analysis.ipynb", as_version=4)
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("NORMSWEEP_EXPERIMENT", str(tuned / "cmp"))
+        env.setenv("NORMSWEEP_EXPERIMENT", str(comparison / "cmp"))
         NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(ROOT)}}).execute()
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
     assert not [out for out in outputs if out.get("output_type") == "error"]
     text = "".join(str(out.get("data", {}).get("text/plain", "")) + out.get("text", "") for out in outputs)
     assert "tuned vs recipe" in text and "val images" in text  # the paired tables and the choices
-    tuning_cell = next(cell for cell in notebook.cells if "tuning.plot_sensitivity" in cell.source)
+    tuning_cell = next(cell for cell in notebook.cells if "analysis.plot_sensitivity" in cell.source)
     assert any("image/png" in out.get("data", {}) for out in tuning_cell.outputs)
 
 
@@ -180,10 +185,10 @@ def test_an_l1_variant_gets_its_own_choice_and_a_saturated_split_an_honest_error
     by the bare name and ran bn+l1 at the recipe, saying every configuration diverged (seen on the digits)."""
     df = tuning_frame([("bn+l1 (λ=1e-05)", 0.2, 5e-5, 100.0, 0.30, False), ("bn+l1 (λ=1e-05)", 0.05, 5e-4, 99.0, 0.35, False),
                        ("bn", 0.1, 5e-4, 99.5, 0.31, False), ("bn", 0.05, 5e-4, 99.0, 0.33, False)])
-    chosen = tuning.choose(df)
+    chosen = tuned.choose(df)
     assert chosen["bn+l1 (λ=1e-05)"]["lr"] == 0.2
     assert "±0.12 SE on 800 val images" in chosen["bn+l1 (λ=1e-05)"]["evidence"]  # 100%: as if 1 of 800 were wrong, not ±0.00
     variants = [{"name": "bn", "norm": "bn", "l1": 0.0}, {"name": "bn+l1", "norm": "bn", "l1": 1e-5}]
-    final = tuning.final_variants(variants, chosen, lr=0.05, weight_decay=5e-4)
+    final = tuned.final_variants(variants, chosen, lr=0.05, weight_decay=5e-4)
     assert [(v["name"], v["arm"], v["lr"]) for v in final] == [
         ("bn", "tuned", 0.1), ("bn", "recipe", 0.05), ("bn+l1", "tuned", 0.2), ("bn+l1", "recipe", 0.05)]
