@@ -7,6 +7,7 @@ import math
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 from ray import tune
 
 import train
@@ -71,7 +72,7 @@ def divergence(metrics: dict, config: dict) -> str:
 def best_epoch(df):
     """The row of a trial's epochs DataFrame with the best test_acc, ties to the latest epoch (as Tune's checkpoint
     manager ranks them, so this is the epoch of the kept best checkpoint); None if no epoch is healthy."""
-    scores, health = df[BEST_METRIC].to_numpy(), df[HEALTH_KEY].to_numpy()
+    scores, health = df[BEST_METRIC].to_numpy(), df.get(HEALTH_KEY, pd.Series("ok", df.index)).to_numpy()
     finite = [i for i, v in enumerate(scores) if math.isfinite(v) and health[i] == "ok"]
     return df.iloc[max(finite, key=lambda i: (scores[i], i))] if finite else None
 

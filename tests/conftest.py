@@ -48,7 +48,7 @@ HANG_SECONDS = 1800
 
 # Tests that start Ray or run a sweep (half a minute to minutes each) are marked `@pytest.mark.slow` where they
 # are defined; tests that use a fixture in SLOW_FIXTURES are marked here. `pytest -m "not slow"` leaves them out.
-SLOW_FIXTURES = {"smoke_experiment", "two_nodes", "bucket", "tuned", "session_ray"}
+SLOW_FIXTURES = {"smoke_experiment", "two_nodes", "bucket", "comparison", "session_ray"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -95,7 +95,7 @@ def test_summary_and_noise_tests(loaded):
 
 
 def _readme_example():
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs/norms.md").read_text()
     block = re.search(r"<!-- worked-example -->(.*?)<!-- /worked-example -->", text, re.S).group(1)
     rows = {}
     for line in block.strip().splitlines()[2:]:
@@ -135,7 +135,7 @@ def test_readme_tensorboard_instruction_reads_the_experiment(smoke_experiment):
     finds every trial's epochs in the experiment directory."""
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
-    assert "tensorboard --logdir results/<name>" in (ROOT / "README.md").read_text()
+    assert "tensorboard --logdir results/<name>" in (ROOT / "docs/usage.md").read_text()
     runs = EventMultiplexer().AddRunsFromDirectory(str(smoke_experiment))
     runs.Reload()
     scalars = {run: runs.Scalars(run, "ray/tune/test_acc") for run in runs.Runs()}

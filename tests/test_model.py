@@ -85,7 +85,7 @@ def test_registry_flags_match_the_layers():
     """The entry's flags say what the built net is: BatchNorm layers (a batch of 1 is refused) and WS convs."""
     for norm, entry in REGISTRY.items():
         model = build_model(norm)
-        assert entry.batch_statistics == train.has_batchnorm(model), norm
+        assert entry.batch_statistics == bool(train.batchnorms(model)), norm
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
         assert len(convs) == 6 and all(isinstance(m, WSConv2d) == entry.weight_standardized for m in convs), norm
         assert entry.description and "\n" not in entry.description and entry.reference
