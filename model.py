@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from errors import ModelError
+
 
 @dataclass(frozen=True)
 class NetConfig:
@@ -239,7 +241,8 @@ def build_net(config: NetConfig, builder: Callable | None = None) -> nn.Module:
     """The net `config` describes: its norm from REGISTRY, passed as `norm_layer`, and its convs weight-
     standardised (WSConv2d) where the norm says so. `builder` is a user's (plugins.py); built-ins need none.
     Raises ValueError for an unknown norm or net, GroupsError (a ValueError) naming the valid group counts
-    when config.groups does not divide every norm layer's channels."""
+    when config.groups does not divide every norm layer's channels, ModelError for a builder that returns no
+    nn.Module or never calls its norm_layer."""
     entry = norm_entry(config.norm)
     if builder is None:
         if config.model not in MODELS:
@@ -257,6 +260,12 @@ def build_net(config: NetConfig, builder: Callable | None = None) -> nn.Module:
             refused.append(channels)
             return GroupNorm(1, channels)  # a stand-in with a norm layer's attributes, for the build to finish
     net = builder(norm_layer=layer, in_channels=config.in_channels, num_classes=config.num_classes, **extra)
+    if not isinstance(net, nn.Module):  # a user's builder (plugins.py) broke torchvision's convention
+        raise ModelError(f"--model {config.model} returned a {type(net).__name__}, not a net; a builder must return "
+                         f"an nn.Module")
+    if not widths:  # e.g. torchvision's resnet18(num_classes=...) without norm_layer=norm_layer
+        raise ModelError(f"--model {config.model} never called the norm_layer it was given, so every variant would "
+                         f"train the same net; build each norm layer as norm_layer(channels)")
     if refused:
         valid = [d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths)]
         raise GroupsError(f"groups={config.groups} does not divide the channel counts {sorted(set(refused))}; valid "
