@@ -60,6 +60,7 @@ IMAGE_FOLDER_SPLITS = ("train", "test")  # an image folder: root/train/<class>/*
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL image modes with one colour channel
 DOWNLOADS = {"mnist": ("MNIST", "MNIST/raw"), "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw"),
              "cifar10": ("CIFAR10", CIFAR_FOLDER)}  # torchvision's dataset class, where its files land in --data-dir
+VAL_SIZE_HINT = "evaluate on held-out training images with --val-size N (which reads no test split)"
 
 
 @dataclass(eq=False, repr=False)
@@ -90,8 +91,7 @@ class Dataset:
 
     def _test(self) -> tuple:
         if self._test_images is None:
-            raise DataError(f"{self.name}: no test split (read without it); evaluate on held-out training images "
-                            f"with --val-size N (which reads no test split)")
+            raise DataError(f"{self.name}: no test split (read without it); {VAL_SIZE_HINT}")
         return self._test_images, self._test_labels
 
     def subset(self, n_train: int, n_test: int | None = None) -> "Dataset":
@@ -100,9 +100,9 @@ class Dataset:
         return replace(self, **{key: None if getattr(self, key) is None else getattr(self, key)[:n].clone()
                                 for key, n in stops.items()})
 
-    def held_out(self, size: int, seed: int | None = None) -> "Dataset":
-        """`size` training images held out in the test split's place (validation_split; VALIDATION_SEED by default)."""
-        split = validation_split(self.train_images, self.train_labels, size, VALIDATION_SEED if seed is None else seed)
+    def held_out(self, size: int) -> "Dataset":
+        """`size` training images held out in the test split's place (validation_split, VALIDATION_SEED)."""
+        split = validation_split(self.train_images, self.train_labels, size)
         return replace(self, **dict(zip(("train_images", "train_labels", "_test_images", "_test_labels"), split)))
 
     def __reduce__(self):
@@ -195,32 +195,30 @@ def _read_folder(directory: Path, splits: tuple) -> tuple:
     """An image folder (torchvision's ImageFolder layout): [(images, labels) per split], and the class names: the
     training split's folders, sorted (torchvision's order). Images (N, 1, H, W) uint8 when every image is grayscale,
     else (N, 3, H, W) (grayscale repeated into R, G, B, alpha dropped); labels (N,) int64."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     samples, classes = [], None
     for split in splits:
         root = directory / split
-        try:
+        try:  # FileNotFoundError: no class folders, or a training class without images (an output never trained)
             names = find_classes(str(root))[0]
-        except FileNotFoundError:
-            raise DataError(f"{root}: no class folders; an image folder holds {split}/<class>/<image>.png") from None
-        unknown = sorted(set(names) - set(classes or names))
-        if unknown:
-            raise DataError(f"{root / unknown[0]}: class {unknown[0]!r} is not among the training classes "
-                            f"({', '.join(classes)}); rename it or add it to train/")
-        classes = classes or tuple(names)
-        try:  # every training class needs images, or the net has an output it never trains
+            unknown = sorted(set(names) - set(classes or names))
+            if unknown:
+                raise DataError(f"{root / unknown[0]}: class {unknown[0]!r} is not among the training classes "
+                                f"({', '.join(classes)}); rename it or add it to train/")
+            classes = classes or tuple(names)
             samples.append(make_dataset(str(root), {n: classes.index(n) for n in names}, IMG_EXTENSIONS, None,
                                         allow_empty=split != "train"))
-        except FileNotFoundError as e:  # "Found no valid file for the classes ..."
-            raise DataError(f"{root}: {str(e).strip()}; add images or delete the empty folders") from None
+        except FileNotFoundError as e:
+            raise DataError(f"{root}: {str(e).strip()}; add images or delete the empty folders (an image folder "
+                            f"holds {split}/<class>/<image>.png)") from None
     n, samples, arrays = len(samples[0]), [s for split in samples for s in split], []
     for path, _ in samples:
         try:
             with Image.open(path) as image:  # (H, W, 1) or (H, W, 3)
                 arrays.append(np.atleast_3d(np.asarray(image.convert("L" if image.mode in GRAY_MODES else "RGB"))))
-        except (UnidentifiedImageError, OSError) as e:
+        except OSError as e:  # PIL's UnidentifiedImageError too
             raise DataError(f"{path}: not a readable image ({type(e).__name__}); replace or delete it") from None
     sizes = [a.shape[:2] for a in arrays]
     common = max(set(sizes), key=sizes.count)
@@ -262,8 +260,7 @@ def read_directory(directory, name: str, spec: Spec | None = None, test_split: b
     default = SPECS["cifar10"] if kind == "cifar" else UNDECLARED  # CIFAR batches are CIFAR-10 unless declared
     declared = spec or read_declaration(directory, image_folder=kind == "folder", default=default)
     if not has_test and test_split:
-        raise DataError(f"{directory}: no test split ({test_files}); add the test files, or evaluate on held-out "
-                        f"training images with --val-size N (which reads no test split)")
+        raise DataError(f"{directory}: no test split ({test_files}); add the test files, or {VAL_SIZE_HINT}")
     splits = IMAGE_FOLDER_SPLITS[:1 + has_test]
     if kind == "folder":  # its class folders name the classes
         read, classes = _read_folder(directory, splits)
@@ -286,12 +283,7 @@ def read_directory(directory, name: str, spec: Spec | None = None, test_split: b
     return Dataset(name, train_x, train_y, test_x, test_y, **vars(declared))
 
 
-def _numbers(low: float):
-    return lambda v: isinstance(v, list) and v and all(type(x) in (int, float) and low <= x <= 1 for x in v)
-
-
-# What each key of a DECLARATION must be: key -> (valid?, what it must be). Every key is optional; the explicit
-# ones win over the source's.
+# What each key of a DECLARATION must be: key -> (valid?, what it must be). Every key is optional.
 DECLARATION_KEYS = {
     "source": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)} (its classes, augmentation and statistics)"),
     "classes": (lambda v: isinstance(v, list) and len(v) >= 2 and len(set(map(str, v))) == len(v)
@@ -301,8 +293,9 @@ DECLARATION_KEYS = {
                 and type(v["degrees"]) in (int, float) and 0 <= v["degrees"] <= 180
                 and type(v["shift"]) is int and 0 <= v["shift"] <= 13 and isinstance(v["flip"], bool),
                 'an object {"degrees": 0 to 180, "shift": 0 to 13 pixels, "flip": true or false}'),
-    "mean": (_numbers(0.0), "a list of one number per channel, each from 0 to 1 (pixel values in [0, 1])"),
-    "std": (_numbers(1e-6), "a list of one number per channel, each from 1e-06 to 1 (pixel values in [0, 1])"),
+    **{key: (lambda v, low=low: isinstance(v, list) and v and all(type(x) in (int, float) and low <= x <= 1 for x in v),
+             f"a list of one number per channel, each from {low:g} to 1 (pixel values in [0, 1])")
+       for key, low in (("mean", 0.0), ("std", 1e-6))},
     "note": (lambda v: isinstance(v, str), "a string"),
 }
 
@@ -414,7 +407,7 @@ def validation_split(images, labels, size: int, seed: int = VALIDATION_SEED):
 
 
 def image_stats(images: torch.Tensor) -> tuple:
-    """Per-channel mean and std (float32 tensors (C,)) of the pixel values, in [0, 1], of uint8 images (N, C, H, W)."""
+    """Per-channel mean and std, float32 (C,), of the pixel values in [0, 1] of uint8 images (N, C, H, W)."""
     stats = [(x.mean().item(), x.std().item()) for x in (images[:, c].float().div_(255) for c in range(images.shape[1]))]
     return tuple(torch.tensor(values, dtype=torch.float32) for values in zip(*stats))
 
@@ -441,8 +434,7 @@ def augment(x: torch.Tensor, generator: torch.Generator, degrees: float, shift: 
     """Random rotation (+-degrees), translation (+-shift pixels) and optional horizontal flip of x (B, C, H, W)
     float: one affine grid per sample, one grid_sample. The parameters are drawn from `generator` on its device
     (the batch's: no host-to-device copies); a seeded one reproduces runs per device type."""
-    batch, _, height, width = x.shape
-    device = generator.device
+    (batch, _, height, width), device = x.shape, generator.device
     angle = (torch.rand(batch, generator=generator, device=device) * 2 - 1) * math.radians(degrees)
     # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size.
     tx, ty = (torch.randint(-shift, shift + 1, (batch,), generator=generator, device=device) * 2 / size

@@ -32,12 +32,10 @@ class NetConfig:
     # ReLU let GN and LN fit small training sets as well as BN does (docs/validation.md); every variant gets it.
     order: str = "relu-norm"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    to_dict = asdict  # what a checkpoint saves
 
     @classmethod
-    def from_dict(cls, saved: dict) -> "NetConfig":
-        """The config a checkpoint saved (to_dict)."""
+    def from_dict(cls, saved: dict) -> "NetConfig":  # what to_dict saved
         return cls(**{**saved, "widths": tuple(saved["widths"])})
 
 
@@ -73,9 +71,6 @@ class GhostBatchNorm2d(BatchNorm2d):
         if not self.training:
             return super().forward(x)
         return torch.cat([super(GhostBatchNorm2d, self).forward(chunk) for chunk in x.split(self.virtual_batch)])
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, virtual_batch={self.virtual_batch}"
 
 
 class WSConv2d(nn.Conv2d):
@@ -181,8 +176,7 @@ class Net(nn.Module):
         self.head = nn.Linear(channels, num_classes)
 
     def forward(self, x):  # x: (B, C, H, W) normalised images
-        x = self.features(x)  # (B, C', H/4, W/4)
-        x = x.mean(dim=(2, 3))  # (B, C') global average pool
+        x = self.features(x).mean(dim=(2, 3))  # (B, C', H/4, W/4), global average pool -> (B, C')
         return self.head(self.dropout(x))  # (B, num_classes) logits
 
 
@@ -240,15 +234,10 @@ MODELS = {
 def build_net(config: NetConfig, builder: Callable | None = None) -> nn.Module:
     """The net `config` describes: its norm from REGISTRY, passed as `norm_layer`, and its convs weight-
     standardised (WSConv2d) where the norm says so. `builder` is a user's (plugins.py); built-ins need none.
-    Raises ValueError for an unknown norm or net, GroupsError (a ValueError) naming the valid group counts
-    when config.groups does not divide every norm layer's channels, ModelError for a builder that returns no
-    nn.Module or never calls its norm_layer."""
-    entry = norm_entry(config.norm)
-    if builder is None:
-        if config.model not in MODELS:
-            raise ValueError(f"unknown model {config.model!r}; built-in models: {', '.join(MODELS)}, "
-                             f"or a builder as path/to/file.py:build or module:build")
-        builder = MODELS[config.model][0]
+    Raises ValueError for an unknown norm (KeyError for an unknown net), GroupsError (a ValueError) naming the
+    valid group counts when config.groups does not divide every norm layer's channels, ModelError for a builder
+    that returns no nn.Module or never calls its norm_layer."""
+    entry, builder = norm_entry(config.norm), builder or MODELS[config.model][0]
     extra = {"widths": config.widths, "order": config.order, "dropout": config.dropout} if builder is Net else {}
     widths, refused = [], []
 
