@@ -286,9 +286,8 @@ def read_directory(directory, name: str, spec: Spec | None = None, test_split: b
 # What each key of a DECLARATION must be: key -> (valid?, what it must be). Every key is optional.
 DECLARATION_KEYS = {
     "source": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)} (its classes, augmentation and statistics)"),
-    "classes": (lambda v: isinstance(v, list) and len(v) >= 2 and len(set(map(str, v))) == len(v)
-                and all(isinstance(c, str) and c.strip() for c in v),
-                "a list of 2 or more distinct non-empty names, label 0's first"),
+    "classes": (lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) and c.strip() for c in v)
+                and len(set(v)) == len(v), "a list of 2 or more distinct non-empty names, label 0's first"),
     "augment": (lambda v: isinstance(v, dict) and set(v) == {"degrees", "shift", "flip"}
                 and type(v["degrees"]) in (int, float) and 0 <= v["degrees"] <= 180
                 and type(v["shift"]) is int and 0 <= v["shift"] <= 13 and isinstance(v["flip"], bool),
