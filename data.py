@@ -35,10 +35,9 @@ class Spec:
     std: tuple | None = None
 
 
-# Horizontal flips suit clothes, not digits. Fashion-MNIST's augmentation was chosen on a 10k validation split
-# of its training data (20 epochs, 50k train): flip alone beat flip + rotation +-7 deg + shift 2 px by 0.7
-# points for bn (91.97 vs 91.24). Digits keep the +-7 deg rotation the best MNIST solutions use to reach 99.4%.
-# CIFAR-10 takes He et al. 2016's recipe (4-pixel shifts, flips) and its training set's published statistics.
+# Flips suit clothes, not digits: on a 10k validation split of Fashion-MNIST's training data (20 epochs, 50k train)
+# flip alone beat flip + rotation +-7 deg + shift 2 px by 0.7 points for bn (91.97 vs 91.24). Digits keep the +-7 deg
+# rotation the best MNIST solutions use (99.4%). CIFAR-10: He et al. 2016's 4-pixel shifts, flips, published stats.
 SPECS = {
     "mnist": Spec(DIGIT_CLASSES, {"degrees": 7.0, "shift": 0, "flip": False}),
     "fashion-mnist": Spec(FASHION_CLASSES, {"degrees": 0.0, "shift": 0, "flip": True}),
@@ -252,9 +251,8 @@ def _layout(directory: Path) -> tuple:
 
 
 def read_directory(directory, name: str, spec: Spec | None = None, test_split: bool = True) -> Dataset:
-    """The dataset in `directory` (idx files, CIFAR batches or an image folder), declaring `spec` (a known
-    dataset's), else its DECLARATION over its layout's default (CIFAR-10's Spec for CIFAR batches).
-    test_split=False: it may lack a test split. Raises DataError, one line, for bad input."""
+    """The dataset in `directory` (idx files, CIFAR batches or an image folder), declaring `spec` or else its
+    DECLARATION; test_split=False: it may lack a test split. Raises DataError, one line, for bad input."""
     directory = Path(directory)
     kind, has_test, test_files = _layout(directory)
     default = SPECS["cifar10"] if kind == "cifar" else UNDECLARED  # CIFAR batches are CIFAR-10 unless declared
@@ -300,8 +298,7 @@ DECLARATION_KEYS = {
 
 
 def read_declaration(directory, image_folder: bool = False, default: Spec = UNDECLARED) -> Spec:
-    """What a directory declares in its DECLARATION (DECLARATION_KEYS) over `default`. Raises DataError, one
-    line naming the file, for a malformed one."""
+    """What a directory declares in its DECLARATION (DECLARATION_KEYS) over `default`; DataError naming the file."""
     path = Path(directory) / DECLARATION
     if not path.exists():
         return default
@@ -312,12 +309,11 @@ def read_declaration(directory, image_folder: bool = False, default: Spec = UNDE
         declared = json.loads(path.read_text())
     except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise bad(f"unreadable or not valid JSON ({e})") from None
-    keys = ", ".join(DECLARATION_KEYS)
     if not isinstance(declared, dict):
-        raise bad(f"expected a JSON object with {keys}, got {type(declared).__name__}")
+        raise bad(f"expected a JSON object with {', '.join(DECLARATION_KEYS)}, got {type(declared).__name__}")
     for key, value in declared.items():
         if key not in DECLARATION_KEYS:
-            raise bad(f"unknown key {key!r} (a declaration has {keys})")
+            raise bad(f"unknown key {key!r} (a declaration has {', '.join(DECLARATION_KEYS)})")
         if not DECLARATION_KEYS[key][0](value):
             raise bad(f"{key} must be {DECLARATION_KEYS[key][1]}, got {json.dumps(value)}")
     if image_folder and "classes" in declared:
@@ -330,9 +326,8 @@ def read_declaration(directory, image_folder: bool = False, default: Spec = UNDE
 
 
 def load_dataset(name: str, data_dir="data", test_split: bool = True) -> Dataset:
-    """A known dataset by name (DATASETS: Debian's Fashion-MNIST where installed, else torchvision's download
-    into data_dir), or a directory (read_directory). test_split=False: a directory may lack its test split (a
-    run that evaluates on held-out training images). Raises DataError, one line, for anything missing or bad."""
+    """A known dataset (DATASETS: Debian's Fashion-MNIST where installed, else torchvision's download into data_dir)
+    or a directory (read_directory; test_split=False lets it lack a test split). DataError, one line, for bad input."""
     data_dir, directory = Path(data_dir), Path(name)
     if name in SPECS:
         debian = name == "fashion-mnist" and _complete(DEBIAN_FASHION_DIR)
@@ -394,8 +389,7 @@ def _download_failure(name: str, data_dir: Path, error: Exception) -> str:
             f"network (--dataset {name} --data-dir DIR), copy DIR here and pass --data-dir DIR{debian}")
 
 
-# The seed of every held-out split (--val-size): each trial, the analysis and scripts/make_subset.py hold out the same
-VALIDATION_SEED = 12345
+VALIDATION_SEED = 12345  # of every held-out split (--val-size): each trial, the analysis, make_subset.py hold out one
 
 
 def validation_split(images, labels, size: int, seed: int = VALIDATION_SEED):
@@ -440,7 +434,7 @@ def augment(x: torch.Tensor, generator: torch.Generator, degrees: float, shift: 
               for size in (width, height))
     sign = (torch.where(torch.rand(batch, generator=generator, device=device) < 0.5, -1.0, 1.0) if flip
             else torch.ones(batch, device=device))
-    cos, sin = torch.cos(angle), torch.sin(angle)
+    cos, sin = angle.cos(), angle.sin()
     theta = torch.stack([cos * sign, -sin, tx, sin * sign, cos, ty], 1).view(batch, 2, 3)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     # background is the normalised value of a black pixel: pad with each channel's minimum, not 0.

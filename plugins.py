@@ -1,6 +1,5 @@
 """`--model`: a built-in net (model.MODELS) or a user's builder, `path/to/file.py:build` or `module:build`, called
-as torchvision's ResNets are, `build(norm_layer=..., in_channels=..., num_classes=...)` -> an nn.Module from
-(B, in_channels, H, W) images to (B, num_classes) logits. A file is imported as the module named after it."""
+as torchvision's ResNets are, `build(norm_layer=..., in_channels=..., num_classes=...)` -> an nn.Module."""
 import importlib.util
 import inspect
 import sys
@@ -91,6 +90,8 @@ def _builder(spec: str, in_channels: int):
     except ModelError:
         raise
     except Exception as e:
+        if is_file:  # a file half imported is forgotten, as Python forgets a module that fails to import
+            sys.modules.pop(module, None)
         if isinstance(e, ImportError) and e.name == module:  # nothing of that name here
             raise ModelError(NOT_FOUND.format(target) if is_file else f"--model {spec}: cannot import {target} "
                              f"({_first_line(e)}); pass a file as path/to/file.py:build, or install the module") from None
@@ -100,10 +101,7 @@ def _builder(spec: str, in_channels: int):
         found = "not defined" if builder is None else f"a {type(builder).__name__}, not a function"
         raise ModelError(f"--model {spec}: {name} is {found} in {target}; define "
                          f"def {name}(norm_layer, in_channels, num_classes) returning an nn.Module")
-    parameters = inspect.signature(builder).parameters
-    if "norm_layer" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        raise ModelError(f"--model {spec} takes no norm_layer argument; a builder is called as "
-                         f"build(norm_layer=..., in_channels=..., num_classes=...), torchvision's convention")
+    parameters = inspect.signature(builder).parameters  # one without norm_layer fails in build, in Python's words
     if "in_channels" not in parameters and in_channels != 3:  # torchvision's factories: a ResNet reading RGB
         raise ModelError(f"--model {spec} takes no in_channels argument, so it reads 3-channel images, and this "
                          f"data has {in_channels} channel(s); wrap it in a builder that replaces its first conv")
@@ -116,14 +114,10 @@ def _load(path: Path, name: str):
     if found and found.origin and Path(found.origin).resolve() != path.resolve():
         raise ModelError(f"--model {path}: its module name {name!r} is taken (by {found.origin}); rename the file, "
                          f"e.g. my_{name}.py")
-    if name not in sys.modules:
+    if name not in sys.modules:  # in sys.modules while it runs, as an import's module is (_builder forgets a failure)
         spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
     return sys.modules[name]
 
 
