@@ -210,8 +210,8 @@ def _read_folder(directory: Path, splits: tuple) -> tuple:
             samples.append(make_dataset(str(root), {n: classes.index(n) for n in names}, IMG_EXTENSIONS, None,
                                         allow_empty=split != "train"))
         except FileNotFoundError as e:
-            raise DataError(f"{root}: {str(e).strip()}; add images or delete the empty folders (an image folder "
-                            f"holds {split}/<class>/<image>.png)") from None
+            raise DataError(f"{root}: {str(e).strip().rstrip('.')}; add images or delete the empty folders (an "
+                            f"image folder holds {split}/<class>/<image>.png)") from None
     n, samples, arrays = len(samples[0]), [s for split in samples for s in split], []
     for path, _ in samples:
         try:
