@@ -1,10 +1,8 @@
-"""Datasets as in-memory tensors, and the batch pipeline that feeds the training loop.
-
-Owns what a dataset declares (`Spec`, dataset.json), reading its three layouts (MNIST's idx files, CIFAR-10's
-python batches, an image folder) with a one-line DataError for bad input, finding the known datasets (Debian's
-Fashion-MNIST, torchvision's download), and seeded shuffling, normalisation and augmentation on the batch's
-device. No DataLoader, no workers.
-"""
+"""Datasets as in-memory tensors: what a dataset declares (`Spec`, dataset.json), reading MNIST's idx files,
+CIFAR-10's python batches or an image folder (a one-line DataError for bad input), the known datasets (Debian's
+Fashion-MNIST, torchvision's download); and the batch pipeline that feeds the training loop: seeded shuffling,
+normalisation and augmentation on the batch's device (no DataLoader, no workers)."""
+import contextlib
 import gzip
 import json
 import math
@@ -37,10 +35,9 @@ class Spec:
     std: tuple | None = None
 
 
-# Horizontal flips suit clothes, not digits. Fashion-MNIST's augmentation was chosen on a 10k validation split
-# of its training data (20 epochs, 50k train): flip alone beat flip + rotation +-7 deg + shift 2 px by 0.7
-# points for bn (91.97 vs 91.24). Digits keep the +-7 deg rotation the best MNIST solutions use to reach 99.4%.
-# CIFAR-10 takes He et al. 2016's recipe (4-pixel shifts, flips) and its training set's published statistics.
+# Flips suit clothes, not digits: on a 10k validation split of Fashion-MNIST's training data (20 epochs, 50k train)
+# flip alone beat flip + rotation +-7 deg + shift 2 px by 0.7 points for bn (91.97 vs 91.24). Digits keep the +-7 deg
+# rotation the best MNIST solutions use (99.4%). CIFAR-10: He et al. 2016's 4-pixel shifts, flips, published stats.
 SPECS = {
     "mnist": Spec(DIGIT_CLASSES, {"degrees": 7.0, "shift": 0, "flip": False}),
     "fashion-mnist": Spec(FASHION_CLASSES, {"degrees": 0.0, "shift": 0, "flip": True}),
@@ -48,13 +45,13 @@ SPECS = {
                     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
 }
 DATASETS = tuple(SPECS)
-# A directory declares its Spec in this file beside its data, never guessed from its name. Without one: label
-# numbers as class names (an image folder: its folders' names), statistics measured per run, and the digits'
-# augmentation (a mirrored digit is another glyph; declare flips where they suit).
+# A directory declares its Spec in this file beside its data, never guessed from its name. Without one: label numbers
+# as class names, statistics measured per run, the digits' augmentation (a mirrored digit is another glyph).
 DECLARATION = "dataset.json"
 UNDECLARED = SPECS["mnist"]
 SPLIT_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),  # (images, labels), MNIST's
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_STEMS = (*SPLIT_FILES["train"], *SPLIT_FILES["test"])
 IMAGE_MAGIC, LABEL_MAGIC = 0x803, 0x801  # unsigned byte data, 3 dims / 1 dim
 CIFAR_FOLDER, CIFAR_ARCHIVE = "cifar-10-batches-py", "cifar-10-python.tar.gz"  # as torchvision downloads it
 CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
@@ -62,13 +59,13 @@ IMAGE_FOLDER_SPLITS = ("train", "test")  # an image folder: root/train/<class>/*
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL image modes with one colour channel
 DOWNLOADS = {"mnist": ("MNIST", "MNIST/raw"), "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw"),
              "cifar10": ("CIFAR10", CIFAR_FOLDER)}  # torchvision's dataset class, where its files land in --data-dir
+VAL_SIZE_HINT = "evaluate on held-out training images with --val-size N (which reads no test split)"
 
 
 @dataclass(eq=False, repr=False)
 class Dataset:
-    """A dataset in memory and what it declares: images (N, C, H, W) uint8 (given as (N, H, W): grayscale),
-    labels (N,) int64. One read without its test split (`load_dataset(..., test_split=False)`) has none:
-    reading `test_images` or `test_labels` then raises DataError."""
+    """A dataset in memory and what it declares: images (N, C, H, W) uint8 (given as (N, H, W): grayscale), labels
+    (N,) int64. Read with `test_split=False`, `test_images` and `test_labels` may raise DataError: it has none."""
     name: str
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -82,9 +79,7 @@ class Dataset:
     def __post_init__(self):
         self.train_images, self._test_images = (x.unsqueeze(1) if x is not None and x.dim() == 3 else x
                                                 for x in (self.train_images, self._test_images))
-        self.classes = tuple(self.classes)
         self.augment = dict(self.augment or SPECS.get(self.name, UNDECLARED).augment)
-        self.mean, self.std = (tuple(v) if v is not None else None for v in (self.mean, self.std))
 
     test_images = property(lambda self: self._test()[0], doc="(M, C, H, W) uint8; DataError without a test split")
     test_labels = property(lambda self: self._test()[1], doc="(M,) int64; DataError without a test split")
@@ -95,8 +90,7 @@ class Dataset:
 
     def _test(self) -> tuple:
         if self._test_images is None:
-            raise DataError(f"{self.name}: no test split (read without it); evaluate on held-out training images "
-                            f"with --val-size N (which reads no test split)")
+            raise DataError(f"{self.name}: no test split (read without it); {VAL_SIZE_HINT}")
         return self._test_images, self._test_labels
 
     def subset(self, n_train: int, n_test: int | None = None) -> "Dataset":
@@ -105,10 +99,9 @@ class Dataset:
         return replace(self, **{key: None if getattr(self, key) is None else getattr(self, key)[:n].clone()
                                 for key, n in stops.items()})
 
-    def held_out(self, size: int, seed: int | None = None) -> "Dataset":
-        """This dataset with `size` training images held out in the test split's place (validation_split with
-        `seed`, default VALIDATION_SEED: every trial, and the analysis that re-scores them, hold out the same)."""
-        split = validation_split(self.train_images, self.train_labels, size, VALIDATION_SEED if seed is None else seed)
+    def held_out(self, size: int) -> "Dataset":
+        """`size` training images held out in the test split's place (validation_split, VALIDATION_SEED)."""
+        split = validation_split(self.train_images, self.train_labels, size)
         return replace(self, **dict(zip(("train_images", "train_labels", "_test_images", "_test_labels"), split)))
 
     def __reduce__(self):
@@ -123,26 +116,22 @@ def _from_arrays(fields: dict) -> Dataset:
         return Dataset(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in fields.items()})
 
 
-def read_idx(path, magic: int) -> torch.Tensor:
+def read_idx(path: Path, magic: int) -> torch.Tensor:
     """One idx file (gzipped if the name ends in .gz) as a uint8 tensor of its header's shape.
-    Raises DataError for a missing, unreadable or truncated file, or another magic number."""
-    path = Path(path)
+    Raises DataError for an unreadable or truncated file, or another magic number."""
     try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: unreadable or truncated gzip ({e}); re-download or re-copy the file") from None
-    found, header = (struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else None), 4 + 4 * (magic & 0xFF)
+    found, dims = (int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None), magic & 0xFF
     if found != magic:
         raise DataError(f"{path}: wrong magic number {'nothing' if found is None else f'0x{found:08x}'}, expected "
                         f"0x{magic:08x}; not an idx {'image' if magic == IMAGE_MAGIC else 'label'} file")
-    shape = struct.unpack(f">{magic & 0xFF}I", raw[4:header]) if len(raw) >= header else (-1,)
-    if len(raw) - header != math.prod(shape):
+    shape = struct.unpack(f">{dims}I", raw[4:4 + 4 * dims]) if len(raw) >= 4 + 4 * dims else (-1,)
+    if len(raw) - 4 - 4 * dims != math.prod(shape):
         raise DataError(f"{path}: header promises {max(math.prod(shape), 0)} bytes of data for shape {shape}, file "
-                        f"holds {max(len(raw) - header, 0)}; the file is truncated or corrupt")
-    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
+                        f"holds {max(len(raw) - 4 - 4 * dims, 0)}; the file is truncated or corrupt")
+    return torch.frombuffer(bytearray(raw[4 + 4 * dims:]), dtype=torch.uint8).reshape(shape)
 
 
 def write_idx(path, tensor: torch.Tensor, magic: int):
@@ -151,25 +140,13 @@ def write_idx(path, tensor: torch.Tensor, magic: int):
     Path(path).write_bytes(gzip.compress(payload) if str(path).endswith(".gz") else payload)
 
 
-def write_directory(directory, train_images, train_labels, test_images, test_labels) -> Path:
-    """A directory of MNIST's four gzipped idx files that `load_dataset(directory)` reads back.
-    Images (N, H, W) or (N, 1, H, W) uint8 (idx files hold grayscale only: DataError otherwise)."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    for (image_stem, label_stem), images, labels in zip(SPLIT_FILES.values(), (train_images, test_images),
-                                                        (train_labels, test_labels)):
-        if images.dim() == 4 and images.shape[1] != 1:
-            raise DataError(f"idx files hold grayscale images; these have {images.shape[1]} channels")
-        write_idx(Path(directory) / f"{image_stem}.gz", images.reshape(-1, *images.shape[-2:]), IMAGE_MAGIC)
-        write_idx(Path(directory) / f"{label_stem}.gz", labels, LABEL_MAGIC)
-    return Path(directory)
-
-
 def _idx_file(directory: Path, stem: str) -> Path | None:
     return next((directory / (stem + ext) for ext in ("", ".gz") if (directory / (stem + ext)).is_file()), None)
 
 
-def _has_idx_files(directory: Path) -> bool:
-    return all(_idx_file(directory, stem) for pair in SPLIT_FILES.values() for stem in pair)
+def _complete(directory: Path) -> bool:  # all of MNIST's idx files, or all of CIFAR-10's batches
+    return (all(_idx_file(directory, stem) for stem in IDX_STEMS)
+            or all((directory / file).is_file() for files in CIFAR_FILES.values() for file in files))
 
 
 def _read_idx_split(directory: Path, split: str) -> tuple:
@@ -177,7 +154,7 @@ def _read_idx_split(directory: Path, split: str) -> tuple:
     paths = [_idx_file(directory, stem) for stem in SPLIT_FILES[split]]
     if None in paths:
         raise DataError(f"{directory}: no {SPLIT_FILES[split][paths.index(None)]}[.gz]; a data directory needs "
-                        f"MNIST's four idx files ({', '.join(s for pair in SPLIT_FILES.values() for s in pair)})")
+                        f"MNIST's four idx files ({', '.join(IDX_STEMS)})")
     images, labels = read_idx(paths[0], IMAGE_MAGIC), read_idx(paths[1], LABEL_MAGIC).long()  # (N, H, W), (N,)
     if len(images) != len(labels):
         raise DataError(f"{paths[0]} holds {len(images)} images but {paths[1]} holds {len(labels)} labels; "
@@ -185,29 +162,27 @@ def _read_idx_split(directory: Path, split: str) -> tuple:
     return images.unsqueeze(1), labels
 
 
-def read_cifar_batch(path) -> tuple:
-    """One of CIFAR-10's python batch files, a pickled dict of "data", (N, 3072) uint8 rows of 1024 red, green
-    then blue pixels, and "labels": images (N, 3, 32, 32) uint8, labels (N,) int64. Read by an unpickler that
-    builds numpy arrays only, so a file that is not what it claims cannot run code; DataError otherwise."""
-    try:
-        with open(path, "rb") as f:
-            batch = {k.decode() if isinstance(k, bytes) else k: v
-                     for k, v in _ArraysOnly(f, encoding="latin1").load().items()}
-        images = torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
-        labels = torch.as_tensor(np.asarray(batch["labels"], dtype=np.int64))
-    except (pickle.UnpicklingError, EOFError, OSError, AttributeError, KeyError, ValueError, TypeError) as e:
-        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e}); re-download or re-copy "
-                        f"the file") from None
-    if len(images) != len(labels):
-        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels; the file is corrupt")
-    return images, labels
+def _read_cifar_split(directory: Path, split: str) -> tuple:
+    """CIFAR-10's python batches of `split`, pickled dicts of "data", (N, 3072) uint8 rows of 1024 red, green then
+    blue pixels, and "labels": images (N, 3, 32, 32) uint8, labels (N,) int64. Read by an unpickler that builds
+    numpy arrays only, so a file that is not what it claims cannot run code; DataError otherwise."""
+    images, labels = [], []
+    for path in (directory / file for file in CIFAR_FILES[split]):
+        try:
+            with open(path, "rb") as f:
+                batch = _ArraysOnly(f, encoding="latin1").load()
+            labels.append(torch.as_tensor(np.asarray(batch["labels"], dtype=np.int64)))
+            images.append(torch.from_numpy(np.asarray(batch["data"], np.uint8).reshape(len(labels[-1]), 3, 32, 32)))
+        except (pickle.UnpicklingError, EOFError, OSError, AttributeError, KeyError, ValueError, TypeError) as e:
+            raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e}); re-download or "
+                            f"re-copy the file") from None
+    return torch.cat(images), torch.cat(labels)
 
 
 class _ArraysOnly(pickle.Unpickler):
     """Unpickles dicts, lists, strings, numbers and numpy arrays; refuses every other class."""
-    ALLOWED = {(core, name) for core in ("numpy.core.multiarray", "numpy._core.multiarray")
-               for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype"),
-                                                          ("_codecs", "encode")}  # protocol 2's bytes (CIFAR's)
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # _codecs: protocol 2's bytes
+               *((f"numpy.{core}.multiarray", f) for core in ("core", "_core") for f in ("_reconstruct", "scalar"))}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -215,206 +190,174 @@ class _ArraysOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data file")
 
 
-def _read_cifar_split(directory: Path, split: str) -> tuple:
-    parts = [read_cifar_batch(directory / file) for file in CIFAR_FILES[split]]
-    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
-
-
 def _read_folder(directory: Path, splits: tuple) -> tuple:
-    """An image folder (torchvision's ImageFolder layout): [(images, labels) per split], class names.
-
-    Classes are the training split's folder names, sorted (torchvision's order); the test split's folders must
-    be among them. Images are (N, 1, H, W) uint8 when every image of both splits is grayscale, else
-    (N, 3, H, W) (grayscale repeated into R, G, B, alpha dropped); labels (N,) int64.
-    """
-    from PIL import Image, UnidentifiedImageError
+    """An image folder (torchvision's ImageFolder layout): [(images, labels) per split], and the class names: the
+    training split's folders, sorted (torchvision's order). Images (N, 1, H, W) uint8 when every image is grayscale,
+    else (N, 3, H, W) (grayscale repeated into R, G, B, alpha dropped); labels (N,) int64."""
+    from PIL import Image
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-    found, classes = {}, None
+    samples, classes = [], None
     for split in splits:
         root = directory / split
-        try:
+        try:  # FileNotFoundError: no class folders, or a training class without images (an output never trained)
             names = find_classes(str(root))[0]
-        except FileNotFoundError:
-            raise DataError(f"{root}: no class folders; an image folder holds {split}/<class>/<image>.png") from None
-        unknown = sorted(set(names) - set(classes or names))
-        if unknown:
-            raise DataError(f"{root / unknown[0]}: class {unknown[0]!r} is not among the training classes "
-                            f"({', '.join(classes)}); rename it or add it to train/")
-        classes = classes or tuple(names)
-        try:  # every training class needs images, or the net has an output it never trains
-            found[split] = make_dataset(str(root), {n: classes.index(n) for n in names}, IMG_EXTENSIONS, None,
-                                        allow_empty=split != "train")
-        except FileNotFoundError as e:  # "Found no valid file for the classes ..."
-            raise DataError(f"{root}: {str(e).strip()}; add images or delete the empty folders") from None
-    samples, arrays = [s for split in found.values() for s in split], []
+            unknown = sorted(set(names) - set(classes or names))
+            if unknown:
+                raise DataError(f"{root / unknown[0]}: class {unknown[0]!r} is not among the training classes "
+                                f"({', '.join(classes)}); rename it or add it to train/")
+            classes = classes or tuple(names)
+            samples.append(make_dataset(str(root), {n: classes.index(n) for n in names}, IMG_EXTENSIONS, None,
+                                        allow_empty=split != "train"))
+        except FileNotFoundError as e:
+            raise DataError(f"{root}: {str(e).strip().rstrip('.')}; add images or delete the empty folders (an "
+                            f"image folder holds {split}/<class>/<image>.png)") from None
+    n, samples, arrays = len(samples[0]), [s for split in samples for s in split], []
     for path, _ in samples:
         try:
-            with Image.open(path) as image:
-                arrays.append(np.asarray(image.convert("L" if image.mode in GRAY_MODES else "RGB"), np.uint8))
-        except (UnidentifiedImageError, OSError) as e:
+            with Image.open(path) as image:  # (H, W, 1) or (H, W, 3)
+                arrays.append(np.atleast_3d(np.asarray(image.convert("L" if image.mode in GRAY_MODES else "RGB"))))
+        except OSError as e:  # PIL's UnidentifiedImageError too
             raise DataError(f"{path}: not a readable image ({type(e).__name__}); replace or delete it") from None
-    sizes = ["x".join(map(str, a.shape[1::-1])) for a in arrays]  # width x height
+    sizes = [a.shape[:2] for a in arrays]
     common = max(set(sizes), key=sizes.count)
-    odd = next((i for i, size in enumerate(sizes) if size != common), None)
-    if odd is not None:
-        raise DataError(f"{samples[odd][0]}: {sizes[odd]} pixels, the other images {common} pixels; resize the "
-                        f"images to one size")
-    if any(a.ndim == 3 for a in arrays):  # colour anywhere: RGB throughout (PIL's L -> RGB repeats the channel)
-        arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
-    stacked = torch.from_numpy(np.stack(arrays))  # (N, H, W) or (N, H, W, 3)
-    images = stacked.permute(0, 3, 1, 2).contiguous() if stacked.dim() == 4 else stacked.unsqueeze(1)
-    labels, n = torch.tensor([label for _, label in samples], dtype=torch.int64), len(found["train"])
-    return [(images[:n], labels[:n]), (images[n:], labels[n:])], classes
+    for (path, _), (height, width) in zip(samples, sizes):
+        if (height, width) != common:
+            raise DataError(f"{path}: {width}x{height} pixels, the other images {common[1]}x{common[0]} pixels; "
+                            f"resize the images to one size")
+    channels = max(a.shape[2] for a in arrays)  # colour anywhere: RGB throughout, grayscale repeated into R, G, B
+    images = torch.from_numpy(np.stack([np.broadcast_to(a, (*common, channels)) for a in arrays]))
+    images, labels = images.permute(0, 3, 1, 2).contiguous(), torch.tensor([label for _, label in samples])
+    return [(images[:n], labels[:n]), (images[n:], labels[n:])][:len(splits)], classes
 
 
 def _layout(directory: Path) -> tuple:
-    """Which layout `directory` holds ("idx", "cifar" or "folder"), the paths of its test split (any of them:
-    it has one), and how an error names them; DataError for none."""
-    if any(_idx_file(directory, stem) for pair in SPLIT_FILES.values() for stem in pair):
-        return ("idx", [directory / (stem + ext) for stem in SPLIT_FILES["test"] for ext in ("", ".gz")],
+    """Which layout `directory` holds ("idx", "cifar" or "folder"), whether it has a test split, and how an
+    error names that split's files. DataError for none (naming a torchvision download root's dataset)."""
+    if any(_idx_file(directory, stem) for stem in IDX_STEMS):
+        return ("idx", any(_idx_file(directory, stem) for stem in SPLIT_FILES["test"]),
                 ", ".join(stem + "[.gz]" for stem in SPLIT_FILES["test"]))
     if (directory / CIFAR_FILES["train"][0]).is_file():
-        return "cifar", [directory / CIFAR_FILES["test"][0]], CIFAR_FILES["test"][0]
+        return "cifar", (directory / CIFAR_FILES["test"][0]).exists(), CIFAR_FILES["test"][0]
     if (directory / IMAGE_FOLDER_SPLITS[0]).is_dir():
-        return "folder", [directory / IMAGE_FOLDER_SPLITS[1]], "test/<class>/ folders"
+        return "folder", (directory / IMAGE_FOLDER_SPLITS[1]).exists(), "test/<class>/ folders"
+    for known, (_, folder) in DOWNLOADS.items():  # a torchvision download root (root/MNIST/raw), or root/MNIST
+        root = directory.parent if directory.name == Path(folder).parts[0] else directory
+        if _complete(root / folder):
+            raise DataError(f"{directory}: no dataset here, but torchvision's download of {known} is in "
+                            f"{root / folder}; --dataset {known} --data-dir {root} reads it")
     raise DataError(f"{directory}: no dataset here; a data directory holds MNIST's four idx files, CIFAR-10's "
                     f"python batches (a {CIFAR_FOLDER} folder) or images in train/<class>/ and test/<class>/ folders")
 
 
 def read_directory(directory, name: str, spec: Spec | None = None, test_split: bool = True) -> Dataset:
-    """The dataset in `directory` (idx files, CIFAR batches or an image folder), declaring `spec` (a known
-    dataset's), else its DECLARATION over its layout's default (CIFAR-10's Spec for CIFAR batches).
-    test_split=False: it may lack a test split. Raises DataError, one line, for bad input."""
+    """The dataset in `directory` (idx files, CIFAR batches or an image folder), declaring `spec` or else its
+    DECLARATION; test_split=False: it may lack a test split. Raises DataError, one line, for bad input."""
     directory = Path(directory)
-    kind, test_paths, test_files = _layout(directory)
-    default = SPECS["cifar10"] if kind == "cifar" else UNDECLARED
+    kind, has_test, test_files = _layout(directory)
+    default = SPECS["cifar10"] if kind == "cifar" else UNDECLARED  # CIFAR batches are CIFAR-10 unless declared
     declared = spec or read_declaration(directory, image_folder=kind == "folder", default=default)
-    has_test = any(path.exists() for path in test_paths)
     if not has_test and test_split:
-        raise DataError(f"{directory}: no test split ({test_files}); add the test files, or evaluate on held-out "
-                        f"training images with --val-size N (which reads no test split)")
+        raise DataError(f"{directory}: no test split ({test_files}); add the test files, or {VAL_SIZE_HINT}")
+    splits = IMAGE_FOLDER_SPLITS[:1 + has_test]
     if kind == "folder":  # its class folders name the classes
-        read, classes = _read_folder(directory, IMAGE_FOLDER_SPLITS[:1 + has_test])
+        read, classes = _read_folder(directory, splits)
         declared = replace(declared, classes=classes)
     else:
-        read = [(_read_idx_split if kind == "idx" else _read_cifar_split)(directory, split)
-                for split in IMAGE_FOLDER_SPLITS[:1 + has_test]]
-    (train_x, train_y), (test_x, test_y) = read[0], read[1] if has_test else (None, None)
+        read = [(_read_idx_split if kind == "idx" else _read_cifar_split)(directory, split) for split in splits]
+    (train_x, train_y), (test_x, test_y) = [*read, (None, None)][:2]
     if test_x is not None and test_x.shape[1:] != train_x.shape[1:]:
         shapes = [f"{h}x{w} with {c} channel{'s' * (c != 1)}" for c, h, w in (train_x.shape[1:], test_x.shape[1:])]
         raise DataError(f"{directory}: training images are {shapes[0]} but test images {shapes[1]}; both splits "
                         f"need one image size and channel count")
-    n = len(declared.classes)
-    outside = [labels[(labels < 0) | (labels >= n)] for labels in (train_y, test_y) if labels is not None]
-    if any(len(labels) for labels in outside):
-        raise DataError(f"{directory}: label {torch.cat(outside)[0].item()} outside 0-{n - 1} ({n} classes declared); "
-                        f"fix the labels or declare the class names in {DECLARATION}")
+    labels, n = torch.cat([y for y in (train_y, test_y) if y is not None]), len(declared.classes)
+    outside = labels[(labels < 0) | (labels >= n)]
+    if len(outside):
+        raise DataError(f"{directory}: label {outside[0].item()} outside 0-{n - 1} ({n} classes declared); fix the "
+                        f"labels or declare the class names in {DECLARATION}")
     if declared.mean is not None and not len(declared.mean) == len(declared.std) == train_x.shape[1]:
         raise DataError(f"{directory / DECLARATION}: mean and std list {len(declared.mean)} and {len(declared.std)} "
                         f"values for {train_x.shape[1]}-channel images; give one per channel")
-    return Dataset(name, train_x, train_y, test_x, test_y, declared.classes, declared.augment, declared.mean,
-                   declared.std)
+    return Dataset(name, train_x, train_y, test_x, test_y, **vars(declared))
 
 
-def _numbers(low: float):
-    return lambda v: isinstance(v, list) and v and all(type(x) in (int, float) and low <= x <= 1 for x in v)
-
-
-# What each key of a DECLARATION must be: key -> (valid?, what it must be). Every key is optional; the explicit
-# ones win over the source's.
+# What each key of a DECLARATION must be: key -> (valid?, what it must be). Every key is optional.
 DECLARATION_KEYS = {
     "source": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)} (its classes, augmentation and statistics)"),
-    "classes": (lambda v: isinstance(v, list) and len(v) >= 2 and len(set(map(str, v))) == len(v)
-                and all(isinstance(c, str) and c.strip() for c in v),
-                "a list of 2 or more distinct non-empty names, label 0's first"),
+    "classes": (lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) and c.strip() for c in v)
+                and len(set(v)) == len(v), "a list of 2 or more distinct non-empty names, label 0's first"),
     "augment": (lambda v: isinstance(v, dict) and set(v) == {"degrees", "shift", "flip"}
                 and type(v["degrees"]) in (int, float) and 0 <= v["degrees"] <= 180
                 and type(v["shift"]) is int and 0 <= v["shift"] <= 13 and isinstance(v["flip"], bool),
                 'an object {"degrees": 0 to 180, "shift": 0 to 13 pixels, "flip": true or false}'),
-    "mean": (_numbers(0.0), "a list of one number per channel, each from 0 to 1 (pixel values in [0, 1])"),
-    "std": (_numbers(1e-6), "a list of one number per channel, each from 1e-06 to 1 (pixel values in [0, 1])"),
+    **{key: (lambda v, low=low: isinstance(v, list) and v and all(type(x) in (int, float) and low <= x <= 1 for x in v),
+             f"a list of one number per channel, each from {low:g} to 1 (pixel values in [0, 1])")
+       for key, low in (("mean", 0.0), ("std", 1e-6))},
     "note": (lambda v: isinstance(v, str), "a string"),
 }
 
 
 def read_declaration(directory, image_folder: bool = False, default: Spec = UNDECLARED) -> Spec:
-    """What a directory declares in its DECLARATION (DECLARATION_KEYS) over `default`. Raises DataError, one
-    line naming the file, for a malformed one."""
+    """What a directory declares in its DECLARATION (DECLARATION_KEYS) over `default`; DataError naming the file."""
     path = Path(directory) / DECLARATION
     if not path.exists():
         return default
-    try:
-        declared = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); "
-                        f"fix it, or delete it to get label numbers as class names and no flips") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e}); fix its permissions or delete it") from None
 
     def bad(what):
-        return DataError(f"{path}: {what}; see the README's Data section for the format")
-    keys = ", ".join(DECLARATION_KEYS)
+        return DataError(f"{path}: {what}; see docs/data.md for the format, or delete the file")
+    try:
+        declared = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise bad(f"unreadable or not valid JSON ({e})") from None
     if not isinstance(declared, dict):
-        raise bad(f"expected a JSON object with {keys}, got {type(declared).__name__}")
+        raise bad(f"expected a JSON object with {', '.join(DECLARATION_KEYS)}, got {type(declared).__name__}")
     for key, value in declared.items():
         if key not in DECLARATION_KEYS:
-            raise bad(f"unknown key {key!r} (a declaration has {keys})")
+            raise bad(f"unknown key {key!r} (a declaration has {', '.join(DECLARATION_KEYS)})")
         if not DECLARATION_KEYS[key][0](value):
             raise bad(f"{key} must be {DECLARATION_KEYS[key][1]}, got {json.dumps(value)}")
     if image_folder and "classes" in declared:
         raise bad("an image folder's class names are its class folders' names; drop classes")
     if ("mean" in declared) != ("std" in declared):
         raise bad("declare mean and std together, or neither (then both are measured on the training images)")
-    fields = {key: tuple(declared[key]) for key in ("classes", "mean", "std") if key in declared}
-    if "augment" in declared:
-        fields["augment"] = {**declared["augment"], "degrees": float(declared["augment"]["degrees"])}
+    fields = {key: tuple(value) if isinstance(value, list) else value for key, value in declared.items()
+              if key in ("classes", "augment", "mean", "std")}
     return replace(SPECS[declared["source"]] if "source" in declared else default, **fields)
 
 
 def load_dataset(name: str, data_dir="data", test_split: bool = True) -> Dataset:
-    """A known dataset by name (DATASETS: Debian's Fashion-MNIST where installed, else torchvision's download
-    into data_dir), or a directory (read_directory). test_split=False: a directory may lack its test split (a
-    run that evaluates on held-out training images). Raises DataError, one line, for anything missing or bad."""
-    data_dir = Path(data_dir)
+    """A known dataset (DATASETS: Debian's Fashion-MNIST where installed, else torchvision's download into data_dir)
+    or a directory (read_directory; test_split=False lets it lack a test split). DataError, one line, for bad input."""
+    data_dir, directory = Path(data_dir), Path(name)
     if name in SPECS:
-        debian = name == "fashion-mnist" and _has_idx_files(DEBIAN_FASHION_DIR)
+        debian = name == "fashion-mnist" and _complete(DEBIAN_FASHION_DIR)
         return read_directory(DEBIAN_FASHION_DIR if debian else _download(name, data_dir), name, SPECS[name])
-    directory = Path(name)
     if not directory.is_dir():
         raise DataError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)} or a directory of "
                         f"MNIST-format idx files, CIFAR-10 batches or class folders of images")
     # a known dataset's files given as a directory (Debian's, or where --data-dir holds its download)
     places = {DEBIAN_FASHION_DIR: "fashion-mnist", **{data_dir / folder: k for k, (_, folder) in DOWNLOADS.items()}}
     known = next((known for place, known in places.items() if place.resolve() == directory.resolve()), None)
-    if known:
-        return read_directory(directory, known, SPECS[known], test_split)
-    for known, (_, folder) in DOWNLOADS.items():  # a torchvision download root (root/MNIST/raw), or root/MNIST
-        root = directory.parent if directory.name == Path(folder).parts[0] else directory
-        if not _has_idx_files(directory) and not (directory / DECLARATION).exists() and _has_idx_files(root / folder):
-            raise DataError(f"{directory}: no idx files here, but torchvision's download of {known} is in "
-                            f"{root / folder}; --dataset {known} --data-dir {root} reads it")
-    return read_directory(directory, directory.name, test_split=test_split)
+    return read_directory(directory, known or directory.name, known and SPECS[known], test_split)
 
 
 def _download(name: str, data_dir: Path) -> Path:
-    """The folder of `name`'s files under data_dir, downloaded by torchvision where they are not there yet (a
-    CIFAR-10 archive in data_dir is unpacked instead). They arrive in a temporary folder and move in once
-    complete, under a file lock so that concurrent runs download once; a failure leaves nothing behind (no
-    folder, no lock) and raises DataError, one line saying why and what to do."""
+    """The folder of `name`'s files under data_dir, downloaded by torchvision (a CIFAR-10 archive in data_dir is
+    unpacked instead) into a temporary folder, then moved in, under a file lock: concurrent runs download once. A
+    failure leaves nothing behind (no folder, no lock) and raises DataError, one line saying why and what to do."""
     from filelock import FileLock
     from torchvision import datasets
     from torchvision.datasets.utils import extract_archive
 
     class_name, folder = DOWNLOADS[name]
     files, archive, lock = data_dir / folder, data_dir / CIFAR_ARCHIVE, data_dir / f".{name}.lock"
-    if _downloaded(name, files):
+    if _complete(files):
         return files
     leftovers = [*([] if lock.exists() else [lock]), *(d for d in (data_dir, *data_dir.parents) if not d.exists())]
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(lock), tempfile.TemporaryDirectory(prefix=f".{name}-", dir=data_dir) as tmp:
-            if not _downloaded(name, files):  # else another run moved them in while this one waited
+            if not _complete(files):  # else another run moved them in while this one waited
                 if name == "cifar10" and archive.is_file():
                     extract_archive(str(archive), tmp)
                 else:
@@ -424,20 +367,12 @@ def _download(name: str, data_dir: Path) -> Path:
                     file.replace(files / file.name)
     except BaseException as e:
         for path in leftovers:  # the lock, then data_dir and its parents where made here (innermost first)
-            try:
+            with contextlib.suppress(OSError):
                 path.unlink() if path.is_file() else path.rmdir()
-            except OSError:
-                pass
         if not isinstance(e, Exception):  # Ctrl-C, SystemExit
             raise
         raise DataError(_download_failure(name, data_dir, e)) from None
     return files
-
-
-def _downloaded(name: str, files: Path) -> bool:
-    if name == "cifar10":
-        return all((files / file).is_file() for split in CIFAR_FILES.values() for file in split)
-    return _has_idx_files(files)
 
 
 def _download_failure(name: str, data_dir: Path, error: Exception) -> str:
@@ -454,9 +389,7 @@ def _download_failure(name: str, data_dir: Path, error: Exception) -> str:
             f"network (--dataset {name} --data-dir DIR), copy DIR here and pass --data-dir DIR{debian}")
 
 
-# The seed of every held-out split (--val-size): fixed, so each trial, the analysis and scripts/make_subset.py
-# hold out the same images.
-VALIDATION_SEED = 12345
+VALIDATION_SEED = 12345  # of every held-out split (--val-size): each trial, the analysis, make_subset.py hold out one
 
 
 def validation_split(images, labels, size: int, seed: int = VALIDATION_SEED):
@@ -467,7 +400,7 @@ def validation_split(images, labels, size: int, seed: int = VALIDATION_SEED):
 
 
 def image_stats(images: torch.Tensor) -> tuple:
-    """Per-channel mean and std (float32 tensors (C,)) of the pixel values, in [0, 1], of uint8 images (N, C, H, W)."""
+    """Per-channel mean and std, float32 (C,), of the pixel values in [0, 1] of uint8 images (N, C, H, W)."""
     stats = [(x.mean().item(), x.std().item()) for x in (images[:, c].float().div_(255) for c in range(images.shape[1]))]
     return tuple(torch.tensor(values, dtype=torch.float32) for values in zip(*stats))
 
@@ -492,20 +425,17 @@ def batches(images, labels, batch_size: int, generator: torch.Generator | None =
 
 def augment(x: torch.Tensor, generator: torch.Generator, degrees: float, shift: int, flip: bool):
     """Random rotation (+-degrees), translation (+-shift pixels) and optional horizontal flip of x (B, C, H, W)
-    float: one affine grid per sample, one grid_sample on the batch's device. The parameters are drawn from
-    `generator` on its own device: on the batch's device the step makes no host-to-device copies, and a seeded
-    one keeps runs reproducible per device type (a CUDA generator's stream differs from the CPU's)."""
-    batch, _, height, width = x.shape
-    device = generator.device
+    float: one affine grid per sample, one grid_sample. The parameters are drawn from `generator` on its device
+    (the batch's: no host-to-device copies); a seeded one reproduces runs per device type."""
+    (batch, _, height, width), device = x.shape, generator.device
     angle = (torch.rand(batch, generator=generator, device=device) * 2 - 1) * math.radians(degrees)
     # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size.
-    tx = (torch.randint(-shift, shift + 1, (batch,), generator=generator, device=device) * 2 / width)
-    ty = (torch.randint(-shift, shift + 1, (batch,), generator=generator, device=device) * 2 / height)
+    tx, ty = (torch.randint(-shift, shift + 1, (batch,), generator=generator, device=device) * 2 / size
+              for size in (width, height))
     sign = (torch.where(torch.rand(batch, generator=generator, device=device) < 0.5, -1.0, 1.0) if flip
             else torch.ones(batch, device=device))
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([torch.stack([cos * sign, -sin, tx], 1),
-                         torch.stack([sin * sign, cos, ty], 1)], 1)  # (B, 2, 3)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([cos * sign, -sin, tx, sin * sign, cos, ty], 1).view(batch, 2, 3)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     # background is the normalised value of a black pixel: pad with each channel's minimum, not 0.
     background = x.amin(dim=(2, 3), keepdim=True)

@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from errors import ModelError
+
 
 @dataclass(frozen=True)
 class NetConfig:
@@ -30,12 +32,10 @@ class NetConfig:
     # ReLU let GN and LN fit small training sets as well as BN does (docs/validation.md); every variant gets it.
     order: str = "relu-norm"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    to_dict = asdict  # what a checkpoint saves
 
     @classmethod
-    def from_dict(cls, saved: dict) -> "NetConfig":
-        """The config a checkpoint saved (to_dict)."""
+    def from_dict(cls, saved: dict) -> "NetConfig":  # what to_dict saved
         return cls(**{**saved, "widths": tuple(saved["widths"])})
 
 
@@ -71,9 +71,6 @@ class GhostBatchNorm2d(BatchNorm2d):
         if not self.training:
             return super().forward(x)
         return torch.cat([super(GhostBatchNorm2d, self).forward(chunk) for chunk in x.split(self.virtual_batch)])
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, virtual_batch={self.virtual_batch}"
 
 
 class WSConv2d(nn.Conv2d):
@@ -179,8 +176,7 @@ class Net(nn.Module):
         self.head = nn.Linear(channels, num_classes)
 
     def forward(self, x):  # x: (B, C, H, W) normalised images
-        x = self.features(x)  # (B, C', H/4, W/4)
-        x = x.mean(dim=(2, 3))  # (B, C') global average pool
+        x = self.features(x).mean(dim=(2, 3))  # (B, C', H/4, W/4), global average pool -> (B, C')
         return self.head(self.dropout(x))  # (B, num_classes) logits
 
 
@@ -238,14 +234,10 @@ MODELS = {
 def build_net(config: NetConfig, builder: Callable | None = None) -> nn.Module:
     """The net `config` describes: its norm from REGISTRY, passed as `norm_layer`, and its convs weight-
     standardised (WSConv2d) where the norm says so. `builder` is a user's (plugins.py); built-ins need none.
-    Raises ValueError for an unknown norm or net, GroupsError (a ValueError) naming the valid group counts
-    when config.groups does not divide every norm layer's channels."""
-    entry = norm_entry(config.norm)
-    if builder is None:
-        if config.model not in MODELS:
-            raise ValueError(f"unknown model {config.model!r}; built-in models: {', '.join(MODELS)}, "
-                             f"or a builder as path/to/file.py:build or module:build")
-        builder = MODELS[config.model][0]
+    Raises ValueError for an unknown norm (KeyError for an unknown net), GroupsError (a ValueError) naming the
+    valid group counts when config.groups does not divide every norm layer's channels, ModelError for a builder
+    that returns no nn.Module or never calls its norm_layer."""
+    entry, builder = norm_entry(config.norm), builder or MODELS[config.model][0]
     extra = {"widths": config.widths, "order": config.order, "dropout": config.dropout} if builder is Net else {}
     widths, refused = [], []
 
@@ -257,6 +249,12 @@ def build_net(config: NetConfig, builder: Callable | None = None) -> nn.Module:
             refused.append(channels)
             return GroupNorm(1, channels)  # a stand-in with a norm layer's attributes, for the build to finish
     net = builder(norm_layer=layer, in_channels=config.in_channels, num_classes=config.num_classes, **extra)
+    if not isinstance(net, nn.Module):  # a user's builder (plugins.py) broke torchvision's convention
+        raise ModelError(f"--model {config.model} returned a {type(net).__name__}, not a net; a builder must return "
+                         f"an nn.Module")
+    if not widths:  # e.g. torchvision's resnet18(num_classes=...) without norm_layer=norm_layer
+        raise ModelError(f"--model {config.model} never called the norm_layer it was given, so every variant would "
+                         f"train the same net; build each norm layer as norm_layer(channels)")
     if refused:
         valid = [d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths)]
         raise GroupsError(f"groups={config.groups} does not divide the channel counts {sorted(set(refused))}; valid "

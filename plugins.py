@@ -1,15 +1,11 @@
 """`--model`: a built-in net (model.MODELS) or a user's builder, `path/to/file.py:build` or `module:build`, called
-as torchvision's ResNets are, `build(norm_layer=..., in_channels=..., num_classes=...)`, returning an nn.Module
-from (B, in_channels, H, W) images to (B, num_classes) logits. A file is the module named after it: loaded from
-its path where it exists, else imported by that name (on a cluster's nodes, where Ray's `py_modules` put it)."""
+as torchvision's ResNets are, `build(norm_layer=..., in_channels=..., num_classes=...)` -> an nn.Module."""
 import importlib.util
 import inspect
-import pkgutil
 import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import model as model_lib
 from errors import ModelError, UsageError
@@ -31,36 +27,23 @@ def canonical(spec: str) -> str:
 
 def shipped_file(spec: str) -> str | None:
     """The user's file a cluster's nodes need (Ray's `py_modules`), or None (a built-in, a module)."""
-    target = spec if is_builtin(spec) else _split(spec)[0]
+    target = spec.rpartition(":")[0]
     return target if target.endswith(".py") else None
 
 
-def build(config: model_lib.NetConfig) -> nn.Module:
-    """The net `config` describes (model.build_net): ModelError for a user's builder that cannot be loaded, fails
-    or returns no net, GroupsError for a --groups its norm layers refuse, ValueError for an unknown norm."""
+def build(config: model_lib.NetConfig) -> torch.nn.Module:
+    """The net `config` describes (model.build_net). Raises ValueError for an unknown norm; for a user's builder,
+    ModelError where it cannot be loaded, fails or returns no net, UsageError for a --groups its layers refuse."""
     if is_builtin(config.model):
         return model_lib.build_net(config)
     model_lib.norm_entry(config.norm)  # an unknown norm is ours to report, not the builder's failure
-    builder, spec = _builder(config.model), config.model
-
-    def checked(norm_layer, **kwargs):  # before build_net turns the convs of what it returns into WSConv2d
-        used = []
-
-        def counted(channels: int) -> nn.Module:
-            used.append(channels)
-            return norm_layer(channels)
-        net = builder(norm_layer=counted, **kwargs)
-        if not isinstance(net, nn.Module):
-            raise ModelError(f"--model {spec} returned a {type(net).__name__}, not a net; a builder must return an "
-                             f"nn.Module")
-        if not used:  # e.g. torchvision's resnet18(num_classes=...) without norm_layer=norm_layer
-            raise ModelError(f"--model {spec} never called the norm_layer it was given, so every variant would train "
-                             f"the same net; build each norm layer as norm_layer(channels)")
-        return net
+    builder, spec = _builder(config.model, config.in_channels), config.model
     try:
-        return model_lib.build_net(config, checked)
-    except (model_lib.GroupsError, ModelError):
+        return model_lib.build_net(config, builder)
+    except ModelError:
         raise
+    except model_lib.GroupsError as e:
+        raise UsageError(f"--model {spec}: {e}") from None
     except Exception as e:  # the user's code: say whose, in one line, in its own words
         raise ModelError(f"--model {spec} raised {type(e).__name__}: {_first_line(e)} (building it with norm "
                          f"{config.norm}, {config.in_channels} input channel(s), {config.num_classes} classes); fix "
@@ -68,25 +51,21 @@ def build(config: model_lib.NetConfig) -> nn.Module:
 
 
 def check(spec: str, norms, groups: int, dataset) -> None:
-    """Build the net for each norm and run it on two blank images of `dataset`'s shape, before any trial starts.
-    Raises UsageError for a --groups its norm layers refuse, ModelError for a builder that fails or whose output
-    is not (2, classes) logits."""
-    shape = (2, dataset.channels, *dataset.image_size)
+    """Build the net for each norm (build's errors) and run it on two blank images of `dataset`'s shape, before any
+    trial starts: ModelError where it fails or returns no (2, classes) logits."""
+    shape, classes = (2, dataset.channels, *dataset.image_size), len(dataset.classes)
     for norm in norms:
-        try:
-            net = build(model_lib.NetConfig(model=spec, norm=norm, groups=groups, in_channels=dataset.channels,
-                                            num_classes=len(dataset.classes)))
-        except model_lib.GroupsError as e:
-            raise UsageError(f"--model {spec}: {e}") from None
+        net = build(model_lib.NetConfig(model=spec, norm=norm, groups=groups, in_channels=dataset.channels,
+                                        num_classes=classes))
         try:
             with torch.no_grad():
                 out = net.eval()(torch.zeros(shape))
         except Exception as e:
             raise ModelError(f"--model {spec} with {norm} fails on a batch of {shape} images: "
                              f"{type(e).__name__}: {_first_line(e)}") from e
-        if tuple(getattr(out, "shape", ())) != (2, len(dataset.classes)):
+        if tuple(getattr(out, "shape", ())) != (2, classes):
             raise ModelError(f"--model {spec} returns {tuple(getattr(out, 'shape', ()))} for a batch of {shape} "
-                             f"images; a net must return (batch, {len(dataset.classes)}) logits")
+                             f"images; a net must return (batch, {classes}) logits")
 
 
 def _split(spec: str) -> tuple:
@@ -99,63 +78,47 @@ def _split(spec: str) -> tuple:
     return target, name
 
 
-def _builder(spec: str):
+def _builder(spec: str, in_channels: int):
     """The builder `spec` names, called with the keyword arguments it takes (a builder with no in_channels, as
-    torchvision's `resnet18`, reads 3-channel images only); ModelError where it cannot be loaded."""
+    torchvision's `resnet18`, reads 3-channel images only); ModelError where it cannot be loaded or called so."""
     target, name = _split(spec)
     path, is_file = Path(target).expanduser(), target.endswith(".py")
     module = path.stem if is_file else target
     try:
-        if is_file and path.is_file():
-            _load(path, module)
-        builder = pkgutil.resolve_name(f"{module}:{name}")
+        builder = getattr(_load(path, module) if is_file and path.is_file() else importlib.import_module(module),
+                          name, None)
     except ModelError:
         raise
     except Exception as e:
+        if is_file:  # a file half imported is forgotten, as Python forgets a module that fails to import
+            sys.modules.pop(module, None)
         if isinstance(e, ImportError) and e.name == module:  # nothing of that name here
             raise ModelError(NOT_FOUND.format(target) if is_file else f"--model {spec}: cannot import {target} "
                              f"({_first_line(e)}); pass a file as path/to/file.py:build, or install the module") from None
-        if not isinstance(e, AttributeError) or module not in sys.modules:  # the module failed to import
-            raise ModelError(f"--model {target}: importing it raised {type(e).__name__}: {_first_line(e)}; fix the "
-                             f"file so that it imports{' on every node' * isinstance(e, ImportError)}") from e
-        builder = None
+        raise ModelError(f"--model {target}: importing it raised {type(e).__name__}: {_first_line(e)}; fix the "
+                         f"file so that it imports{' on every node' * isinstance(e, ImportError)}") from e
     if not callable(builder):
         found = "not defined" if builder is None else f"a {type(builder).__name__}, not a function"
         raise ModelError(f"--model {spec}: {name} is {found} in {target}; define "
                          f"def {name}(norm_layer, in_channels, num_classes) returning an nn.Module")
-    parameters = inspect.signature(builder).parameters
-    if "norm_layer" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        raise ModelError(f"--model {spec} takes no norm_layer argument; a builder is called as "
-                         f"build(norm_layer=..., in_channels=..., num_classes=...), torchvision's convention")
-    if "in_channels" in parameters:
-        return builder
-
-    def three_channels(norm_layer, in_channels, num_classes):  # torchvision's factories pass **kwargs to a ResNet
-        if in_channels != 3:
-            raise ModelError(f"--model {spec} takes no in_channels argument, so it reads 3-channel images, and this "
-                             f"data has {in_channels} channel(s); wrap it in a builder that replaces its first conv")
-        return builder(norm_layer=norm_layer, num_classes=num_classes)
-    return three_channels
+    parameters = inspect.signature(builder).parameters  # one without norm_layer fails in build, in Python's words
+    if "in_channels" not in parameters and in_channels != 3:  # torchvision's factories: a ResNet reading RGB
+        raise ModelError(f"--model {spec} takes no in_channels argument, so it reads 3-channel images, and this "
+                         f"data has {in_channels} channel(s); wrap it in a builder that replaces its first conv")
+    return builder if "in_channels" in parameters else lambda in_channels, **kwargs: builder(**kwargs)
 
 
 def _load(path: Path, name: str):
-    """Import the user's file as module `name`, as a cluster's nodes do; refuse a name another module has."""
-    try:
-        found = importlib.util.find_spec(name)
-        where = found and (found.origin or next(iter(found.submodule_search_locations or ()), name))
-    except (ImportError, ValueError):
-        where = None
-    if where and Path(where).resolve() != path.resolve():
-        raise ModelError(f"--model {path}: its module name {name!r} is taken (by {where}); rename the file, "
+    """The user's file imported as module `name`, as a cluster's nodes import it; ModelError if another has it."""
+    found = importlib.util.find_spec(name)  # a namespace package (no origin) yields to a module of its name
+    if found and found.origin and Path(found.origin).resolve() != path.resolve():
+        raise ModelError(f"--model {path}: its module name {name!r} is taken (by {found.origin}); rename the file, "
                          f"e.g. my_{name}.py")
-    if name not in sys.modules:
+    if name not in sys.modules:  # in sys.modules while it runs, as an import's module is (_builder forgets a failure)
         spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 def _first_line(error: BaseException) -> str:

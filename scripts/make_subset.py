@@ -76,7 +76,12 @@ def main(argv=None):
     if args.source == "fashion" and args.per_class < 1:
         parser.error("fashion needs --per-class N (N >= 1)")
     train_x, train_y, test_x, test_y = (fashion if args.source == "fashion" else digits)(args)
-    data_lib.write_directory(args.out, train_x, train_y, test_x, test_y)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for (image_stem, label_stem), images, labels in zip(data_lib.SPLIT_FILES.values(), (train_x, test_x),
+                                                        (train_y, test_y)):  # gzipped idx files, grayscale only
+        data_lib.write_idx(args.out / f"{image_stem}.gz", images.reshape(len(images), *images.shape[-2:]),
+                           data_lib.IMAGE_MAGIC)
+        data_lib.write_idx(args.out / f"{label_stem}.gz", labels, data_lib.LABEL_MAGIC)
     # What the subset is, beside its idx files: class names and augmentation of the data it came from.
     note = (f"{len(train_y)} train / {len(test_y)} test images made by scripts/make_subset.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}")

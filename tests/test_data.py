@@ -138,7 +138,7 @@ def test_a_torchvision_download_root_as_dataset_says_how_to_read_it(tmp_path, mo
     monkeypatch.setattr(data_lib, "DEBIAN_FASHION_DIR", tmp_path / "no-debian-package")
     make_idx_dir(tmp_path / "tvroot" / folder / "raw", n_train=20, n_test=10)
     for given in (tmp_path / "tvroot", tmp_path / "tvroot" / folder):  # the root, or its dataset folder
-        _expect_one_line(given, rf"^{given}: no idx files here, but torchvision's download of {known} is in "
+        _expect_one_line(given, rf"^{given}: no dataset here, but torchvision's download of {known} is in "
                                 rf"{tmp_path / 'tvroot' / folder / 'raw'}; --dataset {known} "
                                 rf"--data-dir {tmp_path / 'tvroot'} reads it$")
     dataset = data_lib.load_dataset(known, data_dir=tmp_path / "tvroot")  # which reads it, without downloading
@@ -237,7 +237,7 @@ def test_declaration_explicit_fields_win_over_the_source(idx_dir):
 
 
 @pytest.mark.parametrize("text, problem", [
-    ('{"source": "fashion-mnist",}', r"not valid JSON \(Expecting property name enclosed in double quotes, line 1"),
+    ('{"source": "fashion-mnist",}', r"not valid JSON \(Expecting property name enclosed in double quotes: line 1"),
     ('["fashion-mnist"]', "expected a JSON object with source, classes, augment, mean, std, note, got list"),
     ('{"source": "cifar100"}', r'source must be one of mnist, fashion-mnist, cifar10 .*, got "cifar100"'),
     ('{"source": "cifar10"}', r"mean and std list 3 and 3 values for 1-channel images; give one per channel"),
