@@ -5,6 +5,7 @@ A tuned comparison (`run_tuned`) is two such sweeps, its stages, with the protoc
 import dataclasses
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -149,8 +150,8 @@ def param_space(sweep: SweepConfig, dataset: data_lib.Dataset) -> dict:
 
 def trial_name(trial) -> str:
     """A trial's directory: its label made a file name, and Tune's trial id."""
-    label = experiments.variant_label(trial.config)
-    return "".join(c if c.isalnum() or c in "+-." else "_" for c in label) + f"_seed{trial.config['seed']}_{trial.trial_id}"
+    label = re.sub(r"[^A-Za-z0-9+.-]+", "_", experiments.variant_label(trial.config)).strip("_")  # "bn+l1_1e-05"
+    return f"{label}_seed{trial.config['seed']}_{trial.trial_id}"
 
 
 def interrupt_on_sigterm() -> dict:

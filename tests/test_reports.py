@@ -39,7 +39,7 @@ def pending_experiment(tmp_path_factory):
     driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def reported():  # result.json is written by the driver once it has taken the report in
-        return any(f.read_text().strip() for f in (storage / name).glob("*batch2_*/result.json"))
+        return any(f.read_text().strip() for f in (storage / name).glob("*batch_2_*/result.json"))
 
     hang = time.monotonic() + 1800  # a hang guard only: a loaded machine is slow, not wrong
     while not reported():
@@ -73,7 +73,7 @@ def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experimen
     assert "only one variant has results, so there is nothing to compare" in summary and "| comparison" not in summary
 
     console = sweep.summary_text(grid)
-    assert re.search(r"^gn_batch500_seed0_\w+: no epoch reported$", console, re.M), console
+    assert re.search(r"^gn_batch_500_seed0_\w+: no epoch reported$", console, re.M), console
 
 
 @pytest.mark.slow  # a real sweep (Ray)
@@ -86,7 +86,7 @@ def test_results_copied_without_checkpoints_still_report(pending_experiment, tmp
         analysis.misclassified(grid, df, "gn, batch 2")
     assert analysis.main([str(copy), "--out", str(tmp_path / "report")]) == 0
     summary = (tmp_path / "report" / "summary.md").read_text()
-    assert "No misclassified images for gn, batch 2: trial gn_batch2_seed0_" in summary
+    assert "No misclassified images for gn, batch 2: trial gn_batch_2_seed0_" in summary
     assert "![test accuracy](test_acc.png)" in summary
 
 

@@ -126,7 +126,7 @@ def test_ctrl_c_on_s3_saves_state_prints_the_resume_command_which_finishes_it_an
     out_dir = tmp_path / "report"
     assert analysis.main([location, "--out", str(out_dir)]) == 0
     summary = (out_dir / "summary.md").read_text()
-    assert f"Experiment: `{location}`" in summary and "| gn |" in summary
+    assert f"Experiment: `{location}`" in summary and re.search(r"^\| gn +\|", summary, re.M)
     assert analysis.main([location]) == 0  # the default: the report beside the experiment, on S3
     assert "results/remote/report/summary.md" in _keys(client, name, "results/remote/report/")
 
