@@ -1,11 +1,13 @@
 """What the driver prints while a sweep runs: one readable line per trial report, not Ray's internals.
 
-`quiet_ray()` keeps Ray's loggers and warnings out of the default output (`--verbose` skips it);
-`Progress` is a Tune callback that prints, per reported epoch, the trial's variant, seed,
-epoch/epochs, test accuracy (validation under --val-size), images/s and an estimate of the sweep's time left.
+`quiet_ray()` keeps Ray's logs, warnings and pushed errors out of the default output (`--verbose` skips it);
+`Progress` is a Tune callback that prints, per reported epoch, the trial's variant, seed, epoch/epochs, test
+accuracy (validation under --val-size), images/s and an estimate of the sweep's time left.
 """
 import logging
 import os
+import sys
+import threading
 import time
 import warnings
 
@@ -14,32 +16,37 @@ from ray import tune
 import experiments
 import trainable
 
-
-def quiet_ray():
-    """Ray's own log lines and warnings (snapshot timing, deprecations) are for --verbose only."""
-    # Tune's newer console output prints a configuration box and paths even at verbose=0.
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    # A failed trial's traceback, logged by Tune at ERROR on every failure: the CLI sums failures up at the end.
-    os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"
-    # Errors the raylets push to the driver (a worker that died, with its traceback), printed to stdout by a
-    # thread of ray.init regardless of log_to_driver; the switch is the one Ray's debugger uses.
-    import ray._private.worker
-    ray._private.worker._worker_logs_enabled = False
-    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger("ray.tune.tune").addFilter(_not_incomplete_trials)  # once: the same function each call
-    logging.getLogger("ray.tune.execution.experiment_state").addFilter(_state_save_failures)
-    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
-
-
-def _not_incomplete_trials(record) -> bool:
-    """Tune's closing "Trials did not complete: [...]": the CLI names the failed trials and why."""
-    return not record.getMessage().startswith("Trials did not complete")
-
-
 # Why Tune could not save the experiment's state to storage this run (its traceback is not printed;
 # the CLI says it in one line at the end): the last line of the exception, or None.
 STATE_SAVE_FAILURE = {"error": None}
+
+
+def quiet_ray():
+    """Ray's own log lines, warnings and pushed errors are for --verbose only: the CLI sums failures up at the end."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's newer output prints a configuration box even at verbose=0
+    os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"  # a failed trial's traceback, at every failure
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):  # e.g. Tune's closing "Trials did not complete"
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    state = logging.getLogger("ray.tune.execution.experiment_state")
+    state.setLevel(logging.ERROR)
+    state.addFilter(_state_save_failures)  # once: the same function each call
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    if not isinstance(sys.stdout, _MainThreadOnly):
+        sys.stdout = _MainThreadOnly(sys.stdout)
+
+
+class _MainThreadOnly:
+    """The driver's stdout without what other threads print: ray.init starts one that prints the errors the
+    nodes push to the driver (a worker that died, with its traceback) whatever log_to_driver says."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        return self.stream.write(text) if threading.current_thread() is threading.main_thread() else len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def _state_save_failures(record) -> bool:
@@ -74,8 +81,9 @@ class Progress(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         done = {t.trial_id: t.last_result.get("epoch", 0) for t in trials}
         done[trial.trial_id] = result.get("epoch", 0)
+        health = result.get(trainable.HEALTH_KEY, "ok")
         stopped = {t.trial_id for t in trials if t.status == "TERMINATED"}
-        if result.get(trainable.HEALTH_KEY, "ok") != "ok":
+        if health != "ok":
             stopped.add(trial.trial_id)
         epochs_done = sum(done.values())
         if self.baseline is None:  # epochs finished before this session (a resume) don't count toward the rate
@@ -84,7 +92,6 @@ class Progress(tune.Callback):
         left = (sum(self.epochs - e for tid, e in done.items() if tid not in stopped)
                 + self.epochs * max(0, self.n_trials - len(trials)))
         rate = (epochs_done - self.baseline) / max(time.monotonic() - self.start, 1e-9)
-        health = result.get(trainable.HEALTH_KEY, "ok")
         status = "" if health == "ok" else f"  STOPPED, {health}"
         split = "val" if trial.config.get("val_size") else "test"  # --val-size: scored on held-out training images
         print(f"{trial_label(trial.config):<22} epoch {result['epoch']}/{self.epochs}  "

@@ -25,6 +25,7 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
     signal.signal(signal.SIGINT, _interrupted_while_loading)
 
 import checks  # noqa: E402 (after the handler above)
+import cluster  # before Ray, which reads its token mode once at import (cluster.py)
 import data as data_lib
 import experiments
 import plugins
@@ -368,7 +369,7 @@ def run_stage(args) -> int:
                         num_to_keep=1, checkpoint_score_attribute=trainable.BEST_METRIC,
                         checkpoint_score_order=trainable.BEST_MODE),  # the best; Tune always keeps the latest too
                     failure_config=tune.FailureConfig(max_failures=cluster.MAX_FAILURES),
-                    callbacks=[console.Progress(args.epochs, n_trials), cluster.StopRetrying()],
+                    callbacks=[console.Progress(args.epochs, n_trials)],
                     verbose=2 if args.verbose else 0),
             )
         try:

@@ -55,7 +55,6 @@ SLOW_TESTS = {
     "test_sweep.py": {"test_killed_driver_resumes_every_trial_once",
                       "test_logical_resources_are_shared_and_all_trials_run_at_once"},
     "test_batch_size.py": {"test_batch_size_study_sweep_and_report"},
-    "test_cluster.py": {"test_no_retries_after_an_unretryable_failure"},
     "test_gpu.py": {"test_tiny_run_prints_a_row_per_variant_with_sane_numbers"},
     "test_datasets.py": {"test_a_sweep_of_resnet20_or_a_users_net_on_a_folder_or_idx_files"},
     "test_launches.py": {"test_a_relative_dataset_directory_is_read_back_from_anywhere",
