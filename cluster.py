@@ -93,6 +93,8 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
         if modules:  # Ray's py_modules: each .py file importable by its name on every node
             env["py_modules"] = modules
         _check_reachable(address)
+        if not verbose:  # the driver's C++ core worker logs to fd 2 (a metrics agent it could not reach, ...)
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         try:
             # Ray's C++ client logs each refused attempt to file descriptor 2; the one line below says why
             with contextlib.nullcontext() if verbose else _native_stderr_silenced():

@@ -82,18 +82,15 @@ def wait_for(log: Path, text: str, process, seconds=HANG_SECONDS):
 
 
 def worker_node_script(root: Path, token: str, port: int) -> str:
-    """Bash for the worker node's namespace: hide the repository and the dataset, keep the venv, join."""
-    empty, venv_mount = root / "empty", root / "venv"
-    venv = Path(sys.prefix)
-    steps = []
-    if venv.is_relative_to(ROOT):  # keep the venv inside the hidden repository: bind it out and back
-        venv_mount.mkdir()
-        steps += [f"mount --bind {venv} {venv_mount}", f"mount --bind {empty} {ROOT}",
-                  f"mkdir -p {venv}", f"mount --bind {venv_mount} {venv}"]
-    else:
-        steps.append(f"mount --bind {empty} {ROOT}")
+    """Bash for the worker node's namespace: hide the repository and the dataset, keep the Python environment
+    (the venv and any venv layered over it, where they lie inside the repository: bound out and back), join."""
+    python_dirs = [Path(p).resolve() for p in [sys.prefix, *sys.path] if p == sys.prefix or "site-packages" in p]
+    kept = sorted({ROOT / p.relative_to(ROOT).parts[0] for p in python_dirs if p.is_relative_to(ROOT) and p != ROOT})
+    steps = [f"mkdir -p {root / 'kept' / d.name} && mount --bind {d} {root / 'kept' / d.name}" for d in kept]
+    steps.append(f"mount --bind {root / 'empty'} {ROOT}")
+    steps += [f"mkdir -p {d} && mount --bind {root / 'kept' / d.name} {d}" for d in kept]
     if DATASET_DIR.is_dir():
-        steps.append(f"mount --bind {empty} {DATASET_DIR}")
+        steps.append(f"mount --bind {root / 'empty'} {DATASET_DIR}")
     steps += [f"test ! -e {ROOT / 'tune_main.py'}", f"test ! -e {DATASET_DIR / 'train-images-idx3-ubyte.gz'}",
               f"test -x {sys.executable}",
               # a worker node joins with an explicit address: token mode must be asked for, the token given
