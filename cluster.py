@@ -1,13 +1,12 @@
 """Connecting to Ray, and what a sweep's failed trials mean.
 
-`connect` starts a private Ray for a local run, or joins the cluster at `--address` with this directory's code
-shipped to every node in Ray's runtime environment, so that a node needs only Python and the requirements.
-A connection that fails raises ClusterError, one line that says what to do. `failure_lines` turns the failed
-trials into one line per distinct cause.
+`connect` starts a private Ray, or joins the cluster at `--address` with this directory's code shipped to every
+node in Ray's runtime environment, so that a node needs only Python and the requirements; a connection that
+fails raises ClusterError, one line that says what to do. `failure_lines`: one line per distinct failure cause.
 
-Import this module before Ray, which reads its environment variables once, when it is imported: with an explicit
-address Ray sends its token only in token mode, so where this machine has a token and RAY_AUTH_MODE is unset, it is
-set to `token` here; a cluster without authentication ignores the token.
+Import this module before Ray, which reads its environment once, at import: with an explicit address Ray sends
+its token only in token mode, so where this machine has a token and RAY_AUTH_MODE is unset it is set to `token`
+here (a cluster without authentication ignores the token).
 """
 import contextlib
 import os
@@ -29,12 +28,11 @@ def token_source():
     return "~/.ray/auth_token" if default.is_file() and default.read_text().strip() else None
 
 
-# Not once Ray is imported: its processes would start in token mode and its driver, which read the variable
-# already, would not.
+# Not once Ray is imported: its processes would start in token mode, its driver (which read it) would not.
 if "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules and token_source():
     os.environ["RAY_AUTH_MODE"] = "token"
-# Errors the nodes push to the driver are printed by a thread of Ray's, which console.quiet_ray silences, except
-# the repeats Ray holds back to print deduplicated from the main thread as it stops.
+# The errors nodes push to the driver are printed by a thread of Ray's (console.quiet_ray keeps them off stdout),
+# except repeats, which Ray holds back to print deduplicated from the main thread as it stops.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import ray  # noqa: E402
@@ -45,20 +43,18 @@ import experiments  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent  # the working directory shipped to the nodes
 MAX_FAILURES = 3  # Tune's retries of a failed trial, each from the trial's latest checkpoint
-# Never shipped (gitignore patterns, relative to ROOT): results, data, docs, git and tooling caches. Virtual
-# environments, the storage path and the data directories are added where they lie inside ROOT.
-# Ray also honours ROOT's .gitignore and a .rayignore, unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1.
+LOCAL_START_TRIES = 3
+# Never shipped (gitignore patterns, relative to ROOT), besides the venvs, storage path and data directories that
+# lie inside ROOT. Ray also honours ROOT's .gitignore and a .rayignore.
 NOT_SHIPPED = ["/results", "/data", "/docs", ".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache",
                ".ipynb_checkpoints"]
-LOCAL_START_TRIES = 3
 
 
 @contextlib.contextmanager
 def interrupts_held(then_raise: bool = True):
     """Hold Ctrl-C (SIGINT, and a SIGTERM the driver forwards to it) while Ray starts or stops its processes:
-    taken halfway, the driver crashed at exit (SIGSEGV, exit 139) instead of saying it was interrupted. One that
-    came is raised as KeyboardInterrupt when the block ends (`then_raise`), else dropped (Ray is stopping anyway).
-    Outside the main thread, where Python delivers no signals, a plain block."""
+    taken halfway, the driver crashed at exit (SIGSEGV, exit 139). One that came is raised as KeyboardInterrupt
+    when the block ends (`then_raise`), else dropped. Outside the main thread (no signals there), a plain block."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -73,30 +69,32 @@ def interrupts_held(then_raise: bool = True):
 
 
 def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=(), modules=()) -> None:
-    """ray.init for this run: a private local Ray without `address` (or 'local'), else the cluster there.
+    """ray.init: a private local Ray without `address` (or with 'local'), else the cluster there.
 
     A local Ray's workers import the code from ROOT, put on their PYTHONPATH. Joining a cluster ships ROOT
-    (leaving out `not_shipped`: paths that may lie inside it, such as the storage path) unless `ship_code` is off,
-    for nodes where normsweep is installed already. `modules`: a user's Python files (a --model builder) that every
-    node imports by file name, shipped even with `ship_code` off (None entries are skipped).
-    Raises ClusterError; Ctrl-C while Ray starts is raised as KeyboardInterrupt once it has (`interrupts_held`).
+    (without `not_shipped`, paths that may lie inside it, e.g. the storage path) unless `ship_code` is off, and
+    `modules` (a user's .py files, e.g. a --model builder, importable by file name on every node; None skipped).
+    Raises ClusterError; a Ctrl-C while Ray starts is raised as KeyboardInterrupt once it has (`interrupts_held`).
     """
     options = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
     with interrupts_held():
         if not address or address == "local":
-            # Ray puts the driver's script directory on its workers' paths; a driver that imported normsweep from
-            # elsewhere (a notebook, the tests) needs ROOT there too.
+            # Ray puts the driver's script directory on its workers' paths: not ROOT for a notebook or the tests
             paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
             return _start_local(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}, **options)
         env = runtime_env(not_shipped) if ship_code else {}
-        modules = [str(Path(m).resolve()) for m in modules if m]
-        if modules:  # Ray's py_modules: each .py file importable by its name on every node
-            env["py_modules"] = modules
-        _check_reachable(address)
+        if any(modules):
+            env["py_modules"] = [str(Path(m).resolve()) for m in modules if m]
+        host, _, port = address.rpartition(":")
+        if port.isdigit() and "://" not in address:  # not Ray Client's ray://: fail in seconds if nothing listens
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            except OSError as e:
+                raise ClusterError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start one there "
+                                   f"with `ray start --head`, or pass the address it printed") from None
         if not verbose:  # the driver's C++ core worker logs to fd 2 (a metrics agent it could not reach, ...)
             os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         try:
-            # Ray's C++ client logs each refused attempt to file descriptor 2; the one line below says why
             with contextlib.nullcontext() if verbose else _native_stderr_silenced():
                 ray.init(address=address, runtime_env=env or None, **options)
         except (ConnectionError, RuntimeError, AuthenticationError) as e:
@@ -110,8 +108,8 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
 
 
 def _start_local(**options) -> None:
-    """ray.init of a private local Ray, tried again when its raylet misses Ray's fixed 30 s to register
-    (it does on a machine whose cores are all busy)."""
+    """ray.init of a private Ray, tried again when its raylet misses Ray's fixed 30 s to register (as on a machine
+    whose cores are all busy)."""
     for _ in range(LOCAL_START_TRIES):
         try:
             ray.init(address="local", **options)
@@ -127,8 +125,7 @@ def _start_local(**options) -> None:
 
 def runtime_env(not_shipped=()) -> dict:
     """Ray's runtime environment that ships ROOT to every node: trials there import it from Ray's copy."""
-    excludes = set(NOT_SHIPPED)
-    excludes.update(p.name for p in ROOT.iterdir() if (p / "pyvenv.cfg").is_file())  # venvs, whatever their names
+    excludes = set(NOT_SHIPPED) | {p.name for p in ROOT.iterdir() if (p / "pyvenv.cfg").is_file()}  # any venv
     for path in [sys.prefix, *not_shipped]:
         if path and "://" not in str(path):  # URIs and dataset names are not paths below ROOT
             resolved = Path(path).expanduser().resolve()
@@ -137,20 +134,9 @@ def runtime_env(not_shipped=()) -> dict:
     return {"working_dir": str(ROOT), "excludes": sorted(excludes)}
 
 
-def _check_reachable(address: str):
-    """Fail in seconds, not after Ray's retries, when nothing listens at a host:port address."""
-    host, _, port = address.rpartition(":")
-    if address == "auto" or "://" in address or not port.isdigit():
-        return  # Ray finds 'auto' itself; ray:// is Ray Client
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except OSError as e:
-        raise ClusterError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start one there with "
-                           f"`ray start --head`, or pass the address it printed") from None
-
-
 @contextlib.contextmanager
 def _native_stderr_silenced():
+    """Ray's C++ client logs each refused attempt to file descriptor 2; the ClusterError says why in one line."""
     sys.stderr.flush()
     saved = os.dup(2)
     with open(os.devnull, "w") as devnull:
@@ -163,36 +149,35 @@ def _native_stderr_silenced():
 
 
 def _connection_failure(address: str, error: BaseException) -> str:
-    """One line for a refused ray.init: the token's hint, or the last line of Ray's own error."""
+    """The token's hint when the cluster refused it, else the last line of Ray's own error."""
     chain = [error]
     while chain[-1].__cause__ or chain[-1].__context__:  # ray.init wraps the cause in ConnectionError
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    source, cluster = token_source(), f"the Ray cluster at {address}"
     if not any(isinstance(e, AuthenticationError) or "InvalidAuthToken" in str(e) for e in chain):
-        return f"cannot join the Ray cluster at {address}: {_last_line(chain[-1])}; --verbose shows Ray's output"
+        return f"cannot join {cluster}: {_last_line(chain[-1])}; --verbose shows Ray's output"
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return (f"the Ray cluster at {address} requires token authentication, but RAY_AUTH_MODE=disabled here; "
-                f"unset it (normsweep then sends the token from ~/.ray/auth_token or RAY_AUTH_TOKEN)")
-    source = token_source()
+        return (f"{cluster} requires token authentication, but RAY_AUTH_MODE=disabled here; unset it (normsweep "
+                f"then sends the token from ~/.ray/auth_token or RAY_AUTH_TOKEN)")
     if source is None:
-        return (f"the Ray cluster at {address} requires an authentication token and none was found here; copy the "
-                f"output of `ray get-auth-token` on the head node into ~/.ray/auth_token here, or set "
-                f"RAY_AUTH_TOKEN to it")
-    return (f"the Ray cluster at {address} refused the authentication token from {source}; replace it with the "
-            f"output of `ray get-auth-token` on the head node")
+        return (f"{cluster} requires an authentication token and none was found here; copy the output of "
+                f"`ray get-auth-token` on the head node into ~/.ray/auth_token here, or set RAY_AUTH_TOKEN to it")
+    return (f"{cluster} refused the authentication token from {source}; replace it with the output of "
+            f"`ray get-auth-token` on the head node")
 
 
 def failure_cause(error, ship_code: bool = True) -> str:
     """What a failed trial's error (an exception or its text) means for the user, in one line."""
     text = str(error)
     missing = re.search(r"^(?:ModuleNotFoundError|ImportError): .*$", text, re.M)
+    module = missing and re.search(r"No module named '(\w+)", missing[0])
+    if module and (ROOT / f"{module[1]}.py").is_file():  # one of normsweep's own modules
+        if ship_code:
+            return (f"a worker node could not import normsweep's code although it was shipped ({missing[0]}); "
+                    f"--verbose shows Ray's output")
+        return (f"normsweep's code is not on the worker node ({missing[0]}); drop --no-ship-code, or install "
+                f"normsweep on every node")
     if missing:
-        module = re.search(r"No module named '([\w.]+)'", missing[0])
-        if module and (ROOT / f"{module[1].split('.')[0]}.py").is_file():  # one of normsweep's own modules
-            if ship_code:
-                return (f"a worker node could not import normsweep's code although it was shipped ({missing[0]}); "
-                        f"--verbose shows Ray's output")
-            return (f"normsweep's code is not on the worker node ({missing[0]}); drop --no-ship-code, or install "
-                    f"normsweep on every node")
         return (f"a worker node lacks a package normsweep needs ({missing[0]}); install requirements.txt there, "
                 f"in the Python that `ray start` runs")
     full = experiments.FULL_STORAGE.search(text)
@@ -204,12 +189,9 @@ def failure_cause(error, ship_code: bool = True) -> str:
     if isinstance(error, RuntimeEnvSetupError) or "Failed to set up runtime environment" in text:
         return f"a worker node could not set up the shipped code ({_last_line(text)}); --verbose shows Ray's output"
     if isinstance(error, RayTaskError) and getattr(error, "cause", None) is not None:
-        first = (str(error.cause).strip().splitlines() or [""])[0]
-        return f"{type(error.cause).__name__}: {first}"
+        return f"{type(error.cause).__name__}: {(str(error.cause).strip().splitlines() or [''])[0]}"
     died = re.search(r"Worker exit detail: (.*?)(?:\n|$)", text)
-    if died:
-        return f"its worker died ({died[1].strip()})"
-    return _last_line(text) or type(error).__name__
+    return f"its worker died ({died[1].strip()})" if died else _last_line(error)
 
 
 def failure_lines(failed, ship_code: bool = True) -> list:
@@ -218,15 +200,9 @@ def failure_lines(failed, ship_code: bool = True) -> list:
     by_cause = {}
     for result in failed:
         by_cause.setdefault(failure_cause(result.error, ship_code), []).append(Path(result.path).name)
-    lines = []
-    for cause, names in by_cause.items():
-        if len(names) == 1:
-            lines.append(f"trial {names[0]} failed: {cause}")
-        elif len(by_cause) == 1:
-            lines.append(f"{len(names)} trials failed: {cause}")
-        else:
-            lines.append(f"{len(names)} trials failed ({', '.join(names)}): {cause}")
-    return lines
+    return [f"trial {names[0]} failed: {cause}" if len(names) == 1
+            else f"{len(names)} trials failed: {cause}" if len(by_cause) == 1
+            else f"{len(names)} trials failed ({', '.join(names)}): {cause}" for cause, names in by_cause.items()]
 
 
 def _last_line(error) -> str:

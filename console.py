@@ -1,8 +1,7 @@
 """What the driver prints while a sweep runs: one readable line per trial report, not Ray's internals.
 
 `quiet_ray()` keeps Ray's logs, warnings and pushed errors out of the default output (`--verbose` skips it);
-`Progress` is a Tune callback that prints, per reported epoch, the trial's variant, seed, epoch/epochs, test
-accuracy (validation under --val-size), images/s and an estimate of the sweep's time left.
+`Progress` is a Tune callback that prints a line per reported epoch with an estimate of the sweep's time left.
 """
 import logging
 import os
@@ -16,13 +15,13 @@ from ray import tune
 import experiments
 import trainable
 
-# Why Tune could not save the experiment's state to storage this run (its traceback is not printed;
-# the CLI says it in one line at the end): the last line of the exception, or None.
+# Why Tune could not save the experiment's state to storage this run (its traceback is not printed; the CLI
+# says it in one line at the end): the last line of the exception, or None.
 STATE_SAVE_FAILURE = {"error": None}
 
 
 def quiet_ray():
-    """Ray's own log lines, warnings and pushed errors are for --verbose only: the CLI sums failures up at the end."""
+    """Ray's own output is for --verbose: the CLI names each failed trial and its cause in one line at the end."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's newer output prints a configuration box even at verbose=0
     os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"  # a failed trial's traceback, at every failure
     for name in ("ray", "ray.tune", "ray.train", "ray.data"):  # e.g. Tune's closing "Trials did not complete"
@@ -36,8 +35,8 @@ def quiet_ray():
 
 
 class _MainThreadOnly:
-    """The driver's stdout without what other threads print: ray.init starts one that prints the errors the
-    nodes push to the driver (a worker that died, with its traceback) whatever log_to_driver says."""
+    """stdout without what other threads print: one of ray.init's prints the errors the nodes push to the
+    driver (a worker that died, with its traceback) whatever log_to_driver says."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -69,25 +68,24 @@ def duration(seconds: float) -> str:
 
 
 class Progress(tune.Callback):
-    """One line per reported epoch; the time left is the epochs still to run over this session's rate."""
+    """Per reported epoch: the trial's variant, seed, epoch/epochs, test accuracy (validation under --val-size),
+    images/s, and the time left: the epochs still to run over this session's rate."""
 
     def __init__(self, epochs: int, n_trials: int):
         self.epochs, self.n_trials = epochs, n_trials
-        self.start, self.baseline = None, None
+        self.setup()
 
     def setup(self, **info):  # every run, also after Tuner.restore (which unpickles this object)
         self.start, self.baseline = time.monotonic(), None
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        done = {t.trial_id: t.last_result.get("epoch", 0) for t in trials}
-        done[trial.trial_id] = result.get("epoch", 0)
+        done = {t.trial_id: t.last_result.get("epoch", 0) for t in trials} | {trial.trial_id: result.get("epoch", 0)}
         health = result.get(trainable.HEALTH_KEY, "ok")
         stopped = {t.trial_id for t in trials if t.status == "TERMINATED"}
-        if health != "ok":
-            stopped.add(trial.trial_id)
+        stopped |= {trial.trial_id} if health != "ok" else set()
         epochs_done = sum(done.values())
         if self.baseline is None:  # epochs finished before this session (a resume) don't count toward the rate
-            self.baseline, self.start = epochs_done - 1, self.start or time.monotonic()
+            self.baseline = epochs_done - 1
         # Tune creates trials lazily under --max-concurrent: the ones not yet created are still to run
         left = (sum(self.epochs - e for tid, e in done.items() if tid not in stopped)
                 + self.epochs * max(0, self.n_trials - len(trials)))
