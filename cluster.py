@@ -1,12 +1,9 @@
 """Connecting to Ray, and what a sweep's failed trials mean.
 
 `connect` starts a private Ray, or joins the cluster at `--address` with this directory's code shipped to every
-node in Ray's runtime environment, so that a node needs only Python and the requirements; a connection that
-fails raises ClusterError, one line that says what to do. `failure_lines`: one line per distinct failure cause.
-
-Import this module before Ray, which reads its environment once, at import: with an explicit address Ray sends
-its token only in token mode, so where this machine has a token and RAY_AUTH_MODE is unset it is set to `token`
-here (a cluster without authentication ignores the token).
+node in Ray's runtime environment (a node needs only Python and the requirements); a connection that fails
+raises ClusterError, one line that says what to do. `failure_lines`: one line per distinct failure cause.
+Import it before Ray, which reads the environment this module sets (RAY_AUTH_MODE, ...) once, at import.
 """
 import contextlib
 import os
@@ -28,7 +25,8 @@ def token_source():
     return "~/.ray/auth_token" if default.is_file() and default.read_text().strip() else None
 
 
-# Not once Ray is imported: its processes would start in token mode, its driver (which read it) would not.
+# With an explicit address Ray sends this machine's token only in token mode (a cluster without authentication
+# ignores it). Not once Ray is imported: its processes would start in token mode, its driver would not.
 if "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules and token_source():
     os.environ["RAY_AUTH_MODE"] = "token"
 # The errors nodes push to the driver are printed by a thread of Ray's (console.quiet_ray keeps them off stdout),
@@ -69,11 +67,9 @@ def interrupts_held(then_raise: bool = True):
 
 
 def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=(), modules=()) -> None:
-    """ray.init: a private local Ray without `address` (or with 'local'), else the cluster there.
-
-    A local Ray's workers import the code from ROOT, put on their PYTHONPATH. Joining a cluster ships ROOT
-    (without `not_shipped`, paths that may lie inside it, e.g. the storage path) unless `ship_code` is off, and
-    `modules` (a user's .py files, e.g. a --model builder, importable by file name on every node; None skipped).
+    """ray.init: a private local Ray without `address` (or with 'local'), whose workers import ROOT, else the
+    cluster there, shipping ROOT less `not_shipped` (e.g. the storage path) unless `ship_code` is off, and `modules`
+    (a user's .py files, e.g. a --model builder, importable by file name on every node; None entries skipped).
     Raises ClusterError; a Ctrl-C while Ray starts is raised as KeyboardInterrupt once it has (`interrupts_held`).
     """
     options = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
