@@ -1,11 +1,12 @@
 """What the driver prints while a sweep runs: one readable line per trial report, not Ray's internals.
 
-`quiet_ray()` keeps Ray's loggers and warnings out of the default output (`--verbose` skips it);
-`Progress` is a Tune callback that prints, per reported epoch, the trial's variant, seed,
-epoch/epochs, test accuracy (validation under --val-size), images/s and an estimate of the sweep's time left.
+`quiet_ray()` keeps Ray's logs, warnings and pushed errors out of the default output (`--verbose` skips it);
+`Progress` is a Tune callback that prints a line per reported epoch with an estimate of the sweep's time left.
 """
 import logging
 import os
+import sys
+import threading
 import time
 import warnings
 
@@ -14,32 +15,37 @@ from ray import tune
 import experiments
 import trainable
 
+# Why Tune could not save the experiment's state to storage this run (its traceback is not printed; the CLI
+# says it in one line at the end): the last line of the exception, or None.
+STATE_SAVE_FAILURE = {"error": None}
+
 
 def quiet_ray():
-    """Ray's own log lines and warnings (snapshot timing, deprecations) are for --verbose only."""
-    # Tune's newer console output prints a configuration box and paths even at verbose=0.
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    # A failed trial's traceback, logged by Tune at ERROR on every failure: the CLI sums failures up at the end.
-    os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"
-    # Errors the raylets push to the driver (a worker that died, with its traceback), printed to stdout by a
-    # thread of ray.init regardless of log_to_driver; the switch is the one Ray's debugger uses.
-    import ray._private.worker
-    ray._private.worker._worker_logs_enabled = False
-    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger("ray.tune.tune").addFilter(_not_incomplete_trials)  # once: the same function each call
-    logging.getLogger("ray.tune.execution.experiment_state").addFilter(_state_save_failures)
+    """Ray's own output is for --verbose: the CLI names each failed trial and its cause in one line at the end."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's newer output prints a configuration box even at verbose=0
+    os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"  # a failed trial's traceback, at every failure
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):  # e.g. Tune's closing "Trials did not complete"
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    state = logging.getLogger("ray.tune.execution.experiment_state")
+    state.setLevel(logging.ERROR)
+    state.addFilter(_state_save_failures)  # once: the same function each call
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    if not isinstance(sys.stdout, _MainThreadOnly):
+        sys.stdout = _MainThreadOnly(sys.stdout)
 
 
-def _not_incomplete_trials(record) -> bool:
-    """Tune's closing "Trials did not complete: [...]": the CLI names the failed trials and why."""
-    return not record.getMessage().startswith("Trials did not complete")
+class _MainThreadOnly:
+    """stdout without what other threads print: one of ray.init's prints the errors the nodes push to the
+    driver (a worker that died, with its traceback) whatever log_to_driver says."""
 
+    def __init__(self, stream):
+        self.stream = stream
 
-# Why Tune could not save the experiment's state to storage this run (its traceback is not printed;
-# the CLI says it in one line at the end): the last line of the exception, or None.
-STATE_SAVE_FAILURE = {"error": None}
+    def write(self, text):
+        return self.stream.write(text) if threading.current_thread() is threading.main_thread() else len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def _state_save_failures(record) -> bool:
@@ -55,36 +61,35 @@ def trial_label(config: dict) -> str:
 
 
 def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    if minutes >= 60:
+        return f"{minutes // 60}h{minutes % 60:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 class Progress(tune.Callback):
-    """One line per reported epoch; the time left is the epochs still to run over this session's rate."""
+    """Per reported epoch: the trial's variant, seed, epoch/epochs, test accuracy (validation under --val-size),
+    images/s, and the time left: the epochs still to run over this session's rate."""
 
     def __init__(self, epochs: int, n_trials: int):
         self.epochs, self.n_trials = epochs, n_trials
-        self.start, self.baseline = None, None
+        self.setup()
 
     def setup(self, **info):  # every run, also after Tuner.restore (which unpickles this object)
         self.start, self.baseline = time.monotonic(), None
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        done = {t.trial_id: t.last_result.get("epoch", 0) for t in trials}
-        done[trial.trial_id] = result.get("epoch", 0)
+        done = {t.trial_id: t.last_result.get("epoch", 0) for t in trials} | {trial.trial_id: result.get("epoch", 0)}
+        health = result.get(trainable.HEALTH_KEY, "ok")
         stopped = {t.trial_id for t in trials if t.status == "TERMINATED"}
-        if result.get(trainable.HEALTH_KEY, "ok") != "ok":
-            stopped.add(trial.trial_id)
+        stopped |= {trial.trial_id} if health != "ok" else set()
         epochs_done = sum(done.values())
         if self.baseline is None:  # epochs finished before this session (a resume) don't count toward the rate
-            self.baseline, self.start = epochs_done - 1, self.start or time.monotonic()
+            self.baseline = epochs_done - 1
         # Tune creates trials lazily under --max-concurrent: the ones not yet created are still to run
         left = (sum(self.epochs - e for tid, e in done.items() if tid not in stopped)
                 + self.epochs * max(0, self.n_trials - len(trials)))
         rate = (epochs_done - self.baseline) / max(time.monotonic() - self.start, 1e-9)
-        health = result.get(trainable.HEALTH_KEY, "ok")
         status = "" if health == "ok" else f"  STOPPED, {health}"
         split = "val" if trial.config.get("val_size") else "test"  # --val-size: scored on held-out training images
         print(f"{trial_label(trial.config):<22} epoch {result['epoch']}/{self.epochs}  "

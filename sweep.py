@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import cluster  # noqa: I001 (first: it sets Ray's token mode, which Ray reads once, at its import)
 import ray
 from ray import tune
 
-import cluster
 import config as config_lib
 import console
 import data as data_lib
