@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import boto3
@@ -18,7 +19,7 @@ import experiments
 import errors
 import train
 import tune_main
-from conftest import HANG_SECONDS, launch_until, wait_for
+from conftest import HANG_SECONDS, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,11 +76,15 @@ def test_ctrl_c_on_s3_saves_state_prints_the_resume_command_which_finishes_it_an
     storage = f"s3://{name}/results"
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
                "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", storage, "--name", "remote"]
-    # waits on events (the first checkpoint, the driver's exit), however long a loaded machine takes
-    driver = launch_until(command, lambda: any("/checkpoint_000000/" in k for k in _keys(client, name, "results/remote/")),
-                          "the first checkpoint on S3", cwd=tmp_path)
-    driver.send_signal(signal.SIGINT)  # what Ctrl-C sends; gn is still PENDING (Tune has not created it)
-    out, err = driver.communicate(timeout=HANG_SECONDS)
+    # waits on events (the driver's line for the first epoch: it has taken the report and its checkpoint in; the
+    # checkpoint on S3 alone may be one the driver has not registered), however long a loaded machine takes
+    with tempfile.TemporaryFile("w+") as stdout:  # not in tmp_path, which must stay empty
+        driver = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        wait_for(lambda: stdout.seek(0) == 0 and "epoch 1/2" in stdout.read(), driver, "the first reported epoch")
+        driver.send_signal(signal.SIGINT)  # what Ctrl-C sends; gn is still PENDING (Tune has not created it)
+        _, err = driver.communicate(timeout=HANG_SECONDS)
+        stdout.seek(0)
+        out = stdout.read()
     assert driver.returncode == errors.INTERRUPTED_EXIT, (out, err)
     assert "Traceback" not in out + err and "TypeError" not in out + err
     lines = err.strip().splitlines()  # the last two, whatever Ray may have written before them
