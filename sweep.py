@@ -323,10 +323,9 @@ def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal
     return 1 if failed or (diverged and sweep.stage != "tuning") else 0
 
 
-def run(sweep: SweepConfig, given: set) -> int:
-    """The sweep the flags ask for: launched, resumed, or a tuned comparison's two stages. The exit status."""
-    storage = experiments.resolve(sweep.storage_path)
-    experiments.check_storage(storage)
+def run(sweep: SweepConfig, given: set, storage: str) -> int:
+    """The sweep the flags ask for, under `storage` (checked: experiments.check_storage): launched, resumed, or a
+    tuned comparison's two stages. The exit status."""
     if sweep.resume:
         stage_name = sweep.name or experiments.latest_started(storage)
         launch = (experiments.read_launch(experiments.join(storage, stage_name))  # a comparison not past tuning: its

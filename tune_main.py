@@ -20,6 +20,7 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
     signal.signal(signal.SIGINT, _interrupted_while_loading)
 
 import config  # noqa: E402 (after the handler above)
+import experiments  # noqa: E402
 from errors import INTERRUPTED_EXIT, USAGE_EXIT, NormsweepError  # noqa: E402
 
 
@@ -34,9 +35,11 @@ def main(argv=None) -> int:
     sweep, given = parse_args(argv)
     try:
         config.check(sweep)  # before Ray, data or directories
-        import sweep as sweep_lib  # Ray: only for settings that passed
+        storage = experiments.resolve(sweep.storage_path)
+        experiments.check_storage(storage)
+        import sweep as sweep_lib  # Ray: only for settings and storage that passed
 
-        return sweep_lib.run(sweep, given)
+        return sweep_lib.run(sweep, given, storage)
     except NormsweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_EXIT
