@@ -1,11 +1,15 @@
-"""Datasets as in-memory tensors: what a dataset declares (`Spec`, dataset.json), reading MNIST's idx files,
-CIFAR-10's python batches or an image folder (a one-line DataError for bad input), the known datasets (Debian's
-Fashion-MNIST, torchvision's download); and the batch pipeline that feeds the training loop: seeded shuffling,
-normalisation and augmentation on the batch's device (no DataLoader, no workers)."""
+"""Datasets as in-memory tensors: what a dataset declares (`Spec`, dataset.json); reading MNIST's idx files,
+CIFAR-10's python batches or an image folder, and the known datasets (Debian's Fashion-MNIST, torchvision's
+download), each bad input refused in one line (DataError); and the batch pipeline of the training loop: seeded
+shuffling, normalisation and augmentation on the batch's device (no DataLoader, no workers)."""
 import contextlib
+import difflib
 import gzip
+import hashlib
+import io
 import json
 import math
+import os
 import pickle
 import struct
 import tempfile
@@ -56,10 +60,12 @@ IMAGE_MAGIC, LABEL_MAGIC = 0x803, 0x801  # unsigned byte data, 3 dims / 1 dim
 CIFAR_FOLDER, CIFAR_ARCHIVE = "cifar-10-batches-py", "cifar-10-python.tar.gz"  # as torchvision downloads it
 CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 IMAGE_FOLDER_SPLITS = ("train", "test")  # an image folder: root/train/<class>/*.png, root/test/<class>/*.png
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL image modes with one colour channel
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+GRAY_MODES = ("1", "L", "LA", "La")  # PIL's 8-bit modes with one colour channel; others are read as RGB
 DOWNLOADS = {"mnist": ("MNIST", "MNIST/raw"), "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw"),
              "cifar10": ("CIFAR10", CIFAR_FOLDER)}  # torchvision's dataset class, where its files land in --data-dir
 VAL_SIZE_HINT = "evaluate on held-out training images with --val-size N (which reads no test split)"
+LAYOUTS = "MNIST-format idx files, CIFAR-10 batches or class folders of images"
 
 
 @dataclass(eq=False, repr=False)
@@ -85,13 +91,23 @@ class Dataset:
     test_labels = property(lambda self: self._test()[1], doc="(M,) int64; DataError without a test split")
     channels = property(lambda self: self.train_images.shape[1])
     image_size = property(lambda self: tuple(self.train_images.shape[-2:]), doc="(H, W) in pixels")
-    nbytes = property(lambda self: sum(t.nbytes for t in vars(self).values() if isinstance(t, torch.Tensor)),
-                      doc="bytes of the images and labels in memory (both splits)")
+    nbytes = property(lambda self: sum(t.nbytes for t in self._tensors()), doc="bytes of images and labels in memory")
+
+    def _tensors(self) -> list:
+        return [t for t in (self.train_images, self.train_labels, self._test_images, self._test_labels) if t is not None]
 
     def _test(self) -> tuple:
         if self._test_images is None:
             raise DataError(f"{self.name}: no test split (read without it); {VAL_SIZE_HINT}")
         return self._test_images, self._test_labels
+
+    def fingerprint(self) -> str:
+        """sha256 (64 hex digits) of the class names and both splits' images and labels, shapes included: equal
+        exactly when a run would train and be scored on the same data (about 0.1 s for Fashion-MNIST)."""
+        digest = hashlib.sha256(json.dumps([self.classes, [list(t.shape) for t in self._tensors()]]).encode())
+        for tensor in self._tensors():
+            digest.update(tensor.contiguous().numpy())
+        return digest.hexdigest()
 
     def subset(self, n_train: int, n_test: int | None = None) -> "Dataset":
         """The first n_train / n_test (default: all) images, copied so that pickling ships only these."""
@@ -168,14 +184,14 @@ def _read_cifar_split(directory: Path, split: str) -> tuple:
     numpy arrays only, so a file that is not what it claims cannot run code; DataError otherwise."""
     images, labels = [], []
     for path in (directory / file for file in CIFAR_FILES[split]):
-        try:
-            with open(path, "rb") as f:
-                batch = _ArraysOnly(f, encoding="latin1").load()
+        try:  # from the file's bytes: a length the pickle claims is bounded by what the file holds
+            batch = _ArraysOnly(io.BytesIO(path.read_bytes()), encoding="latin1").load()
             labels.append(torch.as_tensor(np.asarray(batch["labels"], dtype=np.int64)))
             images.append(torch.from_numpy(np.asarray(batch["data"], np.uint8).reshape(len(labels[-1]), 3, 32, 32)))
-        except (pickle.UnpicklingError, EOFError, OSError, AttributeError, KeyError, ValueError, TypeError) as e:
-            raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e}); re-download or "
-                            f"re-copy the file") from None
+        except (pickle.UnpicklingError, EOFError, OSError, AttributeError, KeyError, ValueError, TypeError,
+                MemoryError) as e:  # MemoryError: a bytes object's claimed length is allocated before it is read
+            raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: "
+                            f"{e or 'a length larger than the file'}); re-download or re-copy the file") from None
     return torch.cat(images), torch.cat(labels)
 
 
@@ -190,79 +206,128 @@ class _ArraysOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data file")
 
 
-def _read_folder(directory: Path, splits: tuple) -> tuple:
-    """An image folder (torchvision's ImageFolder layout): [(images, labels) per split], and the class names: the
-    training split's folders, sorted (torchvision's order). Images (N, 1, H, W) uint8 when every image is grayscale,
-    else (N, 3, H, W) (grayscale repeated into R, G, B, alpha dropped); labels (N,) int64."""
-    from PIL import Image
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+def _printable(text) -> str:
+    """A file name or message as one printable line: bytes that are not UTF-8 (a latin-1 folder name) and control
+    characters (a newline) become backslash escapes, so what holds it (JSON, a figure, the console) takes it."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1]
+                   for c in os.fsencode(str(text)).decode("utf-8", "backslashreplace"))
 
-    samples, classes = [], None
+
+def _images(folder: Path) -> list:
+    """The image files under a class folder, in torchvision's ImageFolder order; hidden files and folders
+    (.ipynb_checkpoints, ._x.png) are not data. DataError for a folder link: one can loop or bring in other classes."""
+    found, folders = [], [folder]
+    for parent, subfolders, files in os.walk(folder):  # into no folder link: each is refused below
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        folders += [Path(parent, name) for name in subfolders]
+        found += [Path(parent, f) for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    link = next((path for path in folders if path.is_symlink()), None)
+    if link:
+        raise DataError(_printable(f"{link}: a link to a folder ({os.path.realpath(link)}); an image folder follows "
+                                   f"none (one can loop or bring in other classes' images): copy the images in, or "
+                                   f"link each image file"))
+    return sorted(found, key=lambda path: (str(path.parent), path.name))
+
+
+def _walk_folder(directory: Path, splits: tuple) -> tuple:
+    """An image folder's images without reading one: ([[(path, label), ...] per split], class names), the training
+    split's class folders sorted (torchvision's order), named _printable. DataError for fewer than two training
+    classes, a training class without images (a test split may lack some), a test class not trained, a folder link."""
+    samples, names = [], None
     for split in splits:
         root = directory / split
-        try:  # FileNotFoundError: no class folders, or a training class without images (an output never trained)
-            names = find_classes(str(root))[0]
-            unknown = sorted(set(names) - set(classes or names))
-            if unknown:
-                raise DataError(f"{root / unknown[0]}: class {unknown[0]!r} is not among the training classes "
-                                f"({', '.join(classes)}); rename it or add it to train/")
-            classes = classes or tuple(names)
-            samples.append(make_dataset(str(root), {n: classes.index(n) for n in names}, IMG_EXTENSIONS, None,
-                                        allow_empty=split != "train"))
-        except FileNotFoundError as e:
-            raise DataError(f"{root}: {str(e).strip().rstrip('.')}; add images or delete the empty folders (an "
-                            f"image folder holds {split}/<class>/<image>.png)") from None
-    n, samples, arrays = len(samples[0]), [s for split in samples for s in split], []
-    for path, _ in samples:
-        try:
-            with Image.open(path) as image:  # (H, W, 1) or (H, W, 3)
-                arrays.append(np.atleast_3d(np.asarray(image.convert("L" if image.mode in GRAY_MODES else "RGB"))))
-        except OSError as e:  # PIL's UnidentifiedImageError too
-            raise DataError(f"{path}: not a readable image ({type(e).__name__}); replace or delete it") from None
+        folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        unknown = sorted(set(folders) - set(names or folders))
+        if unknown:
+            raise DataError(_printable(f"{root / unknown[0]}: class {unknown[0]!r} is not among the training classes "
+                                       f"({', '.join(names)}); rename it or add it to train/"))
+        names = names or folders
+        if len(names) < 2:
+            raise DataError(_printable(f"{root}: {len(names)} class folder{'s' * (len(names) != 1)} "
+                                       f"({', '.join(names) or 'none'}); a classifier needs two or more, one "
+                                       f"folder of images per class"))
+        images = {name: _images(root / name) for name in folders}
+        empty = [name for name in folders if not images[name]]
+        if empty and (split == "train" or len(empty) == len(folders)):
+            raise DataError(_printable(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class folder"
+                                       f"{'s' * (len(empty) > 1)} {', '.join(empty)}; add images or delete the empty "
+                                       f"folders (an image folder holds {split}/<class>/<image>.png)"))
+        samples.append([(path, names.index(name)) for name in folders for path in images[name]])
+    return samples, tuple(map(_printable, names))
+
+
+def _decode(path: Path) -> np.ndarray:
+    """One image file, upright as its EXIF orientation says: (H, W, 1) uint8 for an image with one colour channel,
+    else (H, W, 3) (alpha dropped). 16-bit and 32-bit integer pixels are scaled from 0-65535, floating-point ones
+    from 0-1; one outside that range, or a file PIL cannot decode, is a DataError naming the file."""
+    from PIL import Image, ImageOps
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            full = 1.0 if image.mode == "F" else 65535 if image.mode == "I" or image.mode.startswith("I;16") else None
+            pixels = np.asarray(image if full else image.convert("L" if image.mode in GRAY_MODES else "RGB"))
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as e:
+        raise DataError(_printable(f"{path}: not a readable image ({type(e).__name__}: {e}); replace or delete it"))
+    if full is None:
+        return np.atleast_3d(pixels)
+    if not 0 <= pixels.min() <= pixels.max() <= full:  # NaN fails too
+        raise DataError(_printable(f"{path}: {image.mode} pixel values from {pixels.min():g} to {pixels.max():g}, "
+                                   f"outside the 0 to {full:g} that such an image's full scale is read as; save the "
+                                   f"images as 8-bit, or scale them into that range"))
+    return np.rint(pixels * (255 / full)).astype(np.uint8)[..., None]
+
+
+def _read_folder(samples: list) -> list:
+    """[(images (N, C, H, W) uint8, labels (N,) int64) per split] of _walk_folder's samples: C is 1 when every image
+    is grayscale, else 3 (grayscale repeated into R, G, B). DataError naming an image of another size."""
+    flat = [sample for split in samples for sample in split]
+    arrays = [_decode(path) for path, _ in flat]
     sizes = [a.shape[:2] for a in arrays]
     common = max(set(sizes), key=sizes.count)
-    for (path, _), (height, width) in zip(samples, sizes):
+    for (path, _), (height, width) in zip(flat, sizes):
         if (height, width) != common:
-            raise DataError(f"{path}: {width}x{height} pixels, the other images {common[1]}x{common[0]} pixels; "
-                            f"resize the images to one size")
-    channels = max(a.shape[2] for a in arrays)  # colour anywhere: RGB throughout, grayscale repeated into R, G, B
+            raise DataError(_printable(f"{path}: {width}x{height} pixels, the other images {common[1]}x{common[0]} "
+                                       f"pixels; resize the images to one size"))
+    channels = max(a.shape[2] for a in arrays)
     images = torch.from_numpy(np.stack([np.broadcast_to(a, (*common, channels)) for a in arrays]))
-    images, labels = images.permute(0, 3, 1, 2).contiguous(), torch.tensor([label for _, label in samples])
-    return [(images[:n], labels[:n]), (images[n:], labels[n:])][:len(splits)], classes
+    images, labels, n = images.permute(0, 3, 1, 2).contiguous(), torch.tensor([y for _, y in flat]), len(samples[0])
+    return [(images[:n], labels[:n]), (images[n:], labels[n:])][:len(samples)]
 
 
-def _layout(directory: Path) -> tuple:
-    """Which layout `directory` holds ("idx", "cifar" or "folder"), whether it has a test split, and how an
-    error names that split's files. DataError for none (naming a torchvision download root's dataset)."""
+def _survey(directory: Path, test_split: bool, spec: Spec | None = None) -> tuple:
+    """What `directory` holds, checked without reading its data: (kind "idx", "cifar" or "folder", its splits, the
+    Spec it declares or `spec`, an image folder's _walk_folder or None). DataError for no dataset (naming a
+    torchvision download root's), no test split where one is needed, a bad declaration or image folder."""
     if any(_idx_file(directory, stem) for stem in IDX_STEMS):
-        return ("idx", any(_idx_file(directory, stem) for stem in SPLIT_FILES["test"]),
-                ", ".join(stem + "[.gz]" for stem in SPLIT_FILES["test"]))
-    if (directory / CIFAR_FILES["train"][0]).is_file():
-        return "cifar", (directory / CIFAR_FILES["test"][0]).exists(), CIFAR_FILES["test"][0]
-    if (directory / IMAGE_FOLDER_SPLITS[0]).is_dir():
-        return "folder", (directory / IMAGE_FOLDER_SPLITS[1]).exists(), "test/<class>/ folders"
-    for known, (_, folder) in DOWNLOADS.items():  # a torchvision download root (root/MNIST/raw), or root/MNIST
-        root = directory.parent if directory.name == Path(folder).parts[0] else directory
-        if _complete(root / folder):
-            raise DataError(f"{directory}: no dataset here, but torchvision's download of {known} is in "
-                            f"{root / folder}; --dataset {known} --data-dir {root} reads it")
-    raise DataError(f"{directory}: no dataset here; a data directory holds MNIST's four idx files, CIFAR-10's "
-                    f"python batches (a {CIFAR_FOLDER} folder) or images in train/<class>/ and test/<class>/ folders")
+        kind, has_test = "idx", any(_idx_file(directory, stem) for stem in SPLIT_FILES["test"])
+        test_files = ", ".join(stem + "[.gz]" for stem in SPLIT_FILES["test"])
+    elif (directory / CIFAR_FILES["train"][0]).is_file():
+        kind, has_test, test_files = "cifar", (directory / CIFAR_FILES["test"][0]).exists(), CIFAR_FILES["test"][0]
+    elif (directory / IMAGE_FOLDER_SPLITS[0]).is_dir():
+        kind, has_test, test_files = "folder", (directory / IMAGE_FOLDER_SPLITS[1]).is_dir(), "test/<class>/ folders"
+    else:
+        for known, (_, folder) in DOWNLOADS.items():  # a torchvision download root (root/MNIST/raw), or root/MNIST
+            root = directory.parent if directory.name == Path(folder).parts[0] else directory
+            if _complete(root / folder):
+                raise DataError(f"{directory}: no dataset here, but torchvision's download of {known} is in "
+                                f"{root / folder}; --dataset {known} --data-dir {root} reads it")
+        raise DataError(f"{directory}: no dataset here; a data directory holds MNIST's four idx files, CIFAR-10's "
+                        f"python batches (a {CIFAR_FOLDER} folder) or images in train/<class>/ and test/<class>/ folders")
+    default = SPECS["cifar10"] if kind == "cifar" else UNDECLARED  # CIFAR batches are CIFAR-10 unless declared
+    declared = spec or read_declaration(directory, image_folder=kind == "folder", default=default)
+    if not has_test and test_split:
+        raise DataError(f"{directory}: no test split ({test_files}); add the test files, or {VAL_SIZE_HINT}")
+    splits = IMAGE_FOLDER_SPLITS[:1 + has_test]
+    return kind, splits, declared, _walk_folder(directory, splits) if kind == "folder" else None
 
 
 def read_directory(directory, name: str, spec: Spec | None = None, test_split: bool = True) -> Dataset:
     """The dataset in `directory` (idx files, CIFAR batches or an image folder), declaring `spec` or else its
     DECLARATION; test_split=False: it may lack a test split. Raises DataError, one line, for bad input."""
     directory = Path(directory)
-    kind, has_test, test_files = _layout(directory)
-    default = SPECS["cifar10"] if kind == "cifar" else UNDECLARED  # CIFAR batches are CIFAR-10 unless declared
-    declared = spec or read_declaration(directory, image_folder=kind == "folder", default=default)
-    if not has_test and test_split:
-        raise DataError(f"{directory}: no test split ({test_files}); add the test files, or {VAL_SIZE_HINT}")
-    splits = IMAGE_FOLDER_SPLITS[:1 + has_test]
+    kind, splits, declared, walked = _survey(directory, test_split, spec)
     if kind == "folder":  # its class folders name the classes
-        read, classes = _read_folder(directory, splits)
-        declared = replace(declared, classes=classes)
+        read, declared = _read_folder(walked[0]), replace(declared, classes=walked[1])
     else:
         read = [(_read_idx_split if kind == "idx" else _read_cifar_split)(directory, split) for split in splits]
     (train_x, train_y), (test_x, test_y) = [*read, (None, None)][:2]
@@ -325,20 +390,38 @@ def read_declaration(directory, image_folder: bool = False, default: Spec = UNDE
     return replace(SPECS[declared["source"]] if "source" in declared else default, **fields)
 
 
+def _directory(name: str) -> Path:
+    """The directory `--dataset name` names; DataError for none (a mistyped known name: which one was meant)."""
+    directory = Path(name).expanduser()
+    if directory.is_dir():
+        return directory
+    close = difflib.get_close_matches(name.lower(), DATASETS, n=1) if os.sep not in name else []
+    if close and not directory.exists():
+        raise DataError(f"unknown dataset {name!r} (and no such directory); did you mean {close[0]}?")
+    raise DataError(f"{'not a directory' if directory.exists() else 'no such directory'}: {name}; --dataset takes "
+                    f"{', '.join(DATASETS)} or a directory of {LAYOUTS}")
+
+
+def check_dataset(name: str, test_split: bool = True) -> None:
+    """Refuse what `--dataset name` cannot read before anything expensive starts (Ray): a directory's layout,
+    declaration and image folders, without reading data. DataError, one line; a known dataset passes."""
+    if name not in SPECS:
+        _survey(_directory(name), test_split)
+
+
 def load_dataset(name: str, data_dir="data", test_split: bool = True) -> Dataset:
     """A known dataset (DATASETS: Debian's Fashion-MNIST where installed, else torchvision's download into data_dir)
     or a directory (read_directory; test_split=False lets it lack a test split). DataError, one line, for bad input."""
-    data_dir, directory = Path(data_dir), Path(name)
+    data_dir = Path(data_dir)
     if name in SPECS:
         debian = name == "fashion-mnist" and _complete(DEBIAN_FASHION_DIR)
         return read_directory(DEBIAN_FASHION_DIR if debian else _download(name, data_dir), name, SPECS[name])
-    if not directory.is_dir():
-        raise DataError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)} or a directory of "
-                        f"MNIST-format idx files, CIFAR-10 batches or class folders of images")
+    directory = _directory(name)
     # a known dataset's files given as a directory (Debian's, or where --data-dir holds its download)
     places = {DEBIAN_FASHION_DIR: "fashion-mnist", **{data_dir / folder: k for k, (_, folder) in DOWNLOADS.items()}}
     known = next((known for place, known in places.items() if place.resolve() == directory.resolve()), None)
     return read_directory(directory, known or directory.name, known and SPECS[known], test_split)
+
 
 
 def _download(name: str, data_dir: Path) -> Path:

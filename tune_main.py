@@ -20,6 +20,7 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
     signal.signal(signal.SIGINT, _interrupted_while_loading)
 
 import config  # noqa: E402 (after the handler above)
+import data  # noqa: E402
 import experiments  # noqa: E402
 from errors import INTERRUPTED_EXIT, USAGE_EXIT, NormsweepError  # noqa: E402
 
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     sweep, given = parse_args(argv)
     try:
         config.check(sweep)  # before Ray, data or directories
+        if not sweep.resume:  # a resume reads the dataset its launch saved
+            data.check_dataset(sweep.dataset, test_split=not sweep.val_size)
         storage = experiments.resolve(sweep.storage_path)
         experiments.check_storage(storage)
         import sweep as sweep_lib  # Ray: only for settings and storage that passed

@@ -80,7 +80,8 @@ def test_splits_of_different_image_sizes(idx_dir):
 def test_missing_file_and_unknown_name(idx_dir, tmp_path):
     _path(idx_dir).unlink()
     _expect_one_line(idx_dir, "no train-images-idx3-ubyte")
-    with pytest.raises(data_lib.DataError, match="unknown dataset 'cifar'; use one of mnist, fashion-mnist"):
+    with pytest.raises(data_lib.DataError, match=r"^unknown dataset 'cifar' \(and no such directory\); did you mean "
+                                                 r"cifar10\?$"):
         data_lib.load_dataset("cifar")
 
 

@@ -136,9 +136,9 @@ def test_grayscale_folders_are_one_channel_and_a_mixed_folder_is_rgb(tmp_path):
     ("corrupt", r"train/cat/0.png: not a readable image .*replace or delete it"),
     ("unknown test class", r"test/bee: class 'bee' is not among the training classes \(ant, cat, dog\)"),
     ("declared classes", r"dataset.json: an image folder's class names are its class folders' names; drop classes"),
-    ("no images", r"train: Found no valid file for the classes ant, cat, dog\. .*\.png.*; add images or delete"),
-    ("empty class", r"train: Found no valid file for the classes cat\. .*\.png.*; add images or delete the empty"),
-    ("class of other files", r"train: Found no valid file for the classes dog\. .*; add images or delete the empty"),
+    ("no images", r"train: no images \(.*\.png.*\) in class folders ant, cat, dog; add images or delete"),
+    ("empty class", r"train: no images \(.*\.png.*\) in class folder cat; add images or delete the empty"),
+    ("class of other files", r"train: no images \(.*\) in class folder dog; add images or delete the empty"),
 ])
 def test_a_broken_image_folder_gets_one_line_naming_what_to_fix(tmp_path, damage, expected):
     root = tmp_path / "pets"
