@@ -272,8 +272,8 @@ def _decode(path: Path) -> np.ndarray:
         return np.atleast_3d(pixels)
     if not 0 <= pixels.min() <= pixels.max() <= full:  # NaN fails too
         raise DataError(_printable(f"{path}: {image.mode} pixel values from {pixels.min():g} to {pixels.max():g}, "
-                                   f"outside the 0 to {full:g} that such an image's full scale is read as; save the "
-                                   f"images as 8-bit, or scale them into that range"))
+                                   f"but such pixels are read as 0 (black) to {full:g} (white); scale the images into "
+                                   f"that range, or save them as 8-bit"))
     return np.rint(pixels * (255 / full)).astype(np.uint8)[..., None]
 
 

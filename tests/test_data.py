@@ -85,6 +85,51 @@ def test_missing_file_and_unknown_name(idx_dir, tmp_path):
         data_lib.load_dataset("cifar")
 
 
+@pytest.mark.parametrize("dataset, message", [
+    ("fashion_mnist", "unknown dataset 'fashion_mnist' (and no such directory); did you mean fashion-mnist?"),
+    ("data/fmnist4k", "no such directory: data/fmnist4k; --dataset takes mnist, fashion-mnist, cifar10 or a directory "
+                      "of MNIST-format idx files, CIFAR-10 batches or class folders of images"),
+    ("notes.txt", "not a directory: notes.txt; --dataset takes mnist"),
+    ("empty", "empty: no dataset here; a data directory holds MNIST's four idx files"),
+    ("one-class", "one-class/train: 1 class folder (cat); a classifier needs two or more"),
+], ids=["mistyped name", "missing directory", "a file", "a directory that is no dataset", "one class"])
+@pytest.mark.parametrize("program", ["tune", "train"])
+def test_a_dataset_that_cannot_be_read_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys, program, dataset,
+                                                                     message):
+    import train
+    import tune_main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not data")
+    (tmp_path / "empty").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "one-class" / split / "cat").mkdir(parents=True)
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing Ray, or the sweep that imports it, raises ImportError
+    monkeypatch.setitem(sys.modules, "sweep", None)
+    if program == "tune":  # train.py reads the data where it checks it
+        monkeypatch.setattr(data_lib, "read_directory", lambda *a, **k: pytest.fail("data read before the check"))
+    main, extra = (tune_main.main, ["--storage-path", str(tmp_path / "results")]) if program == "tune" else (train.main, [])
+    assert main(["--dataset", dataset, *extra]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_fingerprint_changes_with_any_pixel_label_or_class_name(tmp_path):
+    import pickle
+
+    directory = make_idx_dir(tmp_path / "idx", n_train=64, n_test=32)
+    dataset = data_lib.load_dataset(str(directory))
+    fingerprint = dataset.fingerprint()
+    assert len(fingerprint) == 64 and data_lib.load_dataset(str(directory)).fingerprint() == fingerprint
+    assert pickle.loads(pickle.dumps(dataset, protocol=5)).fingerprint() == fingerprint  # as a trial receives it
+    assert dataset.subset(64, 31).fingerprint() != fingerprint
+    changed = [dataset.subset(64), dataset.subset(64), dataset.subset(64)]
+    changed[0].train_images[5, 0, 3, 3] ^= 1
+    changed[1].test_labels[0] = (changed[1].test_labels[0] + 1) % 10
+    changed[2].classes = ("zero", *dataset.classes[1:])
+    assert len({fingerprint, *(d.fingerprint() for d in changed)}) == 4
+
+
 def _tree(root: Path) -> list:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 

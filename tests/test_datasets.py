@@ -2,10 +2,14 @@
 image folders (colour and grayscale), per-channel statistics, and sweeps of ResNet-20 and a user's
 torchvision ResNet on them, end to end."""
 import io
+import json
 import os
 import pickle
+import shutil
+import struct
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -83,6 +87,20 @@ def test_a_cifar_batch_that_would_run_code_or_is_cut_short_gets_one_line(tmp_pat
     (folder / "data_batch_3").write_bytes(whole[:len(whole) // 2])
     with pytest.raises(data_lib.DataError, match=r"data_batch_3: not a CIFAR-10 python batch \(\w+"):
         data_lib.load_dataset(str(folder))
+
+
+@pytest.mark.parametrize("opcode", [b"\x8d", b"\x8e"], ids=["a 2**62-byte string", "2**62 bytes"])
+def test_a_cifar_batch_claiming_more_than_it_holds_gets_one_line(tmp_path, opcode):
+    folder = tmp_path / "cifar"
+    folder.mkdir()
+    for name in [*data_lib.CIFAR_FILES["train"], "test_batch"]:
+        (folder / name).write_bytes(pickle.dumps(_cifar_batch(2, 0), protocol=2))
+    # protocol 4: a dict, then a string (BINUNICODE8) or bytes (BINBYTES8) whose 8-byte length says 2**62
+    (folder / "data_batch_2").write_bytes(b"\x80\x04}\x94" + opcode + (2 ** 62).to_bytes(8, "little") + b"abc")
+    with pytest.raises(data_lib.DataError, match=r"data_batch_2: not a CIFAR-10 python batch \((UnpicklingError|"
+                                                 r"MemoryError): .*\); re-download or re-copy the file$") as info:
+        data_lib.load_dataset(str(folder))
+    assert "\n" not in str(info.value)
 
 
 def write_image_folder(root: Path, classes=("cat", "dog", "ant"), per_class=(6, 3), size=(12, 10), mode="RGB",
@@ -164,6 +182,135 @@ def test_a_broken_image_folder_gets_one_line_naming_what_to_fix(tmp_path, damage
     with pytest.raises(data_lib.DataError, match=expected) as info:
         data_lib.load_dataset(str(root))
     assert "\n" not in str(info.value)
+
+
+def _two_classes(root: Path) -> Path:
+    """A grayscale 12x10 image folder of classes ant and cat, two training and one test image each."""
+    write_image_folder(root, classes=("ant", "cat"), per_class=(2, 1), mode="L")
+    return root
+
+
+def _replace_first(root: Path, image: Image.Image, suffix=".png", **save) -> Path:
+    """train/ant/0.png (the first training image) replaced by `image` saved as `suffix`."""
+    (root / "train" / "ant" / "0.png").unlink()
+    image.save(root / "train" / "ant" / f"0{suffix}", **save)
+    return root / "train" / "ant" / f"0{suffix}"
+
+
+PIXELS = np.random.default_rng(1).random((10, 12))  # in [0, 1), one 12x10 image
+
+
+@pytest.mark.parametrize("image, suffix, expected", [
+    (Image.fromarray((PIXELS * 65535).astype(np.uint16)), ".png", (PIXELS * 65535).astype(np.uint16) / 65535),
+    (Image.fromarray((PIXELS * 65535).astype(">u2")), ".tif", (PIXELS * 65535).astype(np.uint16) / 65535),  # I;16B
+    (Image.fromarray(PIXELS.astype(np.float32)), ".tif", PIXELS.astype(np.float32)),
+], ids=["16-bit grayscale PNG", "16-bit big-endian TIFF", "float TIFF in [0, 1]"])
+def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path, image, suffix, expected):
+    root = _two_classes(tmp_path / "deep")
+    _replace_first(root, image, suffix)
+    dataset = data_lib.load_dataset(str(root))
+    assert dataset.channels == 1
+    assert np.array_equal(dataset.train_images[0, 0].numpy(), np.rint(expected * 255).astype(np.uint8))
+
+
+def test_float_pixels_outside_0_1_are_refused_naming_the_file(tmp_path):
+    root = _two_classes(tmp_path / "floats")
+    path = _replace_first(root, Image.fromarray((PIXELS * 255).astype(np.float32)), ".tif")
+    with pytest.raises(data_lib.DataError, match=rf"^{path}: F pixel values from [\d.]+ to 25[\d.]+, but such pixels are "
+                                                 rf"read as 0 \(black\) to 1 \(white\); scale the images into that range"):
+        data_lib.load_dataset(str(root))
+
+
+@pytest.mark.parametrize("orientation, upright", [(6, lambda a: np.rot90(a, -1)), (3, lambda a: np.rot90(a, 2))],
+                         ids=["rotate 90 (stored 10x12)", "rotate 180"])
+def test_exif_orientation_is_applied_before_the_size_check(tmp_path, orientation, upright):
+    root = _two_classes(tmp_path / "photos")
+    shown = (PIXELS * 255).astype(np.uint8)  # 12x10, as the other images
+    stored = np.ascontiguousarray(np.rot90(shown, 1) if orientation == 6 else np.rot90(shown, 2))
+    assert np.array_equal(upright(stored), shown)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # a camera's Orientation tag: how a viewer turns the stored pixels
+    _replace_first(root, Image.fromarray(stored), exif=exif)
+    dataset = data_lib.load_dataset(str(root))
+    assert np.array_equal(dataset.train_images[0, 0].numpy(), shown)
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _garbled_png() -> bytes:
+    """A 12x10 PNG whose image data is split in two chunks, the second's type garbled (PIL: SyntaxError)."""
+    buffer = io.BytesIO()
+    Image.fromarray((PIXELS * 255).astype(np.uint8)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    start = png.index(b"IDAT") - 4
+    length = struct.unpack(">I", png[start:start + 4])[0]
+    pixels = png[start + 8:start + 8 + length]
+    garbled = _png_chunk(b"IDAT", pixels[:20]) + struct.pack(">I", length - 20) + b"ID\xffT" + pixels[20:] + b"0000"
+    return png[:start] + garbled + png[start + 12 + length:]
+
+
+def _bomb_png() -> bytes:
+    """A 20000x9100 (182-megapixel) grayscale PNG header: more pixels than PIL opens."""
+    header = struct.pack(">IIBBBBB", 20000, 9100, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"")) + \
+        _png_chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("content, problem", [
+    (_garbled_png(), r"SyntaxError: broken PNG file"),
+    (_bomb_png(), r"DecompressionBombError: Image size \(182000000 pixels\) exceeds limit"),
+], ids=["garbled chunk", "decompression bomb"])
+def test_a_file_pil_refuses_is_one_line_naming_it(tmp_path, content, problem):
+    root = _two_classes(tmp_path / "broken")
+    path = root / "train" / "cat" / "1.png"
+    path.write_bytes(content)
+    with pytest.raises(data_lib.DataError, match=rf"^{path}: not a readable image \({problem}.*; replace or delete "
+                                                 rf"it$") as info:
+        data_lib.load_dataset(str(root))
+    assert "\n" not in str(info.value)
+
+
+def test_hidden_files_and_folders_are_not_data(tmp_path):
+    root = _two_classes(tmp_path / "notebook")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(root / "train" / "ant" / "0.png", root / "train" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    (root / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # AppleDouble
+    (root / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    dataset = data_lib.load_dataset(str(root))
+    assert dataset.classes == ("ant", "cat") and dataset.train_labels.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("link, target", [("train/ant/up", ".."), ("train/bee", "../../elsewhere")],
+                         ids=["a loop inside a class", "a class folder linked outside"])
+def test_a_folder_link_is_refused_in_one_line_naming_it(tmp_path, link, target):
+    root = _two_classes(tmp_path / "linked")
+    write_image_folder(tmp_path / "elsewhere", classes=("bee",), per_class=(2, 0), mode="L")
+    (root / link).symlink_to(target, target_is_directory=True)
+    with pytest.raises(data_lib.DataError, match=rf"^{root / link}: a link to a folder \(.*\); an image folder follows "
+                                                 rf"none \(one can loop or bring in other classes' images\)") as info:
+        data_lib.load_dataset(str(root))
+    assert "\n" not in str(info.value)
+
+
+def test_fewer_than_two_classes_are_refused(tmp_path):
+    root = tmp_path / "one"
+    write_image_folder(root, classes=("cat",), per_class=(2, 1), mode="L")
+    with pytest.raises(data_lib.DataError, match=rf"^{root / 'train'}: 1 class folder \(cat\); a classifier needs two "
+                                                 rf"or more, one folder of images per class$"):
+        data_lib.load_dataset(str(root))
+
+
+@pytest.mark.parametrize("folder, shown", [(b"caf\xe9", "caf\\xe9"), (b"a\nb", "a\\nb"), (b"$x^2$ & \xc3\xa9", "$x^2$ & é")],
+                         ids=["latin-1", "newline", "dollars and UTF-8"])
+def test_any_class_folder_name_is_a_printable_json_safe_class_name(tmp_path, folder, shown):
+    root = _two_classes(tmp_path / "names")
+    for split in ("train", "test"):
+        os.rename(os.fsencode(root / split / "cat"), os.fsencode(root / split) + b"/" + folder)
+    dataset = data_lib.load_dataset(str(root))
+    assert set(dataset.classes) == {"ant", shown} and all(name.isprintable() for name in dataset.classes)
+    assert json.loads(json.dumps(dataset.classes).encode("utf-8")) == list(dataset.classes)
 
 
 def test_a_declaration_sets_a_folders_augmentation_and_statistics(tmp_path):
