@@ -1,7 +1,6 @@
-"""Datasets as in-memory tensors: what a dataset declares (`Spec`, dataset.json); reading MNIST's idx files,
-CIFAR-10's python batches or an image folder, and the known datasets (Debian's Fashion-MNIST, torchvision's
-download), each bad input refused in one line (DataError); and the batch pipeline of the training loop: seeded
-shuffling, normalisation and augmentation on the batch's device (no DataLoader, no workers)."""
+"""Datasets as in-memory tensors: what a dataset declares (`Spec`, dataset.json); reading MNIST's idx files, CIFAR-10's
+python batches or an image folder, and the known datasets (Debian's Fashion-MNIST, torchvision's download), bad input
+refused in one line (DataError); the batch pipeline: seeded shuffling, normalisation, augmentation on the device."""
 import contextlib
 import difflib
 import gzip
@@ -61,11 +60,11 @@ CIFAR_FOLDER, CIFAR_ARCHIVE = "cifar-10-batches-py", "cifar-10-python.tar.gz"  #
 CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 IMAGE_FOLDER_SPLITS = ("train", "test")  # an image folder: root/train/<class>/*.png, root/test/<class>/*.png
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
-GRAY_MODES = ("1", "L", "LA", "La")  # PIL's 8-bit modes with one colour channel; others are read as RGB
+GRAY_MODES = ("1", "L", "LA", "La")  # PIL's 8-bit modes with one colour channel; the others are read as RGB
 DOWNLOADS = {"mnist": ("MNIST", "MNIST/raw"), "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw"),
              "cifar10": ("CIFAR10", CIFAR_FOLDER)}  # torchvision's dataset class, where its files land in --data-dir
 VAL_SIZE_HINT = "evaluate on held-out training images with --val-size N (which reads no test split)"
-LAYOUTS = "MNIST-format idx files, CIFAR-10 batches or class folders of images"
+SPLITS = ("train_images", "train_labels", "_test_images", "_test_labels")
 
 
 @dataclass(eq=False, repr=False)
@@ -91,10 +90,8 @@ class Dataset:
     test_labels = property(lambda self: self._test()[1], doc="(M,) int64; DataError without a test split")
     channels = property(lambda self: self.train_images.shape[1])
     image_size = property(lambda self: tuple(self.train_images.shape[-2:]), doc="(H, W) in pixels")
-    nbytes = property(lambda self: sum(t.nbytes for t in self._tensors()), doc="bytes of images and labels in memory")
-
-    def _tensors(self) -> list:
-        return [t for t in (self.train_images, self.train_labels, self._test_images, self._test_labels) if t is not None]
+    tensors = property(lambda self: [t for t in map(self.__getattribute__, SPLITS) if t is not None])
+    nbytes = property(lambda self: sum(t.nbytes for t in self.tensors), doc="bytes of the images and labels")
 
     def _test(self) -> tuple:
         if self._test_images is None:
@@ -102,23 +99,21 @@ class Dataset:
         return self._test_images, self._test_labels
 
     def fingerprint(self) -> str:
-        """sha256 (64 hex digits) of the class names and both splits' images and labels, shapes included: equal
-        exactly when a run would train and be scored on the same data (about 0.1 s for Fashion-MNIST)."""
-        digest = hashlib.sha256(json.dumps([self.classes, [list(t.shape) for t in self._tensors()]]).encode())
-        for tensor in self._tensors():
+        """sha256 (64 hex digits) of the class names, shapes, images and labels: equal where a run trains and is
+        scored on the same data (0.1 s for Fashion-MNIST)."""
+        digest = hashlib.sha256(json.dumps([self.classes, [list(t.shape) for t in self.tensors]]).encode())
+        for tensor in self.tensors:
             digest.update(tensor.contiguous().numpy())
         return digest.hexdigest()
 
     def subset(self, n_train: int, n_test: int | None = None) -> "Dataset":
         """The first n_train / n_test (default: all) images, copied so that pickling ships only these."""
-        stops = {"train_images": n_train, "train_labels": n_train, "_test_images": n_test, "_test_labels": n_test}
         return replace(self, **{key: None if getattr(self, key) is None else getattr(self, key)[:n].clone()
-                                for key, n in stops.items()})
+                                for key, n in zip(SPLITS, (n_train, n_train, n_test, n_test))})
 
     def held_out(self, size: int) -> "Dataset":
         """`size` training images held out in the test split's place (validation_split, VALIDATION_SEED)."""
-        split = validation_split(self.train_images, self.train_labels, size)
-        return replace(self, **dict(zip(("train_images", "train_labels", "_test_images", "_test_labels"), split)))
+        return replace(self, **dict(zip(SPLITS, validation_split(self.train_images, self.train_labels, size))))
 
     def __reduce__(self):
         # As numpy arrays, which pickle protocol 5 hands over as out-of-band buffers: through Ray's object store
@@ -184,12 +179,12 @@ def _read_cifar_split(directory: Path, split: str) -> tuple:
     numpy arrays only, so a file that is not what it claims cannot run code; DataError otherwise."""
     images, labels = [], []
     for path in (directory / file for file in CIFAR_FILES[split]):
-        try:  # from the file's bytes: a length the pickle claims is bounded by what the file holds
+        try:  # from the file's bytes: a string's length is bounded by what the file holds
             batch = _ArraysOnly(io.BytesIO(path.read_bytes()), encoding="latin1").load()
             labels.append(torch.as_tensor(np.asarray(batch["labels"], dtype=np.int64)))
             images.append(torch.from_numpy(np.asarray(batch["data"], np.uint8).reshape(len(labels[-1]), 3, 32, 32)))
         except (pickle.UnpicklingError, EOFError, OSError, AttributeError, KeyError, ValueError, TypeError,
-                MemoryError) as e:  # MemoryError: a bytes object's claimed length is allocated before it is read
+                MemoryError) as e:  # MemoryError: a bytes object's length is allocated before it is read
             raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: "
                             f"{e or 'a length larger than the file'}); re-download or re-copy the file") from None
     return torch.cat(images), torch.cat(labels)
@@ -207,59 +202,55 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def _printable(text) -> str:
-    """A file name or message as one printable line: bytes that are not UTF-8 (a latin-1 folder name) and control
-    characters (a newline) become backslash escapes, so what holds it (JSON, a figure, the console) takes it."""
+    """A name or message as one printable line: bytes that are not UTF-8 (a latin-1 folder name) and control
+    characters (a newline) become backslash escapes, which JSON, a figure and the console take."""
     return "".join(c if c.isprintable() else repr(c)[1:-1]
                    for c in os.fsencode(str(text)).decode("utf-8", "backslashreplace"))
 
 
-def _images(folder: Path) -> list:
-    """The image files under a class folder, in torchvision's ImageFolder order; hidden files and folders
-    (.ipynb_checkpoints, ._x.png) are not data. DataError for a folder link: one can loop or bring in other classes."""
-    found, folders = [], [folder]
-    for parent, subfolders, files in os.walk(folder):  # into no folder link: each is refused below
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        folders += [Path(parent, name) for name in subfolders]
-        found += [Path(parent, f) for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
-    link = next((path for path in folders if path.is_symlink()), None)
-    if link:
-        raise DataError(_printable(f"{link}: a link to a folder ({os.path.realpath(link)}); an image folder follows "
-                                   f"none (one can loop or bring in other classes' images): copy the images in, or "
-                                   f"link each image file"))
-    return sorted(found, key=lambda path: (str(path.parent), path.name))
-
-
 def _walk_folder(directory: Path, splits: tuple) -> tuple:
-    """An image folder's images without reading one: ([[(path, label), ...] per split], class names), the training
-    split's class folders sorted (torchvision's order), named _printable. DataError for fewer than two training
-    classes, a training class without images (a test split may lack some), a test class not trained, a folder link."""
+    """An image folder's files, in torchvision's ImageFolder order, none read: ([[(path, label), ...] per split],
+    the class names: the training split's folders, sorted, made _printable). Hidden files and folders
+    (.ipynb_checkpoints, ._x.png) are not data; no folder link is followed. DataError for a folder link (one can
+    loop or bring in other classes), fewer than two classes, a training class without images, an unknown test class."""
     samples, names = [], None
     for split in splits:
-        root = directory / split
+        root, images = directory / split, {}
         folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-        unknown = sorted(set(folders) - set(names or folders))
+        unknown, names = sorted(set(folders) - set(names or folders)), names or folders
         if unknown:
             raise DataError(_printable(f"{root / unknown[0]}: class {unknown[0]!r} is not among the training classes "
                                        f"({', '.join(names)}); rename it or add it to train/"))
-        names = names or folders
         if len(names) < 2:
             raise DataError(_printable(f"{root}: {len(names)} class folder{'s' * (len(names) != 1)} "
-                                       f"({', '.join(names) or 'none'}); a classifier needs two or more, one "
-                                       f"folder of images per class"))
-        images = {name: _images(root / name) for name in folders}
-        empty = [name for name in folders if not images[name]]
+                                       f"({', '.join(names) or 'none'}); a classifier needs two or more, one folder of "
+                                       f"images per class"))
+        for name in folders:
+            images[name], subfolders = [], [root / name]
+            for parent, below, files in os.walk(root / name):  # lists a folder link in `below`, enters none
+                below[:] = [folder for folder in below if not folder.startswith(".")]
+                subfolders += [Path(parent, folder) for folder in below]
+                images[name] += [Path(parent, file) for file in files
+                                 if not file.startswith(".") and file.lower().endswith(IMAGE_EXTENSIONS)]
+            link = next((folder for folder in subfolders if folder.is_symlink()), None)
+            if link:
+                raise DataError(_printable(f"{link}: a link to a folder ({os.path.realpath(link)}); an image folder "
+                                           f"follows none (one can loop or bring in other classes' images): copy the "
+                                           f"images in, or link each image file"))
+        empty = [name for name in folders if not images[name]]  # a test split may lack some classes, not all
         if empty and (split == "train" or len(empty) == len(folders)):
             raise DataError(_printable(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class folder"
                                        f"{'s' * (len(empty) > 1)} {', '.join(empty)}; add images or delete the empty "
                                        f"folders (an image folder holds {split}/<class>/<image>.png)"))
-        samples.append([(path, names.index(name)) for name in folders for path in images[name]])
+        samples.append([(path, names.index(name)) for name in folders for path in
+                        sorted(images[name], key=lambda path: (str(path.parent), path.name))])
     return samples, tuple(map(_printable, names))
 
 
 def _decode(path: Path) -> np.ndarray:
-    """One image file, upright as its EXIF orientation says: (H, W, 1) uint8 for an image with one colour channel,
-    else (H, W, 3) (alpha dropped). 16-bit and 32-bit integer pixels are scaled from 0-65535, floating-point ones
-    from 0-1; one outside that range, or a file PIL cannot decode, is a DataError naming the file."""
+    """One image file, turned as its EXIF orientation says: (H, W, 1) uint8 where it has one colour channel, else
+    (H, W, 3), alpha dropped. Integer pixels of 16 or 32 bits are read as 0-65535, floating-point ones as 0-1, and
+    scaled to 0-255. DataError naming the file for pixels outside that range or a file PIL cannot decode."""
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as image:
@@ -268,13 +259,11 @@ def _decode(path: Path) -> np.ndarray:
             pixels = np.asarray(image if full else image.convert("L" if image.mode in GRAY_MODES else "RGB"))
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as e:
         raise DataError(_printable(f"{path}: not a readable image ({type(e).__name__}: {e}); replace or delete it"))
-    if full is None:
-        return np.atleast_3d(pixels)
-    if not 0 <= pixels.min() <= pixels.max() <= full:  # NaN fails too
+    if full and not 0 <= pixels.min() <= pixels.max() <= full:  # NaN fails too
         raise DataError(_printable(f"{path}: {image.mode} pixel values from {pixels.min():g} to {pixels.max():g}, "
                                    f"but such pixels are read as 0 (black) to {full:g} (white); scale the images into "
                                    f"that range, or save them as 8-bit"))
-    return np.rint(pixels * (255 / full)).astype(np.uint8)[..., None]
+    return np.rint(pixels * (255 / full)).astype(np.uint8)[..., None] if full else np.atleast_3d(pixels)
 
 
 def _read_folder(samples: list) -> list:
@@ -288,16 +277,16 @@ def _read_folder(samples: list) -> list:
         if (height, width) != common:
             raise DataError(_printable(f"{path}: {width}x{height} pixels, the other images {common[1]}x{common[0]} "
                                        f"pixels; resize the images to one size"))
-    channels = max(a.shape[2] for a in arrays)
-    images = torch.from_numpy(np.stack([np.broadcast_to(a, (*common, channels)) for a in arrays]))
-    images, labels, n = images.permute(0, 3, 1, 2).contiguous(), torch.tensor([y for _, y in flat]), len(samples[0])
+    images = np.stack([np.broadcast_to(a, (*common, max(a.shape[2] for a in arrays))) for a in arrays])
+    images, labels, n = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor([y for _, y in flat]), \
+        len(samples[0])
     return [(images[:n], labels[:n]), (images[n:], labels[n:])][:len(samples)]
 
 
 def _survey(directory: Path, test_split: bool, spec: Spec | None = None) -> tuple:
-    """What `directory` holds, checked without reading its data: (kind "idx", "cifar" or "folder", its splits, the
-    Spec it declares or `spec`, an image folder's _walk_folder or None). DataError for no dataset (naming a
-    torchvision download root's), no test split where one is needed, a bad declaration or image folder."""
+    """What `directory` holds, its data unread: (kind "idx", "cifar" or "folder", its splits, `spec` or what it
+    declares, an image folder's _walk_folder). DataError for no dataset (naming a torchvision download root's),
+    no test split where one is needed, a bad declaration or image folder."""
     if any(_idx_file(directory, stem) for stem in IDX_STEMS):
         kind, has_test = "idx", any(_idx_file(directory, stem) for stem in SPLIT_FILES["test"])
         test_files = ", ".join(stem + "[.gz]" for stem in SPLIT_FILES["test"])
@@ -391,20 +380,21 @@ def read_declaration(directory, image_folder: bool = False, default: Spec = UNDE
 
 
 def _directory(name: str) -> Path:
-    """The directory `--dataset name` names; DataError for none (a mistyped known name: which one was meant)."""
+    """The directory `--dataset name` names; DataError for none, saying which known name a mistyped one meant."""
     directory = Path(name).expanduser()
+    close = difflib.get_close_matches(name.lower(), DATASETS, n=1) if os.sep not in name else []
     if directory.is_dir():
         return directory
-    close = difflib.get_close_matches(name.lower(), DATASETS, n=1) if os.sep not in name else []
     if close and not directory.exists():
         raise DataError(f"unknown dataset {name!r} (and no such directory); did you mean {close[0]}?")
     raise DataError(f"{'not a directory' if directory.exists() else 'no such directory'}: {name}; --dataset takes "
-                    f"{', '.join(DATASETS)} or a directory of {LAYOUTS}")
+                    f"{', '.join(DATASETS)} or a directory of MNIST-format idx files, CIFAR-10 batches or class "
+                    f"folders of images")
 
 
 def check_dataset(name: str, test_split: bool = True) -> None:
-    """Refuse what `--dataset name` cannot read before anything expensive starts (Ray): a directory's layout,
-    declaration and image folders, without reading data. DataError, one line; a known dataset passes."""
+    """Refuse a --dataset that cannot be read before anything expensive (Ray) starts: the directory, its layout,
+    declaration and image folders, no data read. DataError, one line; a known dataset's name passes."""
     if name not in SPECS:
         _survey(_directory(name), test_split)
 
@@ -416,46 +406,43 @@ def load_dataset(name: str, data_dir="data", test_split: bool = True) -> Dataset
     if name in SPECS:
         debian = name == "fashion-mnist" and _complete(DEBIAN_FASHION_DIR)
         return read_directory(DEBIAN_FASHION_DIR if debian else _download(name, data_dir), name, SPECS[name])
-    directory = _directory(name)
-    # a known dataset's files given as a directory (Debian's, or where --data-dir holds its download)
+    directory = _directory(name)  # a known dataset's files as a directory: Debian's, or its download in data_dir
     places = {DEBIAN_FASHION_DIR: "fashion-mnist", **{data_dir / folder: k for k, (_, folder) in DOWNLOADS.items()}}
     known = next((known for place, known in places.items() if place.resolve() == directory.resolve()), None)
     return read_directory(directory, known or directory.name, known and SPECS[known], test_split)
 
 
-
 def _download(name: str, data_dir: Path) -> Path:
-    """The folder of `name`'s files under data_dir, downloaded by torchvision (a CIFAR-10 archive in data_dir is
-    unpacked instead) into a temporary folder, then moved in, under a file lock: concurrent runs download once. A
-    failure leaves nothing behind (no folder, no lock) and raises DataError, one line saying why and what to do."""
+    """The folder of `name`'s files in data_dir: torchvision's download (a CIFAR-10 archive there: unpacked) into a
+    temporary folder, moved in under a file lock (concurrent runs download once). DataError, one line, on failure,
+    which leaves nothing behind (no folder, no lock)."""
     from filelock import FileLock
     from torchvision import datasets
     from torchvision.datasets.utils import extract_archive
 
-    class_name, folder = DOWNLOADS[name]
-    files, archive, lock = data_dir / folder, data_dir / CIFAR_ARCHIVE, data_dir / f".{name}.lock"
-    if _complete(files):
-        return files
-    leftovers = [*([] if lock.exists() else [lock]), *(d for d in (data_dir, *data_dir.parents) if not d.exists())]
+    (class_name, folder), archive, lock = DOWNLOADS[name], data_dir / CIFAR_ARCHIVE, data_dir / f".{name}.lock"
+    if _complete(data_dir / folder):
+        return data_dir / folder
+    made = [path for path in (lock, data_dir, *data_dir.parents) if not path.exists()]  # removed on failure
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(lock), tempfile.TemporaryDirectory(prefix=f".{name}-", dir=data_dir) as tmp:
-            if not _complete(files):  # else another run moved them in while this one waited
+            if not _complete(data_dir / folder):  # else another run moved them in while this one waited
                 if name == "cifar10" and archive.is_file():
                     extract_archive(str(archive), tmp)
                 else:
                     getattr(datasets, class_name)(tmp, download=True)  # every split's files
-                files.mkdir(parents=True, exist_ok=True)
+                (data_dir / folder).mkdir(parents=True, exist_ok=True)
                 for file in (Path(tmp) / folder).iterdir():
-                    file.replace(files / file.name)
+                    file.replace(data_dir / folder / file.name)
     except BaseException as e:
-        for path in leftovers:  # the lock, then data_dir and its parents where made here (innermost first)
+        for path in made:  # the lock, then data_dir and its parents (innermost first)
             with contextlib.suppress(OSError):
                 path.unlink() if path.is_file() else path.rmdir()
         if not isinstance(e, Exception):  # Ctrl-C, SystemExit
             raise
         raise DataError(_download_failure(name, data_dir, e)) from None
-    return files
+    return data_dir / folder
 
 
 def _download_failure(name: str, data_dir: Path, error: Exception) -> str:
@@ -497,11 +484,10 @@ def to_input(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 def batches(images, labels, batch_size: int, generator: torch.Generator | None = None):
     """Yield (images, labels) batches, in a fresh random order when a generator is given."""
-    n = len(labels)
     # Drawn on the generator's device (the batch's device in training): no host round trip per epoch.
-    order = (torch.randperm(n, generator=generator, device=generator.device).to(images.device)
+    order = (torch.randperm(len(labels), generator=generator, device=generator.device).to(images.device)
              if generator is not None else None)
-    for start in range(0, n, batch_size):
+    for start in range(0, len(labels), batch_size):
         idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
         yield images[idx], labels[idx]
 
