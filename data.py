@@ -1,6 +1,5 @@
-"""Datasets as in-memory tensors: what a dataset declares (`Spec`, dataset.json); reading MNIST's idx files, CIFAR-10's
-python batches or an image folder, and the known datasets (Debian's Fashion-MNIST, torchvision's download), bad input
-refused in one line (DataError); the batch pipeline: seeded shuffling, normalisation, augmentation on the device."""
+"""Datasets as in-memory tensors: what one declares (`Spec`, dataset.json); MNIST's idx files, CIFAR-10's batches, image
+folders and the known datasets, read or refused in one line (DataError); the batch pipeline of the training loop."""
 import contextlib
 import difflib
 import gzip
@@ -50,8 +49,7 @@ SPECS = {
 DATASETS = tuple(SPECS)
 # A directory declares its Spec in this file beside its data, never guessed from its name. Without one: label numbers
 # as class names, statistics measured per run, the digits' augmentation (a mirrored digit is another glyph).
-DECLARATION = "dataset.json"
-UNDECLARED = SPECS["mnist"]
+DECLARATION, UNDECLARED = "dataset.json", SPECS["mnist"]
 SPLIT_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),  # (images, labels), MNIST's
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IDX_STEMS = (*SPLIT_FILES["train"], *SPLIT_FILES["test"])
@@ -160,23 +158,20 @@ def _complete(directory: Path) -> bool:  # all of MNIST's idx files, or all of C
             or all((directory / file).is_file() for files in CIFAR_FILES.values() for file in files))
 
 
-def _read_idx_split(directory: Path, split: str) -> tuple:
-    """Images (N, 1, H, W) uint8 and labels (N,) int64 of one split's idx files."""
-    paths = [_idx_file(directory, stem) for stem in SPLIT_FILES[split]]
-    if None in paths:
-        raise DataError(f"{directory}: no {SPLIT_FILES[split][paths.index(None)]}[.gz]; a data directory needs "
-                        f"MNIST's four idx files ({', '.join(IDX_STEMS)})")
-    images, labels = read_idx(paths[0], IMAGE_MAGIC), read_idx(paths[1], LABEL_MAGIC).long()  # (N, H, W), (N,)
-    if len(images) != len(labels):
-        raise DataError(f"{paths[0]} holds {len(images)} images but {paths[1]} holds {len(labels)} labels; "
-                        f"the pair does not match")
-    return images.unsqueeze(1), labels
-
-
-def _read_cifar_split(directory: Path, split: str) -> tuple:
-    """CIFAR-10's python batches of `split`, pickled dicts of "data", (N, 3072) uint8 rows of 1024 red, green then
-    blue pixels, and "labels": images (N, 3, 32, 32) uint8, labels (N,) int64. Read by an unpickler that builds
-    numpy arrays only, so a file that is not what it claims cannot run code; DataError otherwise."""
+def _read_split(directory: Path, kind: str, split: str) -> tuple:
+    """Images (N, C, H, W) uint8 and labels (N,) int64 of a split's idx files (C = 1) or CIFAR-10 python batches
+    (C = 3): pickled dicts of "labels" and "data", (N, 3072) uint8 rows of 1024 red, green then blue pixels, read
+    by an unpickler that builds numpy arrays only (a file that is not what it claims cannot run code)."""
+    if kind == "idx":
+        paths = [_idx_file(directory, stem) for stem in SPLIT_FILES[split]]
+        if None in paths:
+            raise DataError(f"{directory}: no {SPLIT_FILES[split][paths.index(None)]}[.gz]; a data directory needs "
+                            f"MNIST's four idx files ({', '.join(IDX_STEMS)})")
+        images, labels = read_idx(paths[0], IMAGE_MAGIC), read_idx(paths[1], LABEL_MAGIC).long()  # (N, H, W), (N,)
+        if len(images) != len(labels):
+            raise DataError(f"{paths[0]} holds {len(images)} images but {paths[1]} holds {len(labels)} labels; "
+                            f"the pair does not match")
+        return images.unsqueeze(1), labels
     images, labels = [], []
     for path in (directory / file for file in CIFAR_FILES[split]):
         try:  # from the file's bytes: a string's length is bounded by what the file holds
@@ -247,39 +242,35 @@ def _walk_folder(directory: Path, splits: tuple) -> tuple:
     return samples, tuple(map(_printable, names))
 
 
-def _decode(path: Path) -> np.ndarray:
-    """One image file, turned as its EXIF orientation says: (H, W, 1) uint8 where it has one colour channel, else
-    (H, W, 3), alpha dropped. Integer pixels of 16 or 32 bits are read as 0-65535, floating-point ones as 0-1, and
-    scaled to 0-255. DataError naming the file for pixels outside that range or a file PIL cannot decode."""
-    from PIL import Image, ImageOps
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            full = 1.0 if image.mode == "F" else 65535 if image.mode == "I" or image.mode.startswith("I;16") else None
-            pixels = np.asarray(image if full else image.convert("L" if image.mode in GRAY_MODES else "RGB"))
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as e:
-        raise DataError(_printable(f"{path}: not a readable image ({type(e).__name__}: {e}); replace or delete it"))
-    if full and not 0 <= pixels.min() <= pixels.max() <= full:  # NaN fails too
-        raise DataError(_printable(f"{path}: {image.mode} pixel values from {pixels.min():g} to {pixels.max():g}, "
-                                   f"but such pixels are read as 0 (black) to {full:g} (white); scale the images into "
-                                   f"that range, or save them as 8-bit"))
-    return np.rint(pixels * (255 / full)).astype(np.uint8)[..., None] if full else np.atleast_3d(pixels)
-
-
 def _read_folder(samples: list) -> list:
-    """[(images (N, C, H, W) uint8, labels (N,) int64) per split] of _walk_folder's samples: C is 1 when every image
-    is grayscale, else 3 (grayscale repeated into R, G, B). DataError naming an image of another size."""
-    flat = [sample for split in samples for sample in split]
-    arrays = [_decode(path) for path, _ in flat]
+    """[(images (N, C, H, W) uint8, labels (N,) int64) per split] of _walk_folder's samples, each image turned as its
+    EXIF orientation says; C = 1 where every image has one colour channel, else 3 (gray repeated, alpha dropped).
+    16- and 32-bit integer pixels are read as 0-65535, floating-point ones as 0-1, and scaled to 0-255. DataError
+    naming the file PIL cannot decode, whose pixels are outside that range, or of another size than the others."""
+    from PIL import Image, ImageOps
+    flat, arrays = [sample for split in samples for sample in split], []
+    for path, _ in flat:
+        try:
+            with Image.open(path) as image:
+                image = ImageOps.exif_transpose(image)
+                full = 1.0 if image.mode == "F" else 65535 if image.mode.split(";")[0] == "I" else None  # I, I;16*
+                pixels = np.asarray(image if full else image.convert("L" if image.mode in GRAY_MODES else "RGB"))
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as e:
+            raise DataError(_printable(f"{path}: not a readable image ({type(e).__name__}: {e}); replace or delete it"))
+        if full and not 0 <= pixels.min() <= pixels.max() <= full:  # NaN fails too
+            raise DataError(_printable(f"{path}: {image.mode} pixel values from {pixels.min():g} to {pixels.max():g}, "
+                                       f"but such pixels are read as 0 (black) to {full:g} (white); scale the images "
+                                       f"into that range, or save them as 8-bit"))
+        arrays.append(np.rint(pixels * (255 / full)).astype(np.uint8)[..., None] if full else np.atleast_3d(pixels))
     sizes = [a.shape[:2] for a in arrays]
     common = max(set(sizes), key=sizes.count)
     for (path, _), (height, width) in zip(flat, sizes):
         if (height, width) != common:
             raise DataError(_printable(f"{path}: {width}x{height} pixels, the other images {common[1]}x{common[0]} "
                                        f"pixels; resize the images to one size"))
-    images = np.stack([np.broadcast_to(a, (*common, max(a.shape[2] for a in arrays))) for a in arrays])
-    images, labels, n = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor([y for _, y in flat]), \
-        len(samples[0])
+    channels = max(a.shape[2] for a in arrays)  # 3 where any image has colour
+    images = torch.from_numpy(np.stack([np.broadcast_to(a, (*common, channels)) for a in arrays]))
+    images, labels, n = images.permute(0, 3, 1, 2).contiguous(), torch.tensor([y for _, y in flat]), len(samples[0])
     return [(images[:n], labels[:n]), (images[n:], labels[n:])][:len(samples)]
 
 
@@ -301,7 +292,7 @@ def _survey(directory: Path, test_split: bool, spec: Spec | None = None) -> tupl
                 raise DataError(f"{directory}: no dataset here, but torchvision's download of {known} is in "
                                 f"{root / folder}; --dataset {known} --data-dir {root} reads it")
         raise DataError(f"{directory}: no dataset here; a data directory holds MNIST's four idx files, CIFAR-10's "
-                        f"python batches (a {CIFAR_FOLDER} folder) or images in train/<class>/ and test/<class>/ folders")
+                        f"python batches (a {CIFAR_FOLDER} folder) or images in train/<class>/ and test/<class>/")
     default = SPECS["cifar10"] if kind == "cifar" else UNDECLARED  # CIFAR batches are CIFAR-10 unless declared
     declared = spec or read_declaration(directory, image_folder=kind == "folder", default=default)
     if not has_test and test_split:
@@ -318,7 +309,7 @@ def read_directory(directory, name: str, spec: Spec | None = None, test_split: b
     if kind == "folder":  # its class folders name the classes
         read, declared = _read_folder(walked[0]), replace(declared, classes=walked[1])
     else:
-        read = [(_read_idx_split if kind == "idx" else _read_cifar_split)(directory, split) for split in splits]
+        read = [_read_split(directory, kind, split) for split in splits]
     (train_x, train_y), (test_x, test_y) = [*read, (None, None)][:2]
     if test_x is not None and test_x.shape[1:] != train_x.shape[1:]:
         shapes = [f"{h}x{w} with {c} channel{'s' * (c != 1)}" for c, h, w in (train_x.shape[1:], test_x.shape[1:])]
@@ -441,22 +432,21 @@ def _download(name: str, data_dir: Path) -> Path:
                 path.unlink() if path.is_file() else path.rmdir()
         if not isinstance(e, Exception):  # Ctrl-C, SystemExit
             raise
-        raise DataError(_download_failure(name, data_dir, e)) from None
+        if isinstance(e, PermissionError):
+            raise DataError(f"cannot write to data directory {data_dir}; pass a writable --data-dir") from None
+        if name == "cifar10" and archive.is_file():
+            raise DataError(f"{archive}: cannot unpack it ({type(e).__name__}: {e}); re-download it") from None
+        # torchvision's message ends in its last mirror's error: "Tried URL, got:\n<urlopen error [Errno -2] ...>"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip("<>")
+        why = "no network" if "urlopen error" in reason or isinstance(e, OSError) else "download failed"
+        debian = f", or install Debian's dataset-fashion-mnist package ({DEBIAN_FASHION_DIR})"
+        raise DataError(f"could not download {name} into {data_dir} ({why}: {reason}); pass --dataset DIR, a directory "
+                        f"holding its {'python batches' if name == 'cifar10' else 'four idx files'}, or download it on "
+                        f"a machine with a network (--dataset {name} --data-dir DIR), copy DIR here and pass "
+                        f"--data-dir DIR{debian * (name == 'fashion-mnist')}") from None
     return data_dir / folder
 
 
-def _download_failure(name: str, data_dir: Path, error: Exception) -> str:
-    if isinstance(error, PermissionError):
-        return f"cannot write to data directory {data_dir}; pass a writable --data-dir"
-    if name == "cifar10" and (data_dir / CIFAR_ARCHIVE).is_file():
-        return f"{data_dir / CIFAR_ARCHIVE}: cannot unpack it ({type(error).__name__}: {error}); re-download it"
-    # torchvision's message ends in its last mirror's error: "Tried URL, got:\n<urlopen error [Errno -2] ...>"
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip("<>")
-    why = "no network" if "urlopen error" in reason or isinstance(error, OSError) else "download failed"
-    debian = f", or install Debian's dataset-fashion-mnist package ({DEBIAN_FASHION_DIR})" * (name == "fashion-mnist")
-    return (f"could not download {name} into {data_dir} ({why}: {reason}); pass --dataset DIR, a directory holding "
-            f"its {'python batches' if name == 'cifar10' else 'four idx files'}, or download it on a machine with a "
-            f"network (--dataset {name} --data-dir DIR), copy DIR here and pass --data-dir DIR{debian}")
 
 
 VALIDATION_SEED = 12345  # of every held-out split (--val-size): each trial, the analysis, make_subset.py hold out one
