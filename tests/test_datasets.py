@@ -213,6 +213,17 @@ def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path, imag
     assert np.array_equal(dataset.train_images[0, 0].numpy(), np.rint(expected * 255).astype(np.uint8))
 
 
+def test_a_palette_image_with_transparency_reads_as_its_colours(tmp_path):
+    root = _two_classes(tmp_path / "palette")
+    palette = Image.fromarray((PIXELS * 3).astype(np.uint8), "P")  # colour indices 0, 1, 2
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255])
+    _replace_first(root, palette, transparency=0)
+    dataset = data_lib.load_dataset(str(root))
+    colours = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=torch.uint8)
+    assert dataset.channels == 3
+    assert torch.equal(dataset.train_images[0].permute(1, 2, 0), colours[torch.from_numpy((PIXELS * 3).astype(np.int64))])
+
+
 def test_float_pixels_outside_0_1_are_refused_naming_the_file(tmp_path):
     root = _two_classes(tmp_path / "floats")
     path = _replace_first(root, Image.fromarray((PIXELS * 255).astype(np.float32)), ".tif")
