@@ -298,7 +298,10 @@ def _survey(directory: Path, test_split: bool, spec: Spec | None = None) -> tupl
     if not has_test and test_split:
         raise DataError(f"{directory}: no test split ({test_files}); add the test files, or {VAL_SIZE_HINT}")
     splits = IMAGE_FOLDER_SPLITS[:1 + has_test]
-    return kind, splits, declared, _walk_folder(directory, splits) if kind == "folder" else None
+    try:
+        return kind, splits, declared, _walk_folder(directory, splits) if kind == "folder" else None
+    except OSError as e:  # a folder that cannot be listed
+        raise DataError(_printable(f"{e.filename}: cannot be listed ({e.strerror}); make it readable")) from None
 
 
 def read_directory(directory, name: str, spec: Spec | None = None, test_split: bool = True) -> Dataset:

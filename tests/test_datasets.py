@@ -313,6 +313,16 @@ def test_fewer_than_two_classes_are_refused(tmp_path):
         data_lib.load_dataset(str(root))
 
 
+def test_a_folder_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch):
+    root = _two_classes(tmp_path / "locked")
+
+    def denied(path):  # what a folder without read permission gives a user who is not root
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(data_lib.os, "scandir", denied)
+    with pytest.raises(data_lib.DataError, match=rf"^{root / 'train'}: cannot be listed \(Permission denied\)"):
+        data_lib.check_dataset(str(root))
+
+
 @pytest.mark.parametrize("folder, shown", [(b"caf\xe9", "caf\\xe9"), (b"a\nb", "a\\nb"), (b"$x^2$ & \xc3\xa9", "$x^2$ & é")],
                          ids=["latin-1", "newline", "dollars and UTF-8"])
 def test_any_class_folder_name_is_a_printable_json_safe_class_name(tmp_path, folder, shown):
