@@ -126,8 +126,7 @@ def _from_arrays(fields: dict) -> Dataset:
 
 
 def read_idx(path: Path, magic: int) -> torch.Tensor:
-    """One idx file (gzipped if the name ends in .gz) as a uint8 tensor of its header's shape.
-    Raises DataError for an unreadable or truncated file, or another magic number."""
+    """An idx file (gzipped: .gz) as a uint8 tensor of its header's shape; DataError if cut short or of another kind."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
@@ -204,10 +203,9 @@ def _printable(text) -> str:
 
 
 def _walk_folder(directory: Path, splits: tuple) -> tuple:
-    """An image folder's files, in torchvision's ImageFolder order, none read: ([[(path, label), ...] per split],
-    the class names: the training split's folders, sorted, made _printable). Hidden files and folders
-    (.ipynb_checkpoints, ._x.png) are not data; no folder link is followed. DataError for a folder link (one can
-    loop or bring in other classes), fewer than two classes, a training class without images, an unknown test class."""
+    """An image folder's files in torchvision's ImageFolder order, none read: ([[(path, label), ...] per split], class
+    names: the training split's folders, _printable); hidden files and folders are not data. DataError for a folder
+    link (one can loop or bring in other classes), under two classes, a class without images, an unknown test class."""
     samples, names = [], None
     for split in splits:
         root, images = directory / split, {}
@@ -275,9 +273,8 @@ def _read_folder(samples: list) -> list:
 
 
 def _survey(directory: Path, test_split: bool, spec: Spec | None = None) -> tuple:
-    """What `directory` holds, its data unread: (kind "idx", "cifar" or "folder", its splits, `spec` or what it
-    declares, an image folder's _walk_folder). DataError for no dataset (naming a torchvision download root's),
-    no test split where one is needed, a bad declaration or image folder."""
+    """What `directory` holds, no data read: (kind "idx", "cifar" or "folder", splits, `spec` or what it declares, an
+    image folder's _walk_folder). DataError for no dataset, no test split where needed, a bad declaration or folder."""
     if any(_idx_file(directory, stem) for stem in IDX_STEMS):
         kind, has_test = "idx", any(_idx_file(directory, stem) for stem in SPLIT_FILES["test"])
         test_files = ", ".join(stem + "[.gz]" for stem in SPLIT_FILES["test"])
@@ -407,9 +404,8 @@ def load_dataset(name: str, data_dir="data", test_split: bool = True) -> Dataset
 
 
 def _download(name: str, data_dir: Path) -> Path:
-    """The folder of `name`'s files in data_dir: torchvision's download (a CIFAR-10 archive there: unpacked) into a
-    temporary folder, moved in under a file lock (concurrent runs download once). DataError, one line, on failure,
-    which leaves nothing behind (no folder, no lock)."""
+    """The folder of `name`'s files in data_dir, downloaded by torchvision (or unpacked from a CIFAR-10 archive there)
+    under a file lock; DataError, one line, on failure, which leaves nothing behind (no folder, no lock)."""
     from filelock import FileLock
     from torchvision import datasets
     from torchvision.datasets.utils import extract_archive
@@ -458,8 +454,7 @@ VALIDATION_SEED = 12345  # of every held-out split (--val-size): each trial, the
 def validation_split(images, labels, size: int, seed: int = VALIDATION_SEED):
     """(train_x, train_y, val_x, val_y): `size` images held out of the training data by a torch.randperm of `seed`."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    val, train = order[:size], order[size:]
-    return images[train], labels[train], images[val], labels[val]
+    return images[order[size:]], labels[order[size:]], images[order[:size]], labels[order[:size]]
 
 
 def image_stats(images: torch.Tensor) -> tuple:
