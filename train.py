@@ -1,8 +1,5 @@
-"""The training loop, without Ray: build a run from a TrialConfig, train an epoch, evaluate, checkpoint.
-
-`python train.py --norm bn` trains one variant and prints a line per epoch; the Ray Tune trainable
-(trainable.py) wraps the same `TrainingRun`.
-"""
+"""The training loop, without Ray: a run built from a TrialConfig, an epoch, evaluation, checkpoints, and the
+pre-flight run of a net. `python train.py --norm bn` trains one variant; trainable.py wraps the same TrainingRun."""
 import importlib.util
 import math
 import sys
@@ -17,7 +14,7 @@ import config as config_lib
 import data as data_lib
 import plugins
 from config import TrialConfig
-from errors import USAGE_EXIT, CheckpointError, NormsweepError, UsageError
+from errors import USAGE_EXIT, CheckpointError, ModelError, NormsweepError, UsageError
 from model import NetConfig, count_parameters
 
 CHECKPOINT_FORMAT = 2  # a checkpoint of another format is refused in one line, never guessed at
@@ -27,8 +24,9 @@ PRECISE_BN_BATCH, PRECISE_BN_IMAGES = 500, 10_000
 # Activations and conv weights in channels-last (NHWC): oneDNN's convolutions ran 1.23-1.41x faster per step on
 # the CPU here (benchmarks/levers.py, docs/benchmarks.md).
 MEMORY_FORMAT = torch.channels_last
-# bf16 tensor cores arrived with Ampere (sm_80); older GPUs emulate bf16 slowly or refuse some kernels.
-BF16_MIN_CAPABILITY = (8, 0)
+# Logits of two random batches closer than this, relative to their size, are float rounding apart (the small net
+# with in: 4e-7; every working built-in variant at init: 4e-3 or more)
+CONSTANT_OUTPUT = 1e-5
 
 
 def choose_device() -> torch.device:
@@ -36,16 +34,14 @@ def choose_device() -> torch.device:
 
 
 def trial_data(dataset: data_lib.Dataset, config: TrialConfig) -> data_lib.Dataset:
-    """The part of `dataset` a trial trains and scores on: its first train_size / test_size images (0: all).
-    The sweep takes it once on the driver and the analysis again to re-score checkpoints."""
+    """The first train_size / test_size images of `dataset` (0: all) that a trial trains and scores on."""
     if not (config.train_size or config.test_size):
         return dataset
     return dataset.subset(config.train_size or None, config.test_size or None)
 
 
 def peak_lr(config: dict) -> float:
-    """The OneCycle peak learning rate: `lr`, scaled linearly with the batch size in a batch-size study
-    (lr_reference_batch > 0: a batch of 8 against a reference of 32 gets a quarter of `lr`)."""
+    """The OneCycle peak lr: `lr`, times batch_size / lr_reference_batch in a batch-size study (reference > 0)."""
     if (config.get("lr_reference_batch") or 0) > 0:
         return config["lr"] * config["batch_size"] / config["lr_reference_batch"]
     return config["lr"]
@@ -57,18 +53,16 @@ def batchnorms(model: nn.Module) -> list:
 
 
 def resolve_precision(config: dict, device: torch.device) -> str:
-    """"bf16" or "fp32": what a run on `device` computes in. auto: bf16 on a CUDA GPU of compute capability 8.0+
-    (torch.cuda.is_bf16_supported(including_emulation=False)), fp32 elsewhere. An explicit bf16 is refused on an
-    older GPU (UsageError) rather than silently run in fp32, and kept on the CPU."""
+    """"bf16" or "fp32". auto: bf16 on a CUDA GPU with native bf16 (compute capability 8.0+), else fp32; an explicit
+    bf16 is kept on the CPU and refused (UsageError) on an older GPU rather than silently run in fp32."""
     precision = config.get("precision", "auto")
     native = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
     if precision == "auto":
         return "bf16" if device.type == "cuda" and native else "fp32"
     if precision == "bf16" and not native:
         major, minor = torch.cuda.get_device_capability(device)
-        raise UsageError(f"--precision bf16 on {device} (compute capability {major}.{minor}): this GPU has no "
-                         f"native bf16 (needs {BF16_MIN_CAPABILITY[0]}.{BF16_MIN_CAPABILITY[1]}+, Ampere or "
-                         f"newer); use --precision auto or fp32")
+        raise UsageError(f"--precision bf16 on {device} (compute capability {major}.{minor}): this GPU has no native "
+                         f"bf16 (needs 8.0+, Ampere or newer); use --precision auto or fp32")
     return precision
 
 
@@ -82,22 +76,15 @@ def describe_device(device: torch.device) -> str:
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for `device`'s queued work: CUDA kernels run asynchronously, so a clock read without this times
-    their launch, not their work."""
+    """Wait for `device`'s queued kernels: a clock read without it times their launch, not their work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """The most memory this process's tensors held on `device` since the run began, MiB; nan on the CPU."""
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
 
 
 def uses_compile(config: dict, device: torch.device) -> bool:
     """torch.compile the net: `compile` on, or auto on a CUDA device where Triton is installed."""
     choice = config.get("compile", "auto")
-    return choice == "on" or (choice == "auto" and device.type == "cuda"
-                              and importlib.util.find_spec("triton") is not None)
+    return choice == "on" or (choice == "auto" and device.type == "cuda" and bool(importlib.util.find_spec("triton")))
 
 
 def uses_test_flip(config: dict, augment: dict) -> bool:
@@ -197,12 +184,68 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
-class TrainingRun:
-    """Everything one trial owns: data on its device, model, optimizer, schedule, RNG, epoch.
+def optimizer_for(model: nn.Module, config: dict) -> torch.optim.SGD:
+    """SGD with Nesterov momentum at the peak lr, weight decay as param_groups sets it."""
+    return torch.optim.SGD(param_groups(model, config["weight_decay"]), lr=peak_lr(config),
+                           momentum=config["momentum"], nesterov=True)
 
-    `config`: a TrialConfig or a dict of its fields (the rest take their defaults); `dataset` the trial's data
-    (trial_data's). Raises UsageError for bf16 on a GPU without it and for BatchNorm at a batch of 1.
-    """
+
+def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
+    """Run the net `config` describes on the CPU as its trial will, before any trial starts: a training step (forward,
+    backward, optimizer step) on a batch of random images of the trial's size (B, C, H, W), then two different random
+    batches in eval mode. Returns the bytes the trial holds for the net beyond its baseline: parameters, buffers,
+    gradients, optimizer state and the activations autograd keeps for one batch's backward. Raises ModelError (one
+    line) for a net with nothing to train, one whose step fails or whose output does not depend on its input, and
+    plugins.build's errors. The global RNG is left as it was."""
+    n_train = len(dataset.train_labels) - config.val_size
+    batch = max(1, min(n_train, config_lib.batch_size_for(n_train, config.batch_size)))
+    shape, classes = (batch, dataset.channels, *dataset.image_size), len(dataset.classes)
+    what = f"--model {config.model} with norm {config.norm}"
+    if not plugins.is_builtin(config.model):  # a user's net: builds, runs, returns (batch, classes) logits
+        plugins.check(config.model, [config.norm], config.groups, dataset)
+    saved = {}  # storage address -> bytes, of the tensors autograd keeps for backward
+
+    def keep(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = plugins.build(NetConfig(model=config.model, norm=config.norm, groups=config.groups,
+                                        order=config.order, in_channels=dataset.channels, num_classes=classes))
+        trainable = [p for p in model.to(memory_format=MEMORY_FORMAT).parameters() if p.requires_grad]
+        if not trainable:
+            raise ModelError(f"{what} has no trainable parameters, so training cannot change it; give it a layer "
+                             f"whose parameters require grad")
+        optimizer, images = optimizer_for(model, config.as_dict()), lambda: torch.randn(shape)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+                loss = F.cross_entropy(model.train()(images().contiguous(memory_format=MEMORY_FORMAT)),
+                                       torch.randint(classes, (batch,)))
+            if not loss.requires_grad:
+                raise ModelError(f"{what}: its output does not depend on its trainable parameters (detached, or "
+                                 f"computed under no_grad), so training cannot change it; return logits built from them")
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                first, second = (model.eval()(images().contiguous(memory_format=MEMORY_FORMAT)) for _ in range(2))
+        except RuntimeError as e:  # torch's own failure inside the user's layers
+            raise ModelError(f"{what} fails in a training step on a batch of {shape}: {e}".splitlines()[0]) from None
+    apart = (first - second).abs().max().item()
+    if not torch.isfinite(first).all():
+        raise ModelError(f"{what} gives non-finite logits (nan or inf) on random images after one training step")
+    if not apart > CONSTANT_OUTPUT * first.abs().max().item():
+        raise ModelError(f"{what} gives the same logits for every input (two random batches {apart:.1g} apart), so it "
+                         f"cannot learn: e.g. a norm that zeroes each channel's mean (in) right before global average "
+                         f"pooling, as in the small net's last block; use another norm or net (--model resnet20)")
+    held = [*model.parameters(), *model.buffers()]
+    held += [p.grad for p in trainable if p.grad is not None] + [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    ours = {t.untyped_storage().data_ptr() for t in held}
+    return sum(t.nbytes for t in held) + sum(n for address, n in saved.items() if address not in ours)
+
+
+class TrainingRun:
+    """Everything one trial owns: data on its device, model, optimizer, schedule, RNG, epoch. `config`: a
+    TrialConfig or a dict of its fields; `dataset`: trial_data's. UsageError: bf16 on a GPU without it, BN at batch 1."""
 
     def __init__(self, config, dataset: data_lib.Dataset, device=None):
         config = self.config = TrialConfig.of(config if isinstance(config, dict) else config.as_dict()).as_dict()
@@ -211,7 +254,7 @@ class TrainingRun:
             torch.set_num_threads(config["threads"])
         self.precision = resolve_precision(config, self.device)  # before any data moves: a refusal is instant
         self.bf16 = self.precision == "bf16"
-        if self.device.type == "cuda":  # peak_memory_mib counts from here
+        if self.device.type == "cuda":  # the peak device memory counts from here
             torch.cuda.reset_peak_memory_stats(self.device)
         if config["val_size"]:  # the held-out images are the evaluation split: the same for every trial
             dataset = dataset.held_out(config["val_size"])
@@ -235,8 +278,7 @@ class TrainingRun:
             raise UsageError(f"batch size {config['batch_size']} with BatchNorm: training-mode BN needs 2+ images per "
                              f"batch for its statistics; use a batch size of 2 or more, or gn/ln")
         self.peak_lr = peak_lr(config)
-        self.optimizer = torch.optim.SGD(param_groups(self.model, config["weight_decay"]), lr=self.peak_lr,
-                                         momentum=config["momentum"], nesterov=True)
+        self.optimizer = optimizer_for(self.model, config)
         steps_per_epoch = -(-len(self.train_y) // config["batch_size"])
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=self.peak_lr, epochs=config["epochs"], steps_per_epoch=steps_per_epoch)
@@ -250,10 +292,10 @@ class TrainingRun:
         result = evaluate(self.net, self.eval_x, self.eval_y, mean=self.mean, std=self.std,
                           flip=uses_test_flip(self.config, self.augment), bf16=self.bf16)
         self.epoch += 1
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else math.nan
         return {**metrics, "test_loss": result["loss"], "test_acc": result["acc"],
                 "test_acc_single": result["acc_single"], "test_acc_precise_bn": self.precise_bn_acc(), "lr": lr,
-                "epoch": self.epoch, "threads": torch.get_num_threads(),
-                "peak_device_memory_mib": peak_memory_mib(self.device)}
+                "epoch": self.epoch, "threads": torch.get_num_threads(), "peak_device_memory_mib": peak}
 
     def train_one_epoch(self) -> dict:
         """The training half of an epoch (no evaluation, epoch count unchanged): train_epoch's metrics."""
@@ -263,8 +305,7 @@ class TrainingRun:
                            l1=self.config["l1"], label_smoothing=self.config["label_smoothing"], bf16=self.bf16)
 
     def precise_bn_acc(self) -> float:
-        """One-view accuracy with precise BN statistics (`precise_bn`) after the final epoch of a net with
-        BatchNorm; nan otherwise (GN and LN have no running statistics)."""
+        """One-view accuracy with precise BN statistics after the final epoch of a net with BatchNorm; else nan."""
         if self.epoch < self.config["epochs"] or not batchnorms(self.model):
             return math.nan
         stride = max(1, len(self.train_x) // PRECISE_BN_IMAGES)  # spread over the whole training split
@@ -314,8 +355,7 @@ def load_checkpoint(path) -> dict:
 
 
 def model_from_checkpoint(path):
-    """(model, state): the net rebuilt from a checkpoint (CPU, eval mode), and the checkpoint's dict (its
-    config and input_stats)."""
+    """(model, state): the net rebuilt from a checkpoint (CPU, eval mode) and the checkpoint's dict."""
     state = load_checkpoint(path)
     model = plugins.build(NetConfig.from_dict(state["net_config"]))
     model.load_state_dict(state["model"])
@@ -329,8 +369,7 @@ def main(argv=None) -> int:
         dataset = trial_data(data_lib.load_dataset(config.dataset, config.data_dir, test_split=not config.val_size),
                              config)
         config_lib.check_val_size(config.val_size, len(dataset.train_labels))
-        if not plugins.is_builtin(config.model):  # a user's net: built and run once on the data's shape
-            plugins.check(config.model, [config.norm], config.groups, dataset)
+        preflight(config, dataset)  # a net that cannot train is refused before the run starts
         run = TrainingRun(config, dataset)
     except NormsweepError as e:
         print(f"error: {e}", file=sys.stderr)
