@@ -18,14 +18,13 @@ from errors import USAGE_EXIT, CheckpointError, ModelError, NormsweepError, Usag
 from model import NetConfig, count_parameters
 
 CHECKPOINT_FORMAT = 2  # a checkpoint of another format is refused in one line, never guessed at
-# Precise BN (Wu & He 2018, section 6): after training, BatchNorm's running statistics recomputed as the plain
-# average over batches of this many training images (un-augmented, in train mode), from at most PRECISE_BN_IMAGES.
+# Precise BN (Wu & He 2018, section 6): BatchNorm's running statistics recomputed after training as the plain average
+# over batches of this many training images (un-augmented, in train mode), from at most PRECISE_BN_IMAGES.
 PRECISE_BN_BATCH, PRECISE_BN_IMAGES = 500, 10_000
-# Activations and conv weights in channels-last (NHWC): oneDNN's convolutions ran 1.23-1.41x faster per step on
-# the CPU here (benchmarks/levers.py, docs/benchmarks.md).
+# channels-last (NHWC): oneDNN's convolutions ran 1.23-1.41x faster per step on the CPU (docs/benchmarks.md)
 MEMORY_FORMAT = torch.channels_last
-# Logits of two random batches closer than this, relative to their size, are float rounding apart (the small net
-# with in: 4e-7; every working built-in variant at init: 4e-3 or more)
+# Logits of two random batches closer than this, relative to their size, are rounding apart (the small net with in:
+# 4e-7; every built-in variant that learns: 4e-3 or more at init)
 CONSTANT_OUTPUT = 1e-5
 
 
@@ -99,9 +98,8 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
 
 def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch_size, mean, std,
                 augment: dict, l1: float = 0.0, label_smoothing: float = 0.0, bf16: bool = False) -> dict:
-    """One pass over images (N, C, H, W) uint8 and labels (N,) in a fresh seeded order, the scheduler stepped
-    per batch. Returns train_loss (mean cross-entropy, nats, without the L1 term), train_acc (0-1, on the
-    augmented batches), epoch_seconds (wall seconds, device work included) and images_per_s."""
+    """One pass over images (N, C, H, W) uint8 and labels (N,) in a seeded order, the scheduler stepped per batch:
+    train_loss (mean cross-entropy, nats, no L1 term), train_acc (0-1, augmented batches), epoch_seconds, images_per_s."""
     model.train()
     skip_single = bool(batchnorms(model))
     total_loss = torch.zeros((), device=images.device)
@@ -132,9 +130,8 @@ def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch
 
 @torch.no_grad()
 def evaluate(model, images, labels, *, mean, std, flip=False, batch_size=1000, bf16=False) -> dict:
-    """Loss (nats), accuracy (0-1), per-image predictions (N,) int64 and confidences (N,) float32 (max softmax)
-    over uint8 images (N, C, H, W). flip: average the softmax of each image and its mirror; "acc_single" is
-    always the accuracy of the unflipped view alone."""
+    """Loss (nats), acc (0-1), preds (N,) int64 and confidence (N,) float32 (max softmax) over uint8 images (N, C, H,
+    W). flip: the softmax averaged over each image and its mirror; acc_single: the unflipped view's accuracy."""
     model.eval()
     total_loss = torch.zeros((), device=images.device)  # sums stay on the device: one host sync at the end
     single_correct = torch.zeros((), dtype=torch.long, device=images.device)
@@ -159,9 +156,8 @@ def evaluate(model, images, labels, *, mean, std, flip=False, batch_size=1000, b
 
 @torch.no_grad()
 def precise_bn(model: nn.Module, images, *, mean, std, batch_size=PRECISE_BN_BATCH, bf16=False) -> nn.Module:
-    """A copy of `model` whose BatchNorm running statistics are the plain average over batches of `batch_size`
-    of `images` (momentum None) instead of training's exponential average: evaluating the copy separates the
-    damage small batches do to the weights from the damage to the statistics. `model` is left as it was."""
+    """A copy of `model` whose BatchNorm statistics are the plain average over batches of `images` (momentum None),
+    not training's exponential one: it separates what small batches do to the weights from the statistics."""
     copy = deepcopy(model)
     norms = batchnorms(copy)
     momenta = [norm.momentum for norm in norms]
@@ -191,54 +187,46 @@ def optimizer_for(model: nn.Module, config: dict) -> torch.optim.SGD:
 
 
 def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
-    """Run the net `config` describes on the CPU as its trial will, before any trial starts: a training step (forward,
-    backward, optimizer step) on a batch of random images of the trial's size (B, C, H, W), then two different random
-    batches in eval mode. Returns the bytes the trial holds for the net beyond its baseline: parameters, buffers,
-    gradients, optimizer state and the activations autograd keeps for one batch's backward. Raises ModelError (one
-    line) for a net with nothing to train, one whose step fails or whose output does not depend on its input, and
-    plugins.build's errors. The global RNG is left as it was."""
+    """Run the net `config` describes on the CPU as its trial will, before any trial: a training step (forward,
+    backward, optimizer step) on random images (B, C, H, W) at the trial's batch size, then two other random batches
+    in eval mode; the global RNG is left as it was. Returns the bytes a trial holds for the net beyond its baseline:
+    parameters, buffers, gradients, optimizer state and the activations autograd keeps for one batch. ModelError (one
+    line): a net with nothing to train, whose step fails or whose output ignores its input; plugins.build's errors."""
     n_train = len(dataset.train_labels) - config.val_size
     batch = max(1, min(n_train, config_lib.batch_size_for(n_train, config.batch_size)))
-    shape, classes = (batch, dataset.channels, *dataset.image_size), len(dataset.classes)
-    what = f"--model {config.model} with norm {config.norm}"
-    if not plugins.is_builtin(config.model):  # a user's net: builds, runs, returns (batch, classes) logits
+    shape, what = (batch, dataset.channels, *dataset.image_size), f"--model {config.model} with norm {config.norm}"
+    if not plugins.is_builtin(config.model):  # a user's net: it builds, runs and returns (batch, classes) logits
         plugins.check(config.model, [config.norm], config.groups, dataset)
     saved = {}  # storage address -> bytes, of the tensors autograd keeps for backward
 
     def keep(tensor):
         saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
-    with torch.random.fork_rng(devices=[]):
+    images = lambda: torch.randn(shape).contiguous(memory_format=MEMORY_FORMAT)  # noqa: E731
+    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         torch.manual_seed(config.seed)
-        model = plugins.build(NetConfig(model=config.model, norm=config.norm, groups=config.groups,
-                                        order=config.order, in_channels=dataset.channels, num_classes=classes))
-        trainable = [p for p in model.to(memory_format=MEMORY_FORMAT).parameters() if p.requires_grad]
-        if not trainable:
-            raise ModelError(f"{what} has no trainable parameters, so training cannot change it; give it a layer "
-                             f"whose parameters require grad")
-        optimizer, images = optimizer_for(model, config.as_dict()), lambda: torch.randn(shape)
+        model = plugins.build(NetConfig(model=config.model, norm=config.norm, groups=config.groups, order=config.order,
+                                        in_channels=dataset.channels, num_classes=len(dataset.classes)))
         try:
-            with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-                loss = F.cross_entropy(model.train()(images().contiguous(memory_format=MEMORY_FORMAT)),
-                                       torch.randint(classes, (batch,)))
+            loss = F.cross_entropy(model.to(memory_format=MEMORY_FORMAT).train()(images()),
+                                   torch.randint(len(dataset.classes), (batch,)))
             if not loss.requires_grad:
-                raise ModelError(f"{what}: its output does not depend on its trainable parameters (detached, or "
-                                 f"computed under no_grad), so training cannot change it; return logits built from them")
+                raise ModelError(f"{what}: no trainable parameter shapes its logits (it has none, or they are frozen, "
+                                 f"detached or under no_grad), so training cannot change it")
+            optimizer = optimizer_for(model, config.as_dict())
             loss.backward()
             optimizer.step()
             with torch.no_grad():
-                first, second = (model.eval()(images().contiguous(memory_format=MEMORY_FORMAT)) for _ in range(2))
-        except RuntimeError as e:  # torch's own failure inside the user's layers
+                first, second = (model.eval()(images()) for _ in range(2))
+        except RuntimeError as e:  # torch's own failure inside the net's layers
             raise ModelError(f"{what} fails in a training step on a batch of {shape}: {e}".splitlines()[0]) from None
     apart = (first - second).abs().max().item()
-    if not torch.isfinite(first).all():
-        raise ModelError(f"{what} gives non-finite logits (nan or inf) on random images after one training step")
     if not apart > CONSTANT_OUTPUT * first.abs().max().item():
-        raise ModelError(f"{what} gives the same logits for every input (two random batches {apart:.1g} apart), so it "
-                         f"cannot learn: e.g. a norm that zeroes each channel's mean (in) right before global average "
-                         f"pooling, as in the small net's last block; use another norm or net (--model resnet20)")
-    held = [*model.parameters(), *model.buffers()]
-    held += [p.grad for p in trainable if p.grad is not None] + [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        raise ModelError(f"{what} gives the same logits for every input ({apart:.1g} apart on two random batches), so "
+                         f"it cannot learn, e.g. a norm that zeroes each channel's mean (in) right before global average "
+                         f"pooling, as in the small net; use another norm or net (--model resnet20)")
+    held = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None),
+            *(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))]
     ours = {t.untyped_storage().data_ptr() for t in held}
     return sum(t.nbytes for t in held) + sum(n for address, n in saved.items() if address not in ours)
 
@@ -338,8 +326,7 @@ class TrainingRun:
 
 
 def load_checkpoint(path) -> dict:
-    """A checkpoint's dict, loaded safely (weights_only) onto the CPU; CheckpointError (one line) if it is missing,
-    unreadable or of another format."""
+    """A checkpoint's dict, loaded (weights_only) onto the CPU; CheckpointError: missing, unreadable, another format."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -7,9 +7,11 @@ import errors
 from torch import nn
 
 import data as data_lib
+import model
 import train
+from config import TrialConfig
 from conftest import make_idx_dir
-from model import Net, build_model
+from model import Net, build_model, count_parameters
 
 
 def test_one_epoch_on_real_data_learns(fashion_small):
@@ -259,3 +261,82 @@ def test_the_newer_norms_train_an_epoch(tmp_path, norm, precision):
     conv_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     assert dtypes == {"conv": {conv_dtype}, "norm": {torch.float32}}
     assert math.isfinite(metrics["test_acc_precise_bn"]) == (norm in ("gbn", "bn+ws"))
+
+
+# Users' nets for the pre-flight run, each a builder in its own file (plugins.py imports a file as a module of its name)
+PROBES = {
+    # no trainable parameters at all: with `none` the norm layer is nn.Identity; pooled to (B, 1, 1, classes)
+    "probe_no_params": "return nn.Sequential(norm_layer(in_channels), nn.AdaptiveAvgPool2d((1, num_classes)), "
+                       "nn.Flatten())",
+    # parameters, all frozen (a feature extractor whose head the user forgot to unfreeze)
+    "probe_frozen": "net = nn.Sequential(nn.Conv2d(in_channels, 8, 3), norm_layer(8), nn.ReLU(), "
+                    "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n"
+                    "    return net.requires_grad_(False)",
+    # trainable, but the image never reaches the logits: a learned constant
+    "probe_ignores_input": "return Ignores(norm_layer(8), num_classes)",
+    # the small net's fault in a user's net: conv -> ReLU -> a per-channel norm, then global average pooling
+    "probe_norm_then_pool": "return nn.Sequential(nn.Conv2d(in_channels, 8, 3, bias=False), nn.ReLU(), norm_layer(8), "
+                            "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))",
+}
+IGNORES = '''
+class Ignores(nn.Module):
+    def __init__(self, norm, num_classes):
+        super().__init__()
+        self.norm, self.features, self.head = norm, nn.Parameter(torch.randn(1, 8, 1, 1)), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.features.expand(len(x), -1, 2, 2)).mean(dim=(2, 3)))
+'''
+
+
+def probe(tmp_path, name: str) -> str:
+    path = tmp_path / f"{name}.py"
+    path.write_text(f"import torch\nfrom torch import nn\n{IGNORES}\n\ndef build(norm_layer, in_channels, num_classes):\n"
+                    f"    {PROBES[name]}\n")
+    return f"{path}:build"
+
+
+def refused_in_one_line(capsys, argv) -> str:
+    assert train.main(argv) == errors.USAGE_EXIT
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err and not out, err
+    return err
+
+
+def test_in_on_the_small_net_is_refused_before_training_as_a_constant_function(idx_dir, capsys):
+    """Issue 25 item 0: conv -> ReLU -> InstanceNorm, then global average pooling, pools every channel to its shift."""
+    err = refused_in_one_line(capsys, ["--dataset", str(idx_dir), "--norm", "in", "--epochs", "1", "--threads", "1"])
+    assert "--model small with norm in gives the same logits for every input" in err and "--model resnet20" in err
+    dataset = data_lib.load_dataset(str(idx_dir))
+    for norm in model.NORMS:  # nothing else is refused: every norm of both built-in nets, in on the small net
+        for net in ("small", "resnet20"):  # with the norm before the ReLU too
+            if (norm, net) != ("in", "small"):
+                assert train.preflight(TrialConfig(norm=norm, model=net, batch_size=16), dataset) > 0
+    assert train.preflight(TrialConfig(norm="in", order="norm-relu", batch_size=16), dataset) > 0
+
+
+@pytest.mark.parametrize("norm, name", [("gn", "probe_ignores_input"), ("in", "probe_norm_then_pool")])
+def test_a_users_net_whose_output_ignores_its_input_is_refused(tmp_path, idx_dir, capsys, norm, name):
+    err = refused_in_one_line(capsys, ["--dataset", str(idx_dir), "--model", probe(tmp_path, name), "--norm", norm])
+    assert f"with norm {norm} gives the same logits for every input" in err
+
+
+@pytest.mark.parametrize("norm, name", [("none", "probe_no_params"), ("bn", "probe_frozen")])
+def test_a_net_with_nothing_to_train_is_refused_in_one_line(tmp_path, idx_dir, capsys, norm, name):
+    """Issue 25 item 18 (no parameters under `none`), and its sibling: parameters, every one frozen."""
+    err = refused_in_one_line(capsys, ["--dataset", str(idx_dir), "--model", probe(tmp_path, name), "--norm", norm])
+    assert "no trainable parameter shapes its logits" in err
+
+
+def test_preflight_counts_the_nets_memory_and_leaves_the_rng_alone(idx_dir):
+    """Issue 25 item 19: what a trial asks for grows with its net (parameters, gradients, momentum, activations)."""
+    dataset = data_lib.load_dataset(str(idx_dir))
+    state = torch.get_rng_state()
+    small, resnet = (train.preflight(TrialConfig(norm="bn", model=net, batch_size=16), dataset)
+                     for net in ("small", "resnet20"))
+    assert torch.equal(torch.get_rng_state(), state)  # a trial's numbers do not depend on whether it ran
+    params = {net: 4 * count_parameters(build_model("bn", model=net)) for net in ("small", "resnet20")}
+    assert 3 * params["small"] < small < resnet and 3 * params["resnet20"] < resnet
+    activations = resnet - 3 * params["resnet20"]
+    larger = train.preflight(TrialConfig(norm="bn", model="resnet20", batch_size=32), dataset)
+    assert larger - 3 * params["resnet20"] == pytest.approx(2 * activations, rel=0.2)  # activations scale with the batch
