@@ -218,7 +218,7 @@ def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
             optimizer.step()
             with torch.no_grad():
                 first, second = (model.eval()(images()) for _ in range(2))
-        except RuntimeError as e:  # torch's own failure inside the net's layers
+        except (RuntimeError, ValueError) as e:  # torch's own failures inside the net's layers and the loss
             raise ModelError(f"{what} fails in a training step on a batch of {shape}: {e}".splitlines()[0]) from None
     apart = (first - second).abs().max().item()
     if not apart > CONSTANT_OUTPUT * first.abs().max().item():
