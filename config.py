@@ -31,20 +31,18 @@ def setting(default, help="", group=None, *, programs=("train", "tune"), check=N
     return field(default=default, metadata=meta)
 
 
+def tune_setting(*args, **kwargs):  # a flag of tune_main.py only
+    return setting(*args, programs=("tune",), **kwargs)
+
+
 def at_least(low, what):
     return what, lambda v: v >= low
 
 
-def positive(what):
-    return what, lambda v: 0 < v < math.inf
-
-
 def batch_size_arg(text: str) -> int:
     """--batch-size: 'auto' (0) or a whole number of images."""
-    if text == "auto":
-        return 0
     try:
-        return int(text)
+        return 0 if text == "auto" else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of images, got {text!r}") from None
 
@@ -79,7 +77,7 @@ class TrialConfig:
                               f"{MIN_STEPS_PER_EPOCH}+ steps (never below {MIN_BATCH})", "recipe", type=batch_size_arg,
                               check=at_least(0, "'auto' or a number of images"))
     lr: float = setting(0.05, "OneCycle peak learning rate", "recipe",
-                        check=positive("a positive number (the OneCycle peak learning rate)"))
+                        check=("a positive number (the OneCycle peak learning rate)", lambda v: 0 < v < math.inf))
     # > 0: lr is the peak at this batch size; a batch B runs lr * B / lr_reference_batch (Goyal et al. 2017)
     lr_reference_batch: int = 0
     momentum: float = 0.9  # SGD with Nesterov momentum
@@ -119,47 +117,42 @@ class TrialConfig:
 @dataclass(frozen=True)
 class SweepConfig(TrialConfig):
     """A sweep: the recipe every trial shares (its TrialConfig fields) and what varies over the grid."""
-    variants: str = setting("bn,gn,ln,bn+l1", f"comma-separated NORM[+l1], NORM one of {', '.join(NORMS)} "
-                            "(docs/norms.md)", "everyday", programs=("tune",))
-    seeds: int = setting(1, "seeds per variant, 0..N-1", "everyday", programs=("tune",),
-                         check=at_least(1, "at least 1 (seeds 0..N-1)"))
-    l1_lambdas: tuple = setting((), f"L1 lambdas; every +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
-                                "recipe", programs=("tune",), flag="--l1", type=float, nargs="+")
-    smoke_test: bool = setting(False, f"{SMOKE['train_size']} training and {SMOKE['test_size']} test images, "
-                               f"{SMOKE['epochs']} epochs unless --epochs: check an install in a minute", "everyday",
-                               programs=("tune",), action="store_true")
-    name: str | None = setting(None, "experiment name (default: normsweep_<dataset>_<time>)", "everyday",
-                               programs=("tune",))
-    resume: bool = setting(False, "finish an interrupted experiment (--name, default: the latest under --storage-path) "
-                           "with its launch settings", "everyday", programs=("tune",), action="store_true", saved=False)
-    storage_path: str = setting("results", "results root: a directory or a URI such as s3://bucket/prefix (on a "
-                                "cluster, one every node can write)", "everyday", programs=("tune",), saved=False)
-    batch_sizes: tuple = setting((), "the batch-size study: every variant at each batch size, e.g. 2,4,8,16,32, peak lr "
-                                 "scaled linearly from --lr at the auto batch", "studies", programs=("tune",),
-                                 type=list_arg(int, "whole numbers of images, e.g. 2,4,8"))
-    tune: bool = setting(False, "a tuned comparison: every --tune-lrs x --tune-weight-decays point on a validation split "
-                         "(20%% of the training images), one seed; then each variant at its best point and at the "
-                         "recipe on the test split, --seeds seeds (docs/usage.md)", "studies", programs=("tune",),
-                         action="store_true")
-    tune_lrs: tuple = setting((0.0125, 0.025, 0.05, 0.1, 0.2, 0.4), "with --tune: the peak learning rates tried",
-                              "studies", programs=("tune",), type=list_arg(float, "numbers, e.g. 0.025,0.05,0.1"))
-    tune_weight_decays: tuple = setting((5e-5, 5e-4), "with --tune: the weight decays tried", "studies",
-                                        programs=("tune",), type=list_arg(float, "numbers, e.g. 5e-5,5e-4"))
-    max_concurrent: int = setting(0, "cap on trials running at once (0: none)", "resources", programs=("tune",),
-                                  check=at_least(0, "0 (no cap) or more"))
-    cpus_per_trial: float | None = setting(None, "CPUs per trial (default: the cluster's shared by the trials at once)",
-                                           "resources", programs=("tune",), type=float, saved=False,
-                                           check=("more than 0 (fractions share a core)", lambda v: v > 0))
-    gpus_per_trial: float | None = setting(None, "GPUs per trial (default: 1, or 1/k of one when trials outnumber GPUs)",
-                                           "resources", programs=("tune",), type=float, saved=False,
-                                           check=at_least(0, "0 or more"))
-    address: str | None = setting(None, "the Ray cluster to join: 'auto' (`ray start --head` here) or host:port "
-                                  "(default: a private local Ray)", "resources", programs=("tune",), saved=False)
-    ship_code: bool = setting(True, "with --address: don't ship this directory's code (normsweep installed on every "
-                              "node)", "resources", programs=("tune",), flag="--no-ship-code", action="store_false",
-                              saved=False)
-    verbose: bool = setting(False, "show Ray's own output and logs", "resources", programs=("tune",),
-                            action="store_true", saved=False)
+    variants: str = tune_setting("bn,gn,ln,bn+l1", f"comma-separated NORM[+l1], NORM one of {', '.join(NORMS)} "
+                                 "(docs/norms.md)", "everyday")
+    seeds: int = tune_setting(1, "seeds per variant, 0..N-1", "everyday", check=at_least(1, "at least 1 (seeds 0..N-1)"))
+    l1_lambdas: tuple = tune_setting((), f"L1 lambdas; every +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
+                                     "recipe", flag="--l1", type=float, nargs="+")
+    smoke_test: bool = tune_setting(False, f"{SMOKE['train_size']} training and {SMOKE['test_size']} test images, "
+                                    f"{SMOKE['epochs']} epochs unless --epochs: check an install in a minute",
+                                    "everyday", action="store_true")
+    name: str | None = tune_setting(None, "experiment name (default: normsweep_<dataset>_<time>)", "everyday")
+    resume: bool = tune_setting(False, "finish an interrupted experiment (--name, default: the latest under "
+                                "--storage-path) with its launch settings", "everyday", action="store_true", saved=False)
+    storage_path: str = tune_setting("results", "results root: a directory or a URI such as s3://bucket/prefix (on a "
+                                     "cluster, one every node can write)", "everyday", saved=False)
+    batch_sizes: tuple = tune_setting((), "the batch-size study: every variant at each batch size, e.g. 2,4,8,16,32, "
+                                      "peak lr scaled linearly from --lr at the auto batch", "studies",
+                                      type=list_arg(int, "whole numbers of images, e.g. 2,4,8"))
+    tune: bool = tune_setting(False, "a tuned comparison: every --tune-lrs x --tune-weight-decays point on a validation "
+                              "split (20%% of the training images), one seed; then each variant at its best point and "
+                              "at the recipe on the test split, --seeds seeds (docs/usage.md)", "studies",
+                              action="store_true")
+    tune_lrs: tuple = tune_setting((0.0125, 0.025, 0.05, 0.1, 0.2, 0.4), "with --tune: the peak learning rates tried",
+                                   "studies", type=list_arg(float, "numbers, e.g. 0.025,0.05,0.1"))
+    tune_weight_decays: tuple = tune_setting((5e-5, 5e-4), "with --tune: the weight decays tried", "studies",
+                                             type=list_arg(float, "numbers, e.g. 5e-5,5e-4"))
+    max_concurrent: int = tune_setting(0, "cap on trials running at once (0: none)", "resources",
+                                       check=at_least(0, "0 (no cap) or more"))
+    cpus_per_trial: float | None = tune_setting(None, "CPUs per trial (default: the cluster's, shared by the trials "
+                                                "at once)", "resources", type=float, saved=False,
+                                                check=("more than 0 (fractions share a core)", lambda v: v > 0))
+    gpus_per_trial: float | None = tune_setting(None, "GPUs per trial (default: 1, or 1/k of one when trials outnumber "
+                                                "GPUs)", "resources", type=float, saved=False, check=at_least(0, "0 or more"))
+    address: str | None = tune_setting(None, "the Ray cluster to join: 'auto' (`ray start --head` here) or host:port "
+                                       "(default: a private local Ray)", "resources", saved=False)
+    ship_code: bool = tune_setting(True, "with --address: don't ship this directory's code (normsweep installed on "
+                                   "every node)", "resources", flag="--no-ship-code", action="store_false", saved=False)
+    verbose: bool = tune_setting(False, "show Ray's own output and logs", "resources", action="store_true", saved=False)
     # a tuned comparison's stages (tuned.py): "tuning" or "final"; the final stage's name and variant dicts
     stage: str = ""
     final_name: str = ""

@@ -28,10 +28,6 @@ MEMORY_FORMAT = torch.channels_last
 CONSTANT_OUTPUT = 1e-5
 
 
-def choose_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def trial_data(dataset: data_lib.Dataset, config: TrialConfig) -> data_lib.Dataset:
     """The first train_size / test_size images of `dataset` (0: all) that a trial trains and scores on."""
     if not (config.train_size or config.test_size):
@@ -51,18 +47,21 @@ def batchnorms(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def resolve_precision(config: dict, device: torch.device) -> str:
-    """"bf16" or "fp32". auto: bf16 on a CUDA GPU with native bf16 (compute capability 8.0+), else fp32; an explicit
-    bf16 is kept on the CPU and refused (UsageError) on an older GPU rather than silently run in fp32."""
-    precision = config.get("precision", "auto")
+def runtime(config: dict, device: torch.device | None = None) -> tuple:
+    """(device, precision, compile) of a run: `device`, else CUDA where there is one, else the CPU; "bf16" or "fp32"
+    (auto: bf16 on a CUDA GPU with native bf16, compute capability 8.0+; an explicit bf16 is kept on the CPU and
+    refused, UsageError, on an older GPU); torch.compile if `compile` is on, or auto on CUDA with Triton installed."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision, compile_choice = config.get("precision", "auto"), config.get("compile", "auto")
     native = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and native else "fp32"
     if precision == "bf16" and not native:
         major, minor = torch.cuda.get_device_capability(device)
         raise UsageError(f"--precision bf16 on {device} (compute capability {major}.{minor}): this GPU has no native "
                          f"bf16 (needs 8.0+, Ampere or newer); use --precision auto or fp32")
-    return precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and native else "fp32"
+    return device, precision, compile_choice == "on" or (compile_choice == "auto" and device.type == "cuda"
+                                                         and bool(importlib.util.find_spec("triton")))
 
 
 def describe_device(device: torch.device) -> str:
@@ -78,12 +77,6 @@ def synchronize(device: torch.device) -> None:
     """Wait for `device`'s queued kernels: a clock read without it times their launch, not their work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def uses_compile(config: dict, device: torch.device) -> bool:
-    """torch.compile the net: `compile` on, or auto on a CUDA device where Triton is installed."""
-    choice = config.get("compile", "auto")
-    return choice == "on" or (choice == "auto" and device.type == "cuda" and bool(importlib.util.find_spec("triton")))
 
 
 def uses_test_flip(config: dict, augment: dict) -> bool:
@@ -237,10 +230,9 @@ class TrainingRun:
 
     def __init__(self, config, dataset: data_lib.Dataset, device=None):
         config = self.config = TrialConfig.of(config if isinstance(config, dict) else config.as_dict()).as_dict()
-        self.device = device or choose_device()
+        self.device, self.precision, compiled = runtime(config, device)  # before any data moves: a refusal is instant
         if self.device.type == "cpu" and config["threads"]:
             torch.set_num_threads(config["threads"])
-        self.precision = resolve_precision(config, self.device)  # before any data moves: a refusal is instant
         self.bf16 = self.precision == "bf16"
         if self.device.type == "cuda":  # the peak device memory counts from here
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -261,7 +253,7 @@ class TrainingRun:
                                     num_classes=len(dataset.classes))
         self.model = plugins.build(self.net_config).to(self.device, memory_format=MEMORY_FORMAT)
         # what the steps call: the model itself, or its compiled wrapper (same parameters and state)
-        self.net = torch.compile(self.model) if uses_compile(config, self.device) else self.model
+        self.net = torch.compile(self.model) if compiled else self.model
         if config["batch_size"] < 2 and batchnorms(self.model):
             raise UsageError(f"batch size {config['batch_size']} with BatchNorm: training-mode BN needs 2+ images per "
                              f"batch for its statistics; use a batch size of 2 or more, or gn/ln")

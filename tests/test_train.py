@@ -168,25 +168,26 @@ def test_bf16_autocast_runs_convs_in_bf16_norms_in_float32_and_learns(fashion_sm
 
 def test_precision_auto_is_bf16_on_gpus_with_native_bf16_only(monkeypatch):
     cuda = torch.device("cuda")
-    assert train.resolve_precision({"precision": "auto"}, torch.device("cpu")) == "fp32"
-    assert train.resolve_precision({"precision": "bf16"}, torch.device("cpu")) == "bf16"
+    precision = lambda config, device: train.runtime(config, device)[1]  # noqa: E731
+    assert precision({"precision": "auto"}, torch.device("cpu")) == "fp32"
+    assert precision({"precision": "bf16"}, torch.device("cpu")) == "bf16"
     capability = {}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["now"])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: capability["now"] >= (8, 0))
     for now, auto in (((7, 5), "fp32"), ((7, 0), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")):  # T4, V100, A100, H100
         capability["now"] = now
-        assert train.resolve_precision({"precision": "auto"}, cuda) == auto, now
-        assert train.resolve_precision({"precision": "fp32"}, cuda) == "fp32"
+        assert precision({"precision": "auto"}, cuda) == auto, now
+        assert precision({"precision": "fp32"}, cuda) == "fp32"
     capability["now"] = (8, 0)
-    assert train.resolve_precision({"precision": "bf16"}, cuda) == "bf16"
+    assert precision({"precision": "bf16"}, cuda) == "bf16"
     capability["now"] = (7, 5)
     with pytest.raises(errors.UsageError, match=r"^--precision bf16 on cuda \(compute capability 7.5\): this GPU "
                                                    r"has no native bf16 .*; use --precision auto or fp32$"):
-        train.resolve_precision({"precision": "bf16"}, cuda)
+        precision({"precision": "bf16"}, cuda)
 
 
 def test_train_cli_refuses_bf16_on_a_gpu_without_it_in_one_line(idx_dir, monkeypatch, capsys):
-    monkeypatch.setattr(train, "choose_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     assert train.main(["--dataset", str(idx_dir), "--precision", "bf16", "--epochs", "1"]) == 2
@@ -236,15 +237,17 @@ def test_compiled_net_trains_and_evaluates_as_the_eager_one(fashion_small, monke
 
 
 def test_compile_auto_is_on_cuda_with_triton_only(monkeypatch):
-    assert not train.uses_compile({"compile": "auto"}, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    compiles = lambda config, device: train.runtime(config, device)[2]  # noqa: E731
+    assert not compiles({"compile": "auto"}, torch.device("cpu"))
     find_spec = train.importlib.util.find_spec
     monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: object() if name == "triton" else find_spec(name))
-    assert train.uses_compile({"compile": "auto"}, torch.device("cuda"))
+    assert compiles({"compile": "auto"}, torch.device("cuda"))
     monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name))
     # e.g. Windows without Triton: eager rather than a failed compile
-    assert not train.uses_compile({"compile": "auto"}, torch.device("cuda"))
-    assert train.uses_compile({"compile": "on"}, torch.device("cpu"))
-    assert not train.uses_compile({"compile": "off"}, torch.device("cuda"))
+    assert not compiles({"compile": "auto"}, torch.device("cuda"))
+    assert compiles({"compile": "on"}, torch.device("cpu"))
+    assert not compiles({"compile": "off"}, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("norm", ["in", "gbn", "bn+ws", "gn+ws"])
