@@ -81,8 +81,8 @@ class WSConv2d(nn.Conv2d):
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
 
-class GroupsError(ValueError):  # --groups does not divide a norm layer's channel count
-    pass
+class GroupsError(ValueError):
+    """--groups does not divide a norm layer's channel count."""
 
 
 def _group_norm(channels: int, groups: int) -> nn.Module:
@@ -109,8 +109,7 @@ REGISTRY = {
     "bn": Norm(lambda channels, groups: BatchNorm2d(channels),
                "BatchNorm: per channel, over the batch and pixels (N, H, W); running statistics in eval",
                "Ioffe & Szegedy 2015", batch_statistics=True),
-    "gn": Norm(_group_norm, "GroupNorm: per image, over `--groups` groups of channels and their pixels",
-               "Wu & He 2018"),
+    "gn": Norm(_group_norm, "GroupNorm: per image, over `--groups` groups of channels and their pixels", "Wu & He 2018"),
     "ln": Norm(lambda channels, groups: GroupNorm(1, channels),
                "LayerNorm over (C, H, W) of each image, as GroupNorm(1, C): per-channel affine", "Ba et al. 2016"),
     "in": Norm(lambda channels, groups: GroupNorm(channels, channels),

@@ -149,20 +149,12 @@ def evaluate(model, images, labels, *, mean, std, flip=False, batch_size=1000, b
 
 @torch.no_grad()
 def precise_bn(model: nn.Module, images, *, mean, std, batch_size=PRECISE_BN_BATCH, bf16=False) -> nn.Module:
-    """A copy of `model` whose BatchNorm statistics are the plain average over batches of `images` (momentum None),
+    """A copy of `model` whose BatchNorm statistics are the plain average over batches of `images` (torch's update_bn),
     not training's exponential one: it separates what small batches do to the weights from the statistics."""
     copy = deepcopy(model)
-    norms = batchnorms(copy)
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average over the batches below
-    copy.train()
-    for x, _ in data_lib.batches(images, images.new_zeros(len(images)), batch_size):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            copy(data_lib.to_input(x, mean, std).contiguous(memory_format=MEMORY_FORMAT))
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        torch.optim.swa_utils.update_bn((data_lib.to_input(x, mean, std).contiguous(memory_format=MEMORY_FORMAT)
+                                         for x in images.split(batch_size)), copy)
     return copy.eval()
 
 
