@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from errors import USAGE_EXIT, UsageError
 import plugins
-from model import MODELS, NORMS, REGISTRY, build_model
+from model import MODELS, NORMS, REGISTRY, build_model, norm_entry
 
 LAUNCH_FORMAT = 2  # the launch file's layout; an experiment written with another is refused, not guessed at
 # The auto batch size (`batch_size_for`): the largest batch up to MAX_BATCH that still gives MIN_STEPS_PER_EPOCH
@@ -60,11 +60,11 @@ def list_arg(kind, what):
 @dataclass(frozen=True)
 class TrialConfig:
     """Everything one trial trains with: train.py's flags, a checkpoint's config, a Tune trial's settings."""
-    dataset: str = setting("fashion-mnist", "mnist, fashion-mnist, cifar10, or a directory: idx files, CIFAR-10 batches "
-                           "or train/<class>/ and test/<class>/ image folders (docs/data.md)", "everyday")
+    dataset: str = setting("fashion-mnist", "mnist, fashion-mnist, cifar10, or a directory: idx files, CIFAR-10 batches"
+                           " or train/<class>/ and test/<class>/ image folders (docs/data.md)", "everyday")
     data_dir: str = setting("data", "where downloads go", "everyday", trajectory=False)
-    model: str = setting("small", f"the net: {', '.join(MODELS)}, or your builder path/to/file.py:build or module:build, "
-                         "called as build(norm_layer=..., in_channels=..., num_classes=...)", "everyday")
+    model: str = setting("small", f"the net: {', '.join(MODELS)}, or your builder, file.py:build or module:build "
+                         "(docs/usage.md)", "everyday")
     norm: str = setting("bn", f"one of {', '.join(NORMS)}", "everyday", programs=("train",))
     epochs: int = setting(20, "epochs to train", "everyday", check=at_least(1, "at least 1"))
     train_size: int = setting(0, "train on the first N training images only (0: all)", "everyday", metavar="N",
@@ -73,18 +73,17 @@ class TrialConfig:
     groups: int = setting(4, "GroupNorm groups", "recipe", check=at_least(1, "at least 1 (a count of channel groups)"))
     l1: float = setting(0.0, "L1 penalty lambda (0: off)", "recipe", programs=("train",),
                         check=("0 (off) or a positive lambda", lambda v: 0 <= v < math.inf))
-    batch_size: int = setting(0, f"images per step, or 'auto': {MAX_BATCH}, or fewer so that an epoch has "
-                              f"{MIN_STEPS_PER_EPOCH}+ steps (never below {MIN_BATCH})", "recipe", type=batch_size_arg,
+    batch_size: int = setting(0, f"images per step, or 'auto': {MAX_BATCH}, fewer for {MIN_STEPS_PER_EPOCH}+ steps an "
+                              f"epoch, at least {MIN_BATCH}", "recipe", type=batch_size_arg,
                               check=at_least(0, "'auto' or a number of images"))
     lr: float = setting(0.05, "OneCycle peak learning rate", "recipe",
                         check=("a positive number (the OneCycle peak learning rate)", lambda v: 0 < v < math.inf))
     # > 0: lr is the peak at this batch size; a batch B runs lr * B / lr_reference_batch (Goyal et al. 2017)
     lr_reference_batch: int = 0
     momentum: float = 0.9  # SGD with Nesterov momentum
-    weight_decay: float = setting(5e-4, "SGD weight decay on conv and linear weights (not norm affines, biases)",
-                                  "recipe", check=at_least(0, "0 or more"))
-    label_smoothing: float = setting(0.1, "cross-entropy label smoothing", "recipe",
-                                     check=("in [0, 1)", lambda v: 0 <= v < 1))
+    weight_decay: float = setting(5e-4, "SGD weight decay of conv and linear weights", "recipe",
+                                  check=at_least(0, "0 or more"))
+    label_smoothing: float = setting(0.1, "label smoothing", "recipe", check=("in [0, 1)", lambda v: 0 <= v < 1))
     val_size: int = setting(0, "hold out N training images and score on them instead of the test split", "recipe",
                             metavar="N", check=at_least(0, "0 (evaluate on test) or more images"))
     test_flip: bool = setting(True, "score test images in one view only (default: also their mirror, on flip-trained "
@@ -97,9 +96,8 @@ class TrialConfig:
                              "resources", choices=("auto", "fp32", "bf16"))
     compile: str = setting("auto", "torch.compile the net: on, off, or auto: on CUDA only", "resources",
                            choices=("auto", "on", "off"), trajectory=False)
-    threads: int = setting(0, "CPU threads (0: torch's own count); a seed's numbers differ between thread counts",
-                           "resources", programs=("train",), check=at_least(0, "0 (torch's default) or more"),
-                           trajectory=False)
+    threads: int = setting(0, "CPU threads (0: torch's count); a seed's numbers depend on it", "resources",
+                           programs=("train",), check=at_least(0, "0 (torch's default) or more"), trajectory=False)
 
     as_dict = dataclasses.asdict
 
@@ -119,35 +117,38 @@ class SweepConfig(TrialConfig):
     """A sweep: the recipe every trial shares (its TrialConfig fields) and what varies over the grid."""
     variants: str = tune_setting("bn,gn,ln,bn+l1", f"comma-separated NORM[+l1], NORM one of {', '.join(NORMS)} "
                                  "(docs/norms.md)", "everyday")
-    seeds: int = tune_setting(1, "seeds per variant, 0..N-1", "everyday", check=at_least(1, "at least 1 (seeds 0..N-1)"))
-    l1_lambdas: tuple = tune_setting((), f"L1 lambdas; every +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
+    seeds: int = tune_setting(1, "seeds per variant, 0..N-1", "everyday",
+                              check=at_least(1, "at least 1 (seeds 0..N-1)"))
+    l1_lambdas: tuple = tune_setting((), f"L1 lambdas: each +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
                                      "recipe", flag="--l1", type=float, nargs="+")
     smoke_test: bool = tune_setting(False, f"{SMOKE['train_size']} training and {SMOKE['test_size']} test images, "
                                     f"{SMOKE['epochs']} epochs unless --epochs: check an install in a minute",
                                     "everyday", action="store_true")
     name: str | None = tune_setting(None, "experiment name (default: normsweep_<dataset>_<time>)", "everyday")
     resume: bool = tune_setting(False, "finish an interrupted experiment (--name, default: the latest under "
-                                "--storage-path) with its launch settings", "everyday", action="store_true", saved=False)
+                                "--storage-path) with its launch settings", "everyday", action="store_true",
+                                saved=False)
     storage_path: str = tune_setting("results", "results root: a directory or a URI such as s3://bucket/prefix (on a "
                                      "cluster, one every node can write)", "everyday", saved=False)
     batch_sizes: tuple = tune_setting((), "the batch-size study: every variant at each batch size, e.g. 2,4,8,16,32, "
                                       "peak lr scaled linearly from --lr at the auto batch", "studies",
                                       type=list_arg(int, "whole numbers of images, e.g. 2,4,8"))
-    tune: bool = tune_setting(False, "a tuned comparison: every --tune-lrs x --tune-weight-decays point on a validation "
-                              "split (20%% of the training images), one seed; then each variant at its best point and "
-                              "at the recipe on the test split, --seeds seeds (docs/usage.md)", "studies",
+    tune: bool = tune_setting(False, "a tuned comparison: every --tune-lrs x --tune-weight-decays point on a "
+                              "validation split (20%% of the training images), one seed; then each variant at its best "
+                              "point and at the recipe on the test split, --seeds seeds (docs/usage.md)", "studies",
                               action="store_true")
     tune_lrs: tuple = tune_setting((0.0125, 0.025, 0.05, 0.1, 0.2, 0.4), "with --tune: the peak learning rates tried",
                                    "studies", type=list_arg(float, "numbers, e.g. 0.025,0.05,0.1"))
     tune_weight_decays: tuple = tune_setting((5e-5, 5e-4), "with --tune: the weight decays tried", "studies",
                                              type=list_arg(float, "numbers, e.g. 5e-5,5e-4"))
-    max_concurrent: int = tune_setting(0, "cap on trials running at once (0: none)", "resources",
+    max_concurrent: int = tune_setting(0, "most trials at once (0: no cap)", "resources",
                                        check=at_least(0, "0 (no cap) or more"))
     cpus_per_trial: float | None = tune_setting(None, "CPUs per trial (default: the cluster's, shared by the trials "
                                                 "at once)", "resources", type=float, saved=False,
                                                 check=("more than 0 (fractions share a core)", lambda v: v > 0))
     gpus_per_trial: float | None = tune_setting(None, "GPUs per trial (default: 1, or 1/k of one when trials outnumber "
-                                                "GPUs)", "resources", type=float, saved=False, check=at_least(0, "0 or more"))
+                                                "GPUs)", "resources", type=float, saved=False,
+                                                check=at_least(0, "0 or more"))
     address: str | None = tune_setting(None, "the Ray cluster to join: 'auto' (`ray start --head` here) or host:port "
                                        "(default: a private local Ray)", "resources", saved=False)
     ship_code: bool = tune_setting(True, "with --address: don't ship this directory's code (normsweep installed on "
@@ -269,9 +270,7 @@ def check(config: TrialConfig) -> None:
                          f"or drop the {'/'.join(batch_normed)} variants (gn and ln train on single images)")
     for norm in norms:  # an unknown norm, or a group count that does not divide a built-in net's widths
         try:
-            build_model(norm, groups=config.groups, model=config.model) if config.model in MODELS else REGISTRY[norm]
-        except KeyError:
-            raise UsageError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}") from None
+            build_model(norm, groups=config.groups, model=config.model) if config.model in MODELS else norm_entry(norm)
         except ValueError as e:
             raise UsageError(str(e)) from None
     plugins.canonical(config.model)  # a user's builder: TARGET:NAME, its file here (run on the data later)

@@ -92,7 +92,7 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
 def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch_size, mean, std,
                 augment: dict, l1: float = 0.0, label_smoothing: float = 0.0, bf16: bool = False) -> dict:
     """One pass over images (N, C, H, W) uint8 and labels (N,) in a seeded order, the scheduler stepped per batch:
-    train_loss (mean cross-entropy, nats, no L1 term), train_acc (0-1, augmented batches), epoch_seconds, images_per_s."""
+    train_loss (mean cross-entropy, nats, no L1 term), train_acc (0-1, augmented batches), epoch_seconds, images_per_s"""
     model.train()
     skip_single = bool(batchnorms(model))
     total_loss = torch.zeros((), device=images.device)
@@ -208,8 +208,8 @@ def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
     apart = (first - second).abs().max().item()
     if not apart > CONSTANT_OUTPUT * first.abs().max().item():
         raise ModelError(f"{what} gives the same logits for every input ({apart:.1g} apart on two random batches), so "
-                         f"it cannot learn, e.g. a norm that zeroes each channel's mean (in) right before global average "
-                         f"pooling, as in the small net; use another norm or net (--model resnet20)")
+                         f"it cannot learn, e.g. a norm that zeroes each channel's mean (in) right before global "
+                         f"average pooling, as in the small net; use another norm or net (--model resnet20)")
     held = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None),
             *(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))]
     ours = {t.untyped_storage().data_ptr() for t in held}
@@ -218,7 +218,7 @@ def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
 
 class TrainingRun:
     """Everything one trial owns: data on its device, model, optimizer, schedule, RNG, epoch. `config`: a
-    TrialConfig or a dict of its fields; `dataset`: trial_data's. UsageError: bf16 on a GPU without it, BN at batch 1."""
+    TrialConfig or a dict of its fields; `dataset`: trial_data's. UsageError: bf16 on a GPU without it, BN at batch 1"""
 
     def __init__(self, config, dataset: data_lib.Dataset, device=None):
         config = self.config = TrialConfig.of(config if isinstance(config, dict) else config.as_dict()).as_dict()
