@@ -198,7 +198,7 @@ def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
             if not loss.requires_grad:
                 raise ModelError(f"{what}: no trainable parameter shapes its logits (it has none, or they are frozen, "
                                  f"detached or under no_grad), so training cannot change it")
-            optimizer = optimizer_for(model, config.as_dict())
+            optimizer = optimizer_for(model, {**config.as_dict(), "batch_size": batch})  # peak_lr scales with it
             loss.backward()
             optimizer.step()
             with torch.no_grad():

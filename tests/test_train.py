@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 import data as data_lib
 import model
 import train
-from config import TrialConfig
+from config import SweepConfig, TrialConfig
 from conftest import make_idx_dir
 from model import Net, build_model, count_parameters
 
@@ -280,6 +281,10 @@ PROBES = {
     # runs on plugins.check's batch of 2, not on a training batch
     "probe_batch_of_two": "return nn.Sequential(nn.Conv2d(in_channels, 8, 3), norm_layer(8), nn.AdaptiveAvgPool2d(1), "
                           "nn.Unflatten(0, (2, -1)), nn.Flatten(), nn.Linear(8, num_classes))",
+    # a zero-initialised head: the same logits for every image at init, but not after a step; it trains
+    "probe_zero_head": "net = nn.Sequential(nn.Conv2d(in_channels, 8, 3), norm_layer(8), nn.ReLU(), "
+                       "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n"
+                       "    nn.init.zeros_(net[-1].weight), nn.init.zeros_(net[-1].bias)\n    return net",
     # the small net's fault in a user's net: conv -> ReLU -> a per-channel norm, then global average pooling
     "probe_norm_then_pool": "return nn.Sequential(nn.Conv2d(in_channels, 8, 3, bias=False), nn.ReLU(), norm_layer(8), "
                             "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))",
@@ -309,7 +314,7 @@ def refused_in_one_line(capsys, argv) -> str:
     return err
 
 
-def test_in_on_the_small_net_is_refused_before_training_as_a_constant_function(idx_dir, capsys):
+def test_in_on_the_small_net_is_refused_before_training_as_a_constant_function(tmp_path, idx_dir, capsys):
     """Issue 25 item 0: conv -> ReLU -> InstanceNorm, then global average pooling, pools every channel to its shift."""
     err = refused_in_one_line(capsys, ["--dataset", str(idx_dir), "--norm", "in", "--epochs", "1", "--threads", "1"])
     assert "--model small with norm in gives the same logits for every input" in err and "--model resnet20" in err
@@ -319,6 +324,7 @@ def test_in_on_the_small_net_is_refused_before_training_as_a_constant_function(i
             if (norm, net) != ("in", "small"):
                 assert train.preflight(TrialConfig(norm=norm, model=net, batch_size=16), dataset) > 0
     assert train.preflight(TrialConfig(norm="in", order="norm-relu", batch_size=16), dataset) > 0
+    assert train.preflight(TrialConfig(model=probe(tmp_path, "probe_zero_head"), norm="gn"), dataset) > 0
 
 
 @pytest.mark.parametrize("norm, name", [("gn", "probe_ignores_input"), ("in", "probe_norm_then_pool")])
@@ -351,3 +357,7 @@ def test_preflight_counts_the_nets_memory_and_leaves_the_rng_alone(idx_dir):
     activations = resnet - 3 * params["resnet20"]
     larger = train.preflight(TrialConfig(norm="bn", model="resnet20", batch_size=32), dataset)
     assert larger - 3 * params["resnet20"] == pytest.approx(2 * activations, rel=0.2)  # activations scale with the batch
+    # as a sweep calls it: its settings, one variant's norm and one batch size of a batch-size study
+    study = dataclasses.replace(SweepConfig(variants="bn,gn", batch_sizes=(8, 32), lr_reference_batch=16), norm="gn")
+    assert train.preflight(dataclasses.replace(study, batch_size=8), dataset) < train.preflight(
+        dataclasses.replace(study, batch_size=32), dataset)
