@@ -92,7 +92,7 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
 def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch_size, mean, std,
                 augment: dict, l1: float = 0.0, label_smoothing: float = 0.0, bf16: bool = False) -> dict:
     """One pass over images (N, C, H, W) uint8 and labels (N,) in a seeded order, the scheduler stepped per batch:
-    train_loss (mean cross-entropy, nats, no L1 term), train_acc (0-1, augmented batches), epoch_seconds, images_per_s"""
+    train_loss (mean cross-entropy, nats, no L1), train_acc (0-1, augmented batches), epoch_seconds, images_per_s."""
     model.train()
     skip_single = bool(batchnorms(model))
     total_loss = torch.zeros((), device=images.device)
@@ -218,7 +218,8 @@ def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
 
 class TrainingRun:
     """Everything one trial owns: data on its device, model, optimizer, schedule, RNG, epoch. `config`: a
-    TrialConfig or a dict of its fields; `dataset`: trial_data's. UsageError: bf16 on a GPU without it, BN at batch 1"""
+    TrialConfig or a dict of its fields; `dataset`: trial_data's. UsageError: bf16 on a GPU without it, BN at batch 1.
+    """
 
     def __init__(self, config, dataset: data_lib.Dataset, device=None):
         config = self.config = TrialConfig.of(config if isinstance(config, dict) else config.as_dict()).as_dict()
