@@ -1,10 +1,6 @@
-"""Settings, defined once: a trial's (`TrialConfig`) and a sweep's (`SweepConfig`), as frozen dataclasses.
-
-Each field carries its flag's help, group and allowed values (`setting`). Both CLIs build their flags from
-these fields (`parser`); a launch's settings file is a SweepConfig serialised (`SweepConfig.to_launch`) and
-`--resume` reads it back whole (`SweepConfig.from_launch`); `check` refuses bad settings in one line before
-anything expensive starts (no Ray, no data, no directories). Adding a setting is adding one field here.
-"""
+"""Settings, defined once: a trial's (`TrialConfig`) and a sweep's (`SweepConfig`), frozen dataclasses whose fields
+carry their flag's help, group and check. Both CLIs' flags, the launch file `--resume` reads back and `check` (one
+line, before Ray, data or directories) follow from them: a new setting is one field here."""
 import argparse
 import dataclasses
 import math
@@ -13,7 +9,7 @@ from dataclasses import dataclass, field
 
 from errors import USAGE_EXIT, UsageError
 import plugins
-from model import MODELS, NORMS, REGISTRY, build_model
+from model import MODELS, NORMS, REGISTRY, build_model, norm_entry
 
 LAUNCH_FORMAT = 2  # the launch file's layout; an experiment written with another is refused, not guessed at
 # The auto batch size (`batch_size_for`): the largest batch up to MAX_BATCH that still gives MIN_STEPS_PER_EPOCH
@@ -28,28 +24,25 @@ GROUPS = {"everyday": "everyday", "recipe": "the training recipe (shared by ever
 
 def setting(default, help="", group=None, *, programs=("train", "tune"), check=None, saved=True,
             trajectory=True, **argparse_options):
-    """A dataclass field with its flag. group None: no flag. check: (what a refusal says, predicate).
-    saved: part of a launch's settings file (False: today's flags decide on --resume). trajectory: a
-    checkpoint continues a run only under the same value."""
+    """A field with its flag (group None: none). check: (what a refusal says, predicate). saved: in the launch file
+    (False: today's flags decide on --resume). trajectory: a checkpoint continues a run only under the same value."""
     meta = dict(help=help, group=group, programs=programs, check=check, saved=saved, trajectory=trajectory,
                 argparse=argparse_options)
     return field(default=default, metadata=meta)
+
+
+def tune_setting(*args, **kwargs):  # a flag of tune_main.py only
+    return setting(*args, programs=("tune",), **kwargs)
 
 
 def at_least(low, what):
     return what, lambda v: v >= low
 
 
-def positive(what):
-    return what, lambda v: 0 < v < math.inf
-
-
 def batch_size_arg(text: str) -> int:
     """--batch-size: 'auto' (0) or a whole number of images."""
-    if text == "auto":
-        return 0
     try:
-        return int(text)
+        return 0 if text == "auto" else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of images, got {text!r}") from None
 
@@ -67,55 +60,46 @@ def list_arg(kind, what):
 @dataclass(frozen=True)
 class TrialConfig:
     """Everything one trial trains with: train.py's flags, a checkpoint's config, a Tune trial's settings."""
-    dataset: str = setting("fashion-mnist", "mnist, fashion-mnist, cifar10, or a directory of MNIST-format idx files, "
-                           "CIFAR-10 batches or train/<class>/ and test/<class>/ image folders (docs/data.md)",
-                           "everyday")
+    dataset: str = setting("fashion-mnist", "mnist, fashion-mnist, cifar10, or a directory: idx files, CIFAR-10 batches"
+                           " or train/<class>/ and test/<class>/ image folders (docs/data.md)", "everyday")
     data_dir: str = setting("data", "where downloads go", "everyday", trajectory=False)
-    model: str = setting("small", f"the net: {', '.join(MODELS)}, or your own builder as path/to/file.py:build or "
-                         "module:build, called as build(norm_layer=..., in_channels=..., num_classes=...)", "everyday")
+    model: str = setting("small", f"the net: {', '.join(MODELS)}, or your builder, file.py:build or module:build "
+                         "(docs/usage.md)", "everyday")
     norm: str = setting("bn", f"one of {', '.join(NORMS)}", "everyday", programs=("train",))
     epochs: int = setting(20, "epochs to train", "everyday", check=at_least(1, "at least 1"))
     train_size: int = setting(0, "train on the first N training images only (0: all)", "everyday", metavar="N",
                               check=("0 (all images) or at least 2 images", lambda v: v == 0 or v >= 2))
     test_size: int = 0  # score on the first N test images only (0: all); --smoke-test's subset
     groups: int = setting(4, "GroupNorm groups", "recipe", check=at_least(1, "at least 1 (a count of channel groups)"))
-    # the L1 penalty lambda * sum(|w|) over conv and linear weights; tune_main.py's --l1 lists lambdas instead
     l1: float = setting(0.0, "L1 penalty lambda (0: off)", "recipe", programs=("train",),
                         check=("0 (off) or a positive lambda", lambda v: 0 <= v < math.inf))
-    batch_size: int = setting(0, f"images per step, or 'auto': {MAX_BATCH}, or fewer on a small training set so that an "
-                              f"epoch has {MIN_STEPS_PER_EPOCH}+ steps (never below {MIN_BATCH})", "recipe",
-                              type=batch_size_arg, check=at_least(0, "'auto' or a number of images"))
+    batch_size: int = setting(0, f"images per step, or 'auto': {MAX_BATCH}, fewer for {MIN_STEPS_PER_EPOCH}+ steps an "
+                              f"epoch, at least {MIN_BATCH}", "recipe", type=batch_size_arg,
+                              check=at_least(0, "'auto' or a number of images"))
     lr: float = setting(0.05, "OneCycle peak learning rate", "recipe",
-                        check=positive("a positive number (the OneCycle peak learning rate)"))
+                        check=("a positive number (the OneCycle peak learning rate)", lambda v: 0 < v < math.inf))
     # > 0: lr is the peak at this batch size; a batch B runs lr * B / lr_reference_batch (Goyal et al. 2017)
     lr_reference_batch: int = 0
     momentum: float = 0.9  # SGD with Nesterov momentum
-    weight_decay: float = setting(5e-4, "SGD weight decay on conv and linear weights (not norm affines, biases)",
-                                  "recipe", check=at_least(0, "0 or more"))
-    label_smoothing: float = setting(0.1, "cross-entropy label smoothing", "recipe",
-                                     check=("in [0, 1)", lambda v: 0 <= v < 1))
+    weight_decay: float = setting(5e-4, "SGD weight decay of conv and linear weights", "recipe",
+                                  check=at_least(0, "0 or more"))
+    label_smoothing: float = setting(0.1, "label smoothing", "recipe", check=("in [0, 1)", lambda v: 0 <= v < 1))
     val_size: int = setting(0, "hold out N training images and score on them instead of the test split", "recipe",
                             metavar="N", check=at_least(0, "0 (evaluate on test) or more images"))
-    test_flip: bool = setting(True, "score test images in one view only (default: also their mirror, on flip-"
-                              "trained datasets)", "recipe", flag="--no-test-flip", action="store_false",
-                              trajectory=False)
-    # conv -> ReLU -> norm (default) or conv -> norm -> ReLU: normalising after the ReLU let GN and LN fit small
-    # training sets as well as BN (docs/results.md); every variant gets the same order
+    test_flip: bool = setting(True, "score test images in one view only (default: also their mirror, on flip-trained "
+                              "datasets)", "recipe", flag="--no-test-flip", action="store_false", trajectory=False)
     order: str = setting("relu-norm", "block order of the small net", "recipe", programs=("train",),
                          choices=("relu-norm", "norm-relu"))
     seed: int = setting(0, "seeds init, data order and augmentation", "everyday", programs=("train",),
                         check=at_least(0, "0 or more"))
-    # bf16: convolutions under autocast, norms in float32; auto: bf16 on CUDA GPUs of compute capability 8.0+
     precision: str = setting("auto", "bf16, fp32, or auto: bf16 on GPUs with native bf16 (Ampere or newer), else fp32",
                              "resources", choices=("auto", "fp32", "bf16"))
     compile: str = setting("auto", "torch.compile the net: on, off, or auto: on CUDA only", "resources",
                            choices=("auto", "on", "off"), trajectory=False)
-    threads: int = setting(0, "CPU threads (0: torch's own count); a seed's numbers differ between thread counts",
-                           "resources", programs=("train",), check=at_least(0, "0 (torch's default) or more"),
-                           trajectory=False)
+    threads: int = setting(0, "CPU threads (0: torch's count); a seed's numbers depend on it", "resources",
+                           programs=("train",), check=at_least(0, "0 (torch's default) or more"), trajectory=False)
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    as_dict = dataclasses.asdict
 
     @classmethod
     def of(cls, config: dict) -> "TrialConfig":
@@ -131,46 +115,45 @@ class TrialConfig:
 @dataclass(frozen=True)
 class SweepConfig(TrialConfig):
     """A sweep: the recipe every trial shares (its TrialConfig fields) and what varies over the grid."""
-    variants: str = setting("bn,gn,ln,bn+l1", f"comma-separated NORM[+l1], NORM one of {', '.join(NORMS)}, e.g. "
-                            "gn+ws+l1 (docs/norms.md)", "everyday", programs=("tune",))
-    seeds: int = setting(1, "seeds per variant, 0..N-1", "everyday", programs=("tune",), check=at_least(1, "at least 1 (seeds 0..N-1)"))
-    l1_lambdas: tuple = setting((), f"L1 lambdas; every +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
-                                "recipe", programs=("tune",), flag="--l1", type=float, nargs="+")
-    smoke_test: bool = setting(False, f"{SMOKE['train_size']} training and {SMOKE['test_size']} test images, "
-                               f"{SMOKE['epochs']} epochs unless --epochs: check an install in a minute", "everyday",
-                               programs=("tune",), action="store_true")
-    name: str | None = setting(None, "experiment name (default: normsweep_<dataset>_<time>)", "everyday",
-                               programs=("tune",))
-    resume: bool = setting(False, "finish an interrupted experiment (--name, default: the latest under "
-                           "--storage-path); it keeps the settings it was launched with", "everyday",
-                           programs=("tune",), action="store_true", saved=False)
-    storage_path: str = setting("results", "results root: a directory or a URI such as s3://bucket/prefix; on a "
-                                "cluster, storage every node can write", "everyday", programs=("tune",), saved=False)
-    batch_sizes: tuple = setting((), "the batch-size study: every variant at each of these batch sizes, e.g. 2,4,8,16,32, "
-                                 "peak lr scaled linearly from --lr at the auto batch", "studies", programs=("tune",),
-                                 type=list_arg(int, "whole numbers of images, e.g. 2,4,8"))
-    tune: bool = setting(False, "a tuned comparison: every variant at every --tune-lrs x --tune-weight-decays point on a "
-                         "validation split (20%% of the training images), one seed; then each at its best point and at the shared recipe, --seeds "
-                         "seeds, on the test split (docs/usage.md)", "studies", programs=("tune",), action="store_true")
-    tune_lrs: tuple = setting((0.0125, 0.025, 0.05, 0.1, 0.2, 0.4), "with --tune: the peak learning rates tried",
-                              "studies", programs=("tune",), type=list_arg(float, "numbers, e.g. 0.025,0.05,0.1"))
-    tune_weight_decays: tuple = setting((5e-5, 5e-4), "with --tune: the weight decays tried", "studies",
-                                        programs=("tune",), type=list_arg(float, "numbers, e.g. 5e-5,5e-4"))
-    max_concurrent: int = setting(0, "cap on trials running at once (0: none)", "resources", programs=("tune",),
-                                  check=at_least(0, "0 (no cap) or more"))
-    cpus_per_trial: float | None = setting(None, "CPUs per trial (default: the cluster's CPUs shared by the trials "
-                                           "running at once)", "resources", programs=("tune",), type=float, saved=False,
-                                           check=("more than 0 (fractions share a core)", lambda v: v > 0))
-    gpus_per_trial: float | None = setting(None, "GPUs per trial (default: 1, or 1/k of a GPU when trials outnumber "
-                                           "GPUs, so that every trial runs at once)", "resources", programs=("tune",),
-                                           type=float, saved=False, check=at_least(0, "0 or more"))
-    address: str | None = setting(None, "the Ray cluster to join: 'auto' (started here with `ray start --head`) or "
-                                  "host:port (default: a private local Ray)", "resources", programs=("tune",), saved=False)
-    ship_code: bool = setting(True, "with --address: don't ship this directory's code in Ray's runtime environment "
-                              "(normsweep installed on every node)", "resources", programs=("tune",),
-                              flag="--no-ship-code", action="store_false", saved=False)
-    verbose: bool = setting(False, "show Ray's own output and logs", "resources", programs=("tune",),
-                            action="store_true", saved=False)
+    variants: str = tune_setting("bn,gn,ln,bn+l1", f"comma-separated NORM[+l1], NORM one of {', '.join(NORMS)} "
+                                 "(docs/norms.md)", "everyday")
+    seeds: int = tune_setting(1, "seeds per variant, 0..N-1", "everyday",
+                              check=at_least(1, "at least 1 (seeds 0..N-1)"))
+    l1_lambdas: tuple = tune_setting((), f"L1 lambdas: each +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
+                                     "recipe", flag="--l1", type=float, nargs="+")
+    smoke_test: bool = tune_setting(False, f"{SMOKE['train_size']} training and {SMOKE['test_size']} test images, "
+                                    f"{SMOKE['epochs']} epochs unless --epochs: check an install in a minute",
+                                    "everyday", action="store_true")
+    name: str | None = tune_setting(None, "experiment name (default: normsweep_<dataset>_<time>)", "everyday")
+    resume: bool = tune_setting(False, "finish an interrupted experiment (--name, default: the latest under "
+                                "--storage-path) with its launch settings", "everyday", action="store_true",
+                                saved=False)
+    storage_path: str = tune_setting("results", "results root: a directory or a URI such as s3://bucket/prefix (on a "
+                                     "cluster, one every node can write)", "everyday", saved=False)
+    batch_sizes: tuple = tune_setting((), "the batch-size study: every variant at each batch size, e.g. 2,4,8,16,32, "
+                                      "peak lr scaled linearly from --lr at the auto batch", "studies",
+                                      type=list_arg(int, "whole numbers of images, e.g. 2,4,8"))
+    tune: bool = tune_setting(False, "a tuned comparison: every --tune-lrs x --tune-weight-decays point on a "
+                              "validation split (20%% of the training images), one seed; then each variant at its best "
+                              "point and at the recipe on the test split, --seeds seeds (docs/usage.md)", "studies",
+                              action="store_true")
+    tune_lrs: tuple = tune_setting((0.0125, 0.025, 0.05, 0.1, 0.2, 0.4), "with --tune: the peak learning rates tried",
+                                   "studies", type=list_arg(float, "numbers, e.g. 0.025,0.05,0.1"))
+    tune_weight_decays: tuple = tune_setting((5e-5, 5e-4), "with --tune: the weight decays tried", "studies",
+                                             type=list_arg(float, "numbers, e.g. 5e-5,5e-4"))
+    max_concurrent: int = tune_setting(0, "most trials at once (0: no cap)", "resources",
+                                       check=at_least(0, "0 (no cap) or more"))
+    cpus_per_trial: float | None = tune_setting(None, "CPUs per trial (default: the cluster's, shared by the trials "
+                                                "at once)", "resources", type=float, saved=False,
+                                                check=("more than 0 (fractions share a core)", lambda v: v > 0))
+    gpus_per_trial: float | None = tune_setting(None, "GPUs per trial (default: 1, or 1/k of one when trials outnumber "
+                                                "GPUs)", "resources", type=float, saved=False,
+                                                check=at_least(0, "0 or more"))
+    address: str | None = tune_setting(None, "the Ray cluster to join: 'auto' (`ray start --head` here) or host:port "
+                                       "(default: a private local Ray)", "resources", saved=False)
+    ship_code: bool = tune_setting(True, "with --address: don't ship this directory's code (normsweep installed on "
+                                   "every node)", "resources", flag="--no-ship-code", action="store_false", saved=False)
+    verbose: bool = tune_setting(False, "show Ray's own output and logs", "resources", action="store_true", saved=False)
     # a tuned comparison's stages (tuned.py): "tuning" or "final"; the final stage's name and variant dicts
     stage: str = ""
     final_name: str = ""
@@ -257,9 +240,8 @@ def parse_variants(spec: str, lambdas=(DEFAULT_L1,)) -> list:
 
 
 def grid_axes(sweep: SweepConfig) -> dict:
-    """What varies over a sweep's trials, axis -> values: the variant dicts, the seeds, and the batch sizes of a
-    batch-size study or the learning rates and weight decays of a tuning stage. The trials are their product;
-    Tune's grid (sweep.py), the trial count and the analysis's list of planned trials all come from here."""
+    """Axis -> values over a sweep's trials (variant dicts, seeds, a study's batch sizes, a tuning stage's lrs and
+    weight decays): the trials are their product, for Tune's grid, the trial count and the analysis alike."""
     axes = {"variant": list(sweep.final_variants) or parse_variants(sweep.variants, sweep.l1_lambdas or (DEFAULT_L1,))}
     if sweep.batch_sizes:
         axes["batch_size"] = sorted(sweep.batch_sizes)
@@ -288,9 +270,7 @@ def check(config: TrialConfig) -> None:
                          f"or drop the {'/'.join(batch_normed)} variants (gn and ln train on single images)")
     for norm in norms:  # an unknown norm, or a group count that does not divide a built-in net's widths
         try:
-            build_model(norm, groups=config.groups, model=config.model) if config.model in MODELS else REGISTRY[norm]
-        except KeyError:
-            raise UsageError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}") from None
+            build_model(norm, groups=config.groups, model=config.model) if config.model in MODELS else norm_entry(norm)
         except ValueError as e:
             raise UsageError(str(e)) from None
     plugins.canonical(config.model)  # a user's builder: TARGET:NAME, its file here (run on the data later)

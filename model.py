@@ -1,8 +1,5 @@
-"""The networks and their norms: built-in nets whose normalisation layer is a constructor argument.
-
-Pure modules only: no data, no I/O, no device moves, no Ray. `REGISTRY` maps a norm's name to its layer (and,
-for weight standardisation, its convs): the variants differ in exactly that place. `build_net` builds every
-net, a built-in (`MODELS`) or a user's (plugins.py), as torchvision's ResNets are built: `norm_layer=...`."""
+"""The nets and their norms, pure modules (no data, I/O, devices or Ray). `REGISTRY` maps a norm's name to its layer:
+the variants differ only there. `build_net` builds every net, built-in (`MODELS`) or a user's, with `norm_layer=`."""
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Callable
@@ -17,19 +14,17 @@ from errors import ModelError
 class NetConfig:
     """What a checkpoint saves to rebuild its net. `widths`, `order` and `dropout` shape the small net only."""
     norm: str = "bn"
-    # a built-in net (MODELS) or a user's builder, "path/to/file.py:build" or "module:build" (plugins.py)
-    model: str = "small"
-    # GroupNorm groups: 4 divides every width below and leaves >= 2 channels per group in the narrowest
-    # layer; GN's accuracy is flat over a wide range of group counts (Wu & He 2018).
+    model: str = "small"  # a built-in net (MODELS) or a user's builder, "path/to/file.py:build" or "module:build"
+    # GroupNorm groups: 4 divides every width below, >= 2 channels per group; GN is flat over group counts (Wu & He)
     groups: int = 4
     # conv widths, "M" = 2x2 max-pool (28 -> 14 -> 7, then global average pooling); narrow at 28x28, where convs
-    # cost the most time, two convs per stage: 19,650 parameters.
+    # cost the most time: 19,650 parameters.
     widths: tuple = (8, 16, "M", 16, 24, "M", 24, 32)
     num_classes: int = 10
     in_channels: int = 1
     dropout: float = 0.0
-    # Block order: "relu-norm" (conv -> ReLU -> norm) or "norm-relu" (conv -> norm -> ReLU). Normalising after the
-    # ReLU let GN and LN fit small training sets as well as BN does (docs/validation.md); every variant gets it.
+    # "relu-norm" (conv -> ReLU -> norm) or "norm-relu": normalising after the ReLU let GN and LN fit small
+    # training sets as well as BN does (docs/validation.md); every variant gets it.
     order: str = "relu-norm"
 
     to_dict = asdict  # what a checkpoint saves
@@ -40,8 +35,8 @@ class NetConfig:
 
 
 class _Float32Norm:
-    """Mixin: the norm computes in float32 under autocast, where the convs run in bf16: its statistics are the
-    numerically delicate part (and GroupNorm's bf16 CPU kernel is the slow path). Else the plain layer."""
+    """Mixin: the norm computes in float32 under autocast (its statistics are the delicate part, and GroupNorm's
+    bf16 CPU kernel is slow)."""
 
     def forward(self, x):
         if not torch.is_autocast_enabled(x.device.type):
@@ -59,9 +54,8 @@ class GroupNorm(_Float32Norm, nn.GroupNorm):
 
 
 class GhostBatchNorm2d(BatchNorm2d):
-    """BatchNorm over virtual batches of `virtual_batch` images in training: each chunk of the batch (the last may
-    be smaller) is normalised, and updates the running statistics, as BatchNorm run on it alone would. In eval
-    it is BatchNorm. Same parameters and state_dict keys as BatchNorm2d (`virtual_batch` is not state)."""
+    """BatchNorm run on each chunk of `virtual_batch` images in training (the last may be smaller), BatchNorm in
+    eval. Same parameters and state_dict keys as BatchNorm2d."""
 
     def __init__(self, num_features: int, virtual_batch: int = 16, **kwargs):
         super().__init__(num_features, **kwargs)
@@ -74,9 +68,8 @@ class GhostBatchNorm2d(BatchNorm2d):
 
 
 class WSConv2d(nn.Conv2d):
-    """A conv with Weight Standardization (Qiao et al. 2019): each forward standardises every output channel's
-    weight over (in, kh, kw), (w - mean) / sqrt(var + eps), biased variance, in float32 even under autocast
-    (the conv itself runs in autocast's dtype). Same parameters, state_dict keys and init as nn.Conv2d."""
+    """Weight Standardization (Qiao et al. 2019): each output channel's weight standardised over (in, kh, kw) as
+    (w - mean) / sqrt(var + eps), biased variance, in float32. Same parameters, state and init as nn.Conv2d."""
 
     eps = 1e-5
 
@@ -98,12 +91,11 @@ def _group_norm(channels: int, groups: int) -> nn.Module:
     return GroupNorm(groups, channels)
 
 
-GHOST_BATCH = 16  # Ghost BatchNorm's virtual batch, in images: the batch a BN statistic is taken over in training
+GHOST_BATCH = 16  # Ghost BatchNorm's virtual batch, in images
 
 
 @dataclass(frozen=True)
 class Norm:
-    """One registry entry: how to build the layer, what it is, where it comes from."""
     make: Callable[[int, int], nn.Module]  # (channels, groups) -> the norm layer after a conv
     description: str  # one line: what it pools
     reference: str
@@ -111,15 +103,13 @@ class Norm:
     weight_standardized: bool = False  # build_net turns the net's convs into WSConv2d
 
 
-# The one map from a norm's name to its layer: NORMS, the CLI help, the errors and the README's table of norms
-# derive from it. A name must not end in "+l1" (the variant suffix). "ln" is GroupNorm(1, C): nn.LayerNorm([C,
-# H, W])'s statistics with a per-channel affine (2C parameters, not 2CHW) that ties the net to no input size.
+# The one map from a norm's name (never ending in "+l1") to its layer. "ln" is GroupNorm(1, C): nn.LayerNorm([C, H,
+# W])'s statistics with a per-channel affine (2C parameters, not 2CHW) that ties the net to no input size.
 REGISTRY = {
     "bn": Norm(lambda channels, groups: BatchNorm2d(channels),
                "BatchNorm: per channel, over the batch and pixels (N, H, W); running statistics in eval",
                "Ioffe & Szegedy 2015", batch_statistics=True),
-    "gn": Norm(_group_norm, "GroupNorm: per image, over `--groups` groups of channels and their pixels",
-               "Wu & He 2018"),
+    "gn": Norm(_group_norm, "GroupNorm: per image, over `--groups` groups of channels and their pixels", "Wu & He 2018"),
     "ln": Norm(lambda channels, groups: GroupNorm(1, channels),
                "LayerNorm over (C, H, W) of each image, as GroupNorm(1, C): per-channel affine", "Ba et al. 2016"),
     "in": Norm(lambda channels, groups: GroupNorm(channels, channels),
@@ -147,16 +137,15 @@ def norm_entry(norm: str) -> Norm:
 
 
 def norm_layer(norm: str, groups: int = 4) -> Callable[[int], nn.Module]:
-    """torchvision's `norm_layer` convention: a callable from a channel count to the norm's layer. Raises
-    ValueError for an unknown norm (at once), GroupsError when called with channels `groups` does not divide."""
+    """torchvision's `norm_layer`: channels -> the norm's layer. ValueError: an unknown norm; GroupsError: channels
+    that `groups` does not divide."""
     return partial(norm_entry(norm).make, groups=groups)
 
 
 class Net(nn.Module):
-    """The default net ("small"): conv3x3 -> ReLU -> norm blocks (`order`), max-pools between stages, global
-    average pool, linear head; 19,650 parameters with BatchNorm on 1-channel input (B, in_channels, H >= 4, W >= 4).
-    Convs have no bias: a norm's shift (beta) does a bias's work, and keeping it off in every variant (the "none"
-    control too) keeps the variants identical but for the norm layers."""
+    """The default net ("small"): conv3x3 -> ReLU -> norm blocks (`order`), max-pools between stages, global average
+    pool, linear head; input (B, in_channels, H >= 4, W >= 4). Convs have no bias in every variant ("none" too):
+    a norm's shift does a bias's work. With in and "relu-norm" the output is constant (train.preflight refuses it)."""
 
     def __init__(self, norm_layer: Callable[[int], nn.Module] = BatchNorm2d, in_channels: int = 1,
                  num_classes: int = 10, widths: tuple = NetConfig.widths, order: str = NetConfig.order,
@@ -181,8 +170,8 @@ class Net(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs, each followed by a norm, and a parameter-free shortcut (He et al. 2016, option A:
-    identity, or stride-2 subsampling with zero-padded channels where the block widens)."""
+    """Two 3x3 convs, each followed by a norm, and a parameter-free shortcut (He et al. 2016, option A: identity,
+    or stride-2 subsampling with zero-padded channels where the block widens)."""
 
     def __init__(self, in_channels: int, channels: int, stride: int, norm_layer):
         super().__init__()
@@ -201,9 +190,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet20(nn.Module):
-    """ResNet-20 for 32x32 images (He et al. 2016, section 4.2): a 3x3 conv of 16 channels, three stages of
-    three BasicBlocks at 16, 32 and 64 channels (stride 2 between stages), global average pooling, a linear head.
-    19 norm layers; 269,722 parameters with BatchNorm, 3 channels, 10 classes (the paper's "0.27M")."""
+    """ResNet-20 (He et al. 2016, section 4.2): a 3x3 conv of 16 channels, three stages of three BasicBlocks at 16,
+    32 and 64 channels (stride 2 between), global average pooling, a linear head; 19 norm layers."""
 
     def __init__(self, norm_layer: Callable[[int], nn.Module] = BatchNorm2d, in_channels: int = 3,
                  num_classes: int = 10, blocks_per_stage: int = 3):
@@ -232,11 +220,9 @@ MODELS = {
 
 
 def build_net(config: NetConfig, builder: Callable | None = None) -> nn.Module:
-    """The net `config` describes: its norm from REGISTRY, passed as `norm_layer`, and its convs weight-
-    standardised (WSConv2d) where the norm says so. `builder` is a user's (plugins.py); built-ins need none.
-    Raises ValueError for an unknown norm (KeyError for an unknown net), GroupsError (a ValueError) naming the
-    valid group counts when config.groups does not divide every norm layer's channels, ModelError for a builder
-    that returns no nn.Module or never calls its norm_layer."""
+    """The net `config` describes, its norm passed as `norm_layer` and its convs WSConv2d where the norm says so;
+    `builder`: a user's (plugins.py). ValueError: an unknown norm (KeyError: net); GroupsError naming the valid
+    group counts; ModelError: a builder that returns no nn.Module or never calls its norm_layer."""
     entry, builder = norm_entry(config.norm), builder or MODELS[config.model][0]
     extra = {"widths": config.widths, "order": config.order, "dropout": config.dropout} if builder is Net else {}
     widths, refused = [], []

@@ -1,8 +1,5 @@
-"""The training loop, without Ray: build a run from a TrialConfig, train an epoch, evaluate, checkpoint.
-
-`python train.py --norm bn` trains one variant and prints a line per epoch; the Ray Tune trainable
-(trainable.py) wraps the same `TrainingRun`.
-"""
+"""The training loop, without Ray: a run built from a TrialConfig, an epoch, evaluation, checkpoints, and the
+pre-flight run of a net. `python train.py --norm bn` trains one variant; trainable.py wraps the same TrainingRun."""
 import importlib.util
 import math
 import sys
@@ -17,35 +14,29 @@ import config as config_lib
 import data as data_lib
 import plugins
 from config import TrialConfig
-from errors import USAGE_EXIT, CheckpointError, NormsweepError, UsageError
+from errors import USAGE_EXIT, CheckpointError, ModelError, NormsweepError, UsageError
 from model import NetConfig, count_parameters
 
 CHECKPOINT_FORMAT = 2  # a checkpoint of another format is refused in one line, never guessed at
-# Precise BN (Wu & He 2018, section 6): after training, BatchNorm's running statistics recomputed as the plain
-# average over batches of this many training images (un-augmented, in train mode), from at most PRECISE_BN_IMAGES.
+# Precise BN (Wu & He 2018, section 6): BatchNorm's running statistics recomputed after training as the plain average
+# over batches of this many training images (un-augmented, in train mode), from at most PRECISE_BN_IMAGES.
 PRECISE_BN_BATCH, PRECISE_BN_IMAGES = 500, 10_000
-# Activations and conv weights in channels-last (NHWC): oneDNN's convolutions ran 1.23-1.41x faster per step on
-# the CPU here (benchmarks/levers.py, docs/benchmarks.md).
+# channels-last (NHWC): oneDNN's convolutions ran 1.23-1.41x faster per step on the CPU (docs/benchmarks.md)
 MEMORY_FORMAT = torch.channels_last
-# bf16 tensor cores arrived with Ampere (sm_80); older GPUs emulate bf16 slowly or refuse some kernels.
-BF16_MIN_CAPABILITY = (8, 0)
-
-
-def choose_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Logits of two random batches closer than this, relative to their size, are rounding apart (the small net with in:
+# 4e-7; every built-in variant that learns: 4e-3 or more at init)
+CONSTANT_OUTPUT = 1e-5
 
 
 def trial_data(dataset: data_lib.Dataset, config: TrialConfig) -> data_lib.Dataset:
-    """The part of `dataset` a trial trains and scores on: its first train_size / test_size images (0: all).
-    The sweep takes it once on the driver and the analysis again to re-score checkpoints."""
+    """The first train_size / test_size images of `dataset` (0: all) that a trial trains and scores on."""
     if not (config.train_size or config.test_size):
         return dataset
     return dataset.subset(config.train_size or None, config.test_size or None)
 
 
 def peak_lr(config: dict) -> float:
-    """The OneCycle peak learning rate: `lr`, scaled linearly with the batch size in a batch-size study
-    (lr_reference_batch > 0: a batch of 8 against a reference of 32 gets a quarter of `lr`)."""
+    """The OneCycle peak lr: `lr`, times batch_size / lr_reference_batch in a batch-size study (reference > 0)."""
     if (config.get("lr_reference_batch") or 0) > 0:
         return config["lr"] * config["batch_size"] / config["lr_reference_batch"]
     return config["lr"]
@@ -56,20 +47,21 @@ def batchnorms(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def resolve_precision(config: dict, device: torch.device) -> str:
-    """"bf16" or "fp32": what a run on `device` computes in. auto: bf16 on a CUDA GPU of compute capability 8.0+
-    (torch.cuda.is_bf16_supported(including_emulation=False)), fp32 elsewhere. An explicit bf16 is refused on an
-    older GPU (UsageError) rather than silently run in fp32, and kept on the CPU."""
-    precision = config.get("precision", "auto")
+def runtime(config: dict, device: torch.device | None = None) -> tuple:
+    """(device, precision, compile) of a run: `device`, else CUDA where there is one, else the CPU; "bf16" or "fp32"
+    (auto: bf16 on a CUDA GPU with native bf16, compute capability 8.0+; an explicit bf16 is kept on the CPU and
+    refused, UsageError, on an older GPU); torch.compile if `compile` is on, or auto on CUDA with Triton installed."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision, compile_choice = config.get("precision", "auto"), config.get("compile", "auto")
     native = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and native else "fp32"
     if precision == "bf16" and not native:
         major, minor = torch.cuda.get_device_capability(device)
-        raise UsageError(f"--precision bf16 on {device} (compute capability {major}.{minor}): this GPU has no "
-                         f"native bf16 (needs {BF16_MIN_CAPABILITY[0]}.{BF16_MIN_CAPABILITY[1]}+, Ampere or "
-                         f"newer); use --precision auto or fp32")
-    return precision
+        raise UsageError(f"--precision bf16 on {device} (compute capability {major}.{minor}): this GPU has no native "
+                         f"bf16 (needs 8.0+, Ampere or newer); use --precision auto or fp32")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and native else "fp32"
+    return device, precision, compile_choice == "on" or (compile_choice == "auto" and device.type == "cuda"
+                                                         and bool(importlib.util.find_spec("triton")))
 
 
 def describe_device(device: torch.device) -> str:
@@ -82,22 +74,9 @@ def describe_device(device: torch.device) -> str:
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for `device`'s queued work: CUDA kernels run asynchronously, so a clock read without this times
-    their launch, not their work."""
+    """Wait for `device`'s queued kernels: a clock read without it times their launch, not their work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """The most memory this process's tensors held on `device` since the run began, MiB; nan on the CPU."""
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
-
-
-def uses_compile(config: dict, device: torch.device) -> bool:
-    """torch.compile the net: `compile` on, or auto on a CUDA device where Triton is installed."""
-    choice = config.get("compile", "auto")
-    return choice == "on" or (choice == "auto" and device.type == "cuda"
-                              and importlib.util.find_spec("triton") is not None)
 
 
 def uses_test_flip(config: dict, augment: dict) -> bool:
@@ -112,9 +91,8 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
 
 def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch_size, mean, std,
                 augment: dict, l1: float = 0.0, label_smoothing: float = 0.0, bf16: bool = False) -> dict:
-    """One pass over images (N, C, H, W) uint8 and labels (N,) in a fresh seeded order, the scheduler stepped
-    per batch. Returns train_loss (mean cross-entropy, nats, without the L1 term), train_acc (0-1, on the
-    augmented batches), epoch_seconds (wall seconds, device work included) and images_per_s."""
+    """One pass over images (N, C, H, W) uint8 and labels (N,) in a seeded order, the scheduler stepped per batch:
+    train_loss (mean cross-entropy, nats, no L1), train_acc (0-1, augmented batches), epoch_seconds, images_per_s."""
     model.train()
     skip_single = bool(batchnorms(model))
     total_loss = torch.zeros((), device=images.device)
@@ -145,9 +123,8 @@ def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch
 
 @torch.no_grad()
 def evaluate(model, images, labels, *, mean, std, flip=False, batch_size=1000, bf16=False) -> dict:
-    """Loss (nats), accuracy (0-1), per-image predictions (N,) int64 and confidences (N,) float32 (max softmax)
-    over uint8 images (N, C, H, W). flip: average the softmax of each image and its mirror; "acc_single" is
-    always the accuracy of the unflipped view alone."""
+    """Loss (nats), acc (0-1), preds (N,) int64 and confidence (N,) float32 (max softmax) over uint8 images (N, C, H,
+    W). flip: the softmax averaged over each image and its mirror; acc_single: the unflipped view's accuracy."""
     model.eval()
     total_loss = torch.zeros((), device=images.device)  # sums stay on the device: one host sync at the end
     single_correct = torch.zeros((), dtype=torch.long, device=images.device)
@@ -172,21 +149,12 @@ def evaluate(model, images, labels, *, mean, std, flip=False, batch_size=1000, b
 
 @torch.no_grad()
 def precise_bn(model: nn.Module, images, *, mean, std, batch_size=PRECISE_BN_BATCH, bf16=False) -> nn.Module:
-    """A copy of `model` whose BatchNorm running statistics are the plain average over batches of `batch_size`
-    of `images` (momentum None) instead of training's exponential average: evaluating the copy separates the
-    damage small batches do to the weights from the damage to the statistics. `model` is left as it was."""
+    """A copy of `model` whose BatchNorm statistics are the plain average over batches of `images` (torch's update_bn),
+    not training's exponential one: it separates what small batches do to the weights from the statistics."""
     copy = deepcopy(model)
-    norms = batchnorms(copy)
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average over the batches below
-    copy.train()
-    for x, _ in data_lib.batches(images, images.new_zeros(len(images)), batch_size):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            copy(data_lib.to_input(x, mean, std).contiguous(memory_format=MEMORY_FORMAT))
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        torch.optim.swa_utils.update_bn((data_lib.to_input(x, mean, std).contiguous(memory_format=MEMORY_FORMAT)
+                                         for x in images.split(batch_size)), copy)
     return copy.eval()
 
 
@@ -197,21 +165,69 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
-class TrainingRun:
-    """Everything one trial owns: data on its device, model, optimizer, schedule, RNG, epoch.
+def optimizer_for(model: nn.Module, config: dict) -> torch.optim.SGD:
+    """SGD with Nesterov momentum at the peak lr, weight decay as param_groups sets it."""
+    return torch.optim.SGD(param_groups(model, config["weight_decay"]), lr=peak_lr(config),
+                           momentum=config["momentum"], nesterov=True)
 
-    `config`: a TrialConfig or a dict of its fields (the rest take their defaults); `dataset` the trial's data
-    (trial_data's). Raises UsageError for bf16 on a GPU without it and for BatchNorm at a batch of 1.
+
+def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
+    """Run the net `config` describes on the CPU as its trial will, before any trial: a training step (forward,
+    backward, optimizer step) on random images (B, C, H, W) at the trial's batch size, then two other random batches
+    in eval mode; the global RNG is left as it was. Returns the bytes a trial holds for the net beyond its baseline:
+    parameters, buffers, gradients, optimizer state and the activations autograd keeps for one batch. ModelError (one
+    line): a net with nothing to train, whose step fails or whose output ignores its input; plugins.build's errors."""
+    n_train = len(dataset.train_labels) - config.val_size
+    batch = max(1, min(n_train, config_lib.batch_size_for(n_train, config.batch_size)))
+    shape, what = (batch, dataset.channels, *dataset.image_size), f"--model {config.model} with norm {config.norm}"
+    if not plugins.is_builtin(config.model):  # a user's net: it builds, runs and returns (batch, classes) logits
+        plugins.check(config.model, [config.norm], config.groups, dataset)
+    saved = {}  # storage address -> bytes, of the tensors autograd keeps for backward
+
+    def keep(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+    images = lambda: torch.randn(shape).contiguous(memory_format=MEMORY_FORMAT)  # noqa: E731
+    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        torch.manual_seed(config.seed)
+        model = plugins.build(NetConfig(model=config.model, norm=config.norm, groups=config.groups, order=config.order,
+                                        in_channels=dataset.channels, num_classes=len(dataset.classes)))
+        try:
+            loss = F.cross_entropy(model.to(memory_format=MEMORY_FORMAT).train()(images()),
+                                   torch.randint(len(dataset.classes), (batch,)))
+            if not loss.requires_grad:
+                raise ModelError(f"{what}: no trainable parameter shapes its logits (it has none, or they are frozen, "
+                                 f"detached or under no_grad), so training cannot change it")
+            optimizer = optimizer_for(model, {**config.as_dict(), "batch_size": batch})  # peak_lr scales with it
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                first, second = (model.eval()(images()) for _ in range(2))
+        except (RuntimeError, ValueError) as e:  # torch's own failures inside the net's layers and the loss
+            raise ModelError(f"{what} fails in a training step on a batch of {shape}: {e}".splitlines()[0]) from None
+    apart = (first - second).abs().max().item()
+    if not apart > CONSTANT_OUTPUT * first.abs().max().item():
+        raise ModelError(f"{what} gives the same logits for every input ({apart:.1g} apart on two random batches), so "
+                         f"it cannot learn, e.g. a norm that zeroes each channel's mean (in) right before global "
+                         f"average pooling, as in the small net; use another norm or net (--model resnet20)")
+    held = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None),
+            *(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))]
+    ours = {t.untyped_storage().data_ptr() for t in held}
+    return sum(t.nbytes for t in held) + sum(n for address, n in saved.items() if address not in ours)
+
+
+class TrainingRun:
+    """Everything one trial owns: data on its device, model, optimizer, schedule, RNG, epoch. `config`: a
+    TrialConfig or a dict of its fields; `dataset`: trial_data's. UsageError: bf16 on a GPU without it, BN at batch 1.
     """
 
     def __init__(self, config, dataset: data_lib.Dataset, device=None):
         config = self.config = TrialConfig.of(config if isinstance(config, dict) else config.as_dict()).as_dict()
-        self.device = device or choose_device()
+        self.device, self.precision, compiled = runtime(config, device)  # before any data moves: a refusal is instant
         if self.device.type == "cpu" and config["threads"]:
             torch.set_num_threads(config["threads"])
-        self.precision = resolve_precision(config, self.device)  # before any data moves: a refusal is instant
         self.bf16 = self.precision == "bf16"
-        if self.device.type == "cuda":  # peak_memory_mib counts from here
+        if self.device.type == "cuda":  # the peak device memory counts from here
             torch.cuda.reset_peak_memory_stats(self.device)
         if config["val_size"]:  # the held-out images are the evaluation split: the same for every trial
             dataset = dataset.held_out(config["val_size"])
@@ -230,13 +246,12 @@ class TrainingRun:
                                     num_classes=len(dataset.classes))
         self.model = plugins.build(self.net_config).to(self.device, memory_format=MEMORY_FORMAT)
         # what the steps call: the model itself, or its compiled wrapper (same parameters and state)
-        self.net = torch.compile(self.model) if uses_compile(config, self.device) else self.model
+        self.net = torch.compile(self.model) if compiled else self.model
         if config["batch_size"] < 2 and batchnorms(self.model):
             raise UsageError(f"batch size {config['batch_size']} with BatchNorm: training-mode BN needs 2+ images per "
                              f"batch for its statistics; use a batch size of 2 or more, or gn/ln")
         self.peak_lr = peak_lr(config)
-        self.optimizer = torch.optim.SGD(param_groups(self.model, config["weight_decay"]), lr=self.peak_lr,
-                                         momentum=config["momentum"], nesterov=True)
+        self.optimizer = optimizer_for(self.model, config)
         steps_per_epoch = -(-len(self.train_y) // config["batch_size"])
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=self.peak_lr, epochs=config["epochs"], steps_per_epoch=steps_per_epoch)
@@ -250,10 +265,10 @@ class TrainingRun:
         result = evaluate(self.net, self.eval_x, self.eval_y, mean=self.mean, std=self.std,
                           flip=uses_test_flip(self.config, self.augment), bf16=self.bf16)
         self.epoch += 1
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else math.nan
         return {**metrics, "test_loss": result["loss"], "test_acc": result["acc"],
                 "test_acc_single": result["acc_single"], "test_acc_precise_bn": self.precise_bn_acc(), "lr": lr,
-                "epoch": self.epoch, "threads": torch.get_num_threads(),
-                "peak_device_memory_mib": peak_memory_mib(self.device)}
+                "epoch": self.epoch, "threads": torch.get_num_threads(), "peak_device_memory_mib": peak}
 
     def train_one_epoch(self) -> dict:
         """The training half of an epoch (no evaluation, epoch count unchanged): train_epoch's metrics."""
@@ -263,8 +278,7 @@ class TrainingRun:
                            l1=self.config["l1"], label_smoothing=self.config["label_smoothing"], bf16=self.bf16)
 
     def precise_bn_acc(self) -> float:
-        """One-view accuracy with precise BN statistics (`precise_bn`) after the final epoch of a net with
-        BatchNorm; nan otherwise (GN and LN have no running statistics)."""
+        """One-view accuracy with precise BN statistics after the final epoch of a net with BatchNorm; else nan."""
         if self.epoch < self.config["epochs"] or not batchnorms(self.model):
             return math.nan
         stride = max(1, len(self.train_x) // PRECISE_BN_IMAGES)  # spread over the whole training split
@@ -297,8 +311,7 @@ class TrainingRun:
 
 
 def load_checkpoint(path) -> dict:
-    """A checkpoint's dict, loaded safely (weights_only) onto the CPU; CheckpointError (one line) if it is missing,
-    unreadable or of another format."""
+    """A checkpoint's dict, loaded (weights_only) onto the CPU; CheckpointError: missing, unreadable, another format."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -314,8 +327,7 @@ def load_checkpoint(path) -> dict:
 
 
 def model_from_checkpoint(path):
-    """(model, state): the net rebuilt from a checkpoint (CPU, eval mode), and the checkpoint's dict (its
-    config and input_stats)."""
+    """(model, state): the net rebuilt from a checkpoint (CPU, eval mode) and the checkpoint's dict."""
     state = load_checkpoint(path)
     model = plugins.build(NetConfig.from_dict(state["net_config"]))
     model.load_state_dict(state["model"])
@@ -329,8 +341,7 @@ def main(argv=None) -> int:
         dataset = trial_data(data_lib.load_dataset(config.dataset, config.data_dir, test_split=not config.val_size),
                              config)
         config_lib.check_val_size(config.val_size, len(dataset.train_labels))
-        if not plugins.is_builtin(config.model):  # a user's net: built and run once on the data's shape
-            plugins.check(config.model, [config.norm], config.groups, dataset)
+        preflight(config, dataset)  # a net that cannot train is refused before the run starts
         run = TrainingRun(config, dataset)
     except NormsweepError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -7,9 +8,11 @@ import errors
 from torch import nn
 
 import data as data_lib
+import model
 import train
+from config import SweepConfig, TrialConfig
 from conftest import make_idx_dir
-from model import Net, build_model
+from model import Net, build_model, count_parameters
 
 
 def test_one_epoch_on_real_data_learns(fashion_small):
@@ -166,25 +169,26 @@ def test_bf16_autocast_runs_convs_in_bf16_norms_in_float32_and_learns(fashion_sm
 
 def test_precision_auto_is_bf16_on_gpus_with_native_bf16_only(monkeypatch):
     cuda = torch.device("cuda")
-    assert train.resolve_precision({"precision": "auto"}, torch.device("cpu")) == "fp32"
-    assert train.resolve_precision({"precision": "bf16"}, torch.device("cpu")) == "bf16"
+    precision = lambda config, device: train.runtime(config, device)[1]  # noqa: E731
+    assert precision({"precision": "auto"}, torch.device("cpu")) == "fp32"
+    assert precision({"precision": "bf16"}, torch.device("cpu")) == "bf16"
     capability = {}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["now"])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: capability["now"] >= (8, 0))
     for now, auto in (((7, 5), "fp32"), ((7, 0), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")):  # T4, V100, A100, H100
         capability["now"] = now
-        assert train.resolve_precision({"precision": "auto"}, cuda) == auto, now
-        assert train.resolve_precision({"precision": "fp32"}, cuda) == "fp32"
+        assert precision({"precision": "auto"}, cuda) == auto, now
+        assert precision({"precision": "fp32"}, cuda) == "fp32"
     capability["now"] = (8, 0)
-    assert train.resolve_precision({"precision": "bf16"}, cuda) == "bf16"
+    assert precision({"precision": "bf16"}, cuda) == "bf16"
     capability["now"] = (7, 5)
     with pytest.raises(errors.UsageError, match=r"^--precision bf16 on cuda \(compute capability 7.5\): this GPU "
                                                    r"has no native bf16 .*; use --precision auto or fp32$"):
-        train.resolve_precision({"precision": "bf16"}, cuda)
+        precision({"precision": "bf16"}, cuda)
 
 
 def test_train_cli_refuses_bf16_on_a_gpu_without_it_in_one_line(idx_dir, monkeypatch, capsys):
-    monkeypatch.setattr(train, "choose_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     assert train.main(["--dataset", str(idx_dir), "--precision", "bf16", "--epochs", "1"]) == 2
@@ -234,15 +238,17 @@ def test_compiled_net_trains_and_evaluates_as_the_eager_one(fashion_small, monke
 
 
 def test_compile_auto_is_on_cuda_with_triton_only(monkeypatch):
-    assert not train.uses_compile({"compile": "auto"}, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    compiles = lambda config, device: train.runtime(config, device)[2]  # noqa: E731
+    assert not compiles({"compile": "auto"}, torch.device("cpu"))
     find_spec = train.importlib.util.find_spec
     monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: object() if name == "triton" else find_spec(name))
-    assert train.uses_compile({"compile": "auto"}, torch.device("cuda"))
+    assert compiles({"compile": "auto"}, torch.device("cuda"))
     monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name))
     # e.g. Windows without Triton: eager rather than a failed compile
-    assert not train.uses_compile({"compile": "auto"}, torch.device("cuda"))
-    assert train.uses_compile({"compile": "on"}, torch.device("cpu"))
-    assert not train.uses_compile({"compile": "off"}, torch.device("cuda"))
+    assert not compiles({"compile": "auto"}, torch.device("cuda"))
+    assert compiles({"compile": "on"}, torch.device("cpu"))
+    assert not compiles({"compile": "off"}, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("norm", ["in", "gbn", "bn+ws", "gn+ws"])
@@ -259,3 +265,99 @@ def test_the_newer_norms_train_an_epoch(tmp_path, norm, precision):
     conv_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     assert dtypes == {"conv": {conv_dtype}, "norm": {torch.float32}}
     assert math.isfinite(metrics["test_acc_precise_bn"]) == (norm in ("gbn", "bn+ws"))
+
+
+# Users' nets for the pre-flight run, each a builder in its own file (plugins.py imports a file as a module of its name)
+PROBES = {
+    # no trainable parameters at all: with `none` the norm layer is nn.Identity; pooled to (B, 1, 1, classes)
+    "probe_no_params": "return nn.Sequential(norm_layer(in_channels), nn.AdaptiveAvgPool2d((1, num_classes)), "
+                       "nn.Flatten())",
+    # parameters, all frozen (a feature extractor whose head the user forgot to unfreeze)
+    "probe_frozen": "net = nn.Sequential(nn.Conv2d(in_channels, 8, 3), norm_layer(8), nn.ReLU(), "
+                    "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n"
+                    "    return net.requires_grad_(False)",
+    # trainable, but the image never reaches the logits: a learned constant
+    "probe_ignores_input": "return Ignores(norm_layer(8), num_classes)",
+    # runs on plugins.check's batch of 2, not on a training batch
+    "probe_batch_of_two": "return nn.Sequential(nn.Conv2d(in_channels, 8, 3), norm_layer(8), nn.AdaptiveAvgPool2d(1), "
+                          "nn.Unflatten(0, (2, -1)), nn.Flatten(), nn.Linear(8, num_classes))",
+    # a zero-initialised head: the same logits for every image at init, but not after a step; it trains
+    "probe_zero_head": "net = nn.Sequential(nn.Conv2d(in_channels, 8, 3), norm_layer(8), nn.ReLU(), "
+                       "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n"
+                       "    nn.init.zeros_(net[-1].weight), nn.init.zeros_(net[-1].bias)\n    return net",
+    # the small net's fault in a user's net: conv -> ReLU -> a per-channel norm, then global average pooling
+    "probe_norm_then_pool": "return nn.Sequential(nn.Conv2d(in_channels, 8, 3, bias=False), nn.ReLU(), norm_layer(8), "
+                            "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))",
+}
+IGNORES = '''
+class Ignores(nn.Module):
+    def __init__(self, norm, num_classes):
+        super().__init__()
+        self.norm, self.features, self.head = norm, nn.Parameter(torch.randn(1, 8, 1, 1)), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.features.expand(len(x), -1, 2, 2)).mean(dim=(2, 3)))
+'''
+
+
+def probe(tmp_path, name: str) -> str:
+    path = tmp_path / f"{name}.py"
+    path.write_text(f"import torch\nfrom torch import nn\n{IGNORES}\n\ndef build(norm_layer, in_channels, num_classes):\n"
+                    f"    {PROBES[name]}\n")
+    return f"{path}:build"
+
+
+def refused_in_one_line(capsys, argv) -> str:
+    assert train.main(argv) == errors.USAGE_EXIT
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err and not out, err
+    return err
+
+
+def test_in_on_the_small_net_is_refused_before_training_as_a_constant_function(tmp_path, idx_dir, capsys):
+    """Issue 25 item 0: conv -> ReLU -> InstanceNorm, then global average pooling, pools every channel to its shift."""
+    err = refused_in_one_line(capsys, ["--dataset", str(idx_dir), "--norm", "in", "--epochs", "1", "--threads", "1"])
+    assert "--model small with norm in gives the same logits for every input" in err and "--model resnet20" in err
+    dataset = data_lib.load_dataset(str(idx_dir))
+    for norm in model.NORMS:  # nothing else is refused: every norm of both built-in nets, in on the small net
+        for net in ("small", "resnet20"):  # with the norm before the ReLU too
+            if (norm, net) != ("in", "small"):
+                assert train.preflight(TrialConfig(norm=norm, model=net, batch_size=16), dataset) > 0
+    assert train.preflight(TrialConfig(norm="in", order="norm-relu", batch_size=16), dataset) > 0
+    assert train.preflight(TrialConfig(model=probe(tmp_path, "probe_zero_head"), norm="gn"), dataset) > 0
+
+
+@pytest.mark.parametrize("norm, name", [("gn", "probe_ignores_input"), ("in", "probe_norm_then_pool")])
+def test_a_users_net_whose_output_ignores_its_input_is_refused(tmp_path, idx_dir, capsys, norm, name):
+    err = refused_in_one_line(capsys, ["--dataset", str(idx_dir), "--model", probe(tmp_path, name), "--norm", norm])
+    assert f"with norm {norm} gives the same logits for every input" in err
+
+
+@pytest.mark.parametrize("norm, name", [("none", "probe_no_params"), ("bn", "probe_frozen")])
+def test_a_net_with_nothing_to_train_is_refused_in_one_line(tmp_path, idx_dir, capsys, norm, name):
+    """Issue 25 item 18 (no parameters under `none`), and its sibling: parameters, every one frozen."""
+    err = refused_in_one_line(capsys, ["--dataset", str(idx_dir), "--model", probe(tmp_path, name), "--norm", norm])
+    assert "no trainable parameter shapes its logits" in err
+
+
+def test_a_net_that_fails_only_in_a_training_step_is_refused_in_one_line(tmp_path, idx_dir, capsys):
+    err = refused_in_one_line(capsys, ["--dataset", str(idx_dir), "--model", probe(tmp_path, "probe_batch_of_two")])
+    assert "with norm bn fails in a training step on a batch of (16, 1, 28, 28): " in err
+
+
+def test_preflight_counts_the_nets_memory_and_leaves_the_rng_alone(idx_dir):
+    """Issue 25 item 19: what a trial asks for grows with its net (parameters, gradients, momentum, activations)."""
+    dataset = data_lib.load_dataset(str(idx_dir))
+    state = torch.get_rng_state()
+    small, resnet = (train.preflight(TrialConfig(norm="bn", model=net, batch_size=16), dataset)
+                     for net in ("small", "resnet20"))
+    assert torch.equal(torch.get_rng_state(), state)  # a trial's numbers do not depend on whether it ran
+    params = {net: 4 * count_parameters(build_model("bn", model=net)) for net in ("small", "resnet20")}
+    assert 3 * params["small"] < small < resnet and 3 * params["resnet20"] < resnet
+    activations = resnet - 3 * params["resnet20"]
+    larger = train.preflight(TrialConfig(norm="bn", model="resnet20", batch_size=32), dataset)
+    assert larger - 3 * params["resnet20"] == pytest.approx(2 * activations, rel=0.2)  # activations scale with the batch
+    # as a sweep calls it: its settings, one variant's norm and one batch size of a batch-size study
+    study = dataclasses.replace(SweepConfig(variants="bn,gn", batch_sizes=(8, 32), lr_reference_batch=16), norm="gn")
+    assert train.preflight(dataclasses.replace(study, batch_size=8), dataset) < train.preflight(
+        dataclasses.replace(study, batch_size=32), dataset)
