@@ -1,6 +1,6 @@
 """Analysis of a finished (or partial) normsweep experiment: reads results, never trains.
 
-An experiment (a directory or a storage URI) becomes a ResultGrid and a tidy DataFrame; from them the curves,
+An experiment (a directory or storage URI) becomes a ResultGrid and a tidy DataFrame; from them the curves,
 misclassified images, tables, convergence checks and paired tests (comparisons.py), the tuned comparison and the
 batch-size study. `python analysis.py EXPERIMENT` writes PNGs and summary.md (`--notebook`: analysis.ipynb run
 headless); the notebook calls the same functions. Ray is imported only where a ResultGrid or checkpoint is read.
@@ -39,29 +39,23 @@ CURVES = {  # metric -> (axis label, higher is better); {split}: the split the t
 }
 LINESTYLES, MARKERS = ("-", "--", "-.", ":"), ("o", "s", "^", "D", "v", "P")  # a curve on another stays visible
 RECIPE_COPY = "~recipe"  # suffix of the copied rows of a tuned trial whose choice is the recipe (in both arms)
-DATA_FLAGS = "pass analysis.py --dataset PATH (or --data-dir DIR) where the data now lies"
 
 
 def printable(text) -> str:
-    """Any str (a class name, a variant label, a path) as matplotlib and markdown show it verbatim: unprintable
-    characters (newlines, a file name's undecodable bytes as surrogates) backslash-escaped, mathtext's `$` escaped."""
-    def char(c):
-        if c.isprintable():
-            return c
-        return f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c.encode("unicode_escape").decode()
-    return "".join(map(char, str(text))).replace("$", r"\$")
+    """Any str (a class name, a variant, a path) as matplotlib and markdown show it verbatim: unprintable characters
+    (newlines; surrogates, a file name's undecodable bytes) backslash-escaped, mathtext's `$` escaped."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else c.encode("unicode_escape").decode() for c in str(text)).replace("$", r"\$")
 
 
 def formatted(table: pd.DataFrame) -> pd.DataFrame:
-    """A table as the report and notebook show it, every cell a str: p-values ("... p" columns) to 3 significant
-    digits or "<0.001", other floats to 2 decimals, nan as "-", text through `printable`."""
-    def cell(value, column: str) -> str:
-        if not isinstance(value, float):
-            return printable(value)
-        if np.isnan(value):
-            return "-"
-        return ("<0.001" if value < 0.001 else f"{value:.3g}") if column.endswith(" p") else f"{value:.2f}"
-    return pd.DataFrame({column: [cell(v, str(column)) for v in table[column]] for column in table.columns})
+    """A table as the report and notebook show it, all str: p-values ("... p" columns) to 3 significant digits or
+    "<0.001", other floats to 2 decimals, nan as "-", the rest through `printable`."""
+    def cell(v, p_value: bool) -> str:
+        if not isinstance(v, float):
+            return printable(v)
+        return "-" if np.isnan(v) else ("<0.001" if v < 0.001 else f"{v:.3g}") if p_value else f"{v:.2f}"
+    return pd.DataFrame({c: [cell(v, str(c).endswith(" p")) for v in table[c]] for c in table.columns})
 
 
 def _markdown(table: pd.DataFrame) -> str:
@@ -69,12 +63,12 @@ def _markdown(table: pd.DataFrame) -> str:
 
 
 def latest_experiment(root="results") -> str:
-    """The newest experiment under root, a directory or storage URI (the notebook's default); ExperimentError if none."""
+    """The newest experiment under root, a directory or URI (the notebook's default); ExperimentError if none."""
     return experiments.latest(experiments.resolve(root))
 
 
 def check_experiment(path) -> str:
-    """The location of an experiment, a directory or URI; a one-line AnalysisError (without Ray) if it is none."""
+    """The location of the experiment at path; a one-line AnalysisError, without Ray, where there is none."""
     location = experiments.resolve(path)
     if not experiments.is_experiment(location):
         raise AnalysisError(f"{location} is not a Ray Tune experiment directory (no experiment_state-*.json); "
@@ -84,53 +78,50 @@ def check_experiment(path) -> str:
 
 
 def load_experiment(path):
-    """(ResultGrid, results_frame) of an experiment, a local directory or a URI (`s3://bucket/results/name`);
-    a one-line AnalysisError for a location that holds no Tune experiment or no epoch yet."""
+    """(ResultGrid, results_frame) of an experiment, a directory or URI (`s3://bucket/results/name`); a one-line
+    AnalysisError where it holds no Tune experiment or no epoch yet."""
     location = check_experiment(path)
     from ray.tune import ExperimentAnalysis, ResultGrid  # after the checks: a bad path is refused without Ray
 
     fs, fs_path = experiments.filesystem(location)
     grid = ResultGrid(ExperimentAnalysis(fs_path, storage_filesystem=fs))
-    df = results_frame(grid)
-    if df.empty:
+    if (df := results_frame(grid)).empty:
         raise AnalysisError(f"{location} holds no reported epochs yet; wait for the first epoch or check the trials' errors")
     return grid, df
 
 
 def experiment_location(grid) -> str:
-    """Where a ResultGrid's experiment lives, as a local path or URI that the experiments module reads."""
+    """Where a ResultGrid's experiment lives, a local path or URI."""
     fs = next((r.filesystem for r in grid if r.filesystem is not None), None)
     return grid.experiment_path if fs is None else experiments.location_of(fs, grid.experiment_path)
 
 
 def results_frame(grid) -> pd.DataFrame:
-    """One row per trial and reported epoch (trials with no epoch yet left out): what the epoch reported
-    (trainable.METRICS, `health`, `parameters`, Tune's `timestamp`, ...), every scalar setting of the trial
-    (`dataset`, `epochs` planned, `seed`, `arm`, ...; `lr` is the metric), `trial`, `variant` (its label),
-    `variant name`, `peak lr`, `diverged` and `data` (data_subset)."""
+    """One row per trial and reported epoch: its metrics (trainable.METRICS, `health`, `parameters`, Tune's
+    `timestamp`, ...), the trial's scalar settings (`dataset`, `epochs` planned, `seed`, `arm`, ...; `lr` is the
+    metric), `trial`, `variant` (its label), `variant name`, `peak lr`, `diverged` and `data` (data_subset)."""
     import trainable  # Ray's: a config read as the trial read it
 
     frames = []
     for result in grid:
         config, metrics = result.config, result.metrics_dataframe
-        if not config or metrics is None or metrics.empty:
+        if not config or metrics is None or metrics.empty:  # no epoch yet
             continue
         variant = config["variant"]
         settings = {**variant, **trainable.trial_config(config, threads=0)}
         frame = metrics.loc[:, ~metrics.columns.str.startswith("config/")]  # Tune's nested copy of the config
-        frame = frame.assign(**{k: v for k, v in settings.items() if k not in frame and (v is None or np.isscalar(v))})
-        frame.insert(0, "trial", Path(result.path).name)
-        frame.insert(1, "variant", experiments.variant_label(config))
-        frame["variant name"] = experiments.variant_label({"variant": {"name": variant["name"], "l1": variant["l1"]}})
-        frame["peak lr"], frame["diverged"] = train.peak_lr(settings), (frame["health"] != "ok").any()
+        frame = frame.assign(**{k: v for k, v in settings.items() if k not in frame and (v is None or np.isscalar(v))},
+                             trial=Path(result.path).name, variant=experiments.variant_label(config),
+                             **{"variant name": experiments.variant_label({"variant": {
+                                 "name": variant["name"], "l1": variant["l1"]}}), "peak lr": train.peak_lr(settings),
+                                "diverged": (metrics["health"] != "ok").any()})
         frames.append(frame)
         if variant.get("recipe_too"):  # its tuned configuration is the recipe's: one trial in both arms
             label = experiments.variant_label({**config, "variant": {**variant, "arm": tuned.RECIPE}})
             frames.append(frame.assign(trial=frame["trial"] + RECIPE_COPY, variant=label, arm=tuned.RECIPE, evidence=(
                 "the shared recipe, which tuning also chose (the tuned trial, counted in both arms)")))
-    if not frames:
-        return pd.DataFrame()
-    return pd.concat(frames, ignore_index=True).assign(data=data_subset(experiments.read_launch(experiment_location(grid))))
+    return pd.concat(frames, ignore_index=True).assign(data=data_subset(experiments.read_launch(
+        experiment_location(grid)))) if frames else pd.DataFrame()
 
 
 def result_of(grid, trial: str):
@@ -142,10 +133,8 @@ def data_subset(launch: dict) -> str:
     """What part of the dataset a launch trained and scored on, in words; "" for all of it."""
     if launch.get("smoke_test"):
         return f"smoke-test subset: {launch['train_size']:,} train / {launch['test_size']:,} test images"
-    if not launch.get("train_size"):
-        return ""
     scored = f"{launch['val_size']:,} of them held out to score on" if launch.get("val_size") else "every test image"
-    return f"--train-size subset: {launch['train_size']:,} train images, {scored}"
+    return f"--train-size subset: {launch['train_size']:,} train images, {scored}" if launch.get("train_size") else ""
 
 
 def _title(df, what: str, wrap: bool = False) -> str:
@@ -227,8 +216,8 @@ def _legend(ax, **kwargs):
 
 
 def plot_curves(df, metric: str):
-    """A CURVES metric against epoch, all variants on one axes: the mean over seeds with a ±1 std band, ★ at
-    each mean curve's best epoch; a diverged variant is named in the legend, not drawn."""
+    """A CURVES metric against epoch, all variants on one axes: the mean over seeds with a ±1 std band, ★ at each
+    mean curve's best epoch; a diverged variant is named in the legend, not drawn."""
     label, higher_better = CURVES[metric]
     split, scale = scored_on(df), 100 if metric.endswith("acc") else 1
     # test_acc averages each image and its mirror on flip-trained data; the headline is test_acc_single
@@ -245,7 +234,7 @@ def plot_curves(df, metric: str):
         pad = max(0.1 * (max(late) - min(late)), 0.05 * scale / 100)
         ax.set_ylim(min(late) - pad, max(late) + pad)
         label += " (zoomed to the second half of training)"
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even on 1-epoch runs
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for 1 epoch
     ax.set(xlabel="epoch", ylabel=label.format(split=split))
     band = "; band = ±1 std over seeds" if df.groupby("variant")["seed"].nunique().max() > 1 else ""
     head, _, subset = _title(df, metric.replace("_", " ").replace("test", split), wrap=True).partition("\n")
@@ -277,11 +266,44 @@ def _plot_variant(ax, group, metric: str, i: int, scale: float, flipped: bool) -
     return [*(mean - std)[len(mean) // 2:], *(mean + std)[len(mean) // 2:]]
 
 
+def _skip(skipped, error, what: str):
+    """Append "what: why" to skipped, a list, or raise the error where there is none."""
+    if skipped is None:
+        raise error
+    skipped.append(f"{what}: {error}")
+
+
+def experiment_dataset(grid, skipped=None, dataset=None, data_dir=None) -> data_lib.Dataset:
+    """The whole dataset the trials were drawn from, read once; dataset (a directory or name), data_dir: where it
+    lies now if it moved. Not readable: DataError, or None with the reason appended to `skipped`."""
+    config = next(r.config for r in grid if r.config)
+    try:
+        return data_lib.load_dataset(dataset or config["dataset"], data_dir or config["data_dir"],
+                                     test_split=not config["val_size"])  # held-out images are scored, not the test split
+    except DataError as e:  # moved, or not copied with the results
+        _skip(skipped, DataError(f"the dataset is not readable here ({e}); pass analysis.py --dataset PATH (or "
+                                 f"--data-dir DIR) where it lies now"), "misclassified images and McNemar's test")
+
+
+def _scored(grid, checkpoint, dataset, flip=None) -> tuple:
+    """(state, the evaluation split, train.evaluate's output) of a Tune checkpoint's net, scored as its trial scored:
+    the launch's part of the data, for --val-size N the N training images held out of it; flip: as the trial."""
+    import trainable  # Ray's checkpoints
+
+    model, state = trainable.model_from_result_checkpoint(checkpoint)
+    config = state["config"]
+    split = train.trial_data(experiment_dataset(grid) if dataset is None else dataset, config_lib.TrialConfig.of(config))
+    split = split.held_out(config["val_size"]) if config["val_size"] else split
+    flip = train.uses_test_flip(config, split.augment) if flip is None else flip
+    return state, split, {**train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"],
+                                           flip=flip), "flip": flip}
+
+
 def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
     """The first n misclassified evaluation images of `variant`'s best checkpoint (best trial by test_acc):
     images (uint8), labels, predictions, confidences (max softmax), indices, the checkpoint's accuracy
-    (flip-averaged where `flip`, as its test_acc), seed, epoch, classes. dataset: experiment_dataset's, read
-    once. A one-line AnalysisError for a variant with no healthy trial or no checkpoint of its best epoch."""
+    (flip-averaged where `flip`, as its test_acc), seed, epoch, classes. dataset: experiment_dataset's. A one-line
+    AnalysisError for a variant with no healthy trial or no checkpoint of its best epoch."""
     import trainable  # Ray's checkpoints
 
     best = best_per_trial(df)
@@ -296,62 +318,24 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
         raise AnalysisError(f"trial {row['trial']} has no checkpoint of its best epoch {int(row['epoch'])} (not saved "
                             f"yet, or not copied with the results); resume the experiment or copy its checkpoint_* "
                             f"directories too")
-    model, state = trainable.model_from_result_checkpoint(kept[-1])
-    config, split = state["config"], evaluation_split(experiment_location(grid), state["config"], dataset)
-    flip = train.uses_test_flip(config, split.augment)
-    out = train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"], flip=flip)  # as the trial
+    state, split, out = _scored(grid, kept[-1], dataset)
     wrong = torch.nonzero(out["preds"] != split.test_labels).flatten()[:n]
-    return {"variant": variant, "trial": row["trial"], "seed": config["seed"], "epoch": state["epoch"], "acc": out["acc"],
-            "flip": flip, "split": "validation" if config["val_size"] else "test", "indices": wrong,
-            "images": split.test_images[wrong], "true": split.test_labels[wrong], "pred": out["preds"][wrong],
-            "confidence": out["confidence"][wrong], "classes": split.classes}
+    return {"variant": variant, "trial": row["trial"], "seed": state["config"]["seed"], "epoch": state["epoch"],
+            "acc": out["acc"], "flip": out["flip"], "split": "validation" if state["config"]["val_size"] else "test",
+            "indices": wrong, "images": split.test_images[wrong], "true": split.test_labels[wrong],
+            "pred": out["preds"][wrong], "confidence": out["confidence"][wrong], "classes": split.classes}
 
 
 def misclassified_grids(grid, df, dataset=None, skipped=None) -> dict:
-    """variant -> plot_misclassified's figure, for every healthy variant whose best checkpoint is here. What is
-    not (the dataset or a checkpoint) is appended to `skipped` as "what: why" (default: raised)."""
-    dataset = readable_dataset(grid, skipped) if dataset is None else dataset
-    figures = {}
+    """variant -> plot_misclassified's figure, per healthy variant; one whose data or checkpoint is not here is
+    said in `skipped` as "what: why" (default: raised)."""
+    dataset, figures = experiment_dataset(grid, skipped) if dataset is None else dataset, {}
     for variant in sorted(healthy(df)["variant"].unique()) if dataset is not None else []:
         try:
             figures[variant] = plot_misclassified(misclassified(grid, df, variant, dataset=dataset))
         except AnalysisError as e:  # e.g. a best epoch whose checkpoint was not copied with the results
             _skip(skipped, e, f"misclassified images of {variant}")
     return figures
-
-
-def _skip(skipped, error, what: str):
-    if skipped is None:
-        raise error
-    skipped.append(f"{what}: {error}")
-
-
-def evaluation_split(experiment: str, config: dict, dataset=None) -> data_lib.Dataset:
-    """The dataset as the trials saw it, its test split the images they were scored on: the launch's part of
-    the data (train.trial_data), and for --val-size N the N training images held out of that."""
-    dataset = train.trial_data(_read_dataset(config) if dataset is None else dataset, config_lib.TrialConfig.of(config))
-    return dataset.held_out(config["val_size"]) if config["val_size"] else dataset
-
-
-def experiment_dataset(grid, dataset=None, data_dir=None) -> data_lib.Dataset:
-    """The whole dataset the experiment's trials were drawn from, read once; dataset (a directory or name) and
-    data_dir: where it lies now, if it moved since the sweep. DataError if it is not there."""
-    config = next(r.config for r in grid if r.config)
-    return _read_dataset({**config, **{k: v for k, v in [("dataset", dataset), ("data_dir", data_dir)] if v}})
-
-
-def readable_dataset(grid, skipped=None, **where):
-    """experiment_dataset's, or None with the reason appended to `skipped` (default: raised)."""
-    try:
-        return experiment_dataset(grid, **where)
-    except DataError as e:  # moved, or not copied with the results
-        return _skip(skipped, DataError(f"the dataset is not readable here ({e}); {DATA_FLAGS}"),
-                     "misclassified images and McNemar's test (they re-score checkpoints on the data)")
-
-
-def _read_dataset(config: dict) -> data_lib.Dataset:
-    """The dataset a trial's config names; without its test split where the trials scored held-out images."""
-    return data_lib.load_dataset(config["dataset"], config["data_dir"], test_split=not config["val_size"])
 
 
 def plot_misclassified(sample: dict):
@@ -362,10 +346,8 @@ def plot_misclassified(sample: dict):
         ax.axis("off")
         if k < len(sample["indices"]):
             image = sample["images"][k]  # (C, H, W) uint8; numpy, as matplotlib warns on tensors
-            if len(image) == 1:  # grayscale: dark on light, as digits and clothes are drawn on paper
-                ax.imshow(image[0].numpy(), cmap="gray_r")
-            else:
-                ax.imshow(image.permute(1, 2, 0).numpy())
+            # grayscale: dark on light, as digits and clothes are drawn on paper
+            ax.imshow(image[0].numpy(), cmap="gray_r") if len(image) == 1 else ax.imshow(image.permute(1, 2, 0).numpy())
             ax.set_title(f"true: {classes[sample['true'][k]]}\npred: {classes[sample['pred'][k]]} "
                          f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
     split, view = sample.get("split", "test"), "flip-averaged" if sample.get("flip") else "one view"
@@ -403,30 +385,27 @@ def summary(df) -> pd.DataFrame:
 
 
 def final_correct(grid, df, dataset=None, skipped=None) -> dict:
-    """Per trial, which evaluation images its final epoch classified right on one view (bool tensor (N,)), from
-    its latest checkpoint, for McNemar's test; trials whose latest checkpoint is not the final epoch's are left
-    out, and those whose checkpoint is not here too, said in `skipped` (default: CheckpointError raised)."""
-    import trainable  # Ray's checkpoints
-
+    """Per trial, which evaluation images its final epoch classified right on one view (bool tensor (N,)), from its
+    latest checkpoint, for McNemar's test; a trial whose latest checkpoint is not of its final epoch is left out,
+    one whose checkpoint is not here too, said in `skipped` (default: CheckpointError raised)."""
     correct = {}
     for row in final_per_trial(df).itertuples():
-        checkpoint = result_of(grid, row.trial).checkpoint
+        if (checkpoint := result_of(grid, row.trial).checkpoint) is None:
+            continue
         try:
-            model, state = trainable.model_from_result_checkpoint(checkpoint) if checkpoint else (None, {"epoch": None})
+            state, split, out = _scored(grid, checkpoint, dataset, flip=False)
         except CheckpointError as e:  # not copied with the results
-            _skip(skipped, CheckpointError(f"{e}; copy its checkpoint_* directories too"), f"McNemar's test of trial {row.trial}")
+            _skip(skipped, CheckpointError(f"{e}; copy its checkpoint_* directories too"), f"McNemar's test of {row.trial}")
             continue
         if state["epoch"] == row.epoch:
-            split = evaluation_split(experiment_location(grid), state["config"], dataset)
-            correct[row.trial] = train.evaluate(model, split.test_images, split.test_labels,
-                                                **state["input_stats"])["preds"] == split.test_labels
+            correct[row.trial] = out["preds"] == split.test_labels
     return correct
 
 
 def comparison_tables(grid, df, dataset=None, skipped=None, mcnemar: bool = True) -> dict:
-    """The paired comparisons (comparisons.py) that apply, by name: "paired" (over seeds, where variants have
-    2+), else "mcnemar" (one seed; it re-scores checkpoints, left out if not `mcnemar`), and "tuned vs recipe"
-    (a tuned comparison's final stage). skipped: as final_correct's."""
+    """The paired comparisons (comparisons.py) that apply, by name: "paired" (over seeds, where variants have 2+),
+    else "mcnemar" (one seed; it re-scores checkpoints: left out if not `mcnemar`), and "tuned vs recipe" (a tuned
+    comparison's final stage). dataset, skipped: as final_correct's."""
     final, tables = final_per_trial(df), {}
     if final["variant"].nunique() < 2:
         return tables
@@ -592,8 +571,8 @@ def write_report(experiment, out_dir, dataset=None, data_dir=None) -> list:
     elif not healthy(df).empty:  # where every trial diverged there is no curve, table or checkpoint to show
         text += _final_stage_section(grid, df, figures) if kind == "final" else []
         text += _batch_section(df, figures) if is_batch_study(df) else []
-        text += _results_section(grid, df, figures, skipped, readable_dataset(grid, skipped, dataset=dataset,
-                                                                               data_dir=data_dir))
+        text += _results_section(grid, df, figures, skipped, experiment_dataset(grid, skipped, dataset=dataset,
+                                                                                data_dir=data_dir))
     text += ["## Not in this report", "", *[f"- {line}" for line in skipped], ""] if skipped else []
     out, files = experiments.resolve(out_dir), {**figures, "summary.md": "\n".join(text).encode()}
     for name, data in files.items():
