@@ -97,31 +97,33 @@ def experiment_location(grid) -> str:
 
 
 def results_frame(grid) -> pd.DataFrame:
-    """One row per trial and reported epoch: its metrics (trainable.METRICS, `health`, `parameters`, Tune's
-    `timestamp`, ...), the trial's scalar settings (`dataset`, `epochs` planned, `seed`, `arm`, ...; `lr` is the
-    metric), `trial`, `variant` (its label), `variant name`, `peak lr`, `diverged` and `data` (data_subset)."""
+    """One row per trial and reported epoch (trials with no epoch yet left out): what the epoch reported
+    (trainable.METRICS, `health`, `parameters`, Tune's `timestamp`, ...), every scalar setting of the trial
+    (`dataset`, `epochs` planned, `seed`, `arm`, ...; `lr` is the metric), `trial`, `variant` (its label),
+    `variant name`, `peak lr`, `diverged` and `data` (data_subset)."""
     import trainable  # Ray's: a config read as the trial read it
 
     frames = []
     for result in grid:
         config, metrics = result.config, result.metrics_dataframe
-        if not config or metrics is None or metrics.empty:  # no epoch yet
+        if not config or metrics is None or metrics.empty:
             continue
         variant = config["variant"]
         settings = {**variant, **trainable.trial_config(config, threads=0)}
         frame = metrics.loc[:, ~metrics.columns.str.startswith("config/")]  # Tune's nested copy of the config
-        frame = frame.assign(**{k: v for k, v in settings.items() if k not in frame and (v is None or np.isscalar(v))},
-                             trial=Path(result.path).name, variant=experiments.variant_label(config),
-                             **{"variant name": experiments.variant_label({"variant": {
-                                 "name": variant["name"], "l1": variant["l1"]}}), "peak lr": train.peak_lr(settings),
-                                "diverged": (metrics["health"] != "ok").any()})
+        frame = frame.assign(**{k: v for k, v in settings.items() if k not in frame and (v is None or np.isscalar(v))})
+        frame.insert(0, "trial", Path(result.path).name)
+        frame.insert(1, "variant", experiments.variant_label(config))
+        frame["variant name"] = experiments.variant_label({"variant": {"name": variant["name"], "l1": variant["l1"]}})
+        frame["peak lr"], frame["diverged"] = train.peak_lr(settings), (frame["health"] != "ok").any()
         frames.append(frame)
         if variant.get("recipe_too"):  # its tuned configuration is the recipe's: one trial in both arms
             label = experiments.variant_label({**config, "variant": {**variant, "arm": tuned.RECIPE}})
             frames.append(frame.assign(trial=frame["trial"] + RECIPE_COPY, variant=label, arm=tuned.RECIPE, evidence=(
                 "the shared recipe, which tuning also chose (the tuned trial, counted in both arms)")))
-    return pd.concat(frames, ignore_index=True).assign(data=data_subset(experiments.read_launch(
-        experiment_location(grid)))) if frames else pd.DataFrame()
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True).assign(data=data_subset(experiments.read_launch(experiment_location(grid))))
 
 
 def result_of(grid, trial: str):
@@ -267,7 +269,7 @@ def _plot_variant(ax, group, metric: str, i: int, scale: float, flipped: bool) -
 
 
 def _skip(skipped, error, what: str):
-    """Append "what: why" to skipped, a list, or raise the error where there is none."""
+    """Append "what: why" to `skipped`, a list; raise the error where there is none."""
     if skipped is None:
         raise error
     skipped.append(f"{what}: {error}")
@@ -277,17 +279,17 @@ def experiment_dataset(grid, skipped=None, dataset=None, data_dir=None) -> data_
     """The whole dataset the trials were drawn from, read once; dataset (a directory or name), data_dir: where it
     lies now if it moved. Not readable: DataError, or None with the reason appended to `skipped`."""
     config = next(r.config for r in grid if r.config)
-    try:
+    try:  # held-out images are scored where the trials had --val-size, not the test split
         return data_lib.load_dataset(dataset or config["dataset"], data_dir or config["data_dir"],
-                                     test_split=not config["val_size"])  # held-out images are scored, not the test split
+                                     test_split=not config["val_size"])
     except DataError as e:  # moved, or not copied with the results
         _skip(skipped, DataError(f"the dataset is not readable here ({e}); pass analysis.py --dataset PATH (or "
                                  f"--data-dir DIR) where it lies now"), "misclassified images and McNemar's test")
 
 
 def _scored(grid, checkpoint, dataset, flip=None) -> tuple:
-    """(state, the evaluation split, train.evaluate's output) of a Tune checkpoint's net, scored as its trial scored:
-    the launch's part of the data, for --val-size N the N training images held out of it; flip: as the trial."""
+    """(state, evaluation split, train.evaluate's output + "flip") of a Tune checkpoint's net, scored as its trial
+    was: on the launch's part of the data (--val-size N: the N training images held out of it); flip: as it was."""
     import trainable  # Ray's checkpoints
 
     model, state = trainable.model_from_result_checkpoint(checkpoint)
@@ -300,10 +302,10 @@ def _scored(grid, checkpoint, dataset, flip=None) -> tuple:
 
 
 def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
-    """The first n misclassified evaluation images of `variant`'s best checkpoint (best trial by test_acc):
-    images (uint8), labels, predictions, confidences (max softmax), indices, the checkpoint's accuracy
-    (flip-averaged where `flip`, as its test_acc), seed, epoch, classes. dataset: experiment_dataset's. A one-line
-    AnalysisError for a variant with no healthy trial or no checkpoint of its best epoch."""
+    """The first n misclassified evaluation images of `variant`'s best checkpoint (best trial by test_acc): images
+    (uint8), true, pred, confidence (max softmax), indices, the checkpoint's acc (flip-averaged where `flip`, as its
+    test_acc), seed, epoch, classes. dataset: experiment_dataset's. A one-line AnalysisError for a variant with no
+    healthy trial or no checkpoint of its best epoch."""
     import trainable  # Ray's checkpoints
 
     best = best_per_trial(df)
@@ -385,9 +387,8 @@ def summary(df) -> pd.DataFrame:
 
 
 def final_correct(grid, df, dataset=None, skipped=None) -> dict:
-    """Per trial, which evaluation images its final epoch classified right on one view (bool tensor (N,)), from its
-    latest checkpoint, for McNemar's test; a trial whose latest checkpoint is not of its final epoch is left out,
-    one whose checkpoint is not here too, said in `skipped` (default: CheckpointError raised)."""
+    """trial -> which evaluation images its final epoch got right on one view (bool tensor (N,)), for McNemar's test;
+    a trial whose latest checkpoint is not its final epoch's is left out, one not here too, said in `skipped`."""
     correct = {}
     for row in final_per_trial(df).itertuples():
         if (checkpoint := result_of(grid, row.trial).checkpoint) is None:
@@ -403,9 +404,8 @@ def final_correct(grid, df, dataset=None, skipped=None) -> dict:
 
 
 def comparison_tables(grid, df, dataset=None, skipped=None, mcnemar: bool = True) -> dict:
-    """The paired comparisons (comparisons.py) that apply, by name: "paired" (over seeds, where variants have 2+),
-    else "mcnemar" (one seed; it re-scores checkpoints: left out if not `mcnemar`), and "tuned vs recipe" (a tuned
-    comparison's final stage). dataset, skipped: as final_correct's."""
+    """The paired comparisons that apply, by name: "paired" (variants with 2+ seeds), else "mcnemar" (one seed; it
+    re-scores checkpoints), and "tuned vs recipe" (a tuned comparison's final stage). skipped: as final_correct's."""
     final, tables = final_per_trial(df), {}
     if final["variant"].nunique() < 2:
         return tables
@@ -440,8 +440,7 @@ def stage(grid) -> str:
 
 
 def tuning_frame(grid, df):
-    """A tuned comparison's tuning-stage frame (df itself, or read from beside a final stage); None for a plain
-    sweep. A one-line AnalysisError if a final stage's tuning stage is unreadable."""
+    """A tuned comparison's tuning-stage frame (df, or read from beside a final stage); None for a plain sweep."""
     launch = experiments.read_launch(location := experiment_location(grid))
     if launch.get("stage") == "final":
         return load_experiment(experiments.sibling(location, tuned.tuning_name(launch["final_name"])))[1]
@@ -465,8 +464,8 @@ def is_batch_study(df) -> bool:
 
 
 def batch_size_study(df) -> pd.DataFrame:
-    """Per variant and batch size: final-epoch one-view test error (%), mean and std over seeds, beside the same
-    with precise BatchNorm statistics (train.precise_bn; nan without BatchNorm), the peak lr and convergence."""
+    """Per variant and batch size: final one-view test error (%), mean and std over seeds, the same with precise
+    BatchNorm statistics (train.precise_bn; nan without BN), the peak lr and convergence."""
     final = final_per_trial(df)
     final = final.assign(error=100 * (1 - final["test_acc_single"]), precise=100 * (1 - final["test_acc_precise_bn"]),
                          converged=final["variant"].map(convergence(df).set_index("variant")["converged"]))
@@ -478,9 +477,8 @@ def batch_size_study(df) -> pd.DataFrame:
 
 
 def batch_size_table(study: pd.DataFrame) -> pd.DataFrame:
-    """The study as Table 2 of Wu & He (2018): a row per normalisation (and BatchNorm with precise statistics), a
-    column per batch size, large to small, "mean ± std" test error (%), then each one's difference to BatchNorm.
-    "*" marks a cell whose variant may not have converged."""
+    """The study as Table 2 of Wu & He (2018): a row per norm (and precise BN), a column per batch size, large to
+    small, of "mean ± std" test error (%), then each norm's difference to bn; "*": may not have converged."""
     def cells(group, mean, std, marked=False):  # "-": e.g. precise BN of a trial short of its final epoch
         return {str(r["batch size"]): "-" if np.isnan(r[mean]) else f"{r[mean]:.2f}"
                 + (f" ± {r[std]:.2f}" if np.isfinite(r[std]) else "") + (" *" if marked and not r["converged"] else "")
@@ -499,8 +497,7 @@ def batch_size_table(study: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
-    """Final-epoch one-view test error against batch size (log axis), a line per normalisation, mean ± std over
-    seeds; dashed: BatchNorm with precise statistics."""
+    """Final one-view test error against batch size, mean ± std over seeds, per norm; dashed: precise BN."""
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for i, (name, group) in enumerate(study.groupby("variant")):
         style = {"color": f"C{i}", "marker": MARKERS[i % len(MARKERS)], "capsize": 3}
@@ -508,24 +505,28 @@ def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
         if group["precise-BN error (%)"].notna().any():
             ax.errorbar(group["batch size"], group["precise-BN error (%)"], yerr=group["precise-BN std"].fillna(0),
                         linestyle="--", markerfacecolor="none", label=f"{printable(name)}, precise BN statistics", **style)
-    batches = sorted(study["batch size"].unique())
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.minorticks_off()
+    _log2_axis(ax, study["batch size"])
     ax.set(xlabel="batch size (images per step; peak lr scaled linearly with it)",
            ylabel="test error at the final epoch, one view (%)")
     ax.set_title(title + "; mean ± std over seeds", fontsize=10)
     _legend(ax)
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
+def _log2_axis(ax, values):
+    """A log2 x axis ticked at each of `values`, labelled as they are; a grid."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))], minor=False)
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+
+
 def plot_sensitivity(df, title: str = "learning-rate sensitivity"):
-    """A tuning stage's validation accuracy against peak learning rate (log axis), a line per variant, a panel per
-    weight decay; a diverged configuration is an x at the bottom of the axis."""
+    """A tuning stage's validation accuracy against peak lr, a line per variant, a panel per weight decay; a
+    diverged configuration is an x at the bottom."""
     table = tuned.configurations(df)
-    decays, lrs = sorted(table["weight decay"].unique()), sorted(table["lr"].unique())
+    decays = sorted(table["weight decay"].unique())
     fig, axes = plt.subplots(1, len(decays), figsize=(5.2 * len(decays) + 2, 4.2), sharey=True, squeeze=False)
     floor = table["val acc (%)"].min() - 2 if table["val acc (%)"].notna().any() else 0
     for ax, decay in zip(axes[0], decays):
@@ -533,11 +534,9 @@ def plot_sensitivity(df, title: str = "learning-rate sensitivity"):
             line, = ax.plot(rows["lr"], rows["val acc (%)"], marker=MARKERS[i % len(MARKERS)], label=printable(name))
             bad = rows[rows["val acc (%)"].isna()]
             ax.plot(bad["lr"], [floor] * len(bad), "x", color=line.get_color(), markersize=9)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lrs, [f"{v:g}" for v in lrs])
-        ax.set(xlabel="peak learning rate (OneCycle)")
+        _log2_axis(ax, table["lr"])
+        ax.set_xlabel("peak learning rate (OneCycle)")
         ax.set_title(f"weight decay {decay:g}", fontsize=10)
-        ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation accuracy, final epoch, one view (%)")
     _legend(axes[0][-1], title="x: diverged")
     fig.suptitle(title, fontsize=10)
@@ -556,29 +555,27 @@ def experiment_line(experiment) -> str:
 
 
 def write_report(experiment, out_dir, dataset=None, data_dir=None) -> list:
-    """Every figure as PNG plus summary.md into out_dir, a directory or URI; the written paths (Path objects, or
-    URIs). What needs data or a checkpoint that is not here is left out, and said in summary.md and on stderr
-    (one line each). dataset, data_dir: where the experiment's data lies now, if it moved since the sweep."""
+    """Every figure as PNG plus summary.md into out_dir, a directory or URI; the paths written (Path, or URI). A part
+    that needs data or a checkpoint that is not here is left out and said, in summary.md and on stderr (one line
+    each). dataset, data_dir: where the experiment's data lies now, if it moved since the sweep."""
     grid, df = load_experiment(experiment)
     figures, skipped = {}, []  # file name -> PNG; "what: why" of each part left out
     notes = [progress_note(progress(grid, df)), diverged_note(df), validation_note(df)]
     text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", "",
             *[line for note in notes if note for line in (f"**{note}**", "")]]
-    kind = stage(grid)
-    if kind == "tuning":  # the learning-rate sensitivity and the choices; every trial is one configuration
+    if (kind := stage(grid)) == "tuning":  # the learning-rate sensitivity and the choices
         text += [*_tuning_section(df, figures), "Per trial (validation accuracy in the test columns):", "",
                  _markdown(trial_table(df)), ""]
     elif not healthy(df).empty:  # where every trial diverged there is no curve, table or checkpoint to show
         text += _final_stage_section(grid, df, figures) if kind == "final" else []
         text += _batch_section(df, figures) if is_batch_study(df) else []
-        text += _results_section(grid, df, figures, skipped, experiment_dataset(grid, skipped, dataset=dataset,
-                                                                                data_dir=data_dir))
+        data = experiment_dataset(grid, skipped, dataset, data_dir)
+        text += _results_section(grid, df, figures, skipped, data)
     text += ["## Not in this report", "", *[f"- {line}" for line in skipped], ""] if skipped else []
     out, files = experiments.resolve(out_dir), {**figures, "summary.md": "\n".join(text).encode()}
     for name, data in files.items():
         experiments.write_bytes(experiments.join(out, name), data)  # a one-line ExperimentError where unwritable
-    for line in skipped:
-        print(f"skipped {line}", file=sys.stderr)
+    print("".join(f"skipped {line}\n" for line in skipped), end="", file=sys.stderr)
     return [experiments.join(out, name) if experiments.is_uri(out) else Path(out, name) for name in files]
 
 
@@ -590,8 +587,8 @@ def _png(fig) -> bytes:
 
 
 def _results_section(grid, df, figures: dict, skipped: list, dataset) -> list:
-    """The summary, per-trial and comparison tables, and the curves and misclassified grids (into figures);
-    dataset None: the parts that re-score checkpoints are left out (skipped says why)."""
+    """The summary, per-trial and comparison tables, the curves and misclassified grids (into figures); dataset
+    None: what re-scores checkpoints on it is left out (skipped says why)."""
     figures.update({f"{metric}.png": _png(plot_curves(df, metric)) for metric in CURVES})
     grids = misclassified_grids(grid, df, dataset, skipped) if dataset is not None else {}
     names = {variant: "misclassified_" + re.sub(r"[^A-Za-z0-9]+", "_", variant).strip("_") + ".png" for variant in grids}
@@ -622,8 +619,7 @@ def _final_stage_section(grid, df, figures: dict) -> list:
 
 def _tuning_section(tuning_df, figures: dict) -> list:
     """A tuning stage: the sensitivity table and figure, the choices, and how early stopping would have ranked."""
-    title = _title(tuning_df, "learning-rate sensitivity", wrap=True)
-    figures["lr_sensitivity.png"] = _png(plot_sensitivity(tuning_df, title))
+    figures["lr_sensitivity.png"] = _png(plot_sensitivity(tuning_df, _title(tuning_df, "learning-rate sensitivity", True)))
     choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
                              "evidence": c["evidence"]} for name, c in sorted(tuned.choose(tuning_df).items())])
     agreement = comparisons.rank_agreement(tuning_df)
@@ -652,8 +648,8 @@ def _batch_section(df, figures: dict) -> list:
 
 
 def run_notebook(experiment, out_dir) -> str:
-    """analysis.ipynb run headless on the experiment, written with its outputs to out_dir/analysis.ipynb (the
-    tracked notebook keeps none); its location. A one-line AnalysisError where a cell fails (its error's line)."""
+    """analysis.ipynb run headless on the experiment into out_dir/analysis.ipynb (the tracked notebook keeps no
+    outputs); where it went. A one-line AnalysisError where the experiment or a cell fails (the cell's error)."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
@@ -663,7 +659,7 @@ def run_notebook(experiment, out_dir) -> str:
     try:
         NotebookClient(notebook, timeout=None, resources={"metadata": {"path": str(root)}}).execute(
             env={**os.environ, "NORMSWEEP_EXPERIMENT": location}, stderr=subprocess.DEVNULL)  # the kernel's chatter
-    except CellExecutionError as e:  # its message repeats the cell and the traceback: the last line is the news
+    except CellExecutionError as e:  # its message repeats the cell and the whole traceback
         raise AnalysisError(f"the notebook stopped: {e.ename}: {e.evalue}") from None
     finally:
         experiments.write_bytes(written, nbformat.writes(notebook).encode())
