@@ -676,6 +676,8 @@ def main(argv=None) -> int:
     parser.add_argument("--notebook", action="store_true", help="run analysis.ipynb headless instead, into "
                         "<out>/analysis.ipynb (the tracked notebook keeps no outputs)")
     args = parser.parse_args(argv)
+    if args.notebook and (args.dataset or args.data_dir):
+        parser.error("--dataset and --data-dir apply to the report; the notebook reads the data where the sweep did")
     matplotlib.use("Agg")  # files only; the notebook keeps its inline backend
     try:
         out = args.out or experiments.join(experiments.resolve(args.experiment), "report")

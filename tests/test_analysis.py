@@ -231,3 +231,6 @@ def test_headless_notebook_of_a_mistyped_experiment_is_one_line(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a Ray Tune experiment directory" in err, err
     assert not (tmp_path / "typo").exists()
+    with pytest.raises(SystemExit) as refused:  # the data flags are the report's
+        analysis.main([str(tmp_path), "--notebook", "--dataset", str(tmp_path)])
+    assert refused.value.code == 2 and "apply to the report" in capsys.readouterr().err
