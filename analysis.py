@@ -1,14 +1,16 @@
 """Analysis of a finished (or partial) normsweep experiment: reads results, never trains.
 
-A Ray Tune experiment (a directory or a storage URI) becomes a ResultGrid and a tidy DataFrame; from them the
-curves, misclassified images, summary tables, convergence checks, paired tests (comparisons.py), the tuned
-comparison and the batch-size study. `python analysis.py RESULTS_DIR --out DIR` writes PNGs and summary.md;
-analysis.ipynb calls the same functions. Ray is imported only where a ResultGrid or checkpoint is read.
+An experiment (a directory or storage URI) becomes a ResultGrid and a tidy DataFrame; from them the curves,
+misclassified images, tables, convergence checks and paired tests (comparisons.py), the tuned comparison and the
+batch-size study. `python analysis.py EXPERIMENT` writes PNGs and summary.md (`--notebook`: analysis.ipynb run
+headless); the notebook calls the same functions. Ray is imported only where a ResultGrid or checkpoint is read.
 """
 import argparse
 import io
 import itertools
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import experiments
 import train
 import tuned
 from comparisons import convergence, convergence_warnings, final_per_trial, healthy, scored_on
-from errors import USAGE_EXIT, ExperimentError, NormsweepError
+from errors import USAGE_EXIT, CheckpointError, DataError, ExperimentError, NormsweepError
 
 AnalysisError = ExperimentError  # what this module raises: one line that says what to do
 CURVES = {  # metric -> (axis label, higher is better); {split}: the split the trials were scored on (scored_on)
@@ -36,45 +38,69 @@ CURVES = {  # metric -> (axis label, higher is better); {split}: the split the t
     "train_acc": ("train accuracy on augmented batches (%)", True),
 }
 LINESTYLES, MARKERS = ("-", "--", "-.", ":"), ("o", "s", "^", "D", "v", "P")  # a curve on another stays visible
-# A tuned comparison's trial whose chosen configuration is the recipe's counts in both arms: results_frame
-# holds its rows twice, the copy's trial name with this suffix.
-RECIPE_COPY = "~recipe"
+RECIPE_COPY = "~recipe"  # suffix of the copied rows of a tuned trial whose choice is the recipe (in both arms)
+
+
+def printable(text) -> str:
+    """Any str (a class name, a variant, a path) as matplotlib and markdown show it verbatim: unprintable characters
+    (newlines; surrogates, a file name's undecodable bytes) backslash-escaped, mathtext's `$` escaped."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else c.encode("unicode_escape").decode() for c in str(text)).replace("$", r"\$")
+
+
+def formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """A table as the report and notebook show it, all str: p-values ("... p" columns) to 3 significant digits or
+    "<0.001", other floats to 2 decimals, nan as "-", the rest through `printable`."""
+    def cell(v, p_value: bool) -> str:
+        if not isinstance(v, float):
+            return printable(v)
+        return "-" if np.isnan(v) else ("<0.001" if v < 0.001 else f"{v:.3g}") if p_value else f"{v:.2f}"
+    return pd.DataFrame({c: [cell(v, str(c).endswith(" p")) for v in table[c]] for c in table.columns})
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    return formatted(table).map(lambda s: s.replace("|", r"\|")).to_markdown(index=False, disable_numparse=True)
 
 
 def latest_experiment(root="results") -> str:
-    """The newest experiment under root, a directory or storage URI (the notebook's default); ExperimentError if none."""
+    """The newest experiment under root, a directory or URI (the notebook's default); ExperimentError if none."""
     return experiments.latest(experiments.resolve(root))
 
 
-def load_experiment(path):
-    """(ResultGrid, results_frame) of an experiment, a local directory or a URI (`s3://bucket/results/name`);
-    a one-line AnalysisError for a location that holds no Tune experiment or no epoch yet."""
+def check_experiment(path) -> str:
+    """The location of the experiment at path; a one-line AnalysisError, without Ray, where there is none."""
     location = experiments.resolve(path)
     if not experiments.is_experiment(location):
         raise AnalysisError(f"{location} is not a Ray Tune experiment directory (no experiment_state-*.json); "
                             f"pass results/<name> (or the storage URI and name) as printed by tune_main.py")
     experiments.check_intact(location, "analyse")
+    return location
+
+
+def load_experiment(path):
+    """(ResultGrid, results_frame) of an experiment, a directory or URI (`s3://bucket/results/name`); a one-line
+    AnalysisError where it holds no Tune experiment or no epoch yet."""
+    location = check_experiment(path)
     from ray.tune import ExperimentAnalysis, ResultGrid  # after the checks: a bad path is refused without Ray
 
     fs, fs_path = experiments.filesystem(location)
     grid = ResultGrid(ExperimentAnalysis(fs_path, storage_filesystem=fs))
-    df = results_frame(grid)
-    if df.empty:
+    if (df := results_frame(grid)).empty:
         raise AnalysisError(f"{location} holds no reported epochs yet; wait for the first epoch or check the trials' errors")
     return grid, df
 
 
 def experiment_location(grid) -> str:
-    """Where a ResultGrid's experiment lives, as a local path or URI that the experiments module reads."""
+    """Where a ResultGrid's experiment lives, a local path or URI."""
     fs = next((r.filesystem for r in grid if r.filesystem is not None), None)
     return grid.experiment_path if fs is None else experiments.location_of(fs, grid.experiment_path)
 
 
 def results_frame(grid) -> pd.DataFrame:
-    """One row per trial and reported epoch (trials with no epoch yet are left out). Columns: what the epoch
-    reported (trainable.METRICS, `health`, `parameters`, Tune's `timestamp`, ...); every scalar setting of the
-    trial (trainable.trial_config and its variant: `dataset`, `epochs` planned, `seed`, `arm`, ...; `lr` is the
-    metric); `trial`, `variant` (its label), `variant name`, `peak lr`, `diverged` and `data` (data_subset)."""
+    """One row per trial and reported epoch (trials with no epoch yet left out): what the epoch reported
+    (trainable.METRICS, `health`, `parameters`, Tune's `timestamp`, ...), every scalar setting of the trial
+    (`dataset`, `epochs` planned, `seed`, `arm`, ...; `lr` is the metric), `trial`, `variant` (its label),
+    `variant name`, `peak lr`, `diverged` and `data` (data_subset)."""
     import trainable  # Ray's: a config read as the trial read it
 
     frames = []
@@ -109,22 +135,19 @@ def data_subset(launch: dict) -> str:
     """What part of the dataset a launch trained and scored on, in words; "" for all of it."""
     if launch.get("smoke_test"):
         return f"smoke-test subset: {launch['train_size']:,} train / {launch['test_size']:,} test images"
-    if not launch.get("train_size"):
-        return ""
     scored = f"{launch['val_size']:,} of them held out to score on" if launch.get("val_size") else "every test image"
-    return f"--train-size subset: {launch['train_size']:,} train images, {scored}"
+    return f"--train-size subset: {launch['train_size']:,} train images, {scored}" if launch.get("train_size") else ""
 
 
 def _title(df, what: str, wrap: bool = False) -> str:
-    """'what: dataset[, net NET], N epochs, K seeds per variant (subset)', the net unless it is the small one;
-    wrap: the subset on a line of its own (figure titles)."""
+    """'what: dataset[, net NET], N epochs, K seeds per variant (subset)'; wrap: the subset on a line of its own."""
     planned, reached = int(df["epochs"].max()), int(df["epoch"].max())  # "epochs": the planned count
     epochs = _count(planned, "epoch") if reached >= planned else f"partial: {reached} of {planned} epochs in"
     subset, model = df["data"].iloc[0], str(df["model"].iloc[0])
     subset = (f"\n({subset})" if wrap else f" ({subset})") if subset else ""
-    net = f", net {Path(model).name}" if model != "small" else ""  # a user's builder: its file's name
+    net = f", net {printable(Path(model).name)}" if model != "small" else ""  # a user's builder: its file's name
     seeds = _count(df.groupby("variant")["seed"].nunique().max(), "seed")
-    return f"{what}: {Path(str(df['dataset'].iloc[0])).name}{net}, {epochs}, {seeds} per variant{subset}"
+    return f"{what}: {printable(Path(str(df['dataset'].iloc[0])).name)}{net}, {epochs}, {seeds} per variant{subset}"
 
 
 def _count(n: int, noun: str) -> str:
@@ -136,8 +159,7 @@ def _mean_std(values: pd.Series, fmt: str = ".2f") -> str:
 
 
 def best_per_trial(df) -> pd.DataFrame:
-    """One row per healthy trial at its best epoch by test_acc, ties to the latest: the epoch of the
-    checkpoint Tune keeps (trainable.best_epoch)."""
+    """One row per healthy trial at its best epoch by test_acc, ties to the latest (trainable.best_epoch)."""
     import trainable  # Ray's: the rule lives beside the checkpoints it names
 
     rows = [trainable.best_epoch(group) for _, group in healthy(df).groupby("trial")]
@@ -145,8 +167,8 @@ def best_per_trial(df) -> pd.DataFrame:
 
 
 def progress(grid, df) -> pd.DataFrame:
-    """Per variant: trials (the launch's, or those reporting), epochs in (fewest-most; a trial not reported
-    yet counts 0) of the planned epochs, trials diverged, complete (each ran its epochs or diverged)."""
+    """Per variant: trials (the launch's, or those reporting), epochs in (fewest-most; a trial not reported yet
+    counts 0) of the planned epochs, trials diverged, complete (each ran its epochs or diverged)."""
     launch, planned_epochs = experiments.read_launch(experiment_location(grid)), int(df["epochs"].max())
     axes = config_lib.grid_axes(config_lib.SweepConfig().from_launch(launch)) if launch else {"seed": []}
     seeds = len(axes.pop("seed"))
@@ -190,18 +212,23 @@ def validation_note(df) -> str:
         f"every \"test\" column, figure and comparison of this experiment is of those validation images.")
 
 
+def _legend(ax, **kwargs):
+    """The legend beside the axes, where it covers no curve."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize=8, title_fontsize=8, **kwargs)
+
+
 def plot_curves(df, metric: str):
-    """A CURVES metric against epoch, all variants on one axes: the mean over seeds with a ±1 std band, ★ at
-    each mean curve's best epoch; a diverged variant is named in the legend, not drawn."""
+    """A CURVES metric against epoch, all variants on one axes: the mean over seeds with a ±1 std band, ★ at each
+    mean curve's best epoch; a diverged variant is named in the legend, not drawn."""
     label, higher_better = CURVES[metric]
     split, scale = scored_on(df), 100 if metric.endswith("acc") else 1
     # test_acc averages each image and its mirror on flip-trained data; the headline is test_acc_single
     flipped = not np.allclose(df["test_acc"], df["test_acc_single"], equal_nan=True)
     label = f"{split} accuracy, {'flip-averaged' if flipped else 'one view'} (%)" if metric == "test_acc" else label
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(12, 5))
     names = sorted(df["variant"].unique())
     for name in sorted(set(names) - set(healthy(df)["variant"])):  # marked, not drawn as nan
-        ax.plot([], [], color="grey", linestyle="none", marker="x", label=f"{name}: diverged (not plotted)")
+        ax.plot([], [], color="grey", linestyle="none", marker="x", label=f"{printable(name)}: diverged (not plotted)")
     late = []  # the bands over the second half of training: variants often sit within a point of each other
     for name, group in healthy(df).groupby("variant"):
         late += _plot_variant(ax, group, metric, names.index(name), scale, flipped)
@@ -209,14 +236,14 @@ def plot_curves(df, metric: str):
         pad = max(0.1 * (max(late) - min(late)), 0.05 * scale / 100)
         ax.set_ylim(min(late) - pad, max(late) + pad)
         label += " (zoomed to the second half of training)"
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, even on 2-epoch runs
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for 1 epoch
     ax.set(xlabel="epoch", ylabel=label.format(split=split))
     band = "; band = ±1 std over seeds" if df.groupby("variant")["seed"].nunique().max() > 1 else ""
     head, _, subset = _title(df, metric.replace("_", " ").replace("test", split), wrap=True).partition("\n")
     ax.set_title(head + band + (f"\n{subset}" if subset else ""), fontsize=10)
-    legend = ("variant: final epoch, one view (the summary's headline); each seed's best epoch, as plotted"
+    legend = ("variant: final epoch, one view (the summary's headline);\neach seed's best epoch, as plotted"
               if metric == "test_acc" else "variant: each seed's best epoch")
-    ax.legend(fontsize=8, title=f"{legend}, mean over seeds\n(★ = best epoch of the mean curve)", title_fontsize=8)
+    _legend(ax, title=f"{legend}; mean over seeds\n(★ = best epoch of the mean curve)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -228,7 +255,7 @@ def _plot_variant(ax, group, metric: str, i: int, scale: float, flipped: bool) -
     epochs, mean, std = by_epoch.index.to_numpy(), scale * by_epoch["mean"].to_numpy(), scale * by_epoch["std"].fillna(0).to_numpy()
     per_seed = group.groupby("trial")[metric]
     best_at, per_seed_best = ((np.argmax(mean), per_seed.max()) if CURVES[metric][1] else (np.argmin(mean), per_seed.min()))
-    name, fmt = group["variant"].iloc[0], ".2f" if scale == 100 else ".4f"
+    name, fmt = printable(group["variant"].iloc[0]), ".2f" if scale == 100 else ".4f"
     text = f"{name}: best {_mean_std(scale * per_seed_best, fmt)} (mean-curve best at epoch {epochs[best_at]})"
     if metric == "test_acc":
         text = (f"{name}: final one view {_mean_std(100 * final_per_trial(group)['test_acc_single'])}; "
@@ -241,11 +268,44 @@ def _plot_variant(ax, group, metric: str, i: int, scale: float, flipped: bool) -
     return [*(mean - std)[len(mean) // 2:], *(mean + std)[len(mean) // 2:]]
 
 
+def _skip(skipped, error, what: str):
+    """Append "what: why" to `skipped`, a list; raise the error where there is none."""
+    if skipped is None:
+        raise error
+    skipped.append(f"{what}: {error}")
+
+
+def experiment_dataset(grid, skipped=None, dataset=None, data_dir=None) -> data_lib.Dataset:
+    """The whole dataset the trials were drawn from, read once; dataset (a directory or name), data_dir: where it
+    lies now if it moved. Not readable: DataError, or None with the reason appended to `skipped`."""
+    config = next(r.config for r in grid if r.config)
+    try:  # held-out images are scored where the trials had --val-size, not the test split
+        return data_lib.load_dataset(dataset or config["dataset"], data_dir or config["data_dir"],
+                                     test_split=not config["val_size"])
+    except DataError as e:  # moved, or not copied with the results
+        _skip(skipped, DataError(f"the dataset is not readable here ({e}); pass analysis.py --dataset PATH (or "
+                                 f"--data-dir DIR) where it lies now"), "misclassified images and McNemar's test")
+
+
+def _scored(grid, checkpoint, dataset, flip=None) -> tuple:
+    """(state, evaluation split, train.evaluate's output + "flip") of a Tune checkpoint's net, scored as its trial
+    was: on the launch's part of the data (--val-size N: the N training images held out of it); flip: as it was."""
+    import trainable  # Ray's checkpoints
+
+    model, state = trainable.model_from_result_checkpoint(checkpoint)
+    config = state["config"]
+    split = train.trial_data(experiment_dataset(grid) if dataset is None else dataset, config_lib.TrialConfig.of(config))
+    split = split.held_out(config["val_size"]) if config["val_size"] else split
+    flip = train.uses_test_flip(config, split.augment) if flip is None else flip
+    return state, split, {**train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"],
+                                           flip=flip), "flip": flip}
+
+
 def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
-    """The first n misclassified evaluation images of `variant`'s best checkpoint (best trial by test_acc):
-    images (uint8), labels, predictions, confidences (max softmax), indices, the checkpoint's accuracy
-    (flip-averaged where `flip`, as its test_acc), seed, epoch, classes. dataset: experiment_dataset's, read
-    once. A one-line AnalysisError for a variant with no healthy trial or no checkpoint of its best epoch."""
+    """The first n misclassified evaluation images of `variant`'s best checkpoint (best trial by test_acc): images
+    (uint8), true, pred, confidence (max softmax), indices, the checkpoint's acc (flip-averaged where `flip`, as its
+    test_acc), seed, epoch, classes. dataset: experiment_dataset's. A one-line AnalysisError for a variant with no
+    healthy trial or no checkpoint of its best epoch."""
     import trainable  # Ray's checkpoints
 
     best = best_per_trial(df)
@@ -260,53 +320,43 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
         raise AnalysisError(f"trial {row['trial']} has no checkpoint of its best epoch {int(row['epoch'])} (not saved "
                             f"yet, or not copied with the results); resume the experiment or copy its checkpoint_* "
                             f"directories too")
-    model, state = trainable.model_from_result_checkpoint(kept[-1])
-    config, split = state["config"], evaluation_split(experiment_location(grid), state["config"], dataset)
-    flip = train.uses_test_flip(config, split.augment)
-    out = train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"], flip=flip)  # as the trial
+    state, split, out = _scored(grid, kept[-1], dataset)
     wrong = torch.nonzero(out["preds"] != split.test_labels).flatten()[:n]
-    return {"variant": variant, "trial": row["trial"], "seed": config["seed"], "epoch": state["epoch"], "acc": out["acc"],
-            "flip": flip, "split": "validation" if config["val_size"] else "test", "indices": wrong,
-            "images": split.test_images[wrong], "true": split.test_labels[wrong], "pred": out["preds"][wrong],
-            "confidence": out["confidence"][wrong], "classes": split.classes}
+    return {"variant": variant, "trial": row["trial"], "seed": state["config"]["seed"], "epoch": state["epoch"],
+            "acc": out["acc"], "flip": out["flip"], "split": "validation" if state["config"]["val_size"] else "test",
+            "indices": wrong, "images": split.test_images[wrong], "true": split.test_labels[wrong],
+            "pred": out["preds"][wrong], "confidence": out["confidence"][wrong], "classes": split.classes}
 
 
-def evaluation_split(experiment: str, config: dict, dataset=None) -> data_lib.Dataset:
-    """The dataset as the trials saw it, its test split the images they were scored on: the launch's part of
-    the data (train.trial_data), and for --val-size N the N training images held out of that."""
-    dataset = train.trial_data(_read_dataset(config) if dataset is None else dataset, config_lib.TrialConfig.of(config))
-    return dataset.held_out(config["val_size"]) if config["val_size"] else dataset
-
-
-def experiment_dataset(grid) -> data_lib.Dataset:
-    """The whole dataset the experiment's trials were drawn from, read once, from any reported trial's config."""
-    return _read_dataset(next(r.config for r in grid if r.config))
-
-
-def _read_dataset(config: dict) -> data_lib.Dataset:
-    """The dataset a trial's config names; without its test split where the trials scored held-out images."""
-    return data_lib.load_dataset(config["dataset"], config["data_dir"], test_split=not config["val_size"])
+def misclassified_grids(grid, df, dataset=None, skipped=None) -> dict:
+    """variant -> plot_misclassified's figure, per healthy variant; one whose data or checkpoint is not here is
+    said in `skipped` as "what: why" (default: raised)."""
+    dataset, figures = experiment_dataset(grid, skipped) if dataset is None else dataset, {}
+    for variant in sorted(healthy(df)["variant"].unique()) if dataset is not None else []:
+        try:
+            figures[variant] = plot_misclassified(misclassified(grid, df, variant, dataset=dataset))
+        except AnalysisError as e:  # e.g. a best epoch whose checkpoint was not copied with the results
+            _skip(skipped, e, f"misclassified images of {variant}")
+    return figures
 
 
 def plot_misclassified(sample: dict):
     """A 2x5 grid of a `misclassified` sample, each tile titled with the true and predicted label and confidence."""
     fig, axes = plt.subplots(2, 5, figsize=(11, 6.4))  # room for a two-line suptitle and two-line tile titles
-    classes = sample["classes"]
+    classes = [printable(name) for name in sample["classes"]]
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < len(sample["indices"]):
             image = sample["images"][k]  # (C, H, W) uint8; numpy, as matplotlib warns on tensors
-            if len(image) == 1:  # grayscale: dark on light, as digits and clothes are drawn on paper
-                ax.imshow(image[0].numpy(), cmap="gray_r")
-            else:
-                ax.imshow(image.permute(1, 2, 0).numpy())
+            # grayscale: dark on light, as digits and clothes are drawn on paper
+            ax.imshow(image[0].numpy(), cmap="gray_r") if len(image) == 1 else ax.imshow(image.permute(1, 2, 0).numpy())
             ax.set_title(f"true: {classes[sample['true'][k]]}\npred: {classes[sample['pred'][k]]} "
                          f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
     split, view = sample.get("split", "test"), "flip-averaged" if sample.get("flip") else "one view"
     seed = f", seed {sample['seed']}" if "seed" in sample else ""
-    fig.suptitle(f"{sample['variant']}: misclassified {split} images of the best checkpoint (epoch {sample['epoch']}"
-                 f"{seed})\nits {split} accuracy {100 * sample['acc']:.2f}%, {view}, at that best epoch (the summary's "
-                 "headline is the final epoch, one view)", fontsize=10)
+    fig.suptitle(f"{printable(sample['variant'])}: misclassified {split} images of the best checkpoint (epoch "
+                 f"{sample['epoch']}{seed})\nits {split} accuracy {100 * sample['acc']:.2f}%, {view}, at that best "
+                 "epoch (the summary's headline is the final epoch, one view)", fontsize=10)
     fig.tight_layout(h_pad=2.0)  # room between a tile's two-line title and the row above
     return fig
 
@@ -336,35 +386,36 @@ def summary(df) -> pd.DataFrame:
     return table.reset_index().sort_values("final one-view acc mean (%)", ascending=False).reset_index(drop=True)
 
 
-def final_correct(grid, df, dataset=None) -> dict:
-    """Per trial, which evaluation images its final epoch classified right on one view (bool tensor (N,)), from
-    its latest checkpoint, for McNemar's test; trials whose latest checkpoint is not the final epoch's are left out."""
-    import trainable  # Ray's checkpoints
-
+def final_correct(grid, df, dataset=None, skipped=None) -> dict:
+    """trial -> which evaluation images its final epoch got right on one view (bool tensor (N,)), for McNemar's test;
+    a trial whose latest checkpoint is not its final epoch's is left out, one not here too, said in `skipped`."""
     correct = {}
     for row in final_per_trial(df).itertuples():
-        checkpoint = result_of(grid, row.trial).checkpoint
-        model, state = trainable.model_from_result_checkpoint(checkpoint) if checkpoint else (None, {"epoch": None})
+        if (checkpoint := result_of(grid, row.trial).checkpoint) is None:
+            continue
+        try:
+            state, split, out = _scored(grid, checkpoint, dataset, flip=False)
+        except CheckpointError as e:  # not copied with the results
+            _skip(skipped, CheckpointError(f"{e}; copy its checkpoint_* directories too"), f"McNemar's test of {row.trial}")
+            continue
         if state["epoch"] == row.epoch:
-            split = evaluation_split(experiment_location(grid), state["config"], dataset)
-            correct[row.trial] = train.evaluate(model, split.test_images, split.test_labels,
-                                                **state["input_stats"])["preds"] == split.test_labels
+            correct[row.trial] = out["preds"] == split.test_labels
     return correct
 
 
-def comparison_tables(grid, df, dataset=None) -> dict:
-    """The paired comparisons (comparisons.py) that apply, by name: "paired" (over seeds, where variants have
-    2+), else "mcnemar" (one seed), and "tuned vs recipe" (a tuned comparison's final stage)."""
+def comparison_tables(grid, df, dataset=None, skipped=None, mcnemar: bool = True) -> dict:
+    """The paired comparisons that apply, by name: "paired" (variants with 2+ seeds), else "mcnemar" (one seed; it
+    re-scores checkpoints), and "tuned vs recipe" (a tuned comparison's final stage). skipped: as final_correct's."""
     final, tables = final_per_trial(df), {}
     if final["variant"].nunique() < 2:
         return tables
     if final.groupby("variant")["seed"].nunique().max() >= 2:
         tables["paired"] = comparisons.paired_tests(df)
-    else:
-        tables["mcnemar"] = comparisons.mcnemar_tests(df, final_correct(grid, df, dataset))
+    elif mcnemar:
+        tables["mcnemar"] = comparisons.mcnemar_tests(df, final_correct(grid, df, dataset, skipped))
     if "arm" in final and final["arm"].nunique() > 1:
         tables["tuned vs recipe"] = comparisons.paired_tests(df, compare="arm", within=("variant name", "batch_size"))
-    return tables
+    return {name: table for name, table in tables.items() if len(table)}  # none: no checkpoint was here
 
 
 def comparison_text(tables: dict) -> list:
@@ -379,7 +430,8 @@ def comparison_text(tables: dict) -> list:
                         "of the test images, not of the seed: another seed may order the variants differently.",
              "tuned vs recipe": "Tuned configuration against the shared recipe, per variant, paired over seeds:"}
     lines = [line for name, table in tables.items() for line in (intro[name], "", _markdown(table), "")]
-    return lines or ["Pairwise differences: only one variant has results, so there is nothing to compare.", ""]
+    return lines or ["Pairwise differences: nothing to compare (fewer than two variants have results, or their "
+                     "checkpoints are not here).", ""]
 
 
 def stage(grid) -> str:
@@ -388,8 +440,7 @@ def stage(grid) -> str:
 
 
 def tuning_frame(grid, df):
-    """A tuned comparison's tuning-stage frame (df itself, or read from beside a final stage); None for a plain
-    sweep. A one-line AnalysisError if a final stage's tuning stage is unreadable."""
+    """A tuned comparison's tuning-stage frame (df, or read from beside a final stage); None for a plain sweep."""
     launch = experiments.read_launch(location := experiment_location(grid))
     if launch.get("stage") == "final":
         return load_experiment(experiments.sibling(location, tuned.tuning_name(launch["final_name"])))[1]
@@ -413,8 +464,8 @@ def is_batch_study(df) -> bool:
 
 
 def batch_size_study(df) -> pd.DataFrame:
-    """Per variant and batch size: final-epoch one-view test error (%), mean and std over seeds, beside the same
-    with precise BatchNorm statistics (train.precise_bn; nan without BatchNorm), the peak lr and convergence."""
+    """Per variant and batch size: final one-view test error (%), mean and std over seeds, the same with precise
+    BatchNorm statistics (train.precise_bn; nan without BN), the peak lr and convergence."""
     final = final_per_trial(df)
     final = final.assign(error=100 * (1 - final["test_acc_single"]), precise=100 * (1 - final["test_acc_precise_bn"]),
                          converged=final["variant"].map(convergence(df).set_index("variant")["converged"]))
@@ -426,9 +477,8 @@ def batch_size_study(df) -> pd.DataFrame:
 
 
 def batch_size_table(study: pd.DataFrame) -> pd.DataFrame:
-    """The study as Table 2 of Wu & He (2018): a row per normalisation (and BatchNorm with precise statistics),
-    a column per batch size from large to small, "mean ± std" test error (%), then each one's difference to
-    BatchNorm. "*" marks a cell whose variant may not have converged."""
+    """The study as Table 2 of Wu & He (2018): a row per norm (and precise BN), a column per batch size, large to
+    small, of "mean ± std" test error (%), then each norm's difference to bn; "*": may not have converged."""
     def cells(group, mean, std, marked=False):  # "-": e.g. precise BN of a trial short of its final epoch
         return {str(r["batch size"]): "-" if np.isnan(r[mean]) else f"{r[mean]:.2f}"
                 + (f" ± {r[std]:.2f}" if np.isfinite(r[std]) else "") + (" *" if marked and not r["converged"] else "")
@@ -447,87 +497,56 @@ def batch_size_table(study: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
-    """Final-epoch one-view test error against batch size (log axis), a line per normalisation, mean ± std over
-    seeds; dashed: BatchNorm with precise statistics."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """Final one-view test error against batch size, mean ± std over seeds, per norm; dashed: precise BN."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for i, (name, group) in enumerate(study.groupby("variant")):
         style = {"color": f"C{i}", "marker": MARKERS[i % len(MARKERS)], "capsize": 3}
-        ax.errorbar(group["batch size"], group["error (%)"], yerr=group["std"].fillna(0), label=name, **style)
+        ax.errorbar(group["batch size"], group["error (%)"], yerr=group["std"].fillna(0), label=printable(name), **style)
         if group["precise-BN error (%)"].notna().any():
             ax.errorbar(group["batch size"], group["precise-BN error (%)"], yerr=group["precise-BN std"].fillna(0),
-                        linestyle="--", markerfacecolor="none", label=f"{name}, precise BN statistics", **style)
-    batches = sorted(study["batch size"].unique())
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.minorticks_off()
+                        linestyle="--", markerfacecolor="none", label=f"{printable(name)}, precise BN statistics", **style)
+    _log2_axis(ax, study["batch size"])
     ax.set(xlabel="batch size (images per step; peak lr scaled linearly with it)",
            ylabel="test error at the final epoch, one view (%)")
     ax.set_title(title + "; mean ± std over seeds", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _legend(ax)
     fig.tight_layout()
     return fig
 
 
+def _log2_axis(ax, values):
+    """A log2 x axis ticked at each of `values`, labelled as they are; a grid."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))], minor=False)
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+
+
 def plot_sensitivity(df, title: str = "learning-rate sensitivity"):
-    """A tuning stage's validation accuracy against peak learning rate (log axis), a line per variant, a panel per
-    weight decay; a diverged configuration is an x at the bottom of the axis."""
+    """A tuning stage's validation accuracy against peak lr, a line per variant, a panel per weight decay; a
+    diverged configuration is an x at the bottom."""
     table = tuned.configurations(df)
-    decays, lrs = sorted(table["weight decay"].unique()), sorted(table["lr"].unique())
-    fig, axes = plt.subplots(1, len(decays), figsize=(5.2 * len(decays), 4.2), sharey=True, squeeze=False)
+    decays = sorted(table["weight decay"].unique())
+    fig, axes = plt.subplots(1, len(decays), figsize=(5.2 * len(decays) + 2, 4.2), sharey=True, squeeze=False)
     floor = table["val acc (%)"].min() - 2 if table["val acc (%)"].notna().any() else 0
     for ax, decay in zip(axes[0], decays):
         for i, (name, rows) in enumerate(table[table["weight decay"] == decay].sort_values("lr").groupby("variant")):
-            line, = ax.plot(rows["lr"], rows["val acc (%)"], marker=MARKERS[i % len(MARKERS)], label=name)
+            line, = ax.plot(rows["lr"], rows["val acc (%)"], marker=MARKERS[i % len(MARKERS)], label=printable(name))
             bad = rows[rows["val acc (%)"].isna()]
             ax.plot(bad["lr"], [floor] * len(bad), "x", color=line.get_color(), markersize=9)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lrs, [f"{v:g}" for v in lrs])
-        ax.set(xlabel="peak learning rate (OneCycle)")
+        _log2_axis(ax, table["lr"])
+        ax.set_xlabel("peak learning rate (OneCycle)")
         ax.set_title(f"weight decay {decay:g}", fontsize=10)
-        ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation accuracy, final epoch, one view (%)")
-    axes[0][-1].legend(fontsize=8, title="x: diverged", title_fontsize=8)
+    _legend(axes[0][-1], title="x: diverged")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def plot_norm_pooling(n=4, c=8, groups=4):
-    """Which (sample, channel) cells share one mean and variance under BN, LN and GN: a cell stands for all
-    H x W positions of one sample's channel; one colour = one set of statistics (docs/norm_pooling.png)."""
-    layouts = {
-        "BatchNorm: per channel,\npooled over N, H, W": np.tile(np.arange(c), (n, 1)),
-        "LayerNorm: per sample,\npooled over C, H, W": np.tile(np.arange(n)[:, None], (1, c)),
-        f"GroupNorm ({groups} groups): per sample and\nchannel group, pooled over C/G, H, W":
-            np.arange(n)[:, None] * groups + np.arange(c)[None, :] // (c // groups),
-    }
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, (title, ids) in zip(axes, layouts.items()):
-        ax.imshow(ids % 20, cmap="tab20", vmin=0, vmax=19, aspect="auto")
-        ax.set_xticks(range(c), [f"c{j}" for j in range(c)], fontsize=8)
-        ax.set_yticks(range(n), [f"n{i}" for i in range(n)], fontsize=8)
-        ax.set_xticks(np.arange(-0.5, c), minor=True)
-        ax.set_yticks(np.arange(-0.5, n), minor=True)
-        ax.set(xlabel="channel C (each cell spans all H×W pixels)", ylabel="sample N in the batch")
-        ax.set_title(title, fontsize=10)
-        ax.grid(which="minor", color="white", linewidth=1.5)
-        ax.tick_params(which="minor", length=0)
-    fig.suptitle("What each normalisation pools for one mean and variance (a batch of shape N, C, H×W); "
-                 "one colour = one set of statistics", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    """A table in markdown: numbers to 2 decimals, nan as "-"."""
-    return table.map(lambda v: ("-" if np.isnan(v) else f"{v:.2f}") if isinstance(v, float) else str(v)).to_markdown(
-        index=False, disable_numparse=True)
-
-
 def experiment_line(experiment) -> str:
     """How summary.md names the experiment, and what the name is relative to (experiments.shown)."""
-    shown = experiments.shown(experiment)
+    shown = printable(experiments.shown(experiment))
     if experiments.is_uri(shown):
         return f"`{shown}`"
     if Path(experiments.resolve(experiment)).is_relative_to(Path.cwd()):
@@ -535,25 +554,28 @@ def experiment_line(experiment) -> str:
     return f"`{shown}` (its name; it lies outside the directory the analysis ran in)"
 
 
-def write_report(experiment, out_dir) -> list:
-    """Every figure as PNG plus summary.md into out_dir, a local directory or a storage URI; returns the written
-    paths (Path objects for a local out_dir, URIs otherwise)."""
+def write_report(experiment, out_dir, dataset=None, data_dir=None) -> list:
+    """Every figure as PNG plus summary.md into out_dir, a directory or URI; the paths written (Path, or URI). A part
+    that needs data or a checkpoint that is not here is left out and said, in summary.md and on stderr (one line
+    each). dataset, data_dir: where the experiment's data lies now, if it moved since the sweep."""
     grid, df = load_experiment(experiment)
-    figures = {}  # file name -> PNG
+    figures, skipped = {}, []  # file name -> PNG; "what: why" of each part left out
     notes = [progress_note(progress(grid, df)), diverged_note(df), validation_note(df)]
     text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", "",
             *[line for note in notes if note for line in (f"**{note}**", "")]]
-    kind = stage(grid)
-    if kind == "tuning":  # the learning-rate sensitivity and the choices; every trial is one configuration
+    if (kind := stage(grid)) == "tuning":  # the learning-rate sensitivity and the choices
         text += [*_tuning_section(df, figures), "Per trial (validation accuracy in the test columns):", "",
                  _markdown(trial_table(df)), ""]
     elif not healthy(df).empty:  # where every trial diverged there is no curve, table or checkpoint to show
         text += _final_stage_section(grid, df, figures) if kind == "final" else []
         text += _batch_section(df, figures) if is_batch_study(df) else []
-        text += _results_section(grid, df, figures)
+        data = experiment_dataset(grid, skipped, dataset, data_dir)
+        text += _results_section(grid, df, figures, skipped, data)
+    text += ["## Not in this report", "", *[f"- {line}" for line in skipped], ""] if skipped else []
     out, files = experiments.resolve(out_dir), {**figures, "summary.md": "\n".join(text).encode()}
     for name, data in files.items():
         experiments.write_bytes(experiments.join(out, name), data)  # a one-line ExperimentError where unwritable
+    print("".join(f"skipped {line}\n" for line in skipped), end="", file=sys.stderr)
     return [experiments.join(out, name) if experiments.is_uri(out) else Path(out, name) for name in files]
 
 
@@ -564,29 +586,24 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _results_section(grid, df, figures: dict) -> list:
-    """The summary, per-trial and comparison tables, and the curves and misclassified grids (into figures)."""
+def _results_section(grid, df, figures: dict, skipped: list, dataset) -> list:
+    """The summary, per-trial and comparison tables, the curves and misclassified grids (into figures); dataset
+    None: what re-scores checkpoints on it is left out (skipped says why)."""
     figures.update({f"{metric}.png": _png(plot_curves(df, metric)) for metric in CURVES})
-    dataset, grids, missing = experiment_dataset(grid), [], []  # the data read once, for every grid and McNemar
-    for variant in sorted(healthy(df)["variant"].unique()):
-        try:
-            sample = misclassified(grid, df, variant, dataset=dataset)
-        except AnalysisError as e:  # e.g. a best epoch whose checkpoint was not copied with the results
-            missing += ["", f"No misclassified images for {variant}: {e}."]
-            continue
-        name = "misclassified_" + re.sub(r"[^A-Za-z0-9]+", "_", variant).strip("_") + ".png"  # ASCII file names
-        figures[name] = _png(plot_misclassified(sample))
-        grids.append(f"![{variant} misclassified]({name})")
-    split = scored_on(df)
+    grids = misclassified_grids(grid, df, dataset, skipped) if dataset is not None else {}
+    names = {variant: "misclassified_" + re.sub(r"[^A-Za-z0-9]+", "_", variant).strip("_") + ".png" for variant in grids}
+    figures.update({names[variant]: _png(fig) for variant, fig in grids.items()})  # ASCII file names
+    tables, split = comparison_tables(grid, df, dataset, skipped, mcnemar=dataset is not None), scored_on(df)
     return [f"Headline: {split} accuracy at the final epoch on one view of each image (no choice made on the "
             f"{split} split), mean and sample std over seeds. Beside it, the final epoch scored with the test-time "
             "flip (each image and its mirror, on flip-trained datasets) and the best epoch's flip-averaged accuracy "
             f"(an epoch chosen on the {split} split: optimistic).", "", _markdown(summary(df)), "",
             *(convergence_warnings(df) or ["Every variant converged by the checks in `analysis.convergence`."]), "",
-            "Per trial:", "", _markdown(trial_table(df)), "", *comparison_text(comparison_tables(grid, df, dataset)),
+            "Per trial:", "", _markdown(trial_table(df)), "", *comparison_text(tables),
             f"The {split}-accuracy figure plots the accuracy per epoch, flip-averaged on flip-trained data; each "
-            "misclassified grid is of the best trial's best checkpoint.", "", "![test loss](test_loss.png)", "![test accuracy](test_acc.png)",
-            "![train loss](train_loss.png)", "![train accuracy](train_acc.png)", "", *grids, *missing, ""]
+            "misclassified grid is of the best trial's best checkpoint.", "", "![test loss](test_loss.png)",
+            "![test accuracy](test_acc.png)", "![train loss](train_loss.png)", "![train accuracy](train_acc.png)", "",
+            *[f"![{printable(variant)} misclassified]({name})" for variant, name in names.items()], ""]
 
 
 def _final_stage_section(grid, df, figures: dict) -> list:
@@ -602,8 +619,7 @@ def _final_stage_section(grid, df, figures: dict) -> list:
 
 def _tuning_section(tuning_df, figures: dict) -> list:
     """A tuning stage: the sensitivity table and figure, the choices, and how early stopping would have ranked."""
-    title = _title(tuning_df, "learning-rate sensitivity", wrap=True)
-    figures["lr_sensitivity.png"] = _png(plot_sensitivity(tuning_df, title))
+    figures["lr_sensitivity.png"] = _png(plot_sensitivity(tuning_df, _title(tuning_df, "learning-rate sensitivity", True)))
     choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
                              "evidence": c["evidence"]} for name, c in sorted(tuned.choose(tuning_df).items())])
     agreement = comparisons.rank_agreement(tuning_df)
@@ -631,15 +647,42 @@ def _batch_section(df, figures: dict) -> list:
             "Per variant and batch size:", "", _markdown(study), ""]
 
 
+def run_notebook(experiment, out_dir) -> str:
+    """analysis.ipynb run headless on the experiment into out_dir/analysis.ipynb (the tracked notebook keeps no
+    outputs); where it went. A one-line AnalysisError where the experiment or a cell fails (the cell's error)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    location, root = check_experiment(experiment), Path(__file__).resolve().parent  # a wrong path: no kernel started
+    notebook, written = nbformat.read(root / "analysis.ipynb", as_version=4), experiments.join(out_dir, "analysis.ipynb")
+    try:
+        NotebookClient(notebook, timeout=None, resources={"metadata": {"path": str(root)}}).execute(
+            env={**os.environ, "NORMSWEEP_EXPERIMENT": location}, stderr=subprocess.DEVNULL)  # the kernel's chatter
+    except CellExecutionError as e:  # its message repeats the cell and the whole traceback
+        raise AnalysisError(f"the notebook stopped: {e.ename}: {e.evalue}") from None
+    finally:
+        experiments.write_bytes(written, nbformat.writes(notebook).encode())
+    return written
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Write the figures and a markdown summary of a normsweep experiment.")
     parser.add_argument("experiment", help="the experiment, results/<name> or a storage URI such as "
                                            "s3://bucket/results/<name>, as printed by tune_main.py")
     parser.add_argument("--out", help="output directory or URI (default: <experiment>/report)")
+    parser.add_argument("--dataset", help="where the dataset directory lies now, if it moved since the sweep")
+    parser.add_argument("--data-dir", help="where a named dataset's download lies now, if it moved since the sweep")
+    parser.add_argument("--notebook", action="store_true", help="run analysis.ipynb headless instead, into "
+                        "<out>/analysis.ipynb (the tracked notebook keeps no outputs)")
     args = parser.parse_args(argv)
+    if args.notebook and (args.dataset or args.data_dir):
+        parser.error("--dataset and --data-dir apply to the report; the notebook reads the data where the sweep did")
     matplotlib.use("Agg")  # files only; the notebook keeps its inline backend
     try:
-        written = write_report(args.experiment, args.out or experiments.join(experiments.resolve(args.experiment), "report"))
+        out = args.out or experiments.join(experiments.resolve(args.experiment), "report")
+        written = ([run_notebook(args.experiment, out)] if args.notebook else
+                   write_report(args.experiment, out, dataset=args.dataset, data_dir=args.data_dir))
     except NormsweepError as e:  # every refusal: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return USAGE_EXIT

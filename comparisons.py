@@ -1,9 +1,9 @@
 """Statistics of a comparison: paired tests between variants, the convergence checks, early stopping's ranks.
 
-Trials of one seed share their starting weights (norm layers draw no random numbers), data order and
-augmentation, and are scored on the same images; so variants are compared by *paired* differences: over
-seeds, a paired t-test and interval; with one seed, McNemar's exact test (Dietterich 1998). A family of
-pairs shares one Holm-Bonferroni correction. Frames are analysis.results_frame's (accuracies as fractions).
+Trials of one seed share their starting weights (norm layers draw no random numbers), data order and augmentation,
+and are scored on the same images, so variants are compared by *paired* differences: over seeds, a paired t-test
+and interval; with one seed, McNemar's exact test (Dietterich 1998). A family of pairs shares one Holm correction.
+Frames are analysis.results_frame's (accuracies as fractions).
 """
 import itertools
 import math
@@ -36,25 +36,22 @@ def scored_on(df) -> str:
 
 
 def families(final: pd.DataFrame, within=WITHIN):
-    """(name, rows) per family of comparable trials: those that agree on each varying column of `within` (by
-    default a tuned comparison's arm and a batch-size study's batch size)."""
+    """(name, rows) per family of comparable trials: those that agree on each varying column of `within`."""
     keys, prefix = [k for k in within if k in final and final[k].nunique() > 1], {"batch_size": "batch ", "seed": "seed "}
     for values, rows in final.groupby(keys) if keys else [((), final)]:
         yield ", ".join(f"{prefix.get(k, '')}{v}" for k, v in zip(keys, values)), rows
 
 
 def paired_tests(df, compare: str = "variant", within=WITHIN, metric: str = "test_acc_single") -> pd.DataFrame:
-    """Per pair of `compare` values in a family (a "family" column where there are several): the mean difference
-    over shared seeds of final-epoch `metric` (points, the better mean first), its CONFIDENCE t interval, the
-    paired t-test's two-sided p and its Holm-adjusted p; nan and "needs 2+ seeds" under 2 shared seeds.
-    `compare="arm", within=("variant name", "batch_size")` sets tuned against recipe."""
+    """Per pair of `compare` values in a family: the mean difference over shared seeds of final-epoch `metric`
+    (points, the better mean first), its CONFIDENCE t interval, the paired t-test's two-sided p and its Holm p;
+    "needs 2+ seeds" under 2 shared seeds. `compare="arm", within=("variant name", "batch_size")`: tuned vs recipe."""
     rows = []
     for family, final in families(final_per_trial(df), within):
         accs = {v: dict(zip(g["seed"], 100 * g[metric])) for v, g in final.groupby(compare)}
         better_first = sorted(accs, key=lambda v: -np.mean(list(accs[v].values())))
-        block = [{"family": family, "comparison": f"{a} − {b}", **_paired(accs[a], accs[b])}
-                 for a, b in itertools.combinations(better_first, 2)]
-        rows += _holm(block, "paired t p", "seed noise")
+        rows += _holm([{"family": family, "comparison": f"{a} − {b}", **_paired(accs[a], accs[b])}
+                       for a, b in itertools.combinations(better_first, 2)], "paired t p", "seed noise")
     return _table(rows)
 
 
@@ -75,7 +72,7 @@ def _paired(first: dict, second: dict) -> dict:
 
 def mcnemar_tests(df, correct: dict) -> pd.DataFrame:
     """Per pair of variants of a family and seed, McNemar's exact test on the images one gets right and the other
-    wrong. correct: trial -> bool array (N,), the test images its final epoch classified right (one view);
+    wrong. correct: trial -> bool array (N,), the evaluation images its final epoch classified right (one view);
     trials missing from it are left out. "difference" in points; "only ... right" in images."""
     rows, final = [], final_per_trial(df)
     for family, trials in families(final[final["trial"].isin(correct)], WITHIN + ("seed",)):  # Holm per seed too
@@ -107,19 +104,17 @@ def _table(rows: list) -> pd.DataFrame:
 
 
 def convergence(df) -> pd.DataFrame:
-    """Per variant, on the mean over its seeds: may it not have converged, and why. Flagged when one-view
-    accuracy peaks at the last epoch RISE_POINTS or more above its best before the last RISE_EPOCHS epochs (an
-    annealed schedule flattens a converged curve; the earlier best keeps a dip and its recovery from reading as
-    a rise; too few epochs to judge is flagged and said), when its final train accuracy is TRAIN_GAP_POINTS or
-    more below the best variant's, or when a trial has not reached its planned epochs."""
+    """Per variant, on the mean over its seeds: may it not have converged, and why. Flagged when its one-view
+    accuracy peaks at the last epoch RISE_POINTS or more above its best before the last RISE_EPOCHS epochs (or too
+    few epochs to judge), its final train accuracy is TRAIN_GAP_POINTS or more below the best variant's, or a trial
+    has not reached its planned epochs."""
     df, split = healthy(df), scored_on(df)
     train_final = {v: 100 * g["train_acc"].mean() for v, g in final_per_trial(df).groupby("variant")}
     leader = max(train_final, key=train_final.get, default=None)
     rows = []
     for variant, group in df.groupby("variant"):
         rise, why = _rise(group, split)
-        gap = train_final[leader] - train_final[variant]
-        if gap >= TRAIN_GAP_POINTS:
+        if (gap := train_final[leader] - train_final[variant]) >= TRAIN_GAP_POINTS:
             why.append(f"final train accuracy {train_final[variant]:.1f}%, {gap:.1f} points below {leader}'s")
         rows.append({"variant": variant, "converged": not why, "rise (points)": rise, "train gap (points)": gap,
                      "why": "; ".join(why)})
@@ -127,7 +122,8 @@ def convergence(df) -> pd.DataFrame:
 
 
 def _rise(group, split: str) -> tuple:
-    """(rise in points, reasons) of one variant's epochs: convergence's checks of its curve and epochs."""
+    """(rise in points, reasons) of one variant's epochs. An annealed schedule flattens a converged curve; the best
+    before the last epochs keeps a dip and its recovery from reading as a rise."""
     curve = 100 * group.groupby("epoch")["test_acc_single"].mean()  # index: epochs every seed reached
     last, planned, reached = int(curve.index.max()), int(group["epochs"].max()), group.groupby("trial")["epoch"].max()
     rise = curve.iloc[-1] - curve.iloc[:max(1, len(curve) - RISE_EPOCHS)].max() if len(curve) > 1 else math.nan
@@ -159,8 +155,7 @@ def rank_agreement(df, at_fraction: float = 1 / 3, keep_fraction: float = 1 / 3)
         rung = max(1, round(at_fraction * planned))  # ASHA's rung: the epoch it ranks at
         at_rung = group[group["epoch"] == rung].set_index("trial")["test_acc_single"]
         final = final_per_trial(group).set_index("trial")["test_acc_single"]
-        shared = at_rung.index.intersection(final.index)
-        if len(shared) < 3 or rung >= planned:
+        if len(shared := at_rung.index.intersection(final.index)) < 3 or rung >= planned:
             continue
         best, kept = final[shared].idxmax(), math.ceil(keep_fraction * len(shared))
         rank = int((at_rung[shared] > at_rung[best]).sum()) + 1

@@ -1,9 +1,13 @@
 """The analysis reads an experiment: report files, misclassified grids, README's numbers (the notebook:
 tests/test_rough_edges.py runs the README's headless command)."""
+import io
 import itertools
+import json
 import re
+import sys
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
 import pytest
 import torch
@@ -15,6 +19,7 @@ import train
 import trainable
 from model import GhostBatchNorm2d, WSConv2d, norm_layer
 
+matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -140,3 +145,92 @@ def test_readme_tensorboard_instruction_reads_the_experiment(smoke_experiment):
     runs.Reload()
     scalars = {run: runs.Scalars(run, "ray/tune/test_acc") for run in runs.Runs()}
     assert len(scalars) == 4 and all(len(points) == 2 for points in scalars.values())
+
+
+# --- names, numbers and figures as a user reads them (fast: no Ray) ---
+
+@pytest.mark.parametrize("name, shown", [
+    ("caf\udce9", r"caf\xe9"),  # a latin-1 folder name as os.listdir decodes it (surrogateescape)
+    (r"caf\xe9", r"caf\xe9"),  # data.py's printable form of the same name stays as it is
+    ("price $5", r"price \$5"),  # sibling: mathtext's dollar
+    ("a$b$c_^", r"a\$b\$c_^"),
+    ("$x^$", r"\$x^\$"),  # unescaped, an unparsable formula: matplotlib raised at draw time
+    ("two\nlines\x07", r"two\nlines\x07"),
+])
+def test_any_class_name_reaches_a_figure_and_a_table_verbatim(name, shown):
+    assert analysis.printable(name) == shown
+    images = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    sample = {"classes": [name, "ok"], "indices": [0, 1], "images": images, "true": [0, 1], "pred": [1, 0],
+              "confidence": [0.5, 0.5], "variant": name, "epoch": 1, "acc": 0.5}
+    fig = analysis.plot_misclassified(sample)
+    fig.savefig(io.BytesIO(), format="png")  # drawing is where matplotlib raised
+    assert fig.axes[0].get_title().startswith(f"true: {shown}\n")
+    table = analysis._markdown(pd.DataFrame({"class": pd.Series([name + "|"], dtype=object), "n": [1]}))
+    assert f"| {shown}\\| " in table and "\n" not in table.splitlines()[-1]
+
+
+def test_report_numbers_are_formatted_as_read():
+    table = pd.DataFrame({"comparison": ["a − b", "a − c", "b − c"], "difference (points)": [1.234, float("nan"), 0.5],
+                          "McNemar p": [8.59e-16, 0.012345, float("nan")], "Holm p": [0.0009999, 0.037, 1.0]})
+    shown = analysis.formatted(table)
+    assert shown["McNemar p"].tolist() == ["<0.001", "0.0123", "-"]  # was "0.00": a tie with a p of 1e-3
+    assert shown["Holm p"].tolist() == ["<0.001", "0.037", "1"]
+    assert shown["difference (points)"].tolist() == ["1.23", "-", "0.50"]
+    assert "0.00 " not in analysis._markdown(table)
+
+
+def curve_frame(epochs=1, variants=("bn", "gn", "a long variant name that once sat over the curves")):
+    """A results_frame of one seed per variant, `epochs` epochs."""
+    rows = [{"trial": f"{v}_seed0", "variant": v, "seed": 0, "epoch": e, "epochs": epochs, "data": "", "model": "small",
+             "dataset": "fashion-mnist", "val_size": 0, "diverged": False, "health": "ok", "test_acc": 0.5 + i / 10,
+             "test_acc_single": 0.5 + i / 10, "test_loss": 1.0 - i / 10, "train_acc": 0.5, "train_loss": 1.0}
+            for i, v in enumerate(variants) for e in range(1, epochs + 1)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_curves_tick_whole_epochs_and_their_legend_covers_no_curve(epochs):
+    fig = analysis.plot_curves(curve_frame(epochs), "test_acc")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks  # --epochs 1 ticked 0.945 ... 1.050
+    legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= axes.x1 and fig.bbox.contains(legend.x1 - 1, legend.y0 + 1)  # beside the axes, in the figure
+
+
+def test_the_pooling_figure_shows_every_built_in_norm(tmp_path):
+    """Documentation, drawn by a script: every norm of model.REGISTRY (it showed 3 of the 8)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import norm_pooling
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    from model import NORMS
+
+    assert list(norm_pooling.LAYOUTS) == list(NORMS)
+    norm_pooling.main(tmp_path / "pooling.png")
+    assert (tmp_path / "pooling.png").stat().st_size > 10_000
+    assert not hasattr(analysis, "plot_norm_pooling")  # not part of reading results
+
+
+def test_the_tracked_notebook_holds_no_outputs_and_shows_tables_as_the_report():
+    notebook = json.loads((ROOT / "analysis.ipynb").read_text())
+    code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert all(cell["outputs"] == [] and cell["execution_count"] is None for cell in code)
+    assert ".ipynb_checkpoints/" in (ROOT / ".gitignore").read_text().split()  # what jupyter lab leaves
+    for cell in code:  # every table through analysis.formatted: "<0.001" and "-", not 8.59e-16 and NaN
+        source = "".join(cell["source"])
+        for call in ("summary(", "comparison_tables(", "sensitivity(", "rank_agreement(", "batch_size_table("):
+            assert call not in source or "analysis.formatted(" in source, source
+
+
+def test_headless_notebook_of_a_mistyped_experiment_is_one_line(tmp_path, capsys):
+    assert analysis.main([str(tmp_path / "typo"), "--notebook"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a Ray Tune experiment directory" in err, err
+    assert not (tmp_path / "typo").exists()
+    with pytest.raises(SystemExit) as refused:  # the data flags are the report's
+        analysis.main([str(tmp_path), "--notebook", "--dataset", str(tmp_path)])
+    assert refused.value.code == 2 and "apply to the report" in capsys.readouterr().err

@@ -4,6 +4,7 @@ checkpoints that were not copied, every trial diverged; and what a report says a
 Two real sweeps (Ray on the 2-core machine): one interrupted while a trial has no report, one whose
 only trial diverges. The rest reuses the session's smoke experiment.
 """
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import comparisons
 import errors
 import sweep
 import tune_main
+from conftest import make_idx_dir
 
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +72,7 @@ def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experimen
     assert "**Partial experiment" in summary and "gn, batch 2 1 of 2; gn, batch 500 0 of 2" in summary
     assert (tmp_path / "misclassified_gn_batch_2.png").exists()
     # one variant with results: said, not an empty table
-    assert "only one variant has results, so there is nothing to compare" in summary and "| comparison" not in summary
+    assert "nothing to compare (fewer than two variants have results" in summary and "| comparison" not in summary
 
     console = sweep.summary_text(grid)
     assert re.search(r"^gn_batch_500_seed0_\w+: no epoch reported$", console, re.M), console
@@ -86,7 +88,7 @@ def test_results_copied_without_checkpoints_still_report(pending_experiment, tmp
         analysis.misclassified(grid, df, "gn, batch 2")
     assert analysis.main([str(copy), "--out", str(tmp_path / "report")]) == 0
     summary = (tmp_path / "report" / "summary.md").read_text()
-    assert "No misclassified images for gn, batch 2: trial gn_batch_2_seed0_" in summary
+    assert "- misclassified images of gn, batch 2: trial gn_batch_2_seed0_" in summary
     assert "![test accuracy](test_acc.png)" in summary
 
 
@@ -169,3 +171,75 @@ def test_subset_and_plurals_of_other_launches(smoke_experiment, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert analysis.experiment_line(str(smoke_experiment)) == (
         f"`{smoke_experiment.name}` (its name; it lies outside the directory the analysis ran in)")
+
+
+def _report(experiment, out, capsys, *flags):
+    """analysis.py's report: (summary.md, the files written, stderr's lines)."""
+    assert analysis.main([str(experiment), "--out", str(out), *flags]) == 0
+    return (out / "summary.md").read_text(), {p.name for p in out.iterdir()}, capsys.readouterr().err.splitlines()
+
+
+CURVES_AND_TABLES = {"summary.md", "test_loss.png", "test_acc.png", "train_loss.png", "train_acc.png"}
+
+
+def test_results_copied_without_checkpoints_or_one_trials_checkpoint(smoke_experiment, tmp_path, capsys):
+    """Every part that needs no checkpoint is written; each left-out part is said once, in summary.md and on
+    stderr. Sibling: one trial's checkpoints missing while the others' are there."""
+    bare = tmp_path / "bare"
+    shutil.copytree(smoke_experiment, bare, ignore=shutil.ignore_patterns("checkpoint_*", "report"))
+    summary, files, err = _report(bare, tmp_path / "r1", capsys)
+    assert files == CURVES_AND_TABLES and "| bn " in summary and "Per trial:" in summary
+    assert len(err) == 8 and all(line.startswith("skipped ") for line in err), err  # 4 grids, 4 McNemar trials
+    assert all(line.removeprefix("skipped ") in summary for line in err)
+    assert "McNemar's test of bn_seed0_" in summary and "copy its checkpoint_* directories too" in summary
+
+    one = tmp_path / "one"
+    shutil.copytree(smoke_experiment, one, ignore=shutil.ignore_patterns("report"))
+    gn = next(one.glob("gn_seed0_*"))
+    for checkpoint in gn.glob("checkpoint_*"):
+        shutil.rmtree(checkpoint)
+    summary, files, err = _report(one, tmp_path / "r2", capsys)
+    assert files == CURVES_AND_TABLES | {f"misclassified_{v}.png" for v in ("bn", "ln", "bn_l1_1e_05")}
+    assert [line.split(":")[0] for line in err] == ["skipped misclassified images of gn", f"skipped McNemar's test of {gn.name}"]
+    mcnemar = summary[summary.index("| comparison"):]
+    assert "bn − ln" in mcnemar and "− gn" not in mcnemar and "gn −" not in mcnemar  # its pairs left out, not guessed
+
+
+@pytest.mark.slow  # a real sweep (Ray)
+def test_an_experiment_whose_dataset_moved(tmp_path, capsys, session_ray):
+    """The curves, tables and paired tests need no data; the misclassified grids and McNemar's test re-score
+    checkpoints on it: said, and --dataset points at where it lies now."""
+    data, storage = make_idx_dir(tmp_path / "tiny", n_train=64, n_test=32), tmp_path / "results"
+    assert tune_main.main(["--dataset", str(data), "--variants", "bn,gn", "--epochs", "1", "--cpus-per-trial", "1",
+                           "--storage-path", str(storage), "--name", "moved"]) == 0
+    data.rename(tmp_path / "elsewhere")
+    capsys.readouterr()
+    summary, files, err = _report(storage / "moved", tmp_path / "r1", capsys)
+    assert files == CURVES_AND_TABLES and "| gn " in summary
+    [line] = err
+    assert line.startswith("skipped misclassified images and McNemar's test: the dataset is not readable here")
+    assert "--dataset PATH" in line and line.removeprefix("skipped ") in summary
+    summary, files, err = _report(storage / "moved", tmp_path / "r2", capsys, "--dataset", str(tmp_path / "elsewhere"))
+    assert files == CURVES_AND_TABLES | {"misclassified_bn.png", "misclassified_gn.png"} and not err
+    assert "McNemar p" in summary
+
+
+def test_notebook_run_headless_writes_beside_the_report_and_fails_in_one_line(smoke_experiment, tmp_path, capsys):
+    tracked = (ROOT / "analysis.ipynb").read_bytes()
+    assert analysis.main([str(smoke_experiment), "--notebook", "--out", str(tmp_path / "run")]) == 0
+    run = json.loads((tmp_path / "run" / "analysis.ipynb").read_text())
+    outputs = [out for cell in run["cells"] if cell["cell_type"] == "code" for out in cell["outputs"]]
+    assert not [out for out in outputs if out["output_type"] == "error"]
+    assert sum("image/png" in out.get("data", {}) for out in outputs) >= 4 + 4 + 1  # curves, grids, pooling
+    tables = "".join(str(out.get("data", {}).get("text/plain", "")) for cell in run["cells"]
+                     if "analysis.formatted(" in "".join(cell["source"]) for out in cell.get("outputs", []))
+    assert "McNemar p" in tables and "Holm p" in tables  # the smoke experiment has one seed
+    assert "NaN" not in tables and not re.search(r"\d\.\d+e-\d", tables)  # as the report: "-", "<0.001"
+    assert (ROOT / "analysis.ipynb").read_bytes() == tracked  # the tracked notebook keeps no outputs
+    capsys.readouterr()
+    # sibling of a mistyped name: an experiment with no epoch, refused inside the notebook
+    empty = tmp_path / "empty"
+    shutil.copytree(smoke_experiment, empty, ignore=lambda d, names: [n for n in names if "_seed" in n or n == "report"])
+    assert analysis.main([str(empty), "--notebook", "--out", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no reported epochs yet" in err and "\x1b[" not in err, err
