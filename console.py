@@ -92,8 +92,8 @@ class Progress(tune.Callback):
         rate = (epochs_done - self.baseline) / max(time.monotonic() - self.start, 1e-9)
         status = "" if health == "ok" else f"  STOPPED, {health}"
         split = "val" if trial.config.get("val_size") else "test"  # --val-size: scored on held-out training images
-        print(f"{trial_label(trial.config):<22} epoch {result['epoch']}/{self.epochs}  "
-              f"{split} acc {100 * result['test_acc']:5.2f}%  {result['images_per_s']:,.0f} img/s  "
+        print(f"{trial_label(trial.config):<22} epoch {result['epoch']}/{self.epochs}  one-view {split} acc "
+              f"{100 * result['test_acc_single']:5.2f}%  {result['images_per_s']:,.0f} img/s  "
               f"| sweep {epochs_done}/{epochs_done + left} epochs, ~{duration(left / rate)} left{status}", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):

@@ -2,7 +2,9 @@
 them back), size each trial's share of the cluster, fit or restore the Tuner, and report with an exit status.
 A tuned comparison (`run_tuned`) is two such sweeps, its stages, with the protocol of tuned.py between them.
 """
+import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import cluster  # noqa: I001 (first: it sets Ray's token mode, which Ray reads once, at its import)
 import ray
+import torch
 from ray import tune
 
 import config as config_lib
@@ -74,19 +77,21 @@ def resume_command(storage: str, sweep: SweepConfig) -> str:
     return shlex.join(command + ([] if sweep.ship_code else ["--no-ship-code"]))
 
 
-def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_bytes: int = 0) -> dict:
+def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_bytes: int = 0, model_bytes: int = 0) -> dict:
     """CPUs, GPUs and host memory (bytes) per trial, so that every trial runs at once where it fits.
 
-    Memory, where the cluster reports it: TRIAL_MEMORY_BYTES plus twice the trial's data, so that Ray queues
-    the trials that do not fit instead of OOM-killing workers. GPUs: at most one each, and 1/k of a GPU when
-    trials outnumber GPUs (`gpu_share`). CPUs: shared by the trials at once, rounded down to Ray's resource
-    precision (1e-4) so that they fit (3 trials at 0.6667 of 2 CPUs need 2.0001 and run only 2 at once).
+    Memory: TRIAL_MEMORY_BYTES plus twice the trial's data and what its net needs, so that Ray queues the trials
+    that do not fit instead of OOM-killing workers; under --max-concurrent k at least 1/k of the cluster's, which
+    is how k is kept (Tune creates every trial at launch: one it created later, from its saved search state, would
+    write where the experiment was launched, not where it is resumed). GPUs: at most one each, 1/k of one when
+    trials outnumber GPUs (gpu_share). CPUs: shared by the trials at once, rounded down to Ray's precision (1e-4).
     """
     cpus, gpus = available.get("CPU", 1), available.get("GPU", 0)
     concurrent = min(n_trials, sweep.max_concurrent or n_trials)
-    memory = TRIAL_MEMORY_BYTES + 2 * data_bytes
+    memory = TRIAL_MEMORY_BYTES + 2 * data_bytes + model_bytes
     if "memory" in available:
         concurrent = max(1, min(concurrent, int(available["memory"] // memory)))
+        memory = max(memory, int(available["memory"] // concurrent) if sweep.max_concurrent else 0)
     gpu = gpu_share(gpus, concurrent) if sweep.gpus_per_trial is None else sweep.gpus_per_trial
     cpu = sweep.cpus_per_trial or max(math.floor(10_000 * cpus / concurrent) / 10_000, 0.01)
     resources = {"cpu": round(cpu, 4), "gpu": gpu}
@@ -127,8 +132,7 @@ def describe(resources: dict, available: dict, n_trials: int, sweep: SweepConfig
     share = f"{resources['cpu']:g} CPU, {resources['gpu']:g} GPU"
     share += f", {resources['memory'] / 2**30:.2f} GiB" if "memory" in resources else ""
     fit = int(available["memory"] // resources["memory"]) if "memory" in resources and "memory" in available else n_trials
-    at_once = (f"at most {fit} at once (host memory; the rest queue); "
-               if fit < min(n_trials, sweep.max_concurrent or n_trials) else "")
+    at_once = f"at most {fit} at once (the rest queue); " if fit < n_trials else ""
     return (f"normsweep: {n_trials} trial{'s' if n_trials != 1 else ''} on {available.get('CPU', 0):g} CPUs{gpus}"
             f"{memory}; per trial {share}; {at_once}experiment {experiment}")
 
@@ -178,7 +182,7 @@ def tuner(sweep: SweepConfig, storage: str, fn, space: dict, n_trials: int) -> t
     checkpoints = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=trainable.BEST_METRIC,
                                         checkpoint_score_order=trainable.BEST_MODE)  # Tune also keeps the latest
     return tune.Tuner(fn, param_space=space, tune_config=tune.TuneConfig(
-        max_concurrent_trials=sweep.max_concurrent or None, trial_name_creator=trial_name,
+        trial_name_creator=trial_name,
         trial_dirname_creator=trial_name), run_config=tune.RunConfig(
         name=sweep.name, storage_path=storage, checkpoint_config=checkpoints,
         failure_config=tune.FailureConfig(max_failures=cluster.MAX_FAILURES),
@@ -186,47 +190,72 @@ def tuner(sweep: SweepConfig, storage: str, fn, space: dict, n_trials: int) -> t
 
 
 def run_stage(sweep: SweepConfig, storage: str) -> int:
-    """One Tune experiment: a plain sweep, or one stage of a tuned comparison. Returns the exit status."""
+    """One Tune experiment, held by this run while it runs: a plain sweep, or one stage of a tuned comparison.
+    Returns the exit status."""
     experiment = experiments.join(storage, sweep.name)
-    if sweep.resume:
-        if not experiments.started(experiment):
-            raise UsageError(f"--resume: {experiment} was launched but Tune never saved its state; nothing to resume, "
-                             f"start it again (delete the directory or pick a new --name)")
-        experiments.check_intact(experiment, "resume")
-    elif experiments.exists(experiment):
-        raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
     n_trials = math.prod(len(values) for values in config_lib.grid_axes(sweep).values())
-    if not sweep.verbose:
-        console.quiet_ray()
-    claimed, stop_signal, results = False, {}, None
-    try:  # the cluster before the data: one that cannot be joined is said in seconds
-        cluster.connect(sweep.address, ship_code=sweep.ship_code, verbose=sweep.verbose,
-                        not_shipped=[storage, sweep.data_dir, sweep.dataset], modules=[plugins.shipped_file(sweep.model)])
-        stop_signal = interrupt_on_sigterm()  # after ray.init, which installs a SIGTERM handler of its own
-        dataset = train.trial_data(data_lib.load_dataset(sweep.dataset, sweep.data_dir, test_split=not sweep.val_size),
-                                   sweep)
-        config_lib.check_val_size(sweep.val_size, len(dataset.train_labels))
-        plugins.check(sweep.model, sorted({v["norm"] for v in config_lib.grid_axes(sweep)["variant"]}), sweep.groups,
-                      dataset)
-        space = param_space(sweep, dataset)
-        resources = trial_resources(ray.cluster_resources(), n_trials, sweep, data_bytes=dataset.nbytes)
-        check_resources(resources, ray.cluster_resources())
+    held, stop_signal, results = contextlib.ExitStack(), {}, None
+    with held:
         if sweep.resume:
-            warn_on_thread_change(experiment, max(1, int(resources["cpu"])), sweep.epochs)
-        elif not experiments.claim(experiment, sweep.to_launch()):
-            raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
-        claimed = not sweep.resume
-        print(describe(resources, ray.cluster_resources(), n_trials, sweep, experiment), flush=True)
-        fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset), resources)
-        results = fit(tuner(sweep, storage, fn, space, n_trials), storage, sweep)
-    except BaseException:
-        if claimed and not experiments.started(experiment):  # nothing a --resume could use
-            experiments.delete(experiment)
-        raise
-    finally:
-        with cluster.interrupts_held(then_raise=False):
-            ray.shutdown()
+            held.enter_context(experiments.owned(experiment))  # before anything reads it: a run may be writing it
+            if not experiments.started(experiment):
+                raise UsageError(f"--resume: {experiment} was launched but Tune never saved its state; nothing to "
+                                 f"resume, start it again (delete the directory or pick a new --name)")
+            experiments.check_intact(experiment, "resume")
+        elif experiments.exists(experiment):
+            refuse_existing(experiment)
+        if not sweep.verbose:
+            console.quiet_ray()
+        try:  # the cluster before the data: one that cannot be joined is said in seconds
+            cluster.connect(sweep.address, ship_code=sweep.ship_code, verbose=sweep.verbose, modules=[
+                plugins.shipped_file(sweep.model)], not_shipped=[storage, sweep.data_dir, sweep.dataset])
+            stop_signal = interrupt_on_sigterm()  # after ray.init, which installs a SIGTERM handler of its own
+            dataset = train.trial_data(data_lib.load_dataset(sweep.dataset, sweep.data_dir,
+                                                             test_split=not sweep.val_size), sweep)
+            config_lib.check_val_size(sweep.val_size, len(dataset.train_labels))
+            plugins.check(sweep.model, sorted({v["norm"] for v in config_lib.grid_axes(sweep)["variant"]}),
+                          sweep.groups, dataset)
+            space, inputs = param_space(sweep, dataset), input_digests(dataset, sweep.model)
+            resources = trial_resources(ray.cluster_resources(), n_trials, sweep, data_bytes=dataset.nbytes)
+            check_resources(resources, ray.cluster_resources())
+            if sweep.resume:
+                experiments.check_inputs(experiment, inputs)
+                warn_on_thread_change(experiment, max(1, int(resources["cpu"])), sweep.epochs)
+            elif experiments.claim(experiment, {**sweep.to_launch(), "inputs": inputs}):
+                held.callback(discard_unstarted, experiment)  # on the way out, after the lock is let go
+                held.enter_context(experiments.owned(experiment))
+            else:
+                refuse_existing(experiment)
+            print(describe(resources, ray.cluster_resources(), n_trials, sweep, experiment), flush=True)
+            fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset), resources)
+            results = fit(tuner(sweep, storage, fn, space, n_trials), storage, sweep)
+        finally:
+            with cluster.interrupts_held(then_raise=False):
+                ray.shutdown()
     return finish(results, sweep, storage, n_trials, stop_signal.get("signal", signal.SIGINT))
+
+
+def refuse_existing(experiment: str):
+    holder = experiments.holder(experiment)
+    raise UsageError(f"experiment {experiment} exists; " + (f"{holder} is running it: wait for it to end, or pick a "
+                     f"new --name" if holder else "pass --resume to finish it or a new --name"))
+
+
+def discard_unstarted(experiment: str) -> None:
+    """Delete an experiment claimed by a launch that ended before Tune saved anything (nothing a resume could use),
+    unless a run holds it."""
+    if experiments.exists(experiment) and not experiments.started(experiment):
+        with experiments.owned(experiment):
+            experiments.delete(experiment)
+
+
+def input_digests(dataset: data_lib.Dataset, model: str) -> dict:
+    """sha256 (hex) of what the trials train and score on (every image and label tensor) and of a --model file."""
+    data = hashlib.sha256()
+    for tensor in (v for v in vars(dataset).values() if isinstance(v, torch.Tensor)):
+        data.update(tensor.contiguous().numpy())
+    file = plugins.shipped_file(model)
+    return {"data": data.hexdigest(), **({"model": hashlib.sha256(Path(file).read_bytes()).hexdigest()} if file else {})}
 
 
 def fit(made: tune.Tuner, storage: str, sweep: SweepConfig):
@@ -260,6 +289,7 @@ def summary_text(results, stage: str = "") -> str:
     import analysis
     import comparisons
 
+    results = [with_history(r) for r in results]
     df = analysis.results_frame(results)
     reported = set(df["trial"]) if not df.empty else set()
     lines = []
@@ -288,11 +318,16 @@ def summary_text(results, stage: str = "") -> str:
 
 
 def text_table(table) -> str:
-    """A DataFrame as left-aligned text columns, floats to 2 decimals."""
-    cells = [list(table.columns)] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row]
-                                     for row in table.itertuples(index=False)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    return table.to_string(index=False, float_format="{:.2f}".format, na_rep="-")
+
+
+def with_history(result):
+    """A Tune Result with every epoch its trial reported (experiments.history): Tune reads only result.json, which
+    a run stopped mid-write can leave cut short while progress.csv holds the epochs."""
+    location = experiments.location_of(result.filesystem, result.path) if result.filesystem else result.path
+    frame = experiments.history(location)
+    known = 0 if result.metrics_dataframe is None else len(result.metrics_dataframe)
+    return dataclasses.replace(result, metrics_dataframe=frame) if len(frame) > known else result
 
 
 def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal: int) -> int:
@@ -350,11 +385,11 @@ def run_tuned(sweep: SweepConfig, storage: str) -> int:
         raise UsageError(f"experiment {final} (or its tuning stage) exists; pass --resume to finish it or a new --name")
     tuning_experiment = experiments.join(storage, tuning_name)
     stage = dataclasses.replace(sweep, stage="tuning", name=tuning_name, final_name=final_name, final_variants=())
+    discard_unstarted(tuning_experiment)  # claimed by a launch killed before Tune saved anything
     if experiments.started(tuning_experiment):
         left = experiments.trials_left(tuning_experiment, stage)
         code = run_stage(dataclasses.replace(stage, resume=True), storage) if left else 0
     else:
-        experiments.delete(tuning_experiment)  # claimed by a launch killed before Tune saved anything
         code = run_stage(dataclasses.replace(stage, resume=False), storage)
     if code:
         if code == 1:
@@ -366,8 +401,7 @@ def run_tuned(sweep: SweepConfig, storage: str) -> int:
     _, tuning_df = analysis.load_experiment(tuning_experiment)
     variants = config_lib.grid_axes(dataclasses.replace(sweep, stage="", final_variants=()))["variant"]
     final_variants = tuned.final_variants(variants, tuned.choose(tuning_df), sweep.lr, sweep.weight_decay)
-    if experiments.exists(final) and not experiments.started(final):
-        experiments.delete(final)  # claimed by a launch killed before Tune saved anything
+    discard_unstarted(final)
     print(f"tuning stage finished; final stage: {len(final_variants)} configurations x {sweep.seeds} seed(s) on the "
           f"test split", flush=True)
     return run_stage(dataclasses.replace(sweep, stage="final", name=final_name, resume=False, final_name=final_name,

@@ -53,7 +53,7 @@ def test_diverging_trial_stops_is_named_and_the_others_finish(tmp_path, capfd, m
     assert "lower --lr" in err
 
     # the console: one line per report, no Ray boxes or warnings
-    assert re.search(r"^gn seed 0 +epoch 2/2  test acc +\d+\.\d\d%  [\d,]+ img/s  \| sweep \d+/\d+ epochs, ~\S+ left$",
+    assert re.search(r"^gn seed 0 +epoch 2/2  one-view test acc +\d+\.\d\d%  [\d,]+ img/s  \| sweep \d+/\d+ epochs, ~\S+ left$",
                      out, re.M), out
     assert "STOPPED, diverged" in out
     console = (out + err).strip().splitlines()
