@@ -289,7 +289,7 @@ def summary_text(results, stage: str = "") -> str:
     import analysis
     import comparisons
 
-    results = [with_history(r) for r in results]
+    results = with_history(results)
     df = analysis.results_frame(results)
     reported = set(df["trial"]) if not df.empty else set()
     lines = []
@@ -321,13 +321,15 @@ def text_table(table) -> str:
     return table.to_string(index=False, float_format="{:.2f}".format, na_rep="-")
 
 
-def with_history(result):
-    """A Tune Result with every epoch its trial reported (experiments.history): Tune reads only result.json, which
-    a run stopped mid-write can leave cut short while progress.csv holds the epochs."""
-    location = experiments.location_of(result.filesystem, result.path) if result.filesystem else result.path
-    frame = experiments.history(location)
-    known = 0 if result.metrics_dataframe is None else len(result.metrics_dataframe)
-    return dataclasses.replace(result, metrics_dataframe=frame) if len(frame) > known else result
+def with_history(results):
+    """A Tune ResultGrid's results with every epoch each trial reported (experiments.history): Tune reads only
+    result.json, which a run stopped mid-write can leave cut short while progress.csv holds the epochs."""
+    def completed(result):
+        location = experiments.location_of(result.filesystem, result.path) if result.filesystem else result.path
+        frame, known = experiments.history(location), result.metrics_dataframe
+        return dataclasses.replace(result, metrics_dataframe=frame) if len(frame) > (
+            0 if known is None else len(known)) else result
+    return type("Results", (list,), {"experiment_path": results.experiment_path})(map(completed, results))
 
 
 def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal: int) -> int:

@@ -408,8 +408,9 @@ def test_epochs_a_cut_short_result_json_lost_are_read_from_progress_csv(tmp_path
     (trial / "result.json").write_text("")
     assert experiments.last_results(str(storage / "cut"))["trial1"]["epoch"] == 1
     assert experiments.trials_left(str(storage / "cut"), experiments.read_sweep(str(storage / "cut"))) == 1
-    result = Result(metrics={}, checkpoint=None, error=None, path=str(trial), metrics_dataframe=None)
-    assert sweep.with_history(result).metrics_dataframe["test_acc"].tolist() == [0.5]
+    grid = type("Grid", (list,), {"experiment_path": str(storage / "cut")})(
+        [Result(metrics={}, checkpoint=None, error=None, path=str(trial), metrics_dataframe=None)])
+    assert sweep.with_history(grid)[0].metrics_dataframe["test_acc"].tolist() == [0.5]
     (trial / "progress.csv").unlink()  # the sibling: neither record: nothing is made up
     assert experiments.last_results(str(storage / "cut"))["trial1"] == {}
 
