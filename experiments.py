@@ -369,10 +369,14 @@ def trial_finished(last: dict, epochs: int) -> bool:
     return last.get("epoch", 0) >= epochs or last.get(HEALTH_KEY, "ok") != "ok"
 
 
+def planned(sweep) -> int:
+    """The trials a config.SweepConfig's grid holds."""
+    return math.prod(len(values) for values in config.grid_axes(sweep).values())
+
+
 def trials_left(experiment: str, sweep) -> int:
     """Trials of an experiment (its config.SweepConfig) still to run, those not started counted too."""
-    done = sum(trial_finished(last, sweep.epochs) for last in last_results(experiment).values())
-    return max(0, math.prod(len(values) for values in config.grid_axes(sweep).values()) - done)
+    return max(0, planned(sweep) - sum(trial_finished(last, sweep.epochs) for last in last_results(experiment).values()))
 
 
 def latest_started(storage: str) -> str:

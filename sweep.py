@@ -1,7 +1,5 @@
-"""One sweep as a Ray Tune experiment, in a few steps: settle its settings (a launch, or a resume that reads
-them back), size each trial's share of the cluster, fit or restore the Tuner, and report with an exit status.
-A tuned comparison (`run_tuned`) is two such sweeps, its stages, with the protocol of tuned.py between them.
-"""
+"""One sweep as a Ray Tune experiment: settle its settings (a launch, or a resume reading them back), size each
+trial's share of the cluster, fit or restore the Tuner, report with an exit status; a tuned comparison is two."""
 import contextlib
 import dataclasses
 import hashlib
@@ -30,15 +28,13 @@ import tuned
 from config import SweepConfig
 from errors import ExperimentError, UsageError
 
-# Host memory one trial's Ray worker holds besides its data (torch, Ray, the net): workers measured 0.55-0.64 GB
-# each on 4,000 Fashion-MNIST images; 48 trials at once on a 24 GB machine got workers OOM-killed by Ray.
+# Host memory a trial's worker holds besides its data (torch, Ray): 0.55-0.64 GB measured on 4,000 Fashion-MNIST images
 TRIAL_MEMORY_BYTES = 640 * 2**20
 
 
 def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
-    """The sweep to run: a resume's launch settings (today's flags decide only what is not saved, and the others
-    it ignores are said), or a launch's with its paths made absolute, so that a resume and the analysis find them
-    from any working directory."""
+    """The sweep to run: a resume's launch settings (today's flags only for what is not saved; those ignored are
+    said), or a launch's with its paths absolute (a resume and the analysis find them from anywhere)."""
     if not sweep.resume:
         dataset = sweep.dataset if sweep.dataset in data_lib.DATASETS else str(Path(sweep.dataset).expanduser().resolve())
         name = sweep.name
@@ -57,13 +53,13 @@ def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
     saved = set(launch) & given - {"name"}
     ignored = [f"--{k.replace('_', '-')} {getattr(sweep, k)}" for k in sorted(saved)
                if getattr(sweep, k) != getattr(resumed, k)]
-    n_trials = math.prod(len(values) for values in config_lib.grid_axes(resumed).values())
     print(f"resume: reusing the launch settings (dataset {Path(resumed.dataset).name}, variants {resumed.variants}, "
           f"{resumed.seeds} seed(s), {resumed.epochs} epochs{', smoke-test data' if resumed.smoke_test else ''}); "
           f"CPUs and GPUs per trial from today's flags"
           + (f"; ignoring today's {', '.join(ignored)} (a resumed experiment keeps what it was launched with)"
              if ignored else "")
-          + f"; {experiments.trials_left(experiment, resumed)} of {n_trials} trials left to run", flush=True)
+          + f"; {experiments.trials_left(experiment, resumed)} of {experiments.planned(resumed)} trials left to run",
+          flush=True)
     return resumed
 
 
@@ -78,14 +74,10 @@ def resume_command(storage: str, sweep: SweepConfig) -> str:
 
 
 def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_bytes: int = 0, model_bytes: int = 0) -> dict:
-    """CPUs, GPUs and host memory (bytes) per trial, so that every trial runs at once where it fits.
-
-    Memory: TRIAL_MEMORY_BYTES plus twice the trial's data and what its net needs, so that Ray queues the trials
-    that do not fit instead of OOM-killing workers; under --max-concurrent k at least 1/k of the cluster's, which
-    is how k is kept (Tune creates every trial at launch: one it created later, from its saved search state, would
-    write where the experiment was launched, not where it is resumed). GPUs: at most one each, 1/k of one when
-    trials outnumber GPUs (gpu_share). CPUs: shared by the trials at once, rounded down to Ray's precision (1e-4).
-    """
+    """CPUs, GPUs and host memory (bytes) per trial, so that every trial runs at once where it fits. Memory: what a
+    worker, twice the data and the net need, so Ray queues trials that do not fit; under --max-concurrent k, 1/k of
+    the cluster's, which keeps k (a trial Tune holds back is created later from its search state, which writes where
+    the experiment was launched, not where it lies). GPUs: gpu_share. CPUs: shared, rounded down to Ray's 1e-4."""
     cpus, gpus = available.get("CPU", 1), available.get("GPU", 0)
     concurrent = min(n_trials, sweep.max_concurrent or n_trials)
     memory = TRIAL_MEMORY_BYTES + 2 * data_bytes + model_bytes
@@ -99,9 +91,8 @@ def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_byt
 
 
 def gpu_share(gpus: float, concurrent: int) -> float:
-    """GPUs per trial so that `concurrent` trials fit on `gpus` whole GPUs: 1 / ceil(concurrent / gpus), at most
-    1, 0 without GPUs. Ray places a fractional share on one GPU, so a share that does not divide 1 strands the
-    rest (3 GPUs, 4 trials: 0.75 each runs 3 at once, 0.5 each all 4); rounded down to Ray's 1e-4."""
+    """GPUs per trial so that `concurrent` trials fit on `gpus` GPUs: 1 / ceil(concurrent / gpus), at most 1 (a share
+    not dividing 1 strands the rest: 3 GPUs, 4 trials at 0.75 run 3 at once), rounded down to Ray's 1e-4."""
     if gpus < 1 or concurrent < 1:
         return 0 if gpus < 1 else 1
     per_gpu = math.ceil(concurrent / math.floor(gpus))
@@ -138,8 +129,7 @@ def describe(resources: dict, available: dict, n_trials: int, sweep: SweepConfig
 
 
 def param_space(sweep: SweepConfig, dataset: data_lib.Dataset) -> dict:
-    """Tune's search space: the shared trial settings, with "auto" resolved on the data, and a grid over each
-    axis of config.grid_axes."""
+    """Tune's search space: the trial settings ("auto" resolved on the data), a grid over config.grid_axes."""
     space = {k: v for k, v in config_lib.TrialConfig.of(sweep.as_dict()).as_dict().items()
              if k not in ("norm", "l1", "threads")}
     n_train = len(dataset.train_labels)
@@ -181,9 +171,8 @@ def tuner(sweep: SweepConfig, storage: str, fn, space: dict, n_trials: int) -> t
         return tune.Tuner.restore(experiment, trainable=fn, resume_errored=True)
     checkpoints = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=trainable.BEST_METRIC,
                                         checkpoint_score_order=trainable.BEST_MODE)  # Tune also keeps the latest
-    return tune.Tuner(fn, param_space=space, tune_config=tune.TuneConfig(
-        trial_name_creator=trial_name,
-        trial_dirname_creator=trial_name), run_config=tune.RunConfig(
+    return tune.Tuner(fn, param_space=space, tune_config=tune.TuneConfig(  # no max_concurrent_trials: trial_resources
+        trial_name_creator=trial_name, trial_dirname_creator=trial_name), run_config=tune.RunConfig(
         name=sweep.name, storage_path=storage, checkpoint_config=checkpoints,
         failure_config=tune.FailureConfig(max_failures=cluster.MAX_FAILURES),
         callbacks=[console.Progress(sweep.epochs, n_trials)], verbose=2 if sweep.verbose else 0))
@@ -193,7 +182,7 @@ def run_stage(sweep: SweepConfig, storage: str) -> int:
     """One Tune experiment, held by this run while it runs: a plain sweep, or one stage of a tuned comparison.
     Returns the exit status."""
     experiment = experiments.join(storage, sweep.name)
-    n_trials = math.prod(len(values) for values in config_lib.grid_axes(sweep).values())
+    n_trials = experiments.planned(sweep)
     held, stop_signal, results = contextlib.ExitStack(), {}, None
     with held:
         if sweep.resume:
@@ -236,14 +225,14 @@ def run_stage(sweep: SweepConfig, storage: str) -> int:
 
 
 def refuse_existing(experiment: str):
+    """A launch's refusal of an existing --name, which does not advise --resume while another run holds it."""
     holder = experiments.holder(experiment)
     raise UsageError(f"experiment {experiment} exists; " + (f"{holder} is running it: wait for it to end, or pick a "
                      f"new --name" if holder else "pass --resume to finish it or a new --name"))
 
 
 def discard_unstarted(experiment: str) -> None:
-    """Delete an experiment claimed by a launch that ended before Tune saved anything (nothing a resume could use),
-    unless a run holds it."""
+    """Delete an experiment a launch claimed and left before Tune saved anything, unless a run holds it."""
     if experiments.exists(experiment) and not experiments.started(experiment):
         with experiments.owned(experiment):
             experiments.delete(experiment)
@@ -273,8 +262,7 @@ def fit(made: tune.Tuner, storage: str, sweep: SweepConfig):
 
 
 def warn_on_thread_change(experiment: str, threads: int, epochs: int) -> None:
-    """A seed's numbers depend on torch's thread count: say so when a resume gives the unfinished trials
-    another count than they started with."""
+    """Say so when a resume gives unfinished trials another torch thread count (a seed's numbers depend on it)."""
     before = sorted({last["threads"] for last in experiments.last_results(experiment).values()
                      if "threads" in last and not experiments.trial_finished(last, epochs)})
     if before and before != [threads]:
@@ -284,8 +272,8 @@ def warn_on_thread_change(experiment: str, threads: int, epochs: int) -> None:
 
 
 def summary_text(results, stage: str = "") -> str:
-    """The CLI's closing table: per trial final and best accuracies, means and paired differences over seeds,
-    convergence warnings; for a tuning stage, validation accuracy per lr and weight decay and each choice."""
+    """The CLI's closing tables: per trial, means and paired differences over seeds, convergence warnings; for a
+    tuning stage the validation accuracy per lr and weight decay and each choice."""
     import analysis
     import comparisons
 
@@ -322,8 +310,7 @@ def text_table(table) -> str:
 
 
 def with_history(results):
-    """A Tune ResultGrid's results with every epoch each trial reported (experiments.history): Tune reads only
-    result.json, which a run stopped mid-write can leave cut short while progress.csv holds the epochs."""
+    """A ResultGrid's results with every epoch each trial reported (experiments.history; Tune reads only result.json)."""
     def completed(result):
         location = experiments.location_of(result.filesystem, result.path) if result.filesystem else result.path
         frame, known = experiments.history(location), result.metrics_dataframe
@@ -334,10 +321,7 @@ def with_history(results):
 
 def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal: int) -> int:
     """Print the summary, and what was interrupted, failed or diverged; the exit status."""
-    import analysis
-
     experiment = experiments.join(storage, sweep.name)
-    # counted against the grid: under --max-concurrent Tune has not yet created the pending trials
     done = 0 if results is None else sum(bool(r.error) or experiments.trial_finished(r.metrics or {}, sweep.epochs)
                                          for r in results)
     if results is not None:
@@ -361,8 +345,7 @@ def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal
 
 
 def run(sweep: SweepConfig, given: set, storage: str) -> int:
-    """The sweep the flags ask for, under `storage` (checked: experiments.check_storage): launched, resumed, or a
-    tuned comparison's two stages. The exit status."""
+    """The sweep the flags ask for under `storage` (checked): launched, resumed, or a tuned comparison; exit status."""
     if sweep.resume:
         stage_name = sweep.name or experiments.latest_started(storage)
         launch = (experiments.read_launch(experiments.join(storage, stage_name))  # a comparison not past tuning: its
@@ -376,9 +359,8 @@ def run(sweep: SweepConfig, given: set, storage: str) -> int:
 
 
 def run_tuned(sweep: SweepConfig, storage: str) -> int:
-    """A tuned comparison: the tuning stage as experiment <name>-tuning, then the final stage as <name>, each variant
-    at the configuration its tuning chose and at the shared recipe (tuned.py). A resume picks up the tuning stage
-    where it stopped, or starts the final stage from a finished one, or resumes the final stage."""
+    """A tuned comparison (tuned.py): the tuning stage as <name>-tuning, then the final stage as <name>. A resume
+    continues the tuning stage, or starts the final stage from a finished one, or resumes the final stage."""
     final_name = sweep.name
     tuning_name, final = tuned.tuning_name(final_name), experiments.join(storage, final_name)
     if sweep.resume and experiments.started(final):
