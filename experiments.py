@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.fs as pafs
 from filelock import FileLock, Timeout
@@ -29,7 +30,7 @@ import config
 from errors import ExperimentError, NormsweepError, UsageError
 
 LAUNCH_FILE = "normsweep_launch.json"
-OWNER_FILE = "normsweep_owner.json"
+OWNER_FILE, LOCK_FILE = "normsweep_owner.json", ".normsweep.lock"
 STATE_PREFIX, SEARCH_STATE_PREFIX = "experiment_state-", "basic-variant-state-"  # Tune's (the search's is a pickle)
 RESULT_FILE, PROGRESS_FILE = "result.json", "progress.csv"
 HEALTH_KEY = "health"  # each epoch's result: "ok", or why the trial stopped early ("diverged: ...")
@@ -115,19 +116,6 @@ def _on(location: str, action, doing: str):
                               f"and for s3:// the endpoint and credentials") from None
 
 
-def _read(fs, path):
-    with fs.open_input_stream(path) as f:
-        return f.readall()
-
-
-def _write(data: bytes):
-    def write(fs, path):
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-    return write
-
-
 def info(location: str):
     return _on(location, lambda fs, path: fs.get_file_info(path), "reach")
 
@@ -137,11 +125,15 @@ def exists(location: str) -> bool:
 
 
 def read_bytes(location: str) -> bytes:
-    return _on(location, _read, "read")
+    return _on(location, lambda fs, path: fs.open_input_stream(path).readall(), "read")
 
 
 def write_bytes(location: str, data: bytes) -> None:
-    _on(location, _write(data), "write")
+    def write(fs, path):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    _on(location, write, "write")
 
 
 def _children(location: str) -> list:
@@ -152,7 +144,14 @@ def _children(location: str) -> list:
 def _probe(location: str):
     """info(location), given up after PROBE_SECONDS (the request runs on in a daemon thread, ending with the process)."""
     outcome = []
-    asker = threading.Thread(target=lambda: outcome.append(_attempt(info, location)), daemon=True)
+
+    def ask():
+        try:
+            outcome.append(info(location))
+        except ExperimentError as e:
+            outcome.append(e)
+
+    asker = threading.Thread(target=ask, daemon=True)
     asker.start()
     asker.join(PROBE_SECONDS)
     if not outcome:
@@ -161,13 +160,6 @@ def _probe(location: str):
     if isinstance(outcome[0], ExperimentError):
         raise outcome[0]
     return outcome[0]
-
-
-def _attempt(function, *args):
-    try:
-        return function(*args)
-    except ExperimentError as e:
-        return e
 
 
 def check_storage(storage: str) -> None:
@@ -257,24 +249,25 @@ def check_inputs(experiment: str, digests: dict) -> None:
 
 @contextlib.contextmanager
 def owned(experiment: str):
-    """Hold the experiment for this run, whose writes it will take; ExperimentError in one line if another run
-    (named by host and pid) holds it, or if this user cannot write it. A local experiment is held by a file lock
-    the system frees when the run dies; an object store's by OWNER_FILE, refused unless its run has died here."""
-    owner_file = join(experiment, OWNER_FILE)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    lock = None if is_uri(experiment) else FileLock(join(experiment, ".normsweep.lock"), timeout=0)
+    """Hold the experiment for this run; ExperimentError in one line if another run holds it (a file lock the system
+    frees when its run dies; on an object store OWNER_FILE, stale once its run has died on this host) or if this
+    user cannot write it."""
+    owner_file, local = join(experiment, OWNER_FILE), not is_uri(experiment)
+    lock = FileLock(join(experiment, LOCK_FILE), timeout=0) if local else None
     try:
-        if lock is not None:
+        if local:
             unwritable = [p for p in [Path(experiment), *Path(experiment).rglob("*")] if not os.access(p, os.W_OK)]
             if unwritable:
                 raise PermissionError(f"{unwritable[0]} is not writable by this user")
             lock.acquire()
         elif exists(owner_file) and not _dead_here(json.loads(read_bytes(owner_file))):
             raise Timeout(owner_file)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_bytes(owner_file, json.dumps(me).encode())
     except Timeout:
-        raise ExperimentError(f"{experiment} is in use by {_holder(owner_file)}; wait for that run to end (it prints "
-                              f"how to resume)" + ("" if lock else f", or if it has died, delete {owner_file}")) from None
+        raise ExperimentError(f"{experiment} is in use by {holder(experiment) or 'another run'}; wait for that run to "
+                              f"end (it prints how to resume)" + ("" if local else f", or if it has died, delete "
+                                                                                  f"{owner_file}")) from None
     except PermissionError as e:
         raise ExperimentError(f"cannot resume {experiment}: {_reason(e)}; ask its owner to resume it, or copy it "
                               f"(cp -a) to a storage path of yours and resume the copy") from None
@@ -283,39 +276,26 @@ def owned(experiment: str):
     finally:
         with contextlib.suppress(ExperimentError):
             _on(owner_file, lambda fs, path: fs.delete_file(path), "delete")
-        if lock is not None:
+        if local:
             lock.release()
 
 
 def _dead_here(owner: dict) -> bool:
-    """A run on this host whose process has ended (another host's cannot be asked)."""
-    if owner.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(owner["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
-
-
-def _holder(owner_file: str) -> str:
-    """Who holds an experiment, in words."""
-    with contextlib.suppress(ExperimentError, ValueError):
-        owner = json.loads(read_bytes(owner_file))
-        return f"another run (pid {owner['pid']} on {owner['host']}, since {owner['since']})"
-    return "another run"
+    return owner.get("host") == socket.gethostname() and not psutil.pid_exists(owner.get("pid", 0))
 
 
 def holder(experiment: str):
-    """Who holds a running experiment (a run launching or resuming it), in words, or None."""
-    if not exists(join(experiment, OWNER_FILE)):
+    """Who holds an experiment, in words ("another run (pid 42 on host, since ...)"), or None."""
+    owner_file = join(experiment, OWNER_FILE)
+    if not exists(owner_file):
         return None
-    if not is_uri(experiment):
-        with contextlib.suppress(Timeout), FileLock(join(experiment, ".normsweep.lock"), timeout=0):
-            return None  # a run that died left its file; nothing holds the lock
-    return _holder(join(experiment, OWNER_FILE))
+    if not is_uri(experiment):  # a file a run that died left: nothing holds the lock
+        with contextlib.suppress(Timeout, OSError), FileLock(join(experiment, LOCK_FILE), timeout=0):
+            return None
+    with contextlib.suppress(ExperimentError, ValueError, KeyError):
+        owner = json.loads(read_bytes(owner_file))
+        return f"another run (pid {owner['pid']} on {owner['host']}, since {owner['since']})"
+    return "another run"
 
 
 def history(trial: str):
