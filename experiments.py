@@ -1,13 +1,9 @@
-"""Where an experiment lives and what a reader may rely on in it; every read and write of one by the CLI, the
-analysis and the notebook goes through here (no Ray). An experiment is `<storage path>/<name>/`, self-contained:
-it resumes and is analysed wherever it is moved or copied. The storage path is a local directory or a URI that
-`pyarrow.fs` resolves (`s3://bucket/prefix`, `gs://`, `file://`); S3 reads its endpoint and credentials as every
-S3 client does (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role).
-    <name>/normsweep_launch.json                the launch's settings and inputs' digests (LAUNCH_FILE)
-    <name>/normsweep_owner.json                 the host and pid of the run that holds it (OWNER_FILE)
-    <name>/experiment_state-*.json              Tune's state
-    <name>/<trial>/result.json, progress.csv    one record per reported epoch (history reads either)
-    <name>/<trial>/checkpoint_NNNNNN/state.pt   the best and the latest checkpoint
+"""Where an experiment lives and what a reader may rely on in it (no Ray): every read and write of the CLI, the
+analysis and the notebook goes through here. An experiment, `<storage path>/<name>/`, is self-contained: it resumes
+and is analysed wherever it is moved or copied. The storage path is a local directory or a URI pyarrow.fs resolves
+(`s3://bucket/prefix`, `gs://`); S3 reads AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... as every S3 client does.
+    <name>/normsweep_launch.json (LAUNCH_FILE), normsweep_owner.json (OWNER_FILE), experiment_state-*.json (Tune's)
+    <name>/<trial>/result.json, progress.csv, checkpoint_NNNNNN/state.pt (the best and the latest)
 """
 import contextlib
 import json
@@ -249,9 +245,8 @@ def check_inputs(experiment: str, digests: dict) -> None:
 
 @contextlib.contextmanager
 def owned(experiment: str):
-    """Hold the experiment for this run; ExperimentError in one line if another run holds it (a file lock the system
-    frees when its run dies; on an object store OWNER_FILE, stale once its run has died on this host) or if this
-    user cannot write it."""
+    """Hold the experiment while this run writes it: ExperimentError in one line if another run holds it (a file lock
+    the system frees when a run dies; on an object store OWNER_FILE) or this user cannot write it."""
     owner_file, local = join(experiment, OWNER_FILE), not is_uri(experiment)
     lock = FileLock(join(experiment, LOCK_FILE), timeout=0) if local else None
     try:
@@ -260,8 +255,10 @@ def owned(experiment: str):
             if unwritable:
                 raise PermissionError(f"{unwritable[0]} is not writable by this user")
             lock.acquire()
-        elif exists(owner_file) and not _dead_here(json.loads(read_bytes(owner_file))):
-            raise Timeout(owner_file)
+        elif exists(owner_file):  # stale only if its run has died on this host
+            owner = json.loads(read_bytes(owner_file))
+            if owner.get("host") != socket.gethostname() or psutil.pid_exists(owner.get("pid", 0)):
+                raise Timeout(owner_file)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_bytes(owner_file, json.dumps(me).encode())
     except Timeout:
@@ -278,10 +275,6 @@ def owned(experiment: str):
             _on(owner_file, lambda fs, path: fs.delete_file(path), "delete")
         if local:
             lock.release()
-
-
-def _dead_here(owner: dict) -> bool:
-    return owner.get("host") == socket.gethostname() and not psutil.pid_exists(owner.get("pid", 0))
 
 
 def holder(experiment: str):

@@ -119,10 +119,10 @@ def check_resources(per_trial: dict, cluster_has: dict) -> None:
 def describe(resources: dict, available: dict, n_trials: int, sweep: SweepConfig, experiment: str) -> str:
     """The sweep's first line: trials, the cluster, each trial's share, and where the results go."""
     gpus = f", {available['GPU']:g} GPUs" if available.get("GPU") else ""
-    memory = f", {available['memory'] / 2**30:.1f} GiB of memory" if "memory" in available else ""
-    share = f"{resources['cpu']:g} CPU, {resources['gpu']:g} GPU"
+    memory, share = available.get("memory"), f"{resources['cpu']:g} CPU, {resources['gpu']:g} GPU"
+    fit = int(memory // resources["memory"]) if memory and "memory" in resources else n_trials
     share += f", {resources['memory'] / 2**30:.2f} GiB" if "memory" in resources else ""
-    fit = int(available["memory"] // resources["memory"]) if "memory" in resources and "memory" in available else n_trials
+    memory = f", {memory / 2**30:.1f} GiB of memory" if memory else ""
     at_once = f"at most {fit} at once (the rest queue); " if fit < n_trials else ""
     return (f"normsweep: {n_trials} trial{'s' if n_trials != 1 else ''} on {available.get('CPU', 0):g} CPUs{gpus}"
             f"{memory}; per trial {share}; {at_once}experiment {experiment}")
