@@ -48,7 +48,8 @@ def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
     experiment = experiments.join(storage, name)
     if not experiments.exists(experiments.join(experiment, experiments.LAUNCH_FILE)):
         raise UsageError(f"--resume: {experiment} is not a normsweep experiment (no {experiments.LAUNCH_FILE})")
-    launch = experiments.read_launch(experiment)
+    with experiments.owned(experiment):  # refused before anything is said if another run holds it
+        launch = experiments.read_launch(experiment)
     resumed = dataclasses.replace(sweep.from_launch(launch), name=name)
     saved = set(launch) & given - {"name"}
     ignored = [f"--{k.replace('_', '-')} {getattr(sweep, k)}" for k in sorted(saved)

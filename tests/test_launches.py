@@ -323,7 +323,9 @@ def test_one_run_holds_an_experiment_and_a_second_is_refused_naming_it(tmp_path,
     monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("Ray started"))
     with experiments.owned(str(storage / "busy")):  # what the running driver holds
         assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", "busy"]) == 2
-        err = capsys.readouterr().err.strip()
+        out, err = capsys.readouterr()
+        assert out == "", out  # nothing said of a resume that does not happen
+        err = err.strip()
         assert re.fullmatch(rf"error: {re.escape(str(storage / 'busy'))} is in use by another run \(pid {os.getpid()} "
                             rf"on {re.escape(__import__('socket').gethostname())}, since .*\); wait for that run to "
                             r"end \(it prints how to resume\)", err), err
