@@ -81,7 +81,7 @@ class Progress(tune.Callback):
         epochs_done = sum(done.values())
         if self.baseline is None:  # epochs finished before this session (a resume) don't count toward the rate
             self.baseline = epochs_done - 1
-        # Tune creates trials lazily under --max-concurrent: the ones not yet created are still to run
+        # trials Tune has not created yet (it makes 200 at a time) are still to run
         left = (sum(self.epochs - e for tid, e in done.items() if tid not in stopped)
                 + self.epochs * max(0, self.n_trials - len(trials)))
         rate = (epochs_done - self.baseline) / max(time.monotonic() - self.start, 1e-9)
