@@ -216,10 +216,9 @@ def write_launch(experiment: str, settings: dict) -> None:
 def claim(experiment: str, settings: dict) -> bool:
     """Make the experiment's directory and write its launch settings, unless it exists (False). Atomic on a local
     file system (one mkdir); on an object store the check and the write are two requests."""
-    if is_uri(experiment):
-        if exists(experiment):
-            return False
-    else:
+    if is_uri(experiment) and exists(experiment):
+        return False
+    if not is_uri(experiment):
         try:
             Path(experiment).parent.mkdir(parents=True, exist_ok=True)
             Path(experiment).mkdir()
