@@ -1,8 +1,5 @@
-"""What the driver prints while a sweep runs: one readable line per trial report, not Ray's internals.
-
-`quiet_ray()` keeps Ray's logs, warnings and pushed errors out of the default output (`--verbose` skips it);
-`Progress` is a Tune callback that prints a line per reported epoch with an estimate of the sweep's time left.
-"""
+"""What the driver prints while a sweep runs: a line per reported epoch (`Progress`), not Ray's logs, warnings and
+pushed errors (`quiet_ray`, skipped under --verbose)."""
 import logging
 import os
 import sys
@@ -15,8 +12,7 @@ from ray import tune
 import experiments
 import trainable
 
-# Why Tune could not save the experiment's state to storage this run (its traceback is not printed; the CLI
-# says it in one line at the end): the last line of the exception, or None.
+# Why Tune could not save the experiment's state this run (the last line of its exception, said at the end), or None
 STATE_SAVE_FAILURE = {"error": None}
 
 
@@ -35,8 +31,7 @@ def quiet_ray():
 
 
 class _MainThreadOnly:
-    """stdout without what other threads print: one of ray.init's prints the errors the nodes push to the
-    driver (a worker that died, with its traceback) whatever log_to_driver says."""
+    """stdout less other threads' prints: one of ray.init's prints the errors nodes push, whatever log_to_driver."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -68,8 +63,8 @@ def duration(seconds: float) -> str:
 
 
 class Progress(tune.Callback):
-    """Per reported epoch: the trial's variant, seed, epoch/epochs, test accuracy (validation under --val-size),
-    images/s, and the time left: the epochs still to run over this session's rate."""
+    """Per reported epoch: the trial, epoch/epochs, its one-view accuracy (the tables' headline; validation under
+    --val-size), images/s, and the time left: the epochs still to run over this session's rate."""
 
     def __init__(self, epochs: int, n_trials: int):
         self.epochs, self.n_trials = epochs, n_trials
@@ -86,14 +81,14 @@ class Progress(tune.Callback):
         epochs_done = sum(done.values())
         if self.baseline is None:  # epochs finished before this session (a resume) don't count toward the rate
             self.baseline = epochs_done - 1
-        # Tune creates trials lazily under --max-concurrent: the ones not yet created are still to run
+        # trials Tune has not created yet (it makes 200 at a time) are still to run
         left = (sum(self.epochs - e for tid, e in done.items() if tid not in stopped)
                 + self.epochs * max(0, self.n_trials - len(trials)))
         rate = (epochs_done - self.baseline) / max(time.monotonic() - self.start, 1e-9)
         status = "" if health == "ok" else f"  STOPPED, {health}"
         split = "val" if trial.config.get("val_size") else "test"  # --val-size: scored on held-out training images
-        print(f"{trial_label(trial.config):<22} epoch {result['epoch']}/{self.epochs}  "
-              f"{split} acc {100 * result['test_acc']:5.2f}%  {result['images_per_s']:,.0f} img/s  "
+        print(f"{trial_label(trial.config):<22} epoch {result['epoch']}/{self.epochs}  one-view {split} acc "
+              f"{100 * result['test_acc_single']:5.2f}%  {result['images_per_s']:,.0f} img/s  "
               f"| sweep {epochs_done}/{epochs_done + left} epochs, ~{duration(left / rate)} left{status}", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):

@@ -1,55 +1,53 @@
-"""The results contract: where normsweep experiments live and what a reader may rely on in them.
-
-An experiment is `<storage path>/<name>/`, Ray Tune's experiment directory plus normsweep's launch
-file. The storage path is a local directory or any URI `pyarrow.fs` resolves (`s3://bucket/prefix`,
-`gs://...`, `file:///...`); S3 takes its endpoint and credentials the way every S3 client does
-(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, an instance role).
-Every read and write of an experiment by the CLI, the analysis and the notebook goes through here;
-Ray Tune writes its own files to the same place. Layout (docs/usage.md, "The results directory"):
-    <name>/normsweep_launch.json              the CLI settings of the launch (LAUNCH_FILE)
-    <name>/experiment_state-*.json            Tune's state: an experiment Tune started has one
-    <name>/<trial>/result.json                one JSON line per reported epoch
-    <name>/<trial>/checkpoint_NNNNNN/state.pt the best and the latest checkpoint
-No Ray here: the analysis reads experiments without starting Ray.
+"""Where an experiment lives and what a reader may rely on in it (no Ray): every read and write of the CLI, the
+analysis and the notebook goes through here. An experiment, `<storage path>/<name>/`, is self-contained: it resumes
+and is analysed wherever it is moved or copied. The storage path is a local directory or a URI pyarrow.fs resolves
+(`s3://bucket/prefix`, `gs://`); S3 reads AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... as every S3 client does.
+    <name>/normsweep_launch.json (LAUNCH_FILE), normsweep_owner.json (OWNER_FILE), experiment_state-*.json (Tune's)
+    <name>/<trial>/result.json, progress.csv, checkpoint_NNNNNN/state.pt (the best and the latest)
 """
+import contextlib
 import json
 import math
 import os
 import pickletools
 import re
 import shutil
+import socket
 import threading
+import time
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.fs as pafs
+from filelock import FileLock, Timeout
 
 import config
 from errors import ExperimentError, NormsweepError, UsageError
 
-LAUNCH_FILE = "normsweep_launch.json"  # the CLI settings an experiment was started with (for --resume)
-STATE_PREFIX = "experiment_state-"  # Tune's experiment state files: experiment_state-<time>.json
-RESULT_FILE = "result.json"
+LAUNCH_FILE = "normsweep_launch.json"
+OWNER_FILE, LOCK_FILE = "normsweep_owner.json", ".normsweep.lock"
+STATE_PREFIX, SEARCH_STATE_PREFIX = "experiment_state-", "basic-variant-state-"  # Tune's (the search's is a pickle)
+RESULT_FILE, PROGRESS_FILE = "result.json", "progress.csv"
 HEALTH_KEY = "health"  # each epoch's result: "ok", or why the trial stopped early ("diverged: ...")
 # What an operating system or object store says when storage ran out (ENOSPC, EDQUOT, S3 quota).
 FULL_STORAGE = re.compile(r"No space left on device|Disk quota exceeded|\[Errno 28\]|\[Errno 122\]|QuotaExceeded")
+REFUSED_CREDENTIALS = re.compile(r"ACCESS_DENIED|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|Forbidden|"
+                                 r"\b403\b|PERMISSION_DENIED")
+PROBE_SECONDS = 60  # the first request to a store; some clients retry an unreachable endpoint for many minutes
 
 
-def is_uri(location: str) -> bool:
+def is_uri(location) -> bool:
     return "://" in str(location)
 
 
 def resolve(location) -> str:
-    """A storage path or experiment as Ray Tune and every reader take it: a URI as given, a local
-    path with `~` expanded and made absolute (so it means the same from any working directory)."""
+    """A location as every reader takes it: a URI as given, a local path absolute with `~` expanded."""
     location = str(location)
-    if is_uri(location):
-        return location
     typo = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/+(?!/)(.*)", location)
-    if typo and typo[1].lower() in ("s3", "gs", "gcs", "hdfs", "file", "abfs", "az"):  # s3:/bucket: one slash short
-        raise ExperimentError(f"{location!r} looks like a URI with a slash missing; did you mean "
-                              f"{typo[1]}://{typo[2]}?")
-    return str(Path(location).expanduser().resolve())
+    if not is_uri(location) and typo and typo[1].lower() in ("s3", "gs", "gcs", "hdfs", "file", "abfs", "az"):
+        raise ExperimentError(f"{location!r} looks like a URI with a slash missing; did you mean {typo[1]}://{typo[2]}?")
+    return location if is_uri(location) else str(Path(location).expanduser().resolve())
 
 
 def join(location: str, *names: str) -> str:
@@ -59,167 +57,138 @@ def join(location: str, *names: str) -> str:
 
 
 def sibling(location: str, name: str) -> str:
-    """The experiment `name` beside `location` under the same storage path (a URI's query string kept)."""
+    """The experiment `name` beside `location` under the same storage path."""
     base, sep, query = str(location).partition("?")
     return join(base.rstrip("/").rsplit("/", 1)[0] + sep + query, name)
 
 
-def name_of(location: str) -> str:
-    """The last component: an experiment's name, or a trial directory's name."""
-    return str(location).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
-
-
-# URI -> its file system, resolved once per process (resolving S3 credentials is not free), and the one
-# a Ray Tune ResultGrid was read with (location_of), so that both name the same store.
-_FILESYSTEMS = {}
-_SCHEMES = {"s3": "s3", "gcs": "gs"}  # pyarrow's type_name -> URI scheme
+_FILESYSTEMS = {}  # "scheme://bucket" -> its file system, resolved once per process (credentials are not free)
 
 
 def filesystem(location: str):
-    """(pyarrow FileSystem, path on it) of a local path or URI; a one-line ExperimentError if unresolvable."""
+    """(pyarrow FileSystem, path on it) of a local path or URI; ExperimentError if it cannot be resolved."""
     location = resolve(location)
     if not is_uri(location):
         return pafs.LocalFileSystem(), location
     base = location.partition("?")[0]
-    for known, fs in _FILESYSTEMS.items():  # a URI below one already resolved: the same store
-        if base == known or base.startswith(known.rstrip("/") + "/"):
+    for known, fs in _FILESYSTEMS.items():
+        if base == known or base.startswith(known + "/"):
             return fs, base.split("://", 1)[1].rstrip("/")
     try:
         fs, path = pafs.FileSystem.from_uri(location)
     except (pa.ArrowException, OSError, ValueError) as e:  # unknown scheme, bad URI, no credentials
         raise ExperimentError(f"cannot open storage {location} ({_reason(e)}); check the URI, and for s3:// "
                               f"the endpoint and credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)") from None
-    _FILESYSTEMS[f"{base.split('://', 1)[0]}://{path.split('/', 1)[0]}"] = fs  # the bucket
+    _FILESYSTEMS[f"{base.split('://', 1)[0]}://{path.split('/', 1)[0]}"] = fs
     return fs, path
 
 
 def location_of(fs, path: str) -> str:
-    """The location string of `path` on `fs` (a Ray Tune result's filesystem and path): the local path,
-    or a URI that `filesystem` maps back to this very fs."""
+    """The location of `path` on `fs` (a Tune result's): the local path, or a URI `filesystem` maps to this fs."""
     if isinstance(fs, pafs.LocalFileSystem):
         return path
-    scheme = _SCHEMES.get(fs.type_name, fs.type_name)
-    root = f"{scheme}://{path.split('/', 1)[0]}"
-    _FILESYSTEMS.setdefault(root, fs)
+    scheme = {"s3": "s3", "gcs": "gs"}.get(fs.type_name, fs.type_name)
+    _FILESYSTEMS.setdefault(f"{scheme}://{path.split('/', 1)[0]}", fs)
     return f"{scheme}://{path}"
 
 
 def _reason(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-REFUSED_CREDENTIALS = re.compile(r"ACCESS_DENIED|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|Forbidden|"
-                                 r"\b403\b|PERMISSION_DENIED")
-PROBE_SECONDS = 60  # the first request to a store; some clients retry an unreachable endpoint for many minutes
-
-
-def _info(location: str):
+def _on(location: str, action, doing: str):
+    """action(fs, path) on location's store, its OSError one ExperimentError saying what could not be done."""
     fs, path = filesystem(location)
     try:
-        return fs.get_file_info(path)
-    except OSError as e:  # an unreachable endpoint, refused credentials, a missing bucket
+        return action(fs, path)
+    except FileNotFoundError:
+        raise ExperimentError(f"{location} not found") from None
+    except OSError as e:
         if REFUSED_CREDENTIALS.search(str(e)):
             raise ExperimentError(f"{location}: the store refused these credentials ({_reason(e)}); check "
                                   f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE (for gs://, Google's "
                                   f"application default credentials) and the bucket's permissions") from None
-        raise ExperimentError(f"cannot reach {location} ({_reason(e)}); check the storage path, the network "
+        raise ExperimentError(f"cannot {doing} {location} ({_reason(e)}); check the storage path, its permissions "
                               f"and for s3:// the endpoint and credentials") from None
 
 
-def _probe(location: str):
-    """_info, given up after PROBE_SECONDS with a one-line ExperimentError (the request runs on, in a daemon
-    thread, and ends with the process)."""
-    outcome = {}
-
-    def ask():
-        try:
-            outcome["info"] = _info(location)
-        except ExperimentError as e:
-            outcome["error"] = e
-
-    asker = threading.Thread(target=ask, daemon=True)
-    asker.start()
-    asker.join(PROBE_SECONDS)
-    if asker.is_alive():
-        raise ExperimentError(f"no answer from {location} within {PROBE_SECONDS} s; check the network and the "
-                              f"endpoint (AWS_ENDPOINT_URL for S3-compatible stores)")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["info"]
+def info(location: str):
+    return _on(location, lambda fs, path: fs.get_file_info(path), "reach")
 
 
 def exists(location: str) -> bool:
-    return _info(location).type != pafs.FileType.NotFound
+    return info(location).type != pafs.FileType.NotFound
 
 
 def read_bytes(location: str) -> bytes:
-    fs, path = filesystem(location)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.readall()
-    except FileNotFoundError:
-        raise ExperimentError(f"{location} not found") from None
-    except OSError as e:
-        raise ExperimentError(f"cannot read {location} ({_reason(e)})") from None
-
-
-def read_text(location: str) -> str:
-    return read_bytes(location).decode()
+    return _on(location, lambda fs, path: fs.open_input_stream(path).readall(), "read")
 
 
 def write_bytes(location: str, data: bytes) -> None:
-    fs, path = filesystem(location)
-    try:
+    def write(fs, path):
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as f:
             f.write(data)
-    except OSError as e:
-        raise ExperimentError(f"cannot write {location} ({_reason(e)}); check the storage path is writable") from None
+    _on(location, write, "write")
 
 
 def _children(location: str) -> list:
     """FileInfo of the entries directly under location (none if it does not exist)."""
-    fs, path = filesystem(location)
-    try:
-        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError as e:
-        raise ExperimentError(f"cannot list {location} ({_reason(e)}); check the storage path and its credentials") from None
+    return _on(location, lambda fs, path: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)), "list")
+
+
+def _probe(location: str):
+    """info(location), given up after PROBE_SECONDS (the request runs on in a daemon thread, ending with the process)."""
+    outcome = []
+
+    def ask():
+        try:
+            outcome.append(info(location))
+        except ExperimentError as e:
+            outcome.append(e)
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    asker.join(PROBE_SECONDS)
+    if not outcome:
+        raise ExperimentError(f"no answer from {location} within {PROBE_SECONDS} s; check the network and the "
+                              f"endpoint (AWS_ENDPOINT_URL for S3-compatible stores)")
+    if isinstance(outcome[0], ExperimentError):
+        raise outcome[0]
+    return outcome[0]
 
 
 def check_storage(storage: str) -> None:
-    """Refuse a storage path that cannot hold experiments, without making anything (a refused launch
-    leaves no directory behind): a local path must lead to a writable directory; a URI must be reachable."""
+    """Refuse a storage path that cannot hold experiments, making nothing: a local path must lead to a writable
+    directory; a URI's bucket must exist and the path must not be a file."""
     if is_uri(storage):
         fs, path = filesystem(storage)
         bucket = path.split("/", 1)[0]
         if fs.type_name in ("s3", "gcs") and _probe(storage.split("://", 1)[0] + "://" + bucket).type == pafs.FileType.NotFound:
             raise ExperimentError(f"storage path {storage}: bucket {bucket!r} does not exist (or these credentials "
                                   f"cannot see it); create it or pass another --storage-path")
-        if _info(storage).type == pafs.FileType.File:
+        if info(storage).type == pafs.FileType.File:
             raise ExperimentError(f"storage path {storage} is a file; pass a directory prefix as --storage-path")
         return
-    path = Path(storage)
-    existing = path
+    existing = Path(storage)
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write results to {path} ({existing} is not a writable directory); "
-                                f"pass a writable --storage-path")
+        raise UsageError(f"cannot write results to {storage} ({existing} is not a writable directory); "
+                         f"pass a writable --storage-path")
 
 
 def state_files(experiment: str) -> list:
-    """FileInfo of Tune's experiment_state-*.json files of an experiment (none: Tune never saved its state)."""
-    return [info for info in _children(experiment) if info.is_file and info.base_name.startswith(STATE_PREFIX)]
+    """FileInfo of Tune's experiment_state-*.json files (none: Tune never saved its state there)."""
+    return [f for f in _children(experiment) if f.is_file and f.base_name.startswith(STATE_PREFIX)]
 
 
 def is_experiment(location: str) -> bool:
-    """A Ray Tune experiment directory (Tune saved its state there)."""
     return bool(state_files(location))
 
 
 def started(experiment: str) -> bool:
-    """Launched by normsweep and started by Tune (a launch killed before Tune saved state is not)."""
+    """Launched by normsweep and started by Tune (a launch killed before Tune saved its state is not)."""
     return exists(join(experiment, LAUNCH_FILE)) and is_experiment(experiment)
 
 
@@ -229,7 +198,7 @@ def read_launch(experiment: str) -> dict:
     if not exists(launch_file):
         return {}
     try:
-        return json.loads(read_text(launch_file))
+        return json.loads(read_bytes(launch_file))
     except json.JSONDecodeError as e:
         raise ExperimentError(f"{launch_file} is damaged ({e.msg} at line {e.lineno}); "
                               f"restore it or start a new experiment") from None
@@ -245,26 +214,126 @@ def write_launch(experiment: str, settings: dict) -> None:
 
 
 def claim(experiment: str, settings: dict) -> bool:
-    """Make the experiment's directory and write its launch settings, unless it exists; False if it does.
-
-    On a local file system the claim is atomic (one mkdir), so two launches given the same --name
-    cannot both run into one directory. Object stores have no atomic create: there the check and the
-    write are two requests, and two launches within that moment could both pass.
-    """
-    if is_uri(experiment):
-        if exists(experiment):
-            return False
-    else:
-        path = Path(experiment)
+    """Make the experiment's directory and write its launch settings, unless it exists (False). Atomic on a local
+    file system (one mkdir); on an object store the check and the write are two requests."""
+    if is_uri(experiment) and exists(experiment):
+        return False
+    if not is_uri(experiment):
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.mkdir()
+            Path(experiment).parent.mkdir(parents=True, exist_ok=True)
+            Path(experiment).mkdir()
         except FileExistsError:
             return False
         except OSError as e:
-            raise ExperimentError(f"cannot make {path} ({e.strerror}); pass a writable --storage-path") from None
+            raise ExperimentError(f"cannot make {experiment} ({e.strerror}); pass a writable --storage-path") from None
     write_launch(experiment, settings)
     return True
+
+
+INPUTS = {"data": "the dataset's images or labels", "model": "the --model file"}  # launch file's "inputs" keys
+
+
+def check_inputs(experiment: str, digests: dict) -> None:
+    """Refuse to resume on inputs (`digests`: INPUTS -> sha256) other than those the experiment launched with."""
+    saved = read_launch(experiment).get("inputs", {})
+    changed = [INPUTS[what] for what, digest in digests.items() if what in saved and saved[what] != digest]
+    if changed:
+        raise UsageError(f"--resume: {' and '.join(changed)} changed since {experiment} was launched, so its trials "
+                         f"would go on with other inputs; restore them, or launch a new experiment")
+
+
+@contextlib.contextmanager
+def owned(experiment: str):
+    """Hold the experiment while this run writes it: ExperimentError in one line if another run holds it (a file lock
+    the system frees when a run dies; on an object store OWNER_FILE) or this user cannot write it."""
+    owner_file, local = join(experiment, OWNER_FILE), not is_uri(experiment)
+    lock = FileLock(join(experiment, LOCK_FILE), timeout=0) if local else None
+    try:
+        if local:
+            unwritable = [p for p in [Path(experiment), *Path(experiment).rglob("*")] if not os.access(p, os.W_OK)]
+            if unwritable:
+                raise PermissionError(f"{unwritable[0]} is not writable by this user")
+            lock.acquire()
+        elif exists(owner_file):  # stale only if its run has died on this host
+            owner = json.loads(read_bytes(owner_file))
+            if owner.get("host") != socket.gethostname() or psutil.pid_exists(owner.get("pid", 0)):
+                raise Timeout(owner_file)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_bytes(owner_file, json.dumps(me).encode())
+    except Timeout:
+        raise ExperimentError(f"{experiment} is in use by {holder(experiment) or 'another run'}; wait for that run to "
+                              f"end (it prints how to resume)" + ("" if local else f", or if it has died, delete "
+                                                                                  f"{owner_file}")) from None
+    except PermissionError as e:
+        raise ExperimentError(f"cannot resume {experiment}: {_reason(e)}; ask its owner to resume it, or copy it "
+                              f"(cp -a) to a storage path of yours and resume the copy") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ExperimentError):
+            _on(owner_file, lambda fs, path: fs.delete_file(path), "delete")
+        if local:
+            lock.release()
+
+
+def holder(experiment: str):
+    """Who holds an experiment, in words ("another run (pid 42 on host, since ...)"), or None."""
+    owner_file = join(experiment, OWNER_FILE)
+    if not exists(owner_file):
+        return None
+    if not is_uri(experiment):  # a file a run that died left: nothing holds the lock
+        with contextlib.suppress(Timeout, OSError), FileLock(join(experiment, LOCK_FILE), timeout=0):
+            return None
+    with contextlib.suppress(ExperimentError, ValueError, KeyError):
+        owner = json.loads(read_bytes(owner_file))
+        return f"another run (pid {owner['pid']} on {owner['host']}, since {owner['since']})"
+    return "another run"
+
+
+def history(trial: str):
+    """A trial's reported epochs: a DataFrame, one row per epoch, Tune's columns (METRICS, `health`, `config/...`).
+    Read from result.json, or from progress.csv where that holds more epochs (a result.json cut short or emptied
+    when a run was stopped mid-write): nothing a trial reported is lost."""
+    import io
+
+    import pandas as pd
+
+    lines = [line for line in map(_json_or_none, _text(join(trial, RESULT_FILE)).splitlines()) if isinstance(line, dict)]
+    frame = pd.json_normalize(lines, sep="/")
+    csv = _text(join(trial, PROGRESS_FILE))
+    progress = pd.read_csv(io.StringIO(csv), dtype={"trial_id": str}) if csv.strip() else pd.DataFrame()
+    return progress if len(progress) > len(frame) else frame
+
+
+def _text(location: str) -> str:
+    return read_bytes(location).decode() if exists(location) else ""
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:  # a line cut off mid-write, or blank
+        return None
+
+
+def _subdirs(location: str) -> list:
+    """The directories under location: a storage path's experiments, an experiment's trials."""
+    return [join(location, f.base_name) for f in _children(location) if f.type == pafs.FileType.Directory]
+
+
+def name_of(location: str) -> str:
+    return str(location).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def last_results(experiment: str) -> dict:
+    """Per trial directory name, its last reported result ({} if none yet; history's reading)."""
+    last = {}
+    for trial in _subdirs(experiment):
+        frame = history(trial)
+        if len(frame) or exists(join(trial, RESULT_FILE)):
+            row = frame.iloc[-1].to_dict() if len(frame) else {}
+            last[name_of(trial)] = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+    return last
 
 
 def trial_finished(last: dict, epochs: int) -> bool:
@@ -272,27 +341,23 @@ def trial_finished(last: dict, epochs: int) -> bool:
     return last.get("epoch", 0) >= epochs or last.get(HEALTH_KEY, "ok") != "ok"
 
 
+def planned(sweep) -> int:
+    """The trials a config.SweepConfig's grid holds."""
+    return math.prod(len(values) for values in config.grid_axes(sweep).values())
+
+
 def trials_left(experiment: str, sweep) -> int:
-    """Trials of an experiment (its config.SweepConfig) still to run, none started counted too, from the trials'
-    result.json."""
-    done = sum(trial_finished(last, sweep.epochs) for last in last_results(experiment).values())
-    return max(0, math.prod(len(values) for values in config.grid_axes(sweep).values()) - done)
-
-
-def _experiments(storage: str):
-    """(name, location, launch file's or Tune state's newest mtime) per experiment directory under storage."""
-    for entry in _children(storage):
-        if entry.type == pafs.FileType.Directory:
-            yield entry.base_name, join(storage, entry.base_name)
+    """Trials of an experiment (its config.SweepConfig) still to run, those not started counted too."""
+    return max(0, planned(sweep) - sum(trial_finished(last, sweep.epochs) for last in last_results(experiment).values()))
 
 
 def latest_started(storage: str) -> str:
     """The newest (by its launch file) unfinished experiment under storage that Tune started, for a bare --resume;
     UsageError if there is none. One whose launch file is damaged or of another version is passed over."""
     launched, finished = [], []
-    for name, experiment in _experiments(storage):
-        info = _info(join(experiment, LAUNCH_FILE))
-        if info.type != pafs.FileType.File or not is_experiment(experiment):
+    for experiment in _subdirs(storage):
+        launch = info(join(experiment, LAUNCH_FILE))
+        if launch.type != pafs.FileType.File or not is_experiment(experiment):
             continue
         try:
             sweep = read_sweep(experiment)  # a tuning stage whose final stage was never claimed is unfinished too
@@ -300,7 +365,7 @@ def latest_started(storage: str) -> str:
                 join(storage, sweep.final_name, LAUNCH_FILE)))
         except NormsweepError:
             continue
-        (launched if left else finished).append((info.mtime_ns or 0, name))
+        (launched if left else finished).append((launch.mtime_ns or 0, name_of(experiment)))
     if launched:
         return max(launched)[1]
     if finished:
@@ -311,73 +376,32 @@ def latest_started(storage: str) -> str:
 
 def latest(storage: str) -> str:
     """The newest experiment under storage by Tune's state file (what the notebook opens by default)."""
-    found = [(info.mtime_ns or 0, experiment) for _, experiment in _experiments(storage)
-             for info in state_files(experiment)]
+    found = [(f.mtime_ns or 0, experiment) for experiment in _subdirs(storage) for f in state_files(experiment)]
     if not found:
         raise ExperimentError(f"no experiment under {storage}; run `python tune_main.py --smoke-test` first, "
                               f"or set NORMSWEEP_EXPERIMENT to an experiment directory")
     return max(found)[1]
 
 
-def _results(experiment: str):
-    """(trial directory name, result.json location, its text) per trial that has a result.json."""
-    for name, trial in _experiments(experiment):
-        if exists(join(trial, RESULT_FILE)):
-            yield name, join(trial, RESULT_FILE), read_text(join(trial, RESULT_FILE))
-
-
-def last_results(experiment: str) -> dict:
-    """Per trial directory name, its last reported result (the last line of result.json; {} if none yet).
-    A last line cut off mid-write is not a result: the one before it is the last (see `damage`)."""
-    last = {}
-    for name, _, text in _results(experiment):
-        complete = [p for p in map(_json_or_none, text.splitlines()) if isinstance(p, dict)]
-        last[name] = complete[-1] if complete else {}
-    return last
-
-
-def _json_or_none(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:  # a line cut off mid-write, or blank
-        return None
-
-
-SEARCH_STATE_PREFIX = "basic-variant-state-"  # Tune's grid-search state, the newest one restored
-
-
-def _pickle_problem(data: bytes):
-    """Why `data` is not a whole pickle, read opcode by opcode without running any of it; None if it is."""
-    try:
-        last = None
-        for last, _, _ in pickletools.genops(data):
-            pass
-    except Exception as e:  # pickletools raises ValueError and others on truncated or garbled data
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'}"
-    return None if last is not None and last.name == "STOP" else "no end marker"
-
-
 def damage(experiment: str):
-    """A one-line description of the first damaged file of an experiment (Tune's newest state file, the launch
-    file, Tune's pickled tuner and search state, a trial's result.json with a line that is not JSON: a write cut
-    off, typically by a full disk), or None when every one of them reads."""
-    files = sorted(info.base_name for info in _children(experiment) if info.is_file)
+    """One line naming the first damaged file (Tune's newest state file, the launch file, Tune's pickled tuner and
+    search state, a result.json line that is not JSON: a write cut off, typically by a full disk), or None."""
+    files = sorted(f.base_name for f in _children(experiment) if f.is_file)
     newest = [f for f in files if f.startswith(STATE_PREFIX)][-1:] + [f for f in files if f == LAUNCH_FILE]
-    for location in (join(experiment, name) for name in newest):
-        try:
-            json.loads(read_text(location))
-        except json.JSONDecodeError as e:
-            return f"{location} is cut off or corrupt ({e.msg} at character {e.pos} of {len(e.doc)})"
-    # Tune's pickled state: tuner.pkl and its newest search state (basic-variant-state-*.json is a pickle too)
     pickles = [f for f in files if f.endswith(".pkl")] + [f for f in files if f.startswith(SEARCH_STATE_PREFIX)][-1:]
-    for location in (join(experiment, name) for name in pickles):
-        problem = _pickle_problem(read_bytes(location))
-        if problem:
-            return f"{location} is cut off or corrupt ({problem})"
-    for _, result_file, text in _results(experiment):
-        for number, line in enumerate(text.splitlines(), 1):
+    for name in newest + pickles:
+        data = read_bytes(join(experiment, name))
+        try:
+            if name in newest:
+                json.loads(data)
+            elif not any(op.name == "STOP" for op, _, _ in pickletools.genops(data)):
+                raise ValueError("no end marker")
+        except Exception as e:  # json and pickletools raise ValueError and others on cut-off or garbled data
+            return f"{join(experiment, name)} is cut off or corrupt ({type(e).__name__}: {_reason(e)})"
+    for trial in _subdirs(experiment):
+        for number, line in enumerate(_text(join(trial, RESULT_FILE)).splitlines(), 1):
             if line.strip() and not isinstance(_json_or_none(line), dict):
-                return f"{result_file} line {number} is cut off or corrupt"
+                return f"{join(trial, RESULT_FILE)} line {number} is cut off or corrupt"
     return None
 
 
@@ -394,30 +418,24 @@ def nearly_full(storage: str) -> bool:
 def check_intact(experiment: str, what: str) -> None:
     """Refuse, in one line, to `what` (resume, analyse) an experiment with a damaged file."""
     damaged = damage(experiment)
-    if not damaged:
-        return
     remedy = {"resume": "Tune cannot restore it: start the sweep again under a new --name (the trials' "
                         "checkpoints stay in their directories)",
-              "analyse": "delete a result.json's cut-off last line (that epoch is lost), or analyse another "
-                         "experiment"}[what]
-    raise ExperimentError(f"cannot {what} {experiment}: {damaged}; it was probably written while the storage "
-                          f"was full. {remedy}")
+              "analyse": "delete a result.json's cut-off last line (that epoch is lost), or analyse another experiment"}
+    if damaged:
+        raise ExperimentError(f"cannot {what} {experiment}: {damaged}; it was probably written while the storage "
+                              f"was full. {remedy[what]}")
 
 
 def delete(location: str) -> None:
     """Remove a directory tree (a launch that Tune never started); quiet if it is already gone."""
-    fs, path = filesystem(location)
-    try:
-        fs.delete_dir(path)
-    except (FileNotFoundError, OSError):
-        pass
+    with contextlib.suppress(ExperimentError):
+        _on(location, lambda fs, path: fs.delete_dir(path), "delete")
 
 
 def variant_label(config: dict) -> str:
-    """A trial's label less its seed, from its Tune config: the variant (an L1 lambda in brackets), and where
-    they vary, the learning rate and weight decay of a tuning stage, the arm of a tuned comparison's final
-    stage (tuned or recipe) and the batch size of a batch-size study. Trials that differ in anything but
-    the seed never share a label, so every table and curve keeps them apart."""
+    """A trial's label less its seed: the variant (an L1 lambda in brackets) and, where they vary, the lr and weight
+    decay of a tuning stage, the arm of a final stage and the batch size of a batch-size study. Trials that differ
+    in anything but the seed never share a label."""
     variant = config["variant"]
     label = f"{variant['name']} (λ={variant['l1']:g})" if variant["l1"] else variant["name"]
     if config.get("stage") == "tuning":
@@ -430,8 +448,8 @@ def variant_label(config: dict) -> str:
 
 
 def shown(location: str) -> str:
-    """How a report names an experiment: a URI as it is; a local path relative to the working
-    directory when inside it, else its name (no machine paths in a report)."""
+    """How a report names an experiment: a URI as it is; a local path relative to the working directory when
+    inside it, else its name (no machine paths in a report)."""
     if is_uri(location):
         return location
     path = Path(location).resolve()

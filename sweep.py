@@ -1,8 +1,8 @@
-"""One sweep as a Ray Tune experiment, in a few steps: settle its settings (a launch, or a resume that reads
-them back), size each trial's share of the cluster, fit or restore the Tuner, and report with an exit status.
-A tuned comparison (`run_tuned`) is two such sweeps, its stages, with the protocol of tuned.py between them.
-"""
+"""One sweep as a Ray Tune experiment: settle its settings (a launch, or a resume reading them back), size each
+trial's share of the cluster, fit or restore the Tuner, report with an exit status; a tuned comparison is two."""
+import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cluster  # noqa: I001 (first: it sets Ray's token mode, which Ray reads once, at its import)
 import ray
+import torch
 from ray import tune
 
 import config as config_lib
@@ -27,15 +28,13 @@ import tuned
 from config import SweepConfig
 from errors import ExperimentError, UsageError
 
-# Host memory one trial's Ray worker holds besides its data (torch, Ray, the net): workers measured 0.55-0.64 GB
-# each on 4,000 Fashion-MNIST images; 48 trials at once on a 24 GB machine got workers OOM-killed by Ray.
+# Host memory a trial's worker holds besides its data (torch, Ray): 0.55-0.64 GB measured on 4,000 Fashion-MNIST images
 TRIAL_MEMORY_BYTES = 640 * 2**20
 
 
 def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
-    """The sweep to run: a resume's launch settings (today's flags decide only what is not saved, and the others
-    it ignores are said), or a launch's with its paths made absolute, so that a resume and the analysis find them
-    from any working directory."""
+    """The sweep to run: a resume's launch settings (today's flags only for what is not saved; those ignored are
+    said), or a launch's with its paths absolute (a resume and the analysis find them from anywhere)."""
     if not sweep.resume:
         dataset = sweep.dataset if sweep.dataset in data_lib.DATASETS else str(Path(sweep.dataset).expanduser().resolve())
         name = sweep.name
@@ -49,18 +48,19 @@ def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
     experiment = experiments.join(storage, name)
     if not experiments.exists(experiments.join(experiment, experiments.LAUNCH_FILE)):
         raise UsageError(f"--resume: {experiment} is not a normsweep experiment (no {experiments.LAUNCH_FILE})")
-    launch = experiments.read_launch(experiment)
+    with experiments.owned(experiment):  # refused before anything is said if another run holds it
+        launch = experiments.read_launch(experiment)
     resumed = dataclasses.replace(sweep.from_launch(launch), name=name)
     saved = set(launch) & given - {"name"}
     ignored = [f"--{k.replace('_', '-')} {getattr(sweep, k)}" for k in sorted(saved)
                if getattr(sweep, k) != getattr(resumed, k)]
-    n_trials = math.prod(len(values) for values in config_lib.grid_axes(resumed).values())
     print(f"resume: reusing the launch settings (dataset {Path(resumed.dataset).name}, variants {resumed.variants}, "
           f"{resumed.seeds} seed(s), {resumed.epochs} epochs{', smoke-test data' if resumed.smoke_test else ''}); "
           f"CPUs and GPUs per trial from today's flags"
           + (f"; ignoring today's {', '.join(ignored)} (a resumed experiment keeps what it was launched with)"
              if ignored else "")
-          + f"; {experiments.trials_left(experiment, resumed)} of {n_trials} trials left to run", flush=True)
+          + f"; {experiments.trials_left(experiment, resumed)} of {experiments.planned(resumed)} trials left to run",
+          flush=True)
     return resumed
 
 
@@ -74,19 +74,17 @@ def resume_command(storage: str, sweep: SweepConfig) -> str:
     return shlex.join(command + ([] if sweep.ship_code else ["--no-ship-code"]))
 
 
-def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_bytes: int = 0) -> dict:
-    """CPUs, GPUs and host memory (bytes) per trial, so that every trial runs at once where it fits.
-
-    Memory, where the cluster reports it: TRIAL_MEMORY_BYTES plus twice the trial's data, so that Ray queues
-    the trials that do not fit instead of OOM-killing workers. GPUs: at most one each, and 1/k of a GPU when
-    trials outnumber GPUs (`gpu_share`). CPUs: shared by the trials at once, rounded down to Ray's resource
-    precision (1e-4) so that they fit (3 trials at 0.6667 of 2 CPUs need 2.0001 and run only 2 at once).
-    """
+def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_bytes: int = 0, model_bytes: int = 0) -> dict:
+    """CPUs, GPUs and host memory (bytes) per trial, so that every trial runs at once where it fits. Memory: what a
+    worker, twice the data and the net need, so Ray queues trials that do not fit; under --max-concurrent k, 1/k of
+    the cluster's, which keeps k (a trial Tune holds back is created later from its search state, which writes where
+    the experiment was launched, not where it lies). GPUs: gpu_share. CPUs: shared, rounded down to Ray's 1e-4."""
     cpus, gpus = available.get("CPU", 1), available.get("GPU", 0)
     concurrent = min(n_trials, sweep.max_concurrent or n_trials)
-    memory = TRIAL_MEMORY_BYTES + 2 * data_bytes
+    memory = TRIAL_MEMORY_BYTES + 2 * data_bytes + model_bytes
     if "memory" in available:
         concurrent = max(1, min(concurrent, int(available["memory"] // memory)))
+        memory = max(memory, int(available["memory"] // concurrent) if sweep.max_concurrent else 0)
     gpu = gpu_share(gpus, concurrent) if sweep.gpus_per_trial is None else sweep.gpus_per_trial
     cpu = sweep.cpus_per_trial or max(math.floor(10_000 * cpus / concurrent) / 10_000, 0.01)
     resources = {"cpu": round(cpu, 4), "gpu": gpu}
@@ -94,9 +92,8 @@ def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_byt
 
 
 def gpu_share(gpus: float, concurrent: int) -> float:
-    """GPUs per trial so that `concurrent` trials fit on `gpus` whole GPUs: 1 / ceil(concurrent / gpus), at most
-    1, 0 without GPUs. Ray places a fractional share on one GPU, so a share that does not divide 1 strands the
-    rest (3 GPUs, 4 trials: 0.75 each runs 3 at once, 0.5 each all 4); rounded down to Ray's 1e-4."""
+    """GPUs per trial so that `concurrent` trials fit on `gpus` GPUs: 1 / ceil(concurrent / gpus), at most 1 (a share
+    not dividing 1 strands the rest: 3 GPUs, 4 trials at 0.75 run 3 at once), rounded down to Ray's 1e-4."""
     if gpus < 1 or concurrent < 1:
         return 0 if gpus < 1 else 1
     per_gpu = math.ceil(concurrent / math.floor(gpus))
@@ -123,19 +120,17 @@ def check_resources(per_trial: dict, cluster_has: dict) -> None:
 def describe(resources: dict, available: dict, n_trials: int, sweep: SweepConfig, experiment: str) -> str:
     """The sweep's first line: trials, the cluster, each trial's share, and where the results go."""
     gpus = f", {available['GPU']:g} GPUs" if available.get("GPU") else ""
-    memory = f", {available['memory'] / 2**30:.1f} GiB of memory" if "memory" in available else ""
-    share = f"{resources['cpu']:g} CPU, {resources['gpu']:g} GPU"
+    memory, share = available.get("memory"), f"{resources['cpu']:g} CPU, {resources['gpu']:g} GPU"
+    fit = int(memory // resources["memory"]) if memory and "memory" in resources else n_trials
     share += f", {resources['memory'] / 2**30:.2f} GiB" if "memory" in resources else ""
-    fit = int(available["memory"] // resources["memory"]) if "memory" in resources and "memory" in available else n_trials
-    at_once = (f"at most {fit} at once (host memory; the rest queue); "
-               if fit < min(n_trials, sweep.max_concurrent or n_trials) else "")
+    memory = f", {memory / 2**30:.1f} GiB of memory" if memory else ""
+    at_once = f"at most {fit} at once (the rest queue); " if fit < n_trials else ""
     return (f"normsweep: {n_trials} trial{'s' if n_trials != 1 else ''} on {available.get('CPU', 0):g} CPUs{gpus}"
             f"{memory}; per trial {share}; {at_once}experiment {experiment}")
 
 
 def param_space(sweep: SweepConfig, dataset: data_lib.Dataset) -> dict:
-    """Tune's search space: the shared trial settings, with "auto" resolved on the data, and a grid over each
-    axis of config.grid_axes."""
+    """Tune's search space: the trial settings ("auto" resolved on the data), a grid over config.grid_axes."""
     space = {k: v for k, v in config_lib.TrialConfig.of(sweep.as_dict()).as_dict().items()
              if k not in ("norm", "l1", "threads")}
     n_train = len(dataset.train_labels)
@@ -177,56 +172,80 @@ def tuner(sweep: SweepConfig, storage: str, fn, space: dict, n_trials: int) -> t
         return tune.Tuner.restore(experiment, trainable=fn, resume_errored=True)
     checkpoints = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=trainable.BEST_METRIC,
                                         checkpoint_score_order=trainable.BEST_MODE)  # Tune also keeps the latest
-    return tune.Tuner(fn, param_space=space, tune_config=tune.TuneConfig(
-        max_concurrent_trials=sweep.max_concurrent or None, trial_name_creator=trial_name,
-        trial_dirname_creator=trial_name), run_config=tune.RunConfig(
+    return tune.Tuner(fn, param_space=space, tune_config=tune.TuneConfig(  # no max_concurrent_trials: trial_resources
+        trial_name_creator=trial_name, trial_dirname_creator=trial_name), run_config=tune.RunConfig(
         name=sweep.name, storage_path=storage, checkpoint_config=checkpoints,
         failure_config=tune.FailureConfig(max_failures=cluster.MAX_FAILURES),
         callbacks=[console.Progress(sweep.epochs, n_trials)], verbose=2 if sweep.verbose else 0))
 
 
 def run_stage(sweep: SweepConfig, storage: str) -> int:
-    """One Tune experiment: a plain sweep, or one stage of a tuned comparison. Returns the exit status."""
+    """One Tune experiment, held by this run while it runs: a plain sweep, or one stage of a tuned comparison.
+    Returns the exit status."""
     experiment = experiments.join(storage, sweep.name)
-    if sweep.resume:
-        if not experiments.started(experiment):
-            raise UsageError(f"--resume: {experiment} was launched but Tune never saved its state; nothing to resume, "
-                             f"start it again (delete the directory or pick a new --name)")
-        experiments.check_intact(experiment, "resume")
-    elif experiments.exists(experiment):
-        raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
-    n_trials = math.prod(len(values) for values in config_lib.grid_axes(sweep).values())
-    if not sweep.verbose:
-        console.quiet_ray()
-    claimed, stop_signal, results = False, {}, None
-    try:  # the cluster before the data: one that cannot be joined is said in seconds
-        cluster.connect(sweep.address, ship_code=sweep.ship_code, verbose=sweep.verbose,
-                        not_shipped=[storage, sweep.data_dir, sweep.dataset], modules=[plugins.shipped_file(sweep.model)])
-        stop_signal = interrupt_on_sigterm()  # after ray.init, which installs a SIGTERM handler of its own
-        dataset = train.trial_data(data_lib.load_dataset(sweep.dataset, sweep.data_dir, test_split=not sweep.val_size),
-                                   sweep)
-        config_lib.check_val_size(sweep.val_size, len(dataset.train_labels))
-        plugins.check(sweep.model, sorted({v["norm"] for v in config_lib.grid_axes(sweep)["variant"]}), sweep.groups,
-                      dataset)
-        space = param_space(sweep, dataset)
-        resources = trial_resources(ray.cluster_resources(), n_trials, sweep, data_bytes=dataset.nbytes)
-        check_resources(resources, ray.cluster_resources())
+    n_trials = experiments.planned(sweep)
+    held, stop_signal, results = contextlib.ExitStack(), {}, None
+    with held:
         if sweep.resume:
-            warn_on_thread_change(experiment, max(1, int(resources["cpu"])), sweep.epochs)
-        elif not experiments.claim(experiment, sweep.to_launch()):
-            raise UsageError(f"experiment {experiment} exists; pass --resume to finish it or a new --name")
-        claimed = not sweep.resume
-        print(describe(resources, ray.cluster_resources(), n_trials, sweep, experiment), flush=True)
-        fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset), resources)
-        results = fit(tuner(sweep, storage, fn, space, n_trials), storage, sweep)
-    except BaseException:
-        if claimed and not experiments.started(experiment):  # nothing a --resume could use
-            experiments.delete(experiment)
-        raise
-    finally:
-        with cluster.interrupts_held(then_raise=False):
-            ray.shutdown()
+            held.enter_context(experiments.owned(experiment))  # before anything reads it: a run may be writing it
+            if not experiments.started(experiment):
+                raise UsageError(f"--resume: {experiment} was launched but Tune never saved its state; nothing to "
+                                 f"resume, start it again (delete the directory or pick a new --name)")
+            experiments.check_intact(experiment, "resume")
+        elif experiments.exists(experiment):
+            refuse_existing(experiment)
+        if not sweep.verbose:
+            console.quiet_ray()
+        try:  # the cluster before the data: one that cannot be joined is said in seconds
+            cluster.connect(sweep.address, ship_code=sweep.ship_code, verbose=sweep.verbose, modules=[
+                plugins.shipped_file(sweep.model)], not_shipped=[storage, sweep.data_dir, sweep.dataset])
+            stop_signal = interrupt_on_sigterm()  # after ray.init, which installs a SIGTERM handler of its own
+            dataset = train.trial_data(data_lib.load_dataset(sweep.dataset, sweep.data_dir,
+                                                             test_split=not sweep.val_size), sweep)
+            config_lib.check_val_size(sweep.val_size, len(dataset.train_labels))
+            plugins.check(sweep.model, sorted({v["norm"] for v in config_lib.grid_axes(sweep)["variant"]}),
+                          sweep.groups, dataset)
+            space, inputs = param_space(sweep, dataset), input_digests(dataset, sweep.model)
+            resources = trial_resources(ray.cluster_resources(), n_trials, sweep, data_bytes=dataset.nbytes)
+            check_resources(resources, ray.cluster_resources())
+            if sweep.resume:
+                experiments.check_inputs(experiment, inputs)
+                warn_on_thread_change(experiment, max(1, int(resources["cpu"])), sweep.epochs)
+            elif experiments.claim(experiment, {**sweep.to_launch(), "inputs": inputs}):
+                held.callback(discard_unstarted, experiment)  # on the way out, after the lock is let go
+                held.enter_context(experiments.owned(experiment))
+            else:
+                refuse_existing(experiment)
+            print(describe(resources, ray.cluster_resources(), n_trials, sweep, experiment), flush=True)
+            fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset), resources)
+            results = fit(tuner(sweep, storage, fn, space, n_trials), storage, sweep)
+        finally:
+            with cluster.interrupts_held(then_raise=False):
+                ray.shutdown()
     return finish(results, sweep, storage, n_trials, stop_signal.get("signal", signal.SIGINT))
+
+
+def refuse_existing(experiment: str):
+    """A launch's refusal of an existing --name, which does not advise --resume while another run holds it."""
+    holder = experiments.holder(experiment)
+    raise UsageError(f"experiment {experiment} exists; " + (f"{holder} is running it: wait for it to end, or pick a "
+                     f"new --name" if holder else "pass --resume to finish it or a new --name"))
+
+
+def discard_unstarted(experiment: str) -> None:
+    """Delete an experiment a launch claimed and left before Tune saved anything, unless a run holds it."""
+    if experiments.exists(experiment) and not experiments.started(experiment):
+        with experiments.owned(experiment):
+            experiments.delete(experiment)
+
+
+def input_digests(dataset: data_lib.Dataset, model: str) -> dict:
+    """sha256 (hex) of what the trials train and score on (every image and label tensor) and of a --model file."""
+    data = hashlib.sha256()
+    for tensor in (v for v in vars(dataset).values() if isinstance(v, torch.Tensor)):
+        data.update(tensor.contiguous().numpy())
+    file = plugins.shipped_file(model)
+    return {"data": data.hexdigest(), **({"model": hashlib.sha256(Path(file).read_bytes()).hexdigest()} if file else {})}
 
 
 def fit(made: tune.Tuner, storage: str, sweep: SweepConfig):
@@ -244,8 +263,7 @@ def fit(made: tune.Tuner, storage: str, sweep: SweepConfig):
 
 
 def warn_on_thread_change(experiment: str, threads: int, epochs: int) -> None:
-    """A seed's numbers depend on torch's thread count: say so when a resume gives the unfinished trials
-    another count than they started with."""
+    """Say so when a resume gives unfinished trials another torch thread count (a seed's numbers depend on it)."""
     before = sorted({last["threads"] for last in experiments.last_results(experiment).values()
                      if "threads" in last and not experiments.trial_finished(last, epochs)})
     if before and before != [threads]:
@@ -255,11 +273,12 @@ def warn_on_thread_change(experiment: str, threads: int, epochs: int) -> None:
 
 
 def summary_text(results, stage: str = "") -> str:
-    """The CLI's closing table: per trial final and best accuracies, means and paired differences over seeds,
-    convergence warnings; for a tuning stage, validation accuracy per lr and weight decay and each choice."""
+    """The CLI's closing tables: per trial, means and paired differences over seeds, convergence warnings; for a
+    tuning stage the validation accuracy per lr and weight decay and each choice."""
     import analysis
     import comparisons
 
+    results = with_history(results)
     df = analysis.results_frame(results)
     reported = set(df["trial"]) if not df.empty else set()
     lines = []
@@ -288,19 +307,22 @@ def summary_text(results, stage: str = "") -> str:
 
 
 def text_table(table) -> str:
-    """A DataFrame as left-aligned text columns, floats to 2 decimals."""
-    cells = [list(table.columns)] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row]
-                                     for row in table.itertuples(index=False)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    return table.to_string(index=False, float_format="{:.2f}".format, na_rep="-")
+
+
+def with_history(results):
+    """A ResultGrid's results with every epoch each trial reported (experiments.history; Tune reads only result.json)."""
+    def completed(result):
+        location = experiments.location_of(result.filesystem, result.path) if result.filesystem else result.path
+        frame, known = experiments.history(location), result.metrics_dataframe
+        return dataclasses.replace(result, metrics_dataframe=frame) if len(frame) > (
+            0 if known is None else len(known)) else result
+    return type("Results", (list,), {"experiment_path": results.experiment_path})(map(completed, results))
 
 
 def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal: int) -> int:
     """Print the summary, and what was interrupted, failed or diverged; the exit status."""
-    import analysis
-
     experiment = experiments.join(storage, sweep.name)
-    # counted against the grid: under --max-concurrent Tune has not yet created the pending trials
     done = 0 if results is None else sum(bool(r.error) or experiments.trial_finished(r.metrics or {}, sweep.epochs)
                                          for r in results)
     if results is not None:
@@ -324,8 +346,7 @@ def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal
 
 
 def run(sweep: SweepConfig, given: set, storage: str) -> int:
-    """The sweep the flags ask for, under `storage` (checked: experiments.check_storage): launched, resumed, or a
-    tuned comparison's two stages. The exit status."""
+    """The sweep the flags ask for under `storage` (checked): launched, resumed, or a tuned comparison; exit status."""
     if sweep.resume:
         stage_name = sweep.name or experiments.latest_started(storage)
         launch = (experiments.read_launch(experiments.join(storage, stage_name))  # a comparison not past tuning: its
@@ -339,9 +360,8 @@ def run(sweep: SweepConfig, given: set, storage: str) -> int:
 
 
 def run_tuned(sweep: SweepConfig, storage: str) -> int:
-    """A tuned comparison: the tuning stage as experiment <name>-tuning, then the final stage as <name>, each variant
-    at the configuration its tuning chose and at the shared recipe (tuned.py). A resume picks up the tuning stage
-    where it stopped, or starts the final stage from a finished one, or resumes the final stage."""
+    """A tuned comparison (tuned.py): the tuning stage as <name>-tuning, then the final stage as <name>. A resume
+    continues the tuning stage, or starts the final stage from a finished one, or resumes the final stage."""
     final_name = sweep.name
     tuning_name, final = tuned.tuning_name(final_name), experiments.join(storage, final_name)
     if sweep.resume and experiments.started(final):
@@ -350,11 +370,11 @@ def run_tuned(sweep: SweepConfig, storage: str) -> int:
         raise UsageError(f"experiment {final} (or its tuning stage) exists; pass --resume to finish it or a new --name")
     tuning_experiment = experiments.join(storage, tuning_name)
     stage = dataclasses.replace(sweep, stage="tuning", name=tuning_name, final_name=final_name, final_variants=())
+    discard_unstarted(tuning_experiment)  # claimed by a launch killed before Tune saved anything
     if experiments.started(tuning_experiment):
         left = experiments.trials_left(tuning_experiment, stage)
         code = run_stage(dataclasses.replace(stage, resume=True), storage) if left else 0
     else:
-        experiments.delete(tuning_experiment)  # claimed by a launch killed before Tune saved anything
         code = run_stage(dataclasses.replace(stage, resume=False), storage)
     if code:
         if code == 1:
@@ -366,8 +386,7 @@ def run_tuned(sweep: SweepConfig, storage: str) -> int:
     _, tuning_df = analysis.load_experiment(tuning_experiment)
     variants = config_lib.grid_axes(dataclasses.replace(sweep, stage="", final_variants=()))["variant"]
     final_variants = tuned.final_variants(variants, tuned.choose(tuning_df), sweep.lr, sweep.weight_decay)
-    if experiments.exists(final) and not experiments.started(final):
-        experiments.delete(final)  # claimed by a launch killed before Tune saved anything
+    discard_unstarted(final)
     print(f"tuning stage finished; final stage: {len(final_variants)} configurations x {sweep.seeds} seed(s) on the "
           f"test split", flush=True)
     return run_stage(dataclasses.replace(sweep, stage="final", name=final_name, resume=False, final_name=final_name,

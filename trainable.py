@@ -1,8 +1,5 @@
-"""The Ray Tune trainable: thin glue around train.TrainingRun.
-
-Build the run from the trial's config, resume from `tune.get_checkpoint()` when Tune retries or restores
-the trial, then per epoch report the fixed metric set with a checkpoint.
-"""
+"""The Ray Tune trainable, thin glue around train.TrainingRun: build the run from the trial's config, resume from
+`tune.get_checkpoint()` when Tune retries or restores the trial, then per epoch report METRICS with a checkpoint."""
 import math
 import tempfile
 from pathlib import Path
@@ -14,21 +11,19 @@ import train
 from config import TrialConfig
 from experiments import HEALTH_KEY
 
-# Every epoch reports exactly these numbers (accuracies 0-1, "max"; losses in nats, "min").
-# test_acc_single: one view; test_acc_precise_bn: one view with BatchNorm's statistics recomputed on large batches
-# after the final epoch (nan otherwise, train.precise_bn); peak_device_memory_mib: nan on the CPU.
+# Every epoch reports exactly these (accuracies 0-1; losses in nats). test_acc: flip-averaged; test_acc_single: one
+# view; test_acc_precise_bn: BatchNorm's statistics recomputed after the final epoch (else nan); memory nan on CPUs.
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single", "test_acc_precise_bn", "lr",
            "epoch", "epoch_seconds", "images_per_s", "threads", "peak_device_memory_mib")
 BEST_METRIC, BEST_MODE = "test_acc", "max"
-# Beside METRICS: HEALTH_KEY ("ok" or why the trial stopped), what the trial computed in ("bf16" or "fp32") and
-# on ("cpu", "cuda:0 NVIDIA H200 (sm_90)"), and the net's parameter count.
+# Beside METRICS: HEALTH_KEY, the precision ("bf16", "fp32"), the device ("cuda:0 NVIDIA H200 (sm_90)"), parameters.
 PRECISION_KEY, DEVICE_KEY, PARAMETERS_KEY = "precision", "device", "parameters"
 CHECKPOINT_FILE = "state.pt"
 
 
 def trial_config(config: dict, threads: int) -> dict:
-    """A trial's flat settings from its Tune config: the grid's variant dict (its norm and L1 lambda, and in a
-    tuned comparison's final stage its own lr and weight decay) merged into the rest."""
+    """A trial's flat settings: its Tune config with the grid's variant dict (norm, l1, a final stage's lr and weight
+    decay) merged in."""
     flat = {k: v for k, v in config.items() if k != "variant"}
     variant = {k: v for k, v in config["variant"].items() if k in TrialConfig.__dataclass_fields__}
     return {**flat, **variant, "threads": threads}
@@ -37,8 +32,7 @@ def trial_config(config: dict, threads: int) -> dict:
 def train_variant(config: dict, dataset):
     """Function trainable; `dataset` arrives once through Ray's object store (tune.with_parameters)."""
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
-    # fractional CPUs (several trials sharing a core) still need one thread
-    run = train.TrainingRun(trial_config(config, threads=max(1, int(cpus))), dataset)
+    run = train.TrainingRun(trial_config(config, threads=max(1, int(cpus))), dataset)  # a shared core: 1 thread
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -70,8 +64,8 @@ def divergence(metrics: dict, config: dict) -> str:
 
 
 def best_epoch(df):
-    """The row of a trial's epochs DataFrame with the best test_acc, ties to the latest epoch (as Tune's checkpoint
-    manager ranks them, so this is the epoch of the kept best checkpoint); None if no epoch is healthy."""
+    """The row of a trial's epochs with the best test_acc, ties to the latest (as Tune ranks its checkpoints: the
+    kept best checkpoint's epoch); None if no epoch is healthy."""
     scores, health = df[BEST_METRIC].to_numpy(), df.get(HEALTH_KEY, pd.Series("ok", df.index)).to_numpy()
     finite = [i for i, v in enumerate(scores) if math.isfinite(v) and health[i] == "ok"]
     return df.iloc[max(finite, key=lambda i: (scores[i], i))] if finite else None

@@ -1,15 +1,8 @@
-"""The tuned comparison's protocol: an equal tuning budget per variant, then seeds at the chosen setting.
-
-Stage 1, tuning (`tune_main.py --tune`): every variant trains at every point of one grid of peak learning
-rates x weight decays, one seed, on the training split less VAL_FRACTION of it held out (the same images
-for every trial), and is scored on those validation images only. Stage 2, final: each variant at its
-configuration with the best final-epoch validation accuracy, and at the shared recipe (--lr,
---weight-decay) beside it, N seeds, scored on the test split. Nothing is chosen on the test split.
-Why per variant: BatchNorm's main effect is to allow larger learning rates (Bjorck et al. 2018), so one
-shared learning rate confounds a comparison of norms; equal budgets on a validation split follow Choi et
-al. 2019 and Dodge et al. 2019. Why a grid, not early stopping: under OneCycle the early epochs run at a
-warming-up learning rate (`comparisons.rank_agreement` measures how far early ranks agree with final ones).
-Frames are analysis.results_frame's (one row per trial and epoch, accuracies as fractions).
+"""The tuned comparison's protocol (`tune_main.py --tune`): stage 1, tuning, trains every variant at every point of
+one grid of peak learning rates x weight decays, one seed, scored on VAL_FRACTION of the training split held out;
+stage 2, final, trains each variant at its best configuration and at the shared recipe, N seeds, on the test split.
+Per variant, because BatchNorm's main effect is to allow larger learning rates (Bjorck et al. 2018); equal budgets
+on a validation split after Choi et al. 2019 and Dodge et al. 2019. Frames are analysis.results_frame's.
 """
 import math
 
@@ -34,8 +27,8 @@ def val_size_for(n_train: int) -> int:
 
 
 def configurations(df) -> pd.DataFrame:
-    """Per tuning trial at its final epoch: variant name, lr (peak), weight decay, validation accuracy (one
-    view, %) and loss; a diverged trial scores nan, so it is never chosen."""
+    """Per tuning trial at its final epoch: variant, lr (peak), weight decay, one-view val acc (%), val loss; nan
+    where it diverged, so it is never chosen."""
     last = df.loc[df.groupby("trial")["epoch"].idxmax()]
     return pd.DataFrame({"variant": last["variant name"], "lr": last["peak lr"], "weight decay": last["weight_decay"],
                          "val acc (%)": (100 * last["test_acc_single"]).where(~last["diverged"]),
@@ -43,11 +36,9 @@ def configurations(df) -> pd.DataFrame:
 
 
 def choose(df) -> dict:
-    """Per variant (its label less lr and weight decay, "bn+l1 (λ=1e-05)"), the configuration a tuning stage's
-    frame chose: the highest final-epoch one-view validation accuracy, ties to the lower validation loss, then
-    the smaller lr. name -> {"lr", "weight_decay", "val_acc", "evidence"}, the evidence one line with the
-    winner's and runner-up's accuracy and the split's binomial standard error, so a reader sees a choice
-    within noise. A variant whose every configuration diverged is left out."""
+    """Per variant label ("bn+l1 (λ=1e-05)") the configuration a tuning stage chose: the highest final one-view
+    val accuracy, ties to the lower val loss, then the smaller lr: {"lr", "weight_decay", "val_acc", "evidence"}
+    (winner, runner-up, the split's binomial SE). A variant whose every configuration diverged is left out."""
     table, n_val = configurations(df), int(df["val_size"].max())
     chosen = {}
     for name, rows in table.groupby("variant"):
@@ -68,10 +59,8 @@ def choose(df) -> dict:
 
 
 def final_variants(variants: list, chosen: dict, lr: float, weight_decay: float) -> list:
-    """The final stage's variant dicts: per variant its tuned configuration (arm TUNED) and the shared recipe
-    (arm RECIPE). Where the two are one configuration it runs once, as TUNED with "recipe_too": the analysis
-    counts that trial in both arms. A variant with nothing chosen (every configuration diverged) runs the
-    recipe only."""
+    """The final stage's variant dicts: per variant its tuned configuration (arm TUNED) and the shared recipe (arm
+    RECIPE); one trial, TUNED with "recipe_too", where they coincide; the recipe only where nothing was chosen."""
     out = []
     for variant in variants:
         pick = chosen.get(experiments.variant_label({"variant": variant}))  # choose's keys: "bn+l1 (λ=1e-05)"
@@ -87,11 +76,9 @@ def final_variants(variants: list, chosen: dict, lr: float, weight_decay: float)
 
 
 def sensitivity(df) -> pd.DataFrame:
-    """The learning-rate sensitivity table: validation accuracy (%), one row per variant and weight decay, one
-    column per lr (nan where the trial diverged)."""
+    """Validation accuracy (%), a row per variant and weight decay, a column per lr (nan: diverged)."""
     wide = configurations(df).pivot_table(index=["variant", "weight decay"], columns="lr", values="val acc (%)",
                                           aggfunc="first", dropna=False)
     wide.columns = [f"lr {lr:g}" for lr in wide.columns]
     wide = wide.reset_index()
     return wide.assign(**{"weight decay": wide["weight decay"].map("{:g}".format)})  # 5e-05, not a rounded 0.00
-

@@ -4,6 +4,7 @@ tests/test_launches.py; a killed driver: tests/test_sweep.py.)"""
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -53,7 +54,7 @@ def test_diverging_trial_stops_is_named_and_the_others_finish(tmp_path, capfd, m
     assert "lower --lr" in err
 
     # the console: one line per report, no Ray boxes or warnings
-    assert re.search(r"^gn seed 0 +epoch 2/2  test acc +\d+\.\d\d%  [\d,]+ img/s  \| sweep \d+/\d+ epochs, ~\S+ left$",
+    assert re.search(r"^gn seed 0 +epoch 2/2  one-view test acc +\d+\.\d\d%  [\d,]+ img/s  \| sweep \d+/\d+ epochs, ~\S+ left$",
                      out, re.M), out
     assert "STOPPED, diverged" in out
     console = (out + err).strip().splitlines()
@@ -107,3 +108,19 @@ def test_best_epoch_ties_go_to_the_latest_epoch():
     assert trainable.best_epoch(diverged)["epoch"] == 2  # a diverged epoch has no checkpoint
     frame = df.assign(trial="t", variant="bn", diverged=False)
     assert analysis.best_per_trial(frame)["epoch"].tolist() == [3]
+
+
+def test_a_progress_line_prints_the_tables_one_view_accuracy(capsys):
+    """Issue 25, item 28: the progress line's accuracy is the one-view number the tables head with, and says so
+    (test_acc is flip-averaged); under --val-size it is named validation."""
+    import console
+
+    progress = console.Progress(epochs=2, n_trials=1)
+    config = {"variant": {"name": "gn", "l1": 0.0}, "seed": 0}
+    trial = SimpleNamespace(trial_id="a", config=config, last_result={}, status="RUNNING")
+    result = {"epoch": 1, "test_acc": 0.9, "test_acc_single": 0.8512, trainable.HEALTH_KEY: "ok", "images_per_s": 1000.0}
+    progress.on_trial_result(1, [trial], trial, result)
+    assert re.match(r"gn seed 0 +epoch 1/2  one-view test acc 85\.12%  1,000 img/s  \| sweep 1/2 epochs", capsys.readouterr().out)
+    trial.config = {**config, "val_size": 100}
+    progress.on_trial_result(1, [trial], trial, result)
+    assert "one-view val acc 85.12%" in capsys.readouterr().out

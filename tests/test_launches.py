@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -289,3 +290,168 @@ def test_a_damaged_experiment_is_named_in_one_line_by_resume_and_analysis(smoke_
     assert tune_main.main(["--resume", "--storage-path", str(tmp_path / "results"), "--name", "search"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{search} is cut off or corrupt (ValueError: " in err and "\n" not in err, err
+
+
+def _resumable(storage: Path, name: str, dataset: Path, model="small", inputs=None) -> Path:
+    """A started experiment on `dataset` whose launch saved `inputs` (default: the digests of today's data/model)."""
+    import sweep
+
+    launch = config.SweepConfig(dataset=str(dataset), variants="gn", epochs=2, name=name, model=model).to_launch()
+    if inputs is None:
+        inputs = sweep.input_digests(data_lib.load_dataset(str(dataset)), model)
+    (storage / name).mkdir(parents=True)
+    (storage / name / experiments.LAUNCH_FILE).write_text(json.dumps({**launch, "inputs": inputs}))
+    (storage / name / "experiment_state-2026.json").write_text("{}")
+    return storage / name
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Ray is neither started nor asked: what a refusal before fit needs."""
+    import ray
+
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 8 * 2**30})
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+
+
+def test_one_run_holds_an_experiment_and_a_second_is_refused_naming_it(tmp_path, capsys, monkeypatch):
+    """Issue 25, items 11 and 22: a resume while another run (a launch or a resume) is running is refused in one
+    line naming that run, before Ray starts; so is a launch of the same name, without advising --resume."""
+    storage = tmp_path / "results"
+    _fake_experiment(storage, "busy", [1, 0])
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("Ray started"))
+    with experiments.owned(str(storage / "busy")):  # what the running driver holds
+        assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", "busy"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "", out  # nothing said of a resume that does not happen
+        err = err.strip()
+        assert re.fullmatch(rf"error: {re.escape(str(storage / 'busy'))} is in use by another run \(pid {os.getpid()} "
+                            rf"on {re.escape(__import__('socket').gethostname())}, since .*\); wait for that run to "
+                            r"end \(it prints how to resume\)", err), err
+        assert tune_main.main(["--smoke-test", "--storage-path", str(storage), "--name", "busy"]) == 2
+        err = capsys.readouterr().err
+        assert "is running it" in err and "--resume" not in err
+        assert experiments.holder(str(storage / "busy")).startswith("another run (pid")
+    assert experiments.holder(str(storage / "busy")) is None  # let go when the run ends
+    with experiments.owned(str(storage / "busy")):  # and so taken by the next
+        pass
+
+
+def test_an_object_store_experiment_is_held_by_a_marker_a_dead_run_here_leaves_stale(tmp_path):
+    """The sibling on object stores (no file locks): the owner marker refuses a second run unless the run that
+    wrote it has died on this host; the refusal says how to clear it."""
+    experiment = f"file://{tmp_path}/exp"
+    (tmp_path / "exp").mkdir()
+    with experiments.owned(experiment):
+        with pytest.raises(experiments.ExperimentError, match=rf"in use by another run \(pid {os.getpid()} .*, or if "
+                                                              r"it has died, delete file://.*normsweep_owner.json$"):
+            with experiments.owned(experiment):
+                pass
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = {"host": __import__("socket").gethostname(), "pid": int(dead.stdout), "since": "then"}
+    (tmp_path / "exp" / experiments.OWNER_FILE).write_text(json.dumps(owner))
+    with experiments.owned(experiment):  # stale: taken over
+        assert json.loads((tmp_path / "exp" / experiments.OWNER_FILE).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "exp" / experiments.OWNER_FILE).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to act as another user")
+def test_resuming_another_users_experiment_is_one_line(request):
+    """Issue 25, item 12: the storage path writable, the experiment (another user's) not: one line naming the path
+    and what to do, not Ray's PermissionError traceback."""
+    storage = Path(tempfile.mkdtemp(prefix="normsweep-shared-"))  # not under pytest's root-only directory
+    request.addfinalizer(lambda: shutil.rmtree(storage))
+    _fake_experiment(storage, "theirs", [1, 0])
+    os.chmod(storage, 0o777)  # the storage path is writable by all; the experiment is root's
+    done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+                           str(ROOT / "tune_main.py"), "--resume", "--storage-path", str(storage), "--name", "theirs"],
+                          cwd=storage, capture_output=True, text=True, timeout=HANG_SECONDS, env={**os.environ,
+                                                                                                  "HOME": str(storage)})
+    assert done.returncode == 2, done
+    err = done.stderr.strip()
+    assert re.fullmatch(rf"error: cannot resume {re.escape(str(storage / 'theirs'))}: "
+                        rf"{re.escape(str(storage / 'theirs'))} is not writable by this user; ask its owner .* copy it "
+                        r"\(cp -a\) to a storage path of yours and resume the copy", err), done.stderr
+
+
+def test_a_resume_on_other_data_or_another_model_file_is_refused(tmp_path, capsys, no_ray):
+    """Issue 25, item 21: the dataset directory rewritten with more images since the launch: --resume refuses in
+    one line naming what changed; the sibling: the --model file edited."""
+    storage, directory = tmp_path / "results", make_idx_dir(tmp_path / "tiny", n_train=64, n_test=32)
+    _resumable(storage, "data", directory)
+    make_idx_dir(directory, n_train=80, n_test=32)  # rewritten with more images
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", "data"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --resume: the dataset's images or labels changed since {storage / 'data'} was launched, so its "
+        f"trials would go on with other inputs; restore them, or launch a new experiment")
+
+    net = tmp_path / "net.py"
+    net.write_text("from torch import nn\n\n\ndef build(norm_layer, in_channels, num_classes):\n    return nn.Sequential("
+                   "nn.Conv2d(in_channels, 8, 3), norm_layer(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), "
+                   "nn.Linear(8, num_classes))\n")
+    _resumable(storage, "model", directory, model=f"{net}:build")
+    net.write_text(net.read_text().replace("nn.Conv2d(in_channels, 8, 3)", "nn.Conv2d(in_channels, 8, 5)"))
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", "model"]) == 2
+    assert "error: --resume: the --model file changed since" in capsys.readouterr().err
+
+
+def test_epochs_a_cut_short_result_json_lost_are_read_from_progress_csv(tmp_path):
+    """Issue 25, item 24: a resume stopped before a trial reported left its result.json empty while progress.csv
+    holds epoch 1: the trial's history, what it has left and the CLI's table still have that epoch."""
+    from ray.tune import Result
+
+    import sweep
+
+    storage = tmp_path / "results"
+    _fake_experiment(storage, "cut", [2, 1], epochs=2)
+    trial = storage / "cut" / "trial1"
+    (trial / "progress.csv").write_text("epoch,health,test_acc\n1,ok,0.5\n")
+    (trial / "result.json").write_text("")
+    assert experiments.last_results(str(storage / "cut"))["trial1"]["epoch"] == 1
+    assert experiments.trials_left(str(storage / "cut"), experiments.read_sweep(str(storage / "cut"))) == 1
+    grid = type("Grid", (list,), {"experiment_path": str(storage / "cut")})(
+        [Result(metrics={}, checkpoint=None, error=None, path=str(trial), metrics_dataframe=None)])
+    assert sweep.with_history(grid)[0].metrics_dataframe["test_acc"].tolist() == [0.5]
+    (trial / "progress.csv").unlink()  # the sibling: neither record: nothing is made up
+    assert experiments.last_results(str(storage / "cut"))["trial1"] == {}
+
+
+def test_max_concurrent_is_kept_by_memory_so_every_trial_exists_at_launch():
+    """Issue 25, items 9 and 10: Tune creates a trial held back by max_concurrent_trials later, from its saved
+    search state, which writes to where the experiment was launched; so --max-concurrent is each trial's share of
+    memory, and Tune is not asked to hold trials back."""
+    import sweep
+
+    available = {"CPU": 2.0, "memory": 16 * 2**30}
+    share = sweep.trial_resources(available, 3, config.SweepConfig(max_concurrent=1, cpus_per_trial=1))
+    assert available["memory"] // share["memory"] == 1
+    share = sweep.trial_resources(available, 3, config.SweepConfig(max_concurrent=2))
+    assert available["memory"] // share["memory"] == 2 and share["cpu"] == 1
+
+
+@pytest.mark.slow
+def test_an_experiment_copied_or_moved_resumes_where_it_lies(tmp_path, session_ray):
+    """Issue 25, items 9 and 10: an interrupted experiment copied under a new name resumes into the copy, the
+    original untouched (Tune had not yet created gn, held back by --max-concurrent); the sibling: the whole storage
+    path moved, the experiment resumes at its new place."""
+    storage, name = tmp_path / "results", "int1"
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
+               "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
+    driver = launch_until(command, lambda: any(p.read_text().strip() for p in (storage / name).glob("*/result.json")),
+                          "the first reported epoch", cwd=ROOT)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=HANG_SECONDS)
+    assert driver.returncode == 130, (out, err)
+    shutil.copytree(storage / name, storage / "copy", symlinks=True)  # cp -a
+    original = sorted(str(p.relative_to(storage)) for p in (storage / name).rglob("*"))
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", "copy"]) == 0
+    assert sorted(str(p.relative_to(storage)) for p in (storage / name).rglob("*")) == original
+    last = experiments.last_results(str(storage / "copy"))
+    assert len(last) == 2 and all(result["epoch"] == 2 for result in last.values()), last
+
+    moved = tmp_path / "moved"
+    shutil.move(storage, moved)
+    assert tune_main.main(["--resume", "--storage-path", str(moved), "--name", name]) == 0
+    last = experiments.last_results(str(moved / name))
+    assert len(last) == 2 and all(result["epoch"] == 2 for result in last.values()), last

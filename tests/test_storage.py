@@ -117,7 +117,7 @@ def test_ctrl_c_on_s3_saves_state_prints_the_resume_command_which_finishes_it_an
     last = experiments.last_results(location)
     assert len(last) == 2 and all(result["epoch"] == 2 for result in last.values())
     for trial in last:  # every epoch reported exactly once across the interruption
-        lines = experiments.read_text(f"{location}/{trial}/result.json").splitlines()
+        lines = experiments.read_bytes(f"{location}/{trial}/result.json").decode().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
     grid, df = analysis.load_experiment(location)
@@ -163,7 +163,7 @@ def test_locations_join_and_name_local_paths_and_uris(tmp_path, monkeypatch):
     assert experiments.shown(str(tmp_path / "results" / "exp")) == os.path.join("results", "exp")
     assert experiments.shown("/elsewhere/exp") == "exp" and experiments.shown("s3://b/r/exp") == "s3://b/r/exp"
     experiments.write_bytes(experiments.join(str(tmp_path), "a", "b.txt"), b"x")
-    assert experiments.read_text(str(tmp_path / "a" / "b.txt")) == "x"
+    assert experiments.read_bytes(str(tmp_path / "a" / "b.txt")) == b"x"
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / experiments.LAUNCH_FILE).write_text('{"dataset": ')
     with pytest.raises(experiments.ExperimentError, match="normsweep_launch.json is damaged"):
