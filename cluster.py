@@ -113,8 +113,9 @@ def _start_local(**options) -> None:
             return
         except Exception as e:  # Ray raises a bare Exception for a slow start, OSError for a long TMPDIR
             if "AF_UNIX path length" in str(e):
-                raise ClusterError(f"Ray cannot start here ({_last_line(e)}); set RAY_TMPDIR to a shorter "
-                                   f"directory, e.g. RAY_TMPDIR=/tmp") from None
+                raise ClusterError(f"Ray cannot start here: its socket path {str(e).rsplit(': ', 1)[-1]} is longer "
+                                   f"than Unix allows (107 bytes); set RAY_TMPDIR to a shorter directory, e.g. "
+                                   f"RAY_TMPDIR=/tmp") from None
             if "timed out during startup" not in str(e):
                 raise
             ray.shutdown()
@@ -145,9 +146,10 @@ def _joining(words: str, quiet: bool):
     previous = signal.set_wakeup_fd(write)  # the number of each signal that comes, written by Python's C handler
 
     def watch():
-        if os.read(read, 1):  # empty once the block has ended
+        got = os.read(read, 1)  # empty once the block has ended
+        if got:
             os.write(saved, f"{words}\n".encode())
-            os._exit(130)
+            os._exit(128 + got[0])
         os.close(read)
 
     threading.Thread(target=watch, daemon=True).start()

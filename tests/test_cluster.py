@@ -9,6 +9,7 @@ environment; without shipping, or without the token, it must fail in one line.
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -193,6 +194,112 @@ def test_nothing_listening_gets_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"error: cannot reach a Ray cluster at 127.0.0.1:{port} (Connection refused); start one there with "
         f"`ray start --head`, or pass the address it printed"]
+
+
+def run_cli(*flags, env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tune_main.py", "--smoke-test", *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=HANG_SECONDS)
+
+
+def test_address_auto_names_where_it_read_the_address_and_a_dead_one_is_refused_in_one_line(tmp_path):
+    """RAY_ADDRESS pointing where nothing listens, with --address auto: refused at once, naming the address and
+    RAY_ADDRESS (was: no output for 835 s, Ctrl-C ignored, then "cannot join the Ray cluster at auto: ... GCS")."""
+    port = free_port()
+    done = run_cli("--address", "auto", "--storage-path", str(tmp_path / "results"),
+                   env=clean_env(tmp_path, RAY_ADDRESS=f"127.0.0.1:{port}"))
+    assert (done.returncode, done.stderr) == (2, f"error: cannot reach a Ray cluster at 127.0.0.1:{port} (Connection "
+                                                 f"refused; --address auto read it from RAY_ADDRESS); start one there "
+                                                 f"with `ray start --head`, or pass the address it printed\n"), done
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("address, env, message", [
+    ("auto", {"RAY_ADDRESS": "127.0.0.1:{port}"}, "cannot reach a Ray cluster at 127.0.0.1:{port} (Connection refused; "
+     "--address auto read it from RAY_ADDRESS)"),
+    # the file a `ray start` whose processes were killed leaves behind, in Ray's temporary directory
+    ("auto", {"RAY_TMPDIR": "{tmp}"}, "cannot reach a Ray cluster at 127.0.0.1:{port} (Connection refused; --address "
+     "auto read it from {tmp}/ray/ray_current_cluster, left by `ray start`)"),
+    ("10.0.0.1:notaport", {}, "--address: 10.0.0.1:notaport is not HOST:PORT; pass the address `ray start --head` "
+     "printed, e.g. 10.0.0.1:6379"),  # was a ValueError traceback from inside ray.init
+    ("auto", {"RAY_ADDRESS": "127.0.0.1:99999"}, "--address: 127.0.0.1:99999 is not HOST:PORT; --address auto read "
+     "it from RAY_ADDRESS"),
+])
+def test_an_address_that_cannot_be_joined_is_named_with_its_source(tmp_path, monkeypatch, address, env, message):
+    port = free_port()
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+    for name in ("RAY_ADDRESS", "RAY_TMPDIR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(port=port, tmp=tmp_path))
+    with pytest.raises(cluster.ClusterError) as refused:
+        cluster.resolve(address)
+    assert str(refused.value).startswith(message.format(port=port, tmp=tmp_path)), str(refused.value)
+
+
+def test_a_live_address_is_named_with_its_source(monkeypatch):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        assert cluster.resolve("auto") == (address, f"{address} (--address auto read it from RAY_ADDRESS)")
+        assert cluster.resolve(address) == (address, address)
+
+
+def test_ctrl_c_while_joining_a_cluster_that_does_not_answer_ends_at_once_in_one_line(tmp_path):
+    """A port that takes connections but is no Ray GCS: Ray's C++ client waits there for minutes and runs no Python
+    signal handler meanwhile (a Ctrl-C was held, then ignored, for 835 s). Once Ray's client has connected, a
+    Ctrl-C ends the driver at once, in one line."""
+    with socket.socket() as server:
+        server.bind(("0.0.0.0", 0))  # Ray connects to the node's address for 127.0.0.1
+        server.listen(16)
+        port, accepted = server.getsockname()[1], []
+        driver = subprocess.Popen([sys.executable, "tune_main.py", "--smoke-test", "--address", f"127.0.0.1:{port}",
+                                   "--storage-path", str(tmp_path / "results")], cwd=ROOT, env=clean_env(tmp_path),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while len(accepted) < 2:  # normsweep's probe, then Ray's client
+            accepted.append(server.accept()[0])
+        driver.send_signal(signal.SIGINT)
+        out, err = driver.communicate(timeout=HANG_SECONDS)
+        for connection in accepted:
+            connection.close()
+    assert (driver.returncode, err) == (130, f"interrupted while joining the Ray cluster at 127.0.0.1:{port}\n"), out
+
+
+def test_a_temporary_directory_too_long_for_rays_sockets_is_one_line(tmp_path):
+    """Batch schedulers set TMPDIR to long paths; Ray's socket paths under it must fit Unix's 107 bytes (was a
+    32-line traceback)."""
+    long = tmp_path / ("x" * max(1, 75 - len(str(tmp_path))))
+    long.mkdir()
+    done = run_cli("--storage-path", str(tmp_path / "results"), env=clean_env(tmp_path, TMPDIR=str(long)))
+    assert done.returncode == 2, done.stderr
+    assert re.fullmatch(rf"error: Ray cannot start here: its socket path {re.escape(str(long))}/ray/\S+ is longer than "
+                        r"Unix allows \(107 bytes\); set RAY_TMPDIR to a shorter directory, e.g. RAY_TMPDIR=/tmp\n",
+                        done.stderr), done.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_ends_with_the_resume_command(tmp_path, session_ray):
+    """`timeout`, `docker stop` and a closed terminal signal the driver's whole process group, which holds the local
+    Ray's processes too: the driver's last words are the resume command, exit 143 (was Ray's "Failed to connect
+    to GCS within 60 seconds ... The program will terminate", exit 1), and the resume finishes the sweep."""
+    import tune_main
+    from conftest import launch_until
+
+    storage, name = tmp_path / "results", "grouped"
+    command = [sys.executable, "tune_main.py", "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
+               "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
+    driver = launch_until(command, lambda: any(p.read_text().strip() for p in (storage / name).glob("*/result.json")),
+                          "the first reported epoch", cwd=ROOT, start_new_session=True)
+    os.killpg(driver.pid, signal.SIGTERM)
+    out, err = driver.communicate(timeout=HANG_SECONDS)
+    lines = err.strip().splitlines()
+    assert driver.returncode == 143 and lines[-2:] == [
+        f"interrupted: the local Ray stopped; state saved in {storage / name}",
+        f"resume with: {shlex.join(lines[-1].removeprefix('resume with: ').split())}"], (out, err)
+    assert "Traceback" not in out + err and "GCS" not in err, err
+    assert tune_main.main(shlex.split(lines[-1].removeprefix("resume with: "))[2:]) == 0
 
 
 SHIPPED_FILES = """
