@@ -44,10 +44,9 @@ NOT_SHIPPED = ["/results", "/data", "/docs", ".git", ".venv", "venv", "__pycache
 
 @contextlib.contextmanager
 def interrupts_held(then_raise: bool = True):
-    """Hold Ctrl-C (and a SIGTERM the driver forwards to it) while Ray starts or stops its processes: taken halfway,
-    the driver crashed at exit (SIGSEGV). Raised as KeyboardInterrupt when the block ends (`then_raise`), else dropped.
-    Outside the main thread (no signals there), a plain block."""
-    if threading.current_thread() is not threading.main_thread():
+    """Hold Ctrl-C (and a SIGTERM forwarded to it) while Ray starts or stops: taken halfway, the driver crashed at exit
+    (SIGSEGV). Raised as KeyboardInterrupt when the block ends (`then_raise`), else dropped. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():  # no signals there
         yield
         return
     received = []
@@ -64,7 +63,7 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
     """ray.init: a private local Ray without `address` (or with 'local'), whose workers import ROOT, else the cluster
     there (`resolve`), shipping ROOT less `not_shipped` (e.g. the storage path) unless `ship_code` is off, and `modules`
     (a user's .py files, e.g. a --model builder, importable by file name on every node; None entries skipped). Raises
-    ClusterError; a Ctrl-C while Ray starts is raised once it has, one while joining ends the process (`_joining`)."""
+    ClusterError; a Ctrl-C while Ray starts or joins is raised as KeyboardInterrupt once it has (`interrupts_held`)."""
     options = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
     if not address or address == "local":
         with interrupts_held():  # Ray puts the driver's script directory on its workers' paths: not ROOT for a notebook
@@ -77,7 +76,7 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
     if not verbose:  # the driver's C++ core worker logs to fd 2 (a metrics agent it could not reach, ...)
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     try:
-        with interrupts_held(), _joining(f"interrupted while joining the Ray cluster at {shown}", quiet=not verbose):
+        with interrupts_held(), contextlib.nullcontext() if verbose else _native_stderr_silenced():
             ray.init(address=address, runtime_env=env or None, **options)
     except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as e:  # ValueError: a package too large
         raise ClusterError(_connection_failure(shown, e)) from None
@@ -125,48 +124,40 @@ def _start_local(**options) -> None:
 
 
 def _refused(host: str, port: int):
-    """Why nothing takes a TCP connection at host:port within 5 s (e.g. 'Connection refused'), or None."""
+    """Why host:port is no Ray GCS within 5 s (e.g. 'Connection refused'), or None. A GCS, a gRPC server, sends an
+    HTTP/2 SETTINGS frame as it takes a connection (with TLS on, RAY_USE_TLS, it waits for the client's hello)."""
     try:
-        socket.create_connection((host, port), timeout=5).close()
+        connection = socket.create_connection((host, port), timeout=5)
     except OSError as e:
         return e.strerror or str(e)
+    with connection:
+        try:
+            tls = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
+            settings = b"\0\0\0\x04" if tls else connection.recv(9)
+        except OSError:  # nothing within 5 s
+            settings = b""
+    return None if settings[3:4] == b"\x04" else "something else listens there"
 
 
 @contextlib.contextmanager
-def _joining(words: str, quiet: bool):
-    """While ray.init joins a cluster: its C++ client logs each refused try to fd 2 (silenced when `quiet`: the
-    ClusterError says why), and runs no Python signal handler while it waits (30 s a try, for minutes), so a thread
-    that sees the signal ends the process on a Ctrl-C or SIGTERM with `words` (nothing here needs stopping)."""
+def _native_stderr_silenced():
+    """Ray's C++ client logs each refused attempt to file descriptor 2; the ClusterError says why in one line."""
     sys.stderr.flush()
-    saved, (read, write) = os.dup(2), os.pipe()
-    os.set_blocking(write, False)
-    if quiet:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-    previous = signal.set_wakeup_fd(write)  # the number of each signal that comes, written by Python's C handler
-
-    def watch():
-        got = os.read(read, 1)  # empty once the block has ended
-        if got:
-            os.write(saved, f"{words}\n".encode())
-            os._exit(128 + got[0])
-        os.close(read)
-
-    threading.Thread(target=watch, daemon=True).start()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
     try:
         yield
     finally:
-        signal.set_wakeup_fd(previous)
-        os.close(write)
         os.dup2(saved, 2)
         os.close(saved)
 
 
 @contextlib.contextmanager
 def exit_if_ray_stops(words):
-    """While the block runs, print `words` and exit 143, as for a SIGTERM, once the local Ray's GCS takes no
-    connections (checked each second): a SIGTERM to the process group stops Ray's processes too, and Ray would end
-    the driver 60 s later in its own words. Without `words` (a cluster joined: Ray waits for its GCS), a plain block."""
+    """While the block runs, print `words` and exit 143 once the local Ray's GCS is gone (checked each second): a
+    SIGTERM to the process group stops Ray too, and Ray would end the driver 60 s later in its own words. No `words`:
+    a no-op."""
     host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
     done = threading.Event()
 
