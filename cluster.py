@@ -24,8 +24,8 @@ def token_source():
 # ignores it). Not once Ray is imported: its processes would start in token mode, its driver would not.
 if "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules and token_source():
     os.environ["RAY_AUTH_MODE"] = "token"
-# The errors nodes push to the driver are printed by a thread of Ray's (console.quiet_ray keeps them off stdout),
-# except repeats, which Ray holds back to print deduplicated from the main thread as it stops.
+# Errors nodes push to the driver are printed by a thread of Ray's (console.quiet_ray keeps them off stdout), but
+# not repeats, which Ray holds back to print from the main thread as it stops.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import ray  # noqa: E402
@@ -127,16 +127,11 @@ def _refused(host: str, port: int):
     """Why host:port is no Ray GCS within 5 s (e.g. 'Connection refused'), or None. A GCS, a gRPC server, sends an
     HTTP/2 SETTINGS frame as it takes a connection (with TLS on, RAY_USE_TLS, it waits for the client's hello)."""
     try:
-        connection = socket.create_connection((host, port), timeout=5)
-    except OSError as e:
+        with socket.create_connection((host, port), timeout=5) as connection:
+            if os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true") and connection.recv(9)[3:4] != b"\x04":
+                return "something else listens there"
+    except OSError as e:  # TimeoutError too: nothing listening, or not answering
         return e.strerror or str(e)
-    with connection:
-        try:
-            tls = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
-            settings = b"\0\0\0\x04" if tls else connection.recv(9)
-        except OSError:  # nothing within 5 s
-            settings = b""
-    return None if settings[3:4] == b"\x04" else "something else listens there"
 
 
 @contextlib.contextmanager

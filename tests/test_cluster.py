@@ -270,11 +270,10 @@ def test_a_ray_address_is_named_with_its_source_and_anything_else_listening_is_r
     port, answer = listener
     address = f"127.0.0.1:{port}"
     monkeypatch.setenv("RAY_ADDRESS", address)
-    for sent in (b"", b"SSH-2.0-OpenSSH_9.2\r\n"):
+    for sent, why in ((b"", "timed out"), (b"SSH-2.0-OpenSSH_9.2\r\n", "something else listens there")):
         answer[0] = sent
         with pytest.raises(cluster.ClusterError, match=re.escape(
-                f"cannot reach a Ray cluster at {address} (something else listens there; --address auto read it "
-                f"from RAY_ADDRESS)")):
+                f"cannot reach a Ray cluster at {address} ({why}; --address auto read it from RAY_ADDRESS)")):
             cluster.resolve("auto")
     answer[0] = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty HTTP/2 SETTINGS frame
     assert cluster.resolve("auto") == (address, f"{address} (--address auto read it from RAY_ADDRESS)")
