@@ -78,13 +78,13 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
     try:
         with interrupts_held(), contextlib.nullcontext() if verbose else _native_stderr_silenced():
             ray.init(address=address, runtime_env=env or None, **options)
-    except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as e:  # ValueError: a package too large
+    except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as e:  # ValueError: a bad address, ...
         raise ClusterError(_connection_failure(shown, e)) from None
 
 
 def resolve(address: str):
     """(address, how to name it: with where `auto` found it, in Ray's order: RAY_ADDRESS, then the file the last
-    `ray start` here left). Raises ClusterError within seconds unless it is HOST:PORT and takes connections there."""
+    `ray start` here left). Raises ClusterError within seconds unless it is HOST:PORT where a Ray GCS answers."""
     source, current = "", Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray",
                                "ray_current_cluster")  # Ray's temporary directory on Linux
     if address == "auto" and os.environ.get("RAY_ADDRESS"):
@@ -187,7 +187,9 @@ def _connection_failure(address: str, error: BaseException) -> str:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
     source, cluster = token_source(), f"the Ray cluster at {address}"
     if not any(isinstance(e, AuthenticationError) or "InvalidAuthToken" in str(e) for e in chain):
-        return f"cannot join {cluster}: {_last_line(chain[-1])}; --verbose shows Ray's output"
+        return f"cannot join {cluster}: {_last_line(chain[-1])}; " + (  # ValueError: a package too large to ship
+            f"list large files in a .rayignore in {ROOT}, or install normsweep on every node and pass --no-ship-code"
+            if "Package size" in str(error) else "--verbose shows Ray's output")
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return (f"{cluster} requires token authentication, but RAY_AUTH_MODE=disabled here; unset it (normsweep "
                 f"then sends the token from ~/.ray/auth_token or RAY_AUTH_TOKEN)")
