@@ -150,7 +150,7 @@ def _native_stderr_silenced():
 
 @contextlib.contextmanager
 def exit_if_ray_stops(words):
-    """While the block runs, print `words` and exit 143 once the local Ray's GCS is gone (checked each second): a
+    """While the block runs, print `words` and exit 143 once the local Ray's GCS refuses connections (each second): a
     SIGTERM to the process group stops Ray too, and Ray would end the driver 60 s later in its own words. No `words`:
     a no-op."""
     host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
@@ -158,9 +158,14 @@ def exit_if_ray_stops(words):
 
     def watch():
         while words and not done.wait(1):
-            if _refused(host, int(port)) and not done.is_set():
-                print(words, file=sys.stderr, flush=True)
-                os._exit(128 + signal.SIGTERM)
+            try:  # the kernel takes a connection for a live process however busy: refused means gone
+                socket.create_connection((host, int(port)), timeout=5).close()
+            except ConnectionRefusedError:
+                if not done.is_set():
+                    print(words, file=sys.stderr, flush=True)
+                    os._exit(128 + signal.SIGTERM)
+            except OSError:  # a full backlog's timeout: alive
+                pass
 
     threading.Thread(target=watch, daemon=True).start()
     try:
