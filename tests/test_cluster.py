@@ -294,7 +294,7 @@ def test_a_temporary_directory_too_long_for_rays_sockets_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_ends_with_the_resume_command(tmp_path, session_ray):
-    """`timeout`, `docker stop` and a closed terminal signal the driver's whole process group, which holds the local
+    """`timeout` and `kill -TERM -- -PGID` signal the driver's whole process group, which holds the local
     Ray's processes too: the driver's last words are the resume command, exit 143 (was Ray's "Failed to connect
     to GCS within 60 seconds ... The program will terminate", exit 1), and the resume finishes the sweep."""
     import tune_main
