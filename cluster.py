@@ -1,10 +1,5 @@
-"""Connecting to Ray, and what a sweep's failed trials mean.
-
-`connect` starts a private Ray, or joins the cluster at `--address` with this directory's code shipped to every
-node in Ray's runtime environment (a node needs only Python and the requirements); a connection that fails
-raises ClusterError, one line that says what to do. `failure_lines`: one line per distinct failure cause.
-Import it before Ray, which reads the environment this module sets (RAY_AUTH_MODE, ...) once, at import.
-"""
+"""Connecting to Ray (a private one, or a cluster joined with this directory's code shipped to every node), and
+what a sweep's failed trials mean. Import it before Ray, which reads the environment it sets once, at import."""
 import contextlib
 import os
 import re
@@ -29,8 +24,8 @@ def token_source():
 # ignores it). Not once Ray is imported: its processes would start in token mode, its driver would not.
 if "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules and token_source():
     os.environ["RAY_AUTH_MODE"] = "token"
-# The errors nodes push to the driver are printed by a thread of Ray's (console.quiet_ray keeps them off stdout),
-# except repeats, which Ray holds back to print deduplicated from the main thread as it stops.
+# Errors nodes push to the driver are printed by a thread of Ray's (console.quiet_ray keeps them off stdout), but
+# not repeats, which Ray holds back to print from the main thread as it stops.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import ray  # noqa: E402
@@ -42,18 +37,16 @@ import experiments  # noqa: E402
 ROOT = Path(__file__).resolve().parent  # the working directory shipped to the nodes
 MAX_FAILURES = 3  # Tune's retries of a failed trial, each from the trial's latest checkpoint
 LOCAL_START_TRIES = 3
-# Never shipped (gitignore patterns, relative to ROOT), besides the venvs, storage path and data directories that
-# lie inside ROOT. Ray also honours ROOT's .gitignore and a .rayignore.
+# Never shipped (gitignore patterns under ROOT), nor venvs, storage and data inside ROOT; Ray honours .gitignore too
 NOT_SHIPPED = ["/results", "/data", "/docs", ".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache",
                ".ipynb_checkpoints"]
 
 
 @contextlib.contextmanager
 def interrupts_held(then_raise: bool = True):
-    """Hold Ctrl-C (SIGINT, and a SIGTERM the driver forwards to it) while Ray starts or stops its processes:
-    taken halfway, the driver crashed at exit (SIGSEGV, exit 139). One that came is raised as KeyboardInterrupt
-    when the block ends (`then_raise`), else dropped. Outside the main thread (no signals there), a plain block."""
-    if threading.current_thread() is not threading.main_thread():
+    """Hold Ctrl-C (and a SIGTERM forwarded to it) while Ray starts or stops: taken halfway, the driver crashed at exit
+    (SIGSEGV). Raised as KeyboardInterrupt when the block ends (`then_raise`), else dropped. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():  # no signals there
         yield
         return
     received = []
@@ -67,50 +60,61 @@ def interrupts_held(then_raise: bool = True):
 
 
 def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=(), modules=()) -> None:
-    """ray.init: a private local Ray without `address` (or with 'local'), whose workers import ROOT, else the
-    cluster there, shipping ROOT less `not_shipped` (e.g. the storage path) unless `ship_code` is off, and `modules`
-    (a user's .py files, e.g. a --model builder, importable by file name on every node; None entries skipped).
-    Raises ClusterError; a Ctrl-C while Ray starts is raised as KeyboardInterrupt once it has (`interrupts_held`).
-    """
+    """ray.init: a private local Ray without `address` (or with 'local'), whose workers import ROOT, else the cluster
+    there (`resolve`), shipping ROOT less `not_shipped` (e.g. the storage path) unless `ship_code` is off, and `modules`
+    (a user's .py files, e.g. a --model builder, importable by file name on every node; None entries skipped). Raises
+    ClusterError; a Ctrl-C while Ray starts or joins is raised as KeyboardInterrupt once it has (`interrupts_held`)."""
     options = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
-    with interrupts_held():
-        if not address or address == "local":
-            # Ray puts the driver's script directory on its workers' paths: not ROOT for a notebook or the tests
+    if not address or address == "local":
+        with interrupts_held():  # Ray puts the driver's script directory on its workers' paths: not ROOT for a notebook
             paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
             return _start_local(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}, **options)
-        env = runtime_env(not_shipped) if ship_code else {}
-        if any(modules):
-            env["py_modules"] = [str(Path(m).resolve()) for m in modules if m]
-        host, _, port = address.rpartition(":")
-        if port.isdigit() and "://" not in address:  # not Ray Client's ray://: fail in seconds if nothing listens
-            try:
-                socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-            except OSError as e:
-                raise ClusterError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start one there "
-                                   f"with `ray start --head`, or pass the address it printed") from None
-        if not verbose:  # the driver's C++ core worker logs to fd 2 (a metrics agent it could not reach, ...)
-            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        try:
-            with contextlib.nullcontext() if verbose else _native_stderr_silenced():
-                ray.init(address=address, runtime_env=env or None, **options)
-        except (ConnectionError, RuntimeError, AuthenticationError) as e:
-            raise ClusterError(_connection_failure(address, e)) from None
-        except ValueError as e:
-            if "Package size" not in str(e):
-                raise
-            raise ClusterError(f"the code in {ROOT} is too large to ship to the cluster ({_last_line(e)}); list "
-                               f"large files in a .rayignore there, or install normsweep on every node and pass "
-                               f"--no-ship-code") from None
+    address, shown = resolve(address)
+    env = runtime_env(not_shipped) if ship_code else {}
+    if any(modules):
+        env["py_modules"] = [str(Path(m).resolve()) for m in modules if m]
+    if not verbose:  # the driver's C++ core worker logs to fd 2 (a metrics agent it could not reach, ...)
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    try:
+        with interrupts_held(), contextlib.nullcontext() if verbose else _native_stderr_silenced():
+            ray.init(address=address, runtime_env=env or None, **options)
+    except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as e:  # ValueError: a bad address, ...
+        raise ClusterError(_connection_failure(shown, e)) from None
+
+
+def resolve(address: str):
+    """(address, how to name it: with where `auto` found it, in Ray's order: RAY_ADDRESS, then the file the last
+    `ray start` here left). Raises ClusterError within seconds unless it is HOST:PORT where a Ray GCS answers."""
+    source, current = "", Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray",
+                               "ray_current_cluster")  # Ray's temporary directory on Linux
+    if address == "auto" and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "; --address auto read it from RAY_ADDRESS"
+    elif address == "auto" and current.is_file():
+        address, source = current.read_text().strip(), f"; --address auto read it from {current}, left by `ray start`"
+    if address == "auto" or "://" in address:  # none found, or Ray Client's ray://: Ray's to check
+        return address, address
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit() and int(port) < 65536):
+        raise ClusterError(f"--address: {address} is not HOST:PORT{source}; pass the address `ray start --head` "
+                           f"printed, e.g. 10.0.0.1:6379")
+    refused = _refused(host.strip("[]"), int(port))
+    if refused:
+        raise ClusterError(f"cannot reach a Ray cluster at {address} ({refused}{source}); start one there with "
+                           f"`ray start --head`, or pass the address it printed")
+    return address, f"{address} ({source[2:]})" if source else address
 
 
 def _start_local(**options) -> None:
-    """ray.init of a private Ray, tried again when its raylet misses Ray's fixed 30 s to register (as on a machine
-    whose cores are all busy)."""
+    """ray.init of a private Ray, tried again when its raylet misses Ray's 30 s to register (all cores busy)."""
     for _ in range(LOCAL_START_TRIES):
         try:
             ray.init(address="local", **options)
             return
-        except Exception as e:  # Ray raises a bare Exception for this one
+        except Exception as e:  # Ray raises a bare Exception for a slow start, OSError for a long TMPDIR
+            if "AF_UNIX path length" in str(e):
+                raise ClusterError(f"Ray cannot start here: its socket path {str(e).rsplit(': ', 1)[-1]} is longer "
+                                   f"than Unix allows (107 bytes); set RAY_TMPDIR to a shorter directory, e.g. "
+                                   f"RAY_TMPDIR=/tmp") from None
             if "timed out during startup" not in str(e):
                 raise
             ray.shutdown()
@@ -119,15 +123,15 @@ def _start_local(**options) -> None:
                        f"loaded, or pass --verbose to see Ray's logs")
 
 
-def runtime_env(not_shipped=()) -> dict:
-    """Ray's runtime environment that ships ROOT to every node: trials there import it from Ray's copy."""
-    excludes = set(NOT_SHIPPED) | {p.name for p in ROOT.iterdir() if (p / "pyvenv.cfg").is_file()}  # any venv
-    for path in [sys.prefix, *not_shipped]:
-        if path and "://" not in str(path):  # URIs and dataset names are not paths below ROOT
-            resolved = Path(path).expanduser().resolve()
-            if resolved != ROOT and resolved.is_relative_to(ROOT) and resolved.exists():
-                excludes.add(f"/{resolved.relative_to(ROOT).as_posix()}")
-    return {"working_dir": str(ROOT), "excludes": sorted(excludes)}
+def _refused(host: str, port: int):
+    """Why host:port is no Ray GCS within 5 s (e.g. 'Connection refused'), or None. A GCS, a gRPC server, sends an
+    HTTP/2 SETTINGS frame as it takes a connection (with TLS on, RAY_USE_TLS, it waits for the client's hello)."""
+    try:
+        with socket.create_connection((host, port), timeout=5) as connection:
+            if os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true") and connection.recv(9)[3:4] != b"\x04":
+                return "something else listens there"
+    except OSError as e:  # TimeoutError too: nothing listening, or not answering
+        return e.strerror or str(e)
 
 
 @contextlib.contextmanager
@@ -144,6 +148,43 @@ def _native_stderr_silenced():
         os.close(saved)
 
 
+@contextlib.contextmanager
+def exit_if_ray_stops(words):
+    """While the block runs, print `words` and exit 143 once the local Ray's GCS refuses connections (each second): a
+    SIGTERM to the process group stops Ray too, and Ray would end the driver 60 s later in its own words. No `words`:
+    a no-op."""
+    host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+    done = threading.Event()
+
+    def watch():
+        while words and not done.wait(1):
+            try:  # the kernel takes a connection for a live process however busy: refused means gone
+                socket.create_connection((host, int(port)), timeout=5).close()
+            except ConnectionRefusedError:
+                if not done.is_set():
+                    print(words, file=sys.stderr, flush=True)
+                    os._exit(128 + signal.SIGTERM)
+            except OSError:  # a full backlog's timeout: alive
+                pass
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def runtime_env(not_shipped=()) -> dict:
+    """Ray's runtime environment that ships ROOT to every node: trials there import it from Ray's copy."""
+    excludes = set(NOT_SHIPPED) | {p.name for p in ROOT.iterdir() if (p / "pyvenv.cfg").is_file()}  # any venv
+    for path in [sys.prefix, *not_shipped]:
+        if path and "://" not in str(path):  # URIs and dataset names are not paths below ROOT
+            resolved = Path(path).expanduser().resolve()
+            if resolved != ROOT and resolved.is_relative_to(ROOT) and resolved.exists():
+                excludes.add(f"/{resolved.relative_to(ROOT).as_posix()}")
+    return {"working_dir": str(ROOT), "excludes": sorted(excludes)}
+
+
 def _connection_failure(address: str, error: BaseException) -> str:
     """The token's hint when the cluster refused it, else the last line of Ray's own error."""
     chain = [error]
@@ -151,7 +192,9 @@ def _connection_failure(address: str, error: BaseException) -> str:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
     source, cluster = token_source(), f"the Ray cluster at {address}"
     if not any(isinstance(e, AuthenticationError) or "InvalidAuthToken" in str(e) for e in chain):
-        return f"cannot join {cluster}: {_last_line(chain[-1])}; --verbose shows Ray's output"
+        return f"cannot join {cluster}: {_last_line(chain[-1])}; " + (  # ValueError: a package too large to ship
+            f"list large files in a .rayignore in {ROOT}, or install normsweep on every node and pass --no-ship-code"
+            if "Package size" in str(error) else "--verbose shows Ray's output")
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return (f"{cluster} requires token authentication, but RAY_AUTH_MODE=disabled here; unset it (normsweep "
                 f"then sends the token from ~/.ray/auth_token or RAY_AUTH_TOKEN)")

@@ -249,10 +249,13 @@ def input_digests(dataset: data_lib.Dataset, model: str) -> dict:
 
 
 def fit(made: tune.Tuner, storage: str, sweep: SweepConfig):
-    """Tuner.fit, or None after a second Ctrl-C (Tune's own handler took the first); a full storage path is
-    one line saying how to resume once space is freed."""
+    """Tuner.fit, or None after a second Ctrl-C (Tune's own handler took the first); a full storage path, or a local
+    Ray stopped under Tune (a SIGTERM to the process group), is one line saying how to resume."""
+    stopped = (f"interrupted: the local Ray stopped; state saved in {experiments.join(storage, sweep.name)}\n"
+               f"resume with: {resume_command(storage, sweep)}")
     try:
-        return made.fit()
+        with cluster.exit_if_ray_stops(None if sweep.address else stopped):
+            return made.fit()
     except KeyboardInterrupt:
         return None
     except Exception as e:

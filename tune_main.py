@@ -4,6 +4,7 @@
     python tune_main.py --seeds 3                 # bn, gn, ln, bn+l1 on Fashion-MNIST, 3 seeds each
     python tune_main.py --resume                  # finish the latest interrupted experiment
 """
+import os
 import signal
 import sys
 
@@ -11,9 +12,10 @@ NOTHING_STARTED = "interrupted before the sweep started; nothing was saved"
 
 
 def _interrupted_while_loading(signum, frame):
-    """Ctrl-C while torch and Ray load: the one line and exit status of main, not an import's traceback."""
-    print(NOTHING_STARTED, file=sys.stderr)
-    sys.exit(130)
+    """Ctrl-C while torch and Ray load: main's one line and exit status, at once (an exception raised inside an
+    import can be swallowed by the module imported, which the sweep then runs with half loaded)."""
+    os.write(2, f"{NOTHING_STARTED}\n".encode())
+    os._exit(130)
 
 
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored
@@ -31,8 +33,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:  # loaded: Ctrl-C is KeyboardInterrupt again
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     sweep, given = parse_args(argv)
     try:
         config.check(sweep)  # before Ray, data or directories
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
         experiments.check_storage(storage)
         import sweep as sweep_lib  # Ray: only for settings and storage that passed
 
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:  # loaded: Ctrl-C is KeyboardInterrupt again
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         return sweep_lib.run(sweep, given, storage)
     except NormsweepError as e:
         print(f"error: {e}", file=sys.stderr)

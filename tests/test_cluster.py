@@ -6,15 +6,18 @@ empty directories, so it has only the virtual environment: Python and the requir
 sweep joined by the head's explicit address must finish there with the code shipped by Ray's runtime
 environment; without shipping, or without the token, it must fail in one line.
 """
+import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -193,6 +196,123 @@ def test_nothing_listening_gets_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"error: cannot reach a Ray cluster at 127.0.0.1:{port} (Connection refused); start one there with "
         f"`ray start --head`, or pass the address it printed"]
+
+
+def run_cli(*flags, env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tune_main.py", "--smoke-test", *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=HANG_SECONDS)
+
+
+def test_address_auto_names_where_it_read_the_address_and_a_dead_one_is_refused_in_one_line(tmp_path):
+    """RAY_ADDRESS pointing where nothing listens, with --address auto: refused at once, naming the address and
+    RAY_ADDRESS (was: no output for 835 s, Ctrl-C ignored, then "cannot join the Ray cluster at auto: ... GCS")."""
+    port = free_port()
+    done = run_cli("--address", "auto", "--storage-path", str(tmp_path / "results"),
+                   env=clean_env(tmp_path, RAY_ADDRESS=f"127.0.0.1:{port}"))
+    assert (done.returncode, done.stderr) == (2, f"error: cannot reach a Ray cluster at 127.0.0.1:{port} (Connection "
+                                                 f"refused; --address auto read it from RAY_ADDRESS); start one there "
+                                                 f"with `ray start --head`, or pass the address it printed\n"), done
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("address, env, message", [
+    ("auto", {"RAY_ADDRESS": "127.0.0.1:{port}"}, "cannot reach a Ray cluster at 127.0.0.1:{port} (Connection refused; "
+     "--address auto read it from RAY_ADDRESS)"),
+    # the file a `ray start` whose processes were killed leaves behind, in Ray's temporary directory
+    ("auto", {"RAY_TMPDIR": "{tmp}"}, "cannot reach a Ray cluster at 127.0.0.1:{port} (Connection refused; --address "
+     "auto read it from {tmp}/ray/ray_current_cluster, left by `ray start`)"),
+    ("10.0.0.1:notaport", {}, "--address: 10.0.0.1:notaport is not HOST:PORT; pass the address `ray start --head` "
+     "printed, e.g. 10.0.0.1:6379"),  # was a ValueError traceback from inside ray.init
+    ("auto", {"RAY_ADDRESS": "127.0.0.1:99999"}, "--address: 127.0.0.1:99999 is not HOST:PORT; --address auto read "
+     "it from RAY_ADDRESS"),
+])
+def test_an_address_that_cannot_be_joined_is_named_with_its_source(tmp_path, monkeypatch, address, env, message):
+    port = free_port()
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+    for name in ("RAY_ADDRESS", "RAY_TMPDIR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(port=port, tmp=tmp_path))
+    with pytest.raises(cluster.ClusterError) as refused:
+        cluster.resolve(address)
+    assert str(refused.value).startswith(message.format(port=port, tmp=tmp_path)), str(refused.value)
+
+
+@pytest.fixture
+def listener():
+    """(port, answer): a TCP server on every interface that takes connections and sends each `answer[0]` (bytes, b""
+    for nothing), as a Ray GCS sends its HTTP/2 SETTINGS frame."""
+    answer = [b""]
+    with socket.socket() as server:
+        server.bind(("0.0.0.0", 0))
+        server.listen(16)
+
+        def serve():
+            with contextlib.suppress(OSError):  # the server closed
+                while True:
+                    connection = server.accept()[0]
+                    connection.sendall(answer[0])
+                    accepted.append(connection)
+
+        accepted = []
+        threading.Thread(target=serve, daemon=True).start()
+        yield server.getsockname()[1], answer
+        for connection in accepted:
+            connection.close()
+
+
+def test_a_ray_address_is_named_with_its_source_and_anything_else_listening_is_refused_in_seconds(listener,
+                                                                                                  monkeypatch):
+    """A port that takes connections but is no Ray GCS (another service, a wrong port): Ray's client waited there
+    for minutes, running no Python signal handler (Ctrl-C held, then ignored); refused once nothing a GCS sends
+    at once came in 5 s, or something else did."""
+    port, answer = listener
+    address = f"127.0.0.1:{port}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    for sent, why in ((b"", "timed out"), (b"SSH-2.0-OpenSSH_9.2\r\n", "something else listens there")):
+        answer[0] = sent
+        with pytest.raises(cluster.ClusterError, match=re.escape(
+                f"cannot reach a Ray cluster at {address} ({why}; --address auto read it from RAY_ADDRESS)")):
+            cluster.resolve("auto")
+    answer[0] = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty HTTP/2 SETTINGS frame
+    assert cluster.resolve("auto") == (address, f"{address} (--address auto read it from RAY_ADDRESS)")
+    assert cluster.resolve(address) == (address, address)
+
+
+def test_a_temporary_directory_too_long_for_rays_sockets_is_one_line(tmp_path):
+    """Batch schedulers set TMPDIR to long paths; Ray's socket paths under it must fit Unix's 107 bytes (was a
+    32-line traceback)."""
+    long = tmp_path / ("x" * max(1, 75 - len(str(tmp_path))))
+    long.mkdir()
+    done = run_cli("--storage-path", str(tmp_path / "results"), env=clean_env(tmp_path, TMPDIR=str(long)))
+    assert done.returncode == 2, done.stderr
+    assert re.fullmatch(rf"error: Ray cannot start here: its socket path {re.escape(str(long))}/ray/\S+ is longer than "
+                        r"Unix allows \(107 bytes\); set RAY_TMPDIR to a shorter directory, e.g. RAY_TMPDIR=/tmp\n",
+                        done.stderr), done.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_ends_with_the_resume_command(tmp_path, session_ray):
+    """`timeout` and `kill -TERM -- -PGID` signal the driver's whole process group, which holds the local
+    Ray's processes too: the driver's last words are the resume command, exit 143 (was Ray's "Failed to connect
+    to GCS within 60 seconds ... The program will terminate", exit 1), and the resume finishes the sweep."""
+    import tune_main
+    from conftest import launch_until
+
+    storage, name = tmp_path / "results", "grouped"
+    command = [sys.executable, "tune_main.py", "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
+               "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
+    driver = launch_until(command, lambda: any(p.read_text().strip() for p in (storage / name).glob("*/result.json")),
+                          "the first reported epoch", cwd=ROOT, start_new_session=True)
+    os.killpg(driver.pid, signal.SIGTERM)
+    out, err = driver.communicate(timeout=HANG_SECONDS)
+    lines = err.strip().splitlines()
+    assert driver.returncode == 143 and lines[-2:] == [
+        f"interrupted: the local Ray stopped; state saved in {storage / name}",
+        f"resume with: {shlex.join(lines[-1].removeprefix('resume with: ').split())}"], (out, err)
+    assert "Traceback" not in out + err and "GCS" not in err, err
+    assert tune_main.main(shlex.split(lines[-1].removeprefix("resume with: "))[2:]) == 0
 
 
 SHIPPED_FILES = """

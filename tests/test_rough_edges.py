@@ -20,6 +20,7 @@ import config
 import experiments
 import train
 import trainable
+from conftest import HANG_SECONDS
 
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,3 +262,31 @@ def test_documented_headless_notebook_command_runs(smoke_experiment):
     stderr = [out["text"] for out in outputs if out.get("name") == "stderr"]
     assert not stderr, stderr
     assert sum("image/png" in out.get("data", {}) for out in outputs) >= 4 + 4 + 1  # curves, grids, pooling
+
+
+INTERRUPT_AT_IMPORT = """
+import os, runpy, signal, sys
+
+class InterruptAtImport:  # a meta path finder that only watches: SIGINT once, as {module!r} starts to load
+    fired = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r} and not self.fired:
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever the test runner set
+sys.meta_path.insert(0, InterruptAtImport())
+sys.argv = ["tune_main.py", "--resume", "--storage-path", {storage!r}]
+runpy.run_path("tune_main.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("module", ["numpy", "ray"])
+def test_ctrl_c_while_loading_ends_the_process_with_its_one_line(module, tmp_path):
+    """A Ctrl-C as numpy loads comes inside torch's C code, which swallows the exception raised: the line was
+    printed, then the sweep ran on a half-loaded numpy and its summary crashed. The line now ends the process,
+    until main has imported Ray too (`ray`). Had the process gone on, --resume would have found nothing (exit 2)."""
+    done = subprocess.run([sys.executable, "-c", INTERRUPT_AT_IMPORT.format(module=module, storage=str(tmp_path))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=HANG_SECONDS)
+    assert (done.returncode, done.stderr) == (130, "interrupted before the sweep started; nothing was saved\n"), done
