@@ -203,10 +203,13 @@ def run_stage(sweep: SweepConfig, storage: str) -> int:
             dataset = train.trial_data(data_lib.load_dataset(sweep.dataset, sweep.data_dir,
                                                              test_split=not sweep.val_size), sweep)
             config_lib.check_val_size(sweep.val_size, len(dataset.train_labels))
-            plugins.check(sweep.model, sorted({v["norm"] for v in config_lib.grid_axes(sweep)["variant"]}),
-                          sweep.groups, dataset)
+            axes = config_lib.grid_axes(sweep)  # every net is run once here, never retried as a trial
+            net_bytes = max(train.preflight(dataclasses.replace(sweep, norm=norm, batch_size=batch), dataset)
+                            for norm in sorted({v["norm"] for v in axes["variant"]})
+                            for batch in axes.get("batch_size", [sweep.batch_size]))
             space, inputs = param_space(sweep, dataset), input_digests(dataset, sweep.model)
-            resources = trial_resources(ray.cluster_resources(), n_trials, sweep, data_bytes=dataset.nbytes)
+            resources = trial_resources(ray.cluster_resources(), n_trials, sweep, data_bytes=dataset.nbytes,
+                                        model_bytes=net_bytes)
             check_resources(resources, ray.cluster_resources())
             if sweep.resume:
                 experiments.check_inputs(experiment, inputs)
