@@ -36,3 +36,8 @@ class CheckpointError(ExperimentError):
 
 class ClusterError(NormsweepError):
     """A Ray cluster that cannot be started or joined."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message, or its type's name where it has none: how a user's error is quoted."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

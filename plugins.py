@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import model as model_lib
-from errors import ModelError, UsageError
+from errors import ModelError, UsageError, first_line
 
 NOT_FOUND = "--model: {} not found; pass the path of a Python file that defines the builder"
 
@@ -45,27 +45,9 @@ def build(config: model_lib.NetConfig) -> torch.nn.Module:
     except model_lib.GroupsError as e:
         raise UsageError(f"--model {spec}: {e}") from None
     except Exception as e:  # the user's code: say whose, in one line, in its own words
-        raise ModelError(f"--model {spec} raised {type(e).__name__}: {_first_line(e)} (building it with norm "
+        raise ModelError(f"--model {spec} raised {type(e).__name__}: {first_line(e)} (building it with norm "
                          f"{config.norm}, {config.in_channels} input channel(s), {config.num_classes} classes); fix "
                          f"the builder so that it builds with these arguments") from e
-
-
-def check(spec: str, norms, groups: int, dataset) -> None:
-    """Build the net for each norm (build's errors) and run it on two blank images of `dataset`'s shape, before any
-    trial starts: ModelError where it fails or returns no (2, classes) logits."""
-    shape, classes = (2, dataset.channels, *dataset.image_size), len(dataset.classes)
-    for norm in norms:
-        net = build(model_lib.NetConfig(model=spec, norm=norm, groups=groups, in_channels=dataset.channels,
-                                        num_classes=classes))
-        try:
-            with torch.no_grad():
-                out = net.eval()(torch.zeros(shape))
-        except Exception as e:
-            raise ModelError(f"--model {spec} with {norm} fails on a batch of {shape} images: "
-                             f"{type(e).__name__}: {_first_line(e)}") from e
-        if tuple(getattr(out, "shape", ())) != (2, classes):
-            raise ModelError(f"--model {spec} returns {tuple(getattr(out, 'shape', ()))} for a batch of {shape} "
-                             f"images; a net must return (batch, {classes}) logits")
 
 
 def _split(spec: str) -> tuple:
@@ -94,8 +76,8 @@ def _builder(spec: str, in_channels: int):
             sys.modules.pop(module, None)
         if isinstance(e, ImportError) and e.name == module:  # nothing of that name here
             raise ModelError(NOT_FOUND.format(target) if is_file else f"--model {spec}: cannot import {target} "
-                             f"({_first_line(e)}); pass a file as path/to/file.py:build, or install the module") from None
-        raise ModelError(f"--model {target}: importing it raised {type(e).__name__}: {_first_line(e)}; fix the "
+                             f"({first_line(e)}); pass a file as path/to/file.py:build, or install the module") from None
+        raise ModelError(f"--model {target}: importing it raised {type(e).__name__}: {first_line(e)}; fix the "
                          f"file so that it imports{' on every node' * isinstance(e, ImportError)}") from e
     if not callable(builder):
         found = "not defined" if builder is None else f"a {type(builder).__name__}, not a function"
@@ -120,6 +102,3 @@ def _load(path: Path, name: str):
         spec.loader.exec_module(sys.modules[name])
     return sys.modules[name]
 
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

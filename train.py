@@ -14,7 +14,7 @@ import config as config_lib
 import data as data_lib
 import plugins
 from config import TrialConfig
-from errors import USAGE_EXIT, CheckpointError, ModelError, NormsweepError, UsageError
+from errors import USAGE_EXIT, CheckpointError, ModelError, NormsweepError, UsageError, first_line
 from model import NetConfig, count_parameters
 
 CHECKPOINT_FORMAT = 2  # a checkpoint of another format is refused in one line, never guessed at
@@ -176,12 +176,13 @@ def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
     backward, optimizer step) on random images (B, C, H, W) at the trial's batch size, then two other random batches
     in eval mode; the global RNG is left as it was. Returns the bytes a trial holds for the net beyond its baseline:
     parameters, buffers, gradients, optimizer state and the activations autograd keeps for one batch. ModelError (one
-    line): a net with nothing to train, whose step fails or whose output ignores its input; plugins.build's errors."""
-    n_train = len(dataset.train_labels) - config.val_size
+    line): a net with nothing to train, whose step fails, that returns no (batch, classes) logits or whose output
+    ignores its input; plugins.build's errors."""
+    n_train, classes = len(dataset.train_labels) - config.val_size, len(dataset.classes)
     batch = max(1, min(n_train, config_lib.batch_size_for(n_train, config.batch_size)))
     shape, what = (batch, dataset.channels, *dataset.image_size), f"--model {config.model} with norm {config.norm}"
-    if not plugins.is_builtin(config.model):  # a user's net: it builds, runs and returns (batch, classes) logits
-        plugins.check(config.model, [config.norm], config.groups, dataset)
+    # torch's own failures inside our layers and the loss; anything a user's net raises is theirs to fix
+    failures = (RuntimeError, ValueError) if plugins.is_builtin(config.model) else Exception
     saved = {}  # storage address -> bytes, of the tensors autograd keeps for backward
 
     def keep(tensor):
@@ -191,10 +192,13 @@ def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
     with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         torch.manual_seed(config.seed)
         model = plugins.build(NetConfig(model=config.model, norm=config.norm, groups=config.groups, order=config.order,
-                                        in_channels=dataset.channels, num_classes=len(dataset.classes)))
+                                        in_channels=dataset.channels, num_classes=classes))
         try:
-            loss = F.cross_entropy(model.to(memory_format=MEMORY_FORMAT).train()(images()),
-                                   torch.randint(len(dataset.classes), (batch,)))
+            logits = model.to(memory_format=MEMORY_FORMAT).train()(images())
+            if tuple(getattr(logits, "shape", ())) != (batch, classes):
+                raise ModelError(f"--model {config.model} returns {tuple(getattr(logits, 'shape', ()))} for a batch "
+                                 f"of {shape} images; a net must return (batch, {classes}) logits")
+            loss = F.cross_entropy(logits, torch.randint(classes, (batch,)))
             if not loss.requires_grad:
                 raise ModelError(f"{what}: no trainable parameter shapes its logits (it has none, or they are frozen, "
                                  f"detached or under no_grad), so training cannot change it")
@@ -203,8 +207,11 @@ def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
             optimizer.step()
             with torch.no_grad():
                 first, second = (model.eval()(images()) for _ in range(2))
-        except (RuntimeError, ValueError) as e:  # torch's own failures inside the net's layers and the loss
-            raise ModelError(f"{what} fails in a training step on a batch of {shape}: {e}".splitlines()[0]) from None
+        except ModelError:
+            raise
+        except failures as e:
+            raise ModelError(f"{what} fails in a training step on a batch of {shape} images: {type(e).__name__}: "
+                             f"{first_line(e)}") from None
     apart = (first - second).abs().max().item()
     if not apart > CONSTANT_OUTPUT * first.abs().max().item():
         raise ModelError(f"{what} gives the same logits for every input ({apart:.1g} apart on two random batches), so "

@@ -407,7 +407,7 @@ def test_a_node_without_the_repository_runs_the_sweep_with_the_code_and_a_model_
     trial_dirs = [p for p in (two_nodes.root / "results" / "shipped").iterdir() if (p / "result.json").is_file()]
     assert len(trial_dirs) == 2
     assert all(len((p / "result.json").read_text().splitlines()) == 2 for p in trial_dirs)  # both epochs reported
-    # the driver built each norm's net from the file before the trials (plugins.check); the trials, from Ray's copy
+    # the driver built each norm's net from the file once before the trials (train.preflight); the trials, from Ray's copy
     builds = log.read_text().splitlines()
     assert builds.count(str(model_file)) == 2, builds
     shipped = [path for path in builds if path != str(model_file)]

@@ -2,7 +2,6 @@
 of a builder that cannot be loaded or does not fit the data, bf16 and checkpoints of a plugged-in net."""
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import data as data_lib
 import model
 import plugins
 import train
+from config import TrialConfig
 from model import NetConfig, WSConv2d
 from test_train import output_dtypes
 
@@ -39,8 +39,15 @@ def build(norm_layer, in_channels, num_classes):
     return net
 """
 
-GREY = SimpleNamespace(channels=1, image_size=(28, 28), classes=data_lib.DIGIT_CLASSES)  # what check() reads
-COLOUR = SimpleNamespace(channels=3, image_size=(32, 32), classes=data_lib.DIGIT_CLASSES)
+GREY, COLOUR = (1, 28, 28), (3, 32, 32)  # (C, H, W) of the images check() runs a net on
+
+
+def check(spec: str, norms, groups: int, image_shape) -> None:
+    """The driver's pre-flight run (train.preflight) of the net for each norm, on a training batch of 2 images."""
+    dataset = data_lib.Dataset("synthetic", torch.zeros(2, *image_shape, dtype=torch.uint8), torch.arange(2), None, None,
+                               data_lib.DIGIT_CLASSES)
+    for norm in norms:
+        train.preflight(TrialConfig(model=spec, norm=norm, groups=groups, batch_size=2), dataset)
 
 
 @pytest.fixture
@@ -74,7 +81,7 @@ def test_a_builder_from_a_file_and_from_a_module(user_file, monkeypatch):
     assert plugins.shipped_file("resnet20") is None and plugins.shipped_file("mymodels:build") is None
     net = plugins.build(NetConfig(model=f"{path}:build", norm="gn", in_channels=1))
     assert isinstance(net[1], model.GroupNorm) and net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
-    plugins.check(f"{path}:build", ["bn", "gn", "in", "gn+ws"], 4, GREY)
+    check(f"{path}:build", ["bn", "gn", "in", "gn+ws"], 4, GREY)
 
     module_path = user_file("mymodule", TINY_NET)
     monkeypatch.syspath_prepend(str(module_path.parent))
@@ -88,8 +95,8 @@ def test_a_builder_from_a_file_and_from_a_module(user_file, monkeypatch):
 
 def test_builtins_build_through_plugins():
     assert isinstance(plugins.build(NetConfig(model="resnet20", in_channels=3)), model.ResNet20)
-    plugins.check("resnet20", ["bn", "gn"], 4, COLOUR)
-    plugins.check("small", ["bn", "gn"], 4, GREY)
+    check("resnet20", ["bn", "gn"], 4, COLOUR)
+    check("small", ["bn", "gn"], 4, GREY)
 
 
 @pytest.mark.parametrize("norm, layer", [("bn", model.BatchNorm2d), ("gn", model.GroupNorm), ("in", model.GroupNorm),
@@ -104,17 +111,17 @@ def test_a_torchvision_resnet_factory_with_our_norms(user_file, norm, layer):
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 20 and all(isinstance(m, WSConv2d) == (norm == "gn+ws") for m in convs)
     assert net.conv1.in_channels == 1
-    plugins.check(spec, [norm], 4, GREY)  # a forward on (2, 1, 28, 28) gives (2, 10)
+    check(spec, [norm], 4, GREY)  # a forward on (2, 1, 28, 28) gives (2, 10)
 
 
 def test_torchvision_resnet18_itself_reads_three_channels_only():
     spec = "torchvision.models:resnet18"
     net = plugins.build(NetConfig(model=spec, norm="gn", in_channels=3))
     assert all(type(m) is model.GroupNorm for m in net.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)))
-    plugins.check(spec, ["bn", "gn"], 4, COLOUR)
+    check(spec, ["bn", "gn"], 4, COLOUR)
     one_line_error(plugins.ModelError, r"^--model torchvision.models:resnet18 takes no in_channels argument, so it "
                    r"reads 3-channel images, and this data has 1 channel\(s\); wrap it in a builder that replaces its "
-                   r"first conv$", plugins.check, spec, ["bn"], 4, GREY)
+                   r"first conv$", check, spec, ["bn"], 4, GREY)
 
 
 def test_a_builder_that_cannot_be_loaded_is_one_line_that_says_what_to_do(user_file, tmp_path):
@@ -187,14 +194,14 @@ def test_a_net_that_does_not_fit_the_data_is_refused_before_trials(user_file):
     """)
     one_line_error(plugins.ModelError, rf"^--model {flat}:build returns \(2, 10, 28, 28\) for a batch of "
                    r"\(2, 1, 28, 28\) images; a net must return \(batch, 10\) logits$",
-                   plugins.check, f"{flat}:build", ["bn"], 4, GREY)
+                   check, f"{flat}:build", ["bn"], 4, GREY)
     wide = user_file("wide", TINY_NET.replace("nn.Conv2d(in_channels, 8", "nn.Conv2d(3, 8"))
-    one_line_error(plugins.ModelError, rf"^--model {wide}:build with bn fails on a batch of \(2, 1, 28, 28\) images: "
-                   r"RuntimeError: ", plugins.check, f"{wide}:build", ["bn"], 4, GREY)
+    one_line_error(plugins.ModelError, rf"^--model {wide}:build with norm bn fails in a training step on a batch of "
+                   r"\(2, 1, 28, 28\) images: RuntimeError: ", check, f"{wide}:build", ["bn"], 4, GREY)
     tiny = user_file("tiny", TINY_NET)
     one_line_error(errors.UsageError, rf"^--model {tiny}:build: groups=3 does not divide the channel counts \[8, 16\]; "
                    r"valid group counts for this net's norm layers \(8, 16 channels\): 1, 2, 4, 8$",
-                   plugins.check, f"{tiny}:build", ["bn", "gn"], 3, GREY)
+                   check, f"{tiny}:build", ["bn", "gn"], 3, GREY)
 
 
 @pytest.fixture

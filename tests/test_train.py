@@ -278,7 +278,7 @@ PROBES = {
                     "    return net.requires_grad_(False)",
     # trainable, but the image never reaches the logits: a learned constant
     "probe_ignores_input": "return Ignores(norm_layer(8), num_classes)",
-    # runs on plugins.check's batch of 2, not on a training batch
+    # runs on a batch of 2 only, not on a training batch
     "probe_batch_of_two": "return nn.Sequential(nn.Conv2d(in_channels, 8, 3), norm_layer(8), nn.AdaptiveAvgPool2d(1), "
                           "nn.Unflatten(0, (2, -1)), nn.Flatten(), nn.Linear(8, num_classes))",
     # a zero-initialised head: the same logits for every image at init, but not after a step; it trains
@@ -342,7 +342,7 @@ def test_a_net_with_nothing_to_train_is_refused_in_one_line(tmp_path, idx_dir, c
 
 def test_a_net_that_fails_only_in_a_training_step_is_refused_in_one_line(tmp_path, idx_dir, capsys):
     err = refused_in_one_line(capsys, ["--dataset", str(idx_dir), "--model", probe(tmp_path, "probe_batch_of_two")])
-    assert "with norm bn fails in a training step on a batch of (16, 1, 28, 28): " in err
+    assert "with norm bn fails in a training step on a batch of (16, 1, 28, 28) images: RuntimeError: " in err
 
 
 def test_preflight_counts_the_nets_memory_and_leaves_the_rng_alone(idx_dir):
