@@ -39,6 +39,11 @@ def at_least(low, what):
     return what, lambda v: v >= low
 
 
+def each(rule, what):
+    """A check of a list flag: every value passes `rule`, none is listed twice, the list is not empty."""
+    return f"{what}, each once", lambda values: len(set(values)) == len(values) > 0 and all(map(rule, values))
+
+
 def batch_size_arg(text: str) -> int:
     """--batch-size: 'auto' (0) or a whole number of images."""
     try:
@@ -120,7 +125,8 @@ class SweepConfig(TrialConfig):
     seeds: int = tune_setting(1, "seeds per variant, 0..N-1", "everyday",
                               check=at_least(1, "at least 1 (seeds 0..N-1)"))
     l1_lambdas: tuple = tune_setting((), f"L1 lambdas: each +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
-                                     "recipe", flag="--l1", type=float, nargs="+")
+                                     "recipe", flag="--l1", type=float, nargs="+",
+                                     check=each(lambda v: 0 < v < math.inf, "lambdas above 0"))
     smoke_test: bool = tune_setting(False, f"{SMOKE['train_size']} training and {SMOKE['test_size']} test images, "
                                     f"{SMOKE['epochs']} epochs unless --epochs: check an install in a minute",
                                     "everyday", action="store_true")
@@ -132,15 +138,18 @@ class SweepConfig(TrialConfig):
                                      "cluster, one every node can write)", "everyday", saved=False)
     batch_sizes: tuple = tune_setting((), "the batch-size study: every variant at each batch size, e.g. 2,4,8,16,32, "
                                       "peak lr scaled linearly from --lr at the auto batch", "studies",
-                                      type=list_arg(int, "whole numbers of images, e.g. 2,4,8"))
+                                      type=list_arg(int, "whole numbers of images, e.g. 2,4,8"),
+                                      check=each(lambda v: v >= 1, "whole numbers of images, e.g. 2,4,8,16,32"))
     tune: bool = tune_setting(False, "a tuned comparison: every --tune-lrs x --tune-weight-decays point on a "
                               "validation split (20%% of the training images), one seed; then each variant at its best "
                               "point and at the recipe on the test split, --seeds seeds (docs/usage.md)", "studies",
                               action="store_true")
     tune_lrs: tuple = tune_setting((0.0125, 0.025, 0.05, 0.1, 0.2, 0.4), "with --tune: the peak learning rates tried",
-                                   "studies", type=list_arg(float, "numbers, e.g. 0.025,0.05,0.1"))
+                                   "studies", type=list_arg(float, "numbers, e.g. 0.025,0.05,0.1"),
+                                   check=each(lambda v: 0 < v < math.inf, "positive learning rates, e.g. 0.025,0.05"))
     tune_weight_decays: tuple = tune_setting((5e-5, 5e-4), "with --tune: the weight decays tried", "studies",
-                                             type=list_arg(float, "numbers, e.g. 5e-5,5e-4"))
+                                             type=list_arg(float, "numbers, e.g. 5e-5,5e-4"),
+                                             check=each(lambda v: 0 <= v < math.inf, "weight decays of 0 or more"))
     max_concurrent: int = tune_setting(0, "most trials at once (0: no cap)", "resources",
                                        check=at_least(0, "0 (no cap) or more"))
     cpus_per_trial: float | None = tune_setting(None, "CPUs per trial (default: the cluster's, shared by the trials "
@@ -255,8 +264,9 @@ def check(config: TrialConfig) -> None:
     """Refuse bad settings of either CLI in one line (UsageError); nothing runs before this."""
     for f in dataclasses.fields(config):
         value, rule = getattr(config, f.name), f.metadata.get("check")
-        if rule and value is not None and not (value == value and rule[1](value)):  # value != value: nan
-            raise UsageError(f"{_flag(f)} must be {rule[0]}, got {value:g}")
+        if rule and value not in (None, f.default) and not (value == value and rule[1](value)):  # nan != nan
+            shown = ",".join(f"{v:g}" for v in value) or "nothing" if isinstance(value, tuple) else f"{value:g}"
+            raise UsageError(f"{_flag(f)} must {'list' if isinstance(value, tuple) else 'be'} {rule[0]}, got {shown}")
     if isinstance(config, SweepConfig):
         _check_sweep(config)
         norms = sorted({v["norm"] for v in parse_variants(config.variants)})
@@ -278,13 +288,9 @@ def check(config: TrialConfig) -> None:
 
 def _check_sweep(sweep: SweepConfig) -> None:
     """The checks that involve a sweep's own flags."""
-    if sweep.batch_sizes:
-        if sweep.batch_size:
-            raise UsageError(f"--batch-size {sweep.batch_size} and --batch-sizes both given; drop --batch-size "
-                             f"(--batch-sizes runs every listed size)")
-        if min(sweep.batch_sizes) < 1 or len(set(sweep.batch_sizes)) != len(sweep.batch_sizes):
-            raise UsageError(f"--batch-sizes must list distinct whole numbers of images, 1 or more, e.g. 2,4,8,16,32; "
-                             f"got {','.join(map(str, sweep.batch_sizes))}")
+    if sweep.batch_sizes and sweep.batch_size:
+        raise UsageError(f"--batch-size {sweep.batch_size} and --batch-sizes both given; drop --batch-size "
+                         f"(--batch-sizes runs every listed size)")
     if sweep.smoke_test and sweep.train_size != SMOKE["train_size"]:
         raise UsageError("--train-size has no effect with --smoke-test (which trains on its own subset); drop one")
     if not sweep.ship_code and not sweep.address:
@@ -298,23 +304,9 @@ def _check_sweep(sweep: SweepConfig) -> None:
     if size > 255:
         raise UsageError(f"--name is longer than a file system allows ({size} bytes, at most 255): {shown!r}; "
                          f"pass a shorter name")
-    lambdas = sweep.l1_lambdas
-    bad = [lam for lam in lambdas if not 0 < lam < math.inf]
-    if bad:
-        raise UsageError(f"--l1 lambdas must be > 0, got {', '.join(f'{lam:g}' for lam in bad)}")
-    if len(set(lambdas)) != len(lambdas):
-        raise UsageError(f"--l1 lists a lambda twice ({' '.join(f'{lam:g}' for lam in lambdas)}); list each once")
-    if lambdas and not any(v["l1"] for v in parse_variants(sweep.variants)):
-        raise UsageError(f"--l1 {' '.join(f'{lam:g}' for lam in lambdas)} given but no variant uses it; add a +l1 "
-                         f"variant, e.g. --variants {sweep.variants},bn+l1")
-    for flag, values, ok, what in (("--tune-lrs", sweep.tune_lrs, lambda v: v > 0, "positive learning rates, e.g. "
-                                    "0.025,0.05,0.1"), ("--tune-weight-decays", sweep.tune_weight_decays,
-                                                        lambda v: v >= 0, "weight decays of 0 or more, e.g. 5e-5,5e-4")):
-        shown = ",".join(f"{v:g}" for v in values) or "nothing"
-        if not values or not all(ok(v) and math.isfinite(v) for v in values):
-            raise UsageError(f"{flag} must list {what}; got {shown}")
-        if len(set(values)) != len(values):
-            raise UsageError(f"{flag} lists a value twice ({shown}); list each once")
+    if sweep.l1_lambdas and not any(v["l1"] for v in parse_variants(sweep.variants)):
+        raise UsageError(f"--l1 {' '.join(f'{lam:g}' for lam in sweep.l1_lambdas)} given but no variant uses it; add "
+                         f"a +l1 variant, e.g. --variants {sweep.variants},bn+l1")
     if sweep.tune and sweep.batch_sizes:
         raise UsageError("--tune and --batch-sizes both given; a tuned comparison runs at one batch size, drop one")
     if sweep.tune and sweep.val_size:
