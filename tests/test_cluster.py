@@ -25,9 +25,8 @@ from types import SimpleNamespace
 import pytest
 
 import cluster
-from conftest import HANG_SECONDS
+from conftest import HANG_SECONDS, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DATASET_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist, used when present
 RAY = Path(sys.executable).with_name("ray")
 AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")

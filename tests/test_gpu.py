@@ -3,13 +3,13 @@ GPU-against-CPU accuracy comparison flags a gap over 2 points."""
 import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 VARIANTS = {"bn", "gn", "ln", "bn+l1 (λ=1e-05)"}  # the default sweep's, as analysis.trial_label writes them
 
 

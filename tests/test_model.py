@@ -1,5 +1,4 @@
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -7,10 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import train
+from conftest import ROOT
 from model import (NORMS, REGISTRY, BatchNorm2d, GhostBatchNorm2d, Net, ResNet20, WSConv2d, build_model,
                    count_parameters, norm_layer, render_norm_table)
 
-ROOT = Path(__file__).resolve().parents[1]
 NORMED = ("bn", "gn", "ln", "in", "gbn")  # the norms whose convs are plain nn.Conv2d
 
 

@@ -20,10 +20,9 @@ import config
 import experiments
 import train
 import trainable
-from conftest import HANG_SECONDS
+from conftest import HANG_SECONDS, ROOT
 
 matplotlib.use("Agg")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Payload:

@@ -3,7 +3,6 @@ visibly better when another candidate is absurd, scores only validation images, 
 runs the choice and the shared recipe over seeds on the test split; a resume crosses the stages; the
 report shows the sensitivity figure and the paired statistics."""
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,9 +13,8 @@ import config
 import experiments
 import tune_main
 import tuned
-from conftest import on_session_ray
+from conftest import ROOT, on_session_ray
 
-ROOT = Path(__file__).resolve().parents[1]
 ABSURD_LR = 1e-6  # an epoch at this peak learning rate leaves the net near chance
 
 
