@@ -261,13 +261,3 @@ def build_model(norm: str = "bn", **overrides) -> nn.Module:
     """A built-in net (default: the small one) with `norm`; `overrides` are NetConfig's other fields."""
     return build_net(NetConfig(norm=norm, **overrides))
 
-
-def render_norm_table() -> str:
-    """The README's table of norms (between its `<!-- norms -->` markers), rendered from REGISTRY."""
-    rows = ["| norm | what it normalises | parameters (small net, 1 channel) | parameters (resnet20, 3 channels) "
-            "| reference |", "|---|---|---|---|---|"]
-    for name, entry in REGISTRY.items():
-        small = count_parameters(build_model(name))
-        resnet = count_parameters(build_model(name, model="resnet20", in_channels=3))
-        rows.append(f"| `{name}` | {entry.description} | {small:,} | {resnet:,} | {entry.reference} |")
-    return "\n".join(rows)

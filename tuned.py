@@ -10,8 +10,6 @@ import pandas as pd
 
 import experiments
 
-TUNE_LRS = (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4)  # peak learning rates tried per variant, x2 apart
-TUNE_WEIGHT_DECAYS = (5e-5, 5e-4)  # weight decays tried per variant (conv/linear weights only)
 VAL_FRACTION = 0.2  # of the training images held out to score the tuning stage
 SUFFIX = "-tuning"  # the tuning stage's experiment: <name>-tuning beside the final stage's <name>
 TUNED, RECIPE = "tuned", "recipe"  # the final stage's arms
