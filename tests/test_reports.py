@@ -142,12 +142,12 @@ def test_report_says_what_data_and_which_accuracy(smoke_experiment, tmp_path, mo
     assert analysis.main([relative, "--out", str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith("# normsweep summary: fashion-mnist, 2 epochs, 1 seed per variant "
-                              "(smoke-test subset: 1,000 train / 500 test images)\n")
+                              "(smoke-test subset: 1,000 train images, 500 test images)\n")
     assert f"Experiment: `{relative}` (relative to the directory the analysis ran in)" in summary
 
     grid, df = analysis.load_experiment(smoke_experiment)
     fig = analysis.plot_curves(df, "test_acc")
-    assert "smoke-test subset: 1,000 train / 500 test images" in fig.axes[0].get_title()
+    assert "smoke-test subset: 1,000 train images, 500 test images" in fig.axes[0].get_title()
     assert fig.axes[0].get_ylabel() == "test accuracy, flip-averaged (%)"
     headline = analysis.summary(df).set_index("variant")["final one-view acc mean (%)"]
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
