@@ -21,6 +21,7 @@ import pytest
 import analysis
 import comparisons
 import errors
+import experiments
 import sweep
 import tune_main
 from conftest import make_idx_dir
@@ -58,8 +59,9 @@ def pending_experiment(tmp_path_factory):
 
 
 @pytest.mark.slow  # a real sweep (Ray)
-def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experiment, tmp_path):
+def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experiment, tmp_path, capfd):
     grid, df = analysis.load_experiment(pending_experiment)
+    assert "Failed to fetch metrics" not in capfd.readouterr().err  # Ray's, of the silent trial (issue 25, item 28)
     silent = [r for r in grid if r.config is None]
     assert len(grid) == 2 and len(silent) == 1, "the batch-500 trial must not have reported for this test"
 
@@ -73,6 +75,11 @@ def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experimen
     assert (tmp_path / "misclassified_gn_batch_2.png").exists()
     # one variant with results: said, not an empty table
     assert "nothing to compare (fewer than two variants have results" in summary and "| comparison" not in summary
+    assert "Resume it with tune_main.py --resume." in summary
+    with experiments.owned(str(pending_experiment)):  # a run writing it is not to be resumed (issue 25, item 22)
+        assert analysis.main([str(pending_experiment), "--out", str(tmp_path / "running")]) == 0
+    running = (tmp_path / "running" / "summary.md").read_text()
+    assert f"It is still running (another run (pid {os.getpid()} on " in running and "--resume" not in running
 
     console = sweep.summary_text(grid)
     assert re.search(r"^gn_batch_500_seed0_\w+: no epoch reported$", console, re.M), console
