@@ -89,7 +89,7 @@ def load_experiment(path):
     from ray.tune import ExperimentAnalysis, ResultGrid  # after the checks: a bad path is refused without Ray
 
     fs, fs_path = experiments.filesystem(location)
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # "Failed to fetch metrics" of a trial with none
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # its per-trial "no epoch"
     grid = ResultGrid(ExperimentAnalysis(fs_path, storage_filesystem=fs))
     if (df := results_frame(grid)).empty:
         raise no_epoch

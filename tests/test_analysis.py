@@ -258,7 +258,8 @@ def test_an_experiment_with_no_epoch_is_refused_before_ray(tmp_path, capsys, mon
     monkeypatch.setitem(sys.modules, "ray.tune", None)  # importing Ray's Tune raises ImportError
     none = _experiment_on_disk(tmp_path / "none", {"bn_seed0_1": ("", ""), "gn_seed0_2": ("", "")})
     assert analysis.main([str(none)]) == 2
-    assert capsys.readouterr().err == f"error: {none} holds no reported epochs yet; wait for the first epoch or check the trials' errors\n"
+    assert capsys.readouterr().err == (f"error: {none} holds no reported epochs yet; wait for the first epoch or check "
+                                       f"the trials' errors\n")
     cut = _experiment_on_disk(tmp_path / "cut", {"bn_seed0_1": ("", "epoch,health,test_acc\n1,ok,0.5\n")})
     with pytest.raises(ImportError):
         analysis.load_experiment(cut)
@@ -291,7 +292,8 @@ def test_a_partial_report_of_a_running_experiment_does_not_say_resume():
     table = pd.DataFrame([{"variant": "bn", "epochs in": "1", "planned epochs": 2, "complete": False}])
     holder = "another run (pid 42 on host, since 2026-12-04 05:00:00)"
     running = analysis.progress_note(table, running=holder)
-    assert running.endswith(f"(epochs in, per variant: bn 1 of 2). It is still running ({holder}).") and "--resume" not in running
+    assert running.endswith(f"(epochs in, per variant: bn 1 of 2). It is still running ({holder}).")
+    assert "--resume" not in running
     assert analysis.progress_note(table).endswith("Resume it with tune_main.py --resume.")
     assert analysis.progress_note(table.assign(complete=True), running=holder) == ""
 
