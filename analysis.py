@@ -8,6 +8,7 @@ headless); the notebook calls the same functions. Ray is imported only where a R
 import argparse
 import io
 import itertools
+import logging
 import os
 import re
 import subprocess
@@ -29,6 +30,7 @@ import train
 import tuned
 from comparisons import convergence, convergence_warnings, final_per_trial, healthy, scored_on
 from errors import USAGE_EXIT, CheckpointError, DataError, ExperimentError, NormsweepError
+from model import GHOST_BATCH
 
 AnalysisError = ExperimentError  # what this module raises: one line that says what to do
 CURVES = {  # metric -> (axis label, higher is better); {split}: the split the trials were scored on (scored_on)
@@ -81,12 +83,16 @@ def load_experiment(path):
     """(ResultGrid, results_frame) of an experiment, a directory or URI (`s3://bucket/results/name`); a one-line
     AnalysisError where it holds no Tune experiment or no epoch yet."""
     location = check_experiment(path)
+    no_epoch = AnalysisError(f"{location} holds no reported epochs yet; wait for the first epoch or check the trials' errors")
+    if not any(experiments.last_results(location).values()):
+        raise no_epoch
     from ray.tune import ExperimentAnalysis, ResultGrid  # after the checks: a bad path is refused without Ray
 
     fs, fs_path = experiments.filesystem(location)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # its per-trial "no epoch"
     grid = ResultGrid(ExperimentAnalysis(fs_path, storage_filesystem=fs))
     if (df := results_frame(grid)).empty:
-        raise AnalysisError(f"{location} holds no reported epochs yet; wait for the first epoch or check the trials' errors")
+        raise no_epoch
     return grid, df
 
 
@@ -104,9 +110,9 @@ def results_frame(grid) -> pd.DataFrame:
     import trainable  # Ray's: a config read as the trial read it
 
     frames = []
-    for result in grid:
-        config, metrics = result.config, result.metrics_dataframe
-        if not config or metrics is None or metrics.empty:
+    for result in grid:  # every epoch, from result.json or, where that was cut short, progress.csv
+        config, metrics = result.config, experiments.history(experiments.location_of(result.filesystem, result.path))
+        if not config or metrics.empty:
             continue
         variant = config["variant"]
         settings = {**variant, **trainable.trial_config(config, threads=0)}
@@ -133,10 +139,12 @@ def result_of(grid, trial: str):
 
 def data_subset(launch: dict) -> str:
     """What part of the dataset a launch trained and scored on, in words; "" for all of it."""
-    if launch.get("smoke_test"):
-        return f"smoke-test subset: {launch['train_size']:,} train / {launch['test_size']:,} test images"
-    scored = f"{launch['val_size']:,} of them held out to score on" if launch.get("val_size") else "every test image"
-    return f"--train-size subset: {launch['train_size']:,} train images, {scored}" if launch.get("train_size") else ""
+    if not (n_train := launch.get("train_size")):
+        return ""
+    held_out = tuned.val_size_for(n_train) if launch.get("stage") == "tuning" else launch.get("val_size")
+    scored = (f"{held_out:,} of them held out for validation" if held_out else
+              f"{launch['test_size']:,} test images" if launch.get("test_size") else "every test image")
+    return f"{'smoke-test' if launch.get('smoke_test') else '--train-size'} subset: {n_train:,} train images, {scored}"
 
 
 def _title(df, what: str, wrap: bool = False) -> str:
@@ -187,12 +195,14 @@ def progress(grid, df) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def progress_note(table: pd.DataFrame) -> str:
-    """'' for a complete experiment, else one sentence saying it is partial, per variant."""
+def progress_note(table: pd.DataFrame, running: str | None = None) -> str:
+    """'' for a complete experiment, else one sentence saying it is partial, per variant; running: who runs it
+    (experiments.holder), said in place of how to resume it."""
     parts = "; ".join(f"{row['variant']} {row['epochs in']} of {row['planned epochs']}" for _, row in table.iterrows())
+    then = f"It is still running ({running})." if running else "Resume it with tune_main.py --resume."
     return "" if table["complete"].all() else (
         "Partial experiment: these figures and tables cover only the epochs reported so far (epochs in, per "
-        f"variant: {parts}). Resume it with tune_main.py --resume.")
+        f"variant: {parts}). {then}")
 
 
 def diverged_note(df) -> str:
@@ -202,6 +212,13 @@ def diverged_note(df) -> str:
     if not named or len(trials) < df["trial"].nunique():
         return named and f"Diverged trials, left out of the figures and tables: {named}."
     return f"Every trial diverged ({_count(len(trials), 'trial')}), so there is no accuracy to report or compare: {named}."
+
+
+def ghost_note(df) -> str:
+    """'' unless gbn trained at a batch of at most GHOST_BATCH images, where its one ghost batch makes it bn."""
+    batches = sorted(df.loc[(df["norm"] == "gbn") & (df["batch_size"] <= GHOST_BATCH), "batch_size"].unique())
+    return "" if not batches else (f"gbn at batch {', '.join(map(str, batches))} is bn: its ghost batches of "
+                                   f"{GHOST_BATCH} images need a larger batch to differ from it.")
 
 
 def validation_note(df) -> str:
@@ -447,9 +464,10 @@ def tuning_frame(grid, df):
     return df if launch.get("stage") == "tuning" else None
 
 
-def wall_minutes(df) -> float:
-    """Minutes from the first epoch's start to the last report (a resumed experiment counts its pause too)."""
-    return float((df["timestamp"].max() - (df["timestamp"] - df["time_this_iter_s"]).min()) / 60)
+def wall_time(df) -> str:
+    """From the first epoch's start to the last report (a resumed experiment counts its pause too): "159 s", "12 min"."""
+    seconds = float(df["timestamp"].max() - (df["timestamp"] - df["time_this_iter_s"]).min())
+    return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.0f} min"
 
 
 def configuration_table(df) -> pd.DataFrame:
@@ -560,7 +578,8 @@ def write_report(experiment, out_dir, dataset=None, data_dir=None) -> list:
     each). dataset, data_dir: where the experiment's data lies now, if it moved since the sweep."""
     grid, df = load_experiment(experiment)
     figures, skipped = {}, []  # file name -> PNG; "what: why" of each part left out
-    notes = [progress_note(progress(grid, df)), diverged_note(df), validation_note(df)]
+    running = experiments.holder(experiment_location(grid))
+    notes = [progress_note(progress(grid, df), running), diverged_note(df), validation_note(df), ghost_note(df)]
     text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", "",
             *[line for note in notes if note for line in (f"**{note}**", "")]]
     if (kind := stage(grid)) == "tuning":  # the learning-rate sensitivity and the choices
@@ -610,7 +629,7 @@ def _final_stage_section(grid, df, figures: dict) -> list:
     """A tuned comparison's final stage: the configurations of its two arms, then its tuning stage's section."""
     text = ["## Tuned comparison", "", "Each variant at the configuration its tuning stage chose on validation images "
             "(arm \"tuned\") and at the shared recipe (arm \"recipe\"), the same seeds, scored on the test split; this "
-            f"final stage took {wall_minutes(df):.0f} min of wall time:", "", _markdown(configuration_table(df)), ""]
+            f"final stage took {wall_time(df)} of wall time:", "", _markdown(configuration_table(df)), ""]
     try:
         return text + _tuning_section(tuning_frame(grid, df), figures)
     except AnalysisError as e:
@@ -627,7 +646,7 @@ def _tuning_section(tuning_df, figures: dict) -> list:
             "Every variant trained once (seed 0) at each learning rate and weight decay below, "
             f"{int(tuning_df['epochs'].max())} epochs, on the training split less {int(tuning_df['val_size'].max()):,} "
             "validation images; accuracy on those validation images at the final epoch, one view (%). Empty: diverged. "
-            f"The stage's {tuning_df['trial'].nunique()} trials took {wall_minutes(tuning_df):.0f} min of wall time.", "",
+            f"The stage's {tuning_df['trial'].nunique()} trials took {wall_time(tuning_df)} of wall time.", "",
             _markdown(tuned.sensitivity(tuning_df)), "", "![learning-rate sensitivity](lr_sensitivity.png)", "",
             "Chosen per variant (highest final validation accuracy; ties to the lower validation loss):", "",
             _markdown(choices), "", *(["Would early stopping have found the same configurations? Spearman's rank "

@@ -284,7 +284,6 @@ def summary_text(results, stage: str = "") -> str:
     import analysis
     import comparisons
 
-    results = with_history(results)
     df = analysis.results_frame(results)
     reported = set(df["trial"]) if not df.empty else set()
     lines = []
@@ -307,23 +306,16 @@ def summary_text(results, stage: str = "") -> str:
                 lines += ["", "tuned against the shared recipe, per variant:", text_table(
                     comparisons.paired_tests(df, compare="arm", within=("variant name", "batch_size")))]
         lines += analysis.convergence_warnings(df)
-        lines += [note for note in [analysis.diverged_note(df), analysis.validation_note(df)] if note]
+        lines += [note for note in [analysis.diverged_note(df), analysis.validation_note(df), analysis.ghost_note(df)]
+                  if note]
     lines += [f"{Path(r.path).name}: no epoch reported" for r in results if Path(r.path).name not in reported]
     return "\n".join(lines)
 
 
 def text_table(table) -> str:
-    return table.to_string(index=False, float_format="{:.2f}".format, na_rep="-")
+    import analysis
 
-
-def with_history(results):
-    """A ResultGrid's results with every epoch each trial reported (experiments.history; Tune reads only result.json)."""
-    def completed(result):
-        location = experiments.location_of(result.filesystem, result.path) if result.filesystem else result.path
-        frame, known = experiments.history(location), result.metrics_dataframe
-        return dataclasses.replace(result, metrics_dataframe=frame) if len(frame) > (
-            0 if known is None else len(known)) else result
-    return type("Results", (list,), {"experiment_path": results.experiment_path})(map(completed, results))
+    return analysis.formatted(table).to_string(index=False)  # as the report: p "<0.001", nan "-"
 
 
 def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal: int) -> int:

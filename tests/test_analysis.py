@@ -234,3 +234,94 @@ def test_headless_notebook_of_a_mistyped_experiment_is_one_line(tmp_path, capsys
     with pytest.raises(SystemExit) as refused:  # the data flags are the report's
         analysis.main([str(tmp_path), "--notebook", "--dataset", str(tmp_path)])
     assert refused.value.code == 2 and "apply to the report" in capsys.readouterr().err
+
+
+def _experiment_on_disk(root: Path, trials: dict) -> Path:
+    """An experiment as Tune and normsweep leave it: trials = {name: (result.json text, progress.csv text)}."""
+    import config
+    import experiments
+
+    root.mkdir(parents=True)
+    (root / experiments.LAUNCH_FILE).write_text(json.dumps(config.SweepConfig(variants="bn", epochs=2).to_launch()))
+    (root / "experiment_state-2026.json").write_text("{}")
+    for name, (result, progress) in trials.items():
+        (root / name).mkdir()
+        (root / name / "result.json").write_text(result)
+        if progress:
+            (root / name / "progress.csv").write_text(progress)
+    return root
+
+
+def test_an_experiment_with_no_epoch_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    """Issue 25, item 28: Ray's "Failed to fetch metrics" (7 lines) came before the one line. Sibling: a trial whose
+    result.json was emptied while progress.csv holds its epoch has an epoch, so it is read (with Ray)."""
+    monkeypatch.setitem(sys.modules, "ray.tune", None)  # importing Ray's Tune raises ImportError
+    none = _experiment_on_disk(tmp_path / "none", {"bn_seed0_1": ("", ""), "gn_seed0_2": ("", "")})
+    assert analysis.main([str(none)]) == 2
+    assert capsys.readouterr().err == (f"error: {none} holds no reported epochs yet; wait for the first epoch or check "
+                                       f"the trials' errors\n")
+    cut = _experiment_on_disk(tmp_path / "cut", {"bn_seed0_1": ("", "epoch,health,test_acc\n1,ok,0.5\n")})
+    with pytest.raises(ImportError):
+        analysis.load_experiment(cut)
+
+
+def _result(trial: Path):
+    from ray.tune import Result
+
+    config = {"variant": {"name": "bn", "norm": "bn", "l1": 0.0}, "seed": 0, "lr": 0.05, "batch_size": 32,
+              "epochs": 2, "dataset": "fashion-mnist", "val_size": 0}
+    return Result(metrics={"config": config}, checkpoint=None, error=None, path=str(trial), metrics_dataframe=None)
+
+
+def test_results_frame_reads_every_epoch_reported(tmp_path):
+    """Issue 25, item 24: a result.json emptied by an interrupted resume while progress.csv holds epoch 1: the
+    analysis (and the CLI's table, which reads the same frame) has that epoch. Sibling: result.json holding more
+    epochs than progress.csv is what is read."""
+    experiment = _experiment_on_disk(tmp_path / "cut", {
+        "bn_seed0_1": ("", "epoch,health,test_acc\n1,ok,0.5\n"),
+        "bn_seed1_2": ("".join(json.dumps({"epoch": e, "health": "ok", "test_acc": e / 4}) + "\n" for e in (1, 2)),
+                       "epoch,health,test_acc\n1,ok,0.25\n")})
+    grid = type("Grid", (list,), {"experiment_path": str(experiment)})(map(_result, sorted(experiment.glob("bn_*"))))
+    df = analysis.results_frame(grid)
+    assert df.groupby("trial")["test_acc"].apply(list).to_dict() == {"bn_seed0_1": [0.5], "bn_seed1_2": [0.25, 0.5]}
+
+
+def test_a_partial_report_of_a_running_experiment_does_not_say_resume():
+    """Issue 25, item 22: a running sweep's partial report said "Resume it with tune_main.py --resume", and a
+    resume then broke the experiment. Sibling: once no run holds it, it says how to resume."""
+    table = pd.DataFrame([{"variant": "bn", "epochs in": "1", "planned epochs": 2, "complete": False}])
+    holder = "another run (pid 42 on host, since 2026-12-04 05:00:00)"
+    running = analysis.progress_note(table, running=holder)
+    assert running.endswith(f"(epochs in, per variant: bn 1 of 2). It is still running ({holder}).")
+    assert "--resume" not in running
+    assert analysis.progress_note(table).endswith("Resume it with tune_main.py --resume.")
+    assert analysis.progress_note(table.assign(complete=True), running=holder) == ""
+
+
+@pytest.mark.parametrize("seconds, shown", [(159, "159 s"), (599, "599 s"), (600, "10 min"), (1930, "32 min")])
+def test_wall_time_of_a_short_stage_is_not_0_min(seconds, shown):
+    """Issue 25, item 28: "this final stage took 0 min" for a 159 s run."""
+    df = pd.DataFrame({"timestamp": [1000.0 + seconds / 2, 1000.0 + seconds], "time_this_iter_s": [seconds / 2] * 2})
+    assert analysis.wall_time(df) == shown
+
+
+def test_a_tuning_stage_is_headed_with_its_validation_images():
+    """Issue 25, item 28: a validation-scored tuning stage was headed "1,000 train / 500 test". Sibling: a
+    --train-size tuning stage said "every test image"."""
+    smoke = {"smoke_test": True, "train_size": 1000, "test_size": 500}
+    assert analysis.data_subset({**smoke, "stage": "tuning"}) == (
+        "smoke-test subset: 1,000 train images, 200 of them held out for validation")
+    assert analysis.data_subset({**smoke, "stage": "final"}) == "smoke-test subset: 1,000 train images, 500 test images"
+    assert analysis.data_subset({"train_size": 4000, "stage": "tuning"}) == (
+        "--train-size subset: 4,000 train images, 800 of them held out for validation")
+    assert analysis.data_subset({"train_size": 4000, "val_size": 500}) == (
+        "--train-size subset: 4,000 train images, 500 of them held out for validation")
+
+
+def test_gbn_at_a_batch_no_larger_than_its_ghost_batch_is_said_to_be_bn():
+    """Issue 25, item 28: gbn at a batch of 16 or less is bn trained twice. Sibling: gbn at 32, or bn at 16, says
+    nothing."""
+    df = pd.DataFrame({"norm": ["gbn", "gbn", "gbn", "bn"], "batch_size": [16, 8, 32, 16]})
+    assert analysis.ghost_note(df) == ("gbn at batch 8, 16 is bn: its ghost batches of 16 images need a larger batch "
+                                       "to differ from it.")
+    assert analysis.ghost_note(df[df["batch_size"] > 16]) == analysis.ghost_note(df[df["norm"] == "bn"]) == ""

@@ -5,6 +5,7 @@ Two real sweeps (Ray on the 2-core machine): one interrupted while a trial has n
 only trial diverges. The rest reuses the session's smoke experiment.
 """
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ import pytest
 import analysis
 import comparisons
 import errors
+import experiments
 import sweep
 import tune_main
 from conftest import make_idx_dir
@@ -58,8 +60,12 @@ def pending_experiment(tmp_path_factory):
 
 
 @pytest.mark.slow  # a real sweep (Ray)
-def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experiment, tmp_path):
+def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experiment, tmp_path, monkeypatch):
+    ray_said, handler = [], logging.Handler()  # Ray warned "Failed to fetch metrics" of the silent trial (issue 25,
+    handler.emit = ray_said.append  # item 28); its handler writes to a descriptor pytest's capfd does not capture
+    monkeypatch.setattr(logging.getLogger("ray.tune.analysis.experiment_analysis"), "handlers", [handler])
     grid, df = analysis.load_experiment(pending_experiment)
+    assert not ray_said, [record.getMessage() for record in ray_said]
     silent = [r for r in grid if r.config is None]
     assert len(grid) == 2 and len(silent) == 1, "the batch-500 trial must not have reported for this test"
 
@@ -73,6 +79,11 @@ def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experimen
     assert (tmp_path / "misclassified_gn_batch_2.png").exists()
     # one variant with results: said, not an empty table
     assert "nothing to compare (fewer than two variants have results" in summary and "| comparison" not in summary
+    assert "Resume it with tune_main.py --resume." in summary
+    with experiments.owned(str(pending_experiment)):  # a run writing it is not to be resumed (issue 25, item 22)
+        assert analysis.main([str(pending_experiment), "--out", str(tmp_path / "running")]) == 0
+    running = (tmp_path / "running" / "summary.md").read_text()
+    assert f"It is still running (another run (pid {os.getpid()} on " in running and "--resume" not in running
 
     console = sweep.summary_text(grid)
     assert re.search(r"^gn_batch_500_seed0_\w+: no epoch reported$", console, re.M), console
@@ -142,12 +153,12 @@ def test_report_says_what_data_and_which_accuracy(smoke_experiment, tmp_path, mo
     assert analysis.main([relative, "--out", str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith("# normsweep summary: fashion-mnist, 2 epochs, 1 seed per variant "
-                              "(smoke-test subset: 1,000 train / 500 test images)\n")
+                              "(smoke-test subset: 1,000 train images, 500 test images)\n")
     assert f"Experiment: `{relative}` (relative to the directory the analysis ran in)" in summary
 
     grid, df = analysis.load_experiment(smoke_experiment)
     fig = analysis.plot_curves(df, "test_acc")
-    assert "smoke-test subset: 1,000 train / 500 test images" in fig.axes[0].get_title()
+    assert "smoke-test subset: 1,000 train images, 500 test images" in fig.axes[0].get_title()
     assert fig.axes[0].get_ylabel() == "test accuracy, flip-averaged (%)"
     headline = analysis.summary(df).set_index("variant")["final one-view acc mean (%)"]
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

@@ -201,3 +201,13 @@ def test_killed_driver_resumes_every_trial_once(tmp_path, session_ray):
     for result in grid:
         assert reported_epochs(Path(result.path)) == list(range(1, epochs + 1))
         assert (result.metrics_dataframe["threads"] == 1).all()
+
+
+def test_closing_tables_show_numbers_as_the_report_does():
+    """Issue 25, item 28: the CLI's closing table printed a p of 1e-16 as 0.00. Sibling: a nan as "-"."""
+    import pandas as pd
+
+    table = pd.DataFrame({"comparison": ["bn − gn", "bn − ln"], "difference (points)": [1.234, float("nan")],
+                          "paired t p": [8.59e-16, float("nan")], "Holm p": [0.0123, 1.0]})
+    rows = [line.split() for line in sweep.text_table(table).splitlines()[1:]]
+    assert rows == [["bn", "−", "gn", "1.23", "<0.001", "0.0123"], ["bn", "−", "ln", "-", "-", "1"]]
