@@ -456,3 +456,78 @@ def test_an_experiment_copied_or_moved_resumes_where_it_lies(tmp_path, session_r
     assert tune_main.main(["--resume", "--storage-path", str(moved), "--name", name]) == 0
     last = experiments.last_results(str(moved / name))
     assert len(last) == 2 and all(result["epoch"] == 2 for result in last.values()), last
+
+
+class _DriverStopped(Exception):
+    pass
+
+
+def _tune_as_a_driver(monkeypatch, trial: Path, known: int, stop_after_checkpoints=None) -> list:
+    """Ray Tune's side of train_variant, faked: `known` is the newest checkpoint index Tune's saved state lists (-1:
+    none); each reported checkpoint is persisted as Tune does (the next index, over what is there); a driver stopped
+    after `stop_after_checkpoints` of them. Returns the list the reports go to: (report, with a checkpoint)."""
+    from ray import tune
+
+    reports, index = [], [known]
+    resources = type("Resources", (), {"required_resources": {"CPU": 1}})
+    context = type("Context", (), {"get_trial_resources": lambda self: resources,
+                                   "get_trial_dir": lambda self: f"/tmp/staging/driver_artifacts/{trial.name}"})
+
+    def report(metrics, checkpoint=None):
+        if checkpoint:
+            index[0] += 1
+            shutil.copytree(checkpoint.path, trial / f"checkpoint_{index[0]:06d}", dirs_exist_ok=True)
+        reports.append((metrics, bool(checkpoint)))
+        if checkpoint and index[0] - known == stop_after_checkpoints:
+            raise _DriverStopped
+
+    monkeypatch.setattr(tune, "get_context", lambda: context())
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint(str(trial / f"checkpoint_{known:06d}"))
+                        if known >= 0 else None)
+    monkeypatch.setattr(tune, "report", report)
+    return reports
+
+
+@pytest.mark.parametrize("damage", ["", "newest half-written"])
+def test_a_resume_continues_from_the_checkpoint_a_stopped_driver_did_not_save(damage, tmp_path, monkeypatch):
+    """Issue 25, item 24: a trial's checkpoint of epoch 1 on storage that Tune's saved state does not list (its driver
+    stopped first; Tune restarts the trial with an empty log): the resume reports epoch 1 again from the checkpoint
+    and trains on from epoch 2, each epoch once. The sibling: the newest checkpoint (epoch 2) half-written, the
+    resume goes on from the one before it."""
+    import trainable
+
+    experiment, dataset = tmp_path / "results" / "cut", data_lib.load_dataset(str(make_idx_dir(tmp_path / "idx")))
+    trial = experiment / "gn_seed0_00000"
+    trial.mkdir(parents=True)
+    config = {"variant": {"norm": "gn", "l1": 0.0}, "epochs": 3, "batch_size": 16, "compile": "off"}
+    first = _tune_as_a_driver(monkeypatch, trial, known=-1, stop_after_checkpoints=2 if damage else 1)
+    with pytest.raises(_DriverStopped):
+        trainable.train_variant(config, dataset, experiment=str(experiment))
+    if damage:
+        state = trial / "checkpoint_000001" / trainable.CHECKPOINT_FILE
+        state.write_bytes(state.read_bytes()[:1000])  # a copy cut off mid-write
+    resumed = _tune_as_a_driver(monkeypatch, trial, known=-1)
+    trainable.train_variant(config, dataset, experiment=str(experiment))
+    assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(1, False), (2, True), (3, True)]
+    assert json.dumps(resumed[0][0]) == json.dumps(first[0][0])  # epoch 1 as it was reported, not trained again
+    newest = experiments.checkpoints(str(trial))[0]
+    assert [r["epoch"] for r in json.loads(Path(newest, experiments.EPOCHS_FILE).read_text())] == [1, 2, 3]
+
+
+def test_a_resume_reports_again_only_the_epochs_tunes_log_lacks(tmp_path, monkeypatch):
+    """Issue 25, item 24, Tune's state listing an older checkpoint (epoch 1, whose log it restores) than the trial's
+    newest on storage (epoch 2): epoch 2 is reported again, epoch 1 not, and training goes on at epoch 3."""
+    import trainable
+
+    experiment, dataset = tmp_path / "results" / "older", data_lib.load_dataset(str(make_idx_dir(tmp_path / "idx")))
+    trial = experiment / "gn_seed0_00000"
+    trial.mkdir(parents=True)
+    config = {"variant": {"norm": "gn", "l1": 0.0}, "epochs": 3, "batch_size": 16, "compile": "off"}
+    first = _tune_as_a_driver(monkeypatch, trial, known=-1, stop_after_checkpoints=2)
+    with pytest.raises(_DriverStopped):
+        trainable.train_variant(config, dataset, experiment=str(experiment))
+    (trial / "result.json").write_text(json.dumps(first[0][0]) + "\n")  # the log as far as Tune's state goes
+    resumed = _tune_as_a_driver(monkeypatch, trial, known=0)
+    trainable.train_variant(config, dataset, experiment=str(experiment))
+    assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(2, False), (3, True)]
+    assert json.dumps(resumed[0][0]) == json.dumps(first[1][0])
