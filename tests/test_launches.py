@@ -531,3 +531,40 @@ def test_a_resume_reports_again_only_the_epochs_tunes_log_lacks(tmp_path, monkey
     trainable.train_variant(config, dataset, experiment=str(experiment))
     assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(2, False), (3, True)]
     assert json.dumps(resumed[0][0]) == json.dumps(first[1][0])
+
+
+@pytest.mark.slow
+def test_a_resume_goes_on_from_a_checkpoint_the_interrupted_driver_did_not_take_in(tmp_path, session_ray):
+    """Issue 25, item 24, end to end: an interrupted sweep whose trial had written one more checkpoint than its driver
+    took in (made here as the trial makes it: the next epoch, from its newest checkpoint): the resume reports that
+    epoch from the checkpoint, trains on from the next, and Tune's log holds each epoch once."""
+    import trainable
+
+    storage, name, epochs = tmp_path / "results", "unlisted", 3
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "gn", "--epochs", str(epochs),
+               "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
+    driver = launch_until(command, lambda: any(p.read_text().strip() for p in (storage / name).glob("*/result.json")),
+                          "the first reported epoch", cwd=ROOT)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=HANG_SECONDS)
+    assert driver.returncode == 130, (out, err)
+    trial = next((storage / name).glob("gn_*"))
+    newest = Path(experiments.checkpoints(str(trial))[0]) / trainable.CHECKPOINT_FILE
+    sweep = experiments.read_sweep(str(storage / name))
+    run = train.TrainingRun(train.load_checkpoint(newest)["config"],
+                            train.trial_data(data_lib.load_dataset(sweep.dataset, sweep.data_dir), sweep))
+    run.load(newest)
+    assert run.epoch < epochs, "interrupted too late to test the resume"
+    report = trainable.epoch_report(run, run.run_epoch())
+    unlisted = trial / f"checkpoint_{int(newest.parent.name.split('_')[1]) + 1:06d}"
+    unlisted.mkdir()
+    run.save(unlisted / trainable.CHECKPOINT_FILE)
+    reports = json.loads((newest.parent / experiments.EPOCHS_FILE).read_text()) + [report]
+    (unlisted / experiments.EPOCHS_FILE).write_text(json.dumps(reports))
+
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name]) == 0
+    logged = [json.loads(line) for line in (trial / experiments.RESULT_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in logged] == list(range(1, epochs + 1)), logged
+    assert logged[run.epoch - 1]["epoch_seconds"] == report["epoch_seconds"]  # from the checkpoint, not trained again
+    final = Path(experiments.checkpoints(str(trial))[0], experiments.EPOCHS_FILE)
+    assert [r["epoch"] for r in json.loads(final.read_text())] == list(range(1, epochs + 1))
