@@ -462,30 +462,46 @@ class _DriverStopped(Exception):
     pass
 
 
-def _tune_as_a_driver(monkeypatch, trial: Path, known: int, stop_after_checkpoints=None) -> list:
+def _tune_as_a_driver(monkeypatch, trial: str, known: int, stop_after_checkpoints=None) -> list:
     """Ray Tune's side of train_variant, faked: `known` is the newest checkpoint index Tune's saved state lists (-1:
     none); each reported checkpoint is persisted as Tune does (the next index, over what is there); a driver stopped
     after `stop_after_checkpoints` of them. Returns the list the reports go to: (report, with a checkpoint)."""
+    import pyarrow.fs as pafs
     from ray import tune
 
+    fs, path = experiments.filesystem(trial)
     reports, index = [], [known]
     resources = type("Resources", (), {"required_resources": {"CPU": 1}})
     context = type("Context", (), {"get_trial_resources": lambda self: resources,
-                                   "get_trial_dir": lambda self: f"/tmp/staging/driver_artifacts/{trial.name}"})
+                                   "get_trial_dir": lambda self: f"/tmp/staging/{experiments.name_of(trial)}"})
 
     def report(metrics, checkpoint=None):
         if checkpoint:
             index[0] += 1
-            shutil.copytree(checkpoint.path, trial / f"checkpoint_{index[0]:06d}", dirs_exist_ok=True)
+            fs.create_dir(f"{path}/checkpoint_{index[0]:06d}")
+            pafs.copy_files(checkpoint.path, f"{path}/checkpoint_{index[0]:06d}", destination_filesystem=fs)
         reports.append((metrics, bool(checkpoint)))
         if checkpoint and index[0] - known == stop_after_checkpoints:
             raise _DriverStopped
 
     monkeypatch.setattr(tune, "get_context", lambda: context())
-    monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint(str(trial / f"checkpoint_{known:06d}"))
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint(f"{path}/checkpoint_{known:06d}", fs)
                         if known >= 0 else None)
     monkeypatch.setattr(tune, "report", report)
     return reports
+
+
+def interrupted_trial(monkeypatch, tmp_path, experiment: str, checkpoints: int):
+    """(train_variant's arguments, reports): a 3-epoch trial of `experiment` whose driver stopped after it had written
+    `checkpoints` checkpoints, none of them in Tune's saved state."""
+    import trainable
+
+    arguments = ({"variant": {"norm": "gn", "l1": 0.0}, "epochs": 3, "batch_size": 16, "compile": "off"},
+                 data_lib.load_dataset(str(make_idx_dir(tmp_path / "idx"))), experiment)
+    reports = _tune_as_a_driver(monkeypatch, experiments.join(experiment, "gn_seed0_00000"), -1, checkpoints)
+    with pytest.raises(_DriverStopped):
+        trainable.train_variant(*arguments)
+    return arguments, reports
 
 
 @pytest.mark.parametrize("damage", ["", "newest half-written"])
@@ -496,18 +512,14 @@ def test_a_resume_continues_from_the_checkpoint_a_stopped_driver_did_not_save(da
     resume goes on from the one before it."""
     import trainable
 
-    experiment, dataset = tmp_path / "results" / "cut", data_lib.load_dataset(str(make_idx_dir(tmp_path / "idx")))
+    experiment = tmp_path / "results" / "cut"
+    arguments, first = interrupted_trial(monkeypatch, tmp_path, str(experiment), 2 if damage else 1)
     trial = experiment / "gn_seed0_00000"
-    trial.mkdir(parents=True)
-    config = {"variant": {"norm": "gn", "l1": 0.0}, "epochs": 3, "batch_size": 16, "compile": "off"}
-    first = _tune_as_a_driver(monkeypatch, trial, known=-1, stop_after_checkpoints=2 if damage else 1)
-    with pytest.raises(_DriverStopped):
-        trainable.train_variant(config, dataset, experiment=str(experiment))
     if damage:
         state = trial / "checkpoint_000001" / trainable.CHECKPOINT_FILE
         state.write_bytes(state.read_bytes()[:1000])  # a copy cut off mid-write
-    resumed = _tune_as_a_driver(monkeypatch, trial, known=-1)
-    trainable.train_variant(config, dataset, experiment=str(experiment))
+    resumed = _tune_as_a_driver(monkeypatch, str(trial), known=-1)
+    trainable.train_variant(*arguments)
     assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(1, False), (2, True), (3, True)]
     assert json.dumps(resumed[0][0]) == json.dumps(first[0][0])  # epoch 1 as it was reported, not trained again
     newest = experiments.checkpoints(str(trial))[0]
@@ -519,16 +531,12 @@ def test_a_resume_reports_again_only_the_epochs_tunes_log_lacks(tmp_path, monkey
     newest on storage (epoch 2): epoch 2 is reported again, epoch 1 not, and training goes on at epoch 3."""
     import trainable
 
-    experiment, dataset = tmp_path / "results" / "older", data_lib.load_dataset(str(make_idx_dir(tmp_path / "idx")))
+    experiment = tmp_path / "results" / "older"
+    arguments, first = interrupted_trial(monkeypatch, tmp_path, str(experiment), 2)
     trial = experiment / "gn_seed0_00000"
-    trial.mkdir(parents=True)
-    config = {"variant": {"norm": "gn", "l1": 0.0}, "epochs": 3, "batch_size": 16, "compile": "off"}
-    first = _tune_as_a_driver(monkeypatch, trial, known=-1, stop_after_checkpoints=2)
-    with pytest.raises(_DriverStopped):
-        trainable.train_variant(config, dataset, experiment=str(experiment))
-    (trial / "result.json").write_text(json.dumps(first[0][0]) + "\n")  # the log as far as Tune's state goes
-    resumed = _tune_as_a_driver(monkeypatch, trial, known=0)
-    trainable.train_variant(config, dataset, experiment=str(experiment))
+    (trial / experiments.RESULT_FILE).write_text(json.dumps(first[0][0]) + "\n")  # the log as far as Tune's state goes
+    resumed = _tune_as_a_driver(monkeypatch, str(trial), known=0)
+    trainable.train_variant(*arguments)
     assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(2, False), (3, True)]
     assert json.dumps(resumed[0][0]) == json.dumps(first[1][0])
 
