@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
-import train
 import experiments
+import train
 from config import TrialConfig
 from errors import CheckpointError
 from experiments import HEALTH_KEY

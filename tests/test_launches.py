@@ -145,8 +145,7 @@ def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys, session
     storage, name = tmp_path / "results", "terminated"
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
                "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
-    # the driver writes result.json once it has taken the epoch's report in, its checkpoint with it: a checkpoint
-    # directory alone may be one the driver has not registered, which the resume would not continue from
+    # the driver writes result.json once it has taken the epoch's report in, its checkpoint with it
     driver = launch_until(command, lambda: any(p.read_text().strip() for p in (storage / name).glob("*/result.json")),
                           "the first reported epoch", cwd=ROOT)
     driver.send_signal(signal.SIGTERM)  # what timeout(1), docker stop, scancel and preemption send

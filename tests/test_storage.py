@@ -76,8 +76,8 @@ def test_ctrl_c_on_s3_saves_state_prints_the_resume_command_which_finishes_it_an
     storage = f"s3://{name}/results"
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
                "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", storage, "--name", "remote"]
-    # waits on events (the driver's line for the first epoch: it has taken the report and its checkpoint in; the
-    # checkpoint on S3 alone may be one the driver has not registered), however long a loaded machine takes
+    # waits on events (the driver's line for the first epoch: it has taken the report and its checkpoint in),
+    # however long a loaded machine takes
     with tempfile.TemporaryFile("w+") as stdout:  # not in tmp_path, which must stay empty
         driver = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
         wait_for(lambda: stdout.seek(0) == 0 and "epoch 1/2" in stdout.read(), driver, "the first reported epoch")
