@@ -32,7 +32,7 @@ def trial_config(config: dict, threads: int) -> dict:
     return {**flat, **variant, "threads": threads}
 
 
-def train_variant(config: dict, dataset, experiment: str = ""):
+def train_variant(config: dict, dataset, experiment: str):
     """Function trainable; `dataset` arrives once through Ray's object store (tune.with_parameters), `experiment` is
     where the experiment lies now (a local path or URI)."""
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
@@ -57,8 +57,8 @@ def resume(run: train.TrainingRun, experiment: str) -> list:
     before its driver takes the report in and saves it in Tune's state, so a stopped driver's state may lack it. The
     epochs it holds that Tune's log of the trial lacks are reported again. Returns the epochs reported so far."""
     known = tune.get_checkpoint()  # Tune's log of a trial it restores without one starts empty
-    trial = experiments.join(experiment, Path(tune.get_context().get_trial_dir()).name) if experiment else ""
-    located = [experiments.filesystem(c) for c in (experiments.checkpoints(trial) if trial else [])]
+    trial = experiments.join(experiment, Path(tune.get_context().get_trial_dir()).name)
+    located = [experiments.filesystem(c) for c in experiments.checkpoints(trial)]
     for checkpoint in [tune.Checkpoint(path, fs) for fs, path in located] + ([known] if known else []):
         with checkpoint.as_directory() as directory:
             try:
@@ -68,7 +68,7 @@ def resume(run: train.TrainingRun, experiment: str) -> list:
             run.load(Path(directory) / CHECKPOINT_FILE)
             reports = Path(directory, experiments.EPOCHS_FILE)
             reports = json.loads(reports.read_text()) if reports.exists() else []
-        logged = set(experiments.history(trial).get("epoch", [])) if known and trial else set()
+        logged = set(experiments.history(trial).get("epoch", [])) if known else set()
         for report in (r for r in reports if r["epoch"] not in logged):
             tune.report(report)
         return reports
