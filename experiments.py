@@ -3,7 +3,7 @@ analysis and the notebook goes through here. An experiment, `<storage path>/<nam
 and is analysed wherever it is moved or copied. The storage path is a local directory or a URI pyarrow.fs resolves
 (`s3://bucket/prefix`, `gs://`); S3 reads AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... as every S3 client does.
     <name>/normsweep_launch.json (LAUNCH_FILE), normsweep_owner.json (OWNER_FILE), experiment_state-*.json (Tune's)
-    <name>/<trial>/result.json, progress.csv, checkpoint_NNNNNN/state.pt (the best and the latest)
+    <name>/<trial>/result.json, progress.csv, checkpoint_NNNNNN/state.pt, epochs.json (the best and the latest)
 """
 import contextlib
 import json
@@ -29,6 +29,7 @@ LAUNCH_FILE = "normsweep_launch.json"
 OWNER_FILE, LOCK_FILE = "normsweep_owner.json", ".normsweep.lock"
 STATE_PREFIX, SEARCH_STATE_PREFIX = "experiment_state-", "basic-variant-state-"  # Tune's (the search's is a pickle)
 RESULT_FILE, PROGRESS_FILE = "result.json", "progress.csv"
+EPOCHS_FILE = "epochs.json"  # in each checkpoint_*: a JSON list of the trial's reports (dicts) up to that epoch
 HEALTH_KEY = "health"  # each epoch's result: "ok", or why the trial stopped early ("diverged: ...")
 # What an operating system or object store says when storage ran out (ENOSPC, EDQUOT, S3 quota).
 FULL_STORAGE = re.compile(r"No space left on device|Disk quota exceeded|\[Errno 28\]|\[Errno 122\]|QuotaExceeded")
@@ -302,7 +303,19 @@ def history(trial: str):
     frame = pd.json_normalize(lines, sep="/")
     csv = _text(join(trial, PROGRESS_FILE))
     progress = pd.read_csv(io.StringIO(csv), dtype={"trial_id": str}) if csv.strip() else pd.DataFrame()
-    return progress if len(progress) > len(frame) else frame
+    frame = progress if len(progress) > len(frame) else frame
+    return frame.drop_duplicates("epoch", keep="last") if "epoch" in frame else frame  # an epoch reported twice
+
+
+def checkpoints(trial: str) -> list:
+    """A trial's checkpoint_* directories with a readable EPOCHS_FILE, the latest epoch first: those Tune's saved
+    state lists and those it does not yet (written by the trial before its driver stopped)."""
+    found = []
+    for location in (c for c in _subdirs(trial) if name_of(c).startswith("checkpoint_")):
+        reports = _json_or_none(_text(join(location, EPOCHS_FILE)))
+        if isinstance(reports, list) and reports and isinstance(reports[-1], dict):  # else cut off mid-write
+            found.append((reports[-1].get("epoch", 0), name_of(location), location))
+    return [location for *_, location in sorted(found, reverse=True)]
 
 
 def _text(location: str) -> str:

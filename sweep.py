@@ -220,7 +220,8 @@ def run_stage(sweep: SweepConfig, storage: str) -> int:
             else:
                 refuse_existing(experiment)
             print(describe(resources, ray.cluster_resources(), n_trials, sweep, experiment), flush=True)
-            fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset), resources)
+            fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset,
+                                                          experiment=experiment), resources)
             results = fit(tuner(sweep, storage, fn, space, n_trials), storage, sweep)
         finally:
             with cluster.interrupts_held(then_raise=False):

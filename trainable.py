@@ -1,5 +1,6 @@
-"""The Ray Tune trainable, thin glue around train.TrainingRun: build the run from the trial's config, resume from
-`tune.get_checkpoint()` when Tune retries or restores the trial, then per epoch report METRICS with a checkpoint."""
+"""The Ray Tune trainable, thin glue around train.TrainingRun: build the run from the trial's config, resume from its
+newest checkpoint when Tune retries or restores the trial, then per epoch report METRICS with a checkpoint."""
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -7,8 +8,10 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
+import experiments
 import train
 from config import TrialConfig
+from errors import CheckpointError
 from experiments import HEALTH_KEY
 
 # Every epoch reports exactly these (accuracies 0-1; losses in nats). test_acc: flip-averaged; test_acc_single: one
@@ -29,14 +32,12 @@ def trial_config(config: dict, threads: int) -> dict:
     return {**flat, **variant, "threads": threads}
 
 
-def train_variant(config: dict, dataset):
-    """Function trainable; `dataset` arrives once through Ray's object store (tune.with_parameters)."""
+def train_variant(config: dict, dataset, experiment: str):
+    """Function trainable; `dataset` arrives once through Ray's object store (tune.with_parameters), `experiment` is
+    where the experiment lies now (a local path or URI)."""
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     run = train.TrainingRun(trial_config(config, threads=max(1, int(cpus))), dataset)  # a shared core: 1 thread
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            run.load(Path(directory) / CHECKPOINT_FILE)
+    reports = resume(run, experiment)
     while run.epoch < run.config["epochs"]:
         metrics = run.run_epoch()
         health = divergence(metrics, run.config)
@@ -44,9 +45,34 @@ def train_variant(config: dict, dataset):
         if health != "ok":  # stop this trial; no checkpoint of a net full of nan; the others go on
             tune.report(report)
             return
+        reports.append(report)
         with tempfile.TemporaryDirectory() as directory:
             run.save(Path(directory) / CHECKPOINT_FILE)
+            (Path(directory) / experiments.EPOCHS_FILE).write_text(json.dumps(reports))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def resume(run: train.TrainingRun, experiment: str) -> list:
+    """Load the trial's newest readable checkpoint on storage into `run`, else Tune's: the trial writes a checkpoint
+    before its driver takes the report in and saves it in Tune's state, so a stopped driver's state may lack it. The
+    epochs it holds that Tune's log of the trial lacks are reported again. Returns the epochs reported so far."""
+    known = tune.get_checkpoint()  # Tune's log of a trial it restores without one starts empty
+    trial = experiments.join(experiment, Path(tune.get_context().get_trial_dir()).name)
+    located = [experiments.filesystem(c) for c in experiments.checkpoints(trial)]
+    for checkpoint in [tune.Checkpoint(path, fs) for fs, path in located] + ([known] if known else []):
+        with checkpoint.as_directory() as directory:
+            try:
+                train.load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+            except CheckpointError:  # half-written: the one before it
+                continue
+            run.load(Path(directory) / CHECKPOINT_FILE)
+            reports = Path(directory, experiments.EPOCHS_FILE)
+            reports = json.loads(reports.read_text()) if reports.exists() else []
+        logged = set(experiments.history(trial).get("epoch", [])) if known else set()
+        for report in (r for r in reports if r["epoch"] not in logged):
+            tune.report(report)
+        return reports
+    return []
 
 
 def epoch_report(run: train.TrainingRun, metrics: dict, health: str = "ok") -> dict:

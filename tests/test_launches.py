@@ -145,8 +145,7 @@ def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys, session
     storage, name = tmp_path / "results", "terminated"
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
                "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
-    # the driver writes result.json once it has taken the epoch's report in, its checkpoint with it: a checkpoint
-    # directory alone may be one the driver has not registered, which the resume would not continue from
+    # the driver writes result.json once it has taken the epoch's report in, its checkpoint with it
     driver = launch_until(command, lambda: any(p.read_text().strip() for p in (storage / name).glob("*/result.json")),
                           "the first reported epoch", cwd=ROOT)
     driver.send_signal(signal.SIGTERM)  # what timeout(1), docker stop, scancel and preemption send
@@ -450,3 +449,123 @@ def test_an_experiment_copied_or_moved_resumes_where_it_lies(tmp_path, session_r
     assert tune_main.main(["--resume", "--storage-path", str(moved), "--name", name]) == 0
     last = experiments.last_results(str(moved / name))
     assert len(last) == 2 and all(result["epoch"] == 2 for result in last.values()), last
+
+
+class _DriverStopped(Exception):
+    pass
+
+
+def _tune_as_a_driver(monkeypatch, trial: str, known: int, stop_after_checkpoints=None) -> list:
+    """Ray Tune's side of train_variant, faked: `known` is the newest checkpoint index Tune's saved state lists (-1:
+    none); each reported checkpoint is persisted as Tune does (the next index, over what is there); a driver stopped
+    after `stop_after_checkpoints` of them. Returns the list the reports go to: (report, with a checkpoint)."""
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    fs, path = experiments.filesystem(trial)
+    reports, index = [], [known]
+    resources = type("Resources", (), {"required_resources": {"CPU": 1}})
+    context = type("Context", (), {"get_trial_resources": lambda self: resources,
+                                   "get_trial_dir": lambda self: f"/tmp/staging/{experiments.name_of(trial)}"})
+
+    def report(metrics, checkpoint=None):
+        if checkpoint:
+            index[0] += 1
+            fs.create_dir(f"{path}/checkpoint_{index[0]:06d}")
+            pafs.copy_files(checkpoint.path, f"{path}/checkpoint_{index[0]:06d}", destination_filesystem=fs)
+        reports.append((metrics, bool(checkpoint)))
+        if checkpoint and index[0] - known == stop_after_checkpoints:
+            raise _DriverStopped
+
+    monkeypatch.setattr(tune, "get_context", lambda: context())
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint(f"{path}/checkpoint_{known:06d}", fs)
+                        if known >= 0 else None)
+    monkeypatch.setattr(tune, "report", report)
+    return reports
+
+
+def interrupted_trial(monkeypatch, tmp_path, experiment: str, checkpoints: int):
+    """(train_variant's arguments, reports): a 3-epoch trial of `experiment` whose driver stopped after it had written
+    `checkpoints` checkpoints, none of them in Tune's saved state."""
+    import trainable
+
+    arguments = ({"variant": {"norm": "gn", "l1": 0.0}, "epochs": 3, "batch_size": 16, "compile": "off"},
+                 data_lib.load_dataset(str(make_idx_dir(tmp_path / "idx"))), experiment)
+    reports = _tune_as_a_driver(monkeypatch, experiments.join(experiment, "gn_seed0_00000"), -1, checkpoints)
+    with pytest.raises(_DriverStopped):
+        trainable.train_variant(*arguments)
+    return arguments, reports
+
+
+@pytest.mark.parametrize("damage", ["", "newest half-written"])
+def test_a_resume_continues_from_the_checkpoint_a_stopped_driver_did_not_save(damage, tmp_path, monkeypatch):
+    """Issue 25, item 24: a trial's checkpoint of epoch 1 on storage that Tune's saved state does not list (its driver
+    stopped first; Tune restarts the trial with an empty log): the resume reports epoch 1 again from the checkpoint
+    and trains on from epoch 2, each epoch once. The sibling: the newest checkpoint (epoch 2) half-written, the
+    resume goes on from the one before it."""
+    import trainable
+
+    experiment = tmp_path / "results" / "cut"
+    arguments, first = interrupted_trial(monkeypatch, tmp_path, str(experiment), 2 if damage else 1)
+    trial = experiment / "gn_seed0_00000"
+    if damage:
+        state = trial / "checkpoint_000001" / trainable.CHECKPOINT_FILE
+        state.write_bytes(state.read_bytes()[:1000])  # a copy cut off mid-write
+    resumed = _tune_as_a_driver(monkeypatch, str(trial), known=-1)
+    trainable.train_variant(*arguments)
+    assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(1, False), (2, True), (3, True)]
+    assert json.dumps(resumed[0][0]) == json.dumps(first[0][0])  # epoch 1 as it was reported, not trained again
+    newest = experiments.checkpoints(str(trial))[0]
+    assert [r["epoch"] for r in json.loads(Path(newest, experiments.EPOCHS_FILE).read_text())] == [1, 2, 3]
+
+
+def test_a_resume_reports_again_only_the_epochs_tunes_log_lacks(tmp_path, monkeypatch):
+    """Issue 25, item 24, Tune's state listing an older checkpoint (epoch 1, whose log it restores) than the trial's
+    newest on storage (epoch 2): epoch 2 is reported again, epoch 1 not, and training goes on at epoch 3."""
+    import trainable
+
+    experiment = tmp_path / "results" / "older"
+    arguments, first = interrupted_trial(monkeypatch, tmp_path, str(experiment), 2)
+    trial = experiment / "gn_seed0_00000"
+    (trial / experiments.RESULT_FILE).write_text(json.dumps(first[0][0]) + "\n")  # the log as far as Tune's state goes
+    resumed = _tune_as_a_driver(monkeypatch, str(trial), known=0)
+    trainable.train_variant(*arguments)
+    assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(2, False), (3, True)]
+    assert json.dumps(resumed[0][0]) == json.dumps(first[1][0])
+
+
+@pytest.mark.slow
+def test_a_resume_goes_on_from_a_checkpoint_the_interrupted_driver_did_not_take_in(tmp_path, session_ray):
+    """Issue 25, item 24, end to end: an interrupted sweep whose trial had written one more checkpoint than its driver
+    took in (made here as the trial makes it: the next epoch, from its newest checkpoint): the resume reports that
+    epoch from the checkpoint, trains on from the next, and Tune's log holds each epoch once."""
+    import trainable
+
+    storage, name, epochs = tmp_path / "results", "unlisted", 3
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "gn", "--epochs", str(epochs),
+               "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
+    driver = launch_until(command, lambda: any(p.read_text().strip() for p in (storage / name).glob("*/result.json")),
+                          "the first reported epoch", cwd=ROOT)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=HANG_SECONDS)
+    assert driver.returncode == 130, (out, err)
+    trial = next((storage / name).glob("gn_*"))
+    newest = Path(experiments.checkpoints(str(trial))[0]) / trainable.CHECKPOINT_FILE
+    sweep = experiments.read_sweep(str(storage / name))
+    run = train.TrainingRun(train.load_checkpoint(newest)["config"],
+                            train.trial_data(data_lib.load_dataset(sweep.dataset, sweep.data_dir), sweep))
+    run.load(newest)
+    assert run.epoch < epochs, "interrupted too late to test the resume"
+    report = trainable.epoch_report(run, run.run_epoch())
+    unlisted = trial / f"checkpoint_{int(newest.parent.name.split('_')[1]) + 1:06d}"
+    unlisted.mkdir()
+    run.save(unlisted / trainable.CHECKPOINT_FILE)
+    reports = json.loads((newest.parent / experiments.EPOCHS_FILE).read_text()) + [report]
+    (unlisted / experiments.EPOCHS_FILE).write_text(json.dumps(reports))
+
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name]) == 0
+    logged = [json.loads(line) for line in (trial / experiments.RESULT_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in logged] == list(range(1, epochs + 1)), logged
+    assert logged[run.epoch - 1]["epoch_seconds"] == report["epoch_seconds"]  # from the checkpoint, not trained again
+    final = Path(experiments.checkpoints(str(trial))[0], experiments.EPOCHS_FILE)
+    assert [r["epoch"] for r in json.loads(final.read_text())] == list(range(1, epochs + 1))

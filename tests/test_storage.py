@@ -76,8 +76,8 @@ def test_ctrl_c_on_s3_saves_state_prints_the_resume_command_which_finishes_it_an
     storage = f"s3://{name}/results"
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
                "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", storage, "--name", "remote"]
-    # waits on events (the driver's line for the first epoch: it has taken the report and its checkpoint in; the
-    # checkpoint on S3 alone may be one the driver has not registered), however long a loaded machine takes
+    # waits on events (the driver's line for the first epoch: it has taken the report and its checkpoint in),
+    # however long a loaded machine takes
     with tempfile.TemporaryFile("w+") as stdout:  # not in tmp_path, which must stay empty
         driver = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
         wait_for(lambda: stdout.seek(0) == 0 and "epoch 1/2" in stdout.read(), driver, "the first reported epoch")
@@ -206,3 +206,22 @@ def test_refused_credentials_and_a_silent_endpoint_are_one_line(monkeypatch):
     with pytest.raises(experiments.ExperimentError, match=r"no answer from s3://b within 0.5 s"):
         experiments.check_storage("s3://b/results")  # an offline gs:// kept pyarrow retrying for 13+ minutes
     release.set()
+
+
+def test_a_resume_on_s3_continues_from_the_checkpoint_a_stopped_driver_did_not_save(bucket, tmp_path, monkeypatch):
+    """Issue 25, item 24's sibling on an object store, after the experiment moved to another prefix: the trial's
+    checkpoint of epoch 1 that Tune's saved state does not list is found where the experiment lies now."""
+    import trainable
+    from test_launches import _tune_as_a_driver, interrupted_trial
+
+    name, client = bucket
+    arguments, first = interrupted_trial(monkeypatch, tmp_path, f"s3://{name}/results/cut", 1)
+    for key in _keys(client, name, "results/"):  # moved: copied, the original deleted
+        client.copy_object(Bucket=name, Key=key.replace("results/", "moved/", 1), CopySource={"Bucket": name, "Key": key})
+        client.delete_object(Bucket=name, Key=key)
+    moved = f"s3://{name}/moved/cut"
+    resumed = _tune_as_a_driver(monkeypatch, experiments.join(moved, "gn_seed0_00000"), known=-1)
+    trainable.train_variant(*arguments[:2], moved)
+    assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(1, False), (2, True), (3, True)]
+    assert json.dumps(resumed[0][0]) == json.dumps(first[0][0])
+    assert not _keys(client, name, "results/")  # nothing written where it was
