@@ -46,6 +46,7 @@ REFUSED = [
     ("tune", ["--tune", "--batch-sizes", "2,4"], "--tune and --batch-sizes both given"),
     ("tune", ["--tune-lrs", "0.1,-1"], "--tune-lrs must list positive learning rates"),
     ("tune", ["--tune-lrs", "0.1,0.1"], "--tune-lrs must list positive learning rates, e.g. 0.025,0.05, each once, got"),
+    ("tune", ["--tune-weight-decays=-1e-4"], "--tune-weight-decays must list weight decays of 0 or more, each once"),
     ("tune", ["--tune-weight-decays", ","], "--tune-weight-decays must list weight decays of 0 or more, each once, got "
                                              "nothing"),
     ("tune", ["--val-size", "-1"], "--val-size must be 0 (evaluate on test) or more images, got -1"),

@@ -110,18 +110,6 @@ def test_choice_skips_diverged_configurations_and_breaks_ties_on_validation_loss
     assert np.isnan(sensitivity.loc["gn", "lr 0.4"]) and sensitivity.loc["bn", "lr 0.05"] == 88.0
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--tune", "--tune-lrs", "0.05,0"], "--tune-lrs must list positive learning rates"),
-    (["--tune", "--tune-weight-decays=-1e-4"], "--tune-weight-decays must list weight decays of 0 or more"),
-    (["--tune", "--tune-lrs", "0.05,0.05"], "--tune-lrs lists a value twice"),
-    (["--tune", "--batch-sizes", "8,16"], "--tune and --batch-sizes both given"),
-])
-def test_bad_tuning_grids_are_refused_in_one_line(flags, message, capsys, tmp_path):
-    assert tune_main.main(flags + ["--storage-path", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
-
-
 @pytest.mark.slow  # a real tuned comparison (Ray)
 def test_notebook_shows_the_tuned_comparison(comparison):
     """analysis.ipynb on a final stage: the sensitivity figure, the choices and the paired tables, no error."""
