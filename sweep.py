@@ -51,6 +51,7 @@ def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
     with experiments.owned(experiment):  # refused before anything is said if another run holds it
         launch = experiments.read_launch(experiment)
     resumed = dataclasses.replace(sweep.from_launch(launch), name=name)
+    data_lib.check_dataset(resumed.dataset, test_split=not resumed.val_size)  # gone or damaged: said before Ray
     saved = set(launch) & given - {"name"}
     ignored = [f"--{k.replace('_', '-')} {getattr(sweep, k)}" for k in sorted(saved)
                if getattr(sweep, k) != getattr(resumed, k)]

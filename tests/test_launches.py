@@ -396,6 +396,21 @@ def test_a_resume_on_other_data_or_another_model_file_is_refused(tmp_path, capsy
     assert "error: --resume: the --model file changed since" in capsys.readouterr().err
 
 
+def test_a_resume_whose_dataset_is_gone_or_damaged_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    """The launch's dataset directory deleted since (or its test split): one line naming it, before Ray starts."""
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("Ray started"))
+    storage, directory = tmp_path / "results", make_idx_dir(tmp_path / "tiny", n_train=64, n_test=32)
+    _resumable(storage, "gone", directory)
+    shutil.rmtree(directory)
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", "gone"]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: no such directory: {directory};")
+    make_idx_dir(directory)
+    for path in directory.glob("t10k-*"):  # the sibling: its test split lost
+        path.unlink()
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", "gone"]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {directory}: no test split")
+
+
 def test_epochs_a_cut_short_result_json_lost_are_read_from_progress_csv(tmp_path):
     """Issue 25, item 24: a resume stopped before a trial reported left its result.json empty while progress.csv
     holds epoch 1: the trial's history, what it has left and the CLI's table still have that epoch."""
