@@ -241,6 +241,8 @@ def test_notebook_run_headless_writes_beside_the_report_and_fails_in_one_line(sm
     run = json.loads((tmp_path / "run" / "analysis.ipynb").read_text())
     outputs = [out for cell in run["cells"] if cell["cell_type"] == "code" for out in cell["outputs"]]
     assert not [out for out in outputs if out["output_type"] == "error"]
+    # nothing on the kernel's stderr (Ray said "Missing packages: ['ipywidgets']" twice there)
+    assert not [out["text"] for out in outputs if out.get("name") == "stderr"]
     assert sum("image/png" in out.get("data", {}) for out in outputs) >= 4 + 4 + 1  # curves, grids, pooling
     tables = "".join(str(out.get("data", {}).get("text/plain", "")) for cell in run["cells"]
                      if "analysis.formatted(" in "".join(cell["source"]) for out in cell.get("outputs", []))

@@ -241,28 +241,6 @@ def test_notebook_cells_have_ids():
         nbformat.validate(nbformat.read(ROOT / "analysis.ipynb", as_version=4))
 
 
-def test_documented_headless_notebook_command_runs(smoke_experiment):
-    """The README's nbconvert command, as written, on a smoke experiment: every figure drawn, no error,
-    and nothing on the notebook's stderr (Ray said "Missing packages: ['ipywidgets']" twice there)."""
-    text = (ROOT / "docs/usage.md").read_text().replace("\\\n", " ")
-    [command] = [line.split("  #", 1)[0] for line in text.splitlines() if "jupyter nbconvert" in line]
-    venv_bin = f"{Path(sys.executable).parent}/"  # CI's .venv/bin, or this interpreter's
-    command = command.replace("results/<name>", str(smoke_experiment)).replace(".venv/bin/", venv_bin)
-    report = smoke_experiment / "report"
-    before = set(report.glob("*")) if report.exists() else set()
-    done = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "MissingIDFieldWarning" not in done.stderr, done.stderr
-    [written] = set(report.glob("*.ipynb")) - before
-    notebook = nbformat.read(written, as_version=4)
-    written.unlink()  # the session's smoke experiment stays as the sweep left it
-    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
-    assert not [out for out in outputs if out.get("output_type") == "error"]
-    stderr = [out["text"] for out in outputs if out.get("name") == "stderr"]
-    assert not stderr, stderr
-    assert sum("image/png" in out.get("data", {}) for out in outputs) >= 4 + 4 + 1  # curves, grids, pooling
-
-
 INTERRUPT_AT_IMPORT = """
 import os, runpy, signal, sys
 
