@@ -7,7 +7,6 @@ import shlex
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import matplotlib
 import nbformat
