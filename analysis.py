@@ -44,10 +44,8 @@ RECIPE_COPY = "~recipe"  # suffix of the copied rows of a tuned trial whose choi
 
 
 def printable(text) -> str:
-    """Any str (a class name, a variant, a path) as matplotlib and markdown show it verbatim: unprintable characters
-    (newlines; surrogates, a file name's undecodable bytes) backslash-escaped, mathtext's `$` escaped."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
-                   else c.encode("unicode_escape").decode() for c in str(text)).replace("$", r"\$")
+    """data.printable's escapes, and mathtext's `$` escaped: any str as matplotlib and markdown show it verbatim."""
+    return data_lib.printable(text).replace("$", r"\$")
 
 
 def formatted(table: pd.DataFrame) -> pd.DataFrame:

@@ -195,16 +195,17 @@ class _ArraysOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data file")
 
 
-def _printable(text) -> str:
-    """A name or message as one printable line: bytes that are not UTF-8 (a latin-1 folder name) and control
-    characters (a newline) become backslash escapes, which JSON, a figure and the console take."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1]
-                   for c in os.fsencode(str(text)).decode("utf-8", "backslashreplace"))
+def printable(text) -> str:
+    """Any str (a class name, a path, a message) as one printable line, verbatim otherwise: unprintable characters
+    (a newline) and a file name's undecodable bytes (surrogates: a latin-1 folder name) become backslash escapes,
+    which JSON, a figure and the console take."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else c.encode("unicode_escape").decode() for c in str(text))
 
 
 def _walk_folder(directory: Path, splits: tuple) -> tuple:
     """An image folder's files in torchvision's ImageFolder order, none read: ([[(path, label), ...] per split], class
-    names: the training split's folders, _printable); hidden files and folders are not data. DataError for a folder
+    names: the training split's folders, printable); hidden files and folders are not data. DataError for a folder
     link (one can loop or bring in other classes), under two classes, a class without images, an unknown test class."""
     samples, names = [], None
     for split in splits:
@@ -212,10 +213,10 @@ def _walk_folder(directory: Path, splits: tuple) -> tuple:
         folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         unknown, names = sorted(set(folders) - set(names or folders)), names or folders
         if unknown:
-            raise DataError(_printable(f"{root / unknown[0]}: class {unknown[0]!r} is not among the training classes "
+            raise DataError(printable(f"{root / unknown[0]}: class {unknown[0]!r} is not among the training classes "
                                        f"({', '.join(names)}); rename it or add it to train/"))
         if len(names) < 2:
-            raise DataError(_printable(f"{root}: {len(names)} class folder{'s' * (len(names) != 1)} "
+            raise DataError(printable(f"{root}: {len(names)} class folder{'s' * (len(names) != 1)} "
                                        f"({', '.join(names) or 'none'}); a classifier needs two or more, one folder of "
                                        f"images per class"))
         for name in folders:
@@ -227,17 +228,17 @@ def _walk_folder(directory: Path, splits: tuple) -> tuple:
                                  if not file.startswith(".") and file.lower().endswith(IMAGE_EXTENSIONS)]
             link = next((folder for folder in subfolders if folder.is_symlink()), None)
             if link:
-                raise DataError(_printable(f"{link}: a link to a folder ({os.path.realpath(link)}); an image folder "
+                raise DataError(printable(f"{link}: a link to a folder ({os.path.realpath(link)}); an image folder "
                                            f"follows none (one can loop or bring in other classes' images): copy the "
                                            f"images in, or link each image file"))
         empty = [name for name in folders if not images[name]]  # a test split may lack some classes, not all
         if empty and (split == "train" or len(empty) == len(folders)):
-            raise DataError(_printable(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class folder"
+            raise DataError(printable(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class folder"
                                        f"{'s' * (len(empty) > 1)} {', '.join(empty)}; add images or delete the empty "
                                        f"folders (an image folder holds {split}/<class>/<image>.png)"))
         samples.append([(path, names.index(name)) for name in folders for path in
                         sorted(images[name], key=lambda path: (str(path.parent), path.name))])
-    return samples, tuple(map(_printable, names))
+    return samples, tuple(map(printable, names))
 
 
 def _read_folder(samples: list) -> list:
@@ -254,9 +255,9 @@ def _read_folder(samples: list) -> list:
                 full = 1.0 if image.mode == "F" else 65535 if image.mode.split(";")[0] == "I" else None  # I, I;16*
                 pixels = np.asarray(image if full else image.convert("L" if image.mode in GRAY_MODES else "RGB"))
         except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as e:
-            raise DataError(_printable(f"{path}: not a readable image ({type(e).__name__}: {e}); replace or delete it"))
+            raise DataError(printable(f"{path}: not a readable image ({type(e).__name__}: {e}); replace or delete it"))
         if full and not 0 <= pixels.min() <= pixels.max() <= full:  # NaN fails too
-            raise DataError(_printable(f"{path}: {image.mode} pixel values from {pixels.min():g} to {pixels.max():g}, "
+            raise DataError(printable(f"{path}: {image.mode} pixel values from {pixels.min():g} to {pixels.max():g}, "
                                        f"but such pixels are read as 0 (black) to {full:g} (white); scale the images "
                                        f"into that range, or save them as 8-bit"))
         arrays.append(np.rint(pixels * (255 / full)).astype(np.uint8)[..., None] if full else np.atleast_3d(pixels))
@@ -264,7 +265,7 @@ def _read_folder(samples: list) -> list:
     common = max(set(sizes), key=sizes.count)
     for (path, _), (height, width) in zip(flat, sizes):
         if (height, width) != common:
-            raise DataError(_printable(f"{path}: {width}x{height} pixels, the other images {common[1]}x{common[0]} "
+            raise DataError(printable(f"{path}: {width}x{height} pixels, the other images {common[1]}x{common[0]} "
                                        f"pixels; resize the images to one size"))
     channels = max(a.shape[2] for a in arrays)  # 3 where any image has colour
     images = torch.from_numpy(np.stack([np.broadcast_to(a, (*common, channels)) for a in arrays]))
@@ -298,7 +299,7 @@ def _survey(directory: Path, test_split: bool, spec: Spec | None = None) -> tupl
     try:
         return kind, splits, declared, _walk_folder(directory, splits) if kind == "folder" else None
     except OSError as e:  # a folder that cannot be listed
-        raise DataError(_printable(f"{e.filename}: cannot be listed ({e.strerror}); make it readable")) from None
+        raise DataError(printable(f"{e.filename}: cannot be listed ({e.strerror}); make it readable")) from None
 
 
 def read_directory(directory, name: str, spec: Spec | None = None, test_split: bool = True) -> Dataset:
