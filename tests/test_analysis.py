@@ -18,9 +18,9 @@ import data as data_lib
 import train
 import trainable
 from model import GhostBatchNorm2d, WSConv2d, norm_layer
+from conftest import ROOT
 
 matplotlib.use("Agg")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,8 @@ import data as data_lib
 import experiments
 import train
 import tune_main
-from conftest import HANG_SECONDS, blank_dataset, launch_until, make_idx_dir
+from conftest import HANG_SECONDS, ROOT, blank_dataset, launch_until, make_idx_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_an_experiment_name_is_claimed_once(tmp_path, monkeypatch):

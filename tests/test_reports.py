@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import matplotlib
 import pandas as pd
@@ -25,10 +24,9 @@ import errors
 import experiments
 import sweep
 import tune_main
-from conftest import make_idx_dir
+from conftest import ROOT, make_idx_dir
 
 matplotlib.use("Agg")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,8 @@ import experiments
 import errors
 import train
 import tune_main
-from conftest import HANG_SECONDS, wait_for
+from conftest import HANG_SECONDS, ROOT, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
