@@ -27,6 +27,7 @@ import tune_main
 from conftest import ROOT, make_idx_dir
 
 matplotlib.use("Agg")
+pytestmark = pytest.mark.slow  # every test reads a real sweep (Ray)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,6 @@ def pending_experiment(tmp_path_factory):
     return storage / name
 
 
-@pytest.mark.slow  # a real sweep (Ray)
 def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experiment, tmp_path, monkeypatch):
     ray_said, handler = [], logging.Handler()  # Ray warned "Failed to fetch metrics" of the silent trial (issue 25,
     handler.emit = ray_said.append  # item 28); its handler writes to a descriptor pytest's capfd does not capture
@@ -87,7 +87,6 @@ def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experimen
     assert re.search(r"^gn_batch_500_seed0_\w+: no epoch reported$", console, re.M), console
 
 
-@pytest.mark.slow  # a real sweep (Ray)
 def test_results_copied_without_checkpoints_still_report(pending_experiment, tmp_path):
     copy = tmp_path / "copied"
     shutil.copytree(pending_experiment, copy, ignore=shutil.ignore_patterns("checkpoint_*", "report"))
@@ -101,7 +100,6 @@ def test_results_copied_without_checkpoints_still_report(pending_experiment, tmp
     assert "![test accuracy](test_acc.png)" in summary
 
 
-@pytest.mark.slow  # a real sweep (Ray)
 def test_every_trial_diverged(tmp_path, capfd, session_ray):
     storage = tmp_path / "results"
     code = tune_main.main(["--smoke-test", "--variants", "none", "--epochs", "1", "--lr", "1000", "--cpus-per-trial", "2",
@@ -214,7 +212,6 @@ def test_results_copied_without_checkpoints_or_one_trials_checkpoint(smoke_exper
     assert "bn − ln" in mcnemar and "− gn" not in mcnemar and "gn −" not in mcnemar  # its pairs left out, not guessed
 
 
-@pytest.mark.slow  # a real sweep (Ray)
 def test_an_experiment_whose_dataset_moved(tmp_path, capsys, session_ray):
     """The curves, tables and paired tests need no data; the misclassified grids and McNemar's test re-score
     checkpoints on it: said, and --dataset points at where it lies now."""
