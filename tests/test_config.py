@@ -3,7 +3,6 @@ defaults are defined once, and a launch's settings file reads back as the sweep 
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
