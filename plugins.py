@@ -1,5 +1,6 @@
 """`--model`: a built-in net (model.MODELS) or a user's builder, `path/to/file.py:build` or `module:build`, called
 as torchvision's ResNets are, `build(norm_layer=..., in_channels=..., num_classes=...)` -> an nn.Module."""
+import contextlib
 import importlib.util
 import inspect
 import sys
@@ -29,6 +30,18 @@ def shipped_file(spec: str) -> str | None:
     """The user's file a cluster's nodes need (Ray's `py_modules`), or None (a built-in, a module)."""
     target = spec.rpartition(":")[0]
     return target if target.endswith(".py") else None
+
+
+def source_file(spec: str) -> str | None:
+    """The Python file a user's builder is defined in (its .py file, or the one its module defines it in), None for a
+    built-in or a builder not written in Python: what a resume checks is unchanged. The builder must load."""
+    if is_builtin(spec):
+        return None
+    target, name = _split(spec)
+    if target.endswith(".py"):
+        return target
+    with contextlib.suppress(TypeError):
+        return inspect.getsourcefile(inspect.unwrap(getattr(importlib.import_module(target), name)))
 
 
 def build(config: model_lib.NetConfig) -> torch.nn.Module:

@@ -244,8 +244,8 @@ def discard_unstarted(experiment: str) -> None:
 
 
 def input_digests(dataset: data_lib.Dataset, model: str) -> dict:
-    """sha256 (hex) of what the trials train and score on (Dataset.fingerprint) and of a --model file."""
-    file = plugins.shipped_file(model)
+    """sha256 (hex) of what the trials train and score on (Dataset.fingerprint) and of a --model's Python file."""
+    file = plugins.source_file(model)
     return {"data": dataset.fingerprint(),
             **({"model": hashlib.sha256(Path(file).read_bytes()).hexdigest()} if file else {})}
 

@@ -395,6 +395,20 @@ def test_a_resume_on_other_data_or_another_model_file_is_refused(tmp_path, capsy
     assert "error: --resume: the --model file changed since" in capsys.readouterr().err
 
 
+def test_a_resume_after_a_models_module_was_edited_is_refused(tmp_path, capsys, no_ray, monkeypatch):
+    """--model module:build, a module on the path rather than a file: editing the file it is defined in is caught."""
+    storage, directory = tmp_path / "results", make_idx_dir(tmp_path / "tiny", n_train=64, n_test=32)
+    (tmp_path / "edited_net.py").write_text(
+        "from torch import nn\n\n\ndef build(norm_layer, in_channels, num_classes):\n    return nn.Sequential(nn.Conv2d("
+        "in_channels, 8, 3), norm_layer(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "edited_net", raising=False)
+    _resumable(storage, "module", directory, model="edited_net:build")
+    (tmp_path / "edited_net.py").write_text((tmp_path / "edited_net.py").read_text().replace(", 8, 3)", ", 8, 5)"))
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", "module"]) == 2
+    assert "error: --resume: the --model file changed since" in capsys.readouterr().err
+
+
 def test_a_resume_whose_dataset_is_gone_or_damaged_is_refused_before_ray(tmp_path, capsys, monkeypatch):
     """The launch's dataset directory deleted since (or its test split): one line naming it, before Ray starts."""
     monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("Ray started"))
