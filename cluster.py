@@ -84,16 +84,17 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
 
 def resolve(address: str):
     """(address, how to name it: with where `auto` found it, in Ray's order: RAY_ADDRESS, then the file the last
-    `ray start` here left). Raises ClusterError within seconds unless it is HOST:PORT where a Ray GCS answers."""
+    `ray start` here left). Raises ClusterError within seconds unless it is [ray://]HOST:PORT where a Ray GCS (or Ray
+    Client server) answers."""
     source, current = "", Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray",
                                "ray_current_cluster")  # Ray's temporary directory on Linux
     if address == "auto" and os.environ.get("RAY_ADDRESS"):
         address, source = os.environ["RAY_ADDRESS"], "; --address auto read it from RAY_ADDRESS"
     elif address == "auto" and current.is_file():
         address, source = current.read_text().strip(), f"; --address auto read it from {current}, left by `ray start`"
-    if address == "auto" or "://" in address:  # none found, or Ray Client's ray://: Ray's to check
+    if address == "auto" or "://" in address.removeprefix("ray://"):  # none found, or another scheme: Ray's to check
         return address, address
-    host, _, port = address.rpartition(":")
+    host, _, port = address.removeprefix("ray://").rpartition(":")  # Ray Client's server is gRPC too
     if not (host and port.isdigit() and int(port) < 65536):
         raise ClusterError(f"--address: {address} is not HOST:PORT{source}; pass the address `ray start --head` "
                            f"printed, e.g. 10.0.0.1:6379")
