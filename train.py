@@ -195,8 +195,9 @@ def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
                                         in_channels=dataset.channels, num_classes=classes))
         try:
             logits = model.to(memory_format=MEMORY_FORMAT).train()(images())
-            if tuple(getattr(logits, "shape", ())) != (batch, classes):
-                raise ModelError(f"--model {config.model} returns {tuple(getattr(logits, 'shape', ()))} for a batch "
+            if not torch.is_tensor(logits) or logits.shape != (batch, classes):  # e.g. a tuple (logits, aux)
+                got = tuple(logits.shape) if torch.is_tensor(logits) else f"a {type(logits).__name__}"
+                raise ModelError(f"--model {config.model} returns {got} for a batch "
                                  f"of {shape} images; a net must return (batch, {classes}) logits")
             loss = F.cross_entropy(logits, torch.randint(classes, (batch,)))
             if not loss.requires_grad:

@@ -198,6 +198,11 @@ def test_a_net_that_does_not_fit_the_data_is_refused_before_trials(user_file):
     wide = user_file("wide", TINY_NET.replace("nn.Conv2d(in_channels, 8", "nn.Conv2d(3, 8"))
     one_line_error(plugins.ModelError, rf"^--model {wide}:build with norm bn fails in a training step on a batch of "
                    r"\(2, 1, 28, 28\) images: RuntimeError: ", check, f"{wide}:build", ["bn"], 4, GREY)
+    pair = user_file("pair", TINY_NET.replace("return nn.Sequential(", "return Pair(").replace(
+        "from torch import nn\n", "from torch import nn\n\n\nclass Pair(nn.Sequential):  # (logits, aux), as Inception\n"
+        "    def forward(self, x):\n        return super().forward(x), None\n"))
+    one_line_error(plugins.ModelError, rf"^--model {pair}:build returns a tuple for a batch of \(2, 1, 28, 28\) images; "
+                   r"a net must return \(batch, 10\) logits$", check, f"{pair}:build", ["bn"], 4, GREY)
     tiny = user_file("tiny", TINY_NET)
     one_line_error(errors.UsageError, rf"^--model {tiny}:build: groups=3 does not divide the channel counts \[8, 16\]; "
                    r"valid group counts for this net's norm layers \(8, 16 channels\): 1, 2, 4, 8$",
