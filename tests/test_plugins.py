@@ -44,8 +44,8 @@ GREY, COLOUR = (1, 28, 28), (3, 32, 32)  # (C, H, W) of the images check() runs 
 
 def check(spec: str, norms, groups: int, image_shape) -> None:
     """The driver's pre-flight run (train.preflight) of the net for each norm, on a training batch of 2 images."""
-    dataset = data_lib.Dataset("synthetic", torch.zeros(2, *image_shape, dtype=torch.uint8), torch.arange(2), None, None,
-                               data_lib.DIGIT_CLASSES)
+    images = torch.zeros(2, *image_shape, dtype=torch.uint8)
+    dataset = data_lib.Dataset("synthetic", images, torch.arange(2), None, None, data_lib.DIGIT_CLASSES)
     for norm in norms:
         train.preflight(TrialConfig(model=spec, norm=norm, groups=groups, batch_size=2), dataset)
 
@@ -199,10 +199,10 @@ def test_a_net_that_does_not_fit_the_data_is_refused_before_trials(user_file):
     one_line_error(plugins.ModelError, rf"^--model {wide}:build with norm bn fails in a training step on a batch of "
                    r"\(2, 1, 28, 28\) images: RuntimeError: ", check, f"{wide}:build", ["bn"], 4, GREY)
     pair = user_file("pair", TINY_NET.replace("return nn.Sequential(", "return Pair(").replace(
-        "from torch import nn\n", "from torch import nn\n\n\nclass Pair(nn.Sequential):  # (logits, aux), as Inception\n"
-        "    def forward(self, x):\n        return super().forward(x), None\n"))
-    one_line_error(plugins.ModelError, rf"^--model {pair}:build returns a tuple for a batch of \(2, 1, 28, 28\) images; "
-                   r"a net must return \(batch, 10\) logits$", check, f"{pair}:build", ["bn"], 4, GREY)
+        "from torch import nn\n", "from torch import nn\n\n\nclass Pair(nn.Sequential):  # (logits, aux), as "
+        "Inception\n    def forward(self, x):\n        return super().forward(x), None\n"))
+    one_line_error(plugins.ModelError, rf"^--model {pair}:build returns a tuple for a batch of \(2, 1, 28, 28\) "
+                   r"images; a net must return \(batch, 10\) logits$", check, f"{pair}:build", ["bn"], 4, GREY)
     tiny = user_file("tiny", TINY_NET)
     one_line_error(errors.UsageError, rf"^--model {tiny}:build: groups=3 does not divide the channel counts \[8, 16\]; "
                    r"valid group counts for this net's norm layers \(8, 16 channels\): 1, 2, 4, 8$",
