@@ -159,7 +159,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def smoke_experiment(tmp_path_factory):
     """A real 4-variant x 2-epoch sweep on a Fashion-MNIST subset (tune_main.py --smoke-test), 1 CPU per trial
-    (two trials at once: 2 CPUs each would run the four one by one; tests/test_launches.py's SIGTERM test checks
+    (two trials at once: 2 CPUs each would run the four one by one; tests/test_interruptions.py's SIGTERM test checks
     that 2 CPUs train on 2 threads)."""
     import tune_main
 

@@ -1,5 +1,5 @@
-"""The analysis reads an experiment: report files, misclassified grids, README's numbers (the notebook:
-tests/test_rough_edges.py runs the README's headless command)."""
+"""The analysis without a sweep: one-line refusals, the README's worked example against torch, figures and
+tables of synthetic results, the tracked notebook. (Reading a real experiment: tests/test_reports.py.)"""
 import io
 import json
 import re

@@ -1,4 +1,5 @@
-"""The batch-size study: grid expansion, the lr scaling rule, batch size 1, precise BN, the analysis."""
+"""The batch-size study: grid expansion, the lr scaling rule, batch size 1, precise BN. (The study's sweep and
+report: tests/test_sweeps.py.)"""
 import math
 
 import pytest

@@ -1,11 +1,6 @@
-"""A two-node Ray cluster on one machine, with token authentication on, as a cloud cluster is.
-
-The head (`ray start --head --num-cpus 0`) runs nothing; the worker node runs in a private mount
-namespace (`unshare -m`, as root) where the repository and the dataset directory are hidden under
-empty directories, so it has only the virtual environment: Python and the requirements. A smoke
-sweep joined by the head's explicit address must finish there with the code shipped by Ray's runtime
-environment; without shipping, or without the token, it must fail in one line.
-"""
+"""Joining a cluster, in one line when it cannot be: nothing listening, --address auto, an address that cannot
+be joined named with its source, a temporary directory too long for Ray's sockets; what is shipped and how
+failures are grouped. (A real two-node cluster: tests/test_two_node_cluster.py.)"""
 import contextlib
 import os
 import re

@@ -1,6 +1,6 @@
 """Datasets as specs: CIFAR-10's python batches (read offline from a tiny archive in CIFAR's own format),
-image folders (colour and grayscale), per-channel statistics, and sweeps of ResNet-20 and a user's
-torchvision ResNet on them, end to end."""
+image folders (colour and grayscale), per-channel statistics. (Sweeps of ResNet-20 and a user's torchvision
+ResNet on them: tests/test_sweeps.py.)"""
 import io
 import json
 import os

@@ -1,6 +1,5 @@
-"""Failures through real sweeps: a diverging trial, a refused GPU request, many more trials than cores.
-Each test runs Ray on the 2-core machine. (Ctrl-C and --resume: tests/test_storage.py, on S3; SIGTERM:
-tests/test_launches.py; a killed driver: tests/test_sweep.py.)"""
+"""Failures read from results: best-epoch ties, the progress line's one-view accuracy. (Through real sweeps:
+tests/test_sweeps.py; Ctrl-C, SIGTERM and --resume: tests/test_interruptions.py.)"""
 import re
 from types import SimpleNamespace
 

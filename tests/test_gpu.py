@@ -1,5 +1,5 @@
-"""benchmarks/gpu.py, the GPU check script, on the CPU: its tiny run prints a sane row per variant, and the
-GPU-against-CPU accuracy comparison flags a gap over 2 points."""
+"""benchmarks/gpu.py, the GPU check script, on the CPU: the GPU-against-CPU accuracy comparison flags a gap
+over 2 points, and on a GPU it runs its sweeps. (Its tiny run on the CPU: tests/test_sweeps.py.)"""
 import importlib.util
 
 import pandas as pd

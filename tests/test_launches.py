@@ -1,5 +1,6 @@
-"""Launching and finding experiments: names claimed once, paths saved absolute, the bare --resume's
-choice, SIGTERM treated as Ctrl-C, and bugs that keep their traceback."""
+"""Launching and finding experiments: names claimed once, the bare --resume's choice, Ctrl-C while Ray loads,
+bugs that keep their traceback, one run per experiment, refused resumes, resuming from a checkpoint the driver
+did not save (Tune's driver simulated). (Real interrupted and resumed sweeps: tests/test_interruptions.py.)"""
 import json
 import os
 import re

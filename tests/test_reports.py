@@ -1,12 +1,16 @@
-"""Reports of experiments that are not a clean finished sweep: a trial that has reported nothing yet,
-checkpoints that were not copied, every trial diverged; and what a report says about its data and numbers.
+"""Reports and analyses of real experiments: the smoke experiment read back (the tidy frame, report files,
+misclassified grids and tiles, summary and noise tests, figures of short runs, the README's TensorBoard
+instruction, thread counts, a report that reads its data once and names no machine path); and experiments
+that are not a clean finished sweep: a trial that has reported nothing yet, checkpoints that were not
+copied, every trial diverged, a dataset that moved; what a report says about its data and numbers; the
+notebook run headless.
 
-Two real sweeps (Ray on the 2-core machine): one interrupted while a trial has no report, one whose
-only trial diverges. The rest reuses the session's smoke experiment.
+Two real sweeps of its own (Ray on the 2-core machine): one interrupted while a trial has no report, one
+whose only trial diverges. The rest reuses the session's smoke experiment.
 """
+import itertools
 import json
 import logging
-import itertools
 import os
 import re
 import shutil
@@ -395,7 +399,7 @@ def test_report_of_a_smoke_experiment_reads_the_data_once_scores_its_split_and_n
 def test_every_result_row_records_its_thread_count(smoke_experiment):
     """A seed's numbers depend on the torch thread count (README: what reproduces where); each epoch's
     result says which count produced it (the smoke fixture runs 1 CPU, so 1 thread, per trial; a resume at
-    another count: tests/test_launches.py's SIGTERM test)."""
+    another count: tests/test_interruptions.py's SIGTERM test)."""
     rows = [json.loads(line) for path in smoke_experiment.glob("*/result.json")
             for line in path.read_text().splitlines()]
     assert len(rows) == 8 and {row["threads"] for row in rows} == {1}

@@ -1,5 +1,6 @@
-"""What a new user hits: unsafe checkpoints, a notebook with no results, figures of short runs,
-the report of a smoke experiment, machine paths and stray files in the repository."""
+"""What a new user hits: unsafe checkpoints, a notebook with no results, Ray's internals hidden, the README's
+commands, machine paths and stray files in the repository, Ctrl-C while loading. (Figures and the report of
+a smoke experiment: tests/test_reports.py.)"""
 import hashlib
 import json
 import re

@@ -1,5 +1,6 @@
-"""Experiments on cloud storage: a smoke sweep to a real S3-compatible server (moto's server mode on
-localhost), interrupted with Ctrl-C, resumed and analysed from the URI; the results contract's paths and errors."""
+"""The results contract on cloud storage without a server: local paths and URIs joined and named, a URI one
+slash short, refused credentials and a silent endpoint. (Sweeps to a real S3-compatible server:
+tests/test_interruptions.py.)"""
 import os
 import sys
 

@@ -1,4 +1,5 @@
-"""The Ray Tune layer end to end: a real sweep, grid expansion, kill-and-resume, resources."""
+"""The Ray Tune layer without Ray: grid expansion, variant names, resources per trial and trials at once,
+one-line refusals, the closing tables. (Real sweeps: tests/test_sweeps.py.)"""
 import math
 from argparse import Namespace
 

@@ -1,7 +1,6 @@
-"""The tuned comparison (tune_main.py --tune, tuned.py): the tuning stage picks a learning rate that is
-visibly better when another candidate is absurd, scores only validation images, and the final stage
-runs the choice and the shared recipe over seeds on the test split; a resume crosses the stages; the
-report shows the sensitivity figure and the paired statistics."""
+"""The tuned comparison (tune_main.py --tune, tuned.py) without Ray: the choice of a learning rate, the stage a
+resume continues from, the tuning flags' help, an l1 variant's own choice. (The real comparison:
+tests/test_sweeps.py.)"""
 
 import numpy as np
 import pandas as pd
