@@ -1,6 +1,8 @@
 """Shared fixtures (synthetic idx files, real Fashion-MNIST subsets, one smoke sweep, one local Ray for the
-session's in-process sweeps), which tests are slow, and how a test waits for an event without depending on
-how busy the machine is."""
+session's in-process sweeps) and how a test waits for an event without depending on how busy the machine is.
+
+Slow tests (they start Ray or run a sweep) live in their own modules, marked as a whole by
+`pytestmark = pytest.mark.slow`; `pytest -m "not slow"` leaves them out."""
 import atexit
 import contextlib
 import os
@@ -44,16 +46,6 @@ _without_rfc3987_syntax()
 # only when a wait is declared a hang: far above any run on a loaded machine (load average 20+, where
 # a step of seconds takes minutes). Speed is measured in benchmarks/, not asserted here.
 HANG_SECONDS = 1800
-
-# Tests that start Ray or run a sweep (half a minute to minutes each) are marked `@pytest.mark.slow` where they
-# are defined; tests that use a fixture in SLOW_FIXTURES are marked here. `pytest -m "not slow"` leaves them out.
-SLOW_FIXTURES = {"smoke_experiment", "two_nodes", "bucket", "comparison", "session_ray"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
 
 
 def wait_for(condition, process: subprocess.Popen, what: str):
@@ -167,7 +159,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def smoke_experiment(tmp_path_factory):
     """A real 4-variant x 2-epoch sweep on a Fashion-MNIST subset (tune_main.py --smoke-test), 1 CPU per trial
-    (two trials at once: 2 CPUs each would run the four one by one; tests/test_launches.py's SIGTERM test checks
+    (two trials at once: 2 CPUs each would run the four one by one; tests/test_interruptions.py's SIGTERM test checks
     that 2 CPUs train on 2 threads)."""
     import tune_main
 

@@ -1,11 +1,11 @@
-"""The batch-size study: grid expansion, the lr scaling rule, batch size 1, precise BN, the analysis."""
+"""The batch-size study: grid expansion, the lr scaling rule, batch size 1, precise BN. (The study's sweep and
+report: tests/test_sweeps.py.)"""
 import math
 
 import pytest
 import torch
 from ray.tune.search.variant_generator import generate_variants
 
-import analysis
 import config
 import sweep
 import train
@@ -63,33 +63,3 @@ def test_precise_bn_recomputes_the_statistics_on_a_copy():
     assert copy_bn.momentum == first_bn.momentum == 0.1 and not precise.training
     for key, value in model.state_dict().items():  # the trained model is untouched
         assert torch.equal(value, before[key]), key
-
-
-def test_batch_size_study_sweep_and_report(tmp_path, capsys, session_ray):
-    """A real (tiny) study through tune_main.py: names, the scaled lr, precise BN, the figure and Table 2."""
-    data = make_idx_dir(tmp_path / "idx", n_train=64, n_test=32)
-    storage = tmp_path / "results"
-    code = tune_main.main(["--dataset", str(data), "--variants", "bn,gn", "--batch-sizes", "4,8", "--epochs", "1",
-                           "--storage-path", str(storage), "--name", "study", "--cpus-per-trial", "0.5"])
-    assert code == 0, capsys.readouterr().err
-    assert "bn, batch 4" in capsys.readouterr().out  # the CLI's table keeps the batch sizes apart
-    grid, df = analysis.load_experiment(storage / "study")
-    assert sorted(df["variant"]) == ["bn, batch 4", "bn, batch 8", "gn, batch 4", "gn, batch 8"]
-    assert all("_batch" in trial for trial in df["trial"])
-    auto = config.batch_size_for(64)  # 16: the reference batch, where --lr holds
-    assert all(result.config["lr"] == config.TrialConfig.lr for result in grid)  # the flag's, unscaled
-    for _, row in df.iterrows():
-        assert row["peak lr"] == pytest.approx(config.TrialConfig.lr * row["batch_size"] / auto)
-        assert row["lr"] == pytest.approx(row["peak lr"] / 25)  # OneCycle starts at max_lr / 25 (div_factor)
-        assert math.isfinite(row["test_acc_precise_bn"]) == (row["norm"] == "bn")
-
-    study = analysis.batch_size_study(df)
-    assert list(zip(study["variant"], study["batch size"])) == [("bn", 4), ("bn", 8), ("gn", 4), ("gn", 8)]
-    table = analysis.batch_size_table(study)
-    assert list(table.columns) == ["", "8", "4"]  # large to small, as in the paper
-    assert list(table[""]) == ["bn error (%)", "bn, precise BN statistics", "gn error (%)", "gn − bn (points)"]
-    assert analysis.progress_note(analysis.progress(grid, df)) == ""
-
-    written = analysis.write_report(storage / "study", tmp_path / "report")
-    assert tmp_path / "report" / "batch_size.png" in written
-    assert "## Batch size" in (tmp_path / "report" / "summary.md").read_text()

@@ -1,13 +1,12 @@
 """Datasets as specs: CIFAR-10's python batches (read offline from a tiny archive in CIFAR's own format),
-image folders (colour and grayscale), per-channel statistics, and sweeps of ResNet-20 and a user's
-torchvision ResNet on them, end to end."""
+image folders (colour and grayscale), per-channel statistics. (Sweeps of ResNet-20 and a user's torchvision
+ResNet on them: tests/test_sweeps.py.)"""
 import io
 import json
 import os
 import pickle
 import shutil
 import struct
-import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -20,9 +19,6 @@ from PIL import Image
 
 import data as data_lib
 import train
-import trainable
-import tune_main
-from conftest import make_idx_dir
 
 matplotlib.use("Agg")
 
@@ -384,56 +380,3 @@ def test_the_misclassified_grid_draws_colour_in_colour(tmp_path):
     fig = analysis.plot_misclassified(sample)
     shown = fig.axes[0].images[0].get_array()
     assert shown.shape == (10, 12, 3) and np.array_equal(np.asarray(shown), dataset.test_images[0].permute(1, 2, 0).numpy())
-
-
-MY_MODELS = '''
-"""A user's builder around a torchvision ResNet factory."""
-from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
-
-
-def build(norm_layer, in_channels, num_classes):
-    net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, norm_layer=norm_layer)
-    net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-    return net
-'''
-
-
-@pytest.fixture
-def unload_user_modules(tmp_path):
-    """Afterwards, forget the modules loaded from tmp_path (a user's mymodels.py), as a new process would."""
-    yield
-    for name, module in list(sys.modules.items()):
-        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
-            del sys.modules[name]
-
-
-@pytest.mark.parametrize("layout, model, variants", [
-    ("folder", "resnet20", "bn,gn,in,gn+ws"),
-    ("idx", "resnet20", "bn,gn,in,gn+ws"),
-    ("idx", "mymodels.py:build", "bn,gn"),
-])
-def test_a_sweep_of_resnet20_or_a_users_net_on_a_folder_or_idx_files(tmp_path, monkeypatch, unload_user_modules, layout,
-                                                                     model, variants, session_ray):
-    if layout == "folder":
-        write_image_folder(tmp_path / "data", per_class=(4, 2), size=(16, 16))
-    else:
-        make_idx_dir(tmp_path / "data", n_train=24, n_test=12)
-    (tmp_path / "mymodels.py").write_text(MY_MODELS)
-    monkeypatch.chdir(tmp_path)  # the user's file given relative to where they run
-    code = tune_main.main(["--dataset", str(tmp_path / "data"), "--model", model, "--variants", variants,
-                           "--epochs", "1", "--batch-size", "4", "--storage-path", str(tmp_path / "results"),
-                           "--name", "e2e"])
-    assert code == 0
-    from ray.tune import ExperimentAnalysis, ResultGrid
-
-    grid = ResultGrid(ExperimentAnalysis(str(tmp_path / "results" / "e2e")))
-    assert sorted(r.config["variant"]["name"] for r in grid) == sorted(variants.split(",")) and not grid.errors
-    channels = 3 if layout == "folder" else 1
-    for result in grid:
-        assert result.config["model"] == (model if model == "resnet20" else f"{tmp_path / 'mymodels.py'}:build")
-        net, state = trainable.model_from_result_checkpoint(result.checkpoint)
-        assert state["net_config"]["in_channels"] == channels
-        first_conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
-        assert first_conv.in_channels == channels
-        assert result.metrics[trainable.PARAMETERS_KEY] == sum(p.numel() for p in net.parameters())

@@ -1,5 +1,6 @@
-"""What a new user hits: unsafe checkpoints, a notebook with no results, figures of short runs,
-the report of a smoke experiment, machine paths and stray files in the repository."""
+"""What a new user hits: unsafe checkpoints, a notebook with no results, Ray's internals hidden, the README's
+commands, machine paths and stray files in the repository, Ctrl-C while loading. (Figures and the report of
+a smoke experiment: tests/test_reports.py.)"""
 import hashlib
 import json
 import re
@@ -59,61 +60,6 @@ def test_notebook_without_results_says_so_in_one_sentence(tmp_path):
     notebook = nbformat.read(ROOT / "analysis.ipynb", as_version=4)
     first = next(cell for cell in notebook.cells if cell.cell_type == "code").source
     assert "analysis.latest_experiment(" in first and "max(" not in first
-
-
-@pytest.fixture(scope="module")
-def loaded(smoke_experiment):
-    return analysis.load_experiment(smoke_experiment)
-
-
-def test_short_runs_get_integer_epoch_ticks_and_every_curve_stays_visible(loaded):
-    _, df = loaded
-    fig = analysis.plot_curves(df, "test_acc")
-    ax = fig.axes[0]
-    fig.canvas.draw()
-    low, high = ax.get_xlim()
-    ticks = [t for t in ax.get_xticks() if low <= t <= high]
-    assert ticks and all(float(t).is_integer() for t in ticks), ticks
-    curves = [line for line in ax.get_lines() if len(line.get_xdata()) > 1]
-    styles = [(line.get_linestyle(), line.get_marker()) for line in curves]
-    assert len(curves) == 4 and len(set(styles)) == 4  # bn under bn+l1 still shows
-
-
-def test_misclassified_grid_is_scored_as_the_table_scored(loaded):
-    """A smoke trial was scored on 500 test images at its best epoch; its grid says the same number."""
-    grid, df = loaded
-    best = analysis.best_per_trial(df)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # matplotlib drawing torch tensors warned 80 times in the suite
-        for variant in df["variant"].unique():
-            sample = analysis.misclassified(grid, df, variant)
-            row = best[best["trial"] == sample["trial"]].iloc[0]
-            assert sample["epoch"] == row["epoch"]
-            assert sample["acc"] == pytest.approx(row["test_acc"], abs=1e-9)
-            assert int(sample["indices"].max()) < 500
-            fig = analysis.plot_misclassified(sample)
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    axes = fig.axes
-    for upper, lower in zip(axes[:5], axes[5:]):  # a lower tile's title clears the image above it
-        gap = upper.get_window_extent(renderer).y0 - lower.title.get_window_extent(renderer).y1
-        assert gap >= 16, gap  # pixels at 100 dpi; was 12, the titles all but touched the images above
-
-
-def test_report_of_a_smoke_experiment_reads_the_data_once_scores_its_split_and_names_no_machine_path(
-        smoke_experiment, tmp_path, monkeypatch):
-    """What made the report slow (72 s), checked as behaviour rather than seconds: it re-read the data
-    per variant and scored the full 10,000-image test set instead of the smoke test's 500."""
-    loads, scored = [], []
-    load_dataset, evaluate = analysis.data_lib.load_dataset, train.evaluate
-    monkeypatch.setattr(analysis.data_lib, "load_dataset", lambda *a, **k: loads.append(a) or load_dataset(*a, **k))
-    monkeypatch.setattr(train, "evaluate", lambda model, images, *a, **k: scored.append(len(images))
-                        or evaluate(model, images, *a, **k))
-    assert analysis.main([str(smoke_experiment), "--out", str(tmp_path / "report")]) == 0
-    # one read; each variant's best checkpoint (its grid) and final one (McNemar's test, one seed) on 500 images
-    assert len(loads) == 1 and scored == [500] * 8, (loads, scored)
-    summary = (tmp_path / "report" / "summary.md").read_text()
-    assert f"Experiment: `{smoke_experiment.name}`" in summary and str(tmp_path.parent) not in summary
 
 
 def _tracked():
@@ -218,17 +164,6 @@ def test_train_py_help_shows_every_default_and_the_run_prints_percentages(idx_di
     assert re.fullmatch(r"epoch  1  train loss \d+\.\d{4} acc \d+\.\d\d%  test loss \d+\.\d{4} acc \d+\.\d\d% "
                         r"\(one view \d+\.\d\d%\)  lr \d\.\d{4}  [\d,]+ img/s  threads 1", out[1]), out
     assert re.fullmatch(r"best test acc \d+\.\d\d% at epoch 1", out[2]), out
-
-
-def test_every_result_row_records_its_thread_count(smoke_experiment):
-    """A seed's numbers depend on the torch thread count (README: what reproduces where); each epoch's
-    result says which count produced it (the smoke fixture runs 1 CPU, so 1 thread, per trial; a resume at
-    another count: tests/test_launches.py's SIGTERM test)."""
-    rows = [json.loads(line) for path in smoke_experiment.glob("*/result.json")
-            for line in path.read_text().splitlines()]
-    assert len(rows) == 8 and {row["threads"] for row in rows} == {1}
-    _, df = analysis.load_experiment(smoke_experiment)
-    assert (df["threads"] == 1).all()
 
 
 def test_notebook_cells_have_ids():

@@ -1,57 +1,20 @@
-"""The Ray Tune layer end to end: a real sweep, grid expansion, kill-and-resume, resources."""
-import json
+"""The Ray Tune layer without Ray: grid expansion, variant names, resources per trial and trials at once,
+one-line refusals, the closing tables. (Real sweeps: tests/test_sweeps.py.)"""
 import math
-import os
-import signal
-import sys
-import time
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
-from ray.tune import ExperimentAnalysis, ResultGrid
 from ray.tune.search.variant_generator import generate_variants
 
 import config
-import experiments
 import sweep
-import trainable
 import tune_main
-from conftest import ROOT, blank_dataset, launch_until
+from conftest import blank_dataset
 from errors import UsageError
 
 
 def space(flags) -> dict:
     return sweep.param_space(tune_main.parse_args(flags)[0], blank_dataset())
-
-
-def load_grid(path) -> ResultGrid:
-    return ResultGrid(ExperimentAnalysis(str(path)))
-
-
-def reported_epochs(trial_dir: Path) -> list:
-    result = trial_dir / "result.json"
-    return [json.loads(line)["epoch"] for line in result.read_text().splitlines()] if result.exists() else []
-
-
-def test_end_to_end_sweep_on_real_subset(smoke_experiment):
-    grid = load_grid(smoke_experiment)
-    assert len(grid) == 4 and not grid.errors
-    assert sorted(r.config["variant"]["name"] for r in grid) == ["bn", "bn+l1", "gn", "ln"]
-    for result in grid:
-        df = result.metrics_dataframe
-        assert df["epoch"].tolist() == [1, 2]
-        assert set(trainable.METRICS) <= set(df.columns)
-        assert (df["threads"] == 1).all()  # the trial's CPUs
-        best = result.get_best_checkpoint(trainable.BEST_METRIC, trainable.BEST_MODE)
-        _, state = trainable.model_from_result_checkpoint(best)
-        assert state["net_config"]["norm"] == result.config["variant"]["norm"]
-        assert len(list(Path(result.path).glob("checkpoint_*"))) <= 2  # best and latest only
-
-
-def test_launch_settings_are_saved(smoke_experiment):
-    launch = experiments.read_launch(str(smoke_experiment))
-    assert launch["dataset"] == "fashion-mnist" and launch["smoke_test"] is True
 
 
 def test_grid_expands_variants_lambdas_and_seeds():
@@ -146,61 +109,6 @@ def test_unwritable_storage_path_is_one_line(tmp_path, capsys):
 def test_resume_without_experiment_is_one_line(tmp_path, capsys):
     assert tune_main.main(["--resume", "--storage-path", str(tmp_path)]) == 2
     assert "no normsweep experiment under" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("gpus, trials, cpu, gpu", [
-    (3, 4, 0.5, 0.5),  # the reported case: at 0.75 GPU each only 3 ran at once
-    (8, 4, 0.5, 1),
-    (0, 3, 0.6666, 0),  # at 0.6667 CPU each (2.0001 in all) only 2 ran at once
-])
-def test_logical_resources_are_shared_and_all_trials_run_at_once(gpus, trials, cpu, gpu, tmp_path):
-    """2 CPUs and Ray's logical GPUs (no real device): each trial gets its share and all run at the same time."""
-    import ray
-    from ray import tune
-
-    def trainable(config):
-        started = tmp_path / "started"
-        (started / str(config["i"])).touch()
-        deadline = time.time() + 600  # a trial left waiting by the scheduler fails the test after this
-        while len(list(started.iterdir())) < trials and time.time() < deadline:  # wait for the others
-            time.sleep(0.1)
-        tune.report({"together": len(list(started.iterdir())) == trials, "gpu_ids": len(ray.get_gpu_ids())})
-
-    (tmp_path / "started").mkdir()
-    ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
-    try:
-        args = Namespace(max_concurrent=0, cpus_per_trial=None, gpus_per_trial=None)
-        resources = sweep.trial_resources(ray.cluster_resources(), trials, args)
-        assert resources == {"cpu": cpu, "gpu": gpu, "memory": sweep.TRIAL_MEMORY_BYTES}  # the memory Ray reserves
-        results = tune.Tuner(tune.with_resources(trainable, resources),
-                             param_space={"i": tune.grid_search(list(range(trials)))},
-                             run_config=tune.RunConfig(storage_path=str(tmp_path / "results"), verbose=0)).fit()
-    finally:
-        ray.shutdown()
-    assert not results.errors
-    assert all(r.metrics["together"] for r in results)  # none waited for another to finish
-    assert all(r.metrics["gpu_ids"] == (1 if gpus else 0) for r in results)  # each sees one device, if any
-
-
-@pytest.mark.slow
-def test_killed_driver_resumes_every_trial_once(tmp_path, session_ray):
-    storage, name, epochs = tmp_path / "results", "killed", 3
-    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn",
-               "--epochs", str(epochs), "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
-    driver = launch_until(command, lambda: list((storage / name).glob("*/checkpoint_000000")), "the first checkpoint",
-                          cwd=ROOT)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
-    before = {p.name: reported_epochs(p) for p in (storage / name).iterdir() if p.is_dir()}
-    assert any(len(e) < epochs for e in before.values()), f"killed too late to test resume: {before}"
-
-    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name]) == 0
-    grid = load_grid(storage / name)
-    assert len(grid) == 2 and not grid.errors
-    for result in grid:
-        assert reported_epochs(Path(result.path)) == list(range(1, epochs + 1))
-        assert (result.metrics_dataframe["threads"] == 1).all()
 
 
 def test_closing_tables_show_numbers_as_the_report_does():
