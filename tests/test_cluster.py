@@ -69,6 +69,10 @@ def test_address_auto_names_where_it_read_the_address_and_a_dead_one_is_refused_
      "printed, e.g. 10.0.0.1:6379"),  # was a ValueError traceback from inside ray.init
     ("auto", {"RAY_ADDRESS": "127.0.0.1:99999"}, "--address: 127.0.0.1:99999 is not HOST:PORT; --address auto read "
      "it from RAY_ADDRESS"),
+    # Ray Client's address: was said only after its 30 s connection timeout
+    ("ray://127.0.0.1:{port}", {}, "cannot reach a Ray cluster at ray://127.0.0.1:{port} (Connection refused)"),
+    ("auto", {"RAY_ADDRESS": "ray://127.0.0.1:{port}"}, "cannot reach a Ray cluster at ray://127.0.0.1:{port} "
+     "(Connection refused; --address auto read it from RAY_ADDRESS)"),
 ])
 def test_an_address_that_cannot_be_joined_is_named_with_its_source(tmp_path, monkeypatch, address, env, message):
     port = free_port()
@@ -79,7 +83,7 @@ def test_an_address_that_cannot_be_joined_is_named_with_its_source(tmp_path, mon
     for name, value in env.items():
         monkeypatch.setenv(name, value.format(port=port, tmp=tmp_path))
     with pytest.raises(cluster.ClusterError) as refused:
-        cluster.resolve(address)
+        cluster.resolve(address.format(port=port))
     assert str(refused.value).startswith(message.format(port=port, tmp=tmp_path)), str(refused.value)
 
 
@@ -122,6 +126,7 @@ def test_a_ray_address_is_named_with_its_source_and_anything_else_listening_is_r
     answer[0] = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty HTTP/2 SETTINGS frame
     assert cluster.resolve("auto") == (address, f"{address} (--address auto read it from RAY_ADDRESS)")
     assert cluster.resolve(address) == (address, address)
+    assert cluster.resolve(f"ray://{address}") == (f"ray://{address}", f"ray://{address}")  # Ray Client's gRPC too
 
 
 def test_a_temporary_directory_too_long_for_rays_sockets_is_one_line(tmp_path):
