@@ -108,8 +108,7 @@ def results_frame(grid) -> pd.DataFrame:
         config, metrics = result.config, experiments.history(experiments.location_of(result.filesystem, result.path))
         if not config or metrics.empty:
             continue
-        variant = config["variant"]
-        settings = {**variant, **trainable.trial_config(config, threads=0)}
+        variant, settings = config["variant"], {**config["variant"], **trainable.trial_config(config, threads=0)}
         frame = metrics.loc[:, ~metrics.columns.str.startswith("config/")]  # Tune's nested copy of the config
         frame = frame.assign(**{k: v for k, v in settings.items() if k not in frame and (v is None or np.isscalar(v))})
         frame.insert(0, "trial", Path(result.path).name)
@@ -191,8 +190,7 @@ def progress(grid, df) -> pd.DataFrame:
 
 
 def progress_note(table: pd.DataFrame, running: str | None = None) -> str:
-    """'' for a complete experiment, else one sentence saying it is partial, per variant; running: who runs it
-    (experiments.holder), said in place of how to resume it."""
+    """'' if complete, else one sentence: each variant's epochs in, then who runs it (running) or how to resume."""
     parts = "; ".join(f"{row['variant']} {row['epochs in']} of {row['planned epochs']}" for _, row in table.iterrows())
     then = f"It is still running ({running})." if running else "Resume it with tune_main.py --resume."
     return "" if table["complete"].all() else (
@@ -310,9 +308,8 @@ def _scored(grid, checkpoint, dataset, flip=None) -> tuple:
 
 def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
     """The first n misclassified evaluation images of `variant`'s best checkpoint (best trial by test_acc): images
-    (uint8), true, pred, confidence (max softmax), indices, the checkpoint's acc (flip-averaged where `flip`, as its
-    test_acc), seed, epoch, classes. dataset: experiment_dataset's. A one-line AnalysisError for a variant with no
-    healthy trial or no checkpoint of its best epoch."""
+    (uint8), true, pred, confidence (max softmax), indices, acc (flip-averaged where `flip`), seed, epoch, classes;
+    dataset: experiment_dataset's. A one-line AnalysisError where no healthy trial or best epoch's checkpoint is."""
     import trainable  # Ray's checkpoints
 
     best = best_per_trial(df)
@@ -382,8 +379,7 @@ def trial_table(df) -> pd.DataFrame:
 
 
 def summary(df) -> pd.DataFrame:
-    """Per variant, best headline first: final-epoch one-view accuracy (the headline) with its std over seeds,
-    the flip-averaged final and best-epoch accuracies, the best epochs, parameters and convergence."""
+    """Per variant, best first: trial_table's accuracies as means over seeds, the headline's std, convergence."""
     table = trial_table(df).groupby("variant").agg(**{
         "seeds": ("seed", "size"), "final one-view acc mean (%)": ("final one-view acc (%)", "mean"),
         "std (%)": ("final one-view acc (%)", "std"), "final acc mean (%)": ("final acc (%)", "mean"),
@@ -473,8 +469,7 @@ def is_batch_study(df) -> bool:
 
 
 def batch_size_study(df) -> pd.DataFrame:
-    """Per variant and batch size: final one-view test error (%), mean and std over seeds, the same with precise
-    BatchNorm statistics (train.precise_bn; nan without BN), the peak lr and convergence."""
+    """Per variant and batch size: final one-view test error (%) over seeds, plain and precise-BN (nan without BN)."""
     final = final_per_trial(df)
     final = final.assign(error=100 * (1 - final["test_acc_single"]), precise=100 * (1 - final["test_acc_precise_bn"]),
                          converged=final["variant"].map(convergence(df).set_index("variant")["converged"]))
@@ -598,8 +593,7 @@ def _png(fig) -> bytes:
 
 
 def _results_section(grid, df, figures: dict, skipped: list, dataset) -> list:
-    """The summary, per-trial and comparison tables, the curves and misclassified grids (into figures); dataset
-    None: what re-scores checkpoints on it is left out (skipped says why)."""
+    """Tables, curves and misclassified grids (into figures); dataset None: no checkpoint re-scored (skipped: why)."""
     figures.update({f"{metric}.png": _png(plot_curves(df, metric)) for metric in CURVES})
     grids = misclassified_grids(grid, df, dataset, skipped) if dataset is not None else {}
     names = {variant: f"misclassified_{re.sub(r'[^A-Za-z0-9]+', '_', variant).strip('_')}.png" for variant in grids}
