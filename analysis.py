@@ -76,8 +76,7 @@ def check_experiment(path) -> str:
 
 
 def load_experiment(path):
-    """(ResultGrid, results_frame) of an experiment, a directory or URI (`s3://bucket/results/name`); a one-line
-    AnalysisError where it holds no Tune experiment or no epoch yet."""
+    """(ResultGrid, results_frame) of an experiment, a directory or URI; a one-line AnalysisError if no Tune epoch."""
     location = check_experiment(path)
     if any(experiments.last_results(location).values()):
         from ray.tune import ExperimentAnalysis, ResultGrid  # after the checks: a bad path is refused without Ray
@@ -293,8 +292,7 @@ def experiment_dataset(grid, skipped=None, dataset=None, data_dir=None) -> data_
 
 
 def _scored(grid, checkpoint, dataset, flip=None) -> tuple:
-    """(state, evaluation split, train.evaluate's output + "flip") of a Tune checkpoint's net, scored as its trial
-    was: on the launch's part of the data (--val-size N: the N training images held out of it); flip: as it was."""
+    """(state, evaluation split, train.evaluate's output + "flip") of a checkpoint's net, scored as its trial was."""
     import trainable  # Ray's checkpoints
 
     model, state = trainable.model_from_result_checkpoint(checkpoint)
@@ -333,8 +331,7 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
 
 
 def misclassified_grids(grid, df, dataset=None, skipped=None) -> dict:
-    """variant -> plot_misclassified's figure, per healthy variant; one whose data or checkpoint is not here is
-    said in `skipped` as "what: why" (default: raised)."""
+    """variant -> plot_misclassified's figure per healthy variant; one not drawable here: said in skipped, or raised."""
     dataset, figures = experiment_dataset(grid, skipped) if dataset is None else dataset, {}
     for variant in sorted(healthy(df)["variant"].unique()) if dataset is not None else []:
         try:
@@ -528,8 +525,7 @@ def _log2_axis(ax, values):
 
 
 def plot_sensitivity(df, title: str = "learning-rate sensitivity"):
-    """A tuning stage's validation accuracy against peak lr, a line per variant, a panel per weight decay; a
-    diverged configuration is an x at the bottom."""
+    """Tuning-stage validation accuracy against peak lr, a line per variant, a panel per weight decay; x: diverged."""
     table = tuned.configurations(df)
     decays = sorted(table["weight decay"].unique())
     fig, axes = plt.subplots(1, len(decays), figsize=(5.2 * len(decays) + 2, 4.2), sharey=True, squeeze=False)
