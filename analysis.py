@@ -307,7 +307,7 @@ def _scored(grid, checkpoint, dataset, flip=None) -> tuple:
 def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
     """The first n misclassified evaluation images of `variant`'s best checkpoint (best trial by test_acc): images
     (uint8), true, pred, confidence (max softmax), indices, acc (flip-averaged where `flip`), seed, epoch, classes;
-    dataset: experiment_dataset's. A one-line AnalysisError where no healthy trial or best epoch's checkpoint is."""
+    dataset: experiment_dataset's. A one-line AnalysisError without a healthy trial or its best epoch's checkpoint."""
     import trainable  # Ray's checkpoints
 
     best = best_per_trial(df)
