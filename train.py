@@ -46,9 +46,8 @@ def batchnorms(model: nn.Module) -> list:
 
 
 def runtime(config: dict, device: torch.device | None = None) -> tuple:
-    """(device, precision, compile) of a run: `device`, else CUDA where there is one, else the CPU; "bf16" or "fp32"
-    (auto: bf16 on a CUDA GPU with native bf16, compute capability 8.0+; an explicit bf16 is kept on the CPU and
-    refused, UsageError, on an older GPU); torch.compile if `compile` is on, or auto on CUDA with Triton installed."""
+    """(device, precision, compile): `device`, else CUDA where there is one, else the CPU; "bf16" or "fp32" (auto: bf16
+    on CUDA with native bf16, 8.0+; bf16 asked of an older GPU: UsageError); compile: "on", or "auto" on CUDA+Triton."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, compile_choice = config.get("precision", "auto"), config.get("compile", "auto")
     native = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
@@ -304,9 +303,8 @@ class TrainingRun:
         if diff:
             raise CheckpointError(f"checkpoint {path} is from another config ({diff}); "
                                   f"start a new experiment name or use the checkpoint's settings")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for part in ("model", "optimizer", "scheduler"):
+            getattr(self, part).load_state_dict(state[part])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.epoch = state["epoch"]
