@@ -37,9 +37,8 @@ class Spec:
     std: tuple | None = None
 
 
-# Flips suit clothes, not digits: on a 10k validation split of Fashion-MNIST's training data (20 epochs, 50k train)
-# flip alone beat flip + rotation +-7 deg + shift 2 px by 0.7 points for bn (91.97 vs 91.24). Digits keep the +-7 deg
-# rotation the best MNIST solutions use (99.4%). CIFAR-10: He et al. 2016's 4-pixel shifts, flips, published stats.
+# Flips suit clothes, not digits: flip alone beat flip + rotation +-7 deg + shift 2 px by 0.7 points for bn on a 10k
+# validation split of Fashion-MNIST (91.97 vs 91.24). Digits keep MNIST's +-7 deg; CIFAR-10 He et al. 2016's recipe.
 SPECS = {
     "mnist": Spec(DIGIT_CLASSES, {"degrees": 7.0, "shift": 0, "flip": False}),
     "fashion-mnist": Spec(FASHION_CLASSES, {"degrees": 0.0, "shift": 0, "flip": True}),
@@ -97,8 +96,7 @@ class Dataset:
         return self._test_images, self._test_labels
 
     def fingerprint(self) -> str:
-        """sha256 (64 hex digits) of the class names, shapes, images and labels: equal where a run trains and is
-        scored on the same data (0.1 s for Fashion-MNIST)."""
+        """sha256 (64 hex digits) of the class names, shapes, images and labels: equal where the data is."""
         digest = hashlib.sha256(json.dumps([self.classes, [list(t.shape) for t in self.tensors]]).encode())
         for tensor in self.tensors:
             digest.update(tensor.contiguous().numpy())
@@ -158,9 +156,8 @@ def _complete(directory: Path) -> bool:  # all of MNIST's idx files, or all of C
 
 
 def _read_split(directory: Path, kind: str, split: str) -> tuple:
-    """Images (N, C, H, W) uint8 and labels (N,) int64 of a split's idx files (C = 1) or CIFAR-10 python batches
-    (C = 3): pickled dicts of "labels" and "data", (N, 3072) uint8 rows of 1024 red, green then blue pixels, read
-    by an unpickler that builds numpy arrays only (a file that is not what it claims cannot run code)."""
+    """Images (N, C, H, W) uint8, labels (N,) int64 of a split's idx files or CIFAR-10 batches: pickled dicts of
+    "labels" and "data", (N, 3072) rows of red, green, blue, unpickled as numpy arrays only (a file runs no code)."""
     if kind == "idx":
         paths = [_idx_file(directory, stem) for stem in SPLIT_FILES[split]]
         if None in paths:
@@ -196,17 +193,15 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def printable(text) -> str:
-    """Any str (a class name, a path, a message) as one printable line, verbatim otherwise: unprintable characters
-    (a newline) and a file name's undecodable bytes (surrogates: a latin-1 folder name) become backslash escapes,
-    which JSON, a figure and the console take."""
+    """Any str as one printable line, verbatim otherwise: unprintable characters (a newline) and a file name's
+    undecodable bytes (surrogates: a latin-1 folder name) become backslash escapes."""
     return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
                    else c.encode("unicode_escape").decode() for c in str(text))
 
 
 def _walk_folder(directory: Path, splits: tuple) -> tuple:
-    """An image folder's files in torchvision's ImageFolder order, none read: ([[(path, label), ...] per split], class
-    names: the training split's folders, printable); hidden files and folders are not data. DataError for a folder
-    link (one can loop or bring in other classes), under two classes, a class without images, an unknown test class."""
+    """An image folder's files in ImageFolder's order, unread and not hidden: ([[(path, label), ...] per split], class
+    names: train/'s folders, printable). DataError: a folder link, under two classes, an empty class, a new test one."""
     samples, names = [], None
     for split in splits:
         root, images = directory / split, {}
@@ -220,17 +215,15 @@ def _walk_folder(directory: Path, splits: tuple) -> tuple:
                                        f"({', '.join(names) or 'none'}); a classifier needs two or more, one folder of "
                                        f"images per class"))
         for name in folders:
-            images[name], subfolders = [], [root / name]
-            for parent, below, files in os.walk(root / name):  # lists a folder link in `below`, enters none
+            images[name] = []
+            for parent, below, files in os.walk(root / name, followlinks=True):  # refuses a link before entering it
+                if Path(parent).is_symlink():
+                    raise DataError(printable(f"{parent}: a link to a folder ({os.path.realpath(parent)}); an image "
+                                               f"folder follows none (one can loop or bring in other classes' images): "
+                                               f"copy the images in, or link each image file"))
                 below[:] = [folder for folder in below if not folder.startswith(".")]
-                subfolders += [Path(parent, folder) for folder in below]
                 images[name] += [Path(parent, file) for file in files
                                  if not file.startswith(".") and file.lower().endswith(IMAGE_EXTENSIONS)]
-            link = next((folder for folder in subfolders if folder.is_symlink()), None)
-            if link:
-                raise DataError(printable(f"{link}: a link to a folder ({os.path.realpath(link)}); an image folder "
-                                           f"follows none (one can loop or bring in other classes' images): copy the "
-                                           f"images in, or link each image file"))
         empty = [name for name in folders if not images[name]]  # a test split may lack some classes, not all
         if empty and (split == "train" or len(empty) == len(folders)):
             raise DataError(printable(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class folder"
@@ -242,10 +235,9 @@ def _walk_folder(directory: Path, splits: tuple) -> tuple:
 
 
 def _read_folder(samples: list) -> list:
-    """[(images (N, C, H, W) uint8, labels (N,) int64) per split] of _walk_folder's samples, each image turned as its
-    EXIF orientation says; C = 1 where every image has one colour channel, else 3 (gray repeated, alpha dropped).
-    16- and 32-bit integer pixels are read as 0-65535, floating-point ones as 0-1, and scaled to 0-255. DataError
-    naming the file PIL cannot decode, whose pixels are outside that range, or of another size than the others."""
+    """[(images (N, C, H, W) uint8, labels (N,) int64) per split], turned as EXIF says; C = 1 where every image is gray,
+    else 3 (alpha dropped). 16-/32-bit integer pixels span 0-65535, float ones 0-1: scaled to 0-255. DataError naming
+    a file PIL cannot decode, with pixels outside that range, or of another size than the others."""
     from PIL import Image, ImageOps
     flat, arrays = [sample for split in samples for sample in split], []
     for path, _ in flat:
@@ -274,8 +266,8 @@ def _read_folder(samples: list) -> list:
 
 
 def _survey(directory: Path, test_split: bool, spec: Spec | None = None) -> tuple:
-    """What `directory` holds, no data read: (kind "idx", "cifar" or "folder", splits, `spec` or what it declares, an
-    image folder's _walk_folder). DataError for no dataset, no test split where needed, a bad declaration or folder."""
+    """What `directory` holds, no data read: (kind "idx", "cifar" or "folder", splits, `spec` or its declaration, an
+    image folder's _walk_folder). DataError: no dataset, no test split where needed, a bad declaration or folder."""
     if any(_idx_file(directory, stem) for stem in IDX_STEMS):
         kind, has_test = "idx", any(_idx_file(directory, stem) for stem in SPLIT_FILES["test"])
         test_files = ", ".join(stem + "[.gz]" for stem in SPLIT_FILES["test"])
@@ -385,8 +377,8 @@ def _directory(name: str) -> Path:
 
 
 def check_dataset(name: str, test_split: bool = True) -> None:
-    """Refuse a --dataset that cannot be read before anything expensive (Ray) starts: the directory, its layout,
-    declaration and image folders, no data read. DataError, one line; a known dataset's name passes."""
+    """DataError, one line, for a --dataset directory that cannot be read (its layout, declaration, image folders);
+    no data read, so it runs before Ray starts. A known dataset's name passes."""
     if name not in SPECS:
         _survey(_directory(name), test_split)
 
@@ -447,8 +439,6 @@ def _download(name: str, data_dir: Path) -> Path:
     return data_dir / folder
 
 
-
-
 VALIDATION_SEED = 12345  # of every held-out split (--val-size): each trial, the analysis, make_subset.py hold out one
 
 
@@ -483,8 +473,7 @@ def batches(images, labels, batch_size: int, generator: torch.Generator | None =
 
 def augment(x: torch.Tensor, generator: torch.Generator, degrees: float, shift: int, flip: bool):
     """Random rotation (+-degrees), translation (+-shift pixels) and optional horizontal flip of x (B, C, H, W)
-    float: one affine grid per sample, one grid_sample. The parameters are drawn from `generator` on its device
-    (the batch's: no host-to-device copies); a seeded one reproduces runs per device type."""
+    float, one affine grid per sample, drawn from `generator` on its device (the batch's: no host copies)."""
     (batch, _, height, width), device = x.shape, generator.device
     angle = (torch.rand(batch, generator=generator, device=device) * 2 - 1) * math.radians(degrees)
     # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size.
