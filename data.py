@@ -112,8 +112,8 @@ class Dataset:
         return replace(self, **dict(zip(SPLITS, validation_split(self.train_images, self.train_labels, size))))
 
     def __reduce__(self):
-        # As numpy arrays, which pickle protocol 5 hands over as out-of-band buffers: through Ray's object store
-        # every trial on a node reads one shared copy (torch tensors would be copied). Trials never write into it.
+        # As numpy arrays, which protocol 5 pickles out of band: every trial on a node reads one copy in Ray's object
+        # store (torch tensors would be copied). Trials never write into it.
         return _from_arrays, ({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()},)
 
 
@@ -216,12 +216,13 @@ def _walk_folder(directory: Path, splits: tuple) -> tuple:
                                        f"images per class"))
         for name in folders:
             images[name] = []
-            for parent, below, files in os.walk(root / name, followlinks=True):  # refuses a link before entering it
-                if Path(parent).is_symlink():
-                    raise DataError(printable(f"{parent}: a link to a folder ({os.path.realpath(parent)}); an image "
+            for parent, below, files in os.walk(root / name):  # lists a folder link in `below`, enters none
+                below[:] = [folder for folder in below if not folder.startswith(".")]
+                link = next((p for p in [Path(parent), *(Path(parent, f) for f in below)] if p.is_symlink()), None)
+                if link:
+                    raise DataError(printable(f"{link}: a link to a folder ({os.path.realpath(link)}); an image "
                                                f"folder follows none (one can loop or bring in other classes' images): "
                                                f"copy the images in, or link each image file"))
-                below[:] = [folder for folder in below if not folder.startswith(".")]
                 images[name] += [Path(parent, file) for file in files
                                  if not file.startswith(".") and file.lower().endswith(IMAGE_EXTENSIONS)]
         empty = [name for name in folders if not images[name]]  # a test split may lack some classes, not all
@@ -235,9 +236,8 @@ def _walk_folder(directory: Path, splits: tuple) -> tuple:
 
 
 def _read_folder(samples: list) -> list:
-    """[(images (N, C, H, W) uint8, labels (N,) int64) per split], turned as EXIF says; C = 1 where every image is gray,
-    else 3 (alpha dropped). 16-/32-bit integer pixels span 0-65535, float ones 0-1: scaled to 0-255. DataError naming
-    a file PIL cannot decode, with pixels outside that range, or of another size than the others."""
+    """[(images (N, C, H, W) uint8, labels (N,) int64) per split], EXIF-turned; C = 1 where all are gray, else 3 (no
+    alpha); 16/32-bit integer pixels span 0-65535, float ones 0-1. DataError: undecodable, out of range, odd size."""
     from PIL import Image, ImageOps
     flat, arrays = [sample for split in samples for sample in split], []
     for path, _ in flat:
@@ -266,8 +266,7 @@ def _read_folder(samples: list) -> list:
 
 
 def _survey(directory: Path, test_split: bool, spec: Spec | None = None) -> tuple:
-    """What `directory` holds, no data read: (kind "idx", "cifar" or "folder", splits, `spec` or its declaration, an
-    image folder's _walk_folder). DataError: no dataset, no test split where needed, a bad declaration or folder."""
+    """What `directory` holds, unread: ("idx", "cifar" or "folder", splits, `spec` or its declaration, _walk_folder)."""
     if any(_idx_file(directory, stem) for stem in IDX_STEMS):
         kind, has_test = "idx", any(_idx_file(directory, stem) for stem in SPLIT_FILES["test"])
         test_files = ", ".join(stem + "[.gz]" for stem in SPLIT_FILES["test"])
@@ -295,8 +294,7 @@ def _survey(directory: Path, test_split: bool, spec: Spec | None = None) -> tupl
 
 
 def read_directory(directory, name: str, spec: Spec | None = None, test_split: bool = True) -> Dataset:
-    """The dataset in `directory` (idx files, CIFAR batches or an image folder), declaring `spec` or else its
-    DECLARATION; test_split=False: it may lack a test split. Raises DataError, one line, for bad input."""
+    """The dataset in `directory`, declaring `spec` or its DECLARATION; DataError, one line, for bad input."""
     directory = Path(directory)
     kind, splits, declared, walked = _survey(directory, test_split, spec)
     if kind == "folder":  # its class folders name the classes
@@ -319,8 +317,7 @@ def read_directory(directory, name: str, spec: Spec | None = None, test_split: b
     return Dataset(name, train_x, train_y, test_x, test_y, **vars(declared))
 
 
-# What each key of a DECLARATION must be: key -> (valid?, what it must be). Every key is optional.
-DECLARATION_KEYS = {
+DECLARATION_KEYS = {  # each optional key of a DECLARATION -> (is the value valid?, what it must be)
     "source": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)} (its classes, augmentation and statistics)"),
     "classes": (lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) and c.strip() for c in v)
                 and len(set(v)) == len(v), "a list of 2 or more distinct non-empty names, label 0's first"),
@@ -377,8 +374,7 @@ def _directory(name: str) -> Path:
 
 
 def check_dataset(name: str, test_split: bool = True) -> None:
-    """DataError, one line, for a --dataset directory that cannot be read (its layout, declaration, image folders);
-    no data read, so it runs before Ray starts. A known dataset's name passes."""
+    """DataError, one line, for a --dataset that cannot be read, reading no data (before Ray starts)."""
     if name not in SPECS:
         _survey(_directory(name), test_split)
 
@@ -397,8 +393,8 @@ def load_dataset(name: str, data_dir="data", test_split: bool = True) -> Dataset
 
 
 def _download(name: str, data_dir: Path) -> Path:
-    """The folder of `name`'s files in data_dir, downloaded by torchvision (or unpacked from a CIFAR-10 archive there)
-    under a file lock; DataError, one line, on failure, which leaves nothing behind (no folder, no lock)."""
+    """`name`'s folder in data_dir, downloaded by torchvision (or unpacked from a CIFAR-10 archive) under a file lock;
+    DataError, one line, on failure, which leaves nothing behind (no folder, no lock)."""
     from filelock import FileLock
     from torchvision import datasets
     from torchvision.datasets.utils import extract_archive
@@ -450,13 +446,13 @@ def validation_split(images, labels, size: int, seed: int = VALIDATION_SEED):
 
 def image_stats(images: torch.Tensor) -> tuple:
     """Per-channel mean and std, float32 (C,), of the pixel values in [0, 1] of uint8 images (N, C, H, W)."""
-    stats = [(x.mean().item(), x.std().item()) for x in (images[:, c].float().div_(255) for c in range(images.shape[1]))]
+    channels = (images[:, c].float().div_(255) for c in range(images.shape[1]))  # one (N, H, W) at a time: memory
+    stats = [(x.mean().item(), x.std().item()) for x in channels]
     return tuple(torch.tensor(values, dtype=torch.float32) for values in zip(*stats))
 
 
 def to_input(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> normalised float (B, C, H, W). mean, std: per channel (C,), tensors on the
-    images' device (no copy) or sequences or floats (copied to the device per call)."""
+    """uint8 (B, C, H, W) -> normalised float (B, C, H, W); mean, std per channel (C,), best on the images' device."""
     mean, std = (torch.as_tensor(v, dtype=torch.float32, device=images.device).reshape(-1, 1, 1) for v in (mean, std))
     return (images.float() / 255 - mean) / std
 

@@ -131,8 +131,7 @@ def norm_entry(norm: str) -> Norm:
 
 
 def norm_layer(norm: str, groups: int = 4) -> Callable[[int], nn.Module]:
-    """torchvision's `norm_layer`: channels -> the norm's layer. ValueError: an unknown norm; GroupsError: channels
-    that `groups` does not divide."""
+    """torchvision's `norm_layer`: channels -> the norm's layer. ValueError: unknown norm; GroupsError: see groups."""
     return partial(norm_entry(norm).make, groups=groups)
 
 
@@ -205,8 +204,7 @@ class ResNet20(nn.Module):
         return self.head(x.mean(dim=(2, 3)))  # (B, num_classes) logits
 
 
-# Built-in nets: name -> (builder, one line for --help and the README); a user's builder is called as these are
-MODELS = {
+MODELS = {  # built-in nets: name -> (builder, one line for --help and the README); a user's is called as these are
     "small": (Net, "the default: 6 convs of 8-32 channels, 6 norm layers, 19,650 parameters (bn, 1 channel)"),
     "resnet20": (ResNet20, "ResNet-20 (He et al. 2016): 19 convs of 16-64 channels, 19 norm layers, "
                            "269,722 parameters (bn, 3 channels)"),
@@ -214,9 +212,8 @@ MODELS = {
 
 
 def build_net(config: NetConfig, builder: Callable | None = None) -> nn.Module:
-    """The net `config` describes, its norm passed as `norm_layer`, its convs WSConv2d where the norm says so;
-    `builder`: a user's (plugins.py). ValueError: an unknown norm; GroupsError naming the valid group counts;
-    ModelError: a builder that returns no nn.Module or never calls its norm_layer."""
+    """The net `config` describes, by `builder` (default: MODELS'), its norm as `norm_layer`, convs WSConv2d where the
+    norm says so. ValueError: unknown norm; GroupsError; ModelError: no nn.Module built or norm_layer never called."""
     entry, builder = norm_entry(config.norm), builder or MODELS[config.model][0]
     extra = {"widths": config.widths, "order": config.order, "dropout": config.dropout} if builder is Net else {}
     widths, refused = [], []
