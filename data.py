@@ -193,8 +193,7 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def printable(text) -> str:
-    """Any str as one printable line, verbatim otherwise: unprintable characters (a newline) and a file name's
-    undecodable bytes (surrogates: a latin-1 folder name) become backslash escapes."""
+    """Any str as one printable line: unprintable characters and undecodable bytes (surrogates) as backslash escapes."""
     return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
                    else c.encode("unicode_escape").decode() for c in str(text))
 

@@ -16,13 +16,11 @@ class NetConfig:
     norm: str = "bn"
     model: str = "small"  # a built-in net (MODELS) or a user's builder, "path/to/file.py:build" or "module:build"
     groups: int = 4  # GroupNorm groups: 4 divides every width below; GN is flat over group counts (Wu & He)
-    # conv widths, "M" = 2x2 max-pool (28 -> 14 -> 7, then global average pooling): 19,650 parameters
-    widths: tuple = (8, 16, "M", 16, 24, "M", 24, 32)
+    widths: tuple = (8, 16, "M", 16, 24, "M", 24, 32)  # conv widths, "M": 2x2 max-pool (28 -> 14 -> 7)
     num_classes: int = 10
     in_channels: int = 1
     dropout: float = 0.0
-    # "relu-norm" (conv -> ReLU -> norm) or "norm-relu": after the ReLU, GN and LN fit small training sets as BN does
-    order: str = "relu-norm"
+    order: str = "relu-norm"  # conv -> ReLU -> norm, or "norm-relu"; relu-norm lets GN and LN fit as well as BN
     to_dict = asdict  # what a checkpoint saves
 
     @classmethod
