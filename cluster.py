@@ -65,8 +65,6 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
     (a user's .py files, e.g. a --model builder, importable by file name on every node; None entries skipped). Raises
     ClusterError; a Ctrl-C while Ray starts or joins is raised as KeyboardInterrupt once it has (`interrupts_held`)."""
     options = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
-    if not verbose:  # the driver's C++ core worker logs to fd 2 (a metrics agent it could not reach, ...)
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     if not address or address == "local":
         with interrupts_held():  # Ray puts the driver's script directory on its workers' paths: not ROOT for a notebook
             paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
@@ -75,6 +73,8 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
     env = runtime_env(not_shipped) if ship_code else {}
     if any(modules):
         env["py_modules"] = [str(Path(m).resolve()) for m in modules if m]
+    if not verbose:  # the driver's C++ core worker logs to fd 2 (a metrics agent it could not reach, ...)
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     try:
         with interrupts_held(), contextlib.nullcontext() if verbose else _native_stderr_silenced():
             ray.init(address=address, runtime_env=env or None, **options)
