@@ -199,6 +199,7 @@ def run_stage(sweep: SweepConfig, storage: str) -> int:
             refuse_existing(experiment)
         if not sweep.verbose:
             console.quiet_ray()
+            held.enter_context(console.native_ray_logs_dropped())
         try:  # the cluster before the data: one that cannot be joined is said in seconds
             cluster.connect(sweep.address, ship_code=sweep.ship_code, verbose=sweep.verbose, modules=[
                 plugins.shipped_file(sweep.model)], not_shipped=[storage, sweep.data_dir, sweep.dataset])
