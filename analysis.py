@@ -1,9 +1,8 @@
 """Analysis of a finished (or partial) normsweep experiment: reads results, never trains.
 
-An experiment (a directory or storage URI) becomes a ResultGrid and a tidy DataFrame; from them the curves,
-misclassified images, tables, convergence checks and paired tests (comparisons.py), the tuned comparison and the
-batch-size study. `python analysis.py EXPERIMENT` writes PNGs and summary.md (`--notebook`: analysis.ipynb run
-headless); the notebook calls the same functions. Ray is imported only where a ResultGrid or checkpoint is read.
+An experiment (a directory or storage URI) becomes a ResultGrid and a tidy DataFrame; from them the figures, tables
+and tests (comparisons.py) that `python analysis.py EXPERIMENT` writes as PNGs and summary.md, and the notebook shows
+(`--notebook`: run headless). Ray is imported only where a ResultGrid or checkpoint is read.
 """
 import argparse
 import io
@@ -49,8 +48,7 @@ def printable(text) -> str:
 
 
 def formatted(table: pd.DataFrame) -> pd.DataFrame:
-    """A table as the report and notebook show it, all str: p-values ("... p" columns) to 3 significant digits or
-    "<0.001", other floats to 2 decimals, nan as "-", the rest through `printable`."""
+    """A table as shown, all str: "... p" columns 3 significant digits or "<0.001", other floats 2 decimals, nan "-"."""
     def cell(v, p_value: bool) -> str:
         if not isinstance(v, float):
             return printable(v)
@@ -78,20 +76,18 @@ def check_experiment(path) -> str:
 
 
 def load_experiment(path):
-    """(ResultGrid, results_frame) of an experiment, a directory or URI (`s3://bucket/results/name`); a one-line
-    AnalysisError where it holds no Tune experiment or no epoch yet."""
+    """(ResultGrid, results_frame) of an experiment, a directory or URI; a one-line AnalysisError if no Tune epoch."""
     location = check_experiment(path)
-    no_epoch = AnalysisError(f"{location} holds no reported epochs yet; wait for the first epoch or check the trials' errors")
-    if not any(experiments.last_results(location).values()):
-        raise no_epoch
-    from ray.tune import ExperimentAnalysis, ResultGrid  # after the checks: a bad path is refused without Ray
+    if any(experiments.last_results(location).values()):
+        from ray.tune import ExperimentAnalysis, ResultGrid  # after the checks: a bad path is refused without Ray
 
-    fs, fs_path = experiments.filesystem(location)
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # its per-trial "no epoch"
-    grid = ResultGrid(ExperimentAnalysis(fs_path, storage_filesystem=fs))
-    if (df := results_frame(grid)).empty:
-        raise no_epoch
-    return grid, df
+        fs, fs_path = experiments.filesystem(location)
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # its per-trial "no epoch"
+        grid = ResultGrid(ExperimentAnalysis(fs_path, storage_filesystem=fs))
+        if not (df := results_frame(grid)).empty:
+            return grid, df
+    raise AnalysisError(f"{location} holds no reported epochs yet; wait for the first epoch or check the trials' "
+                        "errors")
 
 
 def experiment_location(grid) -> str:
@@ -101,10 +97,9 @@ def experiment_location(grid) -> str:
 
 
 def results_frame(grid) -> pd.DataFrame:
-    """One row per trial and reported epoch (trials with no epoch yet left out): what the epoch reported
-    (trainable.METRICS, `health`, `parameters`, Tune's `timestamp`, ...), every scalar setting of the trial
-    (`dataset`, `epochs` planned, `seed`, `arm`, ...; `lr` is the metric), `trial`, `variant` (its label),
-    `variant name`, `peak lr`, `diverged` and `data` (data_subset)."""
+    """One row per trial and reported epoch (trials with no epoch yet left out): the epoch's report (trainable.METRICS,
+    `health`, `parameters`, Tune's `timestamp`, ...), the trial's scalar settings (`dataset`, `epochs` planned, `seed`,
+    `arm`, ...; `lr` is the metric), `trial`, `variant` (its label), `variant name`, `peak lr`, `diverged`, `data`."""
     import trainable  # Ray's: a config read as the trial read it
 
     frames = []
@@ -112,8 +107,7 @@ def results_frame(grid) -> pd.DataFrame:
         config, metrics = result.config, experiments.history(experiments.location_of(result.filesystem, result.path))
         if not config or metrics.empty:
             continue
-        variant = config["variant"]
-        settings = {**variant, **trainable.trial_config(config, threads=0)}
+        variant, settings = config["variant"], {**config["variant"], **trainable.trial_config(config, threads=0)}
         frame = metrics.loc[:, ~metrics.columns.str.startswith("config/")]  # Tune's nested copy of the config
         frame = frame.assign(**{k: v for k, v in settings.items() if k not in frame and (v is None or np.isscalar(v))})
         frame.insert(0, "trial", Path(result.path).name)
@@ -127,7 +121,8 @@ def results_frame(grid) -> pd.DataFrame:
                 "the shared recipe, which tuning also chose (the tuned trial, counted in both arms)")))
     if not frames:
         return pd.DataFrame()
-    return pd.concat(frames, ignore_index=True).assign(data=data_subset(experiments.read_launch(experiment_location(grid))))
+    launch = experiments.read_launch(experiment_location(grid))
+    return pd.concat(frames, ignore_index=True).assign(data=data_subset(launch))
 
 
 def result_of(grid, trial: str):
@@ -181,21 +176,20 @@ def progress(grid, df) -> pd.DataFrame:
     planned = {experiments.variant_label({**dict(zip(axes, point)), "stage": launch.get("stage"),
                                           "lr_reference_batch": 1 if "batch_size" in axes else 0}): seeds
                for point in itertools.product(*axes.values())}
-    trials = df.groupby("trial").agg(variant=("variant", "first"), last=("epoch", "max"), diverged=("diverged", "first"))
+    trials = df.groupby("trial").agg({"variant": "first", "epoch": "max", "diverged": "first"})  # epoch: the last
     rows = []
     for label in sorted(set(planned) | set(trials["variant"])):
         mine = trials[trials["variant"] == label]
-        epochs_in = [*mine["last"], *[0] * (planned.get(label, 0) - len(mine))]
+        epochs_in = [*mine["epoch"], *[0] * (planned.get(label, 0) - len(mine))]
         rows.append({"variant": label, "trials": len(epochs_in), "planned epochs": planned_epochs,
                      "epochs in": "-".join(str(e) for e in sorted({min(epochs_in), max(epochs_in)})),
                      "diverged": int(mine["diverged"].sum()), "complete": len(mine) == len(epochs_in)
-                     and bool((mine["diverged"] | (mine["last"] >= planned_epochs)).all())})
+                     and bool((mine["diverged"] | (mine["epoch"] >= planned_epochs)).all())})
     return pd.DataFrame(rows)
 
 
 def progress_note(table: pd.DataFrame, running: str | None = None) -> str:
-    """'' for a complete experiment, else one sentence saying it is partial, per variant; running: who runs it
-    (experiments.holder), said in place of how to resume it."""
+    """'' if complete, else one sentence: each variant's epochs in, then who runs it (running) or how to resume."""
     parts = "; ".join(f"{row['variant']} {row['epochs in']} of {row['planned epochs']}" for _, row in table.iterrows())
     then = f"It is still running ({running})." if running else "Resume it with tune_main.py --resume."
     return "" if table["complete"].all() else (
@@ -209,7 +203,8 @@ def diverged_note(df) -> str:
     named = "; ".join(f"{trial} ({health})" for trial, health in trials.items())
     if not named or len(trials) < df["trial"].nunique():
         return named and f"Diverged trials, left out of the figures and tables: {named}."
-    return f"Every trial diverged ({_count(len(trials), 'trial')}), so there is no accuracy to report or compare: {named}."
+    return (f"Every trial diverged ({_count(len(trials), 'trial')}), so there is no accuracy to report or compare: "
+            f"{named}.")
 
 
 def ghost_note(df) -> str:
@@ -236,17 +231,30 @@ def plot_curves(df, metric: str):
     """A CURVES metric against epoch, all variants on one axes: the mean over seeds with a ±1 std band, ★ at each
     mean curve's best epoch; a diverged variant is named in the legend, not drawn."""
     label, higher_better = CURVES[metric]
-    split, scale = scored_on(df), 100 if metric.endswith("acc") else 1
+    split, (scale, fmt) = scored_on(df), (100, ".2f") if metric.endswith("acc") else (1, ".4f")
     # test_acc averages each image and its mirror on flip-trained data; the headline is test_acc_single
-    flipped = not np.allclose(df["test_acc"], df["test_acc_single"], equal_nan=True)
-    label = f"{split} accuracy, {'flip-averaged' if flipped else 'one view'} (%)" if metric == "test_acc" else label
+    view = "one view" if np.allclose(df["test_acc"], df["test_acc_single"], equal_nan=True) else "flip-averaged"
+    label = f"{split} accuracy, {view} (%)" if metric == "test_acc" else label
     fig, ax = plt.subplots(figsize=(12, 5))
     names = sorted(df["variant"].unique())
     for name in sorted(set(names) - set(healthy(df)["variant"])):  # marked, not drawn as nan
         ax.plot([], [], color="grey", linestyle="none", marker="x", label=f"{printable(name)}: diverged (not plotted)")
     late = []  # the bands over the second half of training: variants often sit within a point of each other
     for name, group in healthy(df).groupby("variant"):
-        late += _plot_variant(ax, group, metric, names.index(name), scale, flipped)
+        i, curve = names.index(name), group.groupby("epoch")[metric].agg(["mean", "std", "count"]).fillna({"std": 0})
+        epochs, mean, std = curve.index.to_numpy(), scale * curve["mean"].to_numpy(), scale * curve["std"].to_numpy()
+        per_seed_best = scale * group.groupby("trial")[metric].agg("max" if higher_better else "min")
+        best_at = np.argmax(mean) if higher_better else np.argmin(mean)
+        text = f"{printable(name)}: best {_mean_std(per_seed_best, fmt)} (mean-curve best at epoch {epochs[best_at]})"
+        if metric == "test_acc":
+            text = (f"{printable(name)}: final one view {_mean_std(100 * final_per_trial(group)['test_acc_single'])}; "
+                    f"best {view} {_mean_std(per_seed_best)}")
+        ax.plot(epochs, mean, color=f"C{i}", linestyle=LINESTYLES[i % len(LINESTYLES)], label=text,
+                marker=MARKERS[i % len(MARKERS)], markersize=4, markevery=max(1, len(epochs) // 10))
+        if curve["count"].max() > 1:
+            ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.2, linewidth=0)
+        ax.plot(epochs[best_at], mean[best_at], marker="*", markersize=12, color=f"C{i}", markeredgecolor="k")
+        late += [*(mean - std)[len(mean) // 2:], *(mean + std)[len(mean) // 2:]]
     if higher_better and late and df["epoch"].max() >= 4:
         pad = max(0.1 * (max(late) - min(late)), 0.05 * scale / 100)
         ax.set_ylim(min(late) - pad, max(late) + pad)
@@ -262,25 +270,6 @@ def plot_curves(df, metric: str):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def _plot_variant(ax, group, metric: str, i: int, scale: float, flipped: bool) -> list:
-    """One variant's mean curve, band and best-epoch star; returns its band's values over the second half."""
-    by_epoch = group.groupby("epoch")[metric].agg(["mean", "std", "count"])
-    epochs, mean, std = by_epoch.index.to_numpy(), scale * by_epoch["mean"].to_numpy(), scale * by_epoch["std"].fillna(0).to_numpy()
-    per_seed = group.groupby("trial")[metric]
-    best_at, per_seed_best = ((np.argmax(mean), per_seed.max()) if CURVES[metric][1] else (np.argmin(mean), per_seed.min()))
-    name, fmt = printable(group["variant"].iloc[0]), ".2f" if scale == 100 else ".4f"
-    text = f"{name}: best {_mean_std(scale * per_seed_best, fmt)} (mean-curve best at epoch {epochs[best_at]})"
-    if metric == "test_acc":
-        text = (f"{name}: final one view {_mean_std(100 * final_per_trial(group)['test_acc_single'])}; "
-                f"best {'flip-averaged' if flipped else 'one view'} {_mean_std(100 * per_seed_best)}")
-    ax.plot(epochs, mean, color=f"C{i}", linestyle=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)],
-            markersize=4, markevery=max(1, len(epochs) // 10), label=text)
-    if by_epoch["count"].max() > 1:
-        ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.2, linewidth=0)
-    ax.plot(epochs[best_at], mean[best_at], marker="*", markersize=12, color=f"C{i}", markeredgecolor="k")
-    return [*(mean - std)[len(mean) // 2:], *(mean + std)[len(mean) // 2:]]
 
 
 def _skip(skipped, error, what: str):
@@ -303,13 +292,12 @@ def experiment_dataset(grid, skipped=None, dataset=None, data_dir=None) -> data_
 
 
 def _scored(grid, checkpoint, dataset, flip=None) -> tuple:
-    """(state, evaluation split, train.evaluate's output + "flip") of a Tune checkpoint's net, scored as its trial
-    was: on the launch's part of the data (--val-size N: the N training images held out of it); flip: as it was."""
+    """(state, evaluation split, train.evaluate's output + "flip") of a checkpoint's net, scored as its trial was."""
     import trainable  # Ray's checkpoints
 
     model, state = trainable.model_from_result_checkpoint(checkpoint)
-    config = state["config"]
-    split = train.trial_data(experiment_dataset(grid) if dataset is None else dataset, config_lib.TrialConfig.of(config))
+    config, dataset = state["config"], experiment_dataset(grid) if dataset is None else dataset
+    split = train.trial_data(dataset, config_lib.TrialConfig.of(config))
     split = split.held_out(config["val_size"]) if config["val_size"] else split
     flip = train.uses_test_flip(config, split.augment) if flip is None else flip
     return state, split, {**train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"],
@@ -318,9 +306,8 @@ def _scored(grid, checkpoint, dataset, flip=None) -> tuple:
 
 def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
     """The first n misclassified evaluation images of `variant`'s best checkpoint (best trial by test_acc): images
-    (uint8), true, pred, confidence (max softmax), indices, the checkpoint's acc (flip-averaged where `flip`, as its
-    test_acc), seed, epoch, classes. dataset: experiment_dataset's. A one-line AnalysisError for a variant with no
-    healthy trial or no checkpoint of its best epoch."""
+    (uint8), true, pred, confidence (max softmax), indices, acc (flip-averaged where `flip`), seed, epoch, classes;
+    dataset: experiment_dataset's. A one-line AnalysisError without a healthy trial or its best epoch's checkpoint."""
     import trainable  # Ray's checkpoints
 
     best = best_per_trial(df)
@@ -329,7 +316,7 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
                             f"reported yet), so no checkpoint to show")
     row = best[best["variant"] == variant].sort_values("test_acc", kind="stable").iloc[-1]
     # the checkpoint of the epoch the table names (Tune keeps it: the best, ties to the latest)
-    kept = [c for c, metrics in result_of(grid, row["trial"]).best_checkpoints or [] if metrics["epoch"] == row["epoch"]]
+    kept = [c for c, report in result_of(grid, row["trial"]).best_checkpoints or [] if report["epoch"] == row["epoch"]]
     if not kept or not experiments.exists(experiments.join(
             experiments.location_of(kept[-1].filesystem, kept[-1].path), trainable.CHECKPOINT_FILE)):
         raise AnalysisError(f"trial {row['trial']} has no checkpoint of its best epoch {int(row['epoch'])} (not saved "
@@ -344,8 +331,7 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
 
 
 def misclassified_grids(grid, df, dataset=None, skipped=None) -> dict:
-    """variant -> plot_misclassified's figure, per healthy variant; one whose data or checkpoint is not here is
-    said in `skipped` as "what: why" (default: raised)."""
+    """variant -> plot_misclassified's figure per healthy variant; one not drawable here: said in skipped, or raised."""
     dataset, figures = experiment_dataset(grid, skipped) if dataset is None else dataset, {}
     for variant in sorted(healthy(df)["variant"].unique()) if dataset is not None else []:
         try:
@@ -362,9 +348,9 @@ def plot_misclassified(sample: dict):
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < len(sample["indices"]):
-            image = sample["images"][k]  # (C, H, W) uint8; numpy, as matplotlib warns on tensors
-            # grayscale: dark on light, as digits and clothes are drawn on paper
-            ax.imshow(image[0].numpy(), cmap="gray_r") if len(image) == 1 else ax.imshow(image.permute(1, 2, 0).numpy())
+            image = sample["images"][k].permute(1, 2, 0).numpy()  # (H, W, C) uint8; matplotlib warns on tensors
+            # grayscale dark on light, as digits and clothes are drawn on paper (an RGB image ignores cmap)
+            ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray_r")
             ax.set_title(f"true: {classes[sample['true'][k]]}\npred: {classes[sample['pred'][k]]} "
                          f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
     split, view = sample.get("split", "test"), "flip-averaged" if sample.get("flip") else "one view"
@@ -390,14 +376,14 @@ def trial_table(df) -> pd.DataFrame:
 
 
 def summary(df) -> pd.DataFrame:
-    """Per variant, best headline first: final-epoch one-view accuracy (the headline) with its std over seeds,
-    the flip-averaged final and best-epoch accuracies, the best epochs, parameters and convergence."""
+    """Per variant, best first: trial_table's accuracies as means over seeds, the headline's std, convergence."""
     table = trial_table(df).groupby("variant").agg(**{
         "seeds": ("seed", "size"), "final one-view acc mean (%)": ("final one-view acc (%)", "mean"),
         "std (%)": ("final one-view acc (%)", "std"), "final acc mean (%)": ("final acc (%)", "mean"),
         "best acc mean (%)": ("best acc (%)", "mean"), "best epochs": ("best epoch", lambda e: ", ".join(map(str, e)))})
     table["parameters"] = final_per_trial(df).groupby("variant")["parameters"].first().astype(int)
-    table["converged"] = convergence(df).set_index("variant")["converged"].map({True: "yes", False: "MAY NOT (see warnings)"})
+    converged = convergence(df).set_index("variant")["converged"]
+    table["converged"] = converged.map({True: "yes", False: "MAY NOT (see warnings)"})
     return table.reset_index().sort_values("final one-view acc mean (%)", ascending=False).reset_index(drop=True)
 
 
@@ -410,11 +396,11 @@ def final_correct(grid, df, dataset=None, skipped=None) -> dict:
             continue
         try:
             state, split, out = _scored(grid, checkpoint, dataset, flip=False)
+            if state["epoch"] == row.epoch:
+                correct[row.trial] = out["preds"] == split.test_labels
         except CheckpointError as e:  # not copied with the results
-            _skip(skipped, CheckpointError(f"{e}; copy its checkpoint_* directories too"), f"McNemar's test of {row.trial}")
-            continue
-        if state["epoch"] == row.epoch:
-            correct[row.trial] = out["preds"] == split.test_labels
+            _skip(skipped, CheckpointError(f"{e}; copy its checkpoint_* directories too"),
+                  f"McNemar's test of {row.trial}")
     return correct
 
 
@@ -463,7 +449,7 @@ def tuning_frame(grid, df):
 
 
 def wall_time(df) -> str:
-    """From the first epoch's start to the last report (a resumed experiment counts its pause too): "159 s", "12 min"."""
+    """From the first epoch's start to the last report (a resumed experiment's pause counted): "159 s", "12 min"."""
     seconds = float(df["timestamp"].max() - (df["timestamp"] - df["time_this_iter_s"]).min())
     return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.0f} min"
 
@@ -480,8 +466,7 @@ def is_batch_study(df) -> bool:
 
 
 def batch_size_study(df) -> pd.DataFrame:
-    """Per variant and batch size: final one-view test error (%), mean and std over seeds, the same with precise
-    BatchNorm statistics (train.precise_bn; nan without BN), the peak lr and convergence."""
+    """Per variant and batch size: final one-view test error (%) over seeds, plain and precise-BN (nan without BN)."""
     final = final_per_trial(df)
     final = final.assign(error=100 * (1 - final["test_acc_single"]), precise=100 * (1 - final["test_acc_precise_bn"]),
                          converged=final["variant"].map(convergence(df).set_index("variant")["converged"]))
@@ -504,7 +489,8 @@ def batch_size_table(study: pd.DataFrame) -> pd.DataFrame:
     for name, group in study.groupby("variant"):
         rows.append({"": f"{name} error (%)", **cells(group, "error (%)", "std", marked=True)})
         if group["precise-BN error (%)"].notna().any():
-            rows.append({"": f"{name}, precise BN statistics", **cells(group, "precise-BN error (%)", "precise-BN std")})
+            precise = cells(group, "precise-BN error (%)", "precise-BN std")
+            rows.append({"": f"{name}, precise BN statistics", **precise})
     means = study.pivot(index="variant", columns="batch size", values="error (%)")
     if "bn" in means.index:
         rows += [{"": f"{name} − bn (points)", **{str(b): f"{d:+.2f}" for b, d in diffs.items() if np.isfinite(d)}}
@@ -515,12 +501,12 @@ def batch_size_table(study: pd.DataFrame) -> pd.DataFrame:
 def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
     """Final one-view test error against batch size, mean ± std over seeds, per norm; dashed: precise BN."""
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for i, (name, group) in enumerate(study.groupby("variant")):
-        style = {"color": f"C{i}", "marker": MARKERS[i % len(MARKERS)], "capsize": 3}
-        ax.errorbar(group["batch size"], group["error (%)"], yerr=group["std"].fillna(0), label=printable(name), **style)
+    for i, (variant, group) in enumerate(study.groupby("variant")):
+        name, style = printable(variant), {"color": f"C{i}", "marker": MARKERS[i % len(MARKERS)], "capsize": 3}
+        ax.errorbar(group["batch size"], group["error (%)"], yerr=group["std"].fillna(0), label=name, **style)
         if group["precise-BN error (%)"].notna().any():
             ax.errorbar(group["batch size"], group["precise-BN error (%)"], yerr=group["precise-BN std"].fillna(0),
-                        linestyle="--", markerfacecolor="none", label=f"{printable(name)}, precise BN statistics", **style)
+                        linestyle="--", markerfacecolor="none", label=f"{name}, precise BN statistics", **style)
     _log2_axis(ax, study["batch size"])
     ax.set(xlabel="batch size (images per step; peak lr scaled linearly with it)",
            ylabel="test error at the final epoch, one view (%)")
@@ -539,8 +525,7 @@ def _log2_axis(ax, values):
 
 
 def plot_sensitivity(df, title: str = "learning-rate sensitivity"):
-    """A tuning stage's validation accuracy against peak lr, a line per variant, a panel per weight decay; a
-    diverged configuration is an x at the bottom."""
+    """Tuning-stage validation accuracy against peak lr, a line per variant, a panel per weight decay; x: diverged."""
     table = tuned.configurations(df)
     decays = sorted(table["weight decay"].unique())
     fig, axes = plt.subplots(1, len(decays), figsize=(5.2 * len(decays) + 2, 4.2), sharey=True, squeeze=False)
@@ -604,11 +589,10 @@ def _png(fig) -> bytes:
 
 
 def _results_section(grid, df, figures: dict, skipped: list, dataset) -> list:
-    """The summary, per-trial and comparison tables, the curves and misclassified grids (into figures); dataset
-    None: what re-scores checkpoints on it is left out (skipped says why)."""
+    """Tables, curves and misclassified grids (into figures); dataset None: no checkpoint re-scored (skipped: why)."""
     figures.update({f"{metric}.png": _png(plot_curves(df, metric)) for metric in CURVES})
     grids = misclassified_grids(grid, df, dataset, skipped) if dataset is not None else {}
-    names = {variant: "misclassified_" + re.sub(r"[^A-Za-z0-9]+", "_", variant).strip("_") + ".png" for variant in grids}
+    names = {variant: f"misclassified_{re.sub(r'[^A-Za-z0-9]+', '_', variant).strip('_')}.png" for variant in grids}
     figures.update({names[variant]: _png(fig) for variant, fig in grids.items()})  # ASCII file names
     tables, split = comparison_tables(grid, df, dataset, skipped, mcnemar=dataset is not None), scored_on(df)
     return [f"Headline: {split} accuracy at the final epoch on one view of each image (no choice made on the "
@@ -636,7 +620,8 @@ def _final_stage_section(grid, df, figures: dict) -> list:
 
 def _tuning_section(tuning_df, figures: dict) -> list:
     """A tuning stage: the sensitivity table and figure, the choices, and how early stopping would have ranked."""
-    figures["lr_sensitivity.png"] = _png(plot_sensitivity(tuning_df, _title(tuning_df, "learning-rate sensitivity", True)))
+    title = _title(tuning_df, "learning-rate sensitivity", wrap=True)
+    figures["lr_sensitivity.png"] = _png(plot_sensitivity(tuning_df, title))
     choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
                              "evidence": c["evidence"]} for name, c in sorted(tuned.choose(tuning_df).items())])
     agreement = comparisons.rank_agreement(tuning_df)
@@ -657,9 +642,9 @@ def _batch_section(df, figures: dict) -> list:
     """A batch-size study: Wu & He's Table 2 layout, the figure (into figures) and the per-batch-size table."""
     study = batch_size_study(df)
     figures["batch_size.png"] = _png(plot_batch_sizes(study, _title(df, "batch-size study", wrap=True)))
-    return ["## Batch size", "", "Final-epoch test error on one view (%), mean ± std over seeds, laid out like Table 2 "
-            "of Wu & He (2018); \"precise BN statistics\" recomputes BatchNorm's running statistics on batches of 500 "
-            "training images after training (`train.precise_bn`). \"*\": may not have converged.", "",
+    return ["## Batch size", "", "Final-epoch test error on one view (%), mean ± std over seeds, laid out like "
+            "Table 2 of Wu & He (2018); \"precise BN statistics\" recomputes BatchNorm's running statistics on batches "
+            "of 500 training images after training (`train.precise_bn`). \"*\": may not have converged.", "",
             _markdown(batch_size_table(study)), "", "![test error against batch size](batch_size.png)", "",
             "Per variant and batch size:", "", _markdown(study), ""]
 
@@ -672,7 +657,8 @@ def run_notebook(experiment, out_dir) -> str:
     from nbclient.exceptions import CellExecutionError
 
     location, root = check_experiment(experiment), Path(__file__).resolve().parent  # a wrong path: no kernel started
-    notebook, written = nbformat.read(root / "analysis.ipynb", as_version=4), experiments.join(out_dir, "analysis.ipynb")
+    notebook = nbformat.read(root / "analysis.ipynb", as_version=4)
+    written = experiments.join(out_dir, "analysis.ipynb")
     try:
         NotebookClient(notebook, timeout=None, resources={"metadata": {"path": str(root)}}).execute(
             env={**os.environ, "NORMSWEEP_EXPERIMENT": location}, stderr=subprocess.DEVNULL)  # the kernel's chatter

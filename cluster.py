@@ -73,10 +73,8 @@ def connect(address, ship_code: bool = True, verbose: bool = False, not_shipped=
     env = runtime_env(not_shipped) if ship_code else {}
     if any(modules):
         env["py_modules"] = [str(Path(m).resolve()) for m in modules if m]
-    if not verbose:  # the driver's C++ core worker logs to fd 2 (a metrics agent it could not reach, ...)
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     try:
-        with interrupts_held(), contextlib.nullcontext() if verbose else _native_stderr_silenced():
+        with interrupts_held():
             ray.init(address=address, runtime_env=env or None, **options)
     except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as e:  # ValueError: a bad address, ...
         raise ClusterError(_connection_failure(shown, e)) from None
@@ -133,20 +131,6 @@ def _refused(host: str, port: int):
                 return "something else listens there"
     except OSError as e:  # TimeoutError too: nothing listening, or not answering
         return e.strerror or str(e)
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced():
-    """Ray's C++ client logs each refused attempt to file descriptor 2; the ClusterError says why in one line."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 @contextlib.contextmanager

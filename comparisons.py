@@ -37,7 +37,8 @@ def scored_on(df) -> str:
 
 def families(final: pd.DataFrame, within=WITHIN):
     """(name, rows) per family of comparable trials: those that agree on each varying column of `within`."""
-    keys, prefix = [k for k in within if k in final and final[k].nunique() > 1], {"batch_size": "batch ", "seed": "seed "}
+    keys = [k for k in within if k in final and final[k].nunique() > 1]
+    prefix = {"batch_size": "batch ", "seed": "seed "}
     for values, rows in final.groupby(keys) if keys else [((), final)]:
         yield ", ".join(f"{prefix.get(k, '')}{v}" for k, v in zip(keys, values)), rows
 
@@ -161,5 +162,6 @@ def rank_agreement(df, at_fraction: float = 1 / 3, keep_fraction: float = 1 / 3)
         rank = int((at_rung[shared] > at_rung[best]).sum()) + 1
         rows.append({"variant": variant, "configurations": len(shared), "rung epoch": rung,
                      "Spearman rho": stats.spearmanr(at_rung[shared], final[shared]).statistic,
-                     "final best's rank at rung": rank, "ASHA keeps": kept, "final best kept": "yes" if rank <= kept else "no"})
+                     "final best's rank at rung": rank, "ASHA keeps": kept,
+                     "final best kept": "yes" if rank <= kept else "no"})
     return pd.DataFrame(rows)

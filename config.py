@@ -12,9 +12,8 @@ import plugins
 from model import MODELS, NORMS, REGISTRY, build_model, norm_entry
 
 LAUNCH_FORMAT = 2  # the launch file's layout; an experiment written with another is refused, not guessed at
-# The auto batch size (`batch_size_for`): the largest batch up to MAX_BATCH that still gives MIN_STEPS_PER_EPOCH
-# optimizer steps per epoch, never below MIN_BATCH (BatchNorm's statistics get noisy). 60,000 images: 128;
-# 4,000 images: 32. A fixed 128 gave small training sets too few steps for GN and LN to converge in 20 epochs.
+# The auto batch size (`batch_size_for`): the largest up to MAX_BATCH giving MIN_STEPS_PER_EPOCH optimizer steps an
+# epoch, at least MIN_BATCH (BN's statistics get noisy); a fixed 128 gave small sets too few steps for GN and LN.
 MAX_BATCH, MIN_BATCH, MIN_STEPS_PER_EPOCH = 128, 16, 125
 SMOKE = {"train_size": 1000, "test_size": 500, "epochs": 2}  # --smoke-test: check an install in a minute
 DEFAULT_L1 = 1e-5  # lambda of "+l1" variants: the L1 penalty lambda * sum(|w|) over conv and linear weights
@@ -24,15 +23,11 @@ GROUPS = {"everyday": "everyday", "recipe": "the training recipe (shared by ever
 
 def setting(default, help="", group=None, *, programs=("train", "tune"), check=None, saved=True,
             trajectory=True, **argparse_options):
-    """A field with its flag (group None: none). check: (what a refusal says, predicate). saved: in the launch file
-    (False: today's flags decide on --resume). trajectory: a checkpoint continues a run only under the same value."""
-    meta = dict(help=help, group=group, programs=programs, check=check, saved=saved, trajectory=trajectory,
-                argparse=argparse_options)
-    return field(default=default, metadata=meta)
-
-
-def tune_setting(*args, **kwargs):  # a flag of tune_main.py only
-    return setting(*args, programs=("tune",), **kwargs)
+    """A field with its flag (group None: none). programs: the CLIs with the flag (SweepConfig's own fields: only
+    tune_main.py's). check: (what a refusal says, predicate). saved: in the launch file (False: today's flags decide
+    on --resume). trajectory: a checkpoint continues a run only under the same value."""
+    return field(default=default, metadata=dict(help=help, group=group, programs=programs, check=check, saved=saved,
+                                                trajectory=trajectory, argparse=argparse_options))
 
 
 def at_least(low, what):
@@ -120,49 +115,46 @@ class TrialConfig:
 @dataclass(frozen=True)
 class SweepConfig(TrialConfig):
     """A sweep: the recipe every trial shares (its TrialConfig fields) and what varies over the grid."""
-    variants: str = tune_setting("bn,gn,ln,bn+l1", f"comma-separated NORM[+l1], NORM one of {', '.join(NORMS)} "
-                                 "(docs/norms.md)", "everyday")
-    seeds: int = tune_setting(1, "seeds per variant, 0..N-1", "everyday",
-                              check=at_least(1, "at least 1 (seeds 0..N-1)"))
-    l1_lambdas: tuple = tune_setting((), f"L1 lambdas: each +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
-                                     "recipe", flag="--l1", type=float, nargs="+",
-                                     check=each(lambda v: 0 < v < math.inf, "lambdas above 0"))
-    smoke_test: bool = tune_setting(False, f"{SMOKE['train_size']} training and {SMOKE['test_size']} test images, "
-                                    f"{SMOKE['epochs']} epochs unless --epochs: check an install in a minute",
-                                    "everyday", action="store_true")
-    name: str | None = tune_setting(None, "experiment name (default: normsweep_<dataset>_<time>)", "everyday")
-    resume: bool = tune_setting(False, "finish an interrupted experiment (--name, default: the latest under "
-                                "--storage-path) with its launch settings", "everyday", action="store_true",
-                                saved=False)
-    storage_path: str = tune_setting("results", "results root: a directory or a URI such as s3://bucket/prefix (on a "
-                                     "cluster, one every node can write)", "everyday", saved=False)
-    batch_sizes: tuple = tune_setting((), "the batch-size study: every variant at each batch size, e.g. 2,4,8,16,32, "
-                                      "peak lr scaled linearly from --lr at the auto batch", "studies",
-                                      type=list_arg(int, "whole numbers of images, e.g. 2,4,8"),
-                                      check=each(lambda v: v >= 1, "whole numbers of images, e.g. 2,4,8,16,32"))
-    tune: bool = tune_setting(False, "a tuned comparison: every --tune-lrs x --tune-weight-decays point on a "
-                              "validation split (20%% of the training images), one seed; then each variant at its best "
-                              "point and at the recipe on the test split, --seeds seeds (docs/usage.md)", "studies",
-                              action="store_true")
-    tune_lrs: tuple = tune_setting((0.0125, 0.025, 0.05, 0.1, 0.2, 0.4), "with --tune: the peak learning rates tried",
-                                   "studies", type=list_arg(float, "numbers, e.g. 0.025,0.05,0.1"),
-                                   check=each(lambda v: 0 < v < math.inf, "positive learning rates, e.g. 0.025,0.05"))
-    tune_weight_decays: tuple = tune_setting((5e-5, 5e-4), "with --tune: the weight decays tried", "studies",
-                                             type=list_arg(float, "numbers, e.g. 5e-5,5e-4"),
-                                             check=each(lambda v: 0 <= v < math.inf, "weight decays of 0 or more"))
-    max_concurrent: int = tune_setting(0, "most trials at once (0: no cap)", "resources",
-                                       check=at_least(0, "0 (no cap) or more"))
-    cpus_per_trial: float | None = tune_setting(None, "CPUs per trial (default: the cluster's, shared by the trials "
-                                                "at once)", "resources", type=float, saved=False,
-                                                check=("more than 0 (fractions share a core)", lambda v: v > 0))
-    gpus_per_trial: float | None = tune_setting(None, "GPUs per trial (default: 1, or 1/k of one when trials outnumber "
-                                                "GPUs)", "resources", type=float, saved=False,
-                                                check=at_least(0, "0 or more"))
-    address: str | None = tune_setting(None, "the Ray cluster to join: 'auto' (`ray start --head` here) or host:port "
-                                       "(default: a private local Ray)", "resources", saved=False)
-    ship_code: bool = tune_setting(True, "with --address: don't ship this directory's code (normsweep installed on "
-                                   "every node)", "resources", flag="--no-ship-code", action="store_false", saved=False)
-    verbose: bool = tune_setting(False, "show Ray's own output and logs", "resources", action="store_true", saved=False)
+    variants: str = setting("bn,gn,ln,bn+l1", f"comma-separated NORM[+l1], NORM one of {', '.join(NORMS)} "
+                            "(docs/norms.md)", "everyday")
+    seeds: int = setting(1, "seeds per variant, 0..N-1", "everyday", check=at_least(1, "at least 1 (seeds 0..N-1)"))
+    l1_lambdas: tuple = setting((), f"L1 lambdas: each +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
+                                "recipe", flag="--l1", type=float, nargs="+",
+                                check=each(lambda v: 0 < v < math.inf, "lambdas above 0"))
+    smoke_test: bool = setting(False, f"{SMOKE['train_size']} training and {SMOKE['test_size']} test images, "
+                               f"{SMOKE['epochs']} epochs unless --epochs: check an install in a minute", "everyday",
+                               action="store_true")
+    name: str | None = setting(None, "experiment name (default: normsweep_<dataset>_<time>)", "everyday")
+    resume: bool = setting(False, "finish an interrupted experiment (--name, default: the latest under "
+                           "--storage-path) with its launch settings", "everyday", action="store_true", saved=False)
+    storage_path: str = setting("results", "results root: a directory or a URI such as s3://bucket/prefix (on a "
+                                "cluster, one every node can write)", "everyday", saved=False)
+    batch_sizes: tuple = setting((), "the batch-size study: every variant at each batch size, e.g. 2,4,8,16,32, "
+                                 "peak lr scaled linearly from --lr at the auto batch", "studies",
+                                 type=list_arg(int, "whole numbers of images, e.g. 2,4,8"),
+                                 check=each(lambda v: v >= 1, "whole numbers of images, e.g. 2,4,8,16,32"))
+    tune: bool = setting(False, "a tuned comparison: every --tune-lrs x --tune-weight-decays point on a validation "
+                         "split (20%% of the training images), one seed; then each variant at its best point and at "
+                         "the recipe on the test split, --seeds seeds (docs/usage.md)", "studies", action="store_true")
+    tune_lrs: tuple = setting((0.0125, 0.025, 0.05, 0.1, 0.2, 0.4), "with --tune: the peak learning rates tried",
+                              "studies", type=list_arg(float, "numbers, e.g. 0.025,0.05,0.1"),
+                              check=each(lambda v: 0 < v < math.inf, "positive learning rates, e.g. 0.025,0.05"))
+    tune_weight_decays: tuple = setting((5e-5, 5e-4), "with --tune: the weight decays tried", "studies",
+                                        type=list_arg(float, "numbers, e.g. 5e-5,5e-4"),
+                                        check=each(lambda v: 0 <= v < math.inf, "weight decays of 0 or more"))
+    max_concurrent: int = setting(0, "most trials at once (0: no cap)", "resources",
+                                  check=at_least(0, "0 (no cap) or more"))
+    cpus_per_trial: float | None = setting(None, "CPUs per trial (default: the cluster's, shared by the trials at "
+                                           "once)", "resources", type=float, saved=False,
+                                           check=("more than 0 (fractions share a core)", lambda v: v > 0))
+    gpus_per_trial: float | None = setting(None, "GPUs per trial (default: 1, or 1/k of one when trials "
+                                           "outnumber GPUs)", "resources", type=float, saved=False,
+                                           check=at_least(0, "0 or more"))
+    address: str | None = setting(None, "the Ray cluster to join: 'auto' (`ray start --head` here) or host:port "
+                                  "(default: a private local Ray)", "resources", saved=False)
+    ship_code: bool = setting(True, "with --address: don't ship this directory's code (normsweep installed on every "
+                              "node)", "resources", flag="--no-ship-code", action="store_false", saved=False)
+    verbose: bool = setting(False, "show Ray's own output and logs", "resources", action="store_true", saved=False)
     # a tuned comparison's stages (tuned.py): "tuning" or "final"; the final stage's name and variant dicts
     stage: str = ""
     final_name: str = ""
@@ -177,37 +169,15 @@ class SweepConfig(TrialConfig):
         """This sweep with a launch file's settings (today's flags keep only what is not saved)."""
         if launch.get("format") != LAUNCH_FORMAT:
             raise UsageError(f"this experiment was written by another version of normsweep (launch format "
-                             f"{launch.get('format', 1)}, this one reads {LAUNCH_FORMAT}); finish it with that version, "
-                             f"or start it again")
+                             f"{launch.get('format', 1)}, this one reads {LAUNCH_FORMAT}); finish it with that "
+                             f"version, or start it again")
         known = {f.name for f in dataclasses.fields(self)}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in launch.items() if k in known}
         return dataclasses.replace(self, **values)
 
-    def trial_seeds(self) -> int:
-        return 1 if self.stage == "tuning" else self.seeds
-
 
 def _flag(f) -> str:
     return f.metadata["argparse"].get("flag") or "--" + f.name.replace("_", "-")
-
-
-def parser(program: str, cls, description: str) -> argparse.ArgumentParser:
-    """argparse for `program` ("train" or "tune") from `cls`'s fields, in GROUPS. Every default is
-    argparse.SUPPRESS, so the namespace holds only the flags given (`parse`)."""
-    made = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    groups = {key: made.add_argument_group(title) for key, title in GROUPS.items()}
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        if not meta.get("group") or program not in meta["programs"]:
-            continue
-        options = {k: v for k, v in meta["argparse"].items() if k != "flag"}
-        if "action" not in options:
-            options.setdefault("type", type(f.default) if f.default is not None else str)
-        default = (f"{f.default:g}" if isinstance(f.default, float) else
-                   ",".join(f"{v:g}" for v in f.default) if isinstance(f.default, tuple) else f.default)
-        shown = "" if isinstance(f.default, bool) or f.default in (None, ()) else f" (default: {default})"
-        groups[meta["group"]].add_argument(_flag(f), dest=f.name, help=meta["help"] + shown, **options)
-    return made
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -219,8 +189,22 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse(program: str, cls, argv, description: str):
-    """(config, the names of the flags given): `cls` with the flags of argv over its defaults."""
-    given = vars(parser(program, cls, description).parse_args(argv))
+    """(config, the names of the flags given): `cls` with the flags of argv over its defaults. The flags are the
+    fields of `cls` with a group and `program` ("train" or "tune"), in GROUPS, each defaulting to argparse.SUPPRESS."""
+    parser = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("group") or program not in meta["programs"]:
+            continue
+        options = {k: v for k, v in meta["argparse"].items() if k != "flag"}
+        if "action" not in options:
+            options.setdefault("type", type(f.default) if f.default is not None else str)
+        default = (f"{f.default:g}" if isinstance(f.default, float) else
+                   ",".join(f"{v:g}" for v in f.default) if isinstance(f.default, tuple) else f.default)
+        shown = "" if isinstance(f.default, bool) or f.default in (None, ()) else f" (default: {default})"
+        groups[meta["group"]].add_argument(_flag(f), dest=f.name, help=meta["help"] + shown, **options)
+    given = vars(parser.parse_args(argv))
     if given.get("smoke_test"):  # its subset, and its epochs unless --epochs
         given = {**SMOKE, **given}
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}), set(given)
@@ -256,7 +240,7 @@ def grid_axes(sweep: SweepConfig) -> dict:
         axes["batch_size"] = sorted(sweep.batch_sizes)
     if sweep.stage == "tuning":
         axes.update(lr=sorted(sweep.tune_lrs), weight_decay=sorted(sweep.tune_weight_decays))
-    axes["seed"] = list(range(sweep.trial_seeds()))
+    axes["seed"] = list(range(1 if sweep.stage == "tuning" else sweep.seeds))
     return axes
 
 
@@ -267,11 +251,7 @@ def check(config: TrialConfig) -> None:
         if rule and value not in (None, f.default) and not (value == value and rule[1](value)):  # nan != nan
             shown = ",".join(f"{v:g}" for v in value) or "nothing" if isinstance(value, tuple) else f"{value:g}"
             raise UsageError(f"{_flag(f)} must {'list' if isinstance(value, tuple) else 'be'} {rule[0]}, got {shown}")
-    if isinstance(config, SweepConfig):
-        _check_sweep(config)
-        norms = sorted({v["norm"] for v in parse_variants(config.variants)})
-    else:
-        norms = [config.norm]
+    norms = sorted({v["norm"] for v in _check_sweep(config)}) if isinstance(config, SweepConfig) else [config.norm]
     batch = min(getattr(config, "batch_sizes", ()) or [config.batch_size or MIN_BATCH])
     batch_normed = [n for n in norms if n in REGISTRY and REGISTRY[n].batch_statistics]
     if batch < 2 and batch_normed:  # training-mode BN takes its statistics over the batch
@@ -286,8 +266,8 @@ def check(config: TrialConfig) -> None:
     plugins.canonical(config.model)  # a user's builder: TARGET:NAME, its file here (run on the data later)
 
 
-def _check_sweep(sweep: SweepConfig) -> None:
-    """The checks that involve a sweep's own flags."""
+def _check_sweep(sweep: SweepConfig) -> list:
+    """The checks that involve a sweep's own flags; its variant dicts (parse_variants)."""
     if sweep.batch_sizes and sweep.batch_size:
         raise UsageError(f"--batch-size {sweep.batch_size} and --batch-sizes both given; drop --batch-size "
                          f"(--batch-sizes runs every listed size)")
@@ -312,6 +292,7 @@ def _check_sweep(sweep: SweepConfig) -> None:
     if sweep.tune and sweep.val_size:
         raise UsageError(f"--tune and --val-size {sweep.val_size} both given; the tuning stage holds out its own "
                          f"validation split and the final stage scores on the test split, drop --val-size")
+    return parse_variants(sweep.variants)
 
 
 def check_val_size(val_size: int, n_train: int) -> None:

@@ -1,7 +1,9 @@
-"""What the driver prints while a sweep runs: a line per reported epoch (`Progress`), not Ray's logs, warnings and
-pushed errors (`quiet_ray`, skipped under --verbose)."""
+"""What the driver prints while a sweep runs: a line per reported epoch (`Progress`), not Ray's logs, warnings,
+pushed errors (`quiet_ray`) and its C++ core's log lines (`native_ray_logs_dropped`), both skipped under --verbose."""
+import contextlib
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -12,6 +14,9 @@ from ray import tune
 import experiments
 import trainable
 
+# A line Ray's C++ core logs to file descriptor 2 below FATAL, e.g. "[2026-12-04 12:32:31,266 E 24215 24331] core_worker_\
+# process.cc:837: Failed to establish connection to the metrics exporter agent ..."; it is in Ray's log files too
+RAY_NATIVE_LOG_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWE] \d+ \d+\] ")
 # Why Tune could not save the experiment's state this run (the last line of its exception, said at the end), or None
 STATE_SAVE_FAILURE = {"error": None}
 
@@ -28,6 +33,37 @@ def quiet_ray():
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     if not isinstance(sys.stdout, _MainThreadOnly):
         sys.stdout = _MainThreadOnly(sys.stdout)
+
+
+@contextlib.contextmanager
+def native_ray_logs_dropped():
+    """While the block runs, file descriptor 2 (where this process's Ray core worker and C++ client log: a metrics agent
+    they could not reach, each refused try to join a cluster) passes everything but RAY_NATIVE_LOG_LINE lines, and
+    sys.stderr writes straight to the terminal, so that a message printed just before os._exit is not lost."""
+    sys.stderr.flush()
+    terminal, (pipe_out, pipe_in) = os.dup(2), os.pipe()
+    os.dup2(pipe_in, 2)
+    os.close(pipe_in)
+
+    def forward():
+        with open(pipe_out, "rb") as lines:
+            for line in lines:
+                if not RAY_NATIVE_LOG_LINE.match(line):
+                    os.write(terminal, line)
+
+    reader = threading.Thread(target=forward, daemon=True)
+    reader.start()
+    previous = sys.stderr
+    sys.stderr = open(terminal, "w", buffering=1, encoding=previous.encoding, errors="backslashreplace", closefd=False)
+    try:
+        yield
+    finally:
+        sys.stderr.close()
+        sys.stderr = previous
+        os.dup2(terminal, 2)  # the pipe's last writer here: the reader drains it and ends
+        reader.join(timeout=10)
+        if not reader.is_alive():  # else a process started in the block holds the pipe: the reader still writes
+            os.close(terminal)
 
 
 class _MainThreadOnly:

@@ -37,9 +37,8 @@ class Spec:
     std: tuple | None = None
 
 
-# Flips suit clothes, not digits: on a 10k validation split of Fashion-MNIST's training data (20 epochs, 50k train)
-# flip alone beat flip + rotation +-7 deg + shift 2 px by 0.7 points for bn (91.97 vs 91.24). Digits keep the +-7 deg
-# rotation the best MNIST solutions use (99.4%). CIFAR-10: He et al. 2016's 4-pixel shifts, flips, published stats.
+# Flips suit clothes, not digits: flip alone beat flip + rotation +-7 deg + shift 2 px by 0.7 points for bn on a 10k
+# validation split of Fashion-MNIST (91.97 vs 91.24). Digits keep MNIST's +-7 deg; CIFAR-10 He et al. 2016's recipe.
 SPECS = {
     "mnist": Spec(DIGIT_CLASSES, {"degrees": 7.0, "shift": 0, "flip": False}),
     "fashion-mnist": Spec(FASHION_CLASSES, {"degrees": 0.0, "shift": 0, "flip": True}),
@@ -97,8 +96,7 @@ class Dataset:
         return self._test_images, self._test_labels
 
     def fingerprint(self) -> str:
-        """sha256 (64 hex digits) of the class names, shapes, images and labels: equal where a run trains and is
-        scored on the same data (0.1 s for Fashion-MNIST)."""
+        """sha256 (64 hex digits) of the class names, shapes, images and labels: equal where the data is."""
         digest = hashlib.sha256(json.dumps([self.classes, [list(t.shape) for t in self.tensors]]).encode())
         for tensor in self.tensors:
             digest.update(tensor.contiguous().numpy())
@@ -114,8 +112,8 @@ class Dataset:
         return replace(self, **dict(zip(SPLITS, validation_split(self.train_images, self.train_labels, size))))
 
     def __reduce__(self):
-        # As numpy arrays, which pickle protocol 5 hands over as out-of-band buffers: through Ray's object store
-        # every trial on a node reads one shared copy (torch tensors would be copied). Trials never write into it.
+        # As numpy arrays, which protocol 5 pickles out of band: every trial on a node reads one copy in Ray's object
+        # store (torch tensors would be copied). Trials never write into it.
         return _from_arrays, ({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()},)
 
 
@@ -158,9 +156,8 @@ def _complete(directory: Path) -> bool:  # all of MNIST's idx files, or all of C
 
 
 def _read_split(directory: Path, kind: str, split: str) -> tuple:
-    """Images (N, C, H, W) uint8 and labels (N,) int64 of a split's idx files (C = 1) or CIFAR-10 python batches
-    (C = 3): pickled dicts of "labels" and "data", (N, 3072) uint8 rows of 1024 red, green then blue pixels, read
-    by an unpickler that builds numpy arrays only (a file that is not what it claims cannot run code)."""
+    """Images (N, C, H, W) uint8, labels (N,) int64 of a split's idx files or CIFAR-10 batches: pickled dicts of
+    "labels" and "data", (N, 3072) rows of red, green, blue, unpickled as numpy arrays only (a file runs no code)."""
     if kind == "idx":
         paths = [_idx_file(directory, stem) for stem in SPLIT_FILES[split]]
         if None in paths:
@@ -196,17 +193,14 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def printable(text) -> str:
-    """Any str (a class name, a path, a message) as one printable line, verbatim otherwise: unprintable characters
-    (a newline) and a file name's undecodable bytes (surrogates: a latin-1 folder name) become backslash escapes,
-    which JSON, a figure and the console take."""
+    """Any str as one printable line: unprintable characters and undecodable bytes (surrogates) as backslash escapes."""
     return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
                    else c.encode("unicode_escape").decode() for c in str(text))
 
 
 def _walk_folder(directory: Path, splits: tuple) -> tuple:
-    """An image folder's files in torchvision's ImageFolder order, none read: ([[(path, label), ...] per split], class
-    names: the training split's folders, printable); hidden files and folders are not data. DataError for a folder
-    link (one can loop or bring in other classes), under two classes, a class without images, an unknown test class."""
+    """An image folder's files in ImageFolder's order, unread and not hidden: ([[(path, label), ...] per split], class
+    names: train/'s folders, printable). DataError: a folder link, under two classes, an empty class, a new test one."""
     samples, names = [], None
     for split in splits:
         root, images = directory / split, {}
@@ -220,17 +214,16 @@ def _walk_folder(directory: Path, splits: tuple) -> tuple:
                                        f"({', '.join(names) or 'none'}); a classifier needs two or more, one folder of "
                                        f"images per class"))
         for name in folders:
-            images[name], subfolders = [], [root / name]
+            images[name] = []
             for parent, below, files in os.walk(root / name):  # lists a folder link in `below`, enters none
                 below[:] = [folder for folder in below if not folder.startswith(".")]
-                subfolders += [Path(parent, folder) for folder in below]
+                link = next((p for p in [Path(parent), *(Path(parent, f) for f in below)] if p.is_symlink()), None)
+                if link:
+                    raise DataError(printable(f"{link}: a link to a folder ({os.path.realpath(link)}); an image "
+                                               f"folder follows none (one can loop or bring in other classes' images): "
+                                               f"copy the images in, or link each image file"))
                 images[name] += [Path(parent, file) for file in files
                                  if not file.startswith(".") and file.lower().endswith(IMAGE_EXTENSIONS)]
-            link = next((folder for folder in subfolders if folder.is_symlink()), None)
-            if link:
-                raise DataError(printable(f"{link}: a link to a folder ({os.path.realpath(link)}); an image folder "
-                                           f"follows none (one can loop or bring in other classes' images): copy the "
-                                           f"images in, or link each image file"))
         empty = [name for name in folders if not images[name]]  # a test split may lack some classes, not all
         if empty and (split == "train" or len(empty) == len(folders)):
             raise DataError(printable(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class folder"
@@ -242,10 +235,8 @@ def _walk_folder(directory: Path, splits: tuple) -> tuple:
 
 
 def _read_folder(samples: list) -> list:
-    """[(images (N, C, H, W) uint8, labels (N,) int64) per split] of _walk_folder's samples, each image turned as its
-    EXIF orientation says; C = 1 where every image has one colour channel, else 3 (gray repeated, alpha dropped).
-    16- and 32-bit integer pixels are read as 0-65535, floating-point ones as 0-1, and scaled to 0-255. DataError
-    naming the file PIL cannot decode, whose pixels are outside that range, or of another size than the others."""
+    """[(images (N, C, H, W) uint8, labels (N,) int64) per split], EXIF-turned; C = 1 where all are gray, else 3 (no
+    alpha); 16/32-bit integer pixels span 0-65535, float ones 0-1. DataError: undecodable, out of range, odd size."""
     from PIL import Image, ImageOps
     flat, arrays = [sample for split in samples for sample in split], []
     for path, _ in flat:
@@ -274,8 +265,7 @@ def _read_folder(samples: list) -> list:
 
 
 def _survey(directory: Path, test_split: bool, spec: Spec | None = None) -> tuple:
-    """What `directory` holds, no data read: (kind "idx", "cifar" or "folder", splits, `spec` or what it declares, an
-    image folder's _walk_folder). DataError for no dataset, no test split where needed, a bad declaration or folder."""
+    """What `directory` holds, unread: ("idx", "cifar" or "folder", splits, `spec` or its declaration, _walk_folder)."""
     if any(_idx_file(directory, stem) for stem in IDX_STEMS):
         kind, has_test = "idx", any(_idx_file(directory, stem) for stem in SPLIT_FILES["test"])
         test_files = ", ".join(stem + "[.gz]" for stem in SPLIT_FILES["test"])
@@ -303,8 +293,7 @@ def _survey(directory: Path, test_split: bool, spec: Spec | None = None) -> tupl
 
 
 def read_directory(directory, name: str, spec: Spec | None = None, test_split: bool = True) -> Dataset:
-    """The dataset in `directory` (idx files, CIFAR batches or an image folder), declaring `spec` or else its
-    DECLARATION; test_split=False: it may lack a test split. Raises DataError, one line, for bad input."""
+    """The dataset in `directory`, declaring `spec` or its DECLARATION; DataError, one line, for bad input."""
     directory = Path(directory)
     kind, splits, declared, walked = _survey(directory, test_split, spec)
     if kind == "folder":  # its class folders name the classes
@@ -327,8 +316,7 @@ def read_directory(directory, name: str, spec: Spec | None = None, test_split: b
     return Dataset(name, train_x, train_y, test_x, test_y, **vars(declared))
 
 
-# What each key of a DECLARATION must be: key -> (valid?, what it must be). Every key is optional.
-DECLARATION_KEYS = {
+DECLARATION_KEYS = {  # each optional key of a DECLARATION -> (is the value valid?, what it must be)
     "source": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)} (its classes, augmentation and statistics)"),
     "classes": (lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) and c.strip() for c in v)
                 and len(set(v)) == len(v), "a list of 2 or more distinct non-empty names, label 0's first"),
@@ -385,8 +373,7 @@ def _directory(name: str) -> Path:
 
 
 def check_dataset(name: str, test_split: bool = True) -> None:
-    """Refuse a --dataset that cannot be read before anything expensive (Ray) starts: the directory, its layout,
-    declaration and image folders, no data read. DataError, one line; a known dataset's name passes."""
+    """DataError, one line, for a --dataset that cannot be read, reading no data (before Ray starts)."""
     if name not in SPECS:
         _survey(_directory(name), test_split)
 
@@ -405,8 +392,8 @@ def load_dataset(name: str, data_dir="data", test_split: bool = True) -> Dataset
 
 
 def _download(name: str, data_dir: Path) -> Path:
-    """The folder of `name`'s files in data_dir, downloaded by torchvision (or unpacked from a CIFAR-10 archive there)
-    under a file lock; DataError, one line, on failure, which leaves nothing behind (no folder, no lock)."""
+    """`name`'s folder in data_dir, downloaded by torchvision (or unpacked from a CIFAR-10 archive) under a file lock;
+    DataError, one line, on failure, which leaves nothing behind (no folder, no lock)."""
     from filelock import FileLock
     from torchvision import datasets
     from torchvision.datasets.utils import extract_archive
@@ -447,8 +434,6 @@ def _download(name: str, data_dir: Path) -> Path:
     return data_dir / folder
 
 
-
-
 VALIDATION_SEED = 12345  # of every held-out split (--val-size): each trial, the analysis, make_subset.py hold out one
 
 
@@ -460,13 +445,13 @@ def validation_split(images, labels, size: int, seed: int = VALIDATION_SEED):
 
 def image_stats(images: torch.Tensor) -> tuple:
     """Per-channel mean and std, float32 (C,), of the pixel values in [0, 1] of uint8 images (N, C, H, W)."""
-    stats = [(x.mean().item(), x.std().item()) for x in (images[:, c].float().div_(255) for c in range(images.shape[1]))]
+    channels = (images[:, c].float().div_(255) for c in range(images.shape[1]))  # one (N, H, W) at a time: memory
+    stats = [(x.mean().item(), x.std().item()) for x in channels]
     return tuple(torch.tensor(values, dtype=torch.float32) for values in zip(*stats))
 
 
 def to_input(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> normalised float (B, C, H, W). mean, std: per channel (C,), tensors on the
-    images' device (no copy) or sequences or floats (copied to the device per call)."""
+    """uint8 (B, C, H, W) -> normalised float (B, C, H, W); mean, std per channel (C,), best on the images' device."""
     mean, std = (torch.as_tensor(v, dtype=torch.float32, device=images.device).reshape(-1, 1, 1) for v in (mean, std))
     return (images.float() / 255 - mean) / std
 
@@ -483,8 +468,7 @@ def batches(images, labels, batch_size: int, generator: torch.Generator | None =
 
 def augment(x: torch.Tensor, generator: torch.Generator, degrees: float, shift: int, flip: bool):
     """Random rotation (+-degrees), translation (+-shift pixels) and optional horizontal flip of x (B, C, H, W)
-    float: one affine grid per sample, one grid_sample. The parameters are drawn from `generator` on its device
-    (the batch's: no host-to-device copies); a seeded one reproduces runs per device type."""
+    float, one affine grid per sample, drawn from `generator` on its device (the batch's: no host copies)."""
     (batch, _, height, width), device = x.shape, generator.device
     angle = (torch.rand(batch, generator=generator, device=device) * 2 - 1) * math.radians(degrees)
     # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size.

@@ -1,10 +1,6 @@
-"""normsweep's error types: what a user can fix, said in one line.
-
-Every entry point (tune_main.py, train.py, analysis.py) catches `NormsweepError` once, at its top, prints
-`error: <message>` and exits with USAGE_EXIT. Anything else is a bug and keeps its traceback, so these do
-not subclass ValueError: an `except ValueError` elsewhere never swallows a refusal. Imports nothing of the
-project, so every module may raise them.
-"""
+"""normsweep's error types: what a user can fix, said in one line. Every entry point catches `NormsweepError` once,
+prints `error: <message>` and exits with USAGE_EXIT; anything else is a bug and keeps its traceback. They do not
+subclass ValueError (an `except ValueError` never swallows a refusal) and import nothing of the project."""
 
 USAGE_EXIT = 2  # argparse's exit status for bad usage; every refusal uses it
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's status for Ctrl-C; 143 (128 + SIGTERM) after a SIGTERM

@@ -6,6 +6,7 @@ and is analysed wherever it is moved or copied. The storage path is a local dire
     <name>/<trial>/result.json, progress.csv, checkpoint_NNNNNN/state.pt, epochs.json (the best and the latest)
 """
 import contextlib
+import io
 import json
 import math
 import os
@@ -36,6 +37,8 @@ FULL_STORAGE = re.compile(r"No space left on device|Disk quota exceeded|\[Errno 
 REFUSED_CREDENTIALS = re.compile(r"ACCESS_DENIED|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|Forbidden|"
                                  r"\b403\b|PERMISSION_DENIED")
 PROBE_SECONDS = 60  # the first request to a store; some clients retry an unreachable endpoint for many minutes
+INPUTS = {"data": "the dataset's images or labels", "model": "the --model file"}  # launch file's "inputs" keys
+_FILESYSTEMS = {}  # "scheme://bucket" -> its file system, resolved once per process (credentials are not free)
 
 
 def is_uri(location) -> bool:
@@ -45,9 +48,10 @@ def is_uri(location) -> bool:
 def resolve(location) -> str:
     """A location as every reader takes it: a URI as given, a local path absolute with `~` expanded."""
     location = str(location)
-    typo = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/+(?!/)(.*)", location)
-    if not is_uri(location) and typo and typo[1].lower() in ("s3", "gs", "gcs", "hdfs", "file", "abfs", "az"):
-        raise ExperimentError(f"{location!r} looks like a URI with a slash missing; did you mean {typo[1]}://{typo[2]}?")
+    typo = re.match(r"(s3|gs|gcs|hdfs|file|abfs|az):/(.*)", location, re.IGNORECASE)
+    if typo and not is_uri(location):
+        raise ExperimentError(f"{location!r} looks like a URI with a slash missing; "
+                              f"did you mean {typo[1]}://{typo[2]}?")
     return location if is_uri(location) else str(Path(location).expanduser().resolve())
 
 
@@ -63,18 +67,14 @@ def sibling(location: str, name: str) -> str:
     return join(base.rstrip("/").rsplit("/", 1)[0] + sep + query, name)
 
 
-_FILESYSTEMS = {}  # "scheme://bucket" -> its file system, resolved once per process (credentials are not free)
-
-
 def filesystem(location: str):
     """(pyarrow FileSystem, path on it) of a local path or URI; ExperimentError if it cannot be resolved."""
     location = resolve(location)
     if not is_uri(location):
         return pafs.LocalFileSystem(), location
     base = location.partition("?")[0]
-    for known, fs in _FILESYSTEMS.items():
-        if base == known or base.startswith(known + "/"):
-            return fs, base.split("://", 1)[1].rstrip("/")
+    if (root := "/".join(base.split("/", 3)[:3])) in _FILESYSTEMS:  # "scheme://bucket"
+        return _FILESYSTEMS[root], base.split("://", 1)[1].rstrip("/")
     try:
         fs, path = pafs.FileSystem.from_uri(location)
     except (pa.ArrowException, OSError, ValueError) as e:  # unknown scheme, bad URI, no credentials
@@ -88,7 +88,7 @@ def location_of(fs, path: str) -> str:
     """The location of `path` on `fs` (a Tune result's): the local path, or a URI `filesystem` maps to this fs."""
     if isinstance(fs, pafs.LocalFileSystem):
         return path
-    scheme = {"s3": "s3", "gcs": "gs"}.get(fs.type_name, fs.type_name)
+    scheme = {"gcs": "gs"}.get(fs.type_name, fs.type_name)
     _FILESYSTEMS.setdefault(f"{scheme}://{path.split('/', 1)[0]}", fs)
     return f"{scheme}://{path}"
 
@@ -139,7 +139,7 @@ def _children(location: str) -> list:
 
 
 def _probe(location: str):
-    """info(location), given up after PROBE_SECONDS (the request runs on in a daemon thread, ending with the process)."""
+    """info(location), given up after PROBE_SECONDS (the request runs on in a daemon thread until the process ends)."""
     outcome = []
 
     def ask():
@@ -165,15 +165,14 @@ def check_storage(storage: str) -> None:
     if is_uri(storage):
         fs, path = filesystem(storage)
         bucket = path.split("/", 1)[0]
-        if fs.type_name in ("s3", "gcs") and _probe(storage.split("://", 1)[0] + "://" + bucket).type == pafs.FileType.NotFound:
+        root = f"{storage.split('://', 1)[0]}://{bucket}"
+        if fs.type_name in ("s3", "gcs") and _probe(root).type == pafs.FileType.NotFound:
             raise ExperimentError(f"storage path {storage}: bucket {bucket!r} does not exist (or these credentials "
                                   f"cannot see it); create it or pass another --storage-path")
         if info(storage).type == pafs.FileType.File:
             raise ExperimentError(f"storage path {storage} is a file; pass a directory prefix as --storage-path")
         return
-    existing = Path(storage)
-    while not existing.exists():
-        existing = existing.parent
+    existing = next(path for path in [Path(storage), *Path(storage).parents] if path.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write results to {storage} ({existing} is not a writable directory); "
                          f"pass a writable --storage-path")
@@ -196,22 +195,11 @@ def started(experiment: str) -> bool:
 def read_launch(experiment: str) -> dict:
     """The launch settings saved in an experiment; {} for an experiment without them."""
     launch_file = join(experiment, LAUNCH_FILE)
-    if not exists(launch_file):
-        return {}
     try:
-        return json.loads(read_bytes(launch_file))
+        return json.loads(read_bytes(launch_file)) if exists(launch_file) else {}
     except json.JSONDecodeError as e:
         raise ExperimentError(f"{launch_file} is damaged ({e.msg} at line {e.lineno}); "
                               f"restore it or start a new experiment") from None
-
-
-def read_sweep(experiment: str):
-    """The config.SweepConfig an experiment was launched with (UsageError if another version wrote it)."""
-    return config.SweepConfig().from_launch(read_launch(experiment))
-
-
-def write_launch(experiment: str, settings: dict) -> None:
-    write_bytes(join(experiment, LAUNCH_FILE), json.dumps(settings, indent=1).encode())
 
 
 def claim(experiment: str, settings: dict) -> bool:
@@ -221,17 +209,13 @@ def claim(experiment: str, settings: dict) -> bool:
         return False
     if not is_uri(experiment):
         try:
-            Path(experiment).parent.mkdir(parents=True, exist_ok=True)
-            Path(experiment).mkdir()
+            Path(experiment).mkdir(parents=True)
         except FileExistsError:
             return False
         except OSError as e:
             raise ExperimentError(f"cannot make {experiment} ({e.strerror}); pass a writable --storage-path") from None
-    write_launch(experiment, settings)
+    write_bytes(join(experiment, LAUNCH_FILE), json.dumps(settings, indent=1).encode())
     return True
-
-
-INPUTS = {"data": "the dataset's images or labels", "model": "the --model file"}  # launch file's "inputs" keys
 
 
 def check_inputs(experiment: str, digests: dict) -> None:
@@ -262,9 +246,9 @@ def owned(experiment: str):
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_bytes(owner_file, json.dumps(me).encode())
     except Timeout:
+        stale = "" if local else f", or if it has died, delete {owner_file}"
         raise ExperimentError(f"{experiment} is in use by {holder(experiment) or 'another run'}; wait for that run to "
-                              f"end (it prints how to resume)" + ("" if local else f", or if it has died, delete "
-                                                                                  f"{owner_file}")) from None
+                              f"end (it prints how to resume){stale}") from None
     except PermissionError as e:
         raise ExperimentError(f"cannot resume {experiment}: {_reason(e)}; ask its owner to resume it, or copy it "
                               f"(cp -a) to a storage path of yours and resume the copy") from None
@@ -292,15 +276,12 @@ def holder(experiment: str):
 
 
 def history(trial: str):
-    """A trial's reported epochs: a DataFrame, one row per epoch, Tune's columns (METRICS, `health`, `config/...`).
-    Read from result.json, or from progress.csv where that holds more epochs (a result.json cut short or emptied
-    when a run was stopped mid-write): nothing a trial reported is lost."""
-    import io
-
+    """A trial's reported epochs, a DataFrame row each, Tune's columns (METRICS, `health`, `config/...`): from
+    result.json, or progress.csv where it holds more (result.json cut short mid-write): nothing reported is lost."""
     import pandas as pd
 
-    lines = [line for line in map(_json_or_none, _text(join(trial, RESULT_FILE)).splitlines()) if isinstance(line, dict)]
-    frame = pd.json_normalize(lines, sep="/")
+    results = map(_json_or_none, _text(join(trial, RESULT_FILE)).splitlines())
+    frame = pd.json_normalize([result for result in results if isinstance(result, dict)], sep="/")
     csv = _text(join(trial, PROGRESS_FILE))
     progress = pd.read_csv(io.StringIO(csv), dtype={"trial_id": str}) if csv.strip() else pd.DataFrame()
     frame = progress if len(progress) > len(frame) else frame
@@ -308,8 +289,7 @@ def history(trial: str):
 
 
 def checkpoints(trial: str) -> list:
-    """A trial's checkpoint_* directories with a readable EPOCHS_FILE, the latest epoch first: those Tune's saved
-    state lists and those it does not yet (written by the trial before its driver stopped)."""
+    """A trial's checkpoint_* directories with a readable EPOCHS_FILE, latest epoch first, in Tune's state or not."""
     found = []
     for location in (c for c in _subdirs(trial) if name_of(c).startswith("checkpoint_")):
         reports = _json_or_none(_text(join(location, EPOCHS_FILE)))
@@ -361,7 +341,8 @@ def planned(sweep) -> int:
 
 def trials_left(experiment: str, sweep) -> int:
     """Trials of an experiment (its config.SweepConfig) still to run, those not started counted too."""
-    return max(0, planned(sweep) - sum(trial_finished(last, sweep.epochs) for last in last_results(experiment).values()))
+    finished = sum(trial_finished(last, sweep.epochs) for last in last_results(experiment).values())
+    return max(0, planned(sweep) - finished)
 
 
 def latest_started(storage: str) -> str:
@@ -373,9 +354,9 @@ def latest_started(storage: str) -> str:
         if launch.type != pafs.FileType.File or not is_experiment(experiment):
             continue
         try:
-            sweep = read_sweep(experiment)  # a tuning stage whose final stage was never claimed is unfinished too
-            left = trials_left(experiment, sweep) or (sweep.stage == "tuning" and not exists(
-                join(storage, sweep.final_name, LAUNCH_FILE)))
+            sweep = config.SweepConfig().from_launch(read_launch(experiment))
+            left = trials_left(experiment, sweep) or (  # a tuning stage is, until its final stage is claimed
+                sweep.stage == "tuning" and not exists(join(storage, sweep.final_name, LAUNCH_FILE)))
         except NormsweepError:
             continue
         (launched if left else finished).append((launch.mtime_ns or 0, name_of(experiment)))
@@ -396,12 +377,21 @@ def latest(storage: str) -> str:
     return max(found)[1]
 
 
-def damage(experiment: str):
-    """One line naming the first damaged file (Tune's newest state file, the launch file, Tune's pickled tuner and
-    search state, a result.json line that is not JSON: a write cut off, typically by a full disk), or None."""
+def nearly_full(storage: str) -> bool:
+    """A local storage path with under 1 MiB free (an object store's quota cannot be asked this way)."""
+    if is_uri(storage):
+        return False
+    existing = next(path for path in [Path(storage), *Path(storage).parents] if path.exists())
+    return shutil.disk_usage(existing).free < 2**20
+
+
+def check_intact(experiment: str, what: str) -> None:
+    """Refuse to `what` ("resume", "analyse") an experiment, in one line naming its first file cut off (by a full
+    disk, typically): Tune's newest state file, the launch file, Tune's pickles, a result.json line."""
     files = sorted(f.base_name for f in _children(experiment) if f.is_file)
     newest = [f for f in files if f.startswith(STATE_PREFIX)][-1:] + [f for f in files if f == LAUNCH_FILE]
     pickles = [f for f in files if f.endswith(".pkl")] + [f for f in files if f.startswith(SEARCH_STATE_PREFIX)][-1:]
+    damaged = []
     for name in newest + pickles:
         data = read_bytes(join(experiment, name))
         try:
@@ -410,32 +400,16 @@ def damage(experiment: str):
             elif not any(op.name == "STOP" for op, _, _ in pickletools.genops(data)):
                 raise ValueError("no end marker")
         except Exception as e:  # json and pickletools raise ValueError and others on cut-off or garbled data
-            return f"{join(experiment, name)} is cut off or corrupt ({type(e).__name__}: {_reason(e)})"
+            damaged.append(f"{join(experiment, name)} is cut off or corrupt ({type(e).__name__}: {_reason(e)})")
     for trial in _subdirs(experiment):
         for number, line in enumerate(_text(join(trial, RESULT_FILE)).splitlines(), 1):
             if line.strip() and not isinstance(_json_or_none(line), dict):
-                return f"{join(trial, RESULT_FILE)} line {number} is cut off or corrupt"
-    return None
-
-
-def nearly_full(storage: str) -> bool:
-    """A local storage path with under 1 MiB free (an object store's quota cannot be asked this way)."""
-    if is_uri(storage):
-        return False
-    path = Path(storage)
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free < 2**20
-
-
-def check_intact(experiment: str, what: str) -> None:
-    """Refuse, in one line, to `what` (resume, analyse) an experiment with a damaged file."""
-    damaged = damage(experiment)
+                damaged.append(f"{join(trial, RESULT_FILE)} line {number} is cut off or corrupt")
     remedy = {"resume": "Tune cannot restore it: start the sweep again under a new --name (the trials' "
                         "checkpoints stay in their directories)",
               "analyse": "delete a result.json's cut-off last line (that epoch is lost), or analyse another experiment"}
     if damaged:
-        raise ExperimentError(f"cannot {what} {experiment}: {damaged}; it was probably written while the storage "
+        raise ExperimentError(f"cannot {what} {experiment}: {damaged[0]}; it was probably written while the storage "
                               f"was full. {remedy[what]}")
 
 
@@ -446,9 +420,8 @@ def delete(location: str) -> None:
 
 
 def variant_label(config: dict) -> str:
-    """A trial's label less its seed: the variant (an L1 lambda in brackets) and, where they vary, the lr and weight
-    decay of a tuning stage, the arm of a final stage and the batch size of a batch-size study. Trials that differ
-    in anything but the seed never share a label."""
+    """A trial's label less its seed, unique but for the seed: the variant (an L1 lambda in brackets) and, where they
+    vary, a tuning stage's lr and weight decay, a final stage's arm and a batch-size study's batch size."""
     variant = config["variant"]
     label = f"{variant['name']} (λ={variant['l1']:g})" if variant["l1"] else variant["name"]
     if config.get("stage") == "tuning":

@@ -15,28 +15,21 @@ class NetConfig:
     """What a checkpoint saves to rebuild its net. `widths`, `order` and `dropout` shape the small net only."""
     norm: str = "bn"
     model: str = "small"  # a built-in net (MODELS) or a user's builder, "path/to/file.py:build" or "module:build"
-    # GroupNorm groups: 4 divides every width below, >= 2 channels per group; GN is flat over group counts (Wu & He)
-    groups: int = 4
-    # conv widths, "M" = 2x2 max-pool (28 -> 14 -> 7, then global average pooling); narrow at 28x28, where convs
-    # cost the most time: 19,650 parameters.
-    widths: tuple = (8, 16, "M", 16, 24, "M", 24, 32)
+    groups: int = 4  # GroupNorm groups: 4 divides every width below; GN is flat over group counts (Wu & He)
+    widths: tuple = (8, 16, "M", 16, 24, "M", 24, 32)  # conv widths, "M": 2x2 max-pool (28 -> 14 -> 7)
     num_classes: int = 10
     in_channels: int = 1
     dropout: float = 0.0
-    # "relu-norm" (conv -> ReLU -> norm) or "norm-relu": normalising after the ReLU let GN and LN fit small
-    # training sets as well as BN does (docs/validation.md); every variant gets it.
-    order: str = "relu-norm"
-
+    order: str = "relu-norm"  # conv -> ReLU -> norm, or "norm-relu"; relu-norm lets GN and LN fit as well as BN
     to_dict = asdict  # what a checkpoint saves
 
     @classmethod
-    def from_dict(cls, saved: dict) -> "NetConfig":  # what to_dict saved
+    def from_dict(cls, saved: dict) -> "NetConfig":
         return cls(**{**saved, "widths": tuple(saved["widths"])})
 
 
 class _Float32Norm:
-    """Mixin: the norm computes in float32 under autocast (its statistics are the delicate part, and GroupNorm's
-    bf16 CPU kernel is slow)."""
+    """Mixin: the norm computes in float32 under autocast (statistics are delicate; bf16 GroupNorm is slow on CPU)."""
 
     def forward(self, x):
         if not torch.is_autocast_enabled(x.device.type):
@@ -54,8 +47,7 @@ class GroupNorm(_Float32Norm, nn.GroupNorm):
 
 
 class GhostBatchNorm2d(BatchNorm2d):
-    """BatchNorm run on each chunk of `virtual_batch` images in training (the last may be smaller), BatchNorm in
-    eval. Same parameters and state_dict keys as BatchNorm2d."""
+    """BatchNorm on each chunk of `virtual_batch` images in training (the last may be smaller), BatchNorm in eval."""
 
     def __init__(self, num_features: int, virtual_batch: int = 16, **kwargs):
         super().__init__(num_features, **kwargs)
@@ -68,9 +60,8 @@ class GhostBatchNorm2d(BatchNorm2d):
 
 
 class WSConv2d(nn.Conv2d):
-    """Weight Standardization (Qiao et al. 2019): each output channel's weight standardised over (in, kh, kw) as
-    (w - mean) / sqrt(var + eps), biased variance, in float32. Same parameters, state and init as nn.Conv2d."""
-
+    """Weight Standardization (Qiao et al. 2019): each output channel's weight as (w - mean) / sqrt(var + eps) over
+    (in, kh, kw), biased variance. Same parameters, state and init as nn.Conv2d."""
     eps = 1e-5
 
     def standardized_weight(self) -> torch.Tensor:  # (out, in, kh, kw)
@@ -109,14 +100,15 @@ REGISTRY = {
     "bn": Norm(lambda channels, groups: BatchNorm2d(channels),
                "BatchNorm: per channel, over the batch and pixels (N, H, W); running statistics in eval",
                "Ioffe & Szegedy 2015", batch_statistics=True),
-    "gn": Norm(_group_norm, "GroupNorm: per image, over `--groups` groups of channels and their pixels", "Wu & He 2018"),
+    "gn": Norm(_group_norm, "GroupNorm: per image, over `--groups` groups of channels and their pixels",
+               "Wu & He 2018"),
     "ln": Norm(lambda channels, groups: GroupNorm(1, channels),
                "LayerNorm over (C, H, W) of each image, as GroupNorm(1, C): per-channel affine", "Ba et al. 2016"),
     "in": Norm(lambda channels, groups: GroupNorm(channels, channels),
                "InstanceNorm: per image and channel, over its pixels, as GroupNorm(C, C): per-channel affine",
                "Ulyanov et al. 2016"),
-    "gbn": Norm(lambda channels, groups: GhostBatchNorm2d(channels, virtual_batch=GHOST_BATCH),
-                f"Ghost BatchNorm: BatchNorm over virtual batches of {GHOST_BATCH} images in training; BatchNorm in eval",
+    "gbn": Norm(lambda channels, groups: GhostBatchNorm2d(channels, virtual_batch=GHOST_BATCH), f"Ghost BatchNorm: "
+                f"BatchNorm over virtual batches of {GHOST_BATCH} images in training; BatchNorm in eval",
                 "Hoffer et al. 2017; Summers & Dinneen 2020", batch_statistics=True),
     "bn+ws": Norm(lambda channels, groups: BatchNorm2d(channels),
                   "BatchNorm after weight-standardised convs (each conv's weight standardised per output channel)",
@@ -137,8 +129,7 @@ def norm_entry(norm: str) -> Norm:
 
 
 def norm_layer(norm: str, groups: int = 4) -> Callable[[int], nn.Module]:
-    """torchvision's `norm_layer`: channels -> the norm's layer. ValueError: an unknown norm; GroupsError: channels
-    that `groups` does not divide."""
+    """torchvision's `norm_layer`: channels -> the norm's layer. ValueError: unknown norm; GroupsError: see groups."""
     return partial(norm_entry(norm).make, groups=groups)
 
 
@@ -211,8 +202,7 @@ class ResNet20(nn.Module):
         return self.head(x.mean(dim=(2, 3)))  # (B, num_classes) logits
 
 
-# Built-in nets: name -> (builder, one line for --help and the README); a user's builder is called as these are
-MODELS = {
+MODELS = {  # built-in nets: name -> (builder, one line for --help and the README); a user's is called as these are
     "small": (Net, "the default: 6 convs of 8-32 channels, 6 norm layers, 19,650 parameters (bn, 1 channel)"),
     "resnet20": (ResNet20, "ResNet-20 (He et al. 2016): 19 convs of 16-64 channels, 19 norm layers, "
                            "269,722 parameters (bn, 3 channels)"),
@@ -220,22 +210,21 @@ MODELS = {
 
 
 def build_net(config: NetConfig, builder: Callable | None = None) -> nn.Module:
-    """The net `config` describes, its norm passed as `norm_layer` and its convs WSConv2d where the norm says so;
-    `builder`: a user's (plugins.py). ValueError: an unknown norm (KeyError: net); GroupsError naming the valid
-    group counts; ModelError: a builder that returns no nn.Module or never calls its norm_layer."""
+    """The net `config` describes, by `builder` (default: MODELS'), its norm as `norm_layer`, convs WSConv2d where the
+    norm says so. ValueError: unknown norm; GroupsError; ModelError: no nn.Module built or norm_layer never called."""
     entry, builder = norm_entry(config.norm), builder or MODELS[config.model][0]
     extra = {"widths": config.widths, "order": config.order, "dropout": config.dropout} if builder is Net else {}
     widths, refused = [], []
 
-    def layer(channels: int) -> nn.Module:  # a layer --groups refuses is noted, so that the error names every width
+    def layer(channels: int) -> nn.Module:  # notes what --groups refuses, so that the error names every width
         widths.append(channels)
         try:
             return entry.make(channels, config.groups)
         except GroupsError:
             refused.append(channels)
-            return GroupNorm(1, channels)  # a stand-in with a norm layer's attributes, for the build to finish
+            return GroupNorm(1, channels)  # a stand-in, for the build to finish
     net = builder(norm_layer=layer, in_channels=config.in_channels, num_classes=config.num_classes, **extra)
-    if not isinstance(net, nn.Module):  # a user's builder (plugins.py) broke torchvision's convention
+    if not isinstance(net, nn.Module):
         raise ModelError(f"--model {config.model} returned a {type(net).__name__}, not a net; a builder must return "
                          f"an nn.Module")
     if not widths:  # e.g. torchvision's resnet18(num_classes=...) without norm_layer=norm_layer
@@ -260,4 +249,3 @@ def count_parameters(model: nn.Module) -> int:
 def build_model(norm: str = "bn", **overrides) -> nn.Module:
     """A built-in net (default: the small one) with `norm`; `overrides` are NetConfig's other fields."""
     return build_net(NetConfig(norm=norm, **overrides))
-

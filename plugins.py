@@ -33,8 +33,7 @@ def shipped_file(spec: str) -> str | None:
 
 
 def source_file(spec: str) -> str | None:
-    """The Python file a user's builder is defined in (its .py file, or the one its module defines it in), None for a
-    built-in or a builder not written in Python: what a resume checks is unchanged. The builder must load."""
+    """The .py file a user's builder is defined in (loading it), what a resume checks; None: built-in or not Python."""
     if is_builtin(spec):
         return None
     target, name = _split(spec)
@@ -45,8 +44,8 @@ def source_file(spec: str) -> str | None:
 
 
 def build(config: model_lib.NetConfig) -> torch.nn.Module:
-    """The net `config` describes (model.build_net). Raises ValueError for an unknown norm; for a user's builder,
-    ModelError where it cannot be loaded, fails or returns no net, UsageError for a --groups its layers refuse."""
+    """The net `config` describes (model.build_net). ValueError: an unknown norm; for a user's builder, ModelError
+    where it cannot be loaded, fails or returns no net, UsageError for a --groups its layers refuse."""
     if is_builtin(config.model):
         return model_lib.build_net(config)
     model_lib.norm_entry(config.norm)  # an unknown norm is ours to report, not the builder's failure
@@ -74,8 +73,8 @@ def _split(spec: str) -> tuple:
 
 
 def _builder(spec: str, in_channels: int):
-    """The builder `spec` names, called with the keyword arguments it takes (a builder with no in_channels, as
-    torchvision's `resnet18`, reads 3-channel images only); ModelError where it cannot be loaded or called so."""
+    """The builder `spec` names, called with the arguments it takes (one without in_channels, as torchvision's
+    `resnet18`, reads 3-channel images only); ModelError where it cannot be loaded or called so."""
     target, name = _split(spec)
     path, is_file = Path(target).expanduser(), target.endswith(".py")
     module = path.stem if is_file else target
@@ -88,8 +87,8 @@ def _builder(spec: str, in_channels: int):
         if is_file:  # a file half imported is forgotten, as Python forgets a module that fails to import
             sys.modules.pop(module, None)
         if isinstance(e, ImportError) and e.name == module:  # nothing of that name here
-            raise ModelError(NOT_FOUND.format(target) if is_file else f"--model {spec}: cannot import {target} "
-                             f"({first_line(e)}); pass a file as path/to/file.py:build, or install the module") from None
+            raise ModelError(NOT_FOUND.format(target) if is_file else f"--model {spec}: cannot import {target} ("
+                             f"{first_line(e)}); pass a file as path/to/file.py:build, or install the module") from None
         raise ModelError(f"--model {target}: importing it raised {type(e).__name__}: {first_line(e)}; fix the "
                          f"file so that it imports{' on every node' * isinstance(e, ImportError)}") from e
     if not callable(builder):

@@ -35,7 +35,8 @@ def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
     """The sweep to run: a resume's launch settings (today's flags only for what is not saved; those ignored are
     said), or a launch's with its paths absolute (a resume and the analysis find them from anywhere)."""
     if not sweep.resume:
-        dataset = sweep.dataset if sweep.dataset in data_lib.DATASETS else str(Path(sweep.dataset).expanduser().resolve())
+        dataset = (sweep.dataset if sweep.dataset in data_lib.DATASETS
+                   else str(Path(sweep.dataset).expanduser().resolve()))
         name = sweep.name
         if name is None:  # stamped to the second: a second launch in that second gets a suffix, -2, -3, ...
             base = f"normsweep_{Path(dataset).name}_{time.strftime('%Y%m%d-%H%M%S')}"
@@ -74,7 +75,8 @@ def resume_command(storage: str, sweep: SweepConfig) -> str:
     return shlex.join(command + ([] if sweep.ship_code else ["--no-ship-code"]))
 
 
-def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_bytes: int = 0, model_bytes: int = 0) -> dict:
+def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_bytes: int = 0,
+                    model_bytes: int = 0) -> dict:
     """CPUs, GPUs and host memory (bytes) per trial, so that every trial runs at once where it fits. Memory: what a
     worker, twice the data and the net need, so Ray queues trials that do not fit; under --max-concurrent k, 1/k of
     the cluster's, which keeps k (a trial Tune holds back is created later from its search state, which writes where
@@ -107,11 +109,12 @@ def check_resources(per_trial: dict, cluster_has: dict) -> None:
         raise UsageError(f"--gpus-per-trial {per_trial['gpu']:g}: the Ray cluster has no GPUs ({cpus:g} CPUs only); "
                          f"drop the flag or join a cluster with GPUs (--address)")
     if per_trial["gpu"] > gpus:
-        raise UsageError(f"--gpus-per-trial {per_trial['gpu']:g}: the Ray cluster has {gpus:g} GPUs; ask for at most that")
+        raise UsageError(f"--gpus-per-trial {per_trial['gpu']:g}: the Ray cluster has {gpus:g} GPUs; "
+                         f"ask for at most that")
     if per_trial.get("memory", 0) > cluster_has.get("memory", math.inf):
         raise UsageError(f"each trial needs about {per_trial['memory'] / 2**30:.2f} GiB of host memory and the Ray "
-                         f"cluster has {cluster_has['memory'] / 2**30:.2f} GiB free for tasks; free memory on the nodes "
-                         f"or join a larger cluster (--address)")
+                         f"cluster has {cluster_has['memory'] / 2**30:.2f} GiB free for tasks; free memory on the "
+                         f"nodes or join a larger cluster (--address)")
     if per_trial["cpu"] > cpus:
         raise UsageError(f"--cpus-per-trial {per_trial['cpu']:g}: the Ray cluster has {cpus:g} CPUs; ask for at most "
                          f"that (fractions share a core)")
@@ -196,6 +199,7 @@ def run_stage(sweep: SweepConfig, storage: str) -> int:
             refuse_existing(experiment)
         if not sweep.verbose:
             console.quiet_ray()
+            held.enter_context(console.native_ray_logs_dropped())
         try:  # the cluster before the data: one that cannot be joined is said in seconds
             cluster.connect(sweep.address, ship_code=sweep.ship_code, verbose=sweep.verbose, modules=[
                 plugins.shipped_file(sweep.model)], not_shipped=[storage, sweep.data_dir, sweep.dataset])
@@ -330,8 +334,8 @@ def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal
         return 128 + stop_signal
     print(f"experiment: {experiment}")
     if console.STATE_SAVE_FAILURE["error"]:
-        print(f"error: Tune could not save the experiment's state to {storage} ({console.STATE_SAVE_FAILURE['error']}); "
-              f"a --resume may not find every epoch", file=sys.stderr)
+        print(f"error: Tune could not save the experiment's state to {storage} "
+              f"({console.STATE_SAVE_FAILURE['error']}); a --resume may not find every epoch", file=sys.stderr)
     failed = [r for r in results if r.error]
     for line in cluster.failure_lines(failed, ship_code=sweep.ship_code):
         print(f"error: {line}", file=sys.stderr)

@@ -21,8 +21,7 @@ CHECKPOINT_FORMAT = 2  # a checkpoint of another format is refused in one line, 
 # Precise BN (Wu & He 2018, section 6): BatchNorm's running statistics recomputed after training as the plain average
 # over batches of this many training images (un-augmented, in train mode), from at most PRECISE_BN_IMAGES.
 PRECISE_BN_BATCH, PRECISE_BN_IMAGES = 500, 10_000
-# channels-last (NHWC): oneDNN's convolutions ran 1.23-1.41x faster per step on the CPU (docs/benchmarks.md)
-MEMORY_FORMAT = torch.channels_last
+MEMORY_FORMAT = torch.channels_last  # NHWC: oneDNN's CPU convolutions ran 1.23-1.41x faster (docs/benchmarks.md)
 # Logits of two random batches closer than this, relative to their size, are rounding apart (the small net with in:
 # 4e-7; every built-in variant that learns: 4e-3 or more at init)
 CONSTANT_OUTPUT = 1e-5
@@ -37,9 +36,8 @@ def trial_data(dataset: data_lib.Dataset, config: TrialConfig) -> data_lib.Datas
 
 def peak_lr(config: dict) -> float:
     """The OneCycle peak lr: `lr`, times batch_size / lr_reference_batch in a batch-size study (reference > 0)."""
-    if (config.get("lr_reference_batch") or 0) > 0:
-        return config["lr"] * config["batch_size"] / config["lr_reference_batch"]
-    return config["lr"]
+    reference = config.get("lr_reference_batch") or 0
+    return config["lr"] * config["batch_size"] / reference if reference > 0 else config["lr"]
 
 
 def batchnorms(model: nn.Module) -> list:
@@ -48,9 +46,8 @@ def batchnorms(model: nn.Module) -> list:
 
 
 def runtime(config: dict, device: torch.device | None = None) -> tuple:
-    """(device, precision, compile) of a run: `device`, else CUDA where there is one, else the CPU; "bf16" or "fp32"
-    (auto: bf16 on a CUDA GPU with native bf16, compute capability 8.0+; an explicit bf16 is kept on the CPU and
-    refused, UsageError, on an older GPU); torch.compile if `compile` is on, or auto on CUDA with Triton installed."""
+    """(device, precision, compile): `device`, else CUDA where there is one, else the CPU; "bf16" or "fp32" (auto: bf16
+    on CUDA with native bf16, 8.0+; bf16 asked of an older GPU: UsageError); compile: "on", or "auto" on CUDA+Triton."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, compile_choice = config.get("precision", "auto"), config.get("compile", "auto")
     native = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
@@ -172,12 +169,10 @@ def optimizer_for(model: nn.Module, config: dict) -> torch.optim.SGD:
 
 
 def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
-    """Run the net `config` describes on the CPU as its trial will, before any trial: a training step (forward,
-    backward, optimizer step) on random images (B, C, H, W) at the trial's batch size, then two other random batches
-    in eval mode; the global RNG is left as it was. Returns the bytes a trial holds for the net beyond its baseline:
-    parameters, buffers, gradients, optimizer state and the activations autograd keeps for one batch. ModelError (one
-    line): a net with nothing to train, whose step fails, that returns no (batch, classes) logits or whose output
-    ignores its input; plugins.build's errors."""
+    """Run the net `config` describes on the CPU as its trial will (a training step on random images (B, C, H, W) at
+    its batch size, then two random batches in eval mode), the global RNG left as it was. Returns the bytes a trial
+    holds for the net: parameters, buffers, gradients, optimizer state, one batch's saved activations. ModelError
+    (one line, plugins.build's too): nothing to train, a failing step, no (batch, classes) logits, constant logits."""
     n_train, classes = len(dataset.train_labels) - config.val_size, len(dataset.classes)
     batch = max(1, min(n_train, config_lib.batch_size_for(n_train, config.batch_size)))
     shape, what = (batch, dataset.channels, *dataset.image_size), f"--model {config.model} with norm {config.norm}"
@@ -225,9 +220,8 @@ def preflight(config: TrialConfig, dataset: data_lib.Dataset) -> int:
 
 
 class TrainingRun:
-    """Everything one trial owns: data on its device, model, optimizer, schedule, RNG, epoch. `config`: a
-    TrialConfig or a dict of its fields; `dataset`: trial_data's. UsageError: bf16 on a GPU without it, BN at batch 1.
-    """
+    """Everything one trial owns: data on its device, model, optimizer, schedule, RNG, epoch. `config`: a TrialConfig
+    or a dict of its fields; `dataset`: trial_data's. UsageError: bf16 on a GPU without it, BN at batch 1."""
 
     def __init__(self, config, dataset: data_lib.Dataset, device=None):
         config = self.config = TrialConfig.of(config if isinstance(config, dict) else config.as_dict()).as_dict()
@@ -258,11 +252,10 @@ class TrainingRun:
         if config["batch_size"] < 2 and batchnorms(self.model):
             raise UsageError(f"batch size {config['batch_size']} with BatchNorm: training-mode BN needs 2+ images per "
                              f"batch for its statistics; use a batch size of 2 or more, or gn/ln")
-        self.peak_lr = peak_lr(config)
         self.optimizer = optimizer_for(self.model, config)
-        steps_per_epoch = -(-len(self.train_y) // config["batch_size"])
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=self.peak_lr, epochs=config["epochs"], steps_per_epoch=steps_per_epoch)
+        steps_per_epoch = -(-len(self.train_y) // config["batch_size"])  # the last batch may be short
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=peak_lr(config),
+                                                             epochs=config["epochs"], steps_per_epoch=steps_per_epoch)
         self.epoch = 0  # epochs completed
         self.parameters = count_parameters(self.model)
 
@@ -310,9 +303,8 @@ class TrainingRun:
         if diff:
             raise CheckpointError(f"checkpoint {path} is from another config ({diff}); "
                                   f"start a new experiment name or use the checkpoint's settings")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for part in ("model", "optimizer", "scheduler"):
+            getattr(self, part).load_state_dict(state[part])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.epoch = state["epoch"]

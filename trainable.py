@@ -84,9 +84,7 @@ def epoch_report(run: train.TrainingRun, metrics: dict, health: str = "ok") -> d
 def divergence(metrics: dict, config: dict) -> str:
     """"ok", or one line saying which loss stopped being finite (checked once per epoch, not per step)."""
     bad = [f"{k.replace('_', ' ')} {metrics[k]}" for k in ("train_loss", "test_loss") if not math.isfinite(metrics[k])]
-    if not bad:
-        return "ok"
-    return f"diverged: {', '.join(bad)} at epoch {metrics['epoch']} (lr {config['lr']:g}); lower --lr"
+    return f"diverged: {', '.join(bad)} at epoch {metrics['epoch']} (lr {config['lr']:g}); lower --lr" if bad else "ok"
 
 
 def best_epoch(df):

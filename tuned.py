@@ -37,16 +37,17 @@ def choose(df) -> dict:
     """Per variant label ("bn+l1 (λ=1e-05)") the configuration a tuning stage chose: the highest final one-view
     val accuracy, ties to the lower val loss, then the smaller lr: {"lr", "weight_decay", "val_acc", "evidence"}
     (winner, runner-up, the split's binomial SE). A variant whose every configuration diverged is left out."""
-    table, n_val = configurations(df), int(df["val_size"].max())
-    chosen = {}
+    table = configurations(df).sort_values(["val acc (%)", "val loss", "lr"], ascending=[False, True, True])
+    n_val, chosen = int(df["val_size"].max()), {}
     for name, rows in table.groupby("variant"):
-        ok = rows.dropna(subset=["val acc (%)"]).sort_values(["val acc (%)", "val loss", "lr"], ascending=[False, True, True])
+        ok = rows.dropna(subset=["val acc (%)"])  # groupby keeps the sorted order within each variant
         if ok.empty:
             continue
         best = ok.iloc[0]
         evidence = [f"val {best['val acc (%)']:.2f}% at lr {best['lr']:g}, wd {best['weight decay']:g}"]
         if len(ok) > 1:
-            evidence.append(f"next {ok.iloc[1]['val acc (%)']:.2f}% (lr {ok.iloc[1]['lr']:g}, wd {ok.iloc[1]['weight decay']:g})")
+            second = ok.iloc[1]
+            evidence.append(f"next {second['val acc (%)']:.2f}% (lr {second['lr']:g}, wd {second['weight decay']:g})")
         if n_val:  # binomial standard error; at 0% or 100% that of one image right or wrong, not 0
             p = min(max(best["val acc (%)"] / 100, 1 / n_val), 1 - 1 / n_val)
             evidence.append(f"±{100 * math.sqrt(p * (1 - p) / n_val):.2f} SE on {n_val} val images")

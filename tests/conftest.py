@@ -92,6 +92,15 @@ def idx_dir(tmp_path):
     return make_idx_dir(tmp_path / "idx")
 
 
+@pytest.fixture(autouse=True)
+def figures_closed():
+    """Close the figures a test left open: they pile up in a worker across test files, and past 20 matplotlib
+    warns, which fails a later test that turns warnings into errors (the order depends on xdist's split)."""
+    yield
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
+
+
 # Starting a local Ray (its GCS, raylet and agents) and stopping it costs seconds of both cores each time, so
 # in-process sweeps whose behaviour does not depend on a Ray of their own share one, started once as
 # tune_main.py starts its private Ray (cluster.connect: the same quieting, options and worker PYTHONPATH).

@@ -21,6 +21,7 @@ import pytest
 
 import analysis
 import cluster
+import config
 import data as data_lib
 import errors
 import experiments
@@ -121,7 +122,8 @@ def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys, session
     assert tune_main.main(resume[2:] + ["--cpus-per-trial", "2"]) == 0  # the saved state finishes the sweep
     # a seed's numbers depend on the thread count: resuming with another one says so
     assert ("warning: the unfinished trials ran with 1 torch thread(s) and resume with 2" in capsys.readouterr().err)
-    assert experiments.trials_left(str(storage / name), experiments.read_sweep(str(storage / name))) == 0
+    resumed = str(storage / name)
+    assert experiments.trials_left(resumed, config.SweepConfig().from_launch(experiments.read_launch(resumed))) == 0
     # and each epoch's result records the count it ran with: the trial's CPUs, 1 before the signal, 2 after
     threads = [[json.loads(line)["threads"] for line in path.read_text().splitlines()]
                for path in (storage / name).glob("*/result.json")]
@@ -151,7 +153,8 @@ def test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed(small
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert "is cut off or corrupt" in err, err
     else:
-        assert experiments.trials_left(str(small_tmpfs / "full"), experiments.read_sweep(str(small_tmpfs / "full"))) == 0
+        full = str(small_tmpfs / "full")
+        assert experiments.trials_left(full, config.SweepConfig().from_launch(experiments.read_launch(full))) == 0
 
 
 def test_a_damaged_experiment_is_named_in_one_line_by_resume_and_analysis(smoke_experiment, tmp_path, capsys):
@@ -223,7 +226,7 @@ def test_a_resume_goes_on_from_a_checkpoint_the_interrupted_driver_did_not_take_
     assert driver.returncode == 130, (out, err)
     trial = next((storage / name).glob("gn_*"))
     newest = Path(experiments.checkpoints(str(trial))[0]) / trainable.CHECKPOINT_FILE
-    sweep = experiments.read_sweep(str(storage / name))
+    sweep = config.SweepConfig().from_launch(experiments.read_launch(str(storage / name)))
     run = train.TrainingRun(train.load_checkpoint(newest)["config"],
                             train.trial_data(data_lib.load_dataset(sweep.dataset, sweep.data_dir), sweep))
     run.load(newest)

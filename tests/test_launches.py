@@ -64,7 +64,8 @@ def test_a_bare_resume_picks_the_latest_unfinished_experiment(tmp_path, capsys):
     _fake_experiment(storage, "newer", [3, 3], age=10)  # finished
     _fake_experiment(storage, "diverged", [3, 2], health="diverged: train loss nan", age=1)  # finished too
     assert experiments.latest_started(str(storage)) == "older"
-    assert experiments.trials_left(str(storage / "older"), experiments.read_sweep(str(storage / "older"))) == 2
+    older = str(storage / "older")
+    assert experiments.trials_left(older, config.SweepConfig().from_launch(experiments.read_launch(older))) == 2
 
     _fake_experiment(tmp_path / "done", "only", [3, 3])
     assert tune_main.main(["--resume", "--storage-path", str(tmp_path / "done")]) == 2
@@ -288,7 +289,8 @@ def test_epochs_a_cut_short_result_json_lost_are_read_from_progress_csv(tmp_path
     (trial / "progress.csv").write_text("epoch,health,test_acc\n1,ok,0.5\n")
     (trial / "result.json").write_text("")
     assert experiments.last_results(str(storage / "cut"))["trial1"]["epoch"] == 1
-    assert experiments.trials_left(str(storage / "cut"), experiments.read_sweep(str(storage / "cut"))) == 1
+    cut = str(storage / "cut")
+    assert experiments.trials_left(cut, config.SweepConfig().from_launch(experiments.read_launch(cut))) == 1
     assert experiments.history(str(trial))["test_acc"].tolist() == [0.5]  # what analysis.results_frame reads
     (trial / "progress.csv").unlink()  # the sibling: neither record: nothing is made up
     assert experiments.last_results(str(storage / "cut"))["trial1"] == {}

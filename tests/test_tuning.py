@@ -43,8 +43,7 @@ def test_resume_finds_the_stage_to_continue_from_either_name(tmp_path, monkeypat
     import sweep
 
     def experiment(name, started=True, **settings):
-        (tmp_path / name).mkdir()
-        experiments.write_launch(str(tmp_path / name), config.SweepConfig(name=name, variants="bn", **settings).to_launch())
+        experiments.claim(str(tmp_path / name), config.SweepConfig(name=name, variants="bn", **settings).to_launch())
         if started:
             (tmp_path / name / "experiment_state-2026.json").write_text("{}")
 
