@@ -5,6 +5,7 @@ and is analysed wherever it is moved or copied. The storage path is a local dire
     <name>/normsweep_launch.json (LAUNCH_FILE), normsweep_owner.json (OWNER_FILE), experiment_state-*.json (Tune's)
     <name>/<trial>/result.json, progress.csv, checkpoint_NNNNNN/state.pt, epochs.json (the best and the latest)
 """
+import base64
 import contextlib
 import io
 import json
@@ -18,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -31,6 +33,7 @@ OWNER_FILE, LOCK_FILE = "normsweep_owner.json", ".normsweep.lock"
 STATE_PREFIX, SEARCH_STATE_PREFIX = "experiment_state-", "basic-variant-state-"  # Tune's (the search's is a pickle)
 RESULT_FILE, PROGRESS_FILE = "result.json", "progress.csv"
 EPOCHS_FILE = "epochs.json"  # in each checkpoint_*: a JSON list of the trial's reports (dicts) up to that epoch
+CORRECT_KEY = "test_correct"  # each epoch's result: packed_correct of the one view's right answers on the scored split
 HEALTH_KEY = "health"  # each epoch's result: "ok", or why the trial stopped early ("diverged: ...")
 # What an operating system or object store says when storage ran out (ENOSPC, EDQUOT, S3 quota).
 FULL_STORAGE = re.compile(r"No space left on device|Disk quota exceeded|\[Errno 28\]|\[Errno 122\]|QuotaExceeded")
@@ -440,3 +443,15 @@ def shown(location: str) -> str:
         return location
     path = Path(location).resolve()
     return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else path.name
+
+
+def packed_correct(correct) -> str:
+    """bool (N,) -> "N:" and the base64 text of its bits (1.7 KB for 10,000 images), which a result can hold."""
+    correct = np.asarray(correct, dtype=bool)
+    return f"{len(correct)}:{base64.b64encode(np.packbits(correct).tobytes()).decode()}"
+
+
+def unpacked_correct(text: str) -> np.ndarray:
+    """packed_correct's inverse: bool (N,)."""
+    n, bits = text.split(":", 1)
+    return np.unpackbits(np.frombuffer(base64.b64decode(bits), dtype=np.uint8), count=int(n)).astype(bool)
