@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from errors import USAGE_EXIT, UsageError
 import plugins
+import verdicts
 from model import MODELS, NORMS, REGISTRY, build_model, norm_entry
 
 LAUNCH_FORMAT = 2  # the launch file's layout; an experiment written with another is refused, not guessed at
@@ -118,6 +119,8 @@ class SweepConfig(TrialConfig):
     variants: str = setting("bn,gn,ln,bn+l1", f"comma-separated NORM[+l1], NORM one of {', '.join(NORMS)} "
                             "(docs/norms.md)", "everyday")
     seeds: int = setting(1, "seeds per variant, 0..N-1", "everyday", check=at_least(1, "at least 1 (seeds 0..N-1)"))
+    margin: float = setting(verdicts.MARGIN, "accuracy points: two variants closer than this count as equivalent "
+                            "(docs/verdicts.md)", "everyday", check=("a positive number of points", lambda v: 0 < v < 100))
     l1_lambdas: tuple = setting((), f"L1 lambdas: each +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
                                 "recipe", flag="--l1", type=float, nargs="+",
                                 check=each(lambda v: 0 < v < math.inf, "lambdas above 0"))
