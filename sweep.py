@@ -24,6 +24,7 @@ import plugins
 import train
 import trainable
 import tuned
+import verdicts
 from config import SweepConfig
 from errors import ExperimentError, UsageError
 
@@ -281,9 +282,10 @@ def warn_on_thread_change(experiment: str, threads: int, epochs: int) -> None:
               f"(pass --cpus-per-trial {before[0]} to keep them)", file=sys.stderr, flush=True)
 
 
-def summary_text(results, stage: str = "") -> str:
-    """The CLI's closing tables: per trial, means and paired differences over seeds, convergence warnings; for a
-    tuning stage the validation accuracy per lr and weight decay and each choice."""
+def summary_text(results, stage: str = "", margin: float = verdicts.MARGIN) -> str:
+    """The CLI's closing tables: per trial, means over seeds and the verdict per pair (with one seed, McNemar's test
+    and why no verdict), convergence warnings; for a tuning stage the validation accuracy per lr and weight decay and
+    each choice."""
     import analysis
     import comparisons
 
@@ -299,15 +301,19 @@ def summary_text(results, stage: str = "") -> str:
         lines += [text_table(table) for table in [analysis.trial_table(df)] if len(table)]  # none: all diverged
         if stage == "final":
             lines += ["", "configurations:", text_table(analysis.configuration_table(df))]
-        means = analysis.summary(df)
+        means, level = analysis.summary(df), f"Holm over the pairs, {comparisons.ALPHA:g} family-wise"
         if means["seeds"].max() > 1:
             lines += ["", "mean over seeds:", text_table(means[["variant", "seeds", "final one-view acc mean (%)",
                                                                 "std (%)", "final acc mean (%)", "best acc mean (%)"]])]
-            lines += ["", f"paired differences over seeds (Holm-corrected, {comparisons.ALPHA:g} level):",
-                      text_table(comparisons.paired_tests(df))]
+            lines += ["", f"verdicts, paired over seeds and images ({level}; equivalent: within ±{margin:g} points, "
+                      f"--margin):", text_table(comparisons.verdict_table(df, margin))]
             if stage == "final":
-                lines += ["", "tuned against the shared recipe, per variant:", text_table(
-                    comparisons.paired_tests(df, compare="arm", within=("variant name", "batch_size")))]
+                lines += ["", "tuned against the shared recipe, per variant:", text_table(comparisons.verdict_table(
+                    df, margin, compare="arm", within=("variant name", "batch_size")))]
+        elif len(means) > 1:
+            lines += ["", "one seed: no verdict (a verdict needs the seed noise, which takes 2+ seeds, --seeds); "
+                      f"McNemar's exact test measures the test images' noise only ({level}):",
+                      text_table(comparisons.mcnemar_tests(df))]
         lines += analysis.convergence_warnings(df)
         lines += [note for note in [analysis.diverged_note(df), analysis.validation_note(df), analysis.ghost_note(df)]
                   if note]
@@ -327,7 +333,7 @@ def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal
     done = 0 if results is None else sum(bool(r.error) or experiments.trial_finished(r.metrics or {}, sweep.epochs)
                                          for r in results)
     if results is not None:
-        print(summary_text(results, sweep.stage))
+        print(summary_text(results, sweep.stage, sweep.margin))
     if done < n_trials:  # Tune stops on Ctrl-C (SIGINT) and saves the experiment's state
         print(f"interrupted: {n_trials - done} of {n_trials} trials unfinished; state saved in {experiment}\n"
               f"resume with: {resume_command(storage, sweep)}", file=sys.stderr, flush=True)
