@@ -55,7 +55,7 @@ def verdict_table(df, margin: float = verdicts.MARGIN, compare: str = "variant",
     rows = []
     for family, final in families(final_per_trial(df), within):
         by_value = {v: g.set_index("seed")[experiments.CORRECT_KEY] for v, g in final.groupby(compare)}
-        seeds = sorted(set.intersection(*(set(s.index) for s in by_value.values())))
+        seeds = sorted(set.intersection(*(set(s.index) for s in by_value.values()))) if by_value else []
         correct = {v: np.array([experiments.unpacked_correct(s[seed]) for seed in seeds]) for v, s in by_value.items()}
         order = sorted(correct, key=lambda v: -correct[v].mean() if seeds else 0)
         pairs = list(itertools.combinations(order, 2))
