@@ -12,7 +12,8 @@ import plugins
 import verdicts
 from model import MODELS, NORMS, REGISTRY, build_model, norm_entry
 
-LAUNCH_FORMAT = 2  # the launch file's layout; an experiment written with another is refused, not guessed at
+LAUNCH_FORMAT = 3  # the launch file's layout; an experiment written with another is refused, not guessed at (3: results
+# hold each epoch's per-image correctness, experiments.CORRECT_KEY)
 # The auto batch size (`batch_size_for`): the largest up to MAX_BATCH giving MIN_STEPS_PER_EPOCH optimizer steps an
 # epoch, at least MIN_BATCH (BN's statistics get noisy); a fixed 128 gave small sets too few steps for GN and LN.
 MAX_BATCH, MIN_BATCH, MIN_STEPS_PER_EPOCH = 128, 16, 125
