@@ -553,7 +553,7 @@ def write_report(experiment, out_dir, dataset=None, data_dir=None) -> list:
     text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", "",
             *[line for note in notes if note for line in (f"**{note}**", "")]]
     if (kind := stage(grid)) == "tuning":  # the learning-rate sensitivity and the choices
-        text += [*_tuning_section(df, figures), "Per trial (validation accuracy in the test columns):", "",
+        text += [*_tuning_section(grid, df, figures), "Per trial (validation accuracy in the test columns):", "",
                  _markdown(trial_table(df)), ""]
     elif not healthy(df).empty:  # where every trial diverged there is no curve, table or checkpoint to show
         text += _final_stage_section(grid, df, figures) if kind == "final" else []
@@ -600,17 +600,20 @@ def _final_stage_section(grid, df, figures: dict) -> list:
             "(arm \"tuned\") and at the shared recipe (arm \"recipe\"), the same seeds, scored on the test split; this "
             f"final stage took {wall_time(df)} of wall time:", "", _markdown(configuration_table(df)), ""]
     try:
-        return text + _tuning_section(tuning_frame(grid, df), figures)
+        return text + _tuning_section(grid, tuning_frame(grid, df), figures)
     except AnalysisError as e:
         return text + [f"(The tuning stage's results are not readable here: {e}.)", ""]
 
 
-def _tuning_section(tuning_df, figures: dict) -> list:
-    """A tuning stage: the sensitivity table and figure, the choices, and how early stopping would have ranked."""
+def _tuning_section(grid, tuning_df, figures: dict) -> list:
+    """A tuning stage: the sensitivity table and figure, the choices (against the recipe of the launch of `grid`,
+    either stage), and how early stopping would have ranked."""
+    launch = experiments.read_launch(experiment_location(grid))
     title = _title(tuning_df, "learning-rate sensitivity", wrap=True)
     figures["lr_sensitivity.png"] = _png(plot_sensitivity(tuning_df, title))
+    chosen = tuned.choose(tuning_df, launch["lr"], launch["weight_decay"])
     choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
-                             "evidence": c["evidence"]} for name, c in sorted(tuned.choose(tuning_df).items())])
+                             "evidence": c["evidence"]} for name, c in sorted(chosen.items())])
     agreement = comparisons.rank_agreement(tuning_df)
     return [f"## Tuning stage: {_title(tuning_df, 'validation accuracy')}", "",
             "Every variant trained once (seed 0) at each learning rate and weight decay below, "
@@ -618,7 +621,8 @@ def _tuning_section(tuning_df, figures: dict) -> list:
             "validation images; accuracy on those validation images at the final epoch, one view (%). Empty: diverged. "
             f"The stage's {tuning_df['trial'].nunique()} trials took {wall_time(tuning_df)} of wall time.", "",
             _markdown(tuned.sensitivity(tuning_df)), "", "![learning-rate sensitivity](lr_sensitivity.png)", "",
-            "Chosen per variant (highest final validation accuracy; ties to the lower validation loss):", "",
+            "Chosen per variant: the highest final validation accuracy (ties to the lower validation loss) where it "
+            "beat the shared recipe beyond the noise of the validation images, else the recipe:", "",
             _markdown(choices), "", *(["Would early stopping have found the same configurations? Spearman's rank "
             "correlation between each configuration's validation accuracy at the rung epoch and at the final epoch, "
             "and whether an ASHA-type scheduler with that rung and reduction factor 3 would have kept the final "

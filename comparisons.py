@@ -87,13 +87,19 @@ def mcnemar_tests(df) -> pd.DataFrame:
                  for row in trials.itertuples()}
         block = []
         for a, b in itertools.combinations(sorted(right, key=lambda v: -right[v].mean()), 2):
-            only_a, only_b = int((right[a] & ~right[b]).sum()), int((~right[a] & right[b]).sum())
-            p = mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue if only_a + only_b else 1.0
+            only_a, only_b, p = mcnemar_exact(right[a], right[b])
             block.append({"family": family, "comparison": f"{a} − {b}", "seed": trials["seed"].iloc[0],
                           "difference (points)": 100 * (right[a].mean() - right[b].mean()),
                           "only first right": only_a, "only second right": only_b, "McNemar p": p, "Holm p": math.nan})
         rows += _holm(block, "McNemar p", f"{scored_on(df)}-image noise")
     return _table(rows)
+
+
+def mcnemar_exact(first, second) -> tuple:
+    """(images only the first got right, only the second, McNemar's exact two-sided p) of two bool (N,) arrays."""
+    only_first, only_second = int((first & ~second).sum()), int((~first & second).sum())
+    tested = only_first + only_second
+    return only_first, only_second, mcnemar([[0, only_first], [only_second, 0]], exact=True).pvalue if tested else 1.0
 
 
 def _holm(block: list, p_key: str, noise: str) -> list:

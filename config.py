@@ -121,7 +121,8 @@ class SweepConfig(TrialConfig):
                             "(docs/norms.md)", "everyday")
     seeds: int = setting(1, "seeds per variant, 0..N-1", "everyday", check=at_least(1, "at least 1 (seeds 0..N-1)"))
     margin: float = setting(verdicts.MARGIN, "accuracy points: two variants closer than this count as equivalent "
-                            "(docs/verdicts.md)", "everyday", check=("a positive number of points", lambda v: 0 < v < 100))
+                            "(docs/verdicts.md)", "everyday",
+                            check=("a positive number of points", lambda v: 0 < v < 100))
     l1_lambdas: tuple = setting((), f"L1 lambdas: each +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
                                 "recipe", flag="--l1", type=float, nargs="+",
                                 check=each(lambda v: 0 < v < math.inf, "lambdas above 0"))

@@ -14,8 +14,9 @@ from ray import tune
 import experiments
 import trainable
 
-# A line Ray's C++ core logs to file descriptor 2 below FATAL, e.g. "[2026-12-04 12:32:31,266 E 24215 24331] core_worker_\
-# process.cc:837: Failed to establish connection to the metrics exporter agent ..."; it is in Ray's log files too
+# A line Ray's C++ core logs to file descriptor 2 below FATAL, e.g. "[2026-12-04 12:32:31,266 E 24215 24331]
+# core_worker_process.cc:837: Failed to establish connection to the metrics exporter agent ..."; Ray's log files
+# hold it too
 RAY_NATIVE_LOG_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWE] \d+ \d+\] ")
 # Why Tune could not save the experiment's state this run (the last line of its exception, said at the end), or None
 STATE_SAVE_FAILURE = {"error": None}

@@ -24,7 +24,6 @@ import plugins
 import train
 import trainable
 import tuned
-import verdicts
 from config import SweepConfig
 from errors import ExperimentError, UsageError
 
@@ -282,21 +281,21 @@ def warn_on_thread_change(experiment: str, threads: int, epochs: int) -> None:
               f"(pass --cpus-per-trial {before[0]} to keep them)", file=sys.stderr, flush=True)
 
 
-def summary_text(results, stage: str = "", margin: float = verdicts.MARGIN) -> str:
+def summary_text(results, sweep: SweepConfig = SweepConfig()) -> str:
     """The CLI's closing tables: per trial, means over seeds and the verdict per pair (with one seed, McNemar's test
     and why no verdict), convergence warnings; for a tuning stage the validation accuracy per lr and weight decay and
     each choice."""
     import analysis
     import comparisons
 
-    df = analysis.results_frame(results)
+    df, stage, margin = analysis.results_frame(results), sweep.stage, sweep.margin
     reported = set(df["trial"]) if not df.empty else set()
     lines = []
     if not df.empty and stage == "tuning":
         lines += ["validation accuracy (%), final epoch, one view, by peak learning rate (empty: diverged):",
                   text_table(tuned.sensitivity(df)), "", "chosen:"]
         lines += [f"  {name}: lr {c['lr']:g}, weight decay {c['weight_decay']:g} ({c['evidence']})"
-                  for name, c in sorted(tuned.choose(df).items())]
+                  for name, c in sorted(tuned.choose(df, sweep.lr, sweep.weight_decay).items())]
     elif not df.empty:
         lines += [text_table(table) for table in [analysis.trial_table(df)] if len(table)]  # none: all diverged
         if stage == "final":
@@ -333,7 +332,7 @@ def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal
     done = 0 if results is None else sum(bool(r.error) or experiments.trial_finished(r.metrics or {}, sweep.epochs)
                                          for r in results)
     if results is not None:
-        print(summary_text(results, sweep.stage, sweep.margin))
+        print(summary_text(results, sweep))
     if done < n_trials:  # Tune stops on Ctrl-C (SIGINT) and saves the experiment's state
         print(f"interrupted: {n_trials - done} of {n_trials} trials unfinished; state saved in {experiment}\n"
               f"resume with: {resume_command(storage, sweep)}", file=sys.stderr, flush=True)
@@ -392,7 +391,8 @@ def run_tuned(sweep: SweepConfig, storage: str) -> int:
 
     _, tuning_df = analysis.load_experiment(tuning_experiment)
     variants = config_lib.grid_axes(dataclasses.replace(sweep, stage="", final_variants=()))["variant"]
-    final_variants = tuned.final_variants(variants, tuned.choose(tuning_df), sweep.lr, sweep.weight_decay)
+    chosen = tuned.choose(tuning_df, sweep.lr, sweep.weight_decay)
+    final_variants = tuned.final_variants(variants, chosen, sweep.lr, sweep.weight_decay)
     discard_unstarted(final)
     print(f"tuning stage finished; final stage: {len(final_variants)} configurations x {sweep.seeds} seed(s) on the "
           f"test split", flush=True)

@@ -20,7 +20,8 @@ METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single"
            "epoch", "epoch_seconds", "images_per_s", "threads", "peak_device_memory_mib")
 BEST_METRIC, BEST_MODE = "test_acc", "max"
 # Beside METRICS: CORRECT_KEY, which scored images the one view classified right (experiments.packed_correct: the
-# paired image noise of verdicts.py), HEALTH_KEY, the precision ("bf16", "fp32"), the device ("cuda:0 NVIDIA H200 (sm_90)"), parameters.
+# paired image noise of verdicts.py), HEALTH_KEY, the precision ("bf16", "fp32"), the device ("cuda:0 NVIDIA H200
+# (sm_90)"), parameters.
 PRECISION_KEY, DEVICE_KEY, PARAMETERS_KEY = "precision", "device", "parameters"
 CHECKPOINT_FILE = "state.pt"
 

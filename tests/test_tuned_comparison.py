@@ -37,7 +37,7 @@ def test_tuning_stage_scores_validation_images_and_picks_the_sane_lr(comparison)
     table = tuned.configurations(df).set_index(["variant", "lr"])
     for norm in ("bn", "gn"):
         assert table.loc[(norm, 0.05), "val acc (%)"] > table.loc[(norm, ABSURD_LR), "val acc (%)"] + 20
-    chosen = tuned.choose(df)
+    chosen = tuned.choose(df, lr=0.05, weight_decay=5e-4)  # the recipe: --lr and --weight-decay's defaults
     assert {name: c["lr"] for name, c in chosen.items()} == {"bn": 0.05, "gn": 0.05}
     assert "val images" in chosen["bn"]["evidence"]
 
