@@ -29,8 +29,9 @@ POWER = 0.8  # of the seed count said to be needed for an undecided pair
 
 @dataclass(frozen=True)
 class Difference:
-    """A paired difference A - B in accuracy points: its mean, standard error, the t's degrees of freedom, the seeds, the variance of the mean split into what more seeds divide and what they leave (points^2),
-    and the share of seeds on which A scored higher (ties count half)."""
+    """A paired difference A - B in accuracy points: its mean, standard error, the t's degrees of freedom, the
+    seeds, the variance of the mean split into what more seeds divide and what they leave (points^2), and the share
+    of seeds on which A scored higher (ties count half)."""
     points: float
     se: float
     df: float

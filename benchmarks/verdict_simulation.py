@@ -43,7 +43,8 @@ def simulator(rng, effects: dict, images: int, seed_sd: float = SEED_SD, contest
 
 
 def run(true_points: float, variants: int = 2, runs: int = 2000, images: int = 10_000, round_seeds: int = 2,
-        max_seeds: int = 10, margin: float = verdicts.MARGIN, alpha: float = verdicts.ALPHA, seed: int = 0) -> dict:
+        max_seeds: int = 10, margin: float = verdicts.MARGIN, alpha: float = verdicts.ALPHA, seed_sd: float = SEED_SD,
+        seed: int = 0) -> dict:
     """Shares of runs whose first pair (v0 - v1, true difference `true_points`; any others have 0) ended "v0
     better", "v1 better", "equivalent" or undecided; of runs with a false verdict on any pair ("false better":
     a difference where there is none or in the wrong direction; "false equivalent": where the truth is at least the
@@ -53,15 +54,16 @@ def run(true_points: float, variants: int = 2, runs: int = 2000, images: int = 1
                            0)
     seeds_used = []
     effects = {f"v{k}": (true_points if k == 0 else 0.0) for k in range(variants)}
+    sign = {"better": 1, "worse": -1}
     for _ in range(runs):
-        result, used = verdicts.sequential(simulator(rng, effects, images), list(effects), round_seeds, max_seeds,
-                                           margin, alpha)
-        counts[{"better": "v0 better", "worse": "v1 better"}.get(result[("v0", "v1")][0],
-                                                                 result[("v0", "v1")][0] or "undecided")] += 1
+        result, used = verdicts.sequential(simulator(rng, effects, images, seed_sd), list(effects), round_seeds,
+                                           max_seeds, margin, alpha)
+        first = result[("v0", "v1")][0]
+        counts[{"better": "v0 better", "worse": "v1 better"}.get(first, first or "undecided")] += 1
         truths = {pair: effects[pair[0]] - effects[pair[1]] for pair in result}
-        counts["false better"] += any(v in ("better", "worse") and (v == "better") != (truths[p] > 0)
-                                      for p, (v, _) in result.items())
-        counts["false equivalent"] += any(v == "equivalent" and abs(truths[p]) >= margin for p, (v, _) in result.items())
+        counts["false better"] += any(v in sign and np.sign(truths[p]) != sign[v] for p, (v, _) in result.items())
+        counts["false equivalent"] += any(v == "equivalent" and abs(truths[p]) >= margin
+                                          for p, (v, _) in result.items())
         seeds_used.append(used)
     return {**{k: v / runs for k, v in counts.items()}, "mean seeds": float(np.mean(seeds_used))}
 
@@ -73,18 +75,19 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", type=int, default=2, help="variants per sweep (all but v0 have effect 0)")
     parser.add_argument("--round-seeds", type=int, default=2, help="seeds per round (one look after each)")
     parser.add_argument("--max-seeds", type=int, default=10)
+    parser.add_argument("--seed-sd", type=float, default=SEED_SD, help="per-seed accuracy noise of a variant (points)")
     parser.add_argument("--margin", type=float, default=verdicts.MARGIN, help="accuracy points of equivalence")
     parser.add_argument("--alpha", type=float, default=verdicts.ALPHA)
     args = parser.parse_args(argv)
     print(f"images {args.images}, contested share {CONTESTED}, per-image chance 0.5 +- {SPREAD} per variant, "
-          f"seed sd {SEED_SD} points per variant, variants {args.variants}, rounds of {args.round_seeds} seeds up "
+          f"seed sd {args.seed_sd} points per variant, variants {args.variants}, rounds of {args.round_seeds} seeds up "
           f"to {args.max_seeds}, margin {args.margin} points, alpha {args.alpha}, runs {args.runs}")
     print("| true difference (points) | v0 better | v1 better | equivalent | undecided | false better (any pair) "
           "| false equivalent (any pair) | mean seeds |")
     print("|---|---|---|---|---|---|---|---|")
     for true in (0.0, 0.5 * args.margin, args.margin, 1.5 * args.margin, 2 * args.margin):
         r = run(true, args.variants, args.runs, args.images, args.round_seeds, args.max_seeds, args.margin,
-                args.alpha)
+                args.alpha, args.seed_sd)
         print(f"| {true:.2f} | {r['v0 better']:.3f} | {r['v1 better']:.3f} | {r['equivalent']:.3f} | "
               f"{r['undecided']:.3f} | {r['false better']:.3f} | {r['false equivalent']:.3f} | "
               f"{r['mean seeds']:.1f} |")
