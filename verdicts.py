@@ -70,8 +70,8 @@ def _differences(correct: dict, pairs: list) -> dict:
     image = np.maximum(ms_image - ms_residual, 0.0) / (s * n)
     wins = (seed_sums > 0).mean(1) + (seed_sums == 0).mean(1) / 2
     # The t's degrees of freedom: the smaller of the two parts' (s - 1 in practice), the conservative end of
-    # Satterthwaite's (1946) range. Satterthwaite's own estimate grows when MS_seed happens to come out small, and
-    # with 2-5 seeds that made a false "better" 1.5-14 times as frequent as its level (docs/verdicts.md).
+    # Satterthwaite's (1946) range. Satterthwaite's own estimate grows when MS_seed happens to come out small: with
+    # 2-3 seeds that made a false "better" 1.5-14 times as frequent as its level, with 5 up to 2 (docs/verdicts.md).
     df = min(s - 1, n - 1)
     se = np.sqrt(per_seed / s + image)
     return {pair: Difference(float(100 * mean[k]), float(100 * se[k]), df, s, float(1e4 * per_seed[k]),
