@@ -61,17 +61,18 @@ def verdict_table(df, margin: float = verdicts.MARGIN, compare: str = "variant",
         pairs = list(itertools.combinations(order, 2))
         decided = verdicts.decide(correct, set(pairs), ALPHA, margin) if len(seeds) >= 2 else {}
         rows += [{"family": family, "comparison": f"{a} − {b}", "seeds": len(seeds),
-                  **_verdict_columns(*decided.get((a, b), (None, None)), a, margin)} for a, b in pairs]
+                  **_verdict_columns(*decided.get((a, b), (None, None)), (a, b), margin)} for a, b in pairs]
     return _table(rows)
 
 
-def _verdict_columns(verdict, d, first: str, margin: float) -> dict:
+def _verdict_columns(verdict, d, pair: tuple, margin: float) -> dict:
     if d is None:
         return {"difference (points)": math.nan, f"{CONFIDENCE:.0%} CI (points)": "-", "first wins (seeds)": "-",
                 "verdict": "needs 2+ seeds"}
     half = stats.t.isf((1 - CONFIDENCE) / 2, d.df) * d.se if d.se else 0.0
     needed = verdicts.seeds_needed(d, margin)
-    said = {"better": f"{first} better", "equivalent": f"equivalent (within ±{margin:g})"}.get(
+    said = {"better": f"{pair[0]} better", "worse": f"{pair[1]} better", "equivalent": f"equivalent (within "
+            f"±{margin:g})"}.get(
         verdict, f"undecided: about {needed} seeds would decide it" if math.isfinite(needed) else
         "undecided: the test images alone are too few to decide it")
     return {"difference (points)": d.points, f"{CONFIDENCE:.0%} CI (points)": f"{d.points - half:+.2f} to "
