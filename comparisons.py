@@ -48,10 +48,13 @@ def families(final: pd.DataFrame, within=WITHIN):
         yield ", ".join(f"{prefix.get(k, '')}{v}" for k, v in zip(keys, values)), rows
 
 
-def verdict_table(df, margin: float = verdicts.MARGIN, compare: str = "variant", within=WITHIN) -> pd.DataFrame:
+def verdict_table(df, margin: float = verdicts.MARGIN, compare: str = "variant", within=WITHIN,
+                  looks=None) -> pd.DataFrame:
     """Per pair of `compare` values in a family (the better first), over the seeds all of them reached: the mean
     difference of final one-view accuracies (points), its CONFIDENCE interval, the share of seeds the first won, and
-    the verdict at ALPHA family-wise. `compare="arm", within=("variant name", "batch_size")`: tuned vs recipe."""
+    the verdict: at ALPHA family-wise, or replaying `looks`, [(seeds, alpha level), ...] as --seeds auto's searcher
+    took them (rounds.py), a pair decided at the first look that decides it. `compare="arm", within=("variant
+    name", "batch_size")`: tuned vs recipe."""
     rows = []
     for family, final in families(final_per_trial(df), within):
         by_value = {v: g.set_index("seed")[experiments.CORRECT_KEY] for v, g in final.groupby(compare)}
@@ -59,24 +62,30 @@ def verdict_table(df, margin: float = verdicts.MARGIN, compare: str = "variant",
         correct = {v: np.array([experiments.unpacked_correct(s[seed]) for seed in seeds]) for v, s in by_value.items()}
         order = sorted(correct, key=lambda v: -correct[v].mean() if seeds else 0)
         pairs = list(itertools.combinations(order, 2))
-        decided = verdicts.decide(correct, set(pairs), ALPHA, margin) if len(seeds) >= 2 else {}
-        rows += [{"family": family, "comparison": f"{a} − {b}", "seeds": len(seeds),
-                  **_verdict_columns(*decided.get((a, b), (None, None)), (a, b), margin)} for a, b in pairs]
+        decided, undecided = {}, set(pairs)
+        for n, level in looks or [(len(seeds), ALPHA)]:
+            if 2 <= n <= len(seeds) and undecided:
+                seen = verdicts.decide({v: right[:n] for v, right in correct.items()}, undecided, level, margin)
+                decided.update(seen)
+                undecided -= {pair for pair, (verdict, _) in seen.items() if verdict}
+        rows += [{"family": family, "comparison": f"{a} − {b}",
+                  **_verdict_columns(*decided.get((a, b), (None, None)), (a, b), len(seeds), margin)}
+                 for a, b in pairs]
     return _table(rows)
 
 
-def _verdict_columns(verdict, d, pair: tuple, margin: float) -> dict:
+def _verdict_columns(verdict, d, pair: tuple, seeds: int, margin: float) -> dict:
     if d is None:
-        return {"difference (points)": math.nan, f"{CONFIDENCE:.0%} CI (points)": "-", "first wins (seeds)": "-",
-                "verdict": "needs 2+ seeds"}
-    half = stats.t.isf((1 - CONFIDENCE) / 2, d.df) * d.se if d.se else 0.0
-    needed = verdicts.seeds_needed(d, margin)
-    said = {"better": f"{pair[0]} better", "worse": f"{pair[1]} better", "equivalent": f"equivalent (within "
-            f"±{margin:g})"}.get(
-        verdict, f"undecided: about {needed} seeds would decide it" if math.isfinite(needed) else
-        "undecided: the test images alone are too few to decide it")
-    return {"difference (points)": d.points, f"{CONFIDENCE:.0%} CI (points)": f"{d.points - half:+.2f} to "
-            f"{d.points + half:+.2f}", "first wins (seeds)": f"{d.p_a_beats_b:.0%}", "verdict": said}
+        return {"seeds": seeds, "difference (points)": math.nan, f"{CONFIDENCE:.0%} CI (points)": "-",
+                "first wins (seeds)": "-", "verdict": "needs 2+ seeds"}
+    half, needed = stats.t.isf((1 - CONFIDENCE) / 2, d.df) * d.se if d.se else 0.0, verdicts.seeds_needed(d, margin)
+    said = {"better": f"{pair[0]} better", "worse": f"{pair[1]} better",
+            "equivalent": f"equivalent (within ±{margin:g})"}.get(verdict, (
+                f"undecided: about {needed} seeds would decide it" if math.isfinite(needed) else
+                "undecided: the test images alone are too few to decide it"))
+    return {"seeds": d.seeds, "difference (points)": d.points,
+            f"{CONFIDENCE:.0%} CI (points)": f"{d.points - half:+.2f} to {d.points + half:+.2f}",
+            "first wins (seeds)": f"{d.p_a_beats_b:.0%}", "verdict": said}
 
 
 def mcnemar_tests(df) -> pd.DataFrame:

@@ -107,3 +107,17 @@ def test_one_seed_gives_every_variant_the_same_start_and_data_order(idx_dir):
     other_seed = train.TrainingRun({"norm": "bn", "seed": 4, "epochs": 1, "batch_size": 16, "compile": "off"},
                                    dataset, device=torch.device("cpu"))
     assert not torch.equal(next(iter(other_seed.model.state_dict().values())), next(iter(reference.values())))
+
+
+def test_replayed_looks_decide_a_pair_at_the_look_that_decided_it():
+    """--seeds auto's table replays its searcher's looks: a pair decided at an early look keeps that look's
+    verdict and seeds; one no look decides stays undecided, at the last look's seeds."""
+    rng = np.random.default_rng(4)
+    base = seeds_of(rng, seeds=6)
+    correct = {"bn": flipped(rng, base, gained=0.4, lost=0.0), "gn": base,
+               "ln": flipped(rng, base, gained=0.02, lost=0.004)}  # bn far ahead; gn and ln about 0.1 apart
+    table = comparisons.verdict_table(final_frame(correct), looks=[(3, 0.01), (6, 0.04)],
+                                      margin=0.1).set_index("comparison")
+    assert tuple(table.loc["bn − gn", ["seeds", "verdict"]]) == (3, "bn better")
+    assert table.loc["gn − ln", "seeds"] == 6 and table.loc["gn − ln", "verdict"].startswith("undecided")
+    assert comparisons.verdict_table(final_frame(correct), looks=[(7, 0.05)])["verdict"].eq("needs 2+ seeds").all()
