@@ -310,7 +310,8 @@ def _check_sweep(sweep: SweepConfig) -> list:
     if sweep.seeds == AUTO_SEEDS:
         _check_auto_seeds(sweep)
     elif sweep.max_seeds != SweepConfig.max_seeds:
-        raise UsageError(f"--max-seeds {sweep.max_seeds} has no effect without --seeds auto; drop it, or add --seeds auto")
+        raise UsageError(f"--max-seeds {sweep.max_seeds} has no effect without --seeds auto; drop it, or add "
+                         f"--seeds auto")
     if sweep.tune and sweep.val_size:
         raise UsageError(f"--tune and --val-size {sweep.val_size} both given; the tuning stage holds out its own "
                          f"validation split and the final stage scores on the test split, drop --val-size")

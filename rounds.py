@@ -25,6 +25,11 @@ def seeds_per_round(slots: int, n_variants: int, max_seeds: int) -> int:
     return max(1, min(max_seeds, slots // n_variants))
 
 
+def first_round(round_seeds: int, max_seeds: int) -> int:
+    """Seeds of the first round: a round's, at least 2 (a verdict needs 2 seeds)."""
+    return min(max_seeds, max(2, round_seeds))
+
+
 class Rounds(Searcher):
     """Hands out a round's trials ({"variant": dict, "seed": k}, merged into the sweep's param space), None while
     the round runs, then looks, and Searcher.FINISHED once every pair is decided or max_seeds are spent."""
@@ -35,7 +40,7 @@ class Rounds(Searcher):
         if len(variants) < 2:
             raise ValueError(f"--seeds auto decides pairs of variants; got {len(variants)} variant(s)")
         self.state = dict(format=STATE_FORMAT, variants=list(variants), epochs=epochs, max_seeds=max_seeds,
-                          round_seeds=round_seeds, first_round=min(max_seeds, max(2, round_seeds)), margin=margin,
+                          round_seeds=round_seeds, first_round=first_round(round_seeds, max_seeds), margin=margin,
                           alpha=alpha, seeds=0, queue=[], handed={}, running=[], correct={}, broken={},
                           undecided=[list(pair) for pair in itertools.combinations(range(len(variants)), 2)],
                           verdicts={}, dropped=[], spent=0.0, looks=[], stopped=None)

@@ -56,14 +56,15 @@ def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
     saved = set(launch) & given - {"name"}
     ignored = [f"--{k.replace('_', '-')} {getattr(sweep, k)}" for k in sorted(saved)
                if getattr(sweep, k) != getattr(resumed, k)]
-    auto = resumed.seeds == config_lib.AUTO_SEEDS
+    auto = resumed.seeds == config_lib.AUTO_SEEDS  # trials left: at most those said, until its searcher stops
     print(f"resume: reusing the launch settings (dataset {Path(resumed.dataset).name}, variants {resumed.variants}, "
           + (f"seeds auto up to {resumed.max_seeds}" if auto else f"{resumed.seeds} seed(s)")
           + f", {resumed.epochs} epochs{', smoke-test data' if resumed.smoke_test else ''}); "
           f"CPUs and GPUs per trial from today's flags"
           + (f"; ignoring today's {', '.join(ignored)} (a resumed experiment keeps what it was launched with)"
              if ignored else "")
-          + f"; {'up to ' if auto else ''}{experiments.trials_left(experiment, resumed)} of "
+          + f"; {'up to ' if auto and not experiments.searcher_state(experiment).get('stopped') else ''}"
+            f"{experiments.trials_left(experiment, resumed)} of "
             f"{experiments.planned(resumed)} trials left to run", flush=True)
     return resumed
 
@@ -193,20 +194,22 @@ def interrupt_on_sigterm() -> dict:
     return received
 
 
-def tuner(sweep: SweepConfig, storage: str, fn, space: dict, n_trials: int, searcher=None) -> tune.Tuner:
+def tuner(sweep: SweepConfig, storage: str, fn, space: dict, n_trials: int, plan: dict = None) -> tune.Tuner:
     """A new Tuner for the sweep, or the saved one it resumes (Tuner.restore, errored trials retried, a searcher's
-    state restored with it). searcher: --seeds auto's, which picks the trials (n_trials bounds them)."""
+    state restored with it). plan: --seeds auto's rounds (seed_rounds), whose searcher picks the trials, at most
+    n_trials."""
     experiment = experiments.join(storage, sweep.name)
     if sweep.resume:
         return tune.Tuner.restore(experiment, trainable=fn, resume_errored=True)
     checkpoints = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=trainable.BEST_METRIC,
                                         checkpoint_score_order=trainable.BEST_MODE)  # Tune also keeps the latest
-    search = dict(search_alg=searcher, num_samples=n_trials) if searcher else {}
+    search = dict(search_alg=rounds.Rounds(config_lib.grid_axes(sweep)["variant"], sweep.epochs, sweep.max_seeds,
+                                           plan["then"], sweep.margin), num_samples=n_trials) if plan else {}
     return tune.Tuner(fn, param_space=space, tune_config=tune.TuneConfig(  # no max_concurrent_trials: trial_resources
         trial_name_creator=trial_name, trial_dirname_creator=trial_name, **search), run_config=tune.RunConfig(
         name=sweep.name, storage_path=storage, checkpoint_config=checkpoints,
         failure_config=tune.FailureConfig(max_failures=cluster.MAX_FAILURES),
-        callbacks=[console.Progress(sweep.epochs, n_trials, up_to=bool(searcher))], verbose=2 if sweep.verbose else 0))
+        callbacks=[console.Progress(sweep.epochs, n_trials, up_to=bool(plan))], verbose=2 if sweep.verbose else 0))
 
 
 def run_stage(sweep: SweepConfig, storage: str) -> int:
@@ -234,12 +237,9 @@ def run_stage(sweep: SweepConfig, storage: str) -> int:
             dataset = train.trial_data(data_lib.load_dataset(sweep.dataset, sweep.data_dir,
                                                              test_split=not sweep.val_size), sweep)
             config_lib.check_val_size(sweep.val_size, len(dataset.train_labels))
-            axes = config_lib.grid_axes(sweep)  # every net is run once here, never retried as a trial
-            net_bytes = max(train.preflight(dataclasses.replace(sweep, norm=norm, batch_size=batch), dataset)
-                            for norm in sorted({v["norm"] for v in axes["variant"]})
-                            for batch in axes.get("batch_size", [sweep.batch_size]))
+            net_bytes = preflight(sweep, dataset)
             space, inputs = param_space(sweep, dataset), input_digests(dataset, sweep.model)
-            plan = seed_rounds(sweep, experiment, len(axes["variant"]), trial_memory(dataset.nbytes, net_bytes))
+            plan = seed_rounds(sweep, experiment, trial_memory(dataset.nbytes, net_bytes))
             resources = trial_resources(ray.cluster_resources(), plan["variants"] * plan["then"] if plan else n_trials,
                                         sweep, data_bytes=dataset.nbytes, model_bytes=net_bytes)
             check_resources(resources, ray.cluster_resources())
@@ -254,23 +254,46 @@ def run_stage(sweep: SweepConfig, storage: str) -> int:
             print(describe(resources, ray.cluster_resources(), n_trials, sweep, experiment, plan), flush=True)
             fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset,
                                                           experiment=experiment), resources)
-            searcher = plan and rounds.Rounds(axes["variant"], sweep.epochs, sweep.max_seeds, plan["then"], sweep.margin)
-            results = fit(tuner(sweep, storage, fn, space, n_trials, searcher), storage, sweep)
+            results = fit(tuner(sweep, storage, fn, space, n_trials, plan), storage, sweep, plan)
         finally:
             with cluster.interrupts_held(then_raise=False):
                 ray.shutdown()
     return finish(results, sweep, storage, n_trials, stop_signal.get("signal", signal.SIGINT))
 
 
-def seed_rounds(sweep: SweepConfig, experiment: str, n_variants: int, memory: int) -> dict:
+def preflight(sweep: SweepConfig, dataset: data_lib.Dataset) -> int:
+    """Run every net of the sweep once here (never retried as a trial, train.preflight); its most bytes."""
+    axes = config_lib.grid_axes(sweep)
+    return max(train.preflight(dataclasses.replace(sweep, norm=norm, batch_size=batch), dataset)
+               for norm in sorted({v["norm"] for v in axes["variant"]})
+               for batch in axes.get("batch_size", [sweep.batch_size]))
+
+
+def seed_rounds(sweep: SweepConfig, experiment: str, memory: int) -> dict:
     """--seeds auto's rounds, {"first": seeds, "then": seeds, "variants": n} (a resume's as its searcher saved them);
     {} for a grid."""
     if sweep.seeds != config_lib.AUTO_SEEDS:
         return {}
+    n_variants = len(config_lib.grid_axes(sweep)["variant"])
     saved = experiments.searcher_state(experiment) if sweep.resume else {}
     then = saved.get("round_seeds") or round_seeds(ray.cluster_resources(), sweep, n_variants, memory)
-    return {"first": saved.get("first_round") or min(sweep.max_seeds, max(2, then)), "then": then,
+    return {"first": saved.get("first_round") or rounds.first_round(then, sweep.max_seeds), "then": then,
             "variants": n_variants}
+
+
+@contextlib.contextmanager
+def pending_trials(count: int):
+    """Let Tune queue `count` trials at once (TUNE_MAX_PENDING_TRIALS_PG, which it reads as fit starts; a value the
+    user set is kept): with a searcher it queues one, and a round's trials would start one by one, each after the
+    worker of the one before it is up."""
+    name = "TUNE_MAX_PENDING_TRIALS_PG"
+    unset = name not in os.environ
+    os.environ.setdefault(name, str(count))
+    try:
+        yield
+    finally:
+        if unset:
+            os.environ.pop(name, None)
 
 
 def refuse_existing(experiment: str):
@@ -294,13 +317,15 @@ def input_digests(dataset: data_lib.Dataset, model: str) -> dict:
             **({"model": hashlib.sha256(Path(file).read_bytes()).hexdigest()} if file else {})}
 
 
-def fit(made: tune.Tuner, storage: str, sweep: SweepConfig):
+def fit(made: tune.Tuner, storage: str, sweep: SweepConfig, plan: dict = None):
     """Tuner.fit, or None after a second Ctrl-C (Tune's own handler took the first); a full storage path, or a local
-    Ray stopped under Tune (a SIGTERM to the process group), is one line saying how to resume."""
+    Ray stopped under Tune (a SIGTERM to the process group), is one line saying how to resume. plan: --seeds auto's
+    rounds, whose first round's trials Tune may queue at once."""
     stopped = (f"interrupted: the local Ray stopped; state saved in {experiments.join(storage, sweep.name)}\n"
                f"resume with: {resume_command(storage, sweep)}")
     try:
-        with cluster.exit_if_ray_stops(None if sweep.address else stopped):
+        with cluster.exit_if_ray_stops(None if sweep.address else stopped), \
+                pending_trials(plan["variants"] * plan["first"]) if plan else contextlib.nullcontext():
             return made.fit()
     except KeyboardInterrupt:
         return None

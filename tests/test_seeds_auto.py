@@ -72,7 +72,8 @@ def test_equal_variants_are_found_equivalent_and_noisy_ones_run_to_max_seeds():
     noisy = rounds.Rounds(VARIANTS, epochs=2, max_seeds=6, round_seeds=2)
     rounds_run = run_rounds(noisy, simulated([0.8, 0.805, 0.81], 0.03, np.random.default_rng(2)))
     assert [sorted({seed for _, seed in r}) for r in rounds_run] == [[0, 1], [2, 3], [4, 5]]
-    assert rounds.stop_line(noisy.state) == "seeds auto: stopped after 6 seed(s): --max-seeds 6 spent, 3 pair(s) undecided"
+    assert rounds.stop_line(noisy.state) == ("seeds auto: stopped after 6 seed(s): --max-seeds 6 spent, 3 pair(s) "
+                                             "undecided")
     assert [seeds for seeds, _ in noisy.state["looks"]] == [2, 4, 6]
     assert sum(level for _, level in noisy.state["looks"]) == pytest.approx(0.05)  # the whole alpha, spent by t = 1
 
@@ -158,7 +159,8 @@ def test_a_sweep_interrupted_inside_a_round_resumes_without_running_a_seed_twice
                "2", "--seeds", "auto", "--max-seeds", "4", "--cpus-per-trial", "1", "--storage-path", str(storage),
                "--name", name]
     # 2 CPUs, a CPU a trial: rounds of 1 seed x 2 variants after a first of 2 seeds; stop inside the second round
-    driver = launch_until(command, lambda: any(p.read_text().strip() for p in (storage / name).glob("*_seed2_*/result.json")),
+    second_round = (storage / name).glob  # its trials' result.json, once the driver took an epoch in
+    driver = launch_until(command, lambda: any(p.read_text().strip() for p in second_round("*_seed2_*/result.json")),
                           "a reported epoch of the second round", cwd=ROOT)
     driver.send_signal(signal.SIGINT)
     out, err = driver.communicate(timeout=HANG_SECONDS)
