@@ -173,6 +173,9 @@ def progress(grid, df) -> pd.DataFrame:
     launch, planned_epochs = experiments.read_launch(experiment_location(grid)), int(df["epochs"].max())
     axes = config_lib.grid_axes(config_lib.SweepConfig().from_launch(launch)) if launch else {"seed": []}
     seeds = len(axes.pop("seed"))
+    if launch.get("seeds") == config_lib.AUTO_SEEDS and experiments.searcher_state(experiment_location(grid)).get(
+            "stopped"):  # a --seeds auto sweep that has stopped planned the trials it ran
+        seeds = 0
     planned = {experiments.variant_label({**dict(zip(axes, point)), "stage": launch.get("stage"),
                                           "lr_reference_batch": 1 if "batch_size" in axes else 0}): seeds
                for point in itertools.product(*axes.values())}

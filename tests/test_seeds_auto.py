@@ -172,6 +172,7 @@ def test_a_sweep_interrupted_inside_a_round_resumes_without_running_a_seed_twice
     printed = capsys.readouterr().out
     assert "seeds auto up to 3" in printed and "seeds auto: stopped after " in printed, printed
     grid, df = analysis.load_experiment(storage / name)
+    assert analysis.progress(grid, df)["complete"].all()  # the trials it ran are all it planned, once stopped
     trials = df.groupby("trial").agg(variant=("variant", "first"), seed=("seed", "first"), epoch=("epoch", "max"))
     assert (trials["epoch"] == 2).all() and not trials.duplicated(["variant", "seed"]).any(), trials
     for variant, seeds in trials.groupby("variant")["seed"]:
