@@ -60,24 +60,38 @@ class Rounds(Searcher):
         state["running"].append(trial_id)
         return {"variant": dict(state["variants"][variant]), "seed": seed}
 
+    def on_trial_result(self, trial_id: str, result: dict):
+        """Keep a trial's last epoch as it is reported: a trial a --resume restores from a checkpoint older than its
+        last epoch (one the driver had not yet taken in) completes with that checkpoint's result, Tune's
+        last_result, as its later epochs are logged already and not reported again."""
+        if trial_id in self.state["handed"] and self._healthy_and_done(result):
+            self.state["correct"][self._key(trial_id)] = result[experiments.CORRECT_KEY]
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         """Keep a finished trial's correctness, or why it has none; look once the round's last trial is in. A trial
         --resume reruns (it had failed) is taken in again: its variant stays out of the rounds it missed."""
         state = self.state
         if trial_id not in state["handed"]:
             return
-        key = "{}/{}".format(*state["handed"][trial_id])
+        key, result = self._key(trial_id), result or {}
         state["running"] = [t for t in state["running"] if t != trial_id]
-        result = result or {}
         health = result.get(experiments.HEALTH_KEY, "ok")
-        if error or health != "ok" or not experiments.trial_finished(result, state["epochs"]):
+        if not error and self._healthy_and_done(result):
+            state["correct"][key] = result[experiments.CORRECT_KEY]
+        if error or health != "ok" or key not in state["correct"]:
             state["broken"][key] = "failed" if error else "diverged" if health != "ok" else "stopped early"
             state["correct"].pop(key, None)
         else:
-            state["correct"][key] = result[experiments.CORRECT_KEY]
             state["broken"].pop(key, None)
         if not state["running"] and not state["queue"] and not state["stopped"]:
             self._look()
+
+    def _key(self, trial_id: str) -> str:
+        return "{}/{}".format(*self.state["handed"][trial_id])  # "variant index/seed"
+
+    def _healthy_and_done(self, result: dict) -> bool:
+        return (result.get(experiments.HEALTH_KEY, "ok") == "ok" and experiments.CORRECT_KEY in result
+                and experiments.trial_finished(result, self.state["epochs"]))
 
     def _look(self):
         """Test the undecided pairs on the seeds so far, then stop or queue the next round."""

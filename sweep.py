@@ -393,9 +393,9 @@ def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal
                                          for r in results)
     if results is not None:
         print(summary_text(results, sweep.stage))
-    auto = sweep.seeds == config_lib.AUTO_SEEDS  # its searcher stops before n_trials, the most it may run
+    auto = sweep.seeds == config_lib.AUTO_SEEDS  # n_trials: the most it may run; done once its searcher stopped
     stopped = rounds.stop_line(experiments.searcher_state(experiment)) if auto else ""
-    if done < (len(results) if stopped and results is not None else n_trials):  # Tune stops on Ctrl-C, saving
+    if results is None or (not stopped if auto else done < n_trials):  # Tune stops on Ctrl-C, saving its state
         left = f"{done} of up to {n_trials} trials finished" if auto else f"{n_trials - done} of {n_trials} trials " \
                                                                           f"unfinished"
         print(f"interrupted: {left}; state saved in {experiment}\n"

@@ -132,6 +132,19 @@ def test_a_failed_or_diverged_trial_drops_its_variant_and_the_others_go_on():
     assert "d" not in names and names  # a, b, c undecided among themselves go on without d
 
 
+def test_a_trial_restored_from_an_older_checkpoint_keeps_the_last_epoch_it_reported():
+    """A trial the driver was stopped in before it took in the trial's end completes, after --resume, with the
+    result of the checkpoint Tune restores it from (an epoch before its last, whose report is logged already)."""
+    searcher = rounds.Rounds(VARIANTS[:2], epochs=2, max_seeds=4, round_seeds=1)
+    handed, _ = handed_out(searcher, 0)
+    correct = simulated([0.8, 0.8], 0.002, np.random.default_rng(5))
+    for trial_id, c in handed.items():
+        last = {"epoch": 2, experiments.CORRECT_KEY: correct(c["variant"]["name"] == "gn", c["seed"])}
+        searcher.on_trial_result(trial_id, last)
+        searcher.on_trial_complete(trial_id, dict(last, epoch=1) if trial_id == "t0" else last)
+    assert not searcher.state["broken"] and searcher.state["looks"]
+
+
 def test_flags(capsys):
     sweep, _ = tune_main.parse_args(["--seeds", "auto", "--max-seeds", "4", "--variants", "bn,gn"])
     assert (sweep.seeds, sweep.max_seeds) == ("auto", 4)
