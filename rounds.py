@@ -39,6 +39,10 @@ class Rounds(Searcher):
         super().__init__()
         if len(variants) < 2:
             raise ValueError(f"--seeds auto decides pairs of variants; got {len(variants)} variant(s)")
+        # seeds: of the rounds started; queue: [variant index, seed] not handed out yet; handed: trial id -> [variant
+        # index, seed]; running: trial ids handed out, not complete; correct / broken: "variant/seed" -> its packed
+        # correctness / why it has none; undecided: [a, b] pairs still tested; verdicts: "A | B" -> [verdict, points,
+        # seeds]; dropped: variants out of the rounds; looks: [seeds, alpha level]; stopped: why it stopped, or None
         self.state = dict(format=STATE_FORMAT, variants=list(variants), epochs=epochs, max_seeds=max_seeds,
                           round_seeds=round_seeds, first_round=first_round(round_seeds, max_seeds), margin=margin,
                           alpha=alpha, seeds=0, queue=[], handed={}, running=[], correct={}, broken={},
