@@ -174,6 +174,9 @@ def progress(grid, df) -> pd.DataFrame:
     launch, planned_epochs = experiments.read_launch(experiment_location(grid)), int(df["epochs"].max())
     axes = config_lib.grid_axes(config_lib.SweepConfig().from_launch(launch)) if launch else {"seed": []}
     seeds = len(axes.pop("seed"))
+    if launch.get("seeds") == config_lib.AUTO_SEEDS and experiments.searcher_state(experiment_location(grid)).get(
+            "stopped"):  # a --seeds auto sweep that has stopped planned the trials it ran
+        seeds = 0
     planned = {experiments.variant_label({**dict(zip(axes, point)), "stage": launch.get("stage"),
                                           "lr_reference_batch": 1 if "batch_size" in axes else 0}): seeds
                for point in itertools.product(*axes.values())}
@@ -394,9 +397,11 @@ def comparison_tables(grid, df) -> dict:
     final, tables = final_per_trial(df), {}
     if final["variant"].nunique() < 2:
         return tables
-    margin = experiments.read_launch(experiment_location(grid)).get("margin", verdicts.MARGIN)
-    if final.groupby("variant")["seed"].nunique().max() >= 2:
-        tables["verdicts"] = comparisons.verdict_table(df, margin)
+    location = experiment_location(grid)
+    margin = experiments.read_launch(location).get("margin", verdicts.MARGIN)
+    if final.groupby("variant")["seed"].nunique().max() >= 2:  # --seeds auto: as its searcher looked
+        looks = experiments.searcher_state(location).get("looks")
+        tables["verdicts"] = comparisons.verdict_table(df, margin, looks=looks)
     else:
         tables["mcnemar"] = comparisons.mcnemar_tests(df)
     if "arm" in final and final["arm"].nunique() > 1:

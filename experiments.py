@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import pickle
 import pickletools
 import re
 import shutil
@@ -31,6 +32,7 @@ from errors import ExperimentError, NormsweepError, UsageError
 LAUNCH_FILE = "normsweep_launch.json"
 OWNER_FILE, LOCK_FILE = "normsweep_owner.json", ".normsweep.lock"
 STATE_PREFIX, SEARCH_STATE_PREFIX = "experiment_state-", "basic-variant-state-"  # Tune's (the search's is a pickle)
+SEARCHER_STATE_PREFIX = "searcher-state-"  # --seeds auto: Tune's <prefix><session>.pkl of rounds.Rounds.save
 RESULT_FILE, PROGRESS_FILE = "result.json", "progress.csv"
 EPOCHS_FILE = "epochs.json"  # in each checkpoint_*: a JSON list of the trial's reports (dicts) up to that epoch
 CORRECT_KEY = "test_correct"  # each epoch's result: packed_correct of the one view's right answers on the scored split
@@ -338,14 +340,41 @@ def trial_finished(last: dict, epochs: int) -> bool:
 
 
 def planned(sweep) -> int:
-    """The trials a config.SweepConfig's grid holds."""
+    """The trials a config.SweepConfig's grid holds; under --seeds auto, the most it may run (variants x max seeds)."""
     return math.prod(len(values) for values in config.grid_axes(sweep).values())
 
 
 def trials_left(experiment: str, sweep) -> int:
-    """Trials of an experiment (its config.SweepConfig) still to run, those not started counted too."""
-    finished = sum(trial_finished(last, sweep.epochs) for last in last_results(experiment).values())
+    """Trials of an experiment (its config.SweepConfig) still to run, those not started counted too; under --seeds
+    auto at most that many until its searcher has stopped, then those that failed."""
+    lasts = last_results(experiment).values()
+    finished = sum(trial_finished(last, sweep.epochs) for last in lasts)
+    if sweep.seeds == config.AUTO_SEEDS and searcher_state(experiment).get("stopped"):
+        return len(lasts) - finished
     return max(0, planned(sweep) - finished)
+
+
+class _BuiltinsOnly(pickle.Unpickler):
+    def find_class(self, module, name):  # a searcher's state is dicts, lists, strings and numbers: nothing runs
+        raise pickle.UnpicklingError(f"{module}.{name} in a searcher's state, which holds builtins only")
+
+
+def unpickled_state(data: bytes) -> dict:
+    """A searcher's state (rounds.Rounds.save: a pickled dict of builtins), refusing anything that would run code."""
+    return _BuiltinsOnly(io.BytesIO(data)).load()
+
+
+def searcher_state(experiment: str) -> dict:
+    """The state a --seeds auto experiment's searcher saved last ({} if none: another sweep, or not saved yet)."""
+    saved = sorted(f.base_name for f in _children(experiment)
+                   if f.is_file and f.base_name.startswith(SEARCHER_STATE_PREFIX) and f.base_name.endswith(".pkl"))
+    if not saved:
+        return {}
+    try:  # session stamps sort as times: the newest last, as Tune picks it
+        return unpickled_state(read_bytes(join(experiment, saved[-1])))
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ExperimentError(f"{join(experiment, saved[-1])} is cut off or corrupt ({_reason(e)}); start the sweep "
+                              f"again under a new --name") from None
 
 
 def latest_started(storage: str) -> str:
