@@ -610,13 +610,18 @@ def _final_stage_section(grid, df, figures: dict) -> list:
         return text + [f"(The tuning stage's results are not readable here: {e}.)", ""]
 
 
+def tuning_choices(grid, tuning_df) -> dict:
+    """tuned.choose on a tuning stage's frame, against the shared recipe of the launch of `grid` (either stage)."""
+    launch = experiments.read_launch(experiment_location(grid))
+    return tuned.choose(tuning_df, launch["lr"], launch["weight_decay"])
+
+
 def _tuning_section(grid, tuning_df, figures: dict) -> list:
     """A tuning stage: the sensitivity table and figure, the choices (against the recipe of the launch of `grid`,
     either stage), and how early stopping would have ranked."""
-    launch = experiments.read_launch(experiment_location(grid))
     title = _title(tuning_df, "learning-rate sensitivity", wrap=True)
     figures["lr_sensitivity.png"] = _png(plot_sensitivity(tuning_df, title))
-    chosen = tuned.choose(tuning_df, launch["lr"], launch["weight_decay"])
+    chosen = tuning_choices(grid, tuning_df)
     choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
                              "evidence": c["evidence"]} for name, c in sorted(chosen.items())])
     agreement = comparisons.rank_agreement(tuning_df)

@@ -40,7 +40,8 @@ def quiet_ray():
 def native_ray_logs_dropped():
     """While the block runs, file descriptor 2 (where this process's Ray core worker and C++ client log: a metrics agent
     they could not reach, each refused try to join a cluster) passes everything but RAY_NATIVE_LOG_LINE lines, and
-    sys.stderr writes straight to the terminal, so that a message printed just before os._exit is not lost."""
+    a sys.stderr on descriptor 2 writes straight to the terminal, so that a message printed just before os._exit is
+    not lost."""
     sys.stderr.flush()
     terminal, (pipe_out, pipe_in) = os.dup(2), os.pipe()
     os.dup2(pipe_in, 2)
@@ -55,12 +56,19 @@ def native_ray_logs_dropped():
     reader = threading.Thread(target=forward, daemon=True)
     reader.start()
     previous = sys.stderr
-    sys.stderr = open(terminal, "w", buffering=1, encoding=previous.encoding, errors="backslashreplace", closefd=False)
+    try:  # a stream of another file (pytest's capture, say) goes on as it was
+        direct = previous.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        direct = False
+    if direct:
+        sys.stderr = open(terminal, "w", buffering=1, encoding=previous.encoding, errors="backslashreplace",
+                          closefd=False)
     try:
         yield
     finally:
-        sys.stderr.close()
-        sys.stderr = previous
+        if direct:
+            sys.stderr.close()
+            sys.stderr = previous
         os.dup2(terminal, 2)  # the pipe's last writer here: the reader drains it and ends
         reader.join(timeout=10)
         if not reader.is_alive():  # else a process started in the block holds the pipe: the reader still writes
