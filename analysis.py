@@ -27,8 +27,9 @@ import data as data_lib
 import experiments
 import train
 import tuned
+import verdicts
 from comparisons import convergence, convergence_warnings, final_per_trial, healthy, scored_on
-from errors import USAGE_EXIT, CheckpointError, DataError, ExperimentError, NormsweepError
+from errors import USAGE_EXIT, DataError, ExperimentError, NormsweepError
 from model import GHOST_BATCH
 
 AnalysisError = ExperimentError  # what this module raises: one line that says what to do
@@ -173,6 +174,9 @@ def progress(grid, df) -> pd.DataFrame:
     launch, planned_epochs = experiments.read_launch(experiment_location(grid)), int(df["epochs"].max())
     axes = config_lib.grid_axes(config_lib.SweepConfig().from_launch(launch)) if launch else {"seed": []}
     seeds = len(axes.pop("seed"))
+    if launch.get("seeds") == config_lib.AUTO_SEEDS and experiments.searcher_state(experiment_location(grid)).get(
+            "stopped"):  # a --seeds auto sweep that has stopped planned the trials it ran
+        seeds = 0
     planned = {experiments.variant_label({**dict(zip(axes, point)), "stage": launch.get("stage"),
                                           "lr_reference_batch": 1 if "batch_size" in axes else 0}): seeds
                for point in itertools.product(*axes.values())}
@@ -288,7 +292,7 @@ def experiment_dataset(grid, skipped=None, dataset=None, data_dir=None) -> data_
                                      test_split=not config["val_size"])
     except DataError as e:  # moved, or not copied with the results
         _skip(skipped, DataError(f"the dataset is not readable here ({e}); pass analysis.py --dataset PATH (or "
-                                 f"--data-dir DIR) where it lies now"), "misclassified images and McNemar's test")
+                                 f"--data-dir DIR) where it lies now"), "misclassified images")
 
 
 def _scored(grid, checkpoint, dataset, flip=None) -> tuple:
@@ -387,48 +391,36 @@ def summary(df) -> pd.DataFrame:
     return table.reset_index().sort_values("final one-view acc mean (%)", ascending=False).reset_index(drop=True)
 
 
-def final_correct(grid, df, dataset=None, skipped=None) -> dict:
-    """trial -> which evaluation images its final epoch got right on one view (bool tensor (N,)), for McNemar's test;
-    a trial whose latest checkpoint is not its final epoch's is left out, one not here too, said in `skipped`."""
-    correct = {}
-    for row in final_per_trial(df).itertuples():
-        if (checkpoint := result_of(grid, row.trial).checkpoint) is None:
-            continue
-        try:
-            state, split, out = _scored(grid, checkpoint, dataset, flip=False)
-            if state["epoch"] == row.epoch:
-                correct[row.trial] = out["preds"] == split.test_labels
-        except CheckpointError as e:  # not copied with the results
-            _skip(skipped, CheckpointError(f"{e}; copy its checkpoint_* directories too"),
-                  f"McNemar's test of {row.trial}")
-    return correct
-
-
-def comparison_tables(grid, df, dataset=None, skipped=None, mcnemar: bool = True) -> dict:
-    """The paired comparisons that apply, by name: "paired" (variants with 2+ seeds), else "mcnemar" (one seed; it
-    re-scores checkpoints), and "tuned vs recipe" (a tuned comparison's final stage). skipped: as final_correct's."""
+def comparison_tables(grid, df) -> dict:
+    """The comparisons that apply, by name: "verdicts" (variants with 2+ seeds; --margin from the launch), else
+    "mcnemar" (one seed), and "tuned vs recipe" (a tuned comparison's final stage)."""
     final, tables = final_per_trial(df), {}
     if final["variant"].nunique() < 2:
         return tables
-    if final.groupby("variant")["seed"].nunique().max() >= 2:
-        tables["paired"] = comparisons.paired_tests(df)
-    elif mcnemar:
-        tables["mcnemar"] = comparisons.mcnemar_tests(df, final_correct(grid, df, dataset, skipped))
+    location = experiment_location(grid)
+    margin = experiments.read_launch(location).get("margin", verdicts.MARGIN)
+    if final.groupby("variant")["seed"].nunique().max() >= 2:  # --seeds auto: as its searcher looked
+        looks = experiments.searcher_state(location).get("looks")
+        tables["verdicts"] = comparisons.verdict_table(df, margin, looks=looks)
+    else:
+        tables["mcnemar"] = comparisons.mcnemar_tests(df)
     if "arm" in final and final["arm"].nunique() > 1:
-        tables["tuned vs recipe"] = comparisons.paired_tests(df, compare="arm", within=("variant name", "batch_size"))
-    return {name: table for name, table in tables.items() if len(table)}  # none: no checkpoint was here
+        tables["tuned vs recipe"] = comparisons.verdict_table(df, margin, compare="arm",
+                                                              within=("variant name", "batch_size"))
+    return tables
 
 
 def comparison_text(tables: dict) -> list:
     """The report's markdown lines for comparison_tables."""
     level = f"Holm-Bonferroni correction over each family of pairs, {comparisons.ALPHA:g} family-wise level"
-    intro = {"paired": "Paired differences over seeds (every variant of a seed starts from the same convolution and "
-                       "head weights and sees the same data order and augmentation): the mean per-seed difference of "
-                       f"final one-view accuracies with its {comparisons.CONFIDENCE:.0%} t interval, and the paired "
-                       f"t-test (two-sided; {level}):",
-             "mcnemar": "One seed, so no seed noise to measure: McNemar's exact test on the test images one variant "
-                        f"classifies right and the other wrong (final epoch, one view; {level}). It measures the noise "
-                        "of the test images, not of the seed: another seed may order the variants differently.",
+    intro = {"verdicts": "Verdicts per pair (docs/verdicts.md): the difference of final one-view accuracies, paired "
+                         "over seeds (every variant of a seed starts from the same convolution and head weights and "
+                         "sees the same data order and augmentation) and over the scored images, whose sampling noise "
+                         f"more seeds do not remove; \"better\" and \"equivalent\" (two one-sided tests) at {level}:",
+             "mcnemar": "One seed: no verdict is possible, since one seed measures no seed noise. McNemar's exact test "
+                        "on the test images one variant classifies right and the other wrong (final epoch, one view; "
+                        f"{level}) measures the noise of the images only: another seed may order the variants "
+                        "differently. Run 2 or more seeds (--seeds) for verdicts.",
              "tuned vs recipe": "Tuned configuration against the shared recipe, per variant, paired over seeds:"}
     lines = [line for name, table in tables.items() for line in (intro[name], "", _markdown(table), "")]
     return lines or ["Pairwise differences: nothing to compare (fewer than two variants have results, or their "
@@ -566,7 +558,7 @@ def write_report(experiment, out_dir, dataset=None, data_dir=None) -> list:
     text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", "",
             *[line for note in notes if note for line in (f"**{note}**", "")]]
     if (kind := stage(grid)) == "tuning":  # the learning-rate sensitivity and the choices
-        text += [*_tuning_section(df, figures), "Per trial (validation accuracy in the test columns):", "",
+        text += [*_tuning_section(grid, df, figures), "Per trial (validation accuracy in the test columns):", "",
                  _markdown(trial_table(df)), ""]
     elif not healthy(df).empty:  # where every trial diverged there is no curve, table or checkpoint to show
         text += _final_stage_section(grid, df, figures) if kind == "final" else []
@@ -594,7 +586,7 @@ def _results_section(grid, df, figures: dict, skipped: list, dataset) -> list:
     grids = misclassified_grids(grid, df, dataset, skipped) if dataset is not None else {}
     names = {variant: f"misclassified_{re.sub(r'[^A-Za-z0-9]+', '_', variant).strip('_')}.png" for variant in grids}
     figures.update({names[variant]: _png(fig) for variant, fig in grids.items()})  # ASCII file names
-    tables, split = comparison_tables(grid, df, dataset, skipped, mcnemar=dataset is not None), scored_on(df)
+    tables, split = comparison_tables(grid, df), scored_on(df)
     return [f"Headline: {split} accuracy at the final epoch on one view of each image (no choice made on the "
             f"{split} split), mean and sample std over seeds. Beside it, the final epoch scored with the test-time "
             "flip (each image and its mirror, on flip-trained datasets) and the best epoch's flip-averaged accuracy "
@@ -613,17 +605,25 @@ def _final_stage_section(grid, df, figures: dict) -> list:
             "(arm \"tuned\") and at the shared recipe (arm \"recipe\"), the same seeds, scored on the test split; this "
             f"final stage took {wall_time(df)} of wall time:", "", _markdown(configuration_table(df)), ""]
     try:
-        return text + _tuning_section(tuning_frame(grid, df), figures)
+        return text + _tuning_section(grid, tuning_frame(grid, df), figures)
     except AnalysisError as e:
         return text + [f"(The tuning stage's results are not readable here: {e}.)", ""]
 
 
-def _tuning_section(tuning_df, figures: dict) -> list:
-    """A tuning stage: the sensitivity table and figure, the choices, and how early stopping would have ranked."""
+def tuning_choices(grid, tuning_df) -> dict:
+    """tuned.choose on a tuning stage's frame, against the shared recipe of the launch of `grid` (either stage)."""
+    launch = experiments.read_launch(experiment_location(grid))
+    return tuned.choose(tuning_df, launch["lr"], launch["weight_decay"])
+
+
+def _tuning_section(grid, tuning_df, figures: dict) -> list:
+    """A tuning stage: the sensitivity table and figure, the choices (against the recipe of the launch of `grid`,
+    either stage), and how early stopping would have ranked."""
     title = _title(tuning_df, "learning-rate sensitivity", wrap=True)
     figures["lr_sensitivity.png"] = _png(plot_sensitivity(tuning_df, title))
+    chosen = tuning_choices(grid, tuning_df)
     choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
-                             "evidence": c["evidence"]} for name, c in sorted(tuned.choose(tuning_df).items())])
+                             "evidence": c["evidence"]} for name, c in sorted(chosen.items())])
     agreement = comparisons.rank_agreement(tuning_df)
     return [f"## Tuning stage: {_title(tuning_df, 'validation accuracy')}", "",
             "Every variant trained once (seed 0) at each learning rate and weight decay below, "
@@ -631,7 +631,8 @@ def _tuning_section(tuning_df, figures: dict) -> list:
             "validation images; accuracy on those validation images at the final epoch, one view (%). Empty: diverged. "
             f"The stage's {tuning_df['trial'].nunique()} trials took {wall_time(tuning_df)} of wall time.", "",
             _markdown(tuned.sensitivity(tuning_df)), "", "![learning-rate sensitivity](lr_sensitivity.png)", "",
-            "Chosen per variant (highest final validation accuracy; ties to the lower validation loss):", "",
+            "Chosen per variant: the highest final validation accuracy (ties to the lower validation loss) where it "
+            "beat the shared recipe beyond the noise of the validation images, else the recipe:", "",
             _markdown(choices), "", *(["Would early stopping have found the same configurations? Spearman's rank "
             "correlation between each configuration's validation accuracy at the rung epoch and at the final epoch, "
             "and whether an ASHA-type scheduler with that rung and reduction factor 3 would have kept the final "

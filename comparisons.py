@@ -1,9 +1,11 @@
-"""Statistics of a comparison: paired tests between variants, the convergence checks, early stopping's ranks.
+"""Statistics of a comparison: the verdicts between variants, the convergence checks, early stopping's ranks.
 
 Trials of one seed share their starting weights (norm layers draw no random numbers), data order and augmentation,
-and are scored on the same images, so variants are compared by *paired* differences: over seeds, a paired t-test
-and interval; with one seed, McNemar's exact test (Dietterich 1998). A family of pairs shares one Holm correction.
-Frames are analysis.results_frame's (accuracies as fractions).
+and are scored on the same images, so variants are compared on differences paired over both seeds and images, from
+the one view's right answers each trial reports (experiments.CORRECT_KEY): with 2+ seeds a verdict per pair
+(verdicts.py: better, equivalent within --margin, or undecided with the seeds it would likely take); with one seed
+McNemar's exact test (Dietterich 1998), which measures the images' noise only. A family of pairs shares one Holm
+correction. Frames are analysis.results_frame's (accuracies as fractions).
 """
 import itertools
 import math
@@ -14,7 +16,10 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
-ALPHA, CONFIDENCE = 0.05, 0.95  # the family-wise level of "beyond noise"; the paired difference's interval
+import experiments
+import verdicts
+
+ALPHA, CONFIDENCE = verdicts.ALPHA, 0.95  # the family-wise error rate; the difference's interval
 RISE_EPOCHS, RISE_POINTS, TRAIN_GAP_POINTS = 2, 1.0, 5.0  # "may not have converged" (convergence()), points
 WITHIN = ("arm", "batch_size")  # variants are compared within an arm of a tuned comparison and a batch size
 
@@ -43,50 +48,68 @@ def families(final: pd.DataFrame, within=WITHIN):
         yield ", ".join(f"{prefix.get(k, '')}{v}" for k, v in zip(keys, values)), rows
 
 
-def paired_tests(df, compare: str = "variant", within=WITHIN, metric: str = "test_acc_single") -> pd.DataFrame:
-    """Per pair of `compare` values in a family: the mean difference over shared seeds of final-epoch `metric`
-    (points, the better mean first), its CONFIDENCE t interval, the paired t-test's two-sided p and its Holm p;
-    "needs 2+ seeds" under 2 shared seeds. `compare="arm", within=("variant name", "batch_size")`: tuned vs recipe."""
+def verdict_table(df, margin: float = verdicts.MARGIN, compare: str = "variant", within=WITHIN,
+                  looks=None) -> pd.DataFrame:
+    """Per pair of `compare` values in a family (the better first), over the seeds all of them reached: the mean
+    difference of final one-view accuracies (points), its CONFIDENCE interval, the share of seeds the first won, and
+    the verdict: at ALPHA family-wise, or replaying `looks`, [(seeds, alpha level), ...] as --seeds auto's searcher
+    took them (rounds.py), a pair decided at the first look that decides it. `compare="arm", within=("variant
+    name", "batch_size")`: tuned vs recipe."""
     rows = []
     for family, final in families(final_per_trial(df), within):
-        accs = {v: dict(zip(g["seed"], 100 * g[metric])) for v, g in final.groupby(compare)}
-        better_first = sorted(accs, key=lambda v: -np.mean(list(accs[v].values())))
-        rows += _holm([{"family": family, "comparison": f"{a} − {b}", **_paired(accs[a], accs[b])}
-                       for a, b in itertools.combinations(better_first, 2)], "paired t p", "seed noise")
+        by_value = {v: g.set_index("seed")[experiments.CORRECT_KEY] for v, g in final.groupby(compare)}
+        seeds = sorted(set.intersection(*(set(s.index) for s in by_value.values()))) if by_value else []
+        correct = {v: np.array([experiments.unpacked_correct(s[seed]) for seed in seeds]) for v, s in by_value.items()}
+        order = sorted(correct, key=lambda v: -correct[v].mean() if seeds else 0)
+        pairs = list(itertools.combinations(order, 2))
+        decided, undecided = {}, set(pairs)
+        for n, level in looks or [(len(seeds), ALPHA)]:
+            if 2 <= n <= len(seeds) and undecided:
+                seen = verdicts.decide({v: right[:n] for v, right in correct.items()}, undecided, level, margin)
+                decided.update(seen)
+                undecided -= {pair for pair, (verdict, _) in seen.items() if verdict}
+        rows += [{"family": family, "comparison": f"{a} − {b}",
+                  **_verdict_columns(*decided.get((a, b), (None, None)), (a, b), len(seeds), margin)}
+                 for a, b in pairs]
     return _table(rows)
 
 
-def _paired(first: dict, second: dict) -> dict:
-    """The paired statistics of two seed -> accuracy (%) maps over their shared seeds."""
-    seeds = sorted(set(first) & set(second))
-    x, y = np.array([first[s] for s in seeds]), np.array([second[s] for s in seeds])
-    row = {"seeds": len(seeds), "difference (points)": (x - y).mean() if seeds else math.nan,
-           "95% CI (points)": "-", "paired t p": math.nan, "Holm p": math.nan, "verdict": "needs 2+ seeds"}
-    if len(seeds) < 2:
-        return row
-    if np.allclose(x - y, x[0] - y[0]):  # no spread: t is undefined (identical trials, or a constant shift)
-        return {**row, "verdict": "identical on every seed" if x[0] == y[0] else "same difference on every seed"}
-    test = stats.ttest_rel(x, y)
-    low, high = test.confidence_interval(CONFIDENCE)
-    return {**row, "95% CI (points)": f"{low:+.2f} to {high:+.2f}", "paired t p": test.pvalue}
+def _verdict_columns(verdict, d, pair: tuple, seeds: int, margin: float) -> dict:
+    if d is None:
+        return {"seeds": seeds, "difference (points)": math.nan, f"{CONFIDENCE:.0%} CI (points)": "-",
+                "first wins (seeds)": "-", "verdict": "needs 2+ seeds"}
+    half, needed = stats.t.isf((1 - CONFIDENCE) / 2, d.df) * d.se if d.se else 0.0, verdicts.seeds_needed(d, margin)
+    said = {"better": f"{pair[0]} better", "worse": f"{pair[1]} better",
+            "equivalent": f"equivalent (within ±{margin:g})"}.get(verdict, (
+                f"undecided: about {needed} seeds would decide it" if math.isfinite(needed) else
+                "undecided: the test images alone are too few to decide it"))
+    return {"seeds": d.seeds, "difference (points)": d.points,
+            f"{CONFIDENCE:.0%} CI (points)": f"{d.points - half:+.2f} to {d.points + half:+.2f}",
+            "first wins (seeds)": f"{d.p_a_beats_b:.0%}", "verdict": said}
 
 
-def mcnemar_tests(df, correct: dict) -> pd.DataFrame:
-    """Per pair of variants of a family and seed, McNemar's exact test on the images one gets right and the other
-    wrong. correct: trial -> bool array (N,), the evaluation images its final epoch classified right (one view);
-    trials missing from it are left out. "difference" in points; "only ... right" in images."""
-    rows, final = [], final_per_trial(df)
-    for family, trials in families(final[final["trial"].isin(correct)], WITHIN + ("seed",)):  # Holm per seed too
-        right = {row.variant: np.asarray(correct[row.trial], dtype=bool) for row in trials.itertuples()}
+def mcnemar_tests(df) -> pd.DataFrame:
+    """Per pair of variants of a family and seed, McNemar's exact test on the images the final epoch's one view of
+    one gets right and of the other wrong. "difference" in points; "only ... right" in images."""
+    rows = []
+    for family, trials in families(final_per_trial(df), WITHIN + ("seed",)):  # Holm per seed too
+        right = {row.variant: experiments.unpacked_correct(getattr(row, experiments.CORRECT_KEY))
+                 for row in trials.itertuples()}
         block = []
         for a, b in itertools.combinations(sorted(right, key=lambda v: -right[v].mean()), 2):
-            only_a, only_b = int((right[a] & ~right[b]).sum()), int((~right[a] & right[b]).sum())
-            p = mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue if only_a + only_b else 1.0
+            only_a, only_b, p = mcnemar_exact(right[a], right[b])
             block.append({"family": family, "comparison": f"{a} − {b}", "seed": trials["seed"].iloc[0],
                           "difference (points)": 100 * (right[a].mean() - right[b].mean()),
                           "only first right": only_a, "only second right": only_b, "McNemar p": p, "Holm p": math.nan})
         rows += _holm(block, "McNemar p", f"{scored_on(df)}-image noise")
     return _table(rows)
+
+
+def mcnemar_exact(first, second) -> tuple:
+    """(images only the first got right, only the second, McNemar's exact two-sided p) of two bool (N,) arrays."""
+    only_first, only_second = int((first & ~second).sum()), int((~first & second).sum())
+    tested = only_first + only_second
+    return only_first, only_second, mcnemar([[0, only_first], [only_second, 0]], exact=True).pvalue if tested else 1.0
 
 
 def _holm(block: list, p_key: str, noise: str) -> list:

@@ -9,14 +9,17 @@ from dataclasses import dataclass, field
 
 from errors import USAGE_EXIT, UsageError
 import plugins
+import verdicts
 from model import MODELS, NORMS, REGISTRY, build_model, norm_entry
 
-LAUNCH_FORMAT = 2  # the launch file's layout; an experiment written with another is refused, not guessed at
+LAUNCH_FORMAT = 3  # the launch file's layout; an experiment written with another is refused, not guessed at (3: results
+# hold each epoch's per-image correctness, experiments.CORRECT_KEY)
 # The auto batch size (`batch_size_for`): the largest up to MAX_BATCH giving MIN_STEPS_PER_EPOCH optimizer steps an
 # epoch, at least MIN_BATCH (BN's statistics get noisy); a fixed 128 gave small sets too few steps for GN and LN.
 MAX_BATCH, MIN_BATCH, MIN_STEPS_PER_EPOCH = 128, 16, 125
 SMOKE = {"train_size": 1000, "test_size": 500, "epochs": 2}  # --smoke-test: check an install in a minute
 DEFAULT_L1 = 1e-5  # lambda of "+l1" variants: the L1 penalty lambda * sum(|w|) over conv and linear weights
+AUTO_SEEDS = "auto"  # --seeds auto: rounds of seeds until every pair of variants is decided (rounds.py)
 GROUPS = {"everyday": "everyday", "recipe": "the training recipe (shared by every variant)",
           "studies": "studies", "resources": "resources and cluster"}
 
@@ -45,6 +48,14 @@ def batch_size_arg(text: str) -> int:
         return 0 if text == "auto" else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of images, got {text!r}") from None
+
+
+def seeds_arg(text: str):
+    """--seeds: AUTO_SEEDS ('auto') or a whole number of seeds."""
+    try:
+        return AUTO_SEEDS if text == AUTO_SEEDS else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of seeds, got {text!r}") from None
 
 
 def list_arg(kind, what):
@@ -117,7 +128,15 @@ class SweepConfig(TrialConfig):
     """A sweep: the recipe every trial shares (its TrialConfig fields) and what varies over the grid."""
     variants: str = setting("bn,gn,ln,bn+l1", f"comma-separated NORM[+l1], NORM one of {', '.join(NORMS)} "
                             "(docs/norms.md)", "everyday")
-    seeds: int = setting(1, "seeds per variant, 0..N-1", "everyday", check=at_least(1, "at least 1 (seeds 0..N-1)"))
+    seeds: int | str = setting(1, "seeds per variant, 0..N-1; or 'auto': rounds of seeds, each as many as the cluster "
+                               "runs at once, until every pair of variants is decided better or equivalent or "
+                               "--max-seeds are spent (docs/usage.md)", "everyday", type=seeds_arg,
+                               check=("at least 1 (seeds 0..N-1) or 'auto'", lambda v: v == AUTO_SEEDS or v >= 1))
+    max_seeds: int = setting(10, "with --seeds auto: the most seeds a variant runs", "everyday",
+                             check=at_least(2, "at least 2 (a verdict needs 2 seeds)"))
+    margin: float = setting(verdicts.MARGIN, "accuracy points: two variants closer than this count as equivalent "
+                            "(docs/verdicts.md)", "everyday",
+                            check=("a positive number of points", lambda v: 0 < v < 100))
     l1_lambdas: tuple = setting((), f"L1 lambdas: each +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
                                 "recipe", flag="--l1", type=float, nargs="+",
                                 check=each(lambda v: 0 < v < math.inf, "lambdas above 0"))
@@ -240,7 +259,8 @@ def grid_axes(sweep: SweepConfig) -> dict:
         axes["batch_size"] = sorted(sweep.batch_sizes)
     if sweep.stage == "tuning":
         axes.update(lr=sorted(sweep.tune_lrs), weight_decay=sorted(sweep.tune_weight_decays))
-    axes["seed"] = list(range(1 if sweep.stage == "tuning" else sweep.seeds))
+    seeds = sweep.max_seeds if sweep.seeds == AUTO_SEEDS else 1 if sweep.stage == "tuning" else sweep.seeds
+    axes["seed"] = list(range(seeds))  # --seeds auto: the seeds it may run (rounds.py picks them)
     return axes
 
 
@@ -289,10 +309,28 @@ def _check_sweep(sweep: SweepConfig) -> list:
                          f"a +l1 variant, e.g. --variants {sweep.variants},bn+l1")
     if sweep.tune and sweep.batch_sizes:
         raise UsageError("--tune and --batch-sizes both given; a tuned comparison runs at one batch size, drop one")
+    if sweep.seeds == AUTO_SEEDS:
+        _check_auto_seeds(sweep)
+    elif sweep.max_seeds != SweepConfig.max_seeds:
+        raise UsageError(f"--max-seeds {sweep.max_seeds} has no effect without --seeds auto; drop it, or add "
+                         f"--seeds auto")
     if sweep.tune and sweep.val_size:
         raise UsageError(f"--tune and --val-size {sweep.val_size} both given; the tuning stage holds out its own "
                          f"validation split and the final stage scores on the test split, drop --val-size")
     return parse_variants(sweep.variants)
+
+
+def _check_auto_seeds(sweep: SweepConfig) -> None:
+    """Refuse --seeds auto where there are no pairs of variants to decide, or where it decides the wrong ones."""
+    if sweep.tune:
+        raise UsageError("--seeds auto and --tune both given; a tuned comparison's final stage compares each variant "
+                         "tuned and at the recipe over the same seeds, pass --seeds N")
+    if sweep.batch_sizes:
+        raise UsageError("--seeds auto and --batch-sizes both given; the study measures every variant at every batch "
+                         "size over the same seeds, pass --seeds N")
+    if len(parse_variants(sweep.variants, sweep.l1_lambdas or (DEFAULT_L1,))) < 2:
+        raise UsageError(f"--seeds auto decides pairs of variants and --variants {sweep.variants} gives one; add a "
+                         f"variant, or pass --seeds N")
 
 
 def check_val_size(val_size: int, n_train: int) -> None:

@@ -111,8 +111,10 @@ class Progress(tune.Callback):
     """Per reported epoch: the trial, epoch/epochs, its one-view accuracy (the tables' headline; validation under
     --val-size), images/s, and the time left: the epochs still to run over this session's rate."""
 
-    def __init__(self, epochs: int, n_trials: int):
-        self.epochs, self.n_trials = epochs, n_trials
+    up_to = False  # n_trials is the most that may run (--seeds auto): the epochs left are at most those said
+
+    def __init__(self, epochs: int, n_trials: int, up_to: bool = False):
+        self.epochs, self.n_trials, self.up_to = epochs, n_trials, up_to
         self.setup()
 
     def setup(self, **info):  # every run, also after Tuner.restore (which unpickles this object)
@@ -134,7 +136,8 @@ class Progress(tune.Callback):
         split = "val" if trial.config.get("val_size") else "test"  # --val-size: scored on held-out training images
         print(f"{trial_label(trial.config):<22} epoch {result['epoch']}/{self.epochs}  one-view {split} acc "
               f"{100 * result['test_acc_single']:5.2f}%  {result['images_per_s']:,.0f} img/s  "
-              f"| sweep {epochs_done}/{epochs_done + left} epochs, ~{duration(left / rate)} left{status}", flush=True)
+              f"| sweep {epochs_done}/{'up to ' * self.up_to}{epochs_done + left} epochs, "
+              f"~{duration(left / rate)} left{' at most' * self.up_to}{status}", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         print(f"{trial_label(trial.config):<22} failed; Tune retries it from its last checkpoint", flush=True)

@@ -5,11 +5,13 @@ and is analysed wherever it is moved or copied. The storage path is a local dire
     <name>/normsweep_launch.json (LAUNCH_FILE), normsweep_owner.json (OWNER_FILE), experiment_state-*.json (Tune's)
     <name>/<trial>/result.json, progress.csv, checkpoint_NNNNNN/state.pt, epochs.json (the best and the latest)
 """
+import base64
 import contextlib
 import io
 import json
 import math
 import os
+import pickle
 import pickletools
 import re
 import shutil
@@ -18,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -29,8 +32,10 @@ from errors import ExperimentError, NormsweepError, UsageError
 LAUNCH_FILE = "normsweep_launch.json"
 OWNER_FILE, LOCK_FILE = "normsweep_owner.json", ".normsweep.lock"
 STATE_PREFIX, SEARCH_STATE_PREFIX = "experiment_state-", "basic-variant-state-"  # Tune's (the search's is a pickle)
+SEARCHER_STATE_PREFIX = "searcher-state-"  # --seeds auto: Tune's <prefix><session>.pkl of rounds.Rounds.save
 RESULT_FILE, PROGRESS_FILE = "result.json", "progress.csv"
 EPOCHS_FILE = "epochs.json"  # in each checkpoint_*: a JSON list of the trial's reports (dicts) up to that epoch
+CORRECT_KEY = "test_correct"  # each epoch's result: packed_correct of the one view's right answers on the scored split
 HEALTH_KEY = "health"  # each epoch's result: "ok", or why the trial stopped early ("diverged: ...")
 # What an operating system or object store says when storage ran out (ENOSPC, EDQUOT, S3 quota).
 FULL_STORAGE = re.compile(r"No space left on device|Disk quota exceeded|\[Errno 28\]|\[Errno 122\]|QuotaExceeded")
@@ -335,14 +340,41 @@ def trial_finished(last: dict, epochs: int) -> bool:
 
 
 def planned(sweep) -> int:
-    """The trials a config.SweepConfig's grid holds."""
+    """The trials a config.SweepConfig's grid holds; under --seeds auto, the most it may run (variants x max seeds)."""
     return math.prod(len(values) for values in config.grid_axes(sweep).values())
 
 
 def trials_left(experiment: str, sweep) -> int:
-    """Trials of an experiment (its config.SweepConfig) still to run, those not started counted too."""
-    finished = sum(trial_finished(last, sweep.epochs) for last in last_results(experiment).values())
+    """Trials of an experiment (its config.SweepConfig) still to run, those not started counted too; under --seeds
+    auto at most that many until its searcher has stopped, then those that failed."""
+    lasts = last_results(experiment).values()
+    finished = sum(trial_finished(last, sweep.epochs) for last in lasts)
+    if sweep.seeds == config.AUTO_SEEDS and searcher_state(experiment).get("stopped"):
+        return len(lasts) - finished
     return max(0, planned(sweep) - finished)
+
+
+class _BuiltinsOnly(pickle.Unpickler):
+    def find_class(self, module, name):  # a searcher's state is dicts, lists, strings and numbers: nothing runs
+        raise pickle.UnpicklingError(f"{module}.{name} in a searcher's state, which holds builtins only")
+
+
+def unpickled_state(data: bytes) -> dict:
+    """A searcher's state (rounds.Rounds.save: a pickled dict of builtins), refusing anything that would run code."""
+    return _BuiltinsOnly(io.BytesIO(data)).load()
+
+
+def searcher_state(experiment: str) -> dict:
+    """The state a --seeds auto experiment's searcher saved last ({} if none: another sweep, or not saved yet)."""
+    saved = sorted(f.base_name for f in _children(experiment)
+                   if f.is_file and f.base_name.startswith(SEARCHER_STATE_PREFIX) and f.base_name.endswith(".pkl"))
+    if not saved:
+        return {}
+    try:  # session stamps sort as times: the newest last, as Tune picks it
+        return unpickled_state(read_bytes(join(experiment, saved[-1])))
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ExperimentError(f"{join(experiment, saved[-1])} is cut off or corrupt ({_reason(e)}); start the sweep "
+                              f"again under a new --name") from None
 
 
 def latest_started(storage: str) -> str:
@@ -440,3 +472,15 @@ def shown(location: str) -> str:
         return location
     path = Path(location).resolve()
     return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else path.name
+
+
+def packed_correct(correct) -> str:
+    """bool (N,) -> "N:" and the base64 text of its bits (1.7 KB for 10,000 images), which a result can hold."""
+    correct = np.asarray(correct, dtype=bool)
+    return f"{len(correct)}:{base64.b64encode(np.packbits(correct).tobytes()).decode()}"
+
+
+def unpacked_correct(text: str) -> np.ndarray:
+    """packed_correct's inverse: bool (N,)."""
+    n, bits = text.split(":", 1)
+    return np.unpackbits(np.frombuffer(base64.b64decode(bits), dtype=np.uint8), count=int(n)).astype(bool)

@@ -21,6 +21,7 @@ import console
 import data as data_lib
 import experiments
 import plugins
+import rounds
 import train
 import trainable
 import tuned
@@ -55,13 +56,16 @@ def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
     saved = set(launch) & given - {"name"}
     ignored = [f"--{k.replace('_', '-')} {getattr(sweep, k)}" for k in sorted(saved)
                if getattr(sweep, k) != getattr(resumed, k)]
+    auto = resumed.seeds == config_lib.AUTO_SEEDS  # trials left: at most those said, until its searcher stops
     print(f"resume: reusing the launch settings (dataset {Path(resumed.dataset).name}, variants {resumed.variants}, "
-          f"{resumed.seeds} seed(s), {resumed.epochs} epochs{', smoke-test data' if resumed.smoke_test else ''}); "
+          + (f"seeds auto up to {resumed.max_seeds}" if auto else f"{resumed.seeds} seed(s)")
+          + f", {resumed.epochs} epochs{', smoke-test data' if resumed.smoke_test else ''}); "
           f"CPUs and GPUs per trial from today's flags"
           + (f"; ignoring today's {', '.join(ignored)} (a resumed experiment keeps what it was launched with)"
              if ignored else "")
-          + f"; {experiments.trials_left(experiment, resumed)} of {experiments.planned(resumed)} trials left to run",
-          flush=True)
+          + f"; {'up to ' if auto and not experiments.searcher_state(experiment).get('stopped') else ''}"
+            f"{experiments.trials_left(experiment, resumed)} of "
+            f"{experiments.planned(resumed)} trials left to run", flush=True)
     return resumed
 
 
@@ -83,7 +87,7 @@ def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_byt
     the experiment was launched, not where it lies). GPUs: gpu_share. CPUs: shared, rounded down to Ray's 1e-4."""
     cpus, gpus = available.get("CPU", 1), available.get("GPU", 0)
     concurrent = min(n_trials, sweep.max_concurrent or n_trials)
-    memory = TRIAL_MEMORY_BYTES + 2 * data_bytes + model_bytes
+    memory = trial_memory(data_bytes, model_bytes)
     if "memory" in available:
         concurrent = max(1, min(concurrent, int(available["memory"] // memory)))
         memory = max(memory, int(available["memory"] // concurrent) if sweep.max_concurrent else 0)
@@ -91,6 +95,21 @@ def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_byt
     cpu = sweep.cpus_per_trial or max(math.floor(10_000 * cpus / concurrent) / 10_000, 0.01)
     resources = {"cpu": round(cpu, 4), "gpu": gpu}
     return {**resources, "memory": memory} if "memory" in available else resources
+
+
+def trial_memory(data_bytes: int, model_bytes: int) -> int:
+    """Host memory (bytes) a trial's worker needs: the worker, twice the data and the net."""
+    return TRIAL_MEMORY_BYTES + 2 * data_bytes + model_bytes
+
+
+def round_seeds(available: dict, sweep: SweepConfig, n_variants: int, memory: int) -> int:
+    """--seeds auto: the seeds of a round after the first, as many as run at once on the cluster (a trial a CPU, or
+    --cpus-per-trial; within its memory, --gpus-per-trial's GPUs and --max-concurrent), every variant of a seed."""
+    slots = [math.floor(available.get("CPU", 1) / (sweep.cpus_per_trial or 1))]
+    slots += [math.floor(available.get("GPU", 0) / sweep.gpus_per_trial)] if sweep.gpus_per_trial else []
+    slots += [int(available["memory"] // memory)] if "memory" in available else []
+    slots += [sweep.max_concurrent] if sweep.max_concurrent else []
+    return rounds.seeds_per_round(max(1, min(slots)), n_variants, sweep.max_seeds)
 
 
 def gpu_share(gpus: float, concurrent: int) -> float:
@@ -120,15 +139,20 @@ def check_resources(per_trial: dict, cluster_has: dict) -> None:
                          f"that (fractions share a core)")
 
 
-def describe(resources: dict, available: dict, n_trials: int, sweep: SweepConfig, experiment: str) -> str:
-    """The sweep's first line: trials, the cluster, each trial's share, and where the results go."""
+def describe(resources: dict, available: dict, n_trials: int, sweep: SweepConfig, experiment: str,
+             plan: dict = None) -> str:
+    """The sweep's first line: trials, the cluster, each trial's share, and where the results go. plan: --seeds
+    auto's rounds, {"first": seeds, "then": seeds, "variants": n}."""
     gpus = f", {available['GPU']:g} GPUs" if available.get("GPU") else ""
     memory, share = available.get("memory"), f"{resources['cpu']:g} CPU, {resources['gpu']:g} GPU"
-    fit = int(memory // resources["memory"]) if memory and "memory" in resources else n_trials
+    at_most = plan["variants"] * plan["first"] if plan else n_trials  # trials asked for at once
+    fit = int(memory // resources["memory"]) if memory and "memory" in resources else at_most
     share += f", {resources['memory'] / 2**30:.2f} GiB" if "memory" in resources else ""
     memory = f", {memory / 2**30:.1f} GiB of memory" if memory else ""
-    at_once = f"at most {fit} at once (the rest queue); " if fit < n_trials else ""
-    return (f"normsweep: {n_trials} trial{'s' if n_trials != 1 else ''} on {available.get('CPU', 0):g} CPUs{gpus}"
+    at_once = f"at most {fit} at once (the rest queue); " if fit < at_most else ""
+    trials = (f"up to {n_trials} trials in rounds of seeds (the first {plan['first']}, then {plan['then']}) x "
+              f"{plan['variants']} variants" if plan else f"{n_trials} trial{'s' if n_trials != 1 else ''}")
+    return (f"normsweep: {trials} on {available.get('CPU', 0):g} CPUs{gpus}"
             f"{memory}; per trial {share}; {at_once}experiment {experiment}")
 
 
@@ -143,6 +167,8 @@ def param_space(sweep: SweepConfig, dataset: data_lib.Dataset) -> dict:
         space["batch_size"] = config_lib.batch_size_for(n_train, sweep.batch_size)
     if sweep.stage == "tuning":
         space.update(stage="tuning", val_size=tuned.val_size_for(n_train))
+    if sweep.seeds == config_lib.AUTO_SEEDS:  # its searcher (rounds.Rounds) picks each trial's variant and seed
+        return space
     return {**space, **{axis: tune.grid_search(values) for axis, values in config_lib.grid_axes(sweep).items()}}
 
 
@@ -168,18 +194,22 @@ def interrupt_on_sigterm() -> dict:
     return received
 
 
-def tuner(sweep: SweepConfig, storage: str, fn, space: dict, n_trials: int) -> tune.Tuner:
-    """A new Tuner for the sweep, or the saved one it resumes (Tuner.restore, errored trials retried)."""
+def tuner(sweep: SweepConfig, storage: str, fn, space: dict, n_trials: int, plan: dict = None) -> tune.Tuner:
+    """A new Tuner for the sweep, or the saved one it resumes (Tuner.restore, errored trials retried, a searcher's
+    state restored with it). plan: --seeds auto's rounds (seed_rounds), whose searcher picks the trials, at most
+    n_trials."""
     experiment = experiments.join(storage, sweep.name)
     if sweep.resume:
         return tune.Tuner.restore(experiment, trainable=fn, resume_errored=True)
     checkpoints = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=trainable.BEST_METRIC,
                                         checkpoint_score_order=trainable.BEST_MODE)  # Tune also keeps the latest
+    search = dict(search_alg=rounds.Rounds(config_lib.grid_axes(sweep)["variant"], sweep.epochs, sweep.max_seeds,
+                                           plan["then"], sweep.margin), num_samples=n_trials) if plan else {}
     return tune.Tuner(fn, param_space=space, tune_config=tune.TuneConfig(  # no max_concurrent_trials: trial_resources
-        trial_name_creator=trial_name, trial_dirname_creator=trial_name), run_config=tune.RunConfig(
+        trial_name_creator=trial_name, trial_dirname_creator=trial_name, **search), run_config=tune.RunConfig(
         name=sweep.name, storage_path=storage, checkpoint_config=checkpoints,
         failure_config=tune.FailureConfig(max_failures=cluster.MAX_FAILURES),
-        callbacks=[console.Progress(sweep.epochs, n_trials)], verbose=2 if sweep.verbose else 0))
+        callbacks=[console.Progress(sweep.epochs, n_trials, up_to=bool(plan))], verbose=2 if sweep.verbose else 0))
 
 
 def run_stage(sweep: SweepConfig, storage: str) -> int:
@@ -207,13 +237,11 @@ def run_stage(sweep: SweepConfig, storage: str) -> int:
             dataset = train.trial_data(data_lib.load_dataset(sweep.dataset, sweep.data_dir,
                                                              test_split=not sweep.val_size), sweep)
             config_lib.check_val_size(sweep.val_size, len(dataset.train_labels))
-            axes = config_lib.grid_axes(sweep)  # every net is run once here, never retried as a trial
-            net_bytes = max(train.preflight(dataclasses.replace(sweep, norm=norm, batch_size=batch), dataset)
-                            for norm in sorted({v["norm"] for v in axes["variant"]})
-                            for batch in axes.get("batch_size", [sweep.batch_size]))
+            net_bytes = preflight(sweep, dataset)
             space, inputs = param_space(sweep, dataset), input_digests(dataset, sweep.model)
-            resources = trial_resources(ray.cluster_resources(), n_trials, sweep, data_bytes=dataset.nbytes,
-                                        model_bytes=net_bytes)
+            plan = seed_rounds(sweep, experiment, trial_memory(dataset.nbytes, net_bytes))
+            resources = trial_resources(ray.cluster_resources(), plan["variants"] * plan["then"] if plan else n_trials,
+                                        sweep, data_bytes=dataset.nbytes, model_bytes=net_bytes)
             check_resources(resources, ray.cluster_resources())
             if sweep.resume:
                 experiments.check_inputs(experiment, inputs)
@@ -223,14 +251,49 @@ def run_stage(sweep: SweepConfig, storage: str) -> int:
                 held.enter_context(experiments.owned(experiment))
             else:
                 refuse_existing(experiment)
-            print(describe(resources, ray.cluster_resources(), n_trials, sweep, experiment), flush=True)
+            print(describe(resources, ray.cluster_resources(), n_trials, sweep, experiment, plan), flush=True)
             fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset,
                                                           experiment=experiment), resources)
-            results = fit(tuner(sweep, storage, fn, space, n_trials), storage, sweep)
+            results = fit(tuner(sweep, storage, fn, space, n_trials, plan), storage, sweep, plan)
         finally:
             with cluster.interrupts_held(then_raise=False):
                 ray.shutdown()
     return finish(results, sweep, storage, n_trials, stop_signal.get("signal", signal.SIGINT))
+
+
+def preflight(sweep: SweepConfig, dataset: data_lib.Dataset) -> int:
+    """Run every net of the sweep once here (never retried as a trial, train.preflight); its most bytes."""
+    axes = config_lib.grid_axes(sweep)
+    return max(train.preflight(dataclasses.replace(sweep, norm=norm, batch_size=batch), dataset)
+               for norm in sorted({v["norm"] for v in axes["variant"]})
+               for batch in axes.get("batch_size", [sweep.batch_size]))
+
+
+def seed_rounds(sweep: SweepConfig, experiment: str, memory: int) -> dict:
+    """--seeds auto's rounds, {"first": seeds, "then": seeds, "variants": n} (a resume's as its searcher saved them);
+    {} for a grid."""
+    if sweep.seeds != config_lib.AUTO_SEEDS:
+        return {}
+    n_variants = len(config_lib.grid_axes(sweep)["variant"])
+    saved = experiments.searcher_state(experiment) if sweep.resume else {}
+    then = saved.get("round_seeds") or round_seeds(ray.cluster_resources(), sweep, n_variants, memory)
+    return {"first": saved.get("first_round") or rounds.first_round(then, sweep.max_seeds), "then": then,
+            "variants": n_variants}
+
+
+@contextlib.contextmanager
+def pending_trials(count: int):
+    """Let Tune queue `count` trials at once (TUNE_MAX_PENDING_TRIALS_PG, which it reads as fit starts; a value the
+    user set is kept): with a searcher it queues one, and a round's trials would start one by one, each after the
+    worker of the one before it is up."""
+    name = "TUNE_MAX_PENDING_TRIALS_PG"
+    unset = name not in os.environ
+    os.environ.setdefault(name, str(count))
+    try:
+        yield
+    finally:
+        if unset:
+            os.environ.pop(name, None)
 
 
 def refuse_existing(experiment: str):
@@ -254,13 +317,15 @@ def input_digests(dataset: data_lib.Dataset, model: str) -> dict:
             **({"model": hashlib.sha256(Path(file).read_bytes()).hexdigest()} if file else {})}
 
 
-def fit(made: tune.Tuner, storage: str, sweep: SweepConfig):
+def fit(made: tune.Tuner, storage: str, sweep: SweepConfig, plan: dict = None):
     """Tuner.fit, or None after a second Ctrl-C (Tune's own handler took the first); a full storage path, or a local
-    Ray stopped under Tune (a SIGTERM to the process group), is one line saying how to resume."""
+    Ray stopped under Tune (a SIGTERM to the process group), is one line saying how to resume. plan: --seeds auto's
+    rounds, whose first round's trials Tune may queue at once."""
     stopped = (f"interrupted: the local Ray stopped; state saved in {experiments.join(storage, sweep.name)}\n"
                f"resume with: {resume_command(storage, sweep)}")
     try:
-        with cluster.exit_if_ray_stops(None if sweep.address else stopped):
+        with cluster.exit_if_ray_stops(None if sweep.address else stopped), \
+                pending_trials(plan["variants"] * plan["first"]) if plan else contextlib.nullcontext():
             return made.fit()
     except KeyboardInterrupt:
         return None
@@ -281,33 +346,38 @@ def warn_on_thread_change(experiment: str, threads: int, epochs: int) -> None:
               f"(pass --cpus-per-trial {before[0]} to keep them)", file=sys.stderr, flush=True)
 
 
-def summary_text(results, stage: str = "") -> str:
-    """The CLI's closing tables: per trial, means and paired differences over seeds, convergence warnings; for a
-    tuning stage the validation accuracy per lr and weight decay and each choice."""
+def summary_text(results, sweep: SweepConfig = SweepConfig(), looks=None) -> str:
+    """The CLI's closing tables: per trial, means over seeds and the verdict per pair (with one seed, McNemar's test
+    and why no verdict), convergence warnings; for a tuning stage the validation accuracy per lr and weight decay and
+    each choice."""
     import analysis
     import comparisons
 
-    df = analysis.results_frame(results)
+    df, stage, margin = analysis.results_frame(results), sweep.stage, sweep.margin
     reported = set(df["trial"]) if not df.empty else set()
     lines = []
     if not df.empty and stage == "tuning":
         lines += ["validation accuracy (%), final epoch, one view, by peak learning rate (empty: diverged):",
                   text_table(tuned.sensitivity(df)), "", "chosen:"]
         lines += [f"  {name}: lr {c['lr']:g}, weight decay {c['weight_decay']:g} ({c['evidence']})"
-                  for name, c in sorted(tuned.choose(df).items())]
+                  for name, c in sorted(tuned.choose(df, sweep.lr, sweep.weight_decay).items())]
     elif not df.empty:
         lines += [text_table(table) for table in [analysis.trial_table(df)] if len(table)]  # none: all diverged
         if stage == "final":
             lines += ["", "configurations:", text_table(analysis.configuration_table(df))]
-        means = analysis.summary(df)
+        means, level = analysis.summary(df), f"Holm over the pairs, {comparisons.ALPHA:g} family-wise"
         if means["seeds"].max() > 1:
             lines += ["", "mean over seeds:", text_table(means[["variant", "seeds", "final one-view acc mean (%)",
                                                                 "std (%)", "final acc mean (%)", "best acc mean (%)"]])]
-            lines += ["", f"paired differences over seeds (Holm-corrected, {comparisons.ALPHA:g} level):",
-                      text_table(comparisons.paired_tests(df))]
+            lines += ["", f"verdicts, paired over seeds and images ({level}; equivalent: within ±{margin:g} points, "
+                      f"--margin):", text_table(comparisons.verdict_table(df, margin, looks=looks))]
             if stage == "final":
-                lines += ["", "tuned against the shared recipe, per variant:", text_table(
-                    comparisons.paired_tests(df, compare="arm", within=("variant name", "batch_size")))]
+                lines += ["", "tuned against the shared recipe, per variant:", text_table(comparisons.verdict_table(
+                    df, margin, compare="arm", within=("variant name", "batch_size")))]
+        elif len(means) > 1:
+            lines += ["", "one seed: no verdict (a verdict needs the seed noise, which takes 2+ seeds, --seeds); "
+                      f"McNemar's exact test measures the test images' noise only ({level}):",
+                      text_table(comparisons.mcnemar_tests(df))]
         lines += analysis.convergence_warnings(df)
         lines += [note for note in [analysis.diverged_note(df), analysis.validation_note(df), analysis.ghost_note(df)]
                   if note]
@@ -326,13 +396,20 @@ def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal
     experiment = experiments.join(storage, sweep.name)
     done = 0 if results is None else sum(bool(r.error) or experiments.trial_finished(r.metrics or {}, sweep.epochs)
                                          for r in results)
+    auto = sweep.seeds == config_lib.AUTO_SEEDS  # n_trials: the most it may run; done once its searcher stopped
+    state = experiments.searcher_state(experiment) if auto else {}
+    stopped = rounds.stop_line(state) if auto else ""
     if results is not None:
-        print(summary_text(results, sweep.stage))
-    if done < n_trials:  # Tune stops on Ctrl-C (SIGINT) and saves the experiment's state
-        print(f"interrupted: {n_trials - done} of {n_trials} trials unfinished; state saved in {experiment}\n"
+        print(summary_text(results, sweep, looks=state.get("looks")))
+    if results is None or (not stopped if auto else done < n_trials):  # Tune stops on Ctrl-C, saving its state
+        left = f"{done} of up to {n_trials} trials finished" if auto else f"{n_trials - done} of {n_trials} trials " \
+                                                                          f"unfinished"
+        print(f"interrupted: {left}; state saved in {experiment}\n"
               f"resume with: {resume_command(storage, sweep)}", file=sys.stderr, flush=True)
         return 128 + stop_signal
     print(f"experiment: {experiment}")
+    if stopped:
+        print(stopped)
     if console.STATE_SAVE_FAILURE["error"]:
         print(f"error: Tune could not save the experiment's state to {storage} "
               f"({console.STATE_SAVE_FAILURE['error']}); a --resume may not find every epoch", file=sys.stderr)
@@ -386,7 +463,8 @@ def run_tuned(sweep: SweepConfig, storage: str) -> int:
 
     _, tuning_df = analysis.load_experiment(tuning_experiment)
     variants = config_lib.grid_axes(dataclasses.replace(sweep, stage="", final_variants=()))["variant"]
-    final_variants = tuned.final_variants(variants, tuned.choose(tuning_df), sweep.lr, sweep.weight_decay)
+    chosen = tuned.choose(tuning_df, sweep.lr, sweep.weight_decay)
+    final_variants = tuned.final_variants(variants, chosen, sweep.lr, sweep.weight_decay)
     discard_unstarted(final)
     print(f"tuning stage finished; final stage: {len(final_variants)} configurations x {sweep.seeds} seed(s) on the "
           f"test split", flush=True)

@@ -121,11 +121,11 @@ def train_epoch(model, optimizer, scheduler, images, labels, *, generator, batch
 @torch.no_grad()
 def evaluate(model, images, labels, *, mean, std, flip=False, batch_size=1000, bf16=False) -> dict:
     """Loss (nats), acc (0-1), preds (N,) int64 and confidence (N,) float32 (max softmax) over uint8 images (N, C, H,
-    W). flip: the softmax averaged over each image and its mirror; acc_single: the unflipped view's accuracy."""
+    W). flip: the softmax averaged over each image and its mirror; acc_single: the unflipped view's accuracy, and
+    correct_single (N,) bool: which images that view classified right."""
     model.eval()
     total_loss = torch.zeros((), device=images.device)  # sums stay on the device: one host sync at the end
-    single_correct = torch.zeros((), dtype=torch.long, device=images.device)
-    preds, confidence = [], []
+    preds, confidence, single_correct = [], [], []
     for x, y in data_lib.batches(images, labels, batch_size):
         x = data_lib.to_input(x, mean, std).contiguous(memory_format=MEMORY_FORMAT)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -133,15 +133,16 @@ def evaluate(model, images, labels, *, mean, std, flip=False, batch_size=1000, b
             probs = logits.softmax(1)
             if flip:
                 probs = (probs + model(x.flip(3)).float().softmax(1)) / 2
-        single_correct += (logits.argmax(1) == y).sum()
+        single_correct.append(logits.argmax(1) == y)
         total_loss += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
         prob, pred = probs.max(1)
         preds.append(pred)
         confidence.append(prob)
-    preds = torch.cat(preds)
+    preds, single_correct = torch.cat(preds), torch.cat(single_correct).cpu()
     n = len(labels)
     return {"loss": total_loss.item() / n, "acc": (preds == labels).sum().item() / n,
-            "acc_single": single_correct.item() / n, "preds": preds.cpu(), "confidence": torch.cat(confidence).cpu()}
+            "acc_single": single_correct.sum().item() / n, "correct_single": single_correct, "preds": preds.cpu(),
+            "confidence": torch.cat(confidence).cpu()}
 
 
 @torch.no_grad()
@@ -268,7 +269,8 @@ class TrainingRun:
         self.epoch += 1
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else math.nan
         return {**metrics, "test_loss": result["loss"], "test_acc": result["acc"],
-                "test_acc_single": result["acc_single"], "test_acc_precise_bn": self.precise_bn_acc(), "lr": lr,
+                "test_acc_single": result["acc_single"], "test_correct": result["correct_single"],
+                "test_acc_precise_bn": self.precise_bn_acc(), "lr": lr,
                 "epoch": self.epoch, "threads": torch.get_num_threads(), "peak_device_memory_mib": peak}
 
     def train_one_epoch(self) -> dict:

@@ -19,7 +19,9 @@ from experiments import HEALTH_KEY
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_acc_single", "test_acc_precise_bn", "lr",
            "epoch", "epoch_seconds", "images_per_s", "threads", "peak_device_memory_mib")
 BEST_METRIC, BEST_MODE = "test_acc", "max"
-# Beside METRICS: HEALTH_KEY, the precision ("bf16", "fp32"), the device ("cuda:0 NVIDIA H200 (sm_90)"), parameters.
+# Beside METRICS: CORRECT_KEY, which scored images the one view classified right (experiments.packed_correct: the
+# paired image noise of verdicts.py), HEALTH_KEY, the precision ("bf16", "fp32"), the device ("cuda:0 NVIDIA H200
+# (sm_90)"), parameters.
 PRECISION_KEY, DEVICE_KEY, PARAMETERS_KEY = "precision", "device", "parameters"
 CHECKPOINT_FILE = "state.pt"
 
@@ -77,7 +79,8 @@ def resume(run: train.TrainingRun, experiment: str) -> list:
 
 def epoch_report(run: train.TrainingRun, metrics: dict, health: str = "ok") -> dict:
     """What a trial reports for an epoch: METRICS from run_epoch's `metrics`, and the keys beside them."""
-    return {**{k: metrics[k] for k in METRICS}, HEALTH_KEY: health, PRECISION_KEY: run.precision,
+    return {**{k: metrics[k] for k in METRICS}, experiments.CORRECT_KEY: experiments.packed_correct(
+        metrics["test_correct"]), HEALTH_KEY: health, PRECISION_KEY: run.precision,
             DEVICE_KEY: train.describe_device(run.device), PARAMETERS_KEY: run.parameters}
 
 

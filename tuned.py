@@ -7,7 +7,9 @@ on a validation split after Choi et al. 2019 and Dodge et al. 2019. Frames are a
 import math
 
 import pandas as pd
+from statsmodels.stats.multitest import multipletests
 
+import comparisons
 import experiments
 
 VAL_FRACTION = 0.2  # of the training images held out to score the tuning stage
@@ -25,36 +27,65 @@ def val_size_for(n_train: int) -> int:
 
 
 def configurations(df) -> pd.DataFrame:
-    """Per tuning trial at its final epoch: variant, lr (peak), weight decay, one-view val acc (%), val loss; nan
-    where it diverged, so it is never chosen."""
+    """Per tuning trial at its final epoch: variant, lr (peak), weight decay, one-view val acc (%), val loss, and the
+    val images it got right (experiments.packed_correct); nan where it diverged, so it is never chosen."""
     last = df.loc[df.groupby("trial")["epoch"].idxmax()]
     return pd.DataFrame({"variant": last["variant name"], "lr": last["peak lr"], "weight decay": last["weight_decay"],
                          "val acc (%)": (100 * last["test_acc_single"]).where(~last["diverged"]),
-                         "val loss": last["test_loss"].where(~last["diverged"])}).reset_index(drop=True)
+                         "val loss": last["test_loss"].where(~last["diverged"]),
+                         "correct": last[experiments.CORRECT_KEY]}).reset_index(drop=True)
 
 
-def choose(df) -> dict:
-    """Per variant label ("bn+l1 (λ=1e-05)") the configuration a tuning stage chose: the highest final one-view
-    val accuracy, ties to the lower val loss, then the smaller lr: {"lr", "weight_decay", "val_acc", "evidence"}
-    (winner, runner-up, the split's binomial SE). A variant whose every configuration diverged is left out."""
+def choose(df, lr: float, weight_decay: float) -> dict:
+    """Per variant label ("bn+l1 (λ=1e-05)") the configuration its tuned arm runs: the best on validation (highest
+    final one-view val accuracy, ties to the lower val loss, then the smaller lr) if it beat the shared recipe (lr,
+    weight_decay) beyond the noise of the val images (McNemar's exact test, Holm over the variants, at
+    comparisons.ALPHA), else the recipe: {"lr", "weight_decay", "val_acc", "evidence"}, the evidence saying which
+    and why. One seed measures no seed noise, so a choice that passes can still be the seed's luck. A variant
+    whose every configuration diverged is left out."""
     table = configurations(df).sort_values(["val acc (%)", "val loss", "lr"], ascending=[False, True, True])
-    n_val, chosen = int(df["val_size"].max()), {}
+    n_val, best, tested = int(df["val_size"].max()), {}, {}
     for name, rows in table.groupby("variant"):
         ok = rows.dropna(subset=["val acc (%)"])  # groupby keeps the sorted order within each variant
         if ok.empty:
             continue
-        best = ok.iloc[0]
-        evidence = [f"val {best['val acc (%)']:.2f}% at lr {best['lr']:g}, wd {best['weight decay']:g}"]
-        if len(ok) > 1:
-            second = ok.iloc[1]
-            evidence.append(f"next {second['val acc (%)']:.2f}% (lr {second['lr']:g}, wd {second['weight decay']:g})")
-        if n_val:  # binomial standard error; at 0% or 100% that of one image right or wrong, not 0
-            p = min(max(best["val acc (%)"] / 100, 1 / n_val), 1 - 1 / n_val)
-            evidence.append(f"±{100 * math.sqrt(p * (1 - p) / n_val):.2f} SE on {n_val} val images")
-        evidence.append(f"{len(ok)} of {len(rows)} configurations trained without diverging")
-        chosen[name] = {"lr": float(best["lr"]), "weight_decay": float(best["weight decay"]),
-                        "val_acc": float(best["val acc (%)"]), "evidence": "; ".join(evidence)}
+        recipe = ok[[math.isclose(r, lr) and math.isclose(w, weight_decay)
+                     for r, w in zip(ok["lr"], ok["weight decay"])]]
+        best[name] = (ok.iloc[0], recipe.iloc[0] if len(recipe) else None, _evidence(ok, len(rows), n_val))
+        if len(recipe) and recipe.index[0] != ok.index[0]:
+            tested[name] = comparisons.mcnemar_exact(*(experiments.unpacked_correct(row["correct"])
+                                                      for row in (ok.iloc[0], recipe.iloc[0])))
+    holm = dict(zip(tested, multipletests([t[2] for t in tested.values()], alpha=comparisons.ALPHA,
+                                          method="holm")[1])) if tested else {}
+    chosen = {}
+    for name, (top, recipe, evidence) in best.items():
+        if recipe is None:
+            outcome = "the recipe's point is not in the grid (or diverged): the best is taken untested"
+        elif name not in tested:
+            outcome = "the recipe scored best"
+        elif holm[name] < comparisons.ALPHA:
+            outcome = f"beat the recipe's {recipe['val acc (%)']:.2f}% (McNemar, Holm p {holm[name]:.2g})"
+        else:
+            outcome = (f"kept the recipe ({recipe['val acc (%)']:.2f}%): the best was not better beyond the noise "
+                       f"of the val images ({tested[name][0]} vs {tested[name][1]} images only one got right; "
+                       f"McNemar, Holm p {holm[name]:.2g})")
+            top = recipe
+        chosen[name] = {"lr": float(top["lr"]), "weight_decay": float(top["weight decay"]),
+                        "val_acc": float(top["val acc (%)"]), "evidence": "; ".join(evidence + [outcome])}
     return chosen
+
+
+def _evidence(ok, n_configurations: int, n_val: int) -> list:
+    """The best configuration's score, the runner-up's, the val split's binomial SE and how many trained."""
+    best = ok.iloc[0]
+    evidence = [f"val {best['val acc (%)']:.2f}% at lr {best['lr']:g}, wd {best['weight decay']:g}"]
+    if len(ok) > 1:
+        second = ok.iloc[1]
+        evidence.append(f"next {second['val acc (%)']:.2f}% (lr {second['lr']:g}, wd {second['weight decay']:g})")
+    if n_val:  # binomial standard error; at 0% or 100% that of one image right or wrong, not 0
+        p = min(max(best["val acc (%)"] / 100, 1 / n_val), 1 - 1 / n_val)
+        evidence.append(f"±{100 * math.sqrt(p * (1 - p) / n_val):.2f} SE on {n_val} val images")
+    return evidence + [f"{len(ok)} of {n_configurations} configurations trained without diverging"]
 
 
 def final_variants(variants: list, chosen: dict, lr: float, weight_decay: float) -> list:

@@ -1,6 +1,6 @@
-"""Paired statistics (comparisons.py): a planted difference is found, a null one is not; the pairs share
-one Holm correction per family; and the pairing itself holds: one seed gives every variant the same
-starting weights and data order."""
+"""Comparisons (comparisons.py): a planted difference is called better and a null one equivalent, counting the
+seeds and the images; arms and batch sizes are separate families; one seed gets McNemar's test and no verdict; and
+the pairing itself holds: one seed gives every variant the same starting weights and data order."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,68 +8,69 @@ import torch
 
 import comparisons
 import data as data_lib
+import experiments
 import train
 from model import NORMS
 
 
-def final_frame(accs: dict, arm: str = "") -> pd.DataFrame:
-    """One final-epoch row per (variant, seed): accs maps a variant to its per-seed accuracies (%)."""
+def final_frame(correct: dict, arm: str = "") -> pd.DataFrame:
+    """One final-epoch row per (variant, seed): correct maps a variant to bool (seeds, images), the images each
+    seed's trial classified right on one view."""
     rows = [{"trial": f"{variant}_{arm}_seed{seed}", "variant": variant, "variant name": variant, "seed": seed,
-             "epoch": 10, "epochs": 10, "test_acc_single": acc / 100, "train_acc": 0.99, "diverged": False,
-             "arm": arm, "batch_size": 32}
-            for variant, per_seed in accs.items() for seed, acc in enumerate(per_seed)]
+             "epoch": 10, "epochs": 10, "test_acc_single": right.mean(), "train_acc": 0.99, "diverged": False,
+             "arm": arm, "batch_size": 32, experiments.CORRECT_KEY: experiments.packed_correct(right)}
+            for variant, per_seed in correct.items() for seed, right in enumerate(per_seed)]
     return pd.DataFrame(rows)
 
 
-def test_paired_test_finds_a_planted_difference_that_seed_noise_would_hide():
+def seeds_of(rng, seeds: int = 5, images: int = 4000, spread: float = 0.03) -> np.ndarray:
+    """bool (seeds, images): each seed's accuracy drawn around 88%, `spread` apart (the seed noise)."""
+    return rng.random((seeds, images)) < rng.normal(0.88, spread, (seeds, 1))
+
+
+def flipped(rng, right: np.ndarray, gained: float, lost: float) -> np.ndarray:
+    """`right` with a share `gained` of its wrong images made right and a share `lost` of its right ones wrong."""
+    draw = rng.random(right.shape)
+    return np.where(right, draw >= lost, draw < gained)
+
+
+def test_a_planted_difference_that_seed_noise_would_hide_is_better():
     rng = np.random.default_rng(0)
-    seed_effect = rng.normal(88, 1.0, size=5)  # seeds move both variants together, by more than the gap
-    df = final_frame({"bn": seed_effect + 0.5 + rng.normal(0, 0.05, 5), "gn": seed_effect})
-    row = comparisons.paired_tests(df).iloc[0]
-    assert row["comparison"] == "bn − gn" and row["verdict"] == "beyond seed noise"
-    assert row["difference (points)"] == pytest.approx(0.5, abs=0.1)
+    gn = seeds_of(rng)  # seeds move both variants together, by more than the gap
+    bn = flipped(rng, gn, gained=0.25, lost=0.005)  # about +2.6 points on every seed
+    row = comparisons.verdict_table(final_frame({"bn": bn, "gn": gn})).iloc[0]
+    assert row["comparison"] == "bn − gn" and row["verdict"] == "bn better" and row["first wins (seeds)"] == "100%"
     low, high = (float(v) for v in row["95% CI (points)"].split(" to "))
-    assert 0 < low < 0.5 < high
-    # the same accuracies, unpaired, cannot tell them apart: the seed-to-seed spread is twice the gap
+    assert 0 < low < row["difference (points)"] < high
+    # the same accuracies, unpaired, cannot tell them apart: the seed-to-seed spread is larger than the gap
     from scipy import stats
-    assert stats.ttest_ind(df[df.variant == "bn"].test_acc_single, df[df.variant == "gn"].test_acc_single).pvalue > 0.05
+    assert stats.ttest_ind(bn.mean(1), gn.mean(1)).pvalue > 0.05
 
 
-def test_paired_test_calls_a_null_difference_noise():
+def test_null_differences_are_equivalent_within_the_margin_and_undecided_within_a_tight_one():
     rng = np.random.default_rng(1)
-    df = final_frame({"bn": rng.normal(88, 0.3, 5), "gn": rng.normal(88, 0.3, 5), "ln": rng.normal(88, 0.3, 5)})
-    table = comparisons.paired_tests(df)
-    assert len(table) == 3 and (table["verdict"] == "within seed noise").all()
-    assert (table["Holm p"] >= table["paired t p"] - 1e-12).all()  # Holm only ever raises a p
-
-
-def test_holm_corrects_over_the_family_not_each_pair():
-    rng = np.random.default_rng(2)
-    base = rng.normal(88, 1.0, 4)
-    # five variants: ten pairs; a difference just past 0.05 alone, not after Holm's correction
-    accs = {name: base + rng.normal(0, 0.2, 4) for name in ("a", "b", "c", "d", "e")}
-    table = comparisons.paired_tests(final_frame(accs))
-    assert len(table) == 10
-    smallest = table.sort_values("paired t p").iloc[0]
-    assert smallest["Holm p"] == pytest.approx(min(1.0, 10 * smallest["paired t p"]))
+    base = seeds_of(rng)
+    correct = {name: flipped(rng, base, gained=0.088, lost=0.012) for name in ("bn", "gn", "ln")}  # +-1.05 points
+    table = comparisons.verdict_table(final_frame(correct), margin=1.0)
+    assert len(table) == 3 and (table["verdict"] == "equivalent (within ±1)").all(), table
+    tight = comparisons.verdict_table(final_frame(correct), margin=0.05)
+    assert tight["verdict"].str.startswith("undecided").all(), tight
 
 
 def test_arms_and_batch_sizes_are_separate_families():
-    tuned = final_frame({"bn": [90, 91, 92], "gn": [89, 90, 91.5]}, arm="tuned")
-    recipe = final_frame({"bn": [88, 89, 90], "gn": [89, 90, 90.5]}, arm="recipe")
-    table = comparisons.paired_tests(pd.concat([tuned, recipe]))
+    rng = np.random.default_rng(2)
+    base = seeds_of(rng, seeds=3)
+    better = flipped(rng, base, gained=0.4, lost=0.0)
+    tuned = final_frame({"bn": better, "gn": base}, arm="tuned")
+    recipe = final_frame({"bn": base, "gn": flipped(rng, base, gained=0.04, lost=0.005)}, arm="recipe")
+    table = comparisons.verdict_table(pd.concat([tuned, recipe], ignore_index=True))
     assert sorted(table["family"]) == ["recipe", "tuned"] and len(table) == 2
-    arms = comparisons.paired_tests(pd.concat([tuned, recipe]), compare="arm", within=("variant name",))
-    assert set(arms["family"]) == {"bn", "gn"} and (arms["comparison"] == "tuned − recipe").all()
-    assert arms.set_index("family").loc["bn", "verdict"] == "same difference on every seed"  # +2 on each seed
+    arms = comparisons.verdict_table(pd.concat([tuned, recipe], ignore_index=True), compare="arm", within=("variant name",))
+    assert set(arms["family"]) == {"bn", "gn"}
+    assert tuple(arms.set_index("family").loc["bn", ["comparison", "verdict"]]) == ("tuned − recipe", "tuned better")
 
 
-def test_one_seed_needs_mcnemar():
-    table = comparisons.paired_tests(final_frame({"bn": [90], "gn": [89]}))
-    assert table.iloc[0]["verdict"] == "needs 2+ seeds"
-
-
-def test_mcnemar_finds_a_planted_difference_and_not_a_null_one():
+def test_one_seed_has_no_verdict_and_mcnemar_measures_the_images():
     rng = np.random.default_rng(3)
     n = 2000
     gn = rng.random(n) < 0.88
@@ -80,9 +81,9 @@ def test_mcnemar_finds_a_planted_difference_and_not_a_null_one():
     ln = gn.copy()
     ln[np.flatnonzero(~gn)[:30]] = True  # symmetric: 30 gained, 30 lost
     ln[np.flatnonzero(gn)[:30]] = False
-    df = final_frame({"bn": [90], "gn": [88], "ln": [88]})  # the accuracies the test reads come from `correct`
-    correct = {"bn__seed0": bn, "gn__seed0": gn, "ln__seed0": ln}
-    table = comparisons.mcnemar_tests(df, correct).set_index("comparison")
+    df = final_frame({"bn": [bn], "gn": [gn], "ln": [ln]})
+    assert (comparisons.verdict_table(df)["verdict"] == "needs 2+ seeds").all()
+    table = comparisons.mcnemar_tests(df).set_index("comparison")
     assert table.loc["bn − gn", "verdict"] == "beyond test-image noise"
     assert (table.loc["bn − gn", "only first right"], table.loc["bn − gn", "only second right"]) == (60, 20)
     assert table.loc["gn − ln", "verdict"] == "within test-image noise"
@@ -106,3 +107,17 @@ def test_one_seed_gives_every_variant_the_same_start_and_data_order(idx_dir):
     other_seed = train.TrainingRun({"norm": "bn", "seed": 4, "epochs": 1, "batch_size": 16, "compile": "off"},
                                    dataset, device=torch.device("cpu"))
     assert not torch.equal(next(iter(other_seed.model.state_dict().values())), next(iter(reference.values())))
+
+
+def test_replayed_looks_decide_a_pair_at_the_look_that_decided_it():
+    """--seeds auto's table replays its searcher's looks: a pair decided at an early look keeps that look's
+    verdict and seeds; one no look decides stays undecided, at the last look's seeds."""
+    rng = np.random.default_rng(4)
+    base = seeds_of(rng, seeds=6)
+    correct = {"bn": flipped(rng, base, gained=0.4, lost=0.0), "gn": base,
+               "ln": flipped(rng, base, gained=0.02, lost=0.004)}  # bn far ahead; gn and ln about 0.1 apart
+    table = comparisons.verdict_table(final_frame(correct), looks=[(3, 0.01), (6, 0.04)],
+                                      margin=0.1).set_index("comparison")
+    assert tuple(table.loc["bn − gn", ["seeds", "verdict"]]) == (3, "bn better")
+    assert table.loc["gn − ln", "seeds"] == 6 and table.loc["gn − ln", "verdict"].startswith("undecided")
+    assert comparisons.verdict_table(final_frame(correct), looks=[(7, 0.05)])["verdict"].eq("needs 2+ seeds").all()

@@ -320,9 +320,9 @@ def test_a_val_size_sweep_is_analysed_on_its_held_out_images(tmp_path, session_r
     assert len(sample["indices"]) == round(24 * (1 - sample["acc"]))  # every mistake: n is the split's size
     assert "misclassified validation images" in analysis.plot_misclassified(sample)._suptitle.get_text()
     # McNemar's per-image correctness: of the final epoch, on the same held-out images
-    (correct,) = analysis.final_correct(grid, df).values()
-    assert len(correct) == 24
-    assert correct.float().mean().item() == pytest.approx(analysis.final_per_trial(df)["test_acc_single"].iloc[0])
+    final = analysis.final_per_trial(df).iloc[0]
+    correct = experiments.unpacked_correct(final[experiments.CORRECT_KEY])
+    assert len(correct) == 24 and correct.mean() == pytest.approx(final["test_acc_single"])
     assert analysis.plot_curves(df, "test_acc").axes[0].get_ylabel().startswith("validation accuracy")
     assert analysis.main([str(storage / "val"), "--out", str(tmp_path / "report")]) == 0
     summary = (tmp_path / "report" / "summary.md").read_text()

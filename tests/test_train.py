@@ -27,12 +27,15 @@ def test_one_epoch_on_real_data_learns(fashion_small):
 
 
 def test_an_epochs_report_says_what_it_ran_in_and_on(fashion_small):
+    import experiments
     import trainable
 
     run = train.TrainingRun({"norm": "gn", "epochs": 1, "threads": 1}, fashion_small.subset(200, 100))
     report = trainable.epoch_report(run, run.run_epoch())
     assert set(report) == set(trainable.METRICS) | {trainable.HEALTH_KEY, trainable.PRECISION_KEY, trainable.DEVICE_KEY,
-                                                   trainable.PARAMETERS_KEY}
+                                                   trainable.PARAMETERS_KEY, experiments.CORRECT_KEY}
+    correct = experiments.unpacked_correct(report[experiments.CORRECT_KEY])  # the one view, image by image
+    assert len(correct) == 100 and correct.mean() == pytest.approx(report["test_acc_single"])
     assert report[trainable.PRECISION_KEY] == "fp32" and report[trainable.DEVICE_KEY] == "cpu"  # auto on the CPU
     assert math.isnan(report["peak_device_memory_mib"])  # no device memory counter on the CPU
     assert all(isinstance(report[k], (int, float)) for k in trainable.METRICS)
