@@ -143,7 +143,7 @@ def describe(resources: dict, available: dict, n_trials: int, sweep: SweepConfig
              plan: dict = None) -> str:
     """The sweep's first line: trials, the cluster, each trial's share, and where the results go. plan: --seeds
     auto's rounds, {"first": seeds, "then": seeds, "variants": n}."""
-    gpus = f", {available['GPU']:g} GPUs" if available.get("GPU") else ""
+    gpus = f", {available['GPU']:g} GPU{'s' if available['GPU'] != 1 else ''}" if available.get("GPU") else ""
     memory, share = available.get("memory"), f"{resources['cpu']:g} CPU, {resources['gpu']:g} GPU"
     at_most = plan["variants"] * plan["first"] if plan else n_trials  # trials asked for at once
     fit = int(memory // resources["memory"]) if memory and "memory" in resources else at_most

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+import torch
 from ray import tune
 
 import experiments
@@ -37,8 +38,9 @@ def trial_config(config: dict, threads: int) -> dict:
 def train_variant(config: dict, dataset, experiment: str):
     """Function trainable; `dataset` arrives once through Ray's object store (tune.with_parameters), `experiment` is
     where the experiment lies now (a local path or URI)."""
-    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
-    run = train.TrainingRun(trial_config(config, threads=max(1, int(cpus))), dataset)  # a shared core: 1 thread
+    resources = tune.get_context().get_trial_resources().required_resources
+    run = train.TrainingRun(trial_config(config, threads=max(1, int(resources.get("CPU", 1)))),  # a shared core: 1
+                            dataset, trial_device(resources))
     reports = resume(run, experiment)
     while run.epoch < run.config["epochs"]:
         metrics = run.run_epoch()
@@ -52,6 +54,13 @@ def train_variant(config: dict, dataset, experiment: str):
             run.save(Path(directory) / CHECKPOINT_FILE)
             (Path(directory) / experiments.EPOCHS_FILE).write_text(json.dumps(reports))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def trial_device(resources: dict):
+    """The CPU for a trial Ray gave no GPU, else None (train.runtime's choice: CUDA). Ray may leave the GPUs visible
+    to a trial that asked for none (2.60 did, `--gpus-per-trial 0` on a GPU machine), so CUDA's presence says nothing
+    of what the trial was given."""
+    return None if resources.get("GPU", 0) else torch.device("cpu")
 
 
 def resume(run: train.TrainingRun, experiment: str) -> list:

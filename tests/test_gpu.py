@@ -75,3 +75,21 @@ def test_on_a_gpu_it_runs_the_sweep_a_1_epoch_sweep_and_the_cpu_reference(monkey
     assert [(row["variant"], row["GPU - CPU (points)"], row["suspicious"]) for row in gaps] == [
         ("bn", "-0.50", "no"), ("bn+l1 (λ=1e-05)", "0.50", "no"), ("gn", "-0.50", "no"), ("ln", "-2.50", "SUSPICIOUS")]
     assert "largest gap 2.50 points: suspicious" in out and "warning" not in out
+
+
+def test_a_trial_given_no_gpu_trains_on_the_cpu_though_cuda_is_visible(monkeypatch):
+    """Ray 2.60 left the GPU visible to `--gpus-per-trial 0` trials on an H200 machine, and they trained on it (measured
+    with benchmarks/gpu.py); a trial's device follows what Ray gave it, not what CUDA shows."""
+    import torch
+
+    import train
+    import trainable
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    config = {"precision": "auto", "compile": "off"}
+    given_none = train.runtime(config, trainable.trial_device({"CPU": 1.0, "GPU": 0}))
+    assert given_none[0].type == "cpu" and given_none[1] == "fp32"
+    assert train.runtime(config, trainable.trial_device({"CPU": 1.0}))[0].type == "cpu"  # no GPU key at all
+    given_a_share = train.runtime(config, trainable.trial_device({"CPU": 1.0, "GPU": 0.25}))
+    assert given_a_share[0].type == "cuda" and given_a_share[1] == "bf16"
