@@ -7,7 +7,7 @@ Runs `tune_main.py` as a subprocess, each sweep in its own local Ray:
 2. **the same sweep for 1 epoch** on the GPU (skipped when --epochs is 1: sweep 1 is it). OneCycle spans
    a run's epochs, so epoch 1 of a 20-epoch run is not a 1-epoch run; the accuracy check needs one;
 3. **the CPU reference**: the same sweep with `--epochs 1 --gpus-per-trial 0 --precision fp32
-   --compile off`. Ray hides the GPUs from trials that asked for none, so they train on the CPU.
+   --compile off`. A trial Ray gave no GPU trains on the CPU (trainable.trial_device).
 
 Prints each sweep's wall time (Ray's start and shutdown included), then per trial the device and
 precision it reported (trainable.DEVICE_KEY, PRECISION_KEY), training images/s in epoch 1 (which holds
