@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
-from statsmodels.stats.multitest import multipletests
 
 import experiments
 import verdicts
@@ -65,9 +64,7 @@ def verdict_table(df, margin: float = verdicts.MARGIN, compare: str = "variant",
         decided, undecided = {}, set(pairs)
         for n, level in looks or [(len(seeds), ALPHA)]:
             if 2 <= n <= len(seeds) and undecided:
-                seen = verdicts.decide({v: right[:n] for v, right in correct.items()}, undecided, level, margin)
-                decided.update(seen)
-                undecided -= {pair for pair, (verdict, _) in seen.items() if verdict}
+                decided.update(verdicts.look({v: right[:n] for v, right in correct.items()}, undecided, level, margin))
         rows += [{"family": family, "comparison": f"{a} − {b}",
                   **_verdict_columns(*decided.get((a, b), (None, None)), (a, b), len(seeds), margin)}
                  for a, b in pairs]
@@ -116,7 +113,7 @@ def _holm(block: list, p_key: str, noise: str) -> list:
     """The rows of one family, each with a p given its Holm-adjusted p and a verdict."""
     tested = [row for row in block if not math.isnan(row[p_key])]
     if tested:
-        reject, adjusted, _, _ = multipletests([row[p_key] for row in tested], alpha=ALPHA, method="holm")
+        reject, adjusted = verdicts.holm([row[p_key] for row in tested], ALPHA)
         for row, beyond, p in zip(tested, reject, adjusted):
             row.update({"Holm p": p, "verdict": f"{'beyond' if beyond else 'within'} {noise}"})
     return block
