@@ -112,7 +112,7 @@ class Rounds(Searcher):
                                                 for seed in range(seeds)]) for v in tested}
             pairs = {(self.label(a), self.label(b)): [a, b] for a, b in state["undecided"]}
             undecided = set(pairs)
-            for pair, (verdict, difference) in verdicts.look(correct, undecided, level, state["margin"]).items():
+            for pair, (verdict, difference) in verdicts.decide(correct, undecided, level, state["margin"]).items():
                 state["verdicts"][" | ".join(pair)] = [verdict, round(float(difference.points), 4), seeds]
             state["undecided"] = [pairs[pair] for pair in pairs if pair in undecided]
             state["looks"].append([seeds, level])

@@ -94,9 +94,8 @@ def _p_values(points, se, df, margin: float):
 
 
 def holm(p, level: float = ALPHA) -> tuple:
-    """(rejected, adjusted p) of Holm's (1979) step-down procedure at family-wise `level`: arrays of an array of
-    p-values' length, as statsmodels' multipletests(method="holm") gives them (which runs gc.collect() per call:
-    200x the simulation's time)."""
+    """(rejected, adjusted p) arrays of Holm's (1979) step-down procedure at family-wise `level`, as statsmodels'
+    multipletests(method="holm") gives them (without its gc.collect() per call, 200x the simulation's time)."""
     p = np.asarray(p, dtype=float)
     order, steps = np.argsort(p), np.arange(len(p), 0, -1)
     reject, adjusted = np.empty(len(p), dtype=bool), np.empty(len(p))
@@ -125,10 +124,11 @@ def seeds_needed(d: Difference, margin: float = MARGIN, level: float = ALPHA) ->
 
 
 def decide(correct: dict, undecided: set, level: float, margin: float = MARGIN) -> dict:
-    """(A, B) -> (verdict, Difference) for each undecided pair of variants tested at `level`, Holm-corrected over
-    those pairs (for "differ" and for "equivalent" each). correct: variant -> bool array (seeds, images), one shape
-    for all. Verdict: "better" (A beats B), "worse" (B beats A), "equivalent" (within +-margin points) or None;
-    a difference shown to exist but also within the margin is "better" or "worse"."""
+    """A look: (A, B) -> (verdict, Difference) for each undecided pair of variants tested at `level`, Holm-corrected
+    over those pairs (for "differ" and for "equivalent" each); the pairs decided leave `undecided` (in place).
+    correct: variant -> bool array (seeds, images), one shape for all. Verdict: "better" (A beats B), "worse" (B
+    beats A), "equivalent" (within +-margin points) or None; a difference shown to exist but also within the margin
+    is "better" or "worse"."""
     pairs = sorted(undecided)
     if not pairs:
         return {}
@@ -136,14 +136,8 @@ def decide(correct: dict, undecided: set, level: float, margin: float = MARGIN) 
     points, se, df = (np.array([getattr(diffs[p], f) for p in pairs]) for f in ("points", "se", "df"))
     differ, beyond = _p_values(points, se, df, margin)
     (differs, _), (equivalent, _) = holm(differ, level), holm(beyond, level)
-    return {pair: ("better" if differs[k] and points[k] > 0 else "worse" if differs[k] else
+    seen = {pair: ("better" if differs[k] and points[k] > 0 else "worse" if differs[k] else
                    "equivalent" if equivalent[k] else None, diffs[pair]) for k, pair in enumerate(pairs)}
-
-
-def look(correct: dict, undecided: set, level: float, margin: float = MARGIN) -> dict:
-    """One look of a sequential design: decide(correct, undecided, level, margin), whose decided pairs it then
-    removes from `undecided` (in place)."""
-    seen = decide(correct, undecided, level, margin)
     undecided -= {pair for pair, (verdict, _) in seen.items() if verdict}
     return seen
 
@@ -166,5 +160,5 @@ def sequential(draw, variants, round_seeds: int, max_seeds: int, margin: float =
             continue
         level = spent(seeds / max_seeds, alpha) - spent_before
         spent_before += level
-        verdicts.update(look(correct, undecided, level, margin))
+        verdicts.update(decide(correct, undecided, level, margin))
     return verdicts, seeds
