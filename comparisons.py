@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
-from statsmodels.stats.multitest import multipletests
 
 import experiments
 import verdicts
@@ -65,9 +64,8 @@ def verdict_table(df, margin: float = verdicts.MARGIN, compare: str = "variant",
         decided, undecided = {}, set(pairs)
         for n, level in looks or [(len(seeds), ALPHA)]:
             if 2 <= n <= len(seeds) and undecided:
-                seen = verdicts.decide({v: right[:n] for v, right in correct.items()}, undecided, level, margin)
-                decided.update(seen)
-                undecided -= {pair for pair, (verdict, _) in seen.items() if verdict}
+                decided.update(verdicts.decide({v: right[:n] for v, right in correct.items()}, undecided, level,
+                                               margin))
         rows += [{"family": family, "comparison": f"{a} − {b}",
                   **_verdict_columns(*decided.get((a, b), (None, None)), (a, b), len(seeds), margin)}
                  for a, b in pairs]
@@ -91,7 +89,7 @@ def _verdict_columns(verdict, d, pair: tuple, seeds: int, margin: float) -> dict
 def mcnemar_tests(df) -> pd.DataFrame:
     """Per pair of variants of a family and seed, McNemar's exact test on the images the final epoch's one view of
     one gets right and of the other wrong. "difference" in points; "only ... right" in images."""
-    rows = []
+    rows, noise = [], f"{scored_on(df)}-image noise"
     for family, trials in families(final_per_trial(df), WITHIN + ("seed",)):  # Holm per seed too
         right = {row.variant: experiments.unpacked_correct(getattr(row, experiments.CORRECT_KEY))
                  for row in trials.itertuples()}
@@ -100,8 +98,10 @@ def mcnemar_tests(df) -> pd.DataFrame:
             only_a, only_b, p = mcnemar_exact(right[a], right[b])
             block.append({"family": family, "comparison": f"{a} − {b}", "seed": trials["seed"].iloc[0],
                           "difference (points)": 100 * (right[a].mean() - right[b].mean()),
-                          "only first right": only_a, "only second right": only_b, "McNemar p": p, "Holm p": math.nan})
-        rows += _holm(block, "McNemar p", f"{scored_on(df)}-image noise")
+                          "only first right": only_a, "only second right": only_b, "McNemar p": p})
+        reject, adjusted = verdicts.holm([row["McNemar p"] for row in block])
+        rows += [dict(row, **{"Holm p": p, "verdict": f"{'beyond' if beyond else 'within'} {noise}"})
+                 for row, beyond, p in zip(block, reject, adjusted)]
     return _table(rows)
 
 
@@ -110,16 +110,6 @@ def mcnemar_exact(first, second) -> tuple:
     only_first, only_second = int((first & ~second).sum()), int((~first & second).sum())
     tested = only_first + only_second
     return only_first, only_second, mcnemar([[0, only_first], [only_second, 0]], exact=True).pvalue if tested else 1.0
-
-
-def _holm(block: list, p_key: str, noise: str) -> list:
-    """The rows of one family, each with a p given its Holm-adjusted p and a verdict."""
-    tested = [row for row in block if not math.isnan(row[p_key])]
-    if tested:
-        reject, adjusted, _, _ = multipletests([row[p_key] for row in tested], alpha=ALPHA, method="holm")
-        for row, beyond, p in zip(tested, reject, adjusted):
-            row.update({"Holm p": p, "verdict": f"{'beyond' if beyond else 'within'} {noise}"})
-    return block
 
 
 def _table(rows: list) -> pd.DataFrame:

@@ -111,10 +111,10 @@ class Rounds(Searcher):
             correct = {self.label(v): np.stack([experiments.unpacked_correct(state["correct"][f"{v}/{seed}"])
                                                 for seed in range(seeds)]) for v in tested}
             pairs = {(self.label(a), self.label(b)): [a, b] for a, b in state["undecided"]}
-            for pair, (verdict, difference) in verdicts.decide(correct, set(pairs), level, state["margin"]).items():
+            undecided = set(pairs)
+            for pair, (verdict, difference) in verdicts.decide(correct, undecided, level, state["margin"]).items():
                 state["verdicts"][" | ".join(pair)] = [verdict, round(float(difference.points), 4), seeds]
-                if verdict:
-                    state["undecided"].remove(pairs[pair])
+            state["undecided"] = [pairs[pair] for pair in pairs if pair in undecided]
             state["looks"].append([seeds, level])
         if not state["undecided"]:
             dropped = ", ".join(map(self.label, state["dropped"]))

@@ -7,10 +7,10 @@ on a validation split after Choi et al. 2019 and Dodge et al. 2019. Frames are a
 import math
 
 import pandas as pd
-from statsmodels.stats.multitest import multipletests
 
 import comparisons
 import experiments
+import verdicts
 
 VAL_FRACTION = 0.2  # of the training images held out to score the tuning stage
 SUFFIX = "-tuning"  # the tuning stage's experiment: <name>-tuning beside the final stage's <name>
@@ -55,8 +55,7 @@ def choose(df, lr: float, weight_decay: float) -> dict:
         if len(recipe) and recipe.index[0] != ok.index[0]:
             tested[name] = comparisons.mcnemar_exact(*(experiments.unpacked_correct(row["correct"])
                                                       for row in (ok.iloc[0], recipe.iloc[0])))
-    holm = dict(zip(tested, multipletests([t[2] for t in tested.values()], alpha=comparisons.ALPHA,
-                                          method="holm")[1])) if tested else {}
+    holm = dict(zip(tested, verdicts.holm([t[2] for t in tested.values()])[1]))
     chosen = {}
     for name, (top, recipe, evidence) in best.items():
         if recipe is None:

@@ -1,8 +1,13 @@
 """--seeds auto (rounds.py): the searcher's rounds, looks, stops and saved state on simulated correctness, without
-Ray training; and one real sweep interrupted inside a round and resumed (slow)."""
+Ray training; and real sweeps stopped inside a round (SIGINT) and between rounds (SIGKILL), then resumed (slow)."""
+import contextlib
+import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,32 +173,118 @@ def test_flags(capsys):
     assert "expected 'auto' or a whole number of seeds" in capsys.readouterr().err
 
 
+def auto_sweep(tmp_path, name: str, *flags) -> list:
+    """tune_main.py's command for a tiny sweep under tmp_path / "results": bn and gn, 2 epochs, --seeds auto up to 3,
+    a CPU a trial (on 2 CPUs a first round of 2 seeds x 2 variants, then rounds of 1 seed)."""
+    data = make_idx_dir(tmp_path / "idx", n_train=64, n_test=32)
+    return [sys.executable, str(ROOT / "tune_main.py"), "--dataset", str(data), "--variants", "bn,gn", "--epochs", "2",
+            "--seeds", "auto", "--max-seeds", "3", "--cpus-per-trial", "1", "--storage-path", str(tmp_path / "results"),
+            "--name", name, *flags]
+
+
+def resumed_to_the_end(experiment: Path, capsys) -> tuple:
+    """--resume the experiment here; (what it printed, its trials' variant, seed and epochs, the searcher's state),
+    checked finished: the analysis reads every trial complete, no trial is left, and the stop line is printed."""
+    assert tune_main.main(["--resume", "--storage-path", str(experiment.parent), "--name", experiment.name]) == 0
+    printed, state = capsys.readouterr().out, experiments.searcher_state(str(experiment))
+    assert f"seeds auto: stopped after {state['seeds']} seed(s)" in printed, printed
+    grid, df = analysis.load_experiment(experiment)
+    assert analysis.progress(grid, df)["complete"].all()  # the trials it ran are all it planned, once stopped
+    launch = config.SweepConfig().from_launch(experiments.read_launch(str(experiment)))
+    assert experiments.trials_left(str(experiment), launch) == 0
+    trials = df.groupby("trial").agg(variant=("variant", "first"), seed=("seed", "first"), epochs=("epoch", list))
+    assert all(sorted(epochs) == [1, 2] for epochs in trials["epochs"]), trials  # each epoch reported once
+    return printed, trials, state
+
+
 @pytest.mark.slow
 def test_a_sweep_interrupted_inside_a_round_resumes_without_running_a_seed_twice(tmp_path, capsys, session_ray):
     storage, name = tmp_path / "results", "auto"
-    data = make_idx_dir(tmp_path / "idx", n_train=64, n_test=32)
-    command = [sys.executable, str(ROOT / "tune_main.py"), "--dataset", str(data), "--variants", "bn,gn", "--epochs",
-               "2", "--seeds", "auto", "--max-seeds", "3", "--cpus-per-trial", "1", "--storage-path", str(storage),
-               "--name", name]
-    # 2 CPUs, a CPU a trial: a first round of 2 seeds x 2 variants, then rounds of 1 seed; stopped inside the first
-    # (the driver writes result.json once it has taken an epoch in), so that the resume finishes it, looks, and goes on
-    driver = launch_until(command, lambda: any(p.read_text().strip() for p in (storage / name).glob("*/result.json")),
+    # stopped inside the first round (the driver writes result.json once it has taken an epoch in), so that the
+    # resume finishes it, looks, and goes on
+    driver = launch_until(auto_sweep(tmp_path, name),
+                          lambda: any(p.read_text().strip() for p in (storage / name).glob("*/result.json")),
                           "the first reported epoch", cwd=ROOT)
     driver.send_signal(signal.SIGINT)
     out, err = driver.communicate(timeout=HANG_SECONDS)
     assert driver.returncode == 130, (out, err)
     assert "up to 6 trials in rounds of seeds (the first 2, then 1) x 2 variants" in out, out
     assert re.search(r"interrupted: [0-3] of up to 6 trials finished; state saved in", err), err
-    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name]) == 0
-    printed = capsys.readouterr().out
-    assert "seeds auto up to 3" in printed and "seeds auto: stopped after " in printed, printed
-    grid, df = analysis.load_experiment(storage / name)
-    assert analysis.progress(grid, df)["complete"].all()  # the trials it ran are all it planned, once stopped
-    trials = df.groupby("trial").agg(variant=("variant", "first"), seed=("seed", "first"), epoch=("epoch", "max"))
-    assert (trials["epoch"] == 2).all() and not trials.duplicated(["variant", "seed"]).any(), trials
+    printed, trials, state = resumed_to_the_end(storage / name, capsys)
+    assert "seeds auto up to 3" in printed and not trials.duplicated(["variant", "seed"]).any(), trials
     for variant, seeds in trials.groupby("variant")["seed"]:
         assert sorted(seeds) == list(range(len(seeds))) and len(seeds) >= 2, (variant, sorted(seeds))
-    state = experiments.searcher_state(str(storage / name))
-    assert state["seeds"] == trials["seed"].max() + 1 and f"stopped after {state['seeds']} seed(s)" in printed
-    assert experiments.trials_left(str(storage / name), config.SweepConfig().from_launch(
-        experiments.read_launch(str(storage / name)))) == 0
+    assert state["seeds"] == trials["seed"].max() + 1
+
+
+# A user's net whose trials of seed 2 on (the second round) say they started, then wait for a gate file before they
+# are built: the sweep is held between its rounds until the test has killed it. The builder sees the trial's seed as
+# torch's (train.TrainingRun seeds torch before it builds the net).
+GATED_NET = """
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def build(norm_layer, in_channels, num_classes):
+    with open({built!r}, "a") as log:
+        log.write(f"{{torch.initial_seed()}} {{os.getpid()}}\\n")
+    if torch.initial_seed() >= 2:
+        Path({waiting!r}).touch()
+        while not Path({gate!r}).exists():
+            time.sleep(0.1)
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), norm_layer(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), norm_layer(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+"""
+
+
+def processes_mentioning(text: str) -> list:
+    """Pids of the live processes whose command line holds `text`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_between_rounds_resumes_with_the_next_round(tmp_path, capsys, session_ray):
+    """SIGKILL to the driver's process group (its local Ray with it: nothing saved on the way out) once the first
+    round has finished, its look is saved, and the second round's trials wait to be built; the resume runs the second
+    round only."""
+    storage, name, gate = tmp_path / "results", "killed", tmp_path / "gate"
+    built, waiting = tmp_path / "built.log", tmp_path / "waiting"
+    (tmp_path / "gated_net.py").write_text(GATED_NET.format(built=str(built), waiting=str(waiting), gate=str(gate)))
+    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # the driver's Ray alone (a socket's path is short)
+    try:
+        driver = launch_until(
+            auto_sweep(tmp_path, name, "--model", f"{tmp_path / 'gated_net.py'}:build"),
+            lambda: waiting.exists() and experiments.searcher_state(str(storage / name)).get("looks"),
+            "the second round waiting with the first round's look saved", cwd=ROOT, start_new_session=True,
+            env=dict(os.environ, RAY_TMPDIR=ray_dir))
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.communicate()
+        for pid in processes_mentioning(ray_dir):  # a Ray process that left the driver's group
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    first_round = {p.parent.name: p.read_text() for p in (storage / name).glob("*_seed[01]_*/result.json")}
+    second_round = [p.read_text().strip() for p in (storage / name).glob("*_seed2_*/result.json")]
+    assert len(first_round) == 4 and not any(second_round), (first_round, second_round)  # killed between the rounds
+    builds_before = len(built.read_text().splitlines())
+    gate.touch()
+    try:
+        printed, trials, state = resumed_to_the_end(storage / name, capsys)
+    finally:
+        sys.modules.pop("gated_net", None)
+    rebuilt = [line.split() for line in built.read_text().splitlines()[builds_before:]]
+    assert all(seed == "2" or pid == str(os.getpid()) for seed, pid in rebuilt), rebuilt  # only the checks here
+    assert {p.parent.name: p.read_text() for p in (storage / name).glob("*_seed[01]_*/result.json")} == first_round
+    assert sorted(zip(trials["variant"], trials["seed"])) == [(v, s) for v in ("bn", "gn") for s in range(3)], trials
+    assert state["seeds"] == 3 and [seeds for seeds, _ in state["looks"]][:1] == [2], state
