@@ -291,9 +291,9 @@ def test_a_tuning_stage_resumed_after_such_a_stop_goes_on_to_the_final_stage(tmp
                             "--tune-weight-decays", "5e-4", "--epochs", "3", "--max-concurrent", "1")
     _went_on_unseen(storage / tuned.tuning_name(name), None, logged=True)
 
-    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name]) == 0
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name, "--cpus-per-trial", "1"]) == 0
     out, err = capsys.readouterr()
-    assert "1 of 2 trials left to run" in out and "interrupted" not in err and "final stage:" in out, (out, err)
+    assert "interrupted" not in err and "tuning stage finished; final stage:" in out, (out, err)
     assert {r["epoch"] for r in experiments.last_results(str(storage / name)).values()} == {3}
 
 
