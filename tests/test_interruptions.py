@@ -236,8 +236,8 @@ def _went_on_unseen(experiment: Path, epochs: int, logged: bool) -> tuple:
                             train.trial_data(data_lib.load_dataset(sweep.dataset, sweep.data_dir), sweep))
     run.load(newest / trainable.CHECKPOINT_FILE)
     assert run.epoch + (epochs or 0) <= sweep.epochs, "interrupted too late to test the resume"
-    reports, index = json.loads((newest / experiments.EPOCHS_FILE).read_text()), int(newest.name.split("_")[1])
-    for index in range(index + 1, index + 1 + (epochs or sweep.epochs - run.epoch)):  # to the last: maybe none
+    reports, first = json.loads((newest / experiments.EPOCHS_FILE).read_text()), int(newest.name.split("_")[1]) + 1
+    for index in range(first, first + (epochs or sweep.epochs - run.epoch)):  # to the last: maybe none
         reports.append(trainable.epoch_report(run, run.run_epoch()))
         (trial / f"checkpoint_{index:06d}").mkdir()
         run.save(trial / f"checkpoint_{index:06d}" / trainable.CHECKPOINT_FILE)
