@@ -374,10 +374,9 @@ def summary_text(results, sweep: SweepConfig = SweepConfig(), looks=None) -> str
             if stage == "final":
                 lines += ["", "tuned against the shared recipe, per variant:", text_table(comparisons.verdict_table(
                     df, margin, compare="arm", within=("variant name", "batch_size")))]
-        elif len(means) > 1:
+        elif len(means) > 1 and len(tests := comparisons.mcnemar_tests(df)):  # none: one variant in two arms
             lines += ["", "one seed: no verdict (a verdict needs the seed noise, which takes 2+ seeds, --seeds); "
-                      f"McNemar's exact test measures the test images' noise only ({level}):",
-                      text_table(comparisons.mcnemar_tests(df))]
+                      f"McNemar's exact test measures the test images' noise only ({level}):", text_table(tests)]
         lines += analysis.convergence_warnings(df)
         lines += [note for note in [analysis.diverged_note(df), analysis.validation_note(df), analysis.ghost_note(df)]
                   if note]
