@@ -374,10 +374,9 @@ def summary_text(results, sweep: SweepConfig = SweepConfig(), looks=None) -> str
             if stage == "final":
                 lines += ["", "tuned against the shared recipe, per variant:", text_table(comparisons.verdict_table(
                     df, margin, compare="arm", within=("variant name", "batch_size")))]
-        elif len(means) > 1:
+        elif len(means) > 1 and len(tests := comparisons.mcnemar_tests(df)):  # none: one variant in two arms
             lines += ["", "one seed: no verdict (a verdict needs the seed noise, which takes 2+ seeds, --seeds); "
-                      f"McNemar's exact test measures the test images' noise only ({level}):",
-                      text_table(comparisons.mcnemar_tests(df))]
+                      f"McNemar's exact test measures the test images' noise only ({level}):", text_table(tests)]
         lines += analysis.convergence_warnings(df)
         lines += [note for note in [analysis.diverged_note(df), analysis.validation_note(df), analysis.ghost_note(df)]
                   if note]
@@ -394,8 +393,10 @@ def text_table(table) -> str:
 def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal: int) -> int:
     """Print the summary, and what was interrupted, failed or diverged; the exit status."""
     experiment = experiments.join(storage, sweep.name)
-    done = 0 if results is None else sum(bool(r.error) or experiments.trial_finished(r.metrics or {}, sweep.epochs)
-                                         for r in results)
+    # what each trial reported, as the analysis reads it: Tune's last result of a trial it restored is its checkpoint's
+    reported = experiments.last_results(experiment)
+    last = {r.path: reported.get(Path(r.path).name, {}) for r in results or []}
+    done = sum(bool(r.error) or experiments.trial_finished(last[r.path], sweep.epochs) for r in results or [])
     auto = sweep.seeds == config_lib.AUTO_SEEDS  # n_trials: the most it may run; done once its searcher stopped
     state = experiments.searcher_state(experiment) if auto else {}
     stopped = rounds.stop_line(state) if auto else ""
@@ -416,10 +417,10 @@ def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal
     failed = [r for r in results if r.error]
     for line in cluster.failure_lines(failed, ship_code=sweep.ship_code):
         print(f"error: {line}", file=sys.stderr)
-    diverged = [r for r in results if (r.metrics or {}).get(trainable.HEALTH_KEY, "ok") != "ok"]
+    diverged = [r for r in results if last[r.path].get(trainable.HEALTH_KEY, "ok") != "ok"]
     for r in diverged:  # in a tuning stage an lr too large for a variant is a finding, not a failure
         print(f"{'note' if sweep.stage == 'tuning' else 'error'}: trial {Path(r.path).name} stopped, "
-              f"{r.metrics[trainable.HEALTH_KEY]}", file=sys.stderr)
+              f"{last[r.path][trainable.HEALTH_KEY]}", file=sys.stderr)
     return 1 if failed or (diverged and sweep.stage != "tuning") else 0
 
 

@@ -27,6 +27,7 @@ import errors
 import experiments
 import train
 import tune_main
+import tuned
 from conftest import HANG_SECONDS, ROOT, launch_until, make_idx_dir, wait_for
 
 pytestmark = pytest.mark.slow  # every test runs a real sweep (Ray)
@@ -210,40 +211,91 @@ def test_an_experiment_copied_or_moved_resumes_where_it_lies(tmp_path, session_r
     assert len(last) == 2 and all(result["epoch"] == 2 for result in last.values()), last
 
 
-def test_a_resume_goes_on_from_a_checkpoint_the_interrupted_driver_did_not_take_in(tmp_path, session_ray):
-    """Issue 25, item 24, end to end: an interrupted sweep whose trial had written one more checkpoint than its driver
-    took in (made here as the trial makes it: the next epoch, from its newest checkpoint): the resume reports that
-    epoch from the checkpoint, trains on from the next, and Tune's log holds each epoch once."""
-    import trainable
-
-    storage, name, epochs = tmp_path / "results", "unlisted", 3
-    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "gn", "--epochs", str(epochs),
-               "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
-    driver = launch_until(command, lambda: any(p.read_text().strip() for p in (storage / name).glob("*/result.json")),
+def _stopped_after_an_epoch(storage: Path, name: str, *flags: str) -> None:
+    """Launch a --smoke-test sweep with `flags` and stop it with Ctrl-C once a trial has reported an epoch."""
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", *flags, "--cpus-per-trial", "1",
+               "--storage-path", str(storage), "--name", name]
+    driver = launch_until(command, lambda: any(p.read_text().strip() for p in storage.glob("*/*/result.json")),
                           "the first reported epoch", cwd=ROOT)
     driver.send_signal(signal.SIGINT)
     out, err = driver.communicate(timeout=HANG_SECONDS)
     assert driver.returncode == 130, (out, err)
-    trial = next((storage / name).glob("gn_*"))
-    newest = Path(experiments.checkpoints(str(trial))[0]) / trainable.CHECKPOINT_FILE
-    sweep = config.SweepConfig().from_launch(experiments.read_launch(str(storage / name)))
-    run = train.TrainingRun(train.load_checkpoint(newest)["config"],
+
+
+def _went_on_unseen(experiment: Path, epochs: int, logged: bool) -> tuple:
+    """A trial of an interrupted experiment trained on from its newest checkpoint for `epochs` more (None: to its last)
+    as its worker does: each epoch's checkpoint written (logged: and every epoch's result.json line, in order, as its
+    driver logs them), none in Tune's saved state, as a driver stopped before it took them in leaves: (trial,
+    reports)."""
+    import trainable
+
+    trial = min(path.parent for path in experiment.glob("*/checkpoint_*"))
+    newest = Path(experiments.checkpoints(str(trial))[0])
+    sweep = config.SweepConfig().from_launch(experiments.read_launch(str(experiment)))
+    run = train.TrainingRun(train.load_checkpoint(newest / trainable.CHECKPOINT_FILE)["config"],
                             train.trial_data(data_lib.load_dataset(sweep.dataset, sweep.data_dir), sweep))
-    run.load(newest)
-    assert run.epoch < epochs, "interrupted too late to test the resume"
-    report = trainable.epoch_report(run, run.run_epoch())
-    unlisted = trial / f"checkpoint_{int(newest.parent.name.split('_')[1]) + 1:06d}"
-    unlisted.mkdir()
-    run.save(unlisted / trainable.CHECKPOINT_FILE)
-    reports = json.loads((newest.parent / experiments.EPOCHS_FILE).read_text()) + [report]
-    (unlisted / experiments.EPOCHS_FILE).write_text(json.dumps(reports))
+    run.load(newest / trainable.CHECKPOINT_FILE)
+    assert run.epoch + (epochs or 0) <= sweep.epochs, "interrupted too late to test the resume"
+    reports, first = json.loads((newest / experiments.EPOCHS_FILE).read_text()), int(newest.name.split("_")[1]) + 1
+    for index in range(first, first + (epochs or sweep.epochs - run.epoch)):  # to the last: maybe none
+        reports.append(trainable.epoch_report(run, run.run_epoch()))
+        (trial / f"checkpoint_{index:06d}").mkdir()
+        run.save(trial / f"checkpoint_{index:06d}" / trainable.CHECKPOINT_FILE)
+        (trial / f"checkpoint_{index:06d}" / experiments.EPOCHS_FILE).write_text(json.dumps(reports))
+    seen = set(experiments.history(str(trial))["epoch"])
+    with (trial / experiments.RESULT_FILE).open("a") as result_file:  # as the driver logs: each epoch, in order
+        result_file.writelines(json.dumps(r) + "\n" for r in reports if logged and r["epoch"] not in seen)
+    return trial, reports
+
+
+def test_a_resume_goes_on_from_a_checkpoint_the_interrupted_driver_did_not_take_in(tmp_path, session_ray):
+    """Issue 25, item 24, end to end: an interrupted sweep whose trial had written one more checkpoint than its driver
+    took in: the resume reports that epoch from the checkpoint, trains on from the next, and Tune's log holds each
+    epoch once."""
+    storage, name, epochs = tmp_path / "results", "unlisted", 3
+    _stopped_after_an_epoch(storage, name, "--variants", "gn", "--epochs", str(epochs))
+    trial, reports = _went_on_unseen(storage / name, 1, logged=False)
 
     assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name]) == 0
     logged = [json.loads(line) for line in (trial / experiments.RESULT_FILE).read_text().splitlines()]
     assert [r["epoch"] for r in logged] == list(range(1, epochs + 1)), logged
-    assert logged[run.epoch - 1]["epoch_seconds"] == report["epoch_seconds"]  # from the checkpoint, not trained again
+    assert logged[len(reports) - 1]["epoch_seconds"] == reports[-1]["epoch_seconds"]  # from the checkpoint, not again
     final = Path(experiments.checkpoints(str(trial))[0], experiments.EPOCHS_FILE)
     assert [r["epoch"] for r in json.loads(final.read_text())] == list(range(1, epochs + 1))
+
+
+def test_a_resume_of_a_trial_whose_last_epoch_the_stopped_driver_logged_but_did_not_save_ends_finished(
+        tmp_path, capsys, session_ray):
+    """A driver stopped after a trial's last epoch was reported (its checkpoint and result.json line written) but
+    before Tune saved its state with it: Tune restores the trial's older checkpoint and, with it, that epoch's result
+    as the trial's last; the resume counts what the trial reported, as the analysis reads it: exit 0, no
+    "interrupted", the table's accuracy the last epoch's, each epoch once."""
+    storage, name = tmp_path / "results", "logged"
+    _stopped_after_an_epoch(storage, name, "--variants", "gn", "--epochs", "3")
+    trial, reports = _went_on_unseen(storage / name, None, logged=True)
+
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name]) == 0
+    out, err = capsys.readouterr()
+    assert "interrupted" not in err and "no epoch reported" not in out, (out, err)
+    row = next(line for line in out.splitlines() if line.split()[:1] == ["gn"]).split()
+    assert row[2:4] == ["3", f"{100 * reports[-1]['test_acc_single']:.2f}"], out  # epochs, final one-view acc
+    grid, df = analysis.load_experiment(storage / name)
+    assert df["epoch"].tolist() == [1, 2, 3] and df["test_acc"].iloc[-1] == reports[-1]["test_acc"]
+
+
+def test_a_tuning_stage_resumed_after_such_a_stop_goes_on_to_the_final_stage(tmp_path, capsys, session_ray):
+    """The sibling in a tuned comparison: its tuning stage stopped so (one trial's last epoch logged, not saved; the
+    other not started): the resume finishes the stage, says nothing is interrupted, and runs the final stage."""
+    storage, name = tmp_path / "results", "tuned"
+    _stopped_after_an_epoch(storage, name, "--tune", "--variants", "gn", "--tune-lrs", "0.05,0.1",
+                            "--tune-weight-decays", "5e-4", "--epochs", "3", "--max-concurrent", "1")
+    _went_on_unseen(storage / tuned.tuning_name(name), None, logged=True)
+
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name, "--cpus-per-trial", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "interrupted" not in err and "tuning stage finished; final stage:" in out, (out, err)
+    assert "Empty DataFrame" not in out, out  # one variant in two arms, one seed: no pair for McNemar's test
+    assert {r["epoch"] for r in experiments.last_results(str(storage / name)).values()} == {3}
 
 
 def test_ctrl_c_on_s3_saves_state_prints_the_resume_command_which_finishes_it_and_it_is_analysed_from_the_uri(
