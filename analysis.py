@@ -313,20 +313,23 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
     (uint8), true, pred, confidence (max softmax), indices, acc (flip-averaged where `flip`), seed, epoch, classes;
     dataset: experiment_dataset's. A one-line AnalysisError without a healthy trial or its best epoch's checkpoint."""
     import trainable  # Ray's checkpoints
+    from ray import tune
 
     best = best_per_trial(df)
     if not len(best) or variant not in set(best["variant"]):
         raise AnalysisError(f"{variant} has no trial with a healthy epoch (every trial of it diverged or has not "
                             f"reported yet), so no checkpoint to show")
     row = best[best["variant"] == variant].sort_values("test_acc", kind="stable").iloc[-1]
-    # the checkpoint of the epoch the table names (Tune keeps it: the best, ties to the latest)
-    kept = [c for c, report in result_of(grid, row["trial"]).best_checkpoints or [] if report["epoch"] == row["epoch"]]
-    if not kept or not experiments.exists(experiments.join(
-            experiments.location_of(kept[-1].filesystem, kept[-1].path), trainable.CHECKPOINT_FILE)):
+    # the checkpoint of the epoch the table names (Tune keeps it: the best, ties to the latest), found on storage
+    result = result_of(grid, row["trial"])
+    kept = [c for c in experiments.checkpoints(experiments.location_of(result.filesystem, result.path), row["epoch"])
+            if experiments.exists(experiments.join(c, trainable.CHECKPOINT_FILE))]
+    if not kept:
         raise AnalysisError(f"trial {row['trial']} has no checkpoint of its best epoch {int(row['epoch'])} (not saved "
                             f"yet, or not copied with the results); resume the experiment or copy its checkpoint_* "
                             f"directories too")
-    state, split, out = _scored(grid, kept[-1], dataset)
+    fs, path = experiments.filesystem(kept[0])
+    state, split, out = _scored(grid, tune.Checkpoint(path, fs), dataset)
     wrong = torch.nonzero(out["preds"] != split.test_labels).flatten()[:n]
     return {"variant": variant, "trial": row["trial"], "seed": state["config"]["seed"], "epoch": state["epoch"],
             "acc": out["acc"], "flip": out["flip"], "split": "validation" if state["config"]["val_size"] else "test",

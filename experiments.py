@@ -293,12 +293,15 @@ def history(trial: str):
     return frame.drop_duplicates("epoch", keep="last") if "epoch" in frame else frame  # an epoch reported twice
 
 
-def checkpoints(trial: str) -> list:
-    """A trial's checkpoint_* directories with a readable EPOCHS_FILE, latest epoch first, in Tune's state or not."""
+def checkpoints(trial: str, epoch: int | None = None) -> list:
+    """A trial's checkpoint_* directories with a readable EPOCHS_FILE, latest epoch first, in Tune's state or not (a
+    stopped driver's state may lack the newest, and a restored trial's Result names only those it has); `epoch`: only
+    the ones written after that epoch."""
     found = []
     for location in (c for c in _subdirs(trial) if name_of(c).startswith("checkpoint_")):
         reports = _json_or_none(_text(join(location, EPOCHS_FILE)))
-        if isinstance(reports, list) and reports and isinstance(reports[-1], dict):  # else cut off mid-write
+        if (isinstance(reports, list) and reports and isinstance(reports[-1], dict)  # else cut off mid-write
+                and epoch in (None, reports[-1].get("epoch"))):
             found.append((reports[-1].get("epoch", 0), name_of(location), location))
     return [location for *_, location in sorted(found, reverse=True)]
 

@@ -281,6 +281,8 @@ def test_a_resume_of_a_trial_whose_last_epoch_the_stopped_driver_logged_but_did_
     assert row[2:4] == ["3", f"{100 * reports[-1]['test_acc_single']:.2f}"], out  # epochs, final one-view acc
     grid, df = analysis.load_experiment(storage / name)
     assert df["epoch"].tolist() == [1, 2, 3] and df["test_acc"].iloc[-1] == reports[-1]["test_acc"]
+    # its misclassified images: the best epoch's checkpoint, found on storage though Tune's Result lacks it
+    assert analysis.misclassified(grid, df, "gn", n=2)["epoch"] == analysis.best_per_trial(df)["epoch"].iloc[0]
 
 
 def test_a_tuning_stage_resumed_after_such_a_stop_goes_on_to_the_final_stage(tmp_path, capsys, session_ray):
