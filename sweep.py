@@ -370,7 +370,8 @@ def summary_text(results, sweep: SweepConfig = SweepConfig(), looks=None) -> str
             lines += ["", "mean over seeds:", text_table(means[["variant", "seeds", "final one-view acc mean (%)",
                                                                 "std (%)", "final acc mean (%)", "best acc mean (%)"]])]
             lines += ["", f"verdicts, paired over seeds and images ({level}, so an unadjusted interval may exclude 0 "
-                      f"while its pair is undecided; equivalent: within ±{margin:g} points, --margin):", text_table(comparisons.verdict_table(df, margin, looks=looks))]
+                      f"while its pair is undecided; equivalent: within ±{margin:g} points, --margin):",
+                      text_table(comparisons.verdict_table(df, margin, looks=looks))]
             if stage == "final":
                 lines += ["", "tuned against the shared recipe, per variant:", text_table(comparisons.verdict_table(
                     df, margin, compare="arm", within=("variant name", "batch_size")))]
