@@ -419,9 +419,9 @@ def comparison_text(tables: dict) -> list:
     intro = {"verdicts": "Verdicts per pair (docs/verdicts.md): the difference of final one-view accuracies, paired "
                          "over seeds (every variant of a seed starts from the same convolution and head weights and "
                          "sees the same data order and augmentation) and over the scored images, whose sampling noise "
-                         f"more seeds do not remove; \"better\" and \"equivalent\" (two one-sided tests) at {level} (and, "
-                         "under --seeds auto, the alpha its looks spent), so an unadjusted interval may exclude 0 "
-                         "while its pair is undecided or equivalent:",
+                         f"more seeds do not remove; \"better\" and \"equivalent\" (two one-sided tests) at {level} "
+                         "(and, under --seeds auto, the alpha its looks spent), so an unadjusted interval may exclude "
+                         "0 while its pair is undecided or equivalent:",
              "mcnemar": "One seed: no verdict is possible, since one seed measures no seed noise. McNemar's exact test "
                         "on the test images one variant classifies right and the other wrong (final epoch, one view; "
                         f"{level}) measures the noise of the images only: another seed may order the variants "
