@@ -81,9 +81,22 @@ def resume(run: train.TrainingRun, experiment: str) -> list:
             reports = json.loads(reports.read_text()) if reports.exists() else []
         logged = set(experiments.history(trial).get("epoch", [])) if known else set()
         for report in (r for r in reports if r["epoch"] not in logged):
-            tune.report(report)
+            report_again(report, experiments.checkpoints(trial, report["epoch"]))
         return reports
     return []
+
+
+def report_again(report: dict, checkpoints: list) -> None:
+    """Report an epoch Tune's log lacks, with its checkpoint on storage if it has one: Tune numbers a trial's
+    checkpoints by those it took in, so the next would be written over one it never took in (the best, maybe).
+    Reported from a copy: Tune writes the checkpoint back to where it lies, not onto itself."""
+    if not checkpoints:
+        tune.report(report)
+        return
+    fs, path = experiments.filesystem(checkpoints[0])
+    with tempfile.TemporaryDirectory() as directory:
+        copy = tune.Checkpoint(path, fs).to_directory(directory)
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(copy))
 
 
 def epoch_report(run: train.TrainingRun, metrics: dict, health: str = "ok") -> dict:

@@ -66,7 +66,11 @@ def _differences(correct: dict, pairs: list) -> dict:
     # E[MS_seed] = e + n var_seed, E[MS_image] = e + s var_image, E[MS_residual] = e, so
     # Var(mean) = (var_seed + e / n) / s + var_image / n = (MS_seed + MS_image - MS_residual) / (s n). The first
     # term, a seed's mean's variance over s, is MS_seed / (s n) itself; an image component estimated below 0 is 0.
-    per_seed = ms_seed / n
+    # A floor under it: Var(mean) >= Var(x) / (s n), and Var(x) <= P(x != 0), estimated with one discordant cell
+    # added (Laplace), so that few test images or a collapsed variant (the same count right on every seed, MS_seed
+    # 0) are not read as no noise at all.
+    discordant = (x != 0).sum((1, 2))
+    per_seed = np.maximum(ms_seed, (discordant + 1) / (s * n + 2)) / n
     image = np.maximum(ms_image - ms_residual, 0.0) / (s * n)
     wins = (seed_sums > 0).mean(1) + (seed_sums == 0).mean(1) / 2
     # The t's degrees of freedom: the smaller of the two parts' (s - 1 in practice), the conservative end of

@@ -262,6 +262,8 @@ def test_a_resume_goes_on_from_a_checkpoint_the_interrupted_driver_did_not_take_
     assert logged[len(reports) - 1]["epoch_seconds"] == reports[-1]["epoch_seconds"]  # from the checkpoint, not again
     final = Path(experiments.checkpoints(str(trial))[0], experiments.EPOCHS_FILE)
     assert [r["epoch"] for r in json.loads(final.read_text())] == list(range(1, epochs + 1))
+    for kept in trial.glob("checkpoint_*"):  # the one it did not take in was not written over by a later epoch
+        assert json.loads((kept / experiments.EPOCHS_FILE).read_text())[-1]["epoch"] == int(kept.name[11:]) + 1
 
 
 def test_a_resume_of_a_trial_whose_last_epoch_the_stopped_driver_logged_but_did_not_save_ends_finished(
@@ -400,9 +402,11 @@ def test_a_resume_on_s3_continues_from_the_checkpoint_a_stopped_driver_did_not_s
     moved = f"s3://{name}/moved/cut"
     resumed = _tune_as_a_driver(monkeypatch, experiments.join(moved, "gn_seed0_00000"), known=-1)
     trainable.train_variant(*arguments[:2], moved)
-    assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(1, False), (2, True), (3, True)]
+    assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(1, True), (2, True), (3, True)]
     assert json.dumps(resumed[0][0]) == json.dumps(first[0][0])
     assert not _keys(client, name, "results/")  # nothing written where it was
+    assert sorted(k for k in _keys(client, name, "moved/") if k.endswith(experiments.EPOCHS_FILE)) == [
+        f"moved/cut/gn_seed0_00000/checkpoint_{k:06d}/{experiments.EPOCHS_FILE}" for k in range(3)]
 
 
 def test_sigterm_to_the_process_group_ends_with_the_resume_command(tmp_path, session_ray):

@@ -371,10 +371,14 @@ def test_a_resume_continues_from_the_checkpoint_a_stopped_driver_did_not_save(da
         state.write_bytes(state.read_bytes()[:1000])  # a copy cut off mid-write
     resumed = _tune_as_a_driver(monkeypatch, str(trial), known=-1)
     trainable.train_variant(*arguments)
-    assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(1, False), (2, True), (3, True)]
+    # epoch 1 reported with its checkpoint, so that Tune numbers the next one 1 and writes it beside, not over, it
+    assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(1, True), (2, True), (3, True)]
     assert json.dumps(resumed[0][0]) == json.dumps(first[0][0])  # epoch 1 as it was reported, not trained again
-    newest = experiments.checkpoints(str(trial))[0]
-    assert [r["epoch"] for r in json.loads(Path(newest, experiments.EPOCHS_FILE).read_text())] == [1, 2, 3]
+    assert [last_epoch(trial / f"checkpoint_{k:06d}") for k in range(3)] == [1, 2, 3]  # none written over
+
+
+def last_epoch(checkpoint: Path) -> int:
+    return json.loads((checkpoint / experiments.EPOCHS_FILE).read_text())[-1]["epoch"]
 
 
 def test_a_resume_reports_again_only_the_epochs_tunes_log_lacks(tmp_path, monkeypatch):
@@ -388,5 +392,6 @@ def test_a_resume_reports_again_only_the_epochs_tunes_log_lacks(tmp_path, monkey
     (trial / experiments.RESULT_FILE).write_text(json.dumps(first[0][0]) + "\n")  # the log as far as Tune's state goes
     resumed = _tune_as_a_driver(monkeypatch, str(trial), known=0)
     trainable.train_variant(*arguments)
-    assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(2, False), (3, True)]
+    assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(2, True), (3, True)]
     assert json.dumps(resumed[0][0]) == json.dumps(first[1][0])
+    assert [last_epoch(trial / f"checkpoint_{k:06d}") for k in range(3)] == [1, 2, 3]

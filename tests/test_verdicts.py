@@ -83,9 +83,34 @@ def test_equal_arrays_are_equivalent():
     rng = np.random.default_rng(5)
     same = rng.random((3, 500)) < 0.9
     d = verdicts.difference(same, same)
-    assert (d.points, d.se, d.p_a_beats_b) == (0.0, 0.0, 0.5)
+    cells = same.size  # no discordant cell: the floor's one added (Laplace) in cells + 2
+    assert (d.points, d.p_a_beats_b) == (0.0, 0.5) and d.se == pytest.approx(100 * (1 / (cells + 2) / cells) ** 0.5)
     verdict, _ = verdicts.decide({"a": same, "b": same.copy()}, {("a", "b")}, verdicts.ALPHA)[("a", "b")]
     assert verdict == "equivalent"
+
+
+def test_few_test_images_or_a_collapsed_variant_are_not_read_as_no_noise():
+    """30 test images, 3 classes, 2 seeds: gn and ln right on all, bn collapsed to one class (class 0 on seed 0,
+    class 1 on seed 1: 10 right on each, so its seeds agree and MS_seed is 0). Without a floor the standard errors
+    were 0: gn - ln "equivalent" and gn - bn "better" with a zero-width interval."""
+    labels = np.repeat([0, 1, 2], 10)
+    perfect, collapsed = np.ones((2, 30), dtype=bool), np.stack([labels == 0, labels == 1])
+    seen = verdicts.decide({"gn": perfect, "ln": perfect.copy(), "bn": collapsed}, {("gn", "ln"), ("gn", "bn")},
+                           verdicts.ALPHA)
+    assert seen[("gn", "ln")][0] is None and seen[("gn", "ln")][1].se > 1  # one image is 3.3 points
+    assert seen[("gn", "bn")][0] is None and seen[("gn", "bn")][1].se > 1
+
+
+def test_false_equivalence_on_few_test_images_stays_at_alpha():
+    """The sibling: 2 seeds on 30 or 100 test images at true accuracies 99% and 97% (2 points apart, twice the
+    margin), each image drawn independently: "equivalent" at most alpha (it came 14% of the time on 30 images
+    without the floor)."""
+    rng = np.random.default_rng(11)
+    for images in (30, 100):
+        runs = 500
+        false = sum(verdicts.decide({"a": rng.random((2, images)) < 0.99, "b": rng.random((2, images)) < 0.97},
+                                    {("a", "b")}, verdicts.ALPHA)[("a", "b")][0] == "equivalent" for _ in range(runs))
+        assert stats.binomtest(false, runs, verdicts.ALPHA, alternative="greater").pvalue > 0.01, (images, false)
 
 
 def test_the_sign_says_which_is_better():
@@ -109,7 +134,7 @@ def test_bad_input_is_refused():
 
 def test_holm_and_spending():
     rng = np.random.default_rng(7)
-    for size in [1, 2, 6] * 70:
+    for size in [1, 2, 6] * 8:  # statsmodels collects garbage on every call: 0.15 s each
         p = np.round(rng.random(size) ** 3, 2)  # ties too
         reject, adjusted, _, _ = multipletests(p, alpha=0.05, method="holm")
         assert [a.tolist() for a in verdicts.holm(p, 0.05)] == [reject.tolist(), adjusted.tolist()]  # bit for bit
