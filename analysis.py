@@ -383,8 +383,9 @@ def trial_table(df) -> pd.DataFrame:
 
 
 def summary(df) -> pd.DataFrame:
-    """Per variant, best first: trial_table's accuracies as means over seeds, the headline's std, convergence."""
-    table = trial_table(df).groupby("variant").agg(**{
+    """Per variant, best first: trial_table's accuracies of the trials that ran all their epochs as means over seeds,
+    the headline's std, convergence."""
+    table = trial_table(df[df["trial"].isin(final_per_trial(df, complete=True)["trial"])]).groupby("variant").agg(**{
         "seeds": ("seed", "size"), "final one-view acc mean (%)": ("final one-view acc (%)", "mean"),
         "std (%)": ("final one-view acc (%)", "std"), "final acc mean (%)": ("final acc (%)", "mean"),
         "best acc mean (%)": ("best acc (%)", "mean"), "best epochs": ("best epoch", lambda e: ", ".join(map(str, e)))})

@@ -28,10 +28,11 @@ def healthy(df) -> pd.DataFrame:
     return df[~df["diverged"]] if "diverged" in df else df
 
 
-def final_per_trial(df) -> pd.DataFrame:
-    """One row per healthy trial at its last reported epoch: the headline, chosen on no split."""
-    df = healthy(df)
-    return df.loc[df.groupby("trial")["epoch"].idxmax()].reset_index(drop=True)
+def final_per_trial(df, complete: bool = False) -> pd.DataFrame:
+    """One row per healthy trial at its last reported epoch: the headline, chosen on no split. complete: only the
+    trials that ran all their epochs (means and verdicts: a trial still running, or stopped, is at another epoch)."""
+    last = (df := healthy(df)).loc[df.groupby("trial")["epoch"].idxmax()]
+    return (last[last["epoch"] >= last["epochs"]] if complete and "epochs" in last else last).reset_index(drop=True)
 
 
 def scored_on(df) -> str:
@@ -55,7 +56,7 @@ def verdict_table(df, margin: float = verdicts.MARGIN, compare: str = "variant",
     took them (rounds.py), a pair decided at the first look that decides it. `compare="arm", within=("variant
     name", "batch_size")`: tuned vs recipe."""
     rows = []
-    for family, final in families(final_per_trial(df), within):
+    for family, final in families(final_per_trial(df, complete=True), within):
         by_value = {v: g.set_index("seed")[experiments.CORRECT_KEY] for v, g in final.groupby(compare)}
         seeds = sorted(set.intersection(*(set(s.index) for s in by_value.values()))) if by_value else []
         correct = {v: np.array([experiments.unpacked_correct(s[seed]) for seed in seeds]) for v, s in by_value.items()}
@@ -90,7 +91,7 @@ def mcnemar_tests(df) -> pd.DataFrame:
     """Per pair of variants of a family and seed, McNemar's exact test on the images the final epoch's one view of
     one gets right and of the other wrong. "difference" in points; "only ... right" in images."""
     rows, noise = [], f"{scored_on(df)}-image noise"
-    for family, trials in families(final_per_trial(df), WITHIN + ("seed",)):  # Holm per seed too
+    for family, trials in families(final_per_trial(df, complete=True), WITHIN + ("seed",)):  # Holm per seed too
         right = {row.variant: experiments.unpacked_correct(getattr(row, experiments.CORRECT_KEY))
                  for row in trials.itertuples()}
         block = []
