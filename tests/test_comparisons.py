@@ -121,3 +121,24 @@ def test_replayed_looks_decide_a_pair_at_the_look_that_decided_it():
     assert tuple(table.loc["bn − gn", ["seeds", "verdict"]]) == (3, "bn better")
     assert table.loc["gn − ln", "seeds"] == 6 and table.loc["gn − ln", "verdict"].startswith("undecided")
     assert comparisons.verdict_table(final_frame(correct), looks=[(7, 0.05)])["verdict"].eq("needs 2+ seeds").all()
+
+
+def test_a_trial_not_at_its_last_epoch_is_left_out_of_verdicts_and_means():
+    """An interrupted sweep: bn's seed 2 stopped at epoch 1 of 10 with a low score. The verdict pairs the seeds every
+    variant finished, and the means over seeds are of finished trials (they averaged the stopped one in)."""
+    import analysis
+
+    rng = np.random.default_rng(3)
+    gn = seeds_of(rng, seeds=3)
+    bn = flipped(rng, gn, gained=0.25, lost=0.005)
+    df = final_frame({"bn": bn, "gn": gn})
+    stopped = (df["variant"] == "bn") & (df["seed"] == 2)
+    df.loc[stopped, ["epoch", "test_acc_single"]] = [1, 0.3]
+    df.loc[stopped, experiments.CORRECT_KEY] = experiments.packed_correct(rng.random(gn.shape[1]) < 0.3)
+    df = df.assign(test_acc=df["test_acc_single"], epoch_seconds=1.0, parameters=100, train_loss=0.1, test_loss=0.1)
+    table = comparisons.verdict_table(df)
+    assert table["seeds"].tolist() == [2] and table["difference (points)"].iloc[0] == pytest.approx(
+        100 * (bn[:2].mean() - gn[:2].mean())), table  # seeds 0-1 only
+    means = analysis.summary(df).set_index("variant")
+    assert means.loc["bn", "seeds"] == 2 and means.loc["bn", "final one-view acc mean (%)"] == pytest.approx(
+        100 * bn[:2].mean(1).mean()), means
