@@ -136,7 +136,7 @@ class SweepConfig(TrialConfig):
                              check=at_least(2, "at least 2 (a verdict needs 2 seeds)"))
     margin: float = setting(verdicts.MARGIN, "accuracy points: two variants closer than this count as equivalent "
                             "(docs/verdicts.md)", "everyday",
-                            check=("a positive number of points", lambda v: 0 < v < 100))
+                            check=("a number of points in (0, 100)", lambda v: 0 < v < 100))
     l1_lambdas: tuple = setting((), f"L1 lambdas: each +l1 variant runs once per lambda (default: {DEFAULT_L1:g})",
                                 "recipe", flag="--l1", type=float, nargs="+",
                                 check=each(lambda v: 0 < v < math.inf, "lambdas above 0"))
@@ -295,7 +295,7 @@ def _check_sweep(sweep: SweepConfig) -> list:
         raise UsageError("--train-size has no effect with --smoke-test (which trains on its own subset); drop one")
     if not sweep.ship_code and not sweep.address:
         raise UsageError("--no-ship-code has no effect without --address (a local Ray ships nothing); drop it")
-    name = sweep.name or "x"
+    name = "x" if sweep.name is None else sweep.name
     size = len(name.encode("utf-8", "surrogateescape"))  # 255 bytes: what ext4, XFS, APFS, NTFS and S3 keys hold
     shown = name if len(name) <= 40 else f"{name[:40]}... ({size} bytes)"
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):

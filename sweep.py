@@ -47,6 +47,9 @@ def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
                                    data_dir=str(Path(sweep.data_dir).expanduser().resolve()))
     name = sweep.name or experiments.latest_started(storage)
     experiment = experiments.join(storage, name)
+    if not experiments.exists(experiment):
+        raise UsageError(f"--resume: no experiment {name!r} under {storage}; pass the --name and --storage-path it "
+                         f"was launched with")
     if not experiments.exists(experiments.join(experiment, experiments.LAUNCH_FILE)):
         raise UsageError(f"--resume: {experiment} is not a normsweep experiment (no {experiments.LAUNCH_FILE})")
     with experiments.owned(experiment):  # refused before anything is said if another run holds it

@@ -51,6 +51,7 @@ REFUSED = [
     ("tune", ["--val-size", "-1"], "--val-size must be 0 (evaluate on test) or more images, got -1"),
     ("tune", ["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1"),
     ("tune", ["--name", "a/b"], "--name must be one directory name"),
+    ("tune", ["--margin", "100"], "--margin must be a number of points in (0, 100), got 100"),
     ("tune", ["--batch-size", "x"], "argument --batch-size: expected 'auto' or a whole number of images, got 'x'"),
     ("train", ["--batch-size", "1"], "a batch of 1 image gives BatchNorm no batch statistics"),
     ("train", ["--l1", "-1"], "--l1 must be 0 (off) or a positive lambda"),

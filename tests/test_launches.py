@@ -78,6 +78,7 @@ def test_a_bare_resume_picks_the_latest_unfinished_experiment(tmp_path, capsys):
     ("x" * 300, r"--name is longer than a file system allows \(300 bytes, at most 255\)"),
     ("runs/first", "--name must be one directory name, without '/'"),
     ("..", "--name must be one directory name"),
+    ("", "--name must be one directory name"),  # it was the storage path itself: "experiment .../ exists"
 ])
 def test_names_that_cannot_be_a_directory_are_refused_before_ray(name, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # importing Ray raises ImportError: it must not be reached
@@ -395,3 +396,14 @@ def test_a_resume_reports_again_only_the_epochs_tunes_log_lacks(tmp_path, monkey
     assert [(r["epoch"], checkpointed) for r, checkpointed in resumed] == [(2, True), (3, True)]
     assert json.dumps(resumed[0][0]) == json.dumps(first[1][0])
     assert [last_epoch(trial / f"checkpoint_{k:06d}") for k in range(3)] == [1, 2, 3]
+
+
+def test_a_resume_of_a_name_not_there_or_not_an_experiment_says_which_before_ray(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing Ray raises ImportError: it must not be reached
+    storage = tmp_path / "r"
+    (storage / "notes").mkdir(parents=True)
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", "nosuch"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --resume: no experiment 'nosuch' under {storage}; pass the "
+                                               f"--name and --storage-path it was launched with")
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", "notes"]) == 2
+    assert "is not a normsweep experiment (no normsweep_launch.json)" in capsys.readouterr().err
