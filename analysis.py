@@ -356,11 +356,13 @@ def plot_misclassified(sample: dict):
         ax.axis("off")
         if k < len(sample["indices"]):
             image = sample["images"][k].permute(1, 2, 0).numpy()  # (H, W, C) uint8; matplotlib warns on tensors
-            # grayscale dark on light, as digits and clothes are drawn on paper (an RGB image ignores cmap)
-            ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray_r")
+            # as stored: 0 black, 255 white, not stretched per image (an RGB image ignores cmap and the range)
+            ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=255)
             ax.set_title(f"true: {classes[sample['true'][k]]}\npred: {classes[sample['pred'][k]]} "
                          f"({100 * sample['confidence'][k]:.0f}%)", fontsize=9)
     split, view = sample.get("split", "test"), "flip-averaged" if sample.get("flip") else "one view"
+    if not len(sample["indices"]):
+        axes.flat[0].text(0, 0.5, f"no {split} image misclassified", fontsize=12)
     seed = f", seed {sample['seed']}" if "seed" in sample else ""
     fig.suptitle(f"{printable(sample['variant'])}: misclassified {split} images of the best checkpoint (epoch "
                  f"{sample['epoch']}{seed})\nits {split} accuracy {100 * sample['acc']:.2f}%, {view}, at that best "

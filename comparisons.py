@@ -78,12 +78,13 @@ def _verdict_columns(verdict, d, pair: tuple, seeds: int, margin: float) -> dict
         return {"seeds": seeds, "difference (points)": math.nan, f"unadjusted {CONFIDENCE:.0%} CI (points)": "-",
                 "first wins (seeds)": "-", "verdict": "needs 2+ seeds"}
     half, needed = stats.t.isf((1 - CONFIDENCE) / 2, d.df) * d.se if d.se else 0.0, verdicts.seeds_needed(d, margin)
+    low, high = max(d.points - half, -100), min(d.points + half, 100)  # two accuracies differ by 100 points at most
     said = {"better": f"{pair[0]} better", "worse": f"{pair[1]} better",
             "equivalent": f"equivalent (within ±{margin:g})"}.get(verdict, (
                 f"undecided: about {needed} seeds would decide it" if math.isfinite(needed) else
                 "undecided: the test images alone are too few to decide it"))
     return {"seeds": d.seeds, "difference (points)": d.points,
-            f"unadjusted {CONFIDENCE:.0%} CI (points)": f"{d.points - half:+.2f} to {d.points + half:+.2f}",
+            f"unadjusted {CONFIDENCE:.0%} CI (points)": f"{low:+.2f} to {high:+.2f}",
             "first wins (seeds)": f"{d.p_a_beats_b:.0%}", "verdict": said}
 
 

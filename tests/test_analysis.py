@@ -83,6 +83,19 @@ def test_any_class_name_reaches_a_figure_and_a_table_verbatim(name, shown):
     assert f"| {shown}\\| " in table and "\n" not in table.splitlines()[-1]
 
 
+def test_a_grayscale_tile_is_drawn_as_stored_and_a_perfect_variant_says_none_misclassified():
+    """An image folder's bright strokes on black were drawn dark on white (gray_r), each image stretched to its own
+    range; a variant with nothing misclassified got a blank figure."""
+    images = torch.tensor([[[[0, 64], [128, 192]]]], dtype=torch.uint8)
+    sample = {"classes": ["a", "b"], "indices": [0], "images": images, "true": [0], "pred": [1], "confidence": [0.5],
+              "variant": "gn", "epoch": 1, "acc": 0.5}
+    drawn = analysis.plot_misclassified(sample).axes[0].images[0]
+    assert drawn.get_cmap().name == "gray" and drawn.get_clim() == (0, 255)
+    perfect = analysis.plot_misclassified({**sample, "indices": [], "images": images[:0], "true": [], "pred": [],
+                                           "confidence": [], "acc": 1.0})
+    assert [t.get_text() for t in perfect.axes[0].texts] == ["no test image misclassified"]
+
+
 def test_report_numbers_are_formatted_as_read():
     table = pd.DataFrame({"comparison": ["a − b", "a − c", "b − c"], "difference (points)": [1.234, float("nan"), 0.5],
                           "McNemar p": [8.59e-16, 0.012345, float("nan")], "Holm p": [0.0009999, 0.037, 1.0]})

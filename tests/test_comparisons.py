@@ -142,3 +142,12 @@ def test_a_trial_not_at_its_last_epoch_is_left_out_of_verdicts_and_means():
     means = analysis.summary(df).set_index("variant")
     assert means.loc["bn", "seeds"] == 2 and means.loc["bn", "final one-view acc mean (%)"] == pytest.approx(
         100 * bn[:2].mean(1).mean()), means
+
+
+def test_an_interval_stays_within_100_points():
+    """12-30 test images and 2 seeds: t with 1 degree of freedom gave intervals such as -147 to +214 points."""
+    labels = np.repeat([0, 1, 2], 10)
+    table = comparisons.verdict_table(final_frame({"gn": np.ones((2, 30), dtype=bool),
+                                                   "bn": np.stack([labels == 0, labels == 1])}))
+    low, high = (float(v) for v in table["unadjusted 95% CI (points)"].iloc[0].split(" to "))
+    assert -100 <= low < high <= 100 and table["verdict"].iloc[0].startswith("undecided"), table
