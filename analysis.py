@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -192,10 +193,14 @@ def progress(grid, df) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def progress_note(table: pd.DataFrame, running: str | None = None) -> str:
-    """'' if complete, else one sentence: each variant's epochs in, then who runs it (running) or how to resume."""
+def progress_note(table: pd.DataFrame, running: str | None = None, experiment: str | None = None) -> str:
+    """'' if complete, else one sentence: each variant's epochs in, then who runs it (running) or how to resume
+    (the experiment's storage path and name: a bare --resume finds only the latest under ./results)."""
     parts = "; ".join(f"{row['variant']} {row['epochs in']} of {row['planned epochs']}" for _, row in table.iterrows())
-    then = f"It is still running ({running})." if running else "Resume it with tune_main.py --resume."
+    base, sep, query = str(experiment).partition("?")  # a URI's query string belongs to its storage path
+    where = (f" --storage-path {shlex.quote(base.rstrip('/').rsplit('/', 1)[0] + sep + query)} --name "
+             f"{shlex.quote(experiments.name_of(experiment))}") if experiment else ""
+    then = f"It is still running ({running})." if running else f"Resume it with tune_main.py --resume{where}."
     return "" if table["complete"].all() else (
         "Partial experiment: these figures and tables cover only the epochs reported so far (epochs in, per "
         f"variant: {parts}). {then}")
@@ -562,7 +567,8 @@ def write_report(experiment, out_dir, dataset=None, data_dir=None) -> list:
     grid, df = load_experiment(experiment)
     figures, skipped = {}, []  # file name -> PNG; "what: why" of each part left out
     running = experiments.holder(experiment_location(grid))
-    notes = [progress_note(progress(grid, df), running), diverged_note(df), validation_note(df), ghost_note(df)]
+    notes = [progress_note(progress(grid, df), running, experiment_location(grid)), diverged_note(df),
+             validation_note(df), ghost_note(df)]
     text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", "",
             *[line for note in notes if note for line in (f"**{note}**", "")]]
     if (kind := stage(grid)) == "tuning":  # the learning-rate sensitivity and the choices

@@ -222,6 +222,11 @@ def test_a_partial_report_of_a_running_experiment_does_not_say_resume():
     assert running.endswith(f"(epochs in, per variant: bn 1 of 2). It is still running ({holder}).")
     assert "--resume" not in running
     assert analysis.progress_note(table).endswith("Resume it with tune_main.py --resume.")
+    # with the experiment's place: a bare --resume finds only the latest experiment under ./results
+    assert analysis.progress_note(table, experiment="/data/my runs/int1").endswith(
+        "Resume it with tune_main.py --resume --storage-path '/data/my runs' --name int1.")
+    assert analysis.progress_note(table, experiment="s3://b/r/int1?region=eu-west-1").endswith(
+        "Resume it with tune_main.py --resume --storage-path 's3://b/r?region=eu-west-1' --name int1.")
     assert analysis.progress_note(table.assign(complete=True), running=holder) == ""
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -88,7 +89,8 @@ def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experimen
     assert (tmp_path / "misclassified_gn_batch_2.png").exists()
     # one variant with results: said, not an empty table
     assert "nothing to compare (fewer than two variants have results" in summary and "| comparison" not in summary
-    assert "Resume it with tune_main.py --resume." in summary
+    assert (f"Resume it with tune_main.py --resume --storage-path {shlex.quote(str(pending_experiment.parent))} --name "
+            f"{pending_experiment.name}." in summary), summary
     with experiments.owned(str(pending_experiment)):  # a run writing it is not to be resumed (issue 25, item 22)
         assert analysis.main([str(pending_experiment), "--out", str(tmp_path / "running")]) == 0
     running = (tmp_path / "running" / "summary.md").read_text()
