@@ -25,12 +25,13 @@ GROUPS = {"everyday": "everyday", "recipe": "the training recipe (shared by ever
 
 
 def setting(default, help="", group=None, *, programs=("train", "tune"), check=None, saved=True,
-            trajectory=True, **argparse_options):
+            trajectory=True, shown=None, **argparse_options):
     """A field with its flag (group None: none). programs: the CLIs with the flag (SweepConfig's own fields: only
     tune_main.py's). check: (what a refusal says, predicate). saved: in the launch file (False: today's flags decide
-    on --resume). trajectory: a checkpoint continues a run only under the same value."""
+    on --resume). trajectory: a checkpoint continues a run only under the same value. shown: the default as --help
+    writes it, where that is not the value's own form."""
     return field(default=default, metadata=dict(help=help, group=group, programs=programs, check=check, saved=saved,
-                                                trajectory=trajectory, argparse=argparse_options))
+                                                trajectory=trajectory, shown=shown, argparse=argparse_options))
 
 
 def at_least(low, what):
@@ -85,7 +86,7 @@ class TrialConfig:
     l1: float = setting(0.0, "L1 penalty lambda (0: off)", "recipe", programs=("train",),
                         check=("0 (off) or a positive lambda", lambda v: 0 <= v < math.inf))
     batch_size: int = setting(0, f"images per step, or 'auto': {MAX_BATCH}, fewer for {MIN_STEPS_PER_EPOCH}+ steps an "
-                              f"epoch, at least {MIN_BATCH}", "recipe", type=batch_size_arg,
+                              f"epoch, at least {MIN_BATCH}", "recipe", type=batch_size_arg, shown="auto",
                               check=at_least(0, "'auto' or a number of images"))
     lr: float = setting(0.05, "OneCycle peak learning rate", "recipe",
                         check=("a positive number (the OneCycle peak learning rate)", lambda v: 0 < v < math.inf))
@@ -219,8 +220,8 @@ def parse(program: str, cls, argv, description: str):
         options = {k: v for k, v in meta["argparse"].items() if k != "flag"}
         if "action" not in options:
             options.setdefault("type", type(f.default) if f.default is not None else str)
-        default = (f"{f.default:g}" if isinstance(f.default, float) else
-                   ",".join(f"{v:g}" for v in f.default) if isinstance(f.default, tuple) else f.default)
+        default = meta["shown"] or (f"{f.default:g}" if isinstance(f.default, float) else
+                                    ",".join(f"{v:g}" for v in f.default) if isinstance(f.default, tuple) else f.default)
         shown = "" if isinstance(f.default, bool) or f.default in (None, ()) else f" (default: {default})"
         groups[meta["group"]].add_argument(_flag(f), dest=f.name, help=meta["help"] + shown, **options)
     given = vars(parser.parse_args(argv))

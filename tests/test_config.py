@@ -121,6 +121,7 @@ def test_help_groups_the_flags_and_lists_every_norm(main, capsys):
     out = capsys.readouterr().out
     assert {"everyday:", "the training recipe (shared by every variant):"} <= set(out.splitlines())
     assert f"one of {', '.join(NORMS)}" in " ".join(out.split())  # argparse wraps lines
+    assert "at least 16 (default: auto)" in " ".join(out.split())  # --batch-size's default, 0, is 'auto'
 
 
 def test_both_clis_default_to_the_trial_defaults():
