@@ -220,8 +220,8 @@ def parse(program: str, cls, argv, description: str):
         options = {k: v for k, v in meta["argparse"].items() if k != "flag"}
         if "action" not in options:
             options.setdefault("type", type(f.default) if f.default is not None else str)
-        default = meta["shown"] or (f"{f.default:g}" if isinstance(f.default, float) else
-                                    ",".join(f"{v:g}" for v in f.default) if isinstance(f.default, tuple) else f.default)
+        default = meta["shown"] or (f"{f.default:g}" if isinstance(f.default, float) else ",".join(
+            f"{v:g}" for v in f.default) if isinstance(f.default, tuple) else f.default)
         shown = "" if isinstance(f.default, bool) or f.default in (None, ()) else f" (default: {default})"
         groups[meta["group"]].add_argument(_flag(f), dest=f.name, help=meta["help"] + shown, **options)
     given = vars(parser.parse_args(argv))
