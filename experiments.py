@@ -296,7 +296,7 @@ def history(trial: str):
 def checkpoints(trial: str, epoch: int | None = None) -> list:
     """A trial's checkpoint_* directories with a readable EPOCHS_FILE, latest epoch first, in Tune's state or not (a
     stopped driver's state may lack the newest, and a restored trial's Result names only those it has); `epoch`: only
-    the ones written after that epoch."""
+    the ones whose last reported epoch is that one."""
     found = []
     for location in (c for c in _subdirs(trial) if name_of(c).startswith("checkpoint_")):
         reports = _json_or_none(_text(join(location, EPOCHS_FILE)))
