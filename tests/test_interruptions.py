@@ -76,6 +76,26 @@ def _keys(client, bucket: str, prefix: str = "") -> list:
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """Random idx files, 256 training and 64 test images: these tests are of interruptions and resumes, not learning
+    (real data: the smoke sweep's tests), and an epoch of them takes a fraction of a second."""
+    return make_idx_dir(tmp_path_factory.mktemp("data") / "tiny", n_train=256, n_test=64)
+
+
+def sweep_command(data: Path, storage, name: str, *flags: str) -> list:
+    """tune_main.py on `data`: bn and gn, 2 epochs, one trial at a time (gn waits, never started, until bn is done)
+    on 1 CPU; then `flags`, which win."""
+    return [sys.executable, str(ROOT / "tune_main.py"), "--dataset", str(data), "--variants", "bn,gn", "--epochs", "2",
+            "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name, *flags]
+
+
+def reported(experiment: Path):
+    """A condition: some trial of `experiment` has an epoch in its result.json, which the driver writes once it has
+    taken the epoch's report (and its checkpoint) in."""
+    return lambda: any(p.read_text().strip() for p in experiment.glob("*/result.json"))
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 300 KB file system (as root), too small for one epoch's checkpoints; skipped where mounting is refused."""
@@ -106,12 +126,11 @@ def test_a_relative_dataset_directory_is_read_back_from_anywhere(tmp_path, monke
     assert tune_main.main(["--resume", "--storage-path", str(launch_dir / "results"), "--name", "rel"]) == 0
 
 
-def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys, session_ray):
+def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tiny_data, tmp_path, capsys, session_ray):
     storage, name = tmp_path / "results", "terminated"
-    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
-               "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
+    command = sweep_command(tiny_data, storage, name)
     # the driver writes result.json once it has taken the epoch's report in, its checkpoint with it
-    driver = launch_until(command, lambda: any(p.read_text().strip() for p in (storage / name).glob("*/result.json")),
+    driver = launch_until(command, reported(storage / name),
                           "the first reported epoch", cwd=ROOT)
     driver.send_signal(signal.SIGTERM)  # what timeout(1), docker stop, scancel and preemption send
     out, err = driver.communicate(timeout=HANG_SECONDS)
@@ -132,9 +151,8 @@ def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tmp_path, capsys, session
     assert {count for counts in threads for count in counts} == {1, 2}, threads
 
 
-def test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed(small_tmpfs, capfd, session_ray):
-    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn",
-               "--storage-path", str(small_tmpfs), "--name", "full"]
+def test_a_full_storage_is_one_line_without_retries_and_resumes_once_freed(tiny_data, small_tmpfs, capfd, session_ray):
+    command = sweep_command(tiny_data, small_tmpfs, "full", "--max-concurrent", "0")
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert done.returncode in (1, 2), done.stdout + done.stderr
     errors = done.stderr.strip().splitlines()
@@ -185,14 +203,12 @@ def test_a_damaged_experiment_is_named_in_one_line_by_resume_and_analysis(smoke_
     assert f"{search} is cut off or corrupt (ValueError: " in err and "\n" not in err, err
 
 
-def test_an_experiment_copied_or_moved_resumes_where_it_lies(tmp_path, session_ray):
+def test_an_experiment_copied_or_moved_resumes_where_it_lies(tiny_data, tmp_path, session_ray):
     """Issue 25, items 9 and 10: an interrupted experiment copied under a new name resumes into the copy, the
     original untouched (Tune had not yet created gn, held back by --max-concurrent); the sibling: the whole storage
     path moved, the experiment resumes at its new place."""
     storage, name = tmp_path / "results", "int1"
-    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
-               "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
-    driver = launch_until(command, lambda: any(p.read_text().strip() for p in (storage / name).glob("*/result.json")),
+    driver = launch_until(sweep_command(tiny_data, storage, name), reported(storage / name),
                           "the first reported epoch", cwd=ROOT)
     driver.send_signal(signal.SIGINT)
     out, err = driver.communicate(timeout=HANG_SECONDS)
@@ -212,14 +228,28 @@ def test_an_experiment_copied_or_moved_resumes_where_it_lies(tmp_path, session_r
 
 
 def _stopped_after_an_epoch(storage: Path, name: str, *flags: str) -> None:
-    """Launch a --smoke-test sweep with `flags` and stop it with Ctrl-C once a trial has reported an epoch."""
+    """Launch a --smoke-test sweep with `flags` and stop it with Ctrl-C once a trial has reported an epoch (its
+    epochs take seconds: the stop lands before the trial's last)."""
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", *flags, "--cpus-per-trial", "1",
                "--storage-path", str(storage), "--name", name]
-    driver = launch_until(command, lambda: any(p.read_text().strip() for p in storage.glob("*/*/result.json")),
-                          "the first reported epoch", cwd=ROOT)
+    driver = launch_until(command, lambda: storage.is_dir() and any(reported(e)() for e in storage.iterdir()),
+                          "the first reported epoch", cwd=ROOT)  # a tuned comparison's: its tuning stage's
     driver.send_signal(signal.SIGINT)
     out, err = driver.communicate(timeout=HANG_SECONDS)
     assert driver.returncode == 130, (out, err)
+
+
+@pytest.fixture(scope="module")
+def stopped_gn(tmp_path_factory) -> Path:
+    """A gn sweep of 3 epochs stopped after its first; each test takes a copy (stopped_copy)."""
+    storage = tmp_path_factory.mktemp("stopped")
+    _stopped_after_an_epoch(storage, "stopped", "--variants", "gn", "--epochs", "3")
+    return storage / "stopped"
+
+
+def stopped_copy(stopped_gn: Path, storage: Path) -> Path:
+    """A copy of stopped_gn under `storage` (the same name: a moved experiment, which resumes where it lies)."""
+    return Path(shutil.copytree(stopped_gn, storage / stopped_gn.name, symlinks=True))
 
 
 def _went_on_unseen(experiment: Path, epochs: int, logged: bool) -> tuple:
@@ -248,12 +278,12 @@ def _went_on_unseen(experiment: Path, epochs: int, logged: bool) -> tuple:
     return trial, reports
 
 
-def test_a_resume_goes_on_from_a_checkpoint_the_interrupted_driver_did_not_take_in(tmp_path, session_ray):
+def test_a_resume_goes_on_from_a_checkpoint_the_interrupted_driver_did_not_take_in(stopped_gn, tmp_path, session_ray):
     """Issue 25, item 24, end to end: an interrupted sweep whose trial had written one more checkpoint than its driver
     took in: the resume reports that epoch from the checkpoint, trains on from the next, and Tune's log holds each
     epoch once."""
-    storage, name, epochs = tmp_path / "results", "unlisted", 3
-    _stopped_after_an_epoch(storage, name, "--variants", "gn", "--epochs", str(epochs))
+    storage, epochs = tmp_path / "results", 3
+    name = stopped_copy(stopped_gn, storage).name
     trial, reports = _went_on_unseen(storage / name, 1, logged=False)
 
     assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name]) == 0
@@ -267,13 +297,13 @@ def test_a_resume_goes_on_from_a_checkpoint_the_interrupted_driver_did_not_take_
 
 
 def test_a_resume_of_a_trial_whose_last_epoch_the_stopped_driver_logged_but_did_not_save_ends_finished(
-        tmp_path, capsys, session_ray):
+        stopped_gn, tmp_path, capsys, session_ray):
     """A driver stopped after a trial's last epoch was reported (its checkpoint and result.json line written) but
     before Tune saved its state with it: Tune restores the trial's older checkpoint and, with it, that epoch's result
     as the trial's last; the resume counts what the trial reported, as the analysis reads it: exit 0, no
     "interrupted", the table's accuracy the last epoch's, each epoch once."""
-    storage, name = tmp_path / "results", "logged"
-    _stopped_after_an_epoch(storage, name, "--variants", "gn", "--epochs", "3")
+    storage = tmp_path / "results"
+    name = stopped_copy(stopped_gn, storage).name
     trial, reports = _went_on_unseen(storage / name, None, logged=True)
 
     assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name]) == 0
@@ -303,14 +333,13 @@ def test_a_tuning_stage_resumed_after_such_a_stop_goes_on_to_the_final_stage(tmp
 
 
 def test_ctrl_c_on_s3_saves_state_prints_the_resume_command_which_finishes_it_and_it_is_analysed_from_the_uri(
-        bucket, tmp_path, capsys):
+        bucket, tiny_data, tmp_path, capsys):
     """Ctrl-C (SIGINT) of a sweep writing to S3 exits 130 with its state saved there and the command that resumes
     it; the partial experiment's analysis says it is partial; the printed command finishes it (saying what it
     reuses, ignores and has left), and the analysis, its misclassified images and the report read it from the URI."""
     name, client = bucket
     storage = f"s3://{name}/results"
-    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
-               "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", storage, "--name", "remote"]
+    command = sweep_command(tiny_data, storage, "remote")
     # waits on events (the driver's line for the first epoch: it has taken the report and its checkpoint in),
     # however long a loaded machine takes
     with tempfile.TemporaryFile("w+") as stdout:  # not in tmp_path, which must stay empty
@@ -346,9 +375,9 @@ def test_ctrl_c_on_s3_saves_state_prints_the_resume_command_which_finishes_it_an
     assert experiments.latest_started(storage) == "remote"
     assert tune_main.main(resume[2:] + ["--epochs", "5"]) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"resume: reusing the launch settings \(dataset fashion-mnist, variants bn,gn, 1 seed\(s\), "
-                     r"2 epochs, smoke-test data\); CPUs and GPUs per trial from today's flags; ignoring today's --epochs 5 "
-                     r".*; [12] of 2 trials left to run", printed), printed
+    assert re.search(r"resume: reusing the launch settings \(dataset tiny, variants bn,gn, 1 seed\(s\), 2 epochs\); "
+                     r"CPUs and GPUs per trial from today's flags; ignoring today's --epochs 5 .*; [12] of 2 trials "
+                     r"left to run", printed), printed
     last = experiments.last_results(location)
     assert len(last) == 2 and all(result["epoch"] == 2 for result in last.values())
     for trial in last:  # every epoch reported exactly once across the interruption
@@ -409,7 +438,7 @@ def test_a_resume_on_s3_continues_from_the_checkpoint_a_stopped_driver_did_not_s
         f"moved/cut/gn_seed0_00000/checkpoint_{k:06d}/{experiments.EPOCHS_FILE}" for k in range(3)]
 
 
-def test_sigterm_to_the_process_group_ends_with_the_resume_command(tmp_path, session_ray):
+def test_sigterm_to_the_process_group_ends_with_the_resume_command(tiny_data, tmp_path, session_ray):
     """`timeout` and `kill -TERM -- -PGID` signal the driver's whole process group, which holds the local
     Ray's processes too: the driver's last words are the resume command, exit 143 (was Ray's "Failed to connect
     to GCS within 60 seconds ... The program will terminate", exit 1), and the resume finishes the sweep."""
@@ -417,9 +446,7 @@ def test_sigterm_to_the_process_group_ends_with_the_resume_command(tmp_path, ses
     from conftest import launch_until
 
     storage, name = tmp_path / "results", "grouped"
-    command = [sys.executable, "tune_main.py", "--smoke-test", "--variants", "bn,gn", "--epochs", "2",
-               "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
-    driver = launch_until(command, lambda: any(p.read_text().strip() for p in (storage / name).glob("*/result.json")),
+    driver = launch_until(sweep_command(tiny_data, storage, name), reported(storage / name),
                           "the first reported epoch", cwd=ROOT, start_new_session=True)
     os.killpg(driver.pid, signal.SIGTERM)
     out, err = driver.communicate(timeout=HANG_SECONDS)

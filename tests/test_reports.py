@@ -44,17 +44,17 @@ pytestmark = pytest.mark.slow  # every test reads a real sweep (Ray)
 
 @pytest.fixture(scope="module")
 def pending_experiment(tmp_path_factory):
-    """Interrupted (SIGINT) once the batch-2 trial's first epoch is in, while its batch-500 twin waits for the
+    """Interrupted (SIGINT) once the batch-16 trial's first epoch is in, while its batch-500 twin waits for the
     CPUs it holds (each trial asks for every core, so they run one after the other, the smaller batch first):
     a trial Tune created that has reported nothing, whatever the machine's speed."""
     storage, name = tmp_path_factory.mktemp("results"), "pending"
-    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "gn", "--batch-sizes", "2,500",
-               "--epochs", "2", "--cpus-per-trial", str(os.cpu_count()), "--storage-path", str(storage),
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "gn", "--batch-sizes",
+               "16,500", "--epochs", "2", "--cpus-per-trial", str(os.cpu_count()), "--storage-path", str(storage),
                "--name", name]
     driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def reported():  # result.json is written by the driver once it has taken the report in
-        return any(f.read_text().strip() for f in (storage / name).glob("*batch_2_*/result.json"))
+        return any(f.read_text().strip() for f in (storage / name).glob("*batch_16_*/result.json"))
 
     hang = time.monotonic() + 1800  # a hang guard only: a loaded machine is slow, not wrong
     while not reported():
@@ -81,12 +81,12 @@ def test_partial_report_with_a_trial_that_has_reported_nothing(pending_experimen
 
     table = analysis.progress(grid, df).set_index("variant")
     assert table.loc["gn, batch 500", "epochs in"] == "0" and not table.loc["gn, batch 500", "complete"]
-    assert table.loc["gn, batch 2", "epochs in"] == "1"
+    assert table.loc["gn, batch 16", "epochs in"] == "1"
 
     assert analysis.main([str(pending_experiment), "--out", str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
-    assert "**Partial experiment" in summary and "gn, batch 2 1 of 2; gn, batch 500 0 of 2" in summary
-    assert (tmp_path / "misclassified_gn_batch_2.png").exists()
+    assert "**Partial experiment" in summary and "gn, batch 16 1 of 2; gn, batch 500 0 of 2" in summary
+    assert (tmp_path / "misclassified_gn_batch_16.png").exists()
     # one variant with results: said, not an empty table
     assert "nothing to compare (fewer than two variants have results" in summary and "| comparison" not in summary
     assert (f"Resume it with tune_main.py --resume --storage-path {shlex.quote(str(pending_experiment.parent))} --name "
@@ -106,10 +106,10 @@ def test_results_copied_without_checkpoints_still_report(pending_experiment, tmp
     grid, df = analysis.load_experiment(copy)
     with pytest.raises(analysis.AnalysisError, match=r"has no checkpoint of its best epoch 1 \(not saved yet, "
                                                      r"or not copied with the results\)"):
-        analysis.misclassified(grid, df, "gn, batch 2")
+        analysis.misclassified(grid, df, "gn, batch 16")
     assert analysis.main([str(copy), "--out", str(tmp_path / "report")]) == 0
     summary = (tmp_path / "report" / "summary.md").read_text()
-    assert "- misclassified images of gn, batch 2: trial gn_batch_2_seed0_" in summary
+    assert "- misclassified images of gn, batch 16: trial gn_batch_16_seed0_" in summary
     assert "![test accuracy](test_acc.png)" in summary
 
 
