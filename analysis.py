@@ -169,12 +169,12 @@ def best_per_trial(df) -> pd.DataFrame:
 def progress(grid, df) -> pd.DataFrame:
     """Per variant: trials (the launch's, or those reporting), epochs in (fewest-most; a trial not reported yet
     counts 0) of the planned epochs, trials diverged, complete (each ran its epochs or diverged)."""
-    launch, planned_epochs = experiments.read_launch(experiment_location(grid)), int(df["epochs"].max())
+    location, planned_epochs = experiment_location(grid), int(df["epochs"].max())
+    launch = experiments.read_launch(location)
     axes = config_lib.grid_axes(config_lib.SweepConfig().from_launch(launch)) if launch else {"seed": []}
     seeds = len(axes.pop("seed"))
-    if launch.get("seeds") == config_lib.AUTO_SEEDS and experiments.searcher_state(experiment_location(grid)).get(
-            "stopped"):  # a --seeds auto sweep that has stopped planned the trials it ran
-        seeds = 0
+    if launch.get("seeds") == config_lib.AUTO_SEEDS and experiments.searcher_state(location).get("stopped"):
+        seeds = 0  # a --seeds auto sweep that has stopped planned the trials it ran
     planned = {experiments.variant_label({**dict(zip(axes, point)), "stage": launch.get("stage"),
                                           "lr_reference_batch": 1 if "batch_size" in axes else 0}): seeds
                for point in itertools.product(*axes.values())}
@@ -527,9 +527,8 @@ def experiment_line(experiment) -> str:
     shown = printable(experiments.shown(experiment))
     if experiments.is_uri(shown):
         return f"`{shown}`"
-    if Path(experiments.resolve(experiment)).is_relative_to(Path.cwd()):
-        return f"`{shown}` (relative to the directory the analysis ran in)"
-    return f"`{shown}` (its name; it lies outside the directory the analysis ran in)"
+    inside = Path(experiments.resolve(experiment)).is_relative_to(Path.cwd())
+    return f"`{shown}` ({'relative to' if inside else 'its name; it lies outside'} the directory the analysis ran in)"
 
 
 def write_report(experiment, out_dir, dataset=None, data_dir=None) -> list:
@@ -555,7 +554,15 @@ def write_report(experiment, out_dir, dataset=None, data_dir=None) -> list:
                 text += _tuning_section(grid, tuning_frame(grid, df), figures)
             except AnalysisError as e:
                 text += [f"(The tuning stage's results are not readable here: {e}.)", ""]
-        text += _batch_section(df, figures) if is_batch_study(df) else []
+        if is_batch_study(df):  # Wu & He's Table 2 layout, the figure and the per-batch-size table
+            study = batch_size_study(df)
+            figures["batch_size.png"] = _png(plot_batch_sizes(study, _title(df, "batch-size study", wrap=True)))
+            text += ["## Batch size", "", "Final-epoch test error on one view (%), mean ± std over seeds, laid out "
+                     "like Table 2 of Wu & He (2018); \"precise BN statistics\" recomputes BatchNorm's running "
+                     "statistics on batches of 500 training images after training (`train.precise_bn`). \"*\": may "
+                     "not have converged.", "", _markdown(batch_size_table(study)), "",
+                     "![test error against batch size](batch_size.png)", "", "Per variant and batch size:", "",
+                     _markdown(study), ""]
         text += _results_section(grid, df, figures, skipped, dataset, data_dir)
     text += ["## Not in this report", "", *[f"- {line}" for line in skipped], ""] if skipped else []
     out, files = experiments.resolve(out_dir), {**figures, "summary.md": "\n".join(text).encode()}
@@ -618,9 +625,8 @@ def _tuning_section(grid, tuning_df, figures: dict) -> list:
     either stage), and how early stopping would have ranked."""
     title = _title(tuning_df, "learning-rate sensitivity", wrap=True)
     figures["lr_sensitivity.png"] = _png(plot_sensitivity(tuning_df, title))
-    chosen = tuning_choices(grid, tuning_df)
     choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
-                             "evidence": c["evidence"]} for name, c in sorted(chosen.items())])
+                             "evidence": c["evidence"]} for name, c in sorted(tuning_choices(grid, tuning_df).items())])
     agreement = comparisons.rank_agreement(tuning_df)
     return [f"## Tuning stage: {_title(tuning_df, 'validation accuracy')}", "",
             "Every variant trained once (seed 0) at each learning rate and weight decay below, "
@@ -634,17 +640,6 @@ def _tuning_section(grid, tuning_df, figures: dict) -> list:
             "correlation between each configuration's validation accuracy at the rung epoch and at the final epoch, "
             "and whether an ASHA-type scheduler with that rung and reduction factor 3 would have kept the final "
             "winner:", "", _markdown(agreement), ""] if len(agreement) else [])]
-
-
-def _batch_section(df, figures: dict) -> list:
-    """A batch-size study: Wu & He's Table 2 layout, the figure (into figures) and the per-batch-size table."""
-    study = batch_size_study(df)
-    figures["batch_size.png"] = _png(plot_batch_sizes(study, _title(df, "batch-size study", wrap=True)))
-    return ["## Batch size", "", "Final-epoch test error on one view (%), mean ± std over seeds, laid out like "
-            "Table 2 of Wu & He (2018); \"precise BN statistics\" recomputes BatchNorm's running statistics on batches "
-            "of 500 training images after training (`train.precise_bn`). \"*\": may not have converged.", "",
-            _markdown(batch_size_table(study)), "", "![test error against batch size](batch_size.png)", "",
-            "Per variant and batch size:", "", _markdown(study), ""]
 
 
 def run_notebook(experiment, out_dir) -> str:

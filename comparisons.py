@@ -89,8 +89,7 @@ def mcnemar_tests(df) -> pd.DataFrame:
     one gets right and of the other wrong. "difference" in points; "only ... right" in images."""
     rows, noise = [], f"{scored_on(df)}-image noise"
     for family, trials in families(final_per_trial(df, complete=True), WITHIN + ("seed",)):  # Holm per seed too
-        right = {row.variant: experiments.unpacked_correct(getattr(row, experiments.CORRECT_KEY))
-                 for row in trials.itertuples()}
+        right = dict(zip(trials["variant"], map(experiments.unpacked_correct, trials[experiments.CORRECT_KEY])))
         block = []
         for a, b in itertools.combinations(sorted(right, key=lambda v: -right[v].mean()), 2):
             only_a, only_b, p = mcnemar_exact(right[a], right[b])
