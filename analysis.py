@@ -278,7 +278,6 @@ def plot_curves(df, metric: str):
 
 
 def _skip(skipped, error, what: str):
-    """Append "what: why" to `skipped`, a list; raise the error where there is none."""
     if skipped is None:
         raise error
     skipped.append(f"{what}: {error}")
@@ -494,7 +493,6 @@ def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
 
 
 def _log2_axis(ax, values):
-    """A log2 x axis ticked at each of `values`, labelled as they are; a grid."""
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))], minor=False)
     ax.minorticks_off()
