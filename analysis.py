@@ -34,9 +34,11 @@ from errors import USAGE_EXIT, DataError, ExperimentError, NormsweepError
 from model import GHOST_BATCH
 
 AnalysisError = ExperimentError  # what this module raises: one line that says what to do
-CURVES = {  # metric -> (axis label, higher is better); {split}: the split the trials were scored on (scored_on)
+# metric -> (axis label, higher is better); {split}: the split the trials were scored on (scored_on), {view}: whether
+# test_acc averages each image and its mirror
+CURVES = {
     "test_loss": ("{split} loss (cross-entropy, nats)", False),
-    "test_acc": ("{split} accuracy (%)", True),
+    "test_acc": ("{split} accuracy, {view} (%)", True),
     "train_loss": ("train loss (cross-entropy + label smoothing, nats)", False),
     "train_acc": ("train accuracy on augmented batches (%)", True),
 }
@@ -127,11 +129,6 @@ def results_frame(grid) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).assign(data=data_subset(launch))
 
 
-def result_of(grid, trial: str):
-    """The Result of a trial of results_frame (a RECIPE_COPY row is its tuned trial's)."""
-    return next(r for r in grid if Path(r.path).name == trial.removesuffix(RECIPE_COPY))
-
-
 def data_subset(launch: dict) -> str:
     """What part of the dataset a launch trained and scored on, in words; "" for all of it."""
     if not (n_train := launch.get("train_size")):
@@ -172,12 +169,12 @@ def best_per_trial(df) -> pd.DataFrame:
 def progress(grid, df) -> pd.DataFrame:
     """Per variant: trials (the launch's, or those reporting), epochs in (fewest-most; a trial not reported yet
     counts 0) of the planned epochs, trials diverged, complete (each ran its epochs or diverged)."""
-    launch, planned_epochs = experiments.read_launch(experiment_location(grid)), int(df["epochs"].max())
+    location, planned_epochs = experiment_location(grid), int(df["epochs"].max())
+    launch = experiments.read_launch(location)
     axes = config_lib.grid_axes(config_lib.SweepConfig().from_launch(launch)) if launch else {"seed": []}
     seeds = len(axes.pop("seed"))
-    if launch.get("seeds") == config_lib.AUTO_SEEDS and experiments.searcher_state(experiment_location(grid)).get(
-            "stopped"):  # a --seeds auto sweep that has stopped planned the trials it ran
-        seeds = 0
+    if launch.get("seeds") == config_lib.AUTO_SEEDS and experiments.searcher_state(location).get("stopped"):
+        seeds = 0  # a --seeds auto sweep that has stopped planned the trials it ran
     planned = {experiments.variant_label({**dict(zip(axes, point)), "stage": launch.get("stage"),
                                           "lr_reference_batch": 1 if "batch_size" in axes else 0}): seeds
                for point in itertools.product(*axes.values())}
@@ -243,7 +240,6 @@ def plot_curves(df, metric: str):
     split, (scale, fmt) = scored_on(df), (100, ".2f") if metric.endswith("acc") else (1, ".4f")
     # test_acc averages each image and its mirror on flip-trained data; the headline is test_acc_single
     view = "one view" if np.allclose(df["test_acc"], df["test_acc_single"], equal_nan=True) else "flip-averaged"
-    label = f"{split} accuracy, {view} (%)" if metric == "test_acc" else label
     fig, ax = plt.subplots(figsize=(12, 5))
     names = sorted(df["variant"].unique())
     for name in sorted(set(names) - set(healthy(df)["variant"])):  # marked, not drawn as nan
@@ -269,7 +265,7 @@ def plot_curves(df, metric: str):
         ax.set_ylim(min(late) - pad, max(late) + pad)
         label += " (zoomed to the second half of training)"
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for 1 epoch
-    ax.set(xlabel="epoch", ylabel=label.format(split=split))
+    ax.set(xlabel="epoch", ylabel=label.format(split=split, view=view))
     band = "; band = ±1 std over seeds" if df.groupby("variant")["seed"].nunique().max() > 1 else ""
     head, _, subset = _title(df, metric.replace("_", " ").replace("test", split), wrap=True).partition("\n")
     ax.set_title(head + band + (f"\n{subset}" if subset else ""), fontsize=10)
@@ -282,7 +278,6 @@ def plot_curves(df, metric: str):
 
 
 def _skip(skipped, error, what: str):
-    """Append "what: why" to `skipped`, a list; raise the error where there is none."""
     if skipped is None:
         raise error
     skipped.append(f"{what}: {error}")
@@ -300,19 +295,6 @@ def experiment_dataset(grid, skipped=None, dataset=None, data_dir=None) -> data_
                                  f"--data-dir DIR) where it lies now"), "misclassified images")
 
 
-def _scored(grid, checkpoint, dataset, flip=None) -> tuple:
-    """(state, evaluation split, train.evaluate's output + "flip") of a checkpoint's net, scored as its trial was."""
-    import trainable  # Ray's checkpoints
-
-    model, state = trainable.model_from_result_checkpoint(checkpoint)
-    config, dataset = state["config"], experiment_dataset(grid) if dataset is None else dataset
-    split = train.trial_data(dataset, config_lib.TrialConfig.of(config))
-    split = split.held_out(config["val_size"]) if config["val_size"] else split
-    flip = train.uses_test_flip(config, split.augment) if flip is None else flip
-    return state, split, {**train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"],
-                                           flip=flip), "flip": flip}
-
-
 def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
     """The first n misclassified evaluation images of `variant`'s best checkpoint (best trial by test_acc): images
     (uint8), true, pred, confidence (max softmax), indices, acc (flip-averaged where `flip`), seed, epoch, classes;
@@ -325,8 +307,9 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
         raise AnalysisError(f"{variant} has no trial with a healthy epoch (every trial of it diverged or has not "
                             f"reported yet), so no checkpoint to show")
     row = best[best["variant"] == variant].sort_values("test_acc", kind="stable").iloc[-1]
-    # the checkpoint of the epoch the table names (Tune keeps it: the best, ties to the latest), found on storage
-    result = result_of(grid, row["trial"])
+    # the checkpoint of the epoch the table names (Tune keeps it: the best, ties to the latest), found on storage; a
+    # RECIPE_COPY row's is its tuned trial's
+    result = next(r for r in grid if Path(r.path).name == row["trial"].removesuffix(RECIPE_COPY))
     kept = [c for c in experiments.checkpoints(experiments.location_of(result.filesystem, result.path), row["epoch"])
             if experiments.exists(experiments.join(c, trainable.CHECKPOINT_FILE))]
     if not kept:
@@ -334,17 +317,24 @@ def misclassified(grid, df, variant: str, n: int = 10, dataset=None) -> dict:
                             f"yet, or not copied with the results); resume the experiment or copy its checkpoint_* "
                             f"directories too")
     fs, path = experiments.filesystem(kept[0])
-    state, split, out = _scored(grid, tune.Checkpoint(path, fs), dataset)
+    model, state = trainable.model_from_result_checkpoint(tune.Checkpoint(path, fs))
+    config = state["config"]  # scored as its trial was: held-out images where it had --val-size
+    dataset = experiment_dataset(grid) if dataset is None else dataset
+    split = train.trial_data(dataset, config_lib.TrialConfig.of(config))
+    split = split.held_out(config["val_size"]) if config["val_size"] else split
+    flip = train.uses_test_flip(config, split.augment)
+    out = train.evaluate(model, split.test_images, split.test_labels, **state["input_stats"], flip=flip)
     wrong = torch.nonzero(out["preds"] != split.test_labels).flatten()[:n]
-    return {"variant": variant, "trial": row["trial"], "seed": state["config"]["seed"], "epoch": state["epoch"],
-            "acc": out["acc"], "flip": out["flip"], "split": "validation" if state["config"]["val_size"] else "test",
+    return {"variant": variant, "trial": row["trial"], "seed": config["seed"], "epoch": state["epoch"],
+            "acc": out["acc"], "flip": flip, "split": "validation" if config["val_size"] else "test",
             "indices": wrong, "images": split.test_images[wrong], "true": split.test_labels[wrong],
             "pred": out["preds"][wrong], "confidence": out["confidence"][wrong], "classes": split.classes}
 
 
-def misclassified_grids(grid, df, dataset=None, skipped=None) -> dict:
-    """variant -> plot_misclassified's figure per healthy variant; one not drawable here: said in skipped, or raised."""
-    dataset, figures = experiment_dataset(grid, skipped) if dataset is None else dataset, {}
+def misclassified_grids(grid, df, skipped=None, dataset=None, data_dir=None) -> dict:
+    """variant -> plot_misclassified's figure per healthy variant, the data read once (experiment_dataset's dataset,
+    data_dir); what is not drawable here (the data, a checkpoint): said in skipped, or raised where it is None."""
+    dataset, figures = experiment_dataset(grid, skipped, dataset, data_dir), {}
     for variant in sorted(healthy(df)["variant"].unique()) if dataset is not None else []:
         try:
             figures[variant] = plot_misclassified(misclassified(grid, df, variant, dataset=dataset))
@@ -419,25 +409,6 @@ def comparison_tables(grid, df) -> dict:
         tables["tuned vs recipe"] = comparisons.verdict_table(df, margin, compare="arm",
                                                               within=("variant name", "batch_size"))
     return tables
-
-
-def comparison_text(tables: dict) -> list:
-    """The report's markdown lines for comparison_tables."""
-    level = f"Holm-Bonferroni correction over each family of pairs, {comparisons.ALPHA:g} family-wise level"
-    intro = {"verdicts": "Verdicts per pair (docs/verdicts.md): the difference of final one-view accuracies, paired "
-                         "over seeds (every variant of a seed starts from the same convolution and head weights and "
-                         "sees the same data order and augmentation) and over the scored images, whose sampling noise "
-                         f"more seeds do not remove; \"better\" and \"equivalent\" (two one-sided tests) at {level} "
-                         "(and, under --seeds auto, the alpha its looks spent), so an unadjusted interval may exclude "
-                         "0 while its pair is undecided or equivalent:",
-             "mcnemar": "One seed: no verdict is possible, since one seed measures no seed noise. McNemar's exact test "
-                        "on the test images one variant classifies right and the other wrong (final epoch, one view; "
-                        f"{level}) measures the noise of the images only: another seed may order the variants "
-                        "differently. Run 2 or more seeds (--seeds) for verdicts.",
-             "tuned vs recipe": "Tuned configuration against the shared recipe, per variant, paired over seeds:"}
-    lines = [line for name, table in tables.items() for line in (intro[name], "", _markdown(table), "")]
-    return lines or ["Pairwise differences: nothing to compare (fewer than two variants have results, or their "
-                     "checkpoints are not here).", ""]
 
 
 def stage(grid) -> str:
@@ -522,7 +493,6 @@ def plot_batch_sizes(study: pd.DataFrame, title: str = "batch-size study"):
 
 
 def _log2_axis(ax, values):
-    """A log2 x axis ticked at each of `values`, labelled as they are; a grid."""
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))], minor=False)
     ax.minorticks_off()
@@ -555,9 +525,8 @@ def experiment_line(experiment) -> str:
     shown = printable(experiments.shown(experiment))
     if experiments.is_uri(shown):
         return f"`{shown}`"
-    if Path(experiments.resolve(experiment)).is_relative_to(Path.cwd()):
-        return f"`{shown}` (relative to the directory the analysis ran in)"
-    return f"`{shown}` (its name; it lies outside the directory the analysis ran in)"
+    inside = Path(experiments.resolve(experiment)).is_relative_to(Path.cwd())
+    return f"`{shown}` ({'relative to' if inside else 'its name; it lies outside'} the directory the analysis ran in)"
 
 
 def write_report(experiment, out_dir, dataset=None, data_dir=None) -> list:
@@ -565,9 +534,8 @@ def write_report(experiment, out_dir, dataset=None, data_dir=None) -> list:
     that needs data or a checkpoint that is not here is left out and said, in summary.md and on stderr (one line
     each). dataset, data_dir: where the experiment's data lies now, if it moved since the sweep."""
     grid, df = load_experiment(experiment)
-    figures, skipped = {}, []  # file name -> PNG; "what: why" of each part left out
-    running = experiments.holder(experiment_location(grid))
-    notes = [progress_note(progress(grid, df), running, experiment_location(grid)), diverged_note(df),
+    location, figures, skipped = experiment_location(grid), {}, []  # file name -> PNG; "what: why" of parts left out
+    notes = [progress_note(progress(grid, df), experiments.holder(location), location), diverged_note(df),
              validation_note(df), ghost_note(df)]
     text = [f"# {_title(df, 'normsweep summary')}", "", f"Experiment: {experiment_line(experiment)}", "",
             *[line for note in notes if note for line in (f"**{note}**", "")]]
@@ -575,10 +543,25 @@ def write_report(experiment, out_dir, dataset=None, data_dir=None) -> list:
         text += [*_tuning_section(grid, df, figures), "Per trial (validation accuracy in the test columns):", "",
                  _markdown(trial_table(df)), ""]
     elif not healthy(df).empty:  # where every trial diverged there is no curve, table or checkpoint to show
-        text += _final_stage_section(grid, df, figures) if kind == "final" else []
-        text += _batch_section(df, figures) if is_batch_study(df) else []
-        data = experiment_dataset(grid, skipped, dataset, data_dir)
-        text += _results_section(grid, df, figures, skipped, data)
+        if kind == "final":  # the configurations of its two arms, then its tuning stage's section
+            text += ["## Tuned comparison", "", "Each variant at the configuration its tuning stage chose on "
+                     "validation images (arm \"tuned\") and at the shared recipe (arm \"recipe\"), the same seeds, "
+                     f"scored on the test split; this final stage took {wall_time(df)} of wall time:", "",
+                     _markdown(configuration_table(df)), ""]
+            try:
+                text += _tuning_section(grid, tuning_frame(grid, df), figures)
+            except AnalysisError as e:
+                text += [f"(The tuning stage's results are not readable here: {e}.)", ""]
+        if is_batch_study(df):  # Wu & He's Table 2 layout, the figure and the per-batch-size table
+            study = batch_size_study(df)
+            figures["batch_size.png"] = _png(plot_batch_sizes(study, _title(df, "batch-size study", wrap=True)))
+            text += ["## Batch size", "", "Final-epoch test error on one view (%), mean ± std over seeds, laid out "
+                     "like Table 2 of Wu & He (2018); \"precise BN statistics\" recomputes BatchNorm's running "
+                     "statistics on batches of 500 training images after training (`train.precise_bn`). \"*\": may "
+                     "not have converged.", "", _markdown(batch_size_table(study)), "",
+                     "![test error against batch size](batch_size.png)", "", "Per variant and batch size:", "",
+                     _markdown(study), ""]
+        text += _results_section(grid, df, figures, skipped, dataset, data_dir)
     text += ["## Not in this report", "", *[f"- {line}" for line in skipped], ""] if skipped else []
     out, files = experiments.resolve(out_dir), {**figures, "summary.md": "\n".join(text).encode()}
     for name, data in files.items():
@@ -594,34 +577,39 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _results_section(grid, df, figures: dict, skipped: list, dataset) -> list:
-    """Tables, curves and misclassified grids (into figures); dataset None: no checkpoint re-scored (skipped: why)."""
+def _results_section(grid, df, figures: dict, skipped: list, dataset, data_dir) -> list:
+    """Tables, comparisons, curves and misclassified grids (into figures; what is not drawable here: into skipped)."""
     figures.update({f"{metric}.png": _png(plot_curves(df, metric)) for metric in CURVES})
-    grids = misclassified_grids(grid, df, dataset, skipped) if dataset is not None else {}
+    grids = misclassified_grids(grid, df, skipped, dataset, data_dir)
     names = {variant: f"misclassified_{re.sub(r'[^A-Za-z0-9]+', '_', variant).strip('_')}.png" for variant in grids}
     figures.update({names[variant]: _png(fig) for variant, fig in grids.items()})  # ASCII file names
-    tables, split = comparison_tables(grid, df), scored_on(df)
+    split = scored_on(df)
+    level = f"Holm-Bonferroni correction over each family of pairs, {comparisons.ALPHA:g} family-wise level"
+    intro = {"verdicts": "Verdicts per pair (docs/verdicts.md): the difference of final one-view accuracies, paired "
+                         "over seeds (every variant of a seed starts from the same convolution and head weights and "
+                         "sees the same data order and augmentation) and over the scored images, whose sampling noise "
+                         f"more seeds do not remove; \"better\" and \"equivalent\" (two one-sided tests) at {level} "
+                         "(and, under --seeds auto, the alpha its looks spent), so an unadjusted interval may exclude "
+                         "0 while its pair is undecided or equivalent:",
+             "mcnemar": "One seed: no verdict is possible, since one seed measures no seed noise. McNemar's exact test "
+                        "on the test images one variant classifies right and the other wrong (final epoch, one view; "
+                        f"{level}) measures the noise of the images only: another seed may order the variants "
+                        "differently. Run 2 or more seeds (--seeds) for verdicts.",
+             "tuned vs recipe": "Tuned configuration against the shared recipe, per variant, paired over seeds:"}
+    compared = [line for name, table in comparison_tables(grid, df).items()
+                for line in (intro[name], "", _markdown(table), "")]
     return [f"Headline: {split} accuracy at the final epoch on one view of each image (no choice made on the "
             f"{split} split), mean and sample std over seeds. Beside it, the final epoch scored with the test-time "
             "flip (each image and its mirror, on flip-trained datasets) and the best epoch's flip-averaged accuracy "
             f"(an epoch chosen on the {split} split: optimistic).", "", _markdown(summary(df)), "",
             *(convergence_warnings(df) or ["Every variant converged by the checks in `analysis.convergence`."]), "",
-            "Per trial:", "", _markdown(trial_table(df)), "", *comparison_text(tables),
+            "Per trial:", "", _markdown(trial_table(df)), "",
+            *(compared or ["Pairwise differences: nothing to compare (fewer than two variants have results, or their "
+                           "checkpoints are not here).", ""]),
             f"The {split}-accuracy figure plots the accuracy per epoch, flip-averaged on flip-trained data; each "
             "misclassified grid is of the best trial's best checkpoint.", "", "![test loss](test_loss.png)",
             "![test accuracy](test_acc.png)", "![train loss](train_loss.png)", "![train accuracy](train_acc.png)", "",
             *[f"![{printable(variant)} misclassified]({name})" for variant, name in names.items()], ""]
-
-
-def _final_stage_section(grid, df, figures: dict) -> list:
-    """A tuned comparison's final stage: the configurations of its two arms, then its tuning stage's section."""
-    text = ["## Tuned comparison", "", "Each variant at the configuration its tuning stage chose on validation images "
-            "(arm \"tuned\") and at the shared recipe (arm \"recipe\"), the same seeds, scored on the test split; this "
-            f"final stage took {wall_time(df)} of wall time:", "", _markdown(configuration_table(df)), ""]
-    try:
-        return text + _tuning_section(grid, tuning_frame(grid, df), figures)
-    except AnalysisError as e:
-        return text + [f"(The tuning stage's results are not readable here: {e}.)", ""]
 
 
 def tuning_choices(grid, tuning_df) -> dict:
@@ -635,9 +623,8 @@ def _tuning_section(grid, tuning_df, figures: dict) -> list:
     either stage), and how early stopping would have ranked."""
     title = _title(tuning_df, "learning-rate sensitivity", wrap=True)
     figures["lr_sensitivity.png"] = _png(plot_sensitivity(tuning_df, title))
-    chosen = tuning_choices(grid, tuning_df)
     choices = pd.DataFrame([{"variant": name, "peak lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
-                             "evidence": c["evidence"]} for name, c in sorted(chosen.items())])
+                             "evidence": c["evidence"]} for name, c in sorted(tuning_choices(grid, tuning_df).items())])
     agreement = comparisons.rank_agreement(tuning_df)
     return [f"## Tuning stage: {_title(tuning_df, 'validation accuracy')}", "",
             "Every variant trained once (seed 0) at each learning rate and weight decay below, "
@@ -651,17 +638,6 @@ def _tuning_section(grid, tuning_df, figures: dict) -> list:
             "correlation between each configuration's validation accuracy at the rung epoch and at the final epoch, "
             "and whether an ASHA-type scheduler with that rung and reduction factor 3 would have kept the final "
             "winner:", "", _markdown(agreement), ""] if len(agreement) else [])]
-
-
-def _batch_section(df, figures: dict) -> list:
-    """A batch-size study: Wu & He's Table 2 layout, the figure (into figures) and the per-batch-size table."""
-    study = batch_size_study(df)
-    figures["batch_size.png"] = _png(plot_batch_sizes(study, _title(df, "batch-size study", wrap=True)))
-    return ["## Batch size", "", "Final-epoch test error on one view (%), mean ± std over seeds, laid out like "
-            "Table 2 of Wu & He (2018); \"precise BN statistics\" recomputes BatchNorm's running statistics on batches "
-            "of 500 training images after training (`train.precise_bn`). \"*\": may not have converged.", "",
-            _markdown(batch_size_table(study)), "", "![test error against batch size](batch_size.png)", "",
-            "Per variant and batch size:", "", _markdown(study), ""]
 
 
 def run_notebook(experiment, out_dir) -> str:

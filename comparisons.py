@@ -55,37 +55,33 @@ def verdict_table(df, margin: float = verdicts.MARGIN, compare: str = "variant",
     the verdict: at ALPHA family-wise, or replaying `looks`, [(seeds, alpha level), ...] as --seeds auto's searcher
     took them (rounds.py), a pair decided at the first look that decides it. `compare="arm", within=("variant
     name", "batch_size")`: tuned vs recipe."""
-    rows = []
+    rows, interval = [], f"unadjusted {CONFIDENCE:.0%} CI (points)"
     for family, final in families(final_per_trial(df, complete=True), within):
         by_value = {v: g.set_index("seed")[experiments.CORRECT_KEY] for v, g in final.groupby(compare)}
         seeds = sorted(set.intersection(*(set(s.index) for s in by_value.values()))) if by_value else []
         correct = {v: np.array([experiments.unpacked_correct(s[seed]) for seed in seeds]) for v, s in by_value.items()}
-        order = sorted(correct, key=lambda v: -correct[v].mean() if seeds else 0)
-        pairs = list(itertools.combinations(order, 2))
+        pairs = list(itertools.combinations(sorted(correct, key=lambda v: -correct[v].mean() if seeds else 0), 2))
         decided, undecided = {}, set(pairs)
         for n, level in looks or [(len(seeds), ALPHA)]:
             if 2 <= n <= len(seeds) and undecided:
                 decided.update(verdicts.decide({v: right[:n] for v, right in correct.items()}, undecided, level,
                                                margin))
-        rows += [{"family": family, "comparison": f"{a} − {b}",
-                  **_verdict_columns(*decided.get((a, b), (None, None)), (a, b), len(seeds), margin)}
-                 for a, b in pairs]
+        for a, b in pairs:
+            row = {"family": family, "comparison": f"{a} − {b}"}
+            if (a, b) not in decided:
+                rows.append({**row, "seeds": len(seeds), "difference (points)": math.nan, interval: "-",
+                             "first wins (seeds)": "-", "verdict": "needs 2+ seeds"})
+                continue
+            verdict, d = decided[a, b]
+            half = stats.t.isf((1 - CONFIDENCE) / 2, d.df) * d.se if d.se else 0.0
+            needed = verdicts.seeds_needed(d, margin)
+            said = {"better": f"{a} better", "worse": f"{b} better", "equivalent": f"equivalent (within ±{margin:g})",
+                    None: f"undecided: about {needed} seeds would decide it" if math.isfinite(needed) else
+                    "undecided: the test images alone are too few to decide it"}[verdict]
+            rows.append({**row, "seeds": d.seeds, "difference (points)": d.points,  # two accuracies: 100 apart at most
+                         interval: f"{max(d.points - half, -100):+.2f} to {min(d.points + half, 100):+.2f}",
+                         "first wins (seeds)": f"{d.p_a_beats_b:.0%}", "verdict": said})
     return _table(rows)
-
-
-def _verdict_columns(verdict, d, pair: tuple, seeds: int, margin: float) -> dict:
-    if d is None:
-        return {"seeds": seeds, "difference (points)": math.nan, f"unadjusted {CONFIDENCE:.0%} CI (points)": "-",
-                "first wins (seeds)": "-", "verdict": "needs 2+ seeds"}
-    half, needed = stats.t.isf((1 - CONFIDENCE) / 2, d.df) * d.se if d.se else 0.0, verdicts.seeds_needed(d, margin)
-    low, high = max(d.points - half, -100), min(d.points + half, 100)  # two accuracies differ by 100 points at most
-    said = {"better": f"{pair[0]} better", "worse": f"{pair[1]} better",
-            "equivalent": f"equivalent (within ±{margin:g})"}.get(verdict, (
-                f"undecided: about {needed} seeds would decide it" if math.isfinite(needed) else
-                "undecided: the test images alone are too few to decide it"))
-    return {"seeds": d.seeds, "difference (points)": d.points,
-            f"unadjusted {CONFIDENCE:.0%} CI (points)": f"{low:+.2f} to {high:+.2f}",
-            "first wins (seeds)": f"{d.p_a_beats_b:.0%}", "verdict": said}
 
 
 def mcnemar_tests(df) -> pd.DataFrame:
@@ -93,8 +89,7 @@ def mcnemar_tests(df) -> pd.DataFrame:
     one gets right and of the other wrong. "difference" in points; "only ... right" in images."""
     rows, noise = [], f"{scored_on(df)}-image noise"
     for family, trials in families(final_per_trial(df, complete=True), WITHIN + ("seed",)):  # Holm per seed too
-        right = {row.variant: experiments.unpacked_correct(getattr(row, experiments.CORRECT_KEY))
-                 for row in trials.itertuples()}
+        right = dict(zip(trials["variant"], map(experiments.unpacked_correct, trials[experiments.CORRECT_KEY])))
         block = []
         for a, b in itertools.combinations(sorted(right, key=lambda v: -right[v].mean()), 2):
             only_a, only_b, p = mcnemar_exact(right[a], right[b])
@@ -123,36 +118,31 @@ def convergence(df) -> pd.DataFrame:
     """Per variant, on the mean over its seeds: may it not have converged, and why. Flagged when its one-view
     accuracy peaks at the last epoch RISE_POINTS or more above its best before the last RISE_EPOCHS epochs (or too
     few epochs to judge), its final train accuracy is TRAIN_GAP_POINTS or more below the best variant's, or a trial
-    has not reached its planned epochs."""
+    has not reached its planned epochs. An annealed schedule flattens a converged curve; the best before the last
+    epochs keeps a dip and its recovery from reading as a rise."""
     df, split = healthy(df), scored_on(df)
     train_final = {v: 100 * g["train_acc"].mean() for v, g in final_per_trial(df).groupby("variant")}
     leader = max(train_final, key=train_final.get, default=None)
     rows = []
     for variant, group in df.groupby("variant"):
-        rise, why = _rise(group, split)
+        curve = 100 * group.groupby("epoch")["test_acc_single"].mean()  # index: epochs every seed reached
+        first, last, planned = int(curve.index[0]), int(curve.index[-1]), int(group["epochs"].max())
+        reached = int(group.groupby("trial")["epoch"].max().min())
+        rise = curve.iloc[-1] - curve.iloc[:max(1, len(curve) - RISE_EPOCHS)].max() if len(curve) > 1 else math.nan
+        why = [f"only {reached} of {planned} epochs in"] if reached < planned else []
+        if len(curve) <= RISE_EPOCHS:  # 2 epochs compare neighbours only, 1 compares nothing
+            moved = f"; it moved {rise:+.2f} points from epoch {first} to {last}" if len(curve) > 1 else ""
+            why.append(f"{len(curve)} epoch{'s' if len(curve) != 1 else ''} reported: too few to judge whether "
+                       f"{split} accuracy has stopped rising (that takes {RISE_EPOCHS + 1} or more{moved}); only the "
+                       f"train-accuracy gap between variants is checked")
+        elif int(curve.idxmax()) == last and rise >= RISE_POINTS:
+            why.append(f"{split} accuracy still rising: best at the last epoch ({last}), "
+                       f"+{rise:.2f} points over the best before the last {RISE_EPOCHS} epochs")
         if (gap := train_final[leader] - train_final[variant]) >= TRAIN_GAP_POINTS:
             why.append(f"final train accuracy {train_final[variant]:.1f}%, {gap:.1f} points below {leader}'s")
         rows.append({"variant": variant, "converged": not why, "rise (points)": rise, "train gap (points)": gap,
                      "why": "; ".join(why)})
     return pd.DataFrame(rows, columns=["variant", "converged", "rise (points)", "train gap (points)", "why"])
-
-
-def _rise(group, split: str) -> tuple:
-    """(rise in points, reasons) of one variant's epochs. An annealed schedule flattens a converged curve; the best
-    before the last epochs keeps a dip and its recovery from reading as a rise."""
-    curve = 100 * group.groupby("epoch")["test_acc_single"].mean()  # index: epochs every seed reached
-    last, planned, reached = int(curve.index.max()), int(group["epochs"].max()), group.groupby("trial")["epoch"].max()
-    rise = curve.iloc[-1] - curve.iloc[:max(1, len(curve) - RISE_EPOCHS)].max() if len(curve) > 1 else math.nan
-    why = [f"only {int(reached.min())} of {planned} epochs in"] if reached.min() < planned else []
-    if len(curve) <= RISE_EPOCHS:  # 2 epochs compare neighbours only, 1 compares nothing
-        moved = f"; it moved {rise:+.2f} points from epoch {int(curve.index[0])} to {last}" if len(curve) > 1 else ""
-        why.append(f"{len(curve)} epoch{'s' if len(curve) != 1 else ''} reported: too few to judge whether "
-                   f"{split} accuracy has stopped rising (that takes {RISE_EPOCHS + 1} or more{moved}); only the "
-                   f"train-accuracy gap between variants is checked")
-    elif int(curve.idxmax()) == last and rise >= RISE_POINTS:
-        why.append(f"{split} accuracy still rising: best at the last epoch ({last}), "
-                   f"+{rise:.2f} points over the best before the last {RISE_EPOCHS} epochs")
-    return rise, why
 
 
 def convergence_warnings(df) -> list:
