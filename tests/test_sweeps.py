@@ -127,9 +127,11 @@ def test_logical_resources_are_shared_and_all_trials_run_at_once(gpus, trials, c
 
 
 def test_killed_driver_resumes_every_trial_once(tmp_path, session_ray):
+    """SIGKILL, as the OOM killer sends: no handler runs. 256 random images, one trial at a time (gn not started)."""
     storage, name, epochs = tmp_path / "results", "killed", 3
-    command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "bn,gn",
-               "--epochs", str(epochs), "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name]
+    command = [sys.executable, str(ROOT / "tune_main.py"), "--dataset", str(make_idx_dir(tmp_path / "idx", 256, 64)),
+               "--variants", "bn,gn", "--epochs", str(epochs), "--max-concurrent", "1", "--cpus-per-trial", "1",
+               "--storage-path", str(storage), "--name", name]
     driver = launch_until(command, lambda: list((storage / name).glob("*/checkpoint_000000")), "the first checkpoint",
                           cwd=ROOT)
     os.kill(driver.pid, signal.SIGKILL)
@@ -137,7 +139,7 @@ def test_killed_driver_resumes_every_trial_once(tmp_path, session_ray):
     before = {p.name: reported_epochs(p) for p in (storage / name).iterdir() if p.is_dir()}
     assert any(len(e) < epochs for e in before.values()), f"killed too late to test resume: {before}"
 
-    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name]) == 0
+    assert tune_main.main(["--resume", "--storage-path", str(storage), "--name", name, "--cpus-per-trial", "1"]) == 0
     grid = load_grid(storage / name)
     assert len(grid) == 2 and not grid.errors
     for result in grid:
