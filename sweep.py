@@ -85,14 +85,18 @@ def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_byt
     """CPUs, GPUs and host memory (bytes) per trial, so that every trial runs at once where it fits. Memory: what a
     worker, twice the data and the net need, so Ray queues trials that do not fit; under --max-concurrent k, 1/k of
     the cluster's, which keeps k (a trial Tune holds back is created later from its search state, which writes where
-    the experiment was launched, not where it lies). GPUs: gpu_share. CPUs: shared, rounded down to Ray's 1e-4."""
+    the experiment was launched, not where it lies). GPUs: 1 / ceil(concurrent / gpus), at most 1 (a share not
+    dividing 1 strands the rest: 3 GPUs, 4 trials at 0.75 run 3 at once). CPUs: shared. Both rounded down to Ray's
+    1e-4."""
     cpus, gpus = available.get("CPU", 1), available.get("GPU", 0)
     concurrent = min(n_trials, sweep.max_concurrent or n_trials)
     memory = trial_memory(data_bytes, model_bytes)
     if "memory" in available:
         concurrent = max(1, min(concurrent, int(available["memory"] // memory)))
         memory = max(memory, int(available["memory"] // concurrent) if sweep.max_concurrent else 0)
-    gpu = gpu_share(gpus, concurrent) if sweep.gpus_per_trial is None else sweep.gpus_per_trial
+    per_gpu = math.ceil(concurrent / math.floor(gpus)) if gpus >= 1 else 0
+    gpu = 0 if gpus < 1 else 1 if per_gpu <= 1 else math.floor(10_000 / per_gpu) / 10_000
+    gpu = gpu if sweep.gpus_per_trial is None else sweep.gpus_per_trial
     cpu = sweep.cpus_per_trial or max(math.floor(10_000 * cpus / concurrent) / 10_000, 0.01)
     resources = {"cpu": round(cpu, 4), "gpu": gpu}
     return {**resources, "memory": memory} if "memory" in available else resources
@@ -111,15 +115,6 @@ def round_seeds(available: dict, sweep: SweepConfig, n_variants: int, memory: in
     slots += [int(available["memory"] // memory)] if "memory" in available else []
     slots += [sweep.max_concurrent] if sweep.max_concurrent else []
     return max(1, min(sweep.max_seeds, max(1, min(slots)) // n_variants))
-
-
-def gpu_share(gpus: float, concurrent: int) -> float:
-    """GPUs per trial so that `concurrent` trials fit on `gpus` GPUs: 1 / ceil(concurrent / gpus), at most 1 (a share
-    not dividing 1 strands the rest: 3 GPUs, 4 trials at 0.75 run 3 at once), rounded down to Ray's 1e-4."""
-    if gpus < 1 or concurrent < 1:
-        return 0 if gpus < 1 else 1
-    per_gpu = math.ceil(concurrent / math.floor(gpus))
-    return 1 if per_gpu == 1 else math.floor(10_000 / per_gpu) / 10_000
 
 
 def check_resources(per_trial: dict, cluster_has: dict) -> None:
@@ -280,21 +275,6 @@ def seed_rounds(sweep: SweepConfig, experiment: str, memory: int):
     return searcher
 
 
-@contextlib.contextmanager
-def pending_trials(count: int):
-    """Let Tune queue `count` trials at once (TUNE_MAX_PENDING_TRIALS_PG, which it reads as fit starts; a value the
-    user set is kept): with a searcher it queues one, and a round's trials would start one by one, each after the
-    worker of the one before it is up."""
-    name = "TUNE_MAX_PENDING_TRIALS_PG"
-    unset = name not in os.environ
-    os.environ.setdefault(name, str(count))
-    try:
-        yield
-    finally:
-        if unset:
-            os.environ.pop(name, None)
-
-
 def refuse_existing(experiment: str):
     """A launch's refusal of an existing --name, which does not advise --resume while another run holds it."""
     holder = experiments.holder(experiment)
@@ -322,9 +302,13 @@ def fit(made: tune.Tuner, storage: str, sweep: SweepConfig, plan: dict = None):
     searcher state, whose first round's trials Tune may queue at once."""
     stopped = (f"interrupted: the local Ray stopped; state saved in {experiments.join(storage, sweep.name)}\n"
                f"resume with: {resume_command(storage, sweep)}")
+    # With a searcher Tune queues one trial (TUNE_MAX_PENDING_TRIALS_PG, read as fit starts), and a round's trials
+    # would start one by one, each after the worker of the one before it is up; a value the user set is kept
+    pending = plan and "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ
+    if pending:
+        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(len(plan["variants"]) * plan["first_round"])
     try:
-        with cluster.exit_if_ray_stops(None if sweep.address else stopped), \
-                pending_trials(len(plan["variants"]) * plan["first_round"]) if plan else contextlib.nullcontext():
+        with cluster.exit_if_ray_stops(None if sweep.address else stopped):
             return made.fit()
     except KeyboardInterrupt:
         return None
@@ -333,6 +317,9 @@ def fit(made: tune.Tuner, storage: str, sweep: SweepConfig, plan: dict = None):
             raise ExperimentError(f"the storage path {storage} is full; free space there, then resume with: "
                                   f"{resume_command(storage, sweep)}") from None
         raise
+    finally:
+        if pending:
+            os.environ.pop("TUNE_MAX_PENDING_TRIALS_PG", None)
 
 
 def warn_on_thread_change(experiment: str, threads: int, epochs: int) -> None:
