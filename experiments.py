@@ -177,7 +177,7 @@ def check_storage(storage: str) -> None:
         if info(storage).type == pafs.FileType.File:
             raise ExperimentError(f"storage path {storage} is a file; pass a directory prefix as --storage-path")
         return
-    existing = next(path for path in [Path(storage), *Path(storage).parents] if path.exists())
+    existing = _nearest(storage)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write results to {storage} ({existing} is not a writable directory); "
                          f"pass a writable --storage-path")
@@ -414,10 +414,12 @@ def latest(storage: str) -> str:
 
 def nearly_full(storage: str) -> bool:
     """A local storage path with under 1 MiB free (an object store's quota cannot be asked this way)."""
-    if is_uri(storage):
-        return False
-    existing = next(path for path in [Path(storage), *Path(storage).parents] if path.exists())
-    return shutil.disk_usage(existing).free < 2**20
+    return not is_uri(storage) and shutil.disk_usage(_nearest(storage)).free < 2**20
+
+
+def _nearest(storage: str) -> Path:
+    """A local storage path, or its nearest parent that exists."""
+    return next(path for path in [Path(storage), *Path(storage).parents] if path.exists())
 
 
 def check_intact(experiment: str, what: str) -> None:

@@ -1,5 +1,5 @@
 """--seeds auto: the Ray Tune searcher (`Rounds`) that runs a sweep's seeds in rounds inside one Tune experiment and
-stops once every pair of variants is decided (verdicts.py) or the most seeds are spent; and how large a round is.
+stops once every pair of variants is decided (verdicts.py) or the most seeds are spent.
 
 A round is `round_seeds` seeds (the first at least 2: a verdict needs 2) of every variant still in an undecided pair,
 as many trials as the cluster runs at once. After each round every undecided pair is tested at the alpha the look
@@ -20,16 +20,6 @@ import verdicts
 STATE_FORMAT = 1  # the saved state's layout; another is refused
 
 
-def seeds_per_round(slots: int, n_variants: int, max_seeds: int) -> int:
-    """Seeds of a round after the first: as many as `slots` trials at once hold, every variant of a seed at once."""
-    return max(1, min(max_seeds, slots // n_variants))
-
-
-def first_round(round_seeds: int, max_seeds: int) -> int:
-    """Seeds of the first round: a round's, at least 2 (a verdict needs 2 seeds)."""
-    return min(max_seeds, max(2, round_seeds))
-
-
 class Rounds(Searcher):
     """Hands out a round's trials ({"variant": dict, "seed": k}, merged into the sweep's param space), None while
     the round runs, then looks, and Searcher.FINISHED once every pair is decided or max_seeds are spent."""
@@ -44,7 +34,7 @@ class Rounds(Searcher):
         # correctness / why it has none; undecided: [a, b] pairs still tested; verdicts: "A | B" -> [verdict, points,
         # seeds]; dropped: variants out of the rounds; looks: [seeds, alpha level]; stopped: why it stopped, or None
         self.state = dict(format=STATE_FORMAT, variants=list(variants), epochs=epochs, max_seeds=max_seeds,
-                          round_seeds=round_seeds, first_round=first_round(round_seeds, max_seeds), margin=margin,
+                          round_seeds=round_seeds, first_round=min(max_seeds, max(2, round_seeds)), margin=margin,
                           alpha=alpha, seeds=0, queue=[], handed={}, running=[], correct={}, broken={},
                           undecided=[list(pair) for pair in itertools.combinations(range(len(variants)), 2)],
                           verdicts={}, dropped=[], spent=0.0, looks=[], stopped=None)
@@ -101,19 +91,20 @@ class Rounds(Searcher):
         """Test the undecided pairs on the seeds so far, then stop or queue the next round."""
         state, seeds = self.state, self.state["seeds"]
         out = {int(key.split("/")[0]) for key in state["broken"]}
-        for a, b in [pair for pair in state["undecided"] if set(pair) & out]:  # they leave the family, undecided
-            state["undecided"].remove([a, b])
-            state["dropped"] = sorted(set(state["dropped"]) | ({a, b} & out))
+        leaving = [pair for pair in state["undecided"] if set(pair) & out]  # they leave the family, undecided
+        state["dropped"] = sorted(set(state["dropped"]) | (set().union(*leaving) & out))
+        state["undecided"] = [pair for pair in state["undecided"] if pair not in leaving]
         if seeds >= 2 and state["undecided"]:
-            level = float(verdicts.spent(seeds / state["max_seeds"], state["alpha"])) - state["spent"]
-            state["spent"] += level
             tested = sorted({v for pair in state["undecided"] for v in pair})
             correct = {self.label(v): np.stack([experiments.unpacked_correct(state["correct"][f"{v}/{seed}"])
                                                 for seed in range(seeds)]) for v in tested}
             pairs = {(self.label(a), self.label(b)): [a, b] for a, b in state["undecided"]}
             undecided = set(pairs)
-            for pair, (verdict, difference) in verdicts.decide(correct, undecided, level, state["margin"]).items():
-                state["verdicts"][" | ".join(pair)] = [verdict, round(float(difference.points), 4), seeds]
+            found, level = verdicts.look(correct, undecided, seeds / state["max_seeds"], state["spent"],
+                                         state["margin"], state["alpha"])
+            state["verdicts"].update({" | ".join(pair): [verdict, round(float(difference.points), 4), seeds]
+                                      for pair, (verdict, difference) in found.items()})
+            state["spent"] += level
             state["undecided"] = [pairs[pair] for pair in pairs if pair in undecided]
             state["looks"].append([seeds, level])
         if not state["undecided"]:
@@ -121,8 +112,7 @@ class Rounds(Searcher):
             state["stopped"] = "every pair decided" + (f" but those of {dropped} (a trial failed or diverged: no "
                                                        f"more seeds for it)" if dropped else "")
         elif seeds >= state["max_seeds"]:
-            state["stopped"] = (f"--max-seeds {state['max_seeds']} spent, {len(state['undecided'])} pair(s) "
-                                f"undecided")
+            state["stopped"] = f"--max-seeds {state['max_seeds']} spent, {len(state['undecided'])} pair(s) undecided"
         else:
             self._next_round(state["round_seeds"])
 
@@ -133,20 +123,15 @@ class Rounds(Searcher):
         state["queue"] = [[v, seed] for seed in seeds for v in variants]  # a seed's variants together
         state["seeds"] = seeds.stop
 
-    def get_state(self) -> dict:
-        return self.state
-
-    def set_state(self, state: dict):
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"a --seeds auto searcher state of format {state.get('format')}, this one reads "
-                             f"{STATE_FORMAT}")
-        self.state = state
-
     def save(self, checkpoint_path: str):
         Path(checkpoint_path).write_bytes(pickle.dumps(self.state, protocol=4))
 
     def restore(self, checkpoint_path: str):
-        self.set_state(experiments.unpickled_state(Path(checkpoint_path).read_bytes()))
+        state = experiments.unpickled_state(Path(checkpoint_path).read_bytes())
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"a --seeds auto searcher state of format {state.get('format')}, this one reads "
+                             f"{STATE_FORMAT}")
+        self.state = state
 
 
 def stop_line(state: dict) -> str:

@@ -56,19 +56,17 @@ def prepare(sweep: SweepConfig, given: set, storage: str) -> SweepConfig:
         launch = experiments.read_launch(experiment)
     resumed = dataclasses.replace(sweep.from_launch(launch), name=name)
     data_lib.check_dataset(resumed.dataset, test_split=not resumed.val_size)  # gone or damaged: said before Ray
-    saved = set(launch) & given - {"name"}
-    ignored = [f"--{k.replace('_', '-')} {getattr(sweep, k)}" for k in sorted(saved)
-               if getattr(sweep, k) != getattr(resumed, k)]
+    ignored = ", ".join(f"--{k.replace('_', '-')} {getattr(sweep, k)}" for k in sorted(set(launch) & given - {"name"})
+                        if getattr(sweep, k) != getattr(resumed, k))
     auto = resumed.seeds == config_lib.AUTO_SEEDS  # trials left: at most those said, until its searcher stops
+    up_to = "up to " if auto and not experiments.searcher_state(experiment).get("stopped") else ""
     print(f"resume: reusing the launch settings (dataset {Path(resumed.dataset).name}, variants {resumed.variants}, "
           + (f"seeds auto up to {resumed.max_seeds}" if auto else f"{resumed.seeds} seed(s)")
-          + f", {resumed.epochs} epochs{', smoke-test data' if resumed.smoke_test else ''}); "
-          f"CPUs and GPUs per trial from today's flags"
-          + (f"; ignoring today's {', '.join(ignored)} (a resumed experiment keeps what it was launched with)"
-             if ignored else "")
-          + f"; {'up to ' if auto and not experiments.searcher_state(experiment).get('stopped') else ''}"
-            f"{experiments.trials_left(experiment, resumed)} of "
-            f"{experiments.planned(resumed)} trials left to run", flush=True)
+          + f", {resumed.epochs} epochs{', smoke-test data' if resumed.smoke_test else ''}); CPUs and GPUs per trial "
+          "from today's flags" + (f"; ignoring today's {ignored} (a resumed experiment keeps what it was launched "
+                                  "with)" if ignored else "")
+          + f"; {up_to}{experiments.trials_left(experiment, resumed)} of {experiments.planned(resumed)} trials left to "
+          "run", flush=True)
     return resumed
 
 
@@ -87,14 +85,18 @@ def trial_resources(available: dict, n_trials: int, sweep: SweepConfig, data_byt
     """CPUs, GPUs and host memory (bytes) per trial, so that every trial runs at once where it fits. Memory: what a
     worker, twice the data and the net need, so Ray queues trials that do not fit; under --max-concurrent k, 1/k of
     the cluster's, which keeps k (a trial Tune holds back is created later from its search state, which writes where
-    the experiment was launched, not where it lies). GPUs: gpu_share. CPUs: shared, rounded down to Ray's 1e-4."""
+    the experiment was launched, not where it lies). GPUs: 1 / ceil(concurrent / gpus), at most 1 (a share not
+    dividing 1 strands the rest: 3 GPUs, 4 trials at 0.75 run 3 at once). CPUs: shared. Both rounded down to Ray's
+    1e-4."""
     cpus, gpus = available.get("CPU", 1), available.get("GPU", 0)
     concurrent = min(n_trials, sweep.max_concurrent or n_trials)
     memory = trial_memory(data_bytes, model_bytes)
     if "memory" in available:
         concurrent = max(1, min(concurrent, int(available["memory"] // memory)))
         memory = max(memory, int(available["memory"] // concurrent) if sweep.max_concurrent else 0)
-    gpu = gpu_share(gpus, concurrent) if sweep.gpus_per_trial is None else sweep.gpus_per_trial
+    per_gpu = math.ceil(concurrent / math.floor(gpus)) if gpus >= 1 else 0
+    gpu = 0 if gpus < 1 else 1 if per_gpu <= 1 else math.floor(10_000 / per_gpu) / 10_000
+    gpu = gpu if sweep.gpus_per_trial is None else sweep.gpus_per_trial
     cpu = sweep.cpus_per_trial or max(math.floor(10_000 * cpus / concurrent) / 10_000, 0.01)
     resources = {"cpu": round(cpu, 4), "gpu": gpu}
     return {**resources, "memory": memory} if "memory" in available else resources
@@ -112,16 +114,7 @@ def round_seeds(available: dict, sweep: SweepConfig, n_variants: int, memory: in
     slots += [math.floor(available.get("GPU", 0) / sweep.gpus_per_trial)] if sweep.gpus_per_trial else []
     slots += [int(available["memory"] // memory)] if "memory" in available else []
     slots += [sweep.max_concurrent] if sweep.max_concurrent else []
-    return rounds.seeds_per_round(max(1, min(slots)), n_variants, sweep.max_seeds)
-
-
-def gpu_share(gpus: float, concurrent: int) -> float:
-    """GPUs per trial so that `concurrent` trials fit on `gpus` GPUs: 1 / ceil(concurrent / gpus), at most 1 (a share
-    not dividing 1 strands the rest: 3 GPUs, 4 trials at 0.75 run 3 at once), rounded down to Ray's 1e-4."""
-    if gpus < 1 or concurrent < 1:
-        return 0 if gpus < 1 else 1
-    per_gpu = math.ceil(concurrent / math.floor(gpus))
-    return 1 if per_gpu == 1 else math.floor(10_000 / per_gpu) / 10_000
+    return max(1, min(sweep.max_seeds, max(1, min(slots)) // n_variants))
 
 
 def check_resources(per_trial: dict, cluster_has: dict) -> None:
@@ -142,19 +135,19 @@ def check_resources(per_trial: dict, cluster_has: dict) -> None:
                          f"that (fractions share a core)")
 
 
-def describe(resources: dict, available: dict, n_trials: int, sweep: SweepConfig, experiment: str,
-             plan: dict = None) -> str:
+def describe(resources: dict, available: dict, n_trials: int, experiment: str, plan: dict = None) -> str:
     """The sweep's first line: trials, the cluster, each trial's share, and where the results go. plan: --seeds
-    auto's rounds, {"first": seeds, "then": seeds, "variants": n}."""
+    auto's searcher state (rounds.Rounds)."""
     gpus = f", {available['GPU']:g} GPU{'s' if available['GPU'] != 1 else ''}" if available.get("GPU") else ""
     memory, share = available.get("memory"), f"{resources['cpu']:g} CPU, {resources['gpu']:g} GPU"
-    at_most = plan["variants"] * plan["first"] if plan else n_trials  # trials asked for at once
+    at_most = len(plan["variants"]) * plan["first_round"] if plan else n_trials  # trials asked for at once
     fit = int(memory // resources["memory"]) if memory and "memory" in resources else at_most
     share += f", {resources['memory'] / 2**30:.2f} GiB" if "memory" in resources else ""
     memory = f", {memory / 2**30:.1f} GiB of memory" if memory else ""
     at_once = f"at most {fit} at once (the rest queue); " if fit < at_most else ""
-    trials = (f"up to {n_trials} trials in rounds of seeds (the first {plan['first']}, then {plan['then']}) x "
-              f"{plan['variants']} variants" if plan else f"{n_trials} trial{'s' if n_trials != 1 else ''}")
+    trials = (f"up to {n_trials} trials in rounds of seeds (the first {plan['first_round']}, then "
+              f"{plan['round_seeds']}) x {len(plan['variants'])} variants" if plan
+              else f"{n_trials} trial{'s' if n_trials != 1 else ''}")
     return (f"normsweep: {trials} on {available.get('CPU', 0):g} CPUs{gpus}"
             f"{memory}; per trial {share}; {at_once}experiment {experiment}")
 
@@ -197,22 +190,19 @@ def interrupt_on_sigterm() -> dict:
     return received
 
 
-def tuner(sweep: SweepConfig, storage: str, fn, space: dict, n_trials: int, plan: dict = None) -> tune.Tuner:
+def tuner(sweep: SweepConfig, storage: str, fn, space: dict, n_trials: int, searcher=None) -> tune.Tuner:
     """A new Tuner for the sweep, or the saved one it resumes (Tuner.restore, errored trials retried, a searcher's
-    state restored with it). plan: --seeds auto's rounds (seed_rounds), whose searcher picks the trials, at most
-    n_trials."""
-    experiment = experiments.join(storage, sweep.name)
+    state restored with it). searcher: --seeds auto's (seed_rounds), which picks the trials, at most n_trials."""
     if sweep.resume:
-        return tune.Tuner.restore(experiment, trainable=fn, resume_errored=True)
+        return tune.Tuner.restore(experiments.join(storage, sweep.name), trainable=fn, resume_errored=True)
     checkpoints = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=trainable.BEST_METRIC,
                                         checkpoint_score_order=trainable.BEST_MODE)  # Tune also keeps the latest
-    search = dict(search_alg=rounds.Rounds(config_lib.grid_axes(sweep)["variant"], sweep.epochs, sweep.max_seeds,
-                                           plan["then"], sweep.margin), num_samples=n_trials) if plan else {}
+    search = dict(search_alg=searcher, num_samples=n_trials) if searcher else {}
     return tune.Tuner(fn, param_space=space, tune_config=tune.TuneConfig(  # no max_concurrent_trials: trial_resources
         trial_name_creator=trial_name, trial_dirname_creator=trial_name, **search), run_config=tune.RunConfig(
         name=sweep.name, storage_path=storage, checkpoint_config=checkpoints,
-        failure_config=tune.FailureConfig(max_failures=cluster.MAX_FAILURES),
-        callbacks=[console.Progress(sweep.epochs, n_trials, up_to=bool(plan))], verbose=2 if sweep.verbose else 0))
+        failure_config=tune.FailureConfig(max_failures=cluster.MAX_FAILURES), verbose=2 if sweep.verbose else 0,
+        callbacks=[console.Progress(sweep.epochs, n_trials, up_to=searcher is not None)]))
 
 
 def run_stage(sweep: SweepConfig, storage: str) -> int:
@@ -242,9 +232,11 @@ def run_stage(sweep: SweepConfig, storage: str) -> int:
             config_lib.check_val_size(sweep.val_size, len(dataset.train_labels))
             net_bytes = preflight(sweep, dataset)
             space, inputs = param_space(sweep, dataset), input_digests(dataset, sweep.model)
-            plan = seed_rounds(sweep, experiment, trial_memory(dataset.nbytes, net_bytes))
-            resources = trial_resources(ray.cluster_resources(), plan["variants"] * plan["then"] if plan else n_trials,
-                                        sweep, data_bytes=dataset.nbytes, model_bytes=net_bytes)
+            searcher = seed_rounds(sweep, experiment, trial_memory(dataset.nbytes, net_bytes))
+            plan = searcher.state if searcher else {}
+            at_once = len(plan["variants"]) * plan["round_seeds"] if plan else n_trials
+            resources = trial_resources(ray.cluster_resources(), at_once, sweep, data_bytes=dataset.nbytes,
+                                        model_bytes=net_bytes)
             check_resources(resources, ray.cluster_resources())
             if sweep.resume:
                 experiments.check_inputs(experiment, inputs)
@@ -254,10 +246,10 @@ def run_stage(sweep: SweepConfig, storage: str) -> int:
                 held.enter_context(experiments.owned(experiment))
             else:
                 refuse_existing(experiment)
-            print(describe(resources, ray.cluster_resources(), n_trials, sweep, experiment, plan), flush=True)
+            print(describe(resources, ray.cluster_resources(), n_trials, experiment, plan), flush=True)
             fn = tune.with_resources(tune.with_parameters(trainable.train_variant, dataset=dataset,
                                                           experiment=experiment), resources)
-            results = fit(tuner(sweep, storage, fn, space, n_trials, plan), storage, sweep, plan)
+            results = fit(tuner(sweep, storage, fn, space, n_trials, searcher), storage, sweep, plan)
         finally:
             with cluster.interrupts_held(then_raise=False):
                 ray.shutdown()
@@ -272,31 +264,15 @@ def preflight(sweep: SweepConfig, dataset: data_lib.Dataset) -> int:
                for batch in axes.get("batch_size", [sweep.batch_size]))
 
 
-def seed_rounds(sweep: SweepConfig, experiment: str, memory: int) -> dict:
-    """--seeds auto's rounds, {"first": seeds, "then": seeds, "variants": n} (a resume's as its searcher saved them);
-    {} for a grid."""
+def seed_rounds(sweep: SweepConfig, experiment: str, memory: int):
+    """--seeds auto's searcher (rounds.Rounds), a resume's in the state it saved (Tune restores it); None for a grid."""
     if sweep.seeds != config_lib.AUTO_SEEDS:
-        return {}
-    n_variants = len(config_lib.grid_axes(sweep)["variant"])
-    saved = experiments.searcher_state(experiment) if sweep.resume else {}
-    then = saved.get("round_seeds") or round_seeds(ray.cluster_resources(), sweep, n_variants, memory)
-    return {"first": saved.get("first_round") or rounds.first_round(then, sweep.max_seeds), "then": then,
-            "variants": n_variants}
-
-
-@contextlib.contextmanager
-def pending_trials(count: int):
-    """Let Tune queue `count` trials at once (TUNE_MAX_PENDING_TRIALS_PG, which it reads as fit starts; a value the
-    user set is kept): with a searcher it queues one, and a round's trials would start one by one, each after the
-    worker of the one before it is up."""
-    name = "TUNE_MAX_PENDING_TRIALS_PG"
-    unset = name not in os.environ
-    os.environ.setdefault(name, str(count))
-    try:
-        yield
-    finally:
-        if unset:
-            os.environ.pop(name, None)
+        return None
+    variants = config_lib.grid_axes(sweep)["variant"]
+    searcher = rounds.Rounds(variants, sweep.epochs, sweep.max_seeds,
+                             round_seeds(ray.cluster_resources(), sweep, len(variants), memory), sweep.margin)
+    searcher.state = (experiments.searcher_state(experiment) if sweep.resume else {}) or searcher.state
+    return searcher
 
 
 def refuse_existing(experiment: str):
@@ -323,12 +299,16 @@ def input_digests(dataset: data_lib.Dataset, model: str) -> dict:
 def fit(made: tune.Tuner, storage: str, sweep: SweepConfig, plan: dict = None):
     """Tuner.fit, or None after a second Ctrl-C (Tune's own handler took the first); a full storage path, or a local
     Ray stopped under Tune (a SIGTERM to the process group), is one line saying how to resume. plan: --seeds auto's
-    rounds, whose first round's trials Tune may queue at once."""
+    searcher state, whose first round's trials Tune may queue at once."""
     stopped = (f"interrupted: the local Ray stopped; state saved in {experiments.join(storage, sweep.name)}\n"
                f"resume with: {resume_command(storage, sweep)}")
+    # With a searcher Tune queues one trial (TUNE_MAX_PENDING_TRIALS_PG, read as fit starts), and a round's trials
+    # would start one by one, each after the worker of the one before it is up; a value the user set is kept
+    pending = plan and "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ
+    if pending:
+        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(len(plan["variants"]) * plan["first_round"])
     try:
-        with cluster.exit_if_ray_stops(None if sweep.address else stopped), \
-                pending_trials(plan["variants"] * plan["first"]) if plan else contextlib.nullcontext():
+        with cluster.exit_if_ray_stops(None if sweep.address else stopped):
             return made.fit()
     except KeyboardInterrupt:
         return None
@@ -337,6 +317,9 @@ def fit(made: tune.Tuner, storage: str, sweep: SweepConfig, plan: dict = None):
             raise ExperimentError(f"the storage path {storage} is full; free space there, then resume with: "
                                   f"{resume_command(storage, sweep)}") from None
         raise
+    finally:
+        if pending:
+            os.environ.pop("TUNE_MAX_PENDING_TRIALS_PG", None)
 
 
 def warn_on_thread_change(experiment: str, threads: int, epochs: int) -> None:
@@ -403,12 +386,12 @@ def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal
     done = sum(bool(r.error) or experiments.trial_finished(last[r.path], sweep.epochs) for r in results or [])
     auto = sweep.seeds == config_lib.AUTO_SEEDS  # n_trials: the most it may run; done once its searcher stopped
     state = experiments.searcher_state(experiment) if auto else {}
-    stopped = rounds.stop_line(state) if auto else ""
+    stopped = rounds.stop_line(state)
     if results is not None:
         print(summary_text(results, sweep, looks=state.get("looks")))
     if results is None or (not stopped if auto else done < n_trials):  # Tune stops on Ctrl-C, saving its state
-        left = f"{done} of up to {n_trials} trials finished" if auto else f"{n_trials - done} of {n_trials} trials " \
-                                                                          f"unfinished"
+        left = (f"{done} of up to {n_trials} trials finished" if auto
+                else f"{n_trials - done} of {n_trials} trials unfinished")
         print(f"interrupted: {left}; state saved in {experiment}\n"
               f"resume with: {resume_command(storage, sweep)}", file=sys.stderr, flush=True)
         return 128 + stop_signal
@@ -431,34 +414,27 @@ def finish(results, sweep: SweepConfig, storage: str, n_trials: int, stop_signal
 def run(sweep: SweepConfig, given: set, storage: str) -> int:
     """The sweep the flags ask for under `storage` (checked): launched, resumed, or a tuned comparison; exit status."""
     if sweep.resume:
-        stage_name = sweep.name or experiments.latest_started(storage)
-        launch = (experiments.read_launch(experiments.join(storage, stage_name))  # a comparison not past tuning: its
-                  or experiments.read_launch(experiments.join(storage, tuned.tuning_name(stage_name))))  # stage's
+        sweep = dataclasses.replace(sweep, name=sweep.name or experiments.latest_started(storage))
+        launch = (experiments.read_launch(experiments.join(storage, sweep.name))  # a comparison not past tuning: its
+                  or experiments.read_launch(experiments.join(storage, tuned.tuning_name(sweep.name))))  # stage's
         if launch.get("stage"):  # either stage's name stands for the comparison
             return run_tuned(dataclasses.replace(sweep.from_launch(launch), resume=True,
-                                                 name=launch.get("final_name") or stage_name), storage)
-    elif sweep.tune:
-        return run_tuned(prepare(sweep, given, storage), storage)
-    return run_stage(prepare(sweep, given, storage), storage)
+                                                 name=launch.get("final_name") or sweep.name), storage)
+    return (run_tuned if sweep.tune and not sweep.resume else run_stage)(prepare(sweep, given, storage), storage)
 
 
 def run_tuned(sweep: SweepConfig, storage: str) -> int:
     """A tuned comparison (tuned.py): the tuning stage as <name>-tuning, then the final stage as <name>. A resume
     continues the tuning stage, or starts the final stage from a finished one, or resumes the final stage."""
-    final_name = sweep.name
-    tuning_name, final = tuned.tuning_name(final_name), experiments.join(storage, final_name)
+    final, tuning = experiments.join(storage, sweep.name), experiments.join(storage, tuned.tuning_name(sweep.name))
     if sweep.resume and experiments.started(final):
         return run_stage(dataclasses.replace(sweep.from_launch(experiments.read_launch(final)), resume=True), storage)
-    if not sweep.resume and (experiments.exists(final) or experiments.exists(experiments.join(storage, tuning_name))):
+    if not sweep.resume and (experiments.exists(final) or experiments.exists(tuning)):
         raise UsageError(f"experiment {final} (or its tuning stage) exists; pass --resume to finish it or a new --name")
-    tuning_experiment = experiments.join(storage, tuning_name)
-    stage = dataclasses.replace(sweep, stage="tuning", name=tuning_name, final_name=final_name, final_variants=())
-    discard_unstarted(tuning_experiment)  # claimed by a launch killed before Tune saved anything
-    if experiments.started(tuning_experiment):
-        left = experiments.trials_left(tuning_experiment, stage)
-        code = run_stage(dataclasses.replace(stage, resume=True), storage) if left else 0
-    else:
-        code = run_stage(dataclasses.replace(stage, resume=False), storage)
+    discard_unstarted(tuning)  # claimed by a launch killed before Tune saved anything
+    stage = dataclasses.replace(sweep, stage="tuning", name=tuned.tuning_name(sweep.name), final_name=sweep.name,
+                                final_variants=(), resume=experiments.started(tuning))
+    code = run_stage(stage, storage) if not stage.resume or experiments.trials_left(tuning, stage) else 0
     if code:
         if code == 1:
             print(f"error: the tuning stage did not finish cleanly, so the final stage has not started; fix the failed "
@@ -466,12 +442,10 @@ def run_tuned(sweep: SweepConfig, storage: str) -> int:
         return code
     import analysis
 
-    _, tuning_df = analysis.load_experiment(tuning_experiment)
-    variants = config_lib.grid_axes(dataclasses.replace(sweep, stage="", final_variants=()))["variant"]
-    chosen = tuned.choose(tuning_df, sweep.lr, sweep.weight_decay)
-    final_variants = tuned.final_variants(variants, chosen, sweep.lr, sweep.weight_decay)
+    chosen = tuned.choose(analysis.load_experiment(tuning)[1], sweep.lr, sweep.weight_decay)
+    final_variants = tuned.final_variants(config_lib.grid_axes(stage)["variant"], chosen, sweep.lr, sweep.weight_decay)
     discard_unstarted(final)
     print(f"tuning stage finished; final stage: {len(final_variants)} configurations x {sweep.seeds} seed(s) on the "
           f"test split", flush=True)
-    return run_stage(dataclasses.replace(sweep, stage="final", name=final_name, resume=False, final_name=final_name,
+    return run_stage(dataclasses.replace(sweep, stage="final", resume=False, final_name=sweep.name,
                                          final_variants=tuple(final_variants)), storage)

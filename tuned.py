@@ -44,47 +44,43 @@ def choose(df, lr: float, weight_decay: float) -> dict:
     and why. One seed measures no seed noise, so a choice that passes can still be the seed's luck. A variant
     whose every configuration diverged is left out."""
     table = configurations(df).sort_values(["val acc (%)", "val loss", "lr"], ascending=[False, True, True])
-    n_val, best, tested = int(df["val_size"].max()), {}, {}
+    n_val, found, tested = int(df["val_size"].max()), {}, {}
     for name, rows in table.groupby("variant"):
         ok = rows.dropna(subset=["val acc (%)"])  # groupby keeps the sorted order within each variant
         if ok.empty:
             continue
-        recipe = ok[[math.isclose(r, lr) and math.isclose(w, weight_decay)
-                     for r, w in zip(ok["lr"], ok["weight decay"])]]
-        best[name] = (ok.iloc[0], recipe.iloc[0] if len(recipe) else None, _evidence(ok, len(rows), n_val))
-        if len(recipe) and recipe.index[0] != ok.index[0]:
+        at_recipe = [math.isclose(r, lr) and math.isclose(w, weight_decay)
+                     for r, w in zip(ok["lr"], ok["weight decay"])]
+        found[name] = (ok, len(rows), ok[at_recipe].iloc[0] if any(at_recipe) else None)
+        if any(at_recipe) and not at_recipe[0]:
             tested[name] = comparisons.mcnemar_exact(*(experiments.unpacked_correct(row["correct"])
-                                                      for row in (ok.iloc[0], recipe.iloc[0])))
+                                                      for row in (ok.iloc[0], found[name][2])))
     holm = dict(zip(tested, verdicts.holm([t[2] for t in tested.values()])[1]))
     chosen = {}
-    for name, (top, recipe, evidence) in best.items():
+    for name, (ok, n_configurations, recipe) in found.items():
+        top = ok.iloc[0]
+        evidence = [f"val {top['val acc (%)']:.2f}% at lr {top['lr']:g}, wd {top['weight decay']:g}"]
+        if len(ok) > 1:
+            second = ok.iloc[1]
+            evidence.append(f"next {second['val acc (%)']:.2f}% (lr {second['lr']:g}, wd {second['weight decay']:g})")
+        if n_val:  # binomial standard error; at 0% or 100% that of one image right or wrong, not 0
+            p = min(max(top["val acc (%)"] / 100, 1 / n_val), 1 - 1 / n_val)
+            evidence.append(f"±{100 * math.sqrt(p * (1 - p) / n_val):.2f} SE on {n_val} val images")
+        evidence.append(f"{len(ok)} of {n_configurations} configurations trained without diverging")
         if recipe is None:
-            outcome = "the recipe's point is not in the grid (or diverged): the best is taken untested"
+            evidence.append("the recipe's point is not in the grid (or diverged): the best is taken untested")
         elif name not in tested:
-            outcome = "the recipe scored best"
+            evidence.append("the recipe scored best")
         elif holm[name] < comparisons.ALPHA:
-            outcome = f"beat the recipe's {recipe['val acc (%)']:.2f}% (McNemar, Holm p {holm[name]:.2g})"
+            evidence.append(f"beat the recipe's {recipe['val acc (%)']:.2f}% (McNemar, Holm p {holm[name]:.2g})")
         else:
-            outcome = (f"kept the recipe ({recipe['val acc (%)']:.2f}%): the best was not better beyond the noise "
-                       f"of the val images ({tested[name][0]} vs {tested[name][1]} images only one got right; "
-                       f"McNemar, Holm p {holm[name]:.2g})")
+            evidence.append(f"kept the recipe ({recipe['val acc (%)']:.2f}%): the best was not better beyond the "
+                            f"noise of the val images ({tested[name][0]} vs {tested[name][1]} images only one got "
+                            f"right; McNemar, Holm p {holm[name]:.2g})")
             top = recipe
         chosen[name] = {"lr": float(top["lr"]), "weight_decay": float(top["weight decay"]),
-                        "val_acc": float(top["val acc (%)"]), "evidence": "; ".join(evidence + [outcome])}
+                        "val_acc": float(top["val acc (%)"]), "evidence": "; ".join(evidence)}
     return chosen
-
-
-def _evidence(ok, n_configurations: int, n_val: int) -> list:
-    """The best configuration's score, the runner-up's, the val split's binomial SE and how many trained."""
-    best = ok.iloc[0]
-    evidence = [f"val {best['val acc (%)']:.2f}% at lr {best['lr']:g}, wd {best['weight decay']:g}"]
-    if len(ok) > 1:
-        second = ok.iloc[1]
-        evidence.append(f"next {second['val acc (%)']:.2f}% (lr {second['lr']:g}, wd {second['weight decay']:g})")
-    if n_val:  # binomial standard error; at 0% or 100% that of one image right or wrong, not 0
-        p = min(max(best["val acc (%)"] / 100, 1 / n_val), 1 - 1 / n_val)
-        evidence.append(f"±{100 * math.sqrt(p * (1 - p) / n_val):.2f} SE on {n_val} val images")
-    return evidence + [f"{len(ok)} of {n_configurations} configurations trained without diverging"]
 
 
 def final_variants(variants: list, chosen: dict, lr: float, weight_decay: float) -> list:

@@ -146,6 +146,14 @@ def decide(correct: dict, undecided: set, level: float, margin: float = MARGIN) 
     return seen
 
 
+def look(correct: dict, undecided: set, fraction: float, spent_before: float, margin: float = MARGIN,
+         alpha: float = ALPHA) -> tuple:
+    """A look at information fraction `fraction` (seeds done / max seeds), after looks that spent `spent_before`:
+    (decide at the level it spends, spent(fraction) - spent_before; that level)."""
+    level = float(spent(fraction, alpha)) - spent_before
+    return decide(correct, undecided, level, margin), level
+
+
 def sequential(draw, variants, round_seeds: int, max_seeds: int, margin: float = MARGIN, alpha: float = ALPHA):
     """Run rounds of `round_seeds` seeds until every pair is decided or `max_seeds` are spent; the looks spend
     alpha at information fraction seeds / max_seeds, so the last look at max_seeds spends what is left.
@@ -162,7 +170,7 @@ def sequential(draw, variants, round_seeds: int, max_seeds: int, margin: float =
         seeds = batch.stop
         if seeds < 2:
             continue
-        level = spent(seeds / max_seeds, alpha) - spent_before
+        found, level = look(correct, undecided, seeds / max_seeds, spent_before, margin, alpha)
         spent_before += level
-        verdicts.update(decide(correct, undecided, level, margin))
+        verdicts.update(found)
     return verdicts, seeds
