@@ -169,13 +169,21 @@ def pytest_sessionfinish(session, exitstatus):
 def smoke_experiment(tmp_path_factory):
     """A real 4-variant x 2-epoch sweep on a Fashion-MNIST subset (tune_main.py --smoke-test), 1 CPU per trial
     (two trials at once: 2 CPUs each would run the four one by one; tests/test_interruptions.py's SIGTERM test checks
-    that 2 CPUs train on 2 threads)."""
+    that 2 CPUs train on 2 threads). One for the whole run: under pytest-xdist the first worker to need it runs it
+    (holding a file lock) and the others read it; tests copy it before changing it."""
+    import filelock
     import tune_main
 
-    storage = tmp_path_factory.mktemp("results")
-    with on_session_ray():
-        code = tune_main.main(["--smoke-test", "--storage-path", str(storage), "--name", "e2e", "--cpus-per-trial", "1"])
-    assert code == 0
+    base = tmp_path_factory.getbasetemp()
+    storage = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "smoke-results"  # this run's own
+    with filelock.FileLock(f"{storage}.lock"):
+        if not (storage / "complete").exists():
+            shutil.rmtree(storage, ignore_errors=True)  # a worker that failed midway
+            with on_session_ray():
+                code = tune_main.main(["--smoke-test", "--storage-path", str(storage), "--name", "e2e",
+                                       "--cpus-per-trial", "1"])
+            assert code == 0
+            (storage / "complete").touch()
     return storage / "e2e"
 
 
