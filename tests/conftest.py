@@ -68,6 +68,12 @@ def launch_until(command, condition, what: str, **popen) -> subprocess.Popen:
     return process
 
 
+def reported(experiment: Path, trials: str = "*"):
+    """A condition: some trial of `experiment` matching the glob `trials` has an epoch in its result.json, which the
+    driver writes once it has taken the epoch's report (and its checkpoint) in."""
+    return lambda: any(p.read_text().strip() for p in experiment.glob(f"{trials}/result.json"))
+
+
 def blank_dataset(n_train=4000, n_test=100):
     """A dataset of blank 28x28 images (10 classes): what a sweep's grid is built from when only its size matters."""
     zeros = [torch.zeros(n, 28, 28, dtype=torch.uint8) for n in (n_train, n_test)]

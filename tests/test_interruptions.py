@@ -28,7 +28,7 @@ import experiments
 import train
 import tune_main
 import tuned
-from conftest import HANG_SECONDS, ROOT, launch_until, make_idx_dir, wait_for
+from conftest import HANG_SECONDS, ROOT, launch_until, make_idx_dir, reported, wait_for
 
 pytestmark = pytest.mark.slow  # every test runs a real sweep (Ray)
 
@@ -90,12 +90,6 @@ def sweep_command(data: Path, storage, name: str, *flags: str) -> list:
             "--max-concurrent", "1", "--cpus-per-trial", "1", "--storage-path", str(storage), "--name", name, *flags]
 
 
-def reported(experiment: Path):
-    """A condition: some trial of `experiment` has an epoch in its result.json, which the driver writes once it has
-    taken the epoch's report (and its checkpoint) in."""
-    return lambda: any(p.read_text().strip() for p in experiment.glob("*/result.json"))
-
-
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 300 KB file system (as root), too small for one epoch's checkpoints; skipped where mounting is refused."""
@@ -130,8 +124,7 @@ def test_sigterm_saves_state_like_ctrl_c_and_exits_143(tiny_data, tmp_path, caps
     storage, name = tmp_path / "results", "terminated"
     command = sweep_command(tiny_data, storage, name)
     # the driver writes result.json once it has taken the epoch's report in, its checkpoint with it
-    driver = launch_until(command, reported(storage / name),
-                          "the first reported epoch", cwd=ROOT)
+    driver = launch_until(command, reported(storage / name), "the first reported epoch", cwd=ROOT)
     driver.send_signal(signal.SIGTERM)  # what timeout(1), docker stop, scancel and preemption send
     out, err = driver.communicate(timeout=HANG_SECONDS)
     assert driver.returncode == 143, (out, err)

@@ -16,9 +16,7 @@ import re
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -36,7 +34,7 @@ import sweep
 import train
 import trainable
 import tune_main
-from conftest import ROOT, make_idx_dir
+from conftest import HANG_SECONDS, ROOT, launch_until, make_idx_dir, reported
 
 matplotlib.use("Agg")
 pytestmark = pytest.mark.slow  # every test reads a real sweep (Ray)
@@ -51,20 +49,10 @@ def pending_experiment(tmp_path_factory):
     command = [sys.executable, str(ROOT / "tune_main.py"), "--smoke-test", "--variants", "gn", "--batch-sizes",
                "16,500", "--epochs", "2", "--cpus-per-trial", str(os.cpu_count()), "--storage-path", str(storage),
                "--name", name]
-    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def reported():  # result.json is written by the driver once it has taken the report in
-        return any(f.read_text().strip() for f in (storage / name).glob("*batch_16_*/result.json"))
-
-    hang = time.monotonic() + 1800  # a hang guard only: a loaded machine is slow, not wrong
-    while not reported():
-        assert driver.poll() is None, f"the driver ended before the first report: {driver.communicate()}"
-        if time.monotonic() > hang:
-            driver.kill()
-            pytest.fail(f"no report in 30 minutes: {driver.communicate()}")
-        time.sleep(0.1)
+    driver = launch_until(command, reported(storage / name, "*batch_16_*"), "the batch-16 trial's first report",
+                          cwd=ROOT)
     driver.send_signal(signal.SIGINT)
-    out, err = driver.communicate(timeout=1800)  # a hang guard
+    out, err = driver.communicate(timeout=HANG_SECONDS)
     assert driver.returncode == errors.INTERRUPTED_EXIT, (out, err)
     assert "Traceback" not in out + err, err
     return storage / name
